@@ -1,0 +1,566 @@
+"""prepare(): read, map, clean and split the data; tokenize it for the model.
+
+Sources: a hub dataset id, local .jsonl/.json/.csv/.tsv/.parquet/.txt/.yml files (also .gz/.bz2),
+a folder of ``<label>/*.txt`` files, a glob, and ``pkg:PACKAGE/PATH``. The splits are written to the
+run folder (``data/{train,validation,test}.jsonl`` and ``data/labels.json``), so later stages and
+later commands read exactly the same sealed test examples.
+"""
+
+from __future__ import annotations
+
+import bz2
+import collections
+import difflib
+import gzip
+import hashlib
+import io
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ftcli.errors import DataError, RecipeError
+from ftcli.recipe import DataSpec, Recipe
+from ftcli.sources import DataSource, resolve_data
+from ftcli.util import atomic_write_text, write_jsonl
+
+SPLITS = ("train", "validation", "test")
+IGNORE_INDEX = -100
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _open_text(path: str) -> io.TextIOBase:
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    if path.endswith(".bz2"):
+        return bz2.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _format_of(path: str, declared: str) -> str:
+    if declared not in ("auto", "folder"):
+        return declared
+    name = path.lower()
+    for comp in (".gz", ".bz2"):
+        if name.endswith(comp):
+            name = name[: -len(comp)]
+    suffix = name.rsplit(".", 1)[-1] if "." in Path(name).name else ""
+    known = {"csv": "csv", "tsv": "tsv", "json": "json", "jsonl": "jsonl", "ndjson": "jsonl",
+             "parquet": "parquet", "txt": "txt", "yml": "yaml", "yaml": "yaml"}
+    if suffix not in known:
+        raise DataError(
+            f"{path}: cannot tell the data format from the name",
+            hint="use .csv, .tsv, .json, .jsonl, .parquet, .txt or .yml (optionally .gz/.bz2), or set data.format",
+        )
+    return known[suffix]
+
+
+def _read_yaml_records(path: str) -> list[dict]:
+    """A YAML list of mappings, or chatterbot-corpus's ``conversations:`` lists (-> chat messages)."""
+    import yaml
+
+    with _open_text(path) as f:
+        doc = yaml.safe_load(f)
+    if isinstance(doc, list):
+        return [r if isinstance(r, dict) else {"text": r} for r in doc]
+    if isinstance(doc, dict) and isinstance(doc.get("conversations"), list):
+        topic = Path(path).name.split(".")[0]
+        records = []
+        for conv in doc["conversations"]:
+            turns = [str(t) for t in conv] if isinstance(conv, list) else []
+            if len(turns) % 2:  # a trailing question with no answer teaches nothing
+                turns = turns[:-1]
+            messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+            records.append({"messages": messages, "topic": topic})
+        return records
+    raise DataError(f"{path}: expected a YAML list of records or a 'conversations:' mapping")
+
+
+def read_file(path: str, fmt: str = "auto") -> list[dict]:
+    """Read one data file into a list of records (dicts)."""
+    kind = _format_of(path, fmt)
+    try:
+        if kind in ("csv", "tsv"):
+            import pandas as pd
+
+            # dtype=str + no NA parsing: an empty text cell stays "" (not float NaN; TRAPS.md #9)
+            df = pd.read_csv(path, sep="\t" if kind == "tsv" else ",", dtype=str, keep_default_na=False,
+                             compression="infer")
+            return df.to_dict(orient="records")
+        if kind == "parquet":
+            import pandas as pd
+
+            return pd.read_parquet(path).to_dict(orient="records")
+        if kind == "jsonl":
+            records = []
+            with _open_text(path) as f:
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            records.append(json.loads(line))
+                        except json.JSONDecodeError as exc:
+                            raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            return [r if isinstance(r, dict) else {"text": r} for r in records]
+        if kind == "json":
+            with _open_text(path) as f:
+                doc = json.load(f)
+            if isinstance(doc, dict):
+                lists = [v for v in doc.values() if isinstance(v, list)]
+                if len(lists) != 1:
+                    raise DataError(f"{path}: expected a JSON list of records (or one list inside an object)")
+                doc = lists[0]
+            return [r if isinstance(r, dict) else {"text": r} for r in doc]
+        if kind == "txt":
+            with _open_text(path) as f:
+                return [{"text": line.rstrip("\n")} for line in f if line.strip()]
+        if kind == "yaml":
+            return _read_yaml_records(path)
+    except DataError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read as {kind}: {exc}") from None
+    raise DataError(f"{path}: unsupported format {kind!r}")
+
+
+def _read_label_folder(folder: Path) -> list[dict]:
+    records = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        for f in sorted(sub.glob("*.txt")):
+            records.append({"text": f.read_text(encoding="utf-8", errors="replace"), "label": sub.name})
+    return records
+
+
+def read_source(source: DataSource, spec: DataSpec) -> list[dict]:
+    """All records of a resolved data source."""
+    if source.kind == "hub":
+        return _read_hub(source.hub_id, spec)
+    if source.kind == "folder":
+        folder = Path(source.paths[0])
+        if spec.format in ("auto", "folder") and any(p.is_dir() for p in folder.iterdir()):
+            records = _read_label_folder(folder)
+            if records:
+                return records
+        files = sorted(str(p) for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise DataError(f"data folder {folder} holds no files", hint="a folder of <label>/*.txt files, or data files")
+    else:
+        files = list(source.paths)
+    records = []
+    for f in files:
+        records.extend(read_file(f, spec.format))
+    return records
+
+
+def _read_hub(hub_id: str, spec: DataSpec) -> list[dict]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(hub_id, spec.subset, split=spec.hub_split)
+    except Exception as exc:  # datasets raises many types; the message is what the user needs
+        raise DataError(f"cannot load hub dataset {hub_id!r} (split {spec.hub_split!r}): {exc}") from None
+    return ds.to_list()
+
+
+# --------------------------------------------------------------------------- mapping to examples
+
+
+def _text(value: Any) -> str:
+    if value is None or (isinstance(value, float) and value != value):  # None or NaN
+        return ""
+    return str(value)
+
+
+def _column_problem(recipe: Recipe, key: str, column: str, columns: list[str]):
+    close = difflib.get_close_matches(column, columns, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}?" if close else f"columns in the data: {', '.join(columns) or '(none)'}"
+    return recipe.problem(key, f"column {column!r} is not in the data (columns: {', '.join(columns)})", hint)
+
+
+def required_columns(recipe: Recipe) -> dict[str, str]:
+    """dotted recipe key -> column name, for every column the task reads."""
+    d = recipe.data
+    if recipe.task == "classification":
+        return {"data.text_column": d.text_column, "data.label_column": d.label_column}
+    keys = {
+        "chat": ["messages_column"],
+        "instruction": ["instruction_column", "output_column"] + (["input_column"] if d.input_column else []),
+        "completion": ["prompt_column", "completion_column"],
+        "text": ["text_column"],
+    }[d.style]
+    return {f"data.{k}": getattr(d, k) for k in keys}
+
+
+def check_columns(recipe: Recipe, records: list[dict], source: str) -> None:
+    """Raise a located RecipeError when a named column is missing from the data."""
+    if not records:
+        raise DataError(f"the dataset is empty: {source} holds no records",
+                        hint="check data.path; a CSV needs a header row and at least one data row")
+    columns = list(records[0].keys())
+    problems = [
+        _column_problem(recipe, key, col, columns)
+        for key, col in required_columns(recipe).items()
+        if col not in records[0]
+    ]
+    if problems:
+        raise RecipeError(problems)
+
+
+def to_examples(recipe: Recipe, records: list[dict]) -> list[dict]:
+    """Records -> canonical examples: {"text","label"} | {"text"} | {"prompt","completion"} | {"messages"}."""
+    d = recipe.data
+    if recipe.task == "classification":
+        return [{"text": _text(r.get(d.text_column)), "label": _text(r.get(d.label_column))} for r in records]
+    if d.style == "text":
+        return [{"text": _text(r.get(d.text_column))} for r in records]
+    if d.style == "completion":
+        return [{"prompt": _text(r.get(d.prompt_column)), "completion": _text(r.get(d.completion_column))}
+                for r in records]
+    system = [{"role": "system", "content": d.system_prompt}] if d.system_prompt else []
+    out = []
+    if d.style == "instruction":
+        for r in records:
+            user = _text(r.get(d.instruction_column))
+            extra = _text(r.get(d.input_column)) if d.input_column else ""
+            if extra.strip():
+                user = f"{user}\n\n{extra}"
+            out.append({"messages": system + [{"role": "user", "content": user},
+                                               {"role": "assistant", "content": _text(r.get(d.output_column))}]})
+        return out
+    for i, r in enumerate(records):
+        msgs = r.get(d.messages_column)
+        if hasattr(msgs, "tolist"):  # numpy arrays from parquet
+            msgs = msgs.tolist()
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+            raise DataError(
+                f"record {i + 1}: {d.messages_column!r} must be a list of {{role, content}} messages",
+                hint='for example [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]',
+            )
+        out.append({"messages": system + [{"role": str(m["role"]), "content": _text(m["content"])} for m in msgs]})
+    return out
+
+
+# --------------------------------------------------------------------------- cleaning and splitting
+
+
+def _strip(ex: dict) -> dict:
+    out = {}
+    for k, v in ex.items():
+        if isinstance(v, str):
+            out[k] = v.strip()
+        elif k == "messages":
+            out[k] = [{"role": m["role"], "content": m["content"].strip()} for m in v]
+        else:
+            out[k] = v
+    return out
+
+
+def _is_empty(ex: dict) -> bool:
+    if "messages" in ex:
+        msgs = ex["messages"]
+        return not any(m["role"] == "assistant" and m["content"] for m in msgs) or any(not m["content"] for m in msgs)
+    return any(not v for v in ex.values() if isinstance(v, str))
+
+
+def _key(ex: dict) -> str:
+    return json.dumps(ex, sort_keys=True, ensure_ascii=False)
+
+
+@dataclass
+class CleanCounts:
+    read: int = 0
+    unlisted_label: int = 0
+    empty: int = 0
+    duplicate: int = 0
+    kept: int = 0
+
+
+def clean(examples: list[dict], spec: DataSpec, counts: CleanCounts) -> list[dict]:
+    counts.read += len(examples)
+    if spec.clean.strip:
+        examples = [_strip(e) for e in examples]
+    if spec.clean.drop_empty:
+        kept = [e for e in examples if not _is_empty(e)]
+        counts.empty += len(examples) - len(kept)
+        examples = kept
+    if spec.clean.dedupe:
+        seen, kept = set(), []
+        for e in examples:
+            k = _key(e)
+            if k not in seen:
+                seen.add(k)
+                kept.append(e)
+        counts.duplicate += len(examples) - len(kept)
+        examples = kept
+    counts.kept += len(examples)
+    return examples
+
+
+def _filter_labels(recipe: Recipe, examples: list[dict], counts: CleanCounts) -> tuple[list[dict], list[str]]:
+    present = collections.Counter(e["label"] for e in examples)
+    wanted = recipe.data.labels
+    if wanted:
+        missing = [lab for lab in wanted if lab not in present]
+        if missing:
+            hint = ", ".join(f"{lab!r} ({n})" for lab, n in present.most_common(20))
+            raise RecipeError([recipe.problem("data.labels", f"label(s) {', '.join(map(repr, missing))} never occur in the data",
+                                              f"labels found: {hint}")])
+        kept = [e for e in examples if e["label"] in wanted]
+        counts.unlisted_label += len(examples) - len(kept)
+        return kept, list(wanted)
+    labels = sorted(present)
+    if len(labels) < 2:
+        raise DataError(f"classification needs at least 2 labels; the data has {len(labels)}: {labels}",
+                        hint="check data.label_column")
+    if len(labels) > 1000:
+        raise DataError(f"{len(labels)} distinct labels: {recipe.data.label_column!r} does not look like a label column",
+                        hint="check data.label_column, or list the labels to keep in data.labels")
+    return examples, labels
+
+
+def _split_off(examples: list[dict], fraction: float, seed: int, stratify: bool) -> tuple[list[dict], list[dict]]:
+    """(rest, held) with ``fraction`` of the examples held out, stratified by label when possible."""
+    if fraction <= 0 or not examples:
+        return examples, []
+    n_held = max(1, round(len(examples) * fraction))
+    if n_held >= len(examples):
+        raise DataError(f"only {len(examples)} examples: too few to hold out {fraction:g} of them",
+                        hint="add data, or lower data.split fractions")
+    from sklearn.model_selection import train_test_split
+
+    labels = [e.get("label") for e in examples]
+    counts = collections.Counter(labels)
+    can_stratify = stratify and labels[0] is not None and min(counts.values()) >= 2 and n_held >= len(counts)
+    rest, held = train_test_split(examples, test_size=n_held, random_state=seed,
+                                  stratify=labels if can_stratify else None)
+    return list(rest), list(held)
+
+
+def _cap(examples: list[dict], limit: int | None, seed: int) -> list[dict]:
+    if limit is None or len(examples) <= limit:
+        return examples
+    idx = sorted(random.Random(seed).sample(range(len(examples)), limit))
+    return [examples[i] for i in idx]
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """The splits (canonical examples), the label map and what happened on the way."""
+
+    splits: dict[str, list[dict]]
+    labels: list[str] | None
+    stats: dict = field(default_factory=dict)
+    data_dir: Path | None = None
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {lab: i for i, lab in enumerate(self.labels or [])}
+
+
+def load_examples(recipe: Recipe, spec: str, counts: CleanCounts) -> list[dict]:
+    source = resolve_data(spec)
+    records = read_source(source, recipe.data)
+    check_columns(recipe, records, spec)
+    return clean(to_examples(recipe, records), recipe.data, counts)
+
+
+def prepare(recipe: Recipe, data_dir: Path | None) -> PreparedData:
+    """Read, clean and split the data; write the splits to ``data_dir`` (the run's data/ folder)."""
+    d = recipe.data
+    counts = CleanCounts()
+    examples = load_examples(recipe, d.path, counts)
+    explicit = {name: load_examples(recipe, p, counts) for name, p in
+                (("validation", d.validation_path), ("test", d.test_path)) if p}
+    labels = None
+    if recipe.task == "classification":
+        examples, labels = _filter_labels(recipe, examples, counts)
+        for name in list(explicit):
+            explicit[name] = [e for e in explicit[name] if e["label"] in labels]
+    if not examples:
+        raise DataError(f"no examples left in {d.path} after cleaning "
+                        f"({counts.read} read, {counts.empty} empty, {counts.duplicate} duplicates)")
+
+    # No example may sit in two splits: explicit files win over the training pool.
+    overlap = 0
+    held_keys: set[str] = set()
+    for name in ("test", "validation"):
+        if name in explicit:
+            before = len(explicit[name])
+            explicit[name] = [e for e in explicit[name] if _key(e) not in held_keys]
+            overlap += before - len(explicit[name])
+            held_keys |= {_key(e) for e in explicit[name]}
+    before = len(examples)
+    examples = [e for e in examples if _key(e) not in held_keys]
+    overlap += before - len(examples)
+
+    seed, strat = d.split.seed, d.split.stratify
+    pool = examples
+    if "test" in explicit:
+        test = explicit["test"]
+    else:
+        pool, test = _split_off(pool, d.split.test, seed, strat)
+    if "validation" in explicit:
+        validation = explicit["validation"]
+    else:
+        # fraction of the whole, not of what is left after the test split
+        frac = d.split.validation / max(1e-9, 1 - (0 if "test" in explicit else d.split.test))
+        pool, validation = _split_off(pool, min(frac, 0.95), seed + 1, strat)
+    splits = {
+        "train": _cap(pool, d.max_train_examples, seed),
+        "validation": _cap(validation, d.max_validation_examples, seed),
+        "test": _cap(test, d.max_test_examples, seed),
+    }
+    if not splits["train"]:
+        raise DataError("the training split is empty", hint="add data, or lower data.split fractions")
+    if not splits["test"]:
+        raise DataError("the test split is empty: there is nothing to evaluate on",
+                        hint="set data.split.test above 0, or data.test_path")
+    if labels:
+        missing = [lab for lab in labels if not any(e["label"] == lab for e in splits["train"])]
+        if missing:
+            raise DataError(f"label(s) {missing} have no training example after splitting",
+                            hint="add examples of them, or drop them with data.labels")
+
+    stats = {
+        "source": d.path,
+        "read": counts.read,
+        "dropped": {"unlisted_label": counts.unlisted_label, "empty": counts.empty,
+                    "duplicate": counts.duplicate, "shared_between_splits": overlap},
+        "sizes": {k: len(v) for k, v in splits.items()},
+    }
+    if labels:
+        stats["label_counts"] = {k: dict(collections.Counter(e["label"] for e in v)) for k, v in splits.items()}
+    if d.style != "text" and recipe.task == "causal_lm":
+        stats["layout"] = d.style
+    prepared = PreparedData(splits, labels, stats, data_dir)
+    if data_dir is not None:
+        save_prepared(prepared, data_dir)
+    return prepared
+
+
+def save_prepared(prepared: PreparedData, data_dir: Path) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    digests = {}
+    for name, rows in prepared.splits.items():
+        path = data_dir / f"{name}.jsonl"
+        write_jsonl(path, rows)
+        digests[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    if prepared.labels is not None:
+        atomic_write_text(data_dir / "labels.json", json.dumps(prepared.labels, indent=2) + "\n")
+    prepared.stats["sha256"] = digests
+    atomic_write_text(data_dir / "data.json", json.dumps(prepared.stats, indent=2) + "\n")
+
+
+def load_prepared(data_dir: Path) -> PreparedData:
+    """The splits a run wrote, so evaluation uses exactly the same examples."""
+    if not (data_dir / "test.jsonl").is_file():
+        raise DataError(f"{data_dir} holds no prepared splits (test.jsonl)", hint="run `ftcli train` first")
+    splits = {}
+    for name in SPLITS:
+        path = data_dir / f"{name}.jsonl"
+        splits[name] = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()] if path.exists() else []
+    labels = json.loads((data_dir / "labels.json").read_text()) if (data_dir / "labels.json").exists() else None
+    stats = json.loads((data_dir / "data.json").read_text()) if (data_dir / "data.json").exists() else {}
+    return PreparedData(splits, labels, stats, data_dir)
+
+
+# --------------------------------------------------------------------------- tokenization
+
+
+FALLBACK_ROLE = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    """The tokenizer's chat template, or a plain '### Role:' layout for base models without one."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    text = "".join(f"### {FALLBACK_ROLE.get(m['role'], m['role'].title())}:\n{m['content']}\n\n" for m in messages)
+    return text + ("### Assistant:\n" if add_generation_prompt else "")
+
+
+def _chat_segments(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of the assistant turns (the targets)."""
+    full = render_chat(tokenizer, messages, add_generation_prompt=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(render_chat(tokenizer, messages[:i], add_generation_prompt=True)) if i else 0
+        end = len(render_chat(tokenizer, messages[: i + 1], add_generation_prompt=False))
+        spans.append((start, end))
+    return full, spans
+
+
+def prompt_and_target(tokenizer, example: dict) -> tuple[str, str]:
+    """(prompt text, reference answer) of a causal-LM example, for generation."""
+    if "messages" in example:
+        msgs = example["messages"]
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        return render_chat(tokenizer, msgs[:last], add_generation_prompt=True), msgs[last]["content"]
+    if "prompt" in example:
+        return example["prompt"], example["completion"]
+    return "", example["text"]
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """Model-ready features of one split, and what tokenization had to cut."""
+
+    features: list[dict]
+    truncated: int
+    dropped_no_target: int
+    tokens: int
+
+    def summary(self, max_length: int) -> str:
+        s = f"{len(self.features)} examples, {self.tokens:,} tokens"
+        if self.truncated:
+            s += f"; {self.truncated} truncated to {max_length} tokens"
+        if self.dropped_no_target:
+            s += f"; {self.dropped_no_target} dropped (no answer token left after truncation)"
+        return s
+
+
+def tokenize(examples: list[dict], recipe: Recipe, tokenizer, label2id: dict[str, int] | None) -> Tokenized:
+    """Tokenize canonical examples; labels mask everything but the completion for causal LMs."""
+    d = recipe.data
+    L = d.max_length
+    if recipe.task == "classification":
+        texts = [e["text"] for e in examples]
+        full = tokenizer(texts, truncation=False, add_special_tokens=True)["input_ids"]
+        enc = tokenizer(texts, truncation=True, max_length=L, add_special_tokens=True)
+        feats = [{"input_ids": ids, "attention_mask": m, "labels": label2id[e["label"]]}
+                 for ids, m, e in zip(enc["input_ids"], enc["attention_mask"], examples, strict=True)]
+        return Tokenized(feats, sum(len(f) > L for f in full), 0, sum(len(f["input_ids"]) for f in feats))
+
+    eos_id, eos = tokenizer.eos_token_id, tokenizer.eos_token
+    feats, truncated, dropped = [], 0, 0
+    for e in examples:
+        if "messages" in e:
+            text, spans = _chat_segments(tokenizer, e["messages"])
+            special = False
+        elif "prompt" in e:
+            text, spans = e["prompt"] + e["completion"], [(len(e["prompt"]), len(e["prompt"]) + len(e["completion"]))]
+            special = True
+        else:
+            text, spans = e["text"], [(0, len(e["text"]))]
+            special = True
+        enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        if d.loss_on == "all":
+            mask = [True] * len(ids)
+        else:
+            mask = [any(s < b and a < t for s, t in spans) if b > a else False for a, b in enc["offset_mapping"]]
+        if d.add_eos and eos_id is not None and not (eos and text.rstrip().endswith(eos)):
+            ids.append(eos_id)
+            mask.append(True)
+        if len(ids) > L:
+            truncated += 1
+            ids, mask = ids[:L], mask[:L]
+        if not any(mask):
+            dropped += 1
+            continue
+        labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
+        feats.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    return Tokenized(feats, truncated, dropped, sum(len(f["input_ids"]) for f in feats))

@@ -1,0 +1,221 @@
+"""The pipeline in a few straight lines, and run.json: prepare -> adapt -> train -> evaluate -> merge.
+
+Every process of a multi-process run walks the same lines; only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from ftcli.errors import FtcliError
+from ftcli.recipe import Recipe, load_recipe
+from ftcli.ui import UI
+from ftcli.util import read_json, versions, write_json
+
+
+class RunLog:
+    """run.json: what happened, rewritten atomically after every stage."""
+
+    def __init__(self, run_dir: Path, enabled: bool, base: dict | None = None):
+        self.path = run_dir / "run.json"
+        self.enabled = enabled
+        self.data: dict = dict(base or {})
+        self.data.setdefault("timings_s", {})
+
+    def update(self, **fields) -> None:
+        self.data.update(fields)
+        if self.enabled:
+            write_json(self.path, self.data)
+
+    @contextmanager
+    def stage(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.data["timings_s"][name] = round(time.perf_counter() - t0, 2)
+        self.update()
+
+
+def make_accelerator(recipe: Recipe):
+    from accelerate import Accelerator
+
+    from ftcli.adapt import resolve_device
+    from ftcli.train import resolve_mixed_precision
+
+    device = resolve_device(recipe.train.device)
+    mp = resolve_mixed_precision(recipe.train.mixed_precision, device)
+    acc = Accelerator(mixed_precision=mp, gradient_accumulation_steps=recipe.train.gradient_accumulation,
+                      cpu=device == "cpu")
+    return acc, device
+
+
+def _check_run_dir(recipe: Recipe, resume: bool, force: bool) -> None:
+    run_dir = recipe.run_dir
+    run_json = run_dir / "run.json"
+    if resume:
+        if not run_json.exists():
+            raise FtcliError(f"nothing to resume: {run_dir} holds no run", hint="start it without --resume")
+        saved = run_dir / "recipe.yaml"
+        if saved.exists() and saved.read_text() != recipe.to_yaml():
+            raise FtcliError(f"the recipe differs from the one {run_dir} was started with",
+                             hint=f"resume with the saved one: ftcli train {saved} --resume")
+        return
+    if run_json.exists() and not force:
+        status = read_json(run_json).get("status", "unknown")
+        raise FtcliError(f"{run_dir} already holds a run (status: {status}); it would be overwritten",
+                         hint="--resume continues it, --force starts it over, --set name=NEW makes a new run")
+
+
+def train_run(recipe: Recipe, ui: UI, resume: bool = False, force: bool = False) -> dict:
+    """Run the whole pipeline for ``recipe``; return run.json's contents."""
+    import torch
+    from accelerate.utils import set_seed
+
+    from ftcli.adapt import adapt, load_tokenizer
+    from ftcli.data import SPLITS, prepare, tokenize
+    from ftcli.evaluate import evaluate
+    from ftcli.train import train
+
+    _check_run_dir(recipe, resume, force)
+    acc, device = make_accelerator(recipe)
+    main = acc.is_main_process
+    run_dir = recipe.run_dir
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    acc.wait_for_everyone()
+    previous = read_json(run_dir / "run.json") if resume else {}
+    log = RunLog(run_dir, main, previous)
+    if main and not resume:
+        from ftcli.util import atomic_write_text
+
+        atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
+    log.update(ftcli_version=versions()["ftcli"], name=recipe.name, task=recipe.task, method=recipe.method.kind,
+               status="running", command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+               started=previous.get("started") or dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+               versions=versions(), seed=recipe.train.seed, device=device, num_processes=acc.num_processes,
+               mixed_precision=acc.mixed_precision, threads=torch.get_num_threads())
+    set_seed(recipe.train.seed)
+    try:
+        ui.step(f"prepare  {recipe.data.path}")
+        with log.stage("prepare"):
+            with acc.main_process_first():
+                tokenizer, source, model_dir = load_tokenizer(recipe)
+            prepared = prepare(recipe, run_dir / "data" if main else None)
+            tokenized = {s: tokenize(prepared.splits[s], recipe, tokenizer, prepared.label2id) for s in SPLITS}
+        data_rows = [(s, tokenized[s].summary(recipe.data.max_length)) for s in SPLITS]
+        dropped = {k: v for k, v in prepared.stats["dropped"].items() if v}
+        if dropped:
+            data_rows.append(("dropped", ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in dropped.items())))
+        if prepared.labels:
+            data_rows.append(("labels", ", ".join(prepared.labels)))
+        ui.table("data", data_rows)
+        log.update(data={**prepared.stats, "tokenized": {s: {"examples": len(tokenized[s].features),
+                                                               "tokens": tokenized[s].tokens,
+                                                               "truncated": tokenized[s].truncated,
+                                                               "dropped_no_target": tokenized[s].dropped_no_target}
+                                                           for s in SPLITS}})
+
+        ui.step(f"adapt    {recipe.model.name} ({recipe.method.kind})")
+        with log.stage("adapt"):
+            adapted = adapt(recipe, tokenizer, source, model_dir, prepared.labels, device, acc.local_process_index)
+        for line in adapted.counts.lines(recipe):
+            ui.info("  " + line)
+        log.update(params=adapted.counts.as_dict())
+
+        ui.step(f"train    on {acc.num_processes} process(es), {device}, mixed precision {acc.mixed_precision}")
+        with log.stage("train"):
+            trained = train(recipe, acc, adapted, tokenized, run_dir, resume=resume, progress=ui.progress())
+        log.update(train=trained.as_dict())
+
+        ui.step("evaluate on the sealed test split")
+        report = None
+        with log.stage("evaluate"):
+            if main:
+                report = evaluate(recipe.task, adapted.model, tokenizer, tokenized["test"].features, prepared.labels,
+                                  recipe.eval.batch_size, acc.device)
+        if main:
+            ui.table("test", [(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in report.metrics.items()]
+                     + [("examples", report.n)])
+            log.update(eval=report.as_dict())
+
+        if recipe.merge.enabled and recipe.method.kind != "full":
+            ui.step("merge    adapter into the base, verified")
+            test_feats = tokenized["test"].features[:16]
+            del adapted
+            gc.collect()
+            acc.free_memory()
+            with log.stage("merge"):
+                if main:
+                    from ftcli.merge import merge
+
+                    merged = merge(run_dir / "adapter", run_dir / "merged", dtype=recipe.merge.dtype,
+                                   into=recipe.merge.into, samples=test_feats, force=True)
+                    ui.info(f"  merged/: max logit difference {merged.max_logit_diff:.2e} on {merged.samples} "
+                            f"test inputs, predictions agree {merged.prediction_agreement:.1%}")
+                    log.update(merge=merged.as_dict())
+            acc.wait_for_everyone()
+    except Exception as exc:
+        from ftcli.train import Interrupted
+
+        status = "interrupted" if isinstance(exc, Interrupted) else "failed"
+        log.update(status=status, error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        raise
+    log.update(status="completed", finished=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    ui.info(f"[green]done[/] {run_dir}/  (run.json, metrics.jsonl, "
+            f"{'model/' if recipe.method.kind == 'full' else 'adapter/'}"
+            f"{', merged/' if recipe.merge.enabled and recipe.method.kind != 'full' else ''})")
+    return log.data
+
+
+def evaluate_run(run_dir: Path, ui: UI, split: str = "test") -> dict:
+    """Re-score a finished run on its sealed split, from the run folder alone."""
+    import torch
+
+    from ftcli.data import load_prepared, tokenize
+    from ftcli.evaluate import evaluate
+
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    prepared = load_prepared(run_dir / "data")
+    model, tokenizer = load_trained(run_dir, recipe, prepared.labels)
+    feats = tokenize(prepared.splits[split], recipe, tokenizer, prepared.label2id).features
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if getattr(model, "hf_quantizer", None) is None:
+        model.to(device)
+    report = evaluate(recipe.task, model, tokenizer, feats, prepared.labels, recipe.eval.batch_size, device, split)
+    ui.table(f"{split} ({run_dir})", [(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in report.metrics.items()])
+    return report.as_dict()
+
+
+def load_trained(run_dir: Path, recipe: Recipe, labels: list[str] | None):
+    """The fine-tuned model of a run folder (merged/, model/ or base + adapter/) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    cls = AutoModelForSequenceClassification if recipe.task == "classification" else AutoModelForCausalLM
+    for sub in ("merged", "model"):
+        if (run_dir / sub / "config.json").exists():
+            tok = AutoTokenizer.from_pretrained(run_dir / sub)
+            return cls.from_pretrained(run_dir / sub).eval(), tok
+    if (run_dir / "adapter" / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        from ftcli.adapt import load_base_model, resolve_device
+        from ftcli.sources import local_model_dir, resolve_model
+
+        tok = AutoTokenizer.from_pretrained(run_dir / "adapter")
+        device = resolve_device("auto")
+        base = load_base_model(recipe, local_model_dir(resolve_model(recipe.model.name)), labels, tok, device)
+        return PeftModel.from_pretrained(base, run_dir / "adapter").eval(), tok
+    raise FtcliError(f"{run_dir} holds no trained model (merged/, model/ or adapter/)",
+                     hint="finish the run first: ftcli train <recipe> --resume")
+
+
+def latest_run(output_dir: str = "runs") -> Path:
+    runs = [p.parent for p in Path(output_dir).glob("*/run.json")]
+    if not runs:
+        raise FtcliError(f"no runs in {output_dir}/", hint="train one first: ftcli train recipes/quickstart.yaml")
+    return max(runs, key=lambda p: os.path.getmtime(p / "run.json"))

@@ -1,0 +1,98 @@
+"""Human output: rich tables and a training progress bar. With ``--json`` all of it goes to stderr
+so stdout carries exactly one JSON object. Only the main process of a multi-process run prints."""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter (load reports, per-call warnings, their own progress bars) off the
+    user's screen: ftcli prints what matters itself."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    import logging
+
+    for name in ("transformers", "peft", "accelerate", "bitsandbytes", "datasets", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+class UI:
+    def __init__(self, json_mode: bool = False):
+        self.json_mode = json_mode
+        self.enabled = is_main_process()
+        self.console = Console(file=sys.stderr if json_mode else sys.stdout, highlight=False)
+
+    def info(self, message: str = "") -> None:
+        if self.enabled:
+            self.console.print(message)
+
+    def step(self, title: str) -> None:
+        if self.enabled:
+            self.console.print(f"[bold cyan]▸ {title}[/]")
+
+    def table(self, title: str, rows: list[tuple], headers: tuple = ("", "")) -> None:
+        if not self.enabled:
+            return
+        t = Table(title=title, title_justify="left", show_header=any(headers))
+        for h in headers:
+            t.add_column(str(h))
+        for r in rows:
+            t.add_row(*[str(x) for x in r])
+        self.console.print(t)
+
+    def progress(self) -> TrainProgress | None:
+        return TrainProgress(self.console) if self.enabled else None
+
+
+class TrainProgress:
+    """A rich progress bar with loss, learning rate and tokens/s; plain lines when not a terminal."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.bar: Progress | None = None
+        self.task = None
+        self.fields = {"loss": "-", "lr": "-", "tps": "-"}
+        self.total = 0
+
+    def start(self, total: int, done: int = 0) -> None:
+        self.total = total
+        self.bar = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+            TextColumn("lr {task.fields[lr]}"), TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(),
+            TextColumn("eta"), TimeRemainingColumn(), console=self.console, transient=False,
+            disable=not self.console.is_terminal,
+        )
+        self.bar.start()
+        self.task = self.bar.add_task("train", total=total, completed=done, **self.fields)
+
+    def update(self, step: int, loss: float | None = None, lr: float | None = None, tps: float | None = None) -> None:
+        if loss is not None:
+            self.fields = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tps": f"{tps:,.0f}"}
+            if not self.console.is_terminal:
+                self.console.print(f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {tps:,.0f} tok/s")
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, **self.fields)
+
+    def note(self, message: str) -> None:
+        self.console.print(message)
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
