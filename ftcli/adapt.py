@@ -203,6 +203,16 @@ def quantization_config(recipe: Recipe):
     )
 
 
+def unquantized_layers(model) -> list[str]:
+    """Names of 4-bit layers whose weight never got quantized (it was missing from the checkpoint)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # pragma: no cover
+        return []
+    return [name for name, mod in model.named_modules()
+            if isinstance(mod, bnb.nn.Linear4bit) and getattr(mod.weight, "quant_state", None) is None]
+
+
 def keep_4bit_trainable_on_cpu(model) -> int:
     """TRAPS.md #1: on CPUs with AVX512-BF16, the first no-grad forward makes bitsandbytes repack
     every Linear4bit into an inference-only layout, after which LoRA gradients are silently None.
@@ -246,6 +256,16 @@ def load_base_model(recipe: Recipe, model_dir: str, labels: list[str] | None, to
         cls = AutoModelForCausalLM
     try:
         model = cls.from_pretrained(model_dir, **kwargs)
+        if quantized:
+            fresh = unquantized_layers(model)
+            if fresh:
+                # Layers missing from the checkpoint (a new pooler, say) are created after quantization
+                # and cannot run as 4-bit layers: keep them in full precision, with the usual skips.
+                from transformers.quantizers.base import get_keys_to_not_convert
+
+                skip = sorted(set(get_keys_to_not_convert(model)) | set(fresh))
+                kwargs["quantization_config"].llm_int8_skip_modules = skip
+                model = cls.from_pretrained(model_dir, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise FtcliError(f"cannot load model {m.name!r} for {recipe.task}: {exc}") from None
     if model.config.pad_token_id is None:
