@@ -175,8 +175,8 @@ def _text(value: Any) -> str:
 
 def _column_problem(recipe: Recipe, key: str, column: str, columns: list[str]):
     close = difflib.get_close_matches(column, columns, n=1, cutoff=0.5)
-    hint = f"did you mean {close[0]!r}?" if close else f"columns in the data: {', '.join(columns) or '(none)'}"
-    return recipe.problem(key, f"column {column!r} is not in the data (columns: {', '.join(columns)})", hint)
+    hint = f"did you mean {close[0]!r}?" if close else None
+    return recipe.problem(key, f"column {column!r} is not in the data; its columns are: {', '.join(columns)}", hint)
 
 
 def required_columns(recipe: Recipe) -> dict[str, str]:
