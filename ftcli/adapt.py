@@ -189,7 +189,6 @@ def check_targets(recipe: Recipe, model) -> None:
 
 
 def quantization_config(recipe: Recipe):
-    import torch
     from transformers import BitsAndBytesConfig
 
     q = recipe.method.quant

@@ -208,7 +208,6 @@ def merge(adapter: str | Path, out_dir: str | Path, *, base: str | None = None, 
           into: str = "dequantized", samples: list[dict] | None = None, force: bool = False,
           compare_into: bool = True) -> Merged:
     """Merge the adapter in ``adapter`` (or a run folder) into its base and write ``out_dir``."""
-    import torch
     from peft import PeftModel
     from transformers import AutoTokenizer
 

@@ -457,7 +457,7 @@ def _semantic_problems(r: Recipe) -> list[Problem]:
     lora_keys = {"r", "alpha", "dropout", "target_modules", "modules_to_save", "init"}
     if m.kind == "full":
         for key in sorted(lora_keys & m.model_fields_set):
-            p.append(r.problem(f"method.{key}", f"only applies to lora and qlora, not to method.kind 'full'",
+            p.append(r.problem(f"method.{key}", "only applies to lora and qlora, not to method.kind 'full'",
                                "remove it, or set method.kind to lora"))
     if m.quantization is not None and m.kind != "qlora":
         p.append(r.problem("method.quantization", "only applies to method.kind 'qlora'",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import gc
 import os
+import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -67,81 +68,94 @@ def _check_run_dir(recipe: Recipe, resume: bool, force: bool) -> None:
         return
     if run_json.exists() and not force:
         status = read_json(run_json).get("status", "unknown")
+        if status == "failed" and not any((run_dir / "checkpoints").glob("step-*")):
+            return  # a run that failed before saving anything holds nothing to lose
         raise FtcliError(f"{run_dir} already holds a run (status: {status}); it would be overwritten",
                          hint="--resume continues it, --force starts it over, --set name=NEW makes a new run")
 
 
 def train_run(recipe: Recipe, ui: UI, resume: bool = False, force: bool = False) -> dict:
-    """Run the whole pipeline for ``recipe``; return run.json's contents."""
+    """Run the whole pipeline for ``recipe``; return run.json's contents.
+
+    Data and model are loaded before anything is written, so a bad dataset or model name leaves
+    no run folder behind.
+    """
     import torch
     from accelerate.utils import set_seed
 
     from ftcli.adapt import adapt, load_tokenizer
-    from ftcli.data import SPLITS, prepare, tokenize
+    from ftcli.data import SPLITS, prepare, save_prepared, tokenize
     from ftcli.evaluate import evaluate
     from ftcli.train import train
+    from ftcli.util import atomic_write_text
 
     _check_run_dir(recipe, resume, force)
     acc, device = make_accelerator(recipe)
     main = acc.is_main_process
     run_dir = recipe.run_dir
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    acc.wait_for_everyone()
-    previous = read_json(run_dir / "run.json") if resume else {}
-    log = RunLog(run_dir, main, previous)
-    if main and not resume:
-        from ftcli.util import atomic_write_text
+    timings: dict[str, float] = {}
+    set_seed(recipe.train.seed)
 
+    ui.step(f"prepare  {recipe.data.path}")
+    t0 = time.perf_counter()
+    with acc.main_process_first():
+        tokenizer, source, model_dir = load_tokenizer(recipe)
+    prepared = prepare(recipe, None)
+    tokenized = {s: tokenize(prepared.splits[s], recipe, tokenizer, prepared.label2id) for s in SPLITS}
+    timings["prepare"] = round(time.perf_counter() - t0, 2)
+    data_rows = [(s, tokenized[s].summary(recipe.data.max_length)) for s in SPLITS]
+    dropped = {k: v for k, v in prepared.stats["dropped"].items() if v}
+    if dropped:
+        data_rows.append(("dropped", ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in dropped.items())))
+    if prepared.labels:
+        data_rows.append(("labels", ", ".join(prepared.labels)))
+    ui.table("data", data_rows)
+
+    ui.step(f"adapt    {recipe.model.name} ({recipe.method.kind})")
+    t0 = time.perf_counter()
+    adapted = adapt(recipe, tokenizer, source, model_dir, prepared.labels, device, acc.local_process_index)
+    timings["adapt"] = round(time.perf_counter() - t0, 2)
+    for line in adapted.counts.lines(recipe):
+        ui.info("  " + line)
+
+    # Everything loaded: now the run folder is written.
+    previous = read_json(run_dir / "run.json") if resume else {}
+    if main:
+        if resume:
+            _check_same_data(prepared, run_dir / "data")
+        elif run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
+        save_prepared(prepared, run_dir / "data")
+    acc.wait_for_everyone()
+    log = RunLog(run_dir, main, previous)
+    log.data["timings_s"].update(timings)
     log.update(ftcli_version=versions()["ftcli"], name=recipe.name, task=recipe.task, method=recipe.method.kind,
                status="running", command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
                started=previous.get("started") or dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                versions=versions(), seed=recipe.train.seed, device=device, num_processes=acc.num_processes,
-               mixed_precision=acc.mixed_precision, threads=torch.get_num_threads())
-    set_seed(recipe.train.seed)
+               mixed_precision=acc.mixed_precision, threads=torch.get_num_threads(),
+               data={**prepared.stats, "tokenized": {s: {"examples": len(tokenized[s].features),
+                                                         "tokens": tokenized[s].tokens,
+                                                         "truncated": tokenized[s].truncated,
+                                                         "dropped_no_target": tokenized[s].dropped_no_target}
+                                                     for s in SPLITS}},
+               params=adapted.counts.as_dict())
     try:
-        ui.step(f"prepare  {recipe.data.path}")
-        with log.stage("prepare"):
-            with acc.main_process_first():
-                tokenizer, source, model_dir = load_tokenizer(recipe)
-            prepared = prepare(recipe, run_dir / "data" if main else None)
-            tokenized = {s: tokenize(prepared.splits[s], recipe, tokenizer, prepared.label2id) for s in SPLITS}
-        data_rows = [(s, tokenized[s].summary(recipe.data.max_length)) for s in SPLITS]
-        dropped = {k: v for k, v in prepared.stats["dropped"].items() if v}
-        if dropped:
-            data_rows.append(("dropped", ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in dropped.items())))
-        if prepared.labels:
-            data_rows.append(("labels", ", ".join(prepared.labels)))
-        ui.table("data", data_rows)
-        log.update(data={**prepared.stats, "tokenized": {s: {"examples": len(tokenized[s].features),
-                                                               "tokens": tokenized[s].tokens,
-                                                               "truncated": tokenized[s].truncated,
-                                                               "dropped_no_target": tokenized[s].dropped_no_target}
-                                                           for s in SPLITS}})
-
-        ui.step(f"adapt    {recipe.model.name} ({recipe.method.kind})")
-        with log.stage("adapt"):
-            adapted = adapt(recipe, tokenizer, source, model_dir, prepared.labels, device, acc.local_process_index)
-        for line in adapted.counts.lines(recipe):
-            ui.info("  " + line)
-        log.update(params=adapted.counts.as_dict())
-
         ui.step(f"train    on {acc.num_processes} process(es), {device}, mixed precision {acc.mixed_precision}")
         with log.stage("train"):
             trained = train(recipe, acc, adapted, tokenized, run_dir, resume=resume, progress=ui.progress())
         log.update(train=trained.as_dict())
 
         ui.step("evaluate on the sealed test split")
-        report = None
         with log.stage("evaluate"):
             if main:
                 report = evaluate(recipe.task, adapted.model, tokenizer, tokenized["test"].features, prepared.labels,
                                   recipe.eval.batch_size, acc.device)
-        if main:
-            ui.table("test", [(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in report.metrics.items()]
-                     + [("examples", report.n)])
-            log.update(eval=report.as_dict())
+                ui.table("test", [(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in report.metrics.items()]
+                         + [("examples", report.n)])
+                log.update(eval=report.as_dict())
 
         if recipe.merge.enabled and recipe.method.kind != "full":
             ui.step("merge    adapter into the base, verified")
@@ -159,10 +173,10 @@ def train_run(recipe: Recipe, ui: UI, resume: bool = False, force: bool = False)
                             f"test inputs, predictions agree {merged.prediction_agreement:.1%}")
                     log.update(merge=merged.as_dict())
             acc.wait_for_everyone()
-    except Exception as exc:
+    except BaseException as exc:
         from ftcli.train import Interrupted
 
-        status = "interrupted" if isinstance(exc, Interrupted) else "failed"
+        status = "interrupted" if isinstance(exc, Interrupted | KeyboardInterrupt) else "failed"
         log.update(status=status, error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise
     log.update(status="completed", finished=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
@@ -170,6 +184,19 @@ def train_run(recipe: Recipe, ui: UI, resume: bool = False, force: bool = False)
             f"{'model/' if recipe.method.kind == 'full' else 'adapter/'}"
             f"{', merged/' if recipe.merge.enabled and recipe.method.kind != 'full' else ''})")
     return log.data
+
+
+def _check_same_data(prepared, data_dir: Path) -> None:
+    """A resumed run must see the very examples it started with."""
+    import hashlib
+    import json
+
+    saved = read_json(data_dir / "data.json").get("sha256", {}) if (data_dir / "data.json").exists() else {}
+    for name, rows in prepared.splits.items():
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        if saved.get(name) and hashlib.sha256(text.encode()).hexdigest() != saved[name]:
+            raise FtcliError(f"the {name} split differs from the one this run started with: the data changed",
+                             hint="restore the original data, or start a new run (--force or --set name=NEW)")
 
 
 def evaluate_run(run_dir: Path, ui: UI, split: str = "test") -> dict:

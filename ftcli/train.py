@@ -80,10 +80,14 @@ def collate(features: list[dict], pad_id: int) -> dict:
 
 
 def make_loader(features: list[dict], batch_size: int, pad_id: int, order: list[int] | None = None):
+    import torch
     from torch.utils.data import DataLoader
 
     data = [features[i] for i in order] if order is not None else features
-    return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=lambda b: collate(b, pad_id))
+    # An explicit generator: starting an iterator must not draw from the global RNG, or a resumed
+    # run's dropout masks would drift from the uninterrupted run's.
+    return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=lambda b: collate(b, pad_id),
+                      generator=torch.Generator().manual_seed(0))
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -295,7 +299,9 @@ def train(recipe: Recipe, accelerator, adapted, tokenized: dict[str, Tokenized],
     global_step = state["global_step"]
     tokens_seen = state["tokens"]
     best_val, best_step = state["best_val_loss"], state["best_val_step"]
-    log_loss, log_micro, log_tokens, log_t0 = 0.0, 0, 0, time.perf_counter()
+    # the loss logged next averages the micro-batches since the last log, across a resume too
+    log_loss, log_micro = state.get("log_window", [0.0, 0])
+    log_tokens, log_t0 = 0, time.perf_counter()
     last_loss = None
     t_start = time.perf_counter() - state["seconds"]
     epoch, skip = state["epoch"], state["micro_in_epoch"]
@@ -306,7 +312,7 @@ def train(recipe: Recipe, accelerator, adapted, tokenized: dict[str, Tokenized],
         if accelerator.is_main_process:
             snap = {"global_step": global_step, "epoch": epoch, "micro_in_epoch": micro_in_epoch,
                     "tokens": tokens_seen, "best_val_loss": best_val, "best_val_step": best_step,
-                    "seconds": time.perf_counter() - t_start}
+                    "seconds": time.perf_counter() - t_start, "log_window": [log_loss, log_micro]}
             path = save_checkpoint(ckpt_root, accelerator.unwrap_model(model), optimizer, scheduler, snap,
                                    t.keep_checkpoints)
         accelerator.wait_for_everyone()

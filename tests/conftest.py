@@ -97,7 +97,7 @@ def build_tiny_model(kind: str, out: Path) -> Path:
         cfg = BertConfig(vocab_size=v, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=64, max_position_embeddings=128, pad_token_id=tok.pad_token_id)
         model = BertModel(cfg)  # with its pooler, as pre-trained BERT checkpoints have
-    elif kind == "llama":
+    elif kind in ("llama", "llama-random"):
         cfg = LlamaConfig(vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
@@ -110,14 +110,40 @@ def build_tiny_model(kind: str, out: Path) -> Path:
         model = AutoModelForCausalLM.from_config(cfg)
     else:
         raise ValueError(kind)
+    if kind in ("llama", "gpt2"):
+        _pretrain(model, tok)
     model.save_pretrained(out)
     return out
+
+
+def _pretrain(model, tok, steps: int = 150) -> None:
+    """A few seconds of language-model training on plain sentences, so the tiny decoder starts from
+    real token statistics (as a pre-trained base does) rather than noise: LoRA adapts a base, it
+    cannot build one from random weights."""
+    import torch
+
+    rng = random.Random(1)
+    lines = [r["text"] for r in sentiment_rows(300, seed=1)]
+    for _ in range(300):
+        a, b = rng.randrange(10), rng.randrange(10)
+        lines.append(rng.choice([f"what is {a} plus {b} ?", f"{a} plus {b} is {a + b} ."]))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(steps):
+        batch = tok(rng.sample(lines, 16), return_tensors="pt", padding=True)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
-    return {k: build_tiny_model(k, root / k) for k in ("bert", "llama", "gpt2")}
+    # "llama" and "gpt2" get a few seconds of pre-training (LoRA adapts a base; it cannot build one);
+    # "llama-random" keeps random weights, which suits the toy classification task.
+    return {k: build_tiny_model(k, root / k) for k in ("bert", "llama", "llama-random", "gpt2")}
 
 
 @pytest.fixture(scope="session")
@@ -151,7 +177,7 @@ def tiny_recipe(tmp_path: Path, tiny_models, tiny_data, task: str = "classificat
     arch = arch or ("bert" if task == "classification" else "llama")
     method: dict = {"kind": kind}
     if kind != "full":
-        targets = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}[arch]
+        targets = {"bert": ["query", "value"], "gpt2": ["c_attn"]}.get(arch, ["q_proj", "v_proj"])
         method.update(r=4, alpha=8, dropout=0.0, target_modules=targets)
     if kind == "qlora":
         method["quantization"] = {"compute_dtype": "float32"}
