@@ -153,9 +153,11 @@ def validate(
 def list_recipes(json_: JsonOpt = False):
     """List the bundled recipes, one line each.
 
-    [bold]Example[/]
+    [bold]Examples[/]
 
       ftcli recipes
+
+      ftcli recipes --json
     """
     import yaml
 

@@ -46,7 +46,7 @@ def sentiment_rows(n: int, seed: int = 0) -> list[dict]:
 def chat_rows(n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     rows = []
-    for i in range(n):
+    for _ in range(n):
         a, b = rng.randrange(10), rng.randrange(10)
         rows.append({"messages": [{"role": "user", "content": f"what is {a} plus {b} ?"},
                                   {"role": "assistant", "content": f"{a} plus {b} is {a + b} ."}]})
@@ -129,7 +129,7 @@ def _pretrain(model, tok, steps: int = 150) -> None:
         lines.append(rng.choice([f"what is {a} plus {b} ?", f"{a} plus {b} is {a + b} ."]))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
-    for step in range(steps):
+    for _ in range(steps):
         batch = tok(rng.sample(lines, 16), return_tensors="pt", padding=True)
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss.backward()

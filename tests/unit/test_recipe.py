@@ -6,6 +6,7 @@ import textwrap
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from ftcli.errors import FtcliError, RecipeError
 from ftcli.recipe import load_recipe, parse_override, recipe_from_mapping, suggest_key
@@ -52,7 +53,7 @@ def test_good_recipe_loads_with_derived_values(tmp_path):
     assert r.train.optimizer.lr == 5e-4
     assert str(r.run_dir) == "runs/demo"
     # frozen: nothing writes back into a recipe
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         r.method.r = 4  # type: ignore[misc]
 
 
