@@ -50,6 +50,12 @@ def make_accelerator(recipe: Recipe):
 
     device = resolve_device(recipe.train.device)
     mp = resolve_mixed_precision(recipe.train.mixed_precision, device)
+    # One process may run several recipes (--seeds, cv, tests): accelerate keeps a singleton state
+    # that would refuse a second precision. Forget the per-run part; the process group stays.
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     acc = Accelerator(mixed_precision=mp, gradient_accumulation_steps=recipe.train.gradient_accumulation,
                       cpu=device == "cpu")
     return acc, device

@@ -249,3 +249,34 @@ def test_two_processes_on_cpu(tmp_path, tiny_models, tiny_data):
     epochs = mapping["train"]["epochs"]
     batches = steps_one // epochs  # each process takes every other batch of an epoch
     assert steps_two == epochs * math.ceil(batches / 2), (steps_one, steps_two)
+
+
+@pytest.mark.parametrize("option", ["bf16", "checkpointing-lora", "checkpointing-full", "qlora-8bit", "plateau"])
+def test_training_options(tmp_path, tiny_models, tiny_data, option):
+    mapping = tiny_recipe(tmp_path, tiny_models, tiny_data, task="causal_lm",
+                          kind={"checkpointing-full": "full", "qlora-8bit": "qlora"}.get(option, "lora"), arch="llama")
+    mapping["train"].update(epochs=2, eval_every=3)
+    if option == "bf16":
+        mapping["train"]["mixed_precision"] = "bf16"
+    elif option.startswith("checkpointing"):
+        mapping["train"]["gradient_checkpointing"] = True
+    elif option == "qlora-8bit":
+        mapping["method"]["quantization"] = {"bits": 8}
+    elif option == "plateau":
+        mapping["train"]["scheduler"] = {"name": "plateau", "factor": 0.1, "patience": 0}
+        # so small a step that validation loss cannot improve: the plateau must cut the rate
+        mapping["train"]["optimizer"] = {"name": "sgd", "lr": 1.0e-7}
+    r = recipe_from_mapping(mapping)
+    out = train_run(r, UI())
+    assert out["status"] == "completed"
+    rows = _metrics(r.run_dir)
+    losses = [x["loss"] for x in rows if "loss" in x]
+    if option == "bf16":
+        assert out["mixed_precision"] == "bf16"
+    if option == "plateau":
+        lrs = [x["lr"] for x in rows if "lr" in x]
+        assert lrs[0] == 1e-7 and min(lrs) <= 1e-8, lrs
+    else:
+        assert losses[-1] < losses[0], losses
+    if option == "qlora-8bit":
+        assert out["merge"]["passed"]
