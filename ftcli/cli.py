@@ -197,63 +197,60 @@ def eval_(
 @app.command()
 @command
 def merge(
-    adapter: Annotated[Path, typer.Argument(help="Adapter folder, or a run folder holding adapter/.")],
+    source: Annotated[Path, typer.Argument(metavar="ADAPTER_DIR",
+                                           help="Adapter folder, or a run folder (adapter/ or, for full fine-tuning, model/).")],
     out_dir: Annotated[Path, typer.Argument(help="Where to write the merged model (a new folder).")],
     base: Annotated[str | None, typer.Option(help="Base model to merge into (default: the one the adapter records).")] = None,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16 for the saved weights.")] = "float32",
-    into: Annotated[str, typer.Option(help="QLoRA: dequantized (the weights training saw) | original.")] = "dequantized",
+    into: Annotated[str, typer.Option(help="QLoRA: dequantized (the NF4 weights training saw) | original (full precision).")] = "dequantized",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR if it exists.")] = False,
     json_: JsonOpt = False,
 ):
-    """Fold a LoRA adapter into its base model and verify the result.
+    """Fold a LoRA adapter into its base model, verify the result, write a plain transformers folder.
+
+    The merged model and base + adapter are run on the same inputs (the run's test examples, else
+    built-in text): the fold is checked in float32, the written folder is loaded back with plain
+    transformers in its dtype and checked again. Above the tolerance it fails (exit 1) and writes
+    nothing. A full fine-tuning run is exported in --dtype and checked the same way.
 
     [bold]Examples[/]
 
-      ftcli merge runs/quickstart/adapter out/quickstart-merged
+      ftcli merge runs/quickstart out/quickstart-merged
 
-      ftcli merge runs/smollm2-qlora out/smol --into original --dtype bfloat16
+      ftcli merge runs/smollm2-qlora/adapter out/smol --into original --dtype bfloat16
+
+      ftcli merge my-adapter/ out/m --base HuggingFaceTB/SmolLM2-135M-Instruct --force --json
     """
-    from ftcli.merge import TOLERANCE
+    from ftcli.merge import DTYPES, INTO
     from ftcli.merge import merge as do_merge
     from ftcli.ui import UI
 
-    if dtype not in TOLERANCE:
-        raise FtcliError(f"--dtype {dtype!r} is not one of: {', '.join(TOLERANCE)}")
-    if into not in ("dequantized", "original"):
-        raise FtcliError(f"--into {into!r} is not one of: dequantized, original")
+    if dtype not in DTYPES:
+        raise FtcliError(f"--dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
+    if into not in INTO:
+        raise FtcliError(f"--into {into!r} is not one of: {', '.join(INTO)}")
     ui = UI(json_)
-    samples = _run_test_features(adapter)
-    m = do_merge(adapter, out_dir, base=base, dtype=dtype, into=into, samples=samples, force=force)
-    ui.table(f"merged -> {m.out_dir}", [
-        ("base", m.base_model), ("method", m.method), ("merged into", f"{m.into} weights, saved {m.dtype}"),
-        ("LoRA modules folded", m.lora_modules_merged),
-        ("max logit difference", f"{m.max_logit_diff:.3e} ({m.relative_diff:.2e} relative, tolerance {m.tolerance:g})"),
-        ("prediction agreement", f"{m.prediction_agreement:.1%} on {m.samples} inputs"),
-        *([(f"vs merging into {m.dequantized_vs_original['other']}",
-            f"max logit difference {m.dequantized_vs_original['max_logit_diff']:.3e}, "
-            f"agreement {m.dequantized_vs_original['prediction_agreement']:.1%}")] if m.dequantized_vs_original else []),
-    ])
+    ui.step(f"merge    {source} -> {out_dir}")
+    m = do_merge(source, out_dir, base=base, dtype=dtype, into=into, force=force)
+    rows = [("base", m.base_model), ("method", m.method), ("merged into", f"{m.into} weights, saved {m.dtype}"),
+            ("parameters", f"{m.parameters:,}"), ("LoRA modules folded", m.lora_modules_merged)]
+    if m.saved_modules:
+        rows.append(("saved modules", ", ".join(m.saved_modules)))
+    if m.fold_check:
+        fc = m.fold_check
+        rows.append(("merge check (float32)", f"max logit difference {fc['max_logit_diff']:.3e} "
+                     f"({fc['relative_diff']:.2e} relative, tolerance {fc['tolerance']:g}), "
+                     f"predictions agree {fc['prediction_agreement']:.1%}"))
+    rows.append((f"saved folder ({m.dtype})", f"max logit difference {m.max_logit_diff:.3e} "
+                 f"({m.relative_diff:.2e} relative, tolerance {m.tolerance:g}), "
+                 f"predictions agree {m.prediction_agreement:.1%} on {m.samples} {m.sample_source}"))
+    if m.dequantized_vs_original:
+        d = m.dequantized_vs_original
+        rows.append((f"vs merging into {d['other']}", f"max logit difference {d['max_logit_diff']:.3e} "
+                     f"({d['relative_diff']:.2e} relative), predictions agree {d['prediction_agreement']:.1%}"))
+    rows.append(("written", f"{m.bytes_written / 2**20:.1f} MiB in {m.seconds:.1f} s"))
+    ui.table(f"merged -> {m.out_dir} (verified)", rows)
     return m.as_dict()
-
-
-def _run_test_features(adapter: Path) -> list[dict] | None:
-    """Tokenized test examples of the run an adapter came from, to verify the merge on."""
-    from ftcli.merge import find_adapter
-
-    run_dir = find_adapter(adapter).parent
-    if not (run_dir / "recipe.yaml").exists() or not (run_dir / "data" / "test.jsonl").exists():
-        return None
-    from transformers import AutoTokenizer
-
-    from ftcli.data import load_prepared, tokenize
-    from ftcli.recipe import load_recipe
-
-    recipe = load_recipe(run_dir / "recipe.yaml")
-    prepared = load_prepared(run_dir / "data")
-    tok = AutoTokenizer.from_pretrained(find_adapter(adapter))
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tokenize(prepared.splits["test"][:16], recipe, tok, prepared.label2id).features
 
 
 def main() -> None:
