@@ -253,6 +253,121 @@ def merge(
     return m.as_dict()
 
 
+AdapterOpt = Annotated[
+    list[str] | None,
+    typer.Option("--adapter", help="Adapter folder or run (NAME=PATH to name it); repeat to serve several on one base."),
+]
+FeedbackOpt = Annotated[
+    Path | None,
+    typer.Option("--feedback", help="Where verdicts go (JSON lines a recipe's data.path reads); "
+                                    "bad answers without a fix go to <stem>-rejected.jsonl beside it."),
+]
+
+
+@app.command()
+@command
+def predict(
+    model: Annotated[str | None, typer.Argument(metavar="MODEL_OR_RUN",
+                                                help="Merged/model folder, run folder, adapter folder or model spec "
+                                                     "(with --adapter: the base; default: the adapters' own).")] = None,
+    text: Annotated[list[str] | None, typer.Option("--text", help="Text to label or prompt to answer (repeatable).")] = None,
+    input_: Annotated[str | None, typer.Option("--input", help="JSONL/CSV/... file with a text column (or messages); "
+                                                               "an 'adapter' column picks the adapter per row.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", help="Write predictions here (.jsonl or .csv).")] = None,
+    adapter: AdapterOpt = None,
+    text_column: Annotated[str, typer.Option(help="Column of --input holding the text.")] = "text",
+    batch_size: Annotated[int, typer.Option(min=1, help="Requests per forward pass.")] = 32,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Causal LMs: tokens to generate per answer.")] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Causal LMs: 0 = greedy.")] = 0.0,
+    raw: Annotated[bool, typer.Option("--raw", help="Causal LMs: continue the text as is, without the chat template.")] = False,
+    review: Annotated[bool, typer.Option("--review", help="After predicting, mark each answer /good, /bad or /fix ANSWER.")] = False,
+    feedback: FeedbackOpt = None,
+    json_: JsonOpt = False,
+):
+    """Label texts (with probabilities) or generate answers with a fine-tuned model, batched.
+
+    [bold]Examples[/]
+
+      ftcli predict runs/quickstart --text "A gorgeous, moving film." --text "Dull and far too long."
+
+      ftcli predict out/quickstart-merged --input reviews.csv --output predictions.jsonl
+
+      ftcli predict --adapter runs/a --adapter runs/b --text "..."     [dim]# one base, both adapters[/]
+
+      ftcli predict runs/quickstart --input new.jsonl --review --feedback feedback.jsonl
+    """
+    from ftcli.predict import (
+        FeedbackLog,
+        load_predictor,
+        progress_bar,
+        read_requests,
+        review_loop,
+        write_predictions,
+    )
+    from ftcli.predict import predict as do_predict
+    from ftcli.ui import UI
+
+    ui = UI(json_)
+    requests = read_requests(text, input_, text_column)
+    pred = load_predictor(model, adapter)
+    total = len(requests) * (1 if all(r.get("adapter") for r in requests) else max(1, len(pred.adapters)))
+    bar, advance = progress_bar(ui.console, total, "predict")
+    with bar:
+        rows = do_predict(pred, requests, batch_size, max_new_tokens, temperature, raw, advance)
+    if output:
+        write_predictions(rows, output)
+        ui.info(f"{len(rows)} predictions -> {output}")
+    if pred.task == "classification":
+        table = [(r.get("adapter", ""), r["text"][:60], r["label"], f"{r['score']:.3f}") for r in rows[:50]]
+        ui.table(f"predictions ({pred.source})", table, headers=("adapter", "text", "label", "probability"))
+    else:
+        table = [(r.get("adapter", ""), (r.get("text") or r["messages"][-1]["content"])[:50], r["generation"][:80]) for r in rows[:50]]
+        ui.table(f"generations ({pred.source})", table, headers=("adapter", "prompt", "answer"))
+    result: dict = {"model": pred.source, "task": pred.task, "count": len(rows)}
+    if review:
+        log = FeedbackLog(feedback or Path("feedback.jsonl"), pred.source)
+        result["feedback"] = review_loop(pred, rows, sys.stdin, sys.stderr if json_ else sys.stdout, log)
+        result["feedback_file"] = str(log.path)
+        ui.info(f"feedback: {result['feedback']} -> {log.path}")
+    if output:
+        result["output"] = str(output)
+    else:
+        result["predictions"] = rows
+    return result
+
+
+@app.command()
+@command
+def chat(
+    model: Annotated[str | None, typer.Argument(metavar="MODEL_OR_RUN",
+                                                help="Merged/model folder, run folder, adapter folder or model spec "
+                                                     "(with --adapter: the base).")] = None,
+    adapter: AdapterOpt = None,
+    system: Annotated[str | None, typer.Option(help="System prompt for the conversation.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens per answer.")] = 128,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
+    feedback: Annotated[Path, typer.Option("--feedback", help="Where /good and /fix answers go (a recipe's data.path "
+                                                              "reads it); /bad ones go to <stem>-rejected.jsonl.")] = Path("feedback.jsonl"),
+    json_: JsonOpt = False,
+):
+    """Talk to a causal LM in the terminal, with its chat template.
+
+    Commands: /good, /bad, /fix ANSWER (feedback on the last answer), /switch NAME and /adapters
+    (with several --adapter), /reset, /help, /quit.
+
+    [bold]Examples[/]
+
+      ftcli chat runs/smollm2-chat
+
+      ftcli chat --adapter polite=runs/a --adapter terse=runs/b --system "You are helpful."
+    """
+    from ftcli.predict import FeedbackLog, chat_loop, load_predictor
+
+    pred = load_predictor(model, adapter)
+    log = FeedbackLog(feedback, pred.source)
+    return chat_loop(pred, sys.stdin, sys.stderr if json_ else sys.stdout, log, system, max_new_tokens, temperature)
+
+
 def main() -> None:
     app()
 
