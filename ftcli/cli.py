@@ -317,12 +317,16 @@ def predict(
     if output:
         write_predictions(rows, output)
         ui.info(f"{len(rows)} predictions -> {output}")
+    lead = ("adapter",) if pred.adapters else ()
     if pred.task == "classification":
-        table = [(r.get("adapter", ""), r["text"][:60], r["label"], f"{r['score']:.3f}") for r in rows[:50]]
-        ui.table(f"predictions ({pred.source})", table, headers=("adapter", "text", "label", "probability"))
+        table = [(*((r["adapter"],) if lead else ()), r["text"][:60], r["label"], f"{r['score']:.3f}") for r in rows[:50]]
+        ui.table(f"predictions ({pred.source})", table, headers=(*lead, "text", "label", "probability"))
     else:
-        table = [(r.get("adapter", ""), (r.get("text") or r["messages"][-1]["content"])[:50], r["generation"][:80]) for r in rows[:50]]
-        ui.table(f"generations ({pred.source})", table, headers=("adapter", "prompt", "answer"))
+        table = [(*((r["adapter"],) if lead else ()), (r.get("text") or r["messages"][-1]["content"])[:50],
+                  r["generation"][:200]) for r in rows[:50]]
+        ui.table(f"generations ({pred.source})", table, headers=(*lead, "prompt", "answer"))
+    if len(rows) > 50:
+        ui.info(f"... {len(rows) - 50} more" + ("" if output else " (use --output FILE or --json for all)"))
     result: dict = {"model": pred.source, "task": pred.task, "count": len(rows)}
     if review:
         log = FeedbackLog(feedback or Path("feedback.jsonl"), pred.source)

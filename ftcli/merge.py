@@ -34,12 +34,16 @@ from ftcli.errors import FtcliError
 from ftcli.util import atomic_dir, human_bytes, write_json
 
 # Largest |saved - reference| logit difference, relative to max(1, largest |reference| logit).
-# float32: the fold is exact up to summation order (observed ~1e-7 relative); 1e-4 leaves room for
-# deep models and still fails any real mistake. bfloat16 keeps 8 significant bits (unit roundoff
-# u = 2^-9 ~ 2e-3 per weight): rounding errors of many layers add up to about 1e-2 of the logit
-# scale on the models measured (see the closing note of the merge issue), so 5e-2 passes honest
-# bf16 casts and fails garbage. float16 keeps 11 bits (u ~ 4.9e-4): measured ~1e-3, tolerance 1e-2.
-TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
+# float32: the fold is exact up to summation order (measured 5e-7 relative on the quickstart, 2e-6 on
+# SmolLM2-135M); 1e-4 leaves room for deeper models and still fails any real mistake.
+# bfloat16 keeps 8 significant bits (unit roundoff 2^-8), float16 11 (2^-11): casting every weight
+# moves the logits by rounding noise that grows with depth and vocabulary. Measured on the saved
+# folders against the float32 reference: MiniLM-L6 classifier bf16 5.1e-3, fp16 5.8e-4; SmolLM2-135M
+# (30 layers, 49k vocabulary) bf16 4.2e-2, fp16 9.6e-3. The tolerances leave ~2.5x headroom over the
+# deeper model: 0.1 and 0.025. They still fail what breaks in a save (a head or layer left out, tied
+# weights lost, a float16 overflow: differences of the order of the logits themselves), and the
+# merge arithmetic is held to FOLD_TOLERANCE in float32 whatever the saved dtype.
+TOLERANCE = {"float32": 1e-4, "bfloat16": 0.1, "float16": 0.025}
 FOLD_TOLERANCE = 1e-4  # the merge itself, always checked in float32
 DTYPES = tuple(TOLERANCE)
 INTO = ("dequantized", "original")

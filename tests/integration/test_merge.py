@@ -172,8 +172,8 @@ def test_bfloat16_merge_is_smaller_and_within_its_tolerance(tmp_path_factory, ti
 
     run = trained_run(tmp_path_factory, tiny_models, tiny_data, "causal_lm", "lora")
     m = merge(run, tmp_path / "bf16", dtype="bfloat16")
-    assert m.passed and m.tolerance == 0.05 and m.fold_check["relative_diff"] < 1e-4
-    assert 0 < m.relative_diff <= 0.05  # rounding shows, within the bf16 tolerance
+    assert m.passed and m.tolerance == 0.1 and m.fold_check["relative_diff"] < 1e-4
+    assert 0 < m.relative_diff <= 0.1  # rounding shows, within the bf16 tolerance
     with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
         dtypes = {str(f.get_tensor(k).dtype) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     assert dtypes == {"torch.bfloat16"}
