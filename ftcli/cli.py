@@ -199,63 +199,179 @@ def eval_(
 @app.command()
 @command
 def merge(
-    adapter: Annotated[Path, typer.Argument(help="Adapter folder, or a run folder holding adapter/.")],
+    source: Annotated[Path, typer.Argument(metavar="ADAPTER_DIR",
+                                           help="Adapter folder, or a run folder (adapter/ or, for full fine-tuning, model/).")],
     out_dir: Annotated[Path, typer.Argument(help="Where to write the merged model (a new folder).")],
     base: Annotated[str | None, typer.Option(help="Base model to merge into (default: the one the adapter records).")] = None,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16 for the saved weights.")] = "float32",
-    into: Annotated[str, typer.Option(help="QLoRA: dequantized (the weights training saw) | original.")] = "dequantized",
+    into: Annotated[str, typer.Option(help="QLoRA: dequantized (the NF4 weights training saw) | original (full precision).")] = "dequantized",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR if it exists.")] = False,
     json_: JsonOpt = False,
 ):
-    """Fold a LoRA adapter into its base model and verify the result.
+    """Fold a LoRA adapter into its base model, verify the result, write a plain transformers folder.
+
+    The merged model and base + adapter are run on the same inputs (the run's test examples, else
+    built-in text): the fold is checked in float32, the written folder is loaded back with plain
+    transformers in its dtype and checked again. Above the tolerance it fails (exit 1) and writes
+    nothing. A full fine-tuning run is exported in --dtype and checked the same way.
 
     [bold]Examples[/]
 
-      ftcli merge runs/quickstart/adapter out/quickstart-merged
+      ftcli merge runs/quickstart out/quickstart-merged
 
-      ftcli merge runs/smollm2-qlora out/smol --into original --dtype bfloat16
+      ftcli merge runs/smollm2-qlora/adapter out/smol --into original --dtype bfloat16
+
+      ftcli merge my-adapter/ out/m --base HuggingFaceTB/SmolLM2-135M-Instruct --force --json
     """
-    from ftcli.merge import TOLERANCE
+    from ftcli.merge import DTYPES, INTO
     from ftcli.merge import merge as do_merge
     from ftcli.ui import UI
 
-    if dtype not in TOLERANCE:
-        raise FtcliError(f"--dtype {dtype!r} is not one of: {', '.join(TOLERANCE)}")
-    if into not in ("dequantized", "original"):
-        raise FtcliError(f"--into {into!r} is not one of: dequantized, original")
+    if dtype not in DTYPES:
+        raise FtcliError(f"--dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
+    if into not in INTO:
+        raise FtcliError(f"--into {into!r} is not one of: {', '.join(INTO)}")
     ui = UI(json_)
-    samples = _run_test_features(adapter)
-    m = do_merge(adapter, out_dir, base=base, dtype=dtype, into=into, samples=samples, force=force)
-    ui.table(f"merged -> {m.out_dir}", [
-        ("base", m.base_model), ("method", m.method), ("merged into", f"{m.into} weights, saved {m.dtype}"),
-        ("LoRA modules folded", m.lora_modules_merged),
-        ("max logit difference", f"{m.max_logit_diff:.3e} ({m.relative_diff:.2e} relative, tolerance {m.tolerance:g})"),
-        ("prediction agreement", f"{m.prediction_agreement:.1%} on {m.samples} inputs"),
-        *([(f"vs merging into {m.dequantized_vs_original['other']}",
-            f"max logit difference {m.dequantized_vs_original['max_logit_diff']:.3e}, "
-            f"agreement {m.dequantized_vs_original['prediction_agreement']:.1%}")] if m.dequantized_vs_original else []),
-    ])
+    ui.step(f"merge    {source} -> {out_dir}")
+    m = do_merge(source, out_dir, base=base, dtype=dtype, into=into, force=force)
+    rows = [("base", m.base_model), ("method", m.method), ("merged into", f"{m.into} weights, saved {m.dtype}"),
+            ("parameters", f"{m.parameters:,}"), ("LoRA modules folded", m.lora_modules_merged)]
+    if m.saved_modules:
+        rows.append(("saved modules", ", ".join(m.saved_modules)))
+    if m.fold_check:
+        fc = m.fold_check
+        rows.append(("merge check (float32)", f"max logit difference {fc['max_logit_diff']:.3e} "
+                     f"({fc['relative_diff']:.2e} relative, tolerance {fc['tolerance']:g}), "
+                     f"predictions agree {fc['prediction_agreement']:.1%}"))
+    rows.append((f"saved folder ({m.dtype})", f"max logit difference {m.max_logit_diff:.3e} "
+                 f"({m.relative_diff:.2e} relative, tolerance {m.tolerance:g}), "
+                 f"predictions agree {m.prediction_agreement:.1%} on {m.samples} {m.sample_source}"))
+    if m.dequantized_vs_original:
+        d = m.dequantized_vs_original
+        rows.append((f"vs merging into {d['other']}", f"max logit difference {d['max_logit_diff']:.3e} "
+                     f"({d['relative_diff']:.2e} relative), predictions agree {d['prediction_agreement']:.1%}"))
+    rows.append(("written", f"{m.bytes_written / 2**20:.1f} MiB in {m.seconds:.1f} s"))
+    ui.table(f"merged -> {m.out_dir} (verified)", rows)
     return m.as_dict()
 
 
-def _run_test_features(adapter: Path) -> list[dict] | None:
-    """Tokenized test examples of the run an adapter came from, to verify the merge on."""
-    from ftcli.merge import find_adapter
+AdapterOpt = Annotated[
+    list[str] | None,
+    typer.Option("--adapter", help="Adapter folder or run (NAME=PATH to name it); repeat to serve several on one base."),
+]
+FeedbackOpt = Annotated[
+    Path | None,
+    typer.Option("--feedback", help="Where verdicts go (JSON lines a recipe's data.path reads); "
+                                    "bad answers without a fix go to <stem>-rejected.jsonl beside it."),
+]
 
-    run_dir = find_adapter(adapter).parent
-    if not (run_dir / "recipe.yaml").exists() or not (run_dir / "data" / "test.jsonl").exists():
-        return None
-    from transformers import AutoTokenizer
 
-    from ftcli.data import load_prepared, tokenize
-    from ftcli.recipe import load_recipe
+@app.command()
+@command
+def predict(
+    model: Annotated[str | None, typer.Argument(metavar="MODEL_OR_RUN",
+                                                help="Merged/model folder, run folder, adapter folder or model spec "
+                                                     "(with --adapter: the base; default: the adapters' own).")] = None,
+    text: Annotated[list[str] | None, typer.Option("--text", help="Text to label or prompt to answer (repeatable).")] = None,
+    input_: Annotated[str | None, typer.Option("--input", help="JSONL/CSV/... file with a text column (or messages); "
+                                                               "an 'adapter' column picks the adapter per row.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", help="Write predictions here (.jsonl or .csv).")] = None,
+    adapter: AdapterOpt = None,
+    text_column: Annotated[str, typer.Option(help="Column of --input holding the text.")] = "text",
+    batch_size: Annotated[int, typer.Option(min=1, help="Requests per forward pass.")] = 32,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Causal LMs: tokens to generate per answer.")] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Causal LMs: 0 = greedy.")] = 0.0,
+    raw: Annotated[bool, typer.Option("--raw", help="Causal LMs: continue the text as is, without the chat template.")] = False,
+    review: Annotated[bool, typer.Option("--review", help="After predicting, mark each answer /good, /bad or /fix ANSWER.")] = False,
+    feedback: FeedbackOpt = None,
+    json_: JsonOpt = False,
+):
+    """Label texts (with probabilities) or generate answers with a fine-tuned model, batched.
 
-    recipe = load_recipe(run_dir / "recipe.yaml")
-    prepared = load_prepared(run_dir / "data")
-    tok = AutoTokenizer.from_pretrained(find_adapter(adapter))
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tokenize(prepared.splits["test"][:16], recipe, tok, prepared.label2id).features
+    [bold]Examples[/]
+
+      ftcli predict runs/quickstart --text "A gorgeous, moving film." --text "Dull and far too long."
+
+      ftcli predict out/quickstart-merged --input reviews.csv --output predictions.jsonl
+
+      ftcli predict --adapter runs/a --adapter runs/b --text "..."     [dim]# one base, both adapters[/]
+
+      ftcli predict runs/quickstart --input new.jsonl --review --feedback feedback.jsonl
+    """
+    from ftcli.predict import (
+        FeedbackLog,
+        load_predictor,
+        progress_bar,
+        read_requests,
+        review_loop,
+        write_predictions,
+    )
+    from ftcli.predict import predict as do_predict
+    from ftcli.ui import UI
+
+    ui = UI(json_)
+    requests = read_requests(text, input_, text_column)
+    pred = load_predictor(model, adapter)
+    total = len(requests) * (1 if all(r.get("adapter") for r in requests) else max(1, len(pred.adapters)))
+    bar, advance = progress_bar(ui.console, total, "predict")
+    with bar:
+        rows = do_predict(pred, requests, batch_size, max_new_tokens, temperature, raw, advance)
+    if output:
+        write_predictions(rows, output)
+        ui.info(f"{len(rows)} predictions -> {output}")
+    lead = ("adapter",) if pred.adapters else ()
+    if pred.task == "classification":
+        table = [(*((r["adapter"],) if lead else ()), r["text"][:60], r["label"], f"{r['score']:.3f}") for r in rows[:50]]
+        ui.table(f"predictions ({pred.source})", table, headers=(*lead, "text", "label", "probability"))
+    else:
+        table = [(*((r["adapter"],) if lead else ()), (r.get("text") or r["messages"][-1]["content"])[:50],
+                  r["generation"][:200]) for r in rows[:50]]
+        ui.table(f"generations ({pred.source})", table, headers=(*lead, "prompt", "answer"))
+    if len(rows) > 50:
+        ui.info(f"... {len(rows) - 50} more" + ("" if output else " (use --output FILE or --json for all)"))
+    result: dict = {"model": pred.source, "task": pred.task, "count": len(rows)}
+    if review:
+        log = FeedbackLog(feedback or Path("feedback.jsonl"), pred.source)
+        result["feedback"] = review_loop(pred, rows, sys.stdin, sys.stderr if json_ else sys.stdout, log)
+        result["feedback_file"] = str(log.path)
+        ui.info(f"feedback: {result['feedback']} -> {log.path}")
+    if output:
+        result["output"] = str(output)
+    else:
+        result["predictions"] = rows
+    return result
+
+
+@app.command()
+@command
+def chat(
+    model: Annotated[str | None, typer.Argument(metavar="MODEL_OR_RUN",
+                                                help="Merged/model folder, run folder, adapter folder or model spec "
+                                                     "(with --adapter: the base).")] = None,
+    adapter: AdapterOpt = None,
+    system: Annotated[str | None, typer.Option(help="System prompt for the conversation.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens per answer.")] = 128,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
+    feedback: Annotated[Path, typer.Option("--feedback", help="Where /good and /fix answers go (a recipe's data.path "
+                                                              "reads it); /bad ones go to <stem>-rejected.jsonl.")] = Path("feedback.jsonl"),
+    json_: JsonOpt = False,
+):
+    """Talk to a causal LM in the terminal, with its chat template.
+
+    Commands: /good, /bad, /fix ANSWER (feedback on the last answer), /switch NAME and /adapters
+    (with several --adapter), /reset, /help, /quit.
+
+    [bold]Examples[/]
+
+      ftcli chat runs/smollm2-chat
+
+      ftcli chat --adapter polite=runs/a --adapter terse=runs/b --system "You are helpful."
+    """
+    from ftcli.predict import FeedbackLog, chat_loop, load_predictor
+
+    pred = load_predictor(model, adapter)
+    log = FeedbackLog(feedback, pred.source)
+    return chat_loop(pred, sys.stdin, sys.stderr if json_ else sys.stdout, log, system, max_new_tokens, temperature)
 
 
 def main() -> None:
