@@ -23,7 +23,7 @@ from typing import Any
 from ftcli.errors import DataError, RecipeError
 from ftcli.recipe import DataSpec, Recipe
 from ftcli.sources import DataSource, resolve_data
-from ftcli.util import atomic_write_text, write_jsonl
+from ftcli.util import atomic_write_text, read_jsonl, write_jsonl
 
 SPLITS = ("train", "validation", "test")
 IGNORE_INDEX = -100
@@ -460,7 +460,7 @@ def load_prepared(data_dir: Path) -> PreparedData:
     splits = {}
     for name in SPLITS:
         path = data_dir / f"{name}.jsonl"
-        splits[name] = [json.loads(x) for x in path.read_text(encoding="utf-8").split("\n") if x.strip()] if path.exists() else []
+        splits[name] = read_jsonl(path)
     labels = json.loads((data_dir / "labels.json").read_text()) if (data_dir / "labels.json").exists() else None
     stats = json.loads((data_dir / "data.json").read_text()) if (data_dir / "data.json").exists() else {}
     return PreparedData(splits, labels, stats, data_dir)
