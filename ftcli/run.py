@@ -125,6 +125,11 @@ def train_run(recipe: Recipe, ui: UI, resume: bool = False, force: bool = False)
             adapted = adapt(recipe, tokenizer, source, model_dir, prepared.labels, device, acc.local_process_index)
         for line in adapted.counts.lines(recipe):
             ui.info("  " + line)
+        if main and recipe.task == "classification" and not resume:
+            # the fresh head as training found it: `ftcli eval --baseline` compares against this start
+            from ftcli.evaluation.baseline import save_initial_head
+
+            save_initial_head(adapted.model, run_dir)
         log.update(params=adapted.counts.as_dict())
 
         ui.step(f"train    on {acc.num_processes} process(es), {device}, mixed precision {acc.mixed_precision}")
