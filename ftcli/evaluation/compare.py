@@ -251,6 +251,23 @@ def verdict_text(row: dict, baseline_name: str) -> str:
 # --------------------------------------------------------------------------- the command
 
 
+def assemble(rd: RunData, info: dict, result: dict, curves: list[dict], extra: dict, n_resamples: int,
+             seed: int) -> dict:
+    """The report's content (everything but the per-example predictions, which go to their own file)."""
+    from ftcli.evaluation.overfit import detect_overfitting
+
+    return {
+        "ftcli_eval": 1, "run": str(rd.run_dir), "name": rd.recipe.name, "task": rd.recipe.task,
+        "method": rd.recipe.method.kind, "model": rd.recipe.model.name, "baseline": info,
+        "test_examples": len(rd.examples), "alpha": 0.05, "resamples": n_resamples, "seed": seed,
+        **{k: v for k, v in result.items() if k != "predictions"},
+        "overfitting": detect_overfitting(curves),
+        "curves": {"train": [[c["step"], c["loss"]] for c in curves if "loss" in c],
+                   "validation": [[c["step"], c["val_loss"]] for c in curves if "val_loss" in c]},
+        **extra,
+    }
+
+
 def eval_baseline(run_dir: Path, baseline: str, ui: UI, out_dir: Path | None = None, n_resamples: int = RESAMPLES,
                   seed: int = 0, robust: bool = True) -> dict:
     """``ftcli eval RUN --baseline [base|probe|RUN_DIR]``: the whole comparison and its report."""
@@ -265,17 +282,7 @@ def eval_baseline(run_dir: Path, baseline: str, ui: UI, out_dir: Path | None = N
     base, info = score_baseline(rd, baseline, ui, feats, kept)
     ui.step(f"paired statistics ({n_resamples} resamples) and failure analysis")
     result = analyse(rd, feats, kept, tuned, base, n_resamples, seed)
-    curves = read_jsonl(rd.run_dir / "metrics.jsonl")
-    report = {
-        "ftcli_eval": 1, "run": str(rd.run_dir), "name": rd.recipe.name, "task": rd.recipe.task,
-        "method": rd.recipe.method.kind, "model": rd.recipe.model.name, "baseline": info,
-        "test_examples": len(rd.examples), "alpha": 0.05, "resamples": n_resamples, "seed": seed,
-        **{k: v for k, v in result.items() if k != "predictions"},
-        "overfitting": detect_overfitting(curves),
-        "curves": {"train": [[c["step"], c["loss"]] for c in curves if "loss" in c],
-                   "validation": [[c["step"], c["val_loss"]] for c in curves if "val_loss" in c]},
-        **extra,
-    }
+    report = assemble(rd, info, result, read_jsonl(rd.run_dir / "metrics.jsonl"), extra, n_resamples, seed)
     if info["kind"] == "run":
         report["baseline_overfitting"] = detect_overfitting(read_jsonl(Path(info["run"]) / "metrics.jsonl"))
     out = Path(out_dir) if out_dir else rd.run_dir / "eval"

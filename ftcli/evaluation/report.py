@@ -73,7 +73,13 @@ def print_report(report: dict, ui: UI) -> None:
         style = VERDICT_STYLE.get(row[-1])
         row[-1] = f"[{style}]{row[-1]}[/]" if style else row[-1]
         t.add_row(*row)
-    c.print(t, width=None if c.is_terminal else 130)
+    width = c.width
+    if not c.is_terminal:  # a log or a pipe: do not squeeze the numbers into 80 columns
+        c.width = max(width, 130)
+    try:
+        c.print(t)
+    finally:
+        c.width = width
     c.print(f"baseline: {b['description']}")
     style = VERDICT_STYLE.get(report["verdict"], "bold")
     c.print(f"[bold {style}]verdict[/] {report['verdict_text']}")
