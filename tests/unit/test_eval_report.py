@@ -3,6 +3,7 @@ pipe): every section and plot must render, with no script error, console error o
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -94,10 +95,8 @@ class Chromium:
         return json.loads(msg)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # it may already be gone; the wait below settles it
             self.send("Browser.close", timeout=10)
-        except Exception:
-            pass
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:

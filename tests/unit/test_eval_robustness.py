@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import random
 
-from ftcli.evaluation.robustness import PERTURBATIONS, char_noise, input_text, perturb_example, set_input
+from ftcli.evaluation.robustness import (
+    PERTURBATIONS,
+    char_noise,
+    input_text,
+    perturb_example,
+    set_input,
+)
 
 
 def test_perturbations_touch_only_the_input():
