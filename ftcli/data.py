@@ -460,7 +460,8 @@ def load_prepared(data_dir: Path) -> PreparedData:
     splits = {}
     for name in SPLITS:
         path = data_dir / f"{name}.jsonl"
-        splits[name] = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()] if path.exists() else []
+        # split on "\n" only: str.splitlines() also breaks at U+2028, U+0085... inside JSON strings
+        splits[name] = [json.loads(x) for x in path.read_text(encoding="utf-8").split("\n") if x.strip()] if path.exists() else []
     labels = json.loads((data_dir / "labels.json").read_text()) if (data_dir / "labels.json").exists() else None
     stats = json.loads((data_dir / "data.json").read_text()) if (data_dir / "data.json").exists() else {}
     return PreparedData(splits, labels, stats, data_dir)
