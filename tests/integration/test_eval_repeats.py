@@ -35,6 +35,7 @@ def test_seeds(tmp_path, tiny_models, tiny_data, capsys):
     code, out = run_cli(capsys, "train", str(path), "--seeds", "2", "--set", "train.max_steps=2")
     assert code == 0 and out["seeds"] == [1, 2]
     for i, r in enumerate(out["runs"], 1):
+        assert r["run"].endswith(f"tiny-classification-lora-llama-seed{i}") and r["seed"] == i
         run = json.loads((tmp_path / "runs" / f"tiny-classification-lora-llama-seed{i}" / "run.json").read_text())
         assert run["seed"] == i and run["status"] == "completed"
     assert out["summary"]["accuracy"]["n"] == 2 and out["summary"]["accuracy"]["std"] >= 0
