@@ -93,6 +93,8 @@ def train(
     set_: SetOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's latest checkpoint.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Start over, replacing an existing run folder.")] = False,
+    seeds: Annotated[int | None, typer.Option("--seeds", min=1, help="Repeat the run with N seeds (train.seed 1..N, "
+                                              "runs NAME-seed1..N) and report test metrics as mean ± std.")] = None,
     json_: JsonOpt = False,
 ):
     """Run prepare -> adapt -> train -> evaluate -> merge into runs/<name>/.
@@ -106,11 +108,17 @@ def train(
       ftcli train recipes/smollm2-chat-lora.yaml --resume
 
       torchrun --nproc_per_node 2 -m ftcli train recipes/quickstart.yaml   [dim]# 2 processes[/]
+
+      ftcli train quickstart --seeds 3   [dim]# mean ± std over 3 seeds[/]
     """
     from ftcli.run import train_run
     from ftcli.ui import UI
 
     r = _load(recipe, set_)
+    if seeds is not None:
+        from ftcli.evaluation.seeds import train_seeds
+
+        return train_seeds(r, seeds, UI(json_), resume=resume, force=force)
     return train_run(r, UI(json_), resume=resume, force=force)
 
 
@@ -178,22 +186,92 @@ def list_recipes(json_: JsonOpt = False):
 @app.command("eval")
 @command
 def eval_(
-    run_dir: Annotated[Path | None, typer.Argument(help="Run folder (default: the latest under runs/).")] = None,
-    split: Annotated[str, typer.Option(help="Which prepared split to score.")] = "test",
+    run_dirs: Annotated[list[Path] | None, typer.Argument(help="Run folder(s) (default: the latest under runs/).")] = None,
+    baseline: Annotated[str | None, typer.Option(
+        "--baseline", metavar="[base|probe|RUN_DIR]",
+        help="Compare with the base model as the run started (base, the default), a linear probe on the frozen "
+             "base (probe), or another run (RUN_DIR). Put RUN_DIR before this option.")] = None,
+    ensemble: Annotated[bool, typer.Option("--ensemble", help="Average the runs' probabilities; report the "
+                                           "ensemble beside each member.")] = False,
+    split: Annotated[str, typer.Option(help="Which prepared split to score (without --baseline).")] = "test",
+    out: Annotated[Path | None, typer.Option(help="Report folder (default: RUN_DIR/eval, RUN_DIR/eval-ensemble).")] = None,
+    resamples: Annotated[int, typer.Option(min=99, help="Bootstrap / permutation resamples.")] = 9999,
+    seed: Annotated[int, typer.Option(help="Seed of the resampling and the perturbations.")] = 0,
+    robustness: Annotated[bool, typer.Option("--robustness/--no-robustness",
+                                             help="Also score perturbed, empty and very long inputs.")] = True,
     json_: JsonOpt = False,
 ):
-    """Score a finished run on its sealed test split.
+    """Score a finished run on its sealed test split; with --baseline, prove whether fine-tuning helped.
+
+    With --baseline the fine-tuned model and the baseline answer the same sealed test examples; the
+    report gives both metrics, paired-bootstrap 95% intervals, McNemar / paired permutation tests, a
+    verdict (improved, no significant change, regressed), failures, overfitting and robustness, in
+    RUN_DIR/eval/ (report.json, report.md, report.html, predictions.jsonl).
 
     [bold]Examples[/]
 
       ftcli eval runs/quickstart
 
-      ftcli eval --json
+      ftcli eval runs/quickstart --baseline
+
+      ftcli eval runs/quickstart --baseline probe
+
+      ftcli eval runs/quickstart-r32 --baseline runs/quickstart   [dim]# r=32 vs r=8[/]
+
+      ftcli eval runs/q-seed1 runs/q-seed2 runs/q-seed3 --ensemble
+
+      ftcli eval --baseline --json
     """
     from ftcli.run import evaluate_run, latest_run
     from ftcli.ui import UI
 
-    return evaluate_run(run_dir or latest_run(), UI(json_), split)
+    ui = UI(json_)
+    dirs = list(run_dirs or []) or [latest_run()]
+    if ensemble:
+        if len(dirs) < 2:
+            raise FtcliError("--ensemble needs at least two run folders", hint="ftcli eval runs/A runs/B --ensemble")
+        if baseline is not None:
+            raise FtcliError("--ensemble compares the ensemble with its members; it takes no --baseline")
+        from ftcli.evaluation.ensemble import eval_ensemble
+
+        return eval_ensemble(dirs, ui, out, resamples, seed)
+    if len(dirs) > 1:
+        raise FtcliError(f"{len(dirs)} run folders given: evaluate one, or several with --ensemble",
+                         hint="to compare two runs: ftcli eval runs/A --baseline runs/B")
+    if baseline is None:
+        return evaluate_run(dirs[0], ui, split)
+    if split != "test":
+        raise FtcliError("--baseline compares on the sealed test split only", hint="drop --split")
+    from ftcli.evaluation.compare import eval_baseline
+
+    return eval_baseline(dirs[0], baseline, ui, out, resamples, seed, robustness)
+
+
+@app.command()
+@command
+def cv(
+    recipe: Annotated[str, typer.Argument(help="Recipe file (or the name of a bundled recipe).")],
+    folds: Annotated[int, typer.Option("--folds", min=2, help="Number of folds K.")] = 5,
+    set_: SetOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing fold runs.")] = False,
+    json_: JsonOpt = False,
+):
+    """K-fold cross-validation: train K runs, each tested on a fold it never saw; mean ± std.
+
+    The examples (after cleaning) are split into K folds (stratified by label for classification,
+    seeded by data.split.seed). Run k trains on the other folds (minus the recipe's validation share)
+    and is tested on fold k. Runs: <output_dir>/NAME-fold1..K; summary: <output_dir>/NAME-cv/summary.json.
+
+    [bold]Examples[/]
+
+      ftcli cv recipes/quickstart.yaml --folds 5
+
+      ftcli cv quickstart --folds 3 --set train.epochs=1 --json
+    """
+    from ftcli.evaluation.cv import cross_validate
+    from ftcli.ui import UI
+
+    return cross_validate(_load(recipe, set_), folds, UI(json_), force=force)
 
 
 @app.command()
@@ -374,8 +452,20 @@ def chat(
     return chat_loop(pred, sys.stdin, sys.stderr if json_ else sys.stdout, log, system, max_new_tokens, temperature)
 
 
-def main() -> None:
-    app()
+def optional_baseline_value(argv: list[str]) -> list[str]:
+    """``ftcli eval RUN --baseline`` (no value) means ``--baseline base``. Typer cannot declare an
+    option whose value may be left out, so the bare flag is completed here, before parsing."""
+    if "eval" not in argv:
+        return argv
+    out = list(argv)
+    for i in range(len(out) - 1, -1, -1):
+        if out[i] == "--baseline" and (i + 1 == len(out) or out[i + 1].startswith("-")):
+            out.insert(i + 1, "base")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    app(args=optional_baseline_value(list(sys.argv[1:] if argv is None else argv)), prog_name="ftcli")
 
 
 if __name__ == "__main__":

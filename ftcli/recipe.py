@@ -155,7 +155,10 @@ class SchedulerSpec(_Section):
 
 class TrainSpec(_Section):
     epochs: float = Field(1.0, gt=0)
-    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
+    max_steps: int | None = Field(
+        None, ge=0, description="stop after this many optimizer steps; 0 = no training: the model is saved "
+        "as it starts (base + untouched adapter/head), a control run for `ftcli eval --baseline`"
+    )
     batch_size: int = Field(8, gt=0, description="micro-batch per process")
     gradient_accumulation: int = Field(1, gt=0)
     optimizer: OptimizerSpec = OptimizerSpec()

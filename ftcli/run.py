@@ -134,6 +134,11 @@ def train_run(recipe: Recipe, ui: UI, resume: bool = False, force: bool = False)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
         save_prepared(prepared, run_dir / "data")
+        if recipe.task == "classification" and not resume:
+            # the fresh head as training found it: `ftcli eval --baseline` compares against this start
+            from ftcli.evaluation.baseline import save_initial_head
+
+            save_initial_head(adapted.model, run_dir)
     acc.wait_for_everyone()
     log = RunLog(run_dir, main, previous)
     log.data["timings_s"].update(timings)

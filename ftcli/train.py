@@ -271,7 +271,8 @@ def train(recipe: Recipe, accelerator, adapted, tokenized: dict[str, Tokenized],
     world = accelerator.num_processes
     micro_per_epoch = math.ceil(math.ceil(len(train_feats) / t.batch_size) / world)
     steps_per_epoch = max(1, math.ceil(micro_per_epoch / t.gradient_accumulation))
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+    # max_steps 0 is a real choice (a control run: save the starting point untrained), not "unset"
+    total_steps = t.max_steps if t.max_steps is not None else max(1, math.ceil(t.epochs * steps_per_epoch))
     scheduler = build_scheduler(recipe, optimizer, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     val_loader = accelerator.prepare(make_loader(val_feats, recipe.eval.batch_size, tok.pad_token_id)) if val_feats else None

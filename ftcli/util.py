@@ -48,7 +48,7 @@ def read_jsonl(path: Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
-    # split on "\n" only: str.splitlines also breaks at U+0085 and friends, which real text contains
+    # split on "\n" only: str.splitlines() also breaks at U+2028, U+0085... inside JSON strings
     return [json.loads(x) for x in path.read_text(encoding="utf-8").split("\n") if x.strip()]
 
 

@@ -1,0 +1,291 @@
+"""The comparison behind ``ftcli eval --baseline``: score both models on the same sealed test
+examples, test the differences, find the failures, read the curves, write the report."""
+
+from __future__ import annotations
+
+import gc
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from ftcli.errors import FtcliError
+from ftcli.evaluation.score import Scored
+from ftcli.evaluation.stats import NEUTRAL
+from ftcli.recipe import Recipe
+from ftcli.ui import UI
+
+RESAMPLES = 9999
+
+
+@dataclass
+class RunData:
+    run_dir: Path
+    recipe: Recipe
+    prepared: object
+
+    @property
+    def examples(self) -> list[dict]:
+        return self.prepared.splits["test"]
+
+
+def open_run(run_dir: Path) -> RunData:
+    from ftcli.data import load_prepared
+    from ftcli.recipe import load_recipe
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "recipe.yaml").is_file():
+        raise FtcliError(f"{run_dir} is not a run folder (no recipe.yaml)",
+                         hint="give a folder that `ftcli train` wrote, e.g. runs/quickstart")
+    return RunData(run_dir, load_recipe(run_dir / "recipe.yaml"), load_prepared(run_dir / "data"))
+
+
+def device_of() -> tuple[object, str]:
+    import torch
+
+    kind = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(kind), kind
+
+
+def to_device(model, device):
+    if getattr(model, "hf_quantizer", None) is None and not getattr(model, "is_loaded_in_4bit", False):
+        model.to(device)
+    return model
+
+
+def free(*objs) -> None:
+    del objs
+    gc.collect()
+
+
+def check_same_test(a: RunData, b: RunData) -> None:
+    """Two runs can be compared only on the very same test examples, labels and task."""
+    if a.recipe.task != b.recipe.task:
+        raise FtcliError(f"{a.run_dir} is {a.recipe.task} and {b.run_dir} is {b.recipe.task}: nothing to compare")
+    if a.prepared.labels != b.prepared.labels:
+        raise FtcliError(f"{a.run_dir} and {b.run_dir} have different labels ({a.prepared.labels} vs {b.prepared.labels})")
+    if a.examples != b.examples:
+        raise FtcliError(f"{a.run_dir} and {b.run_dir} were not tested on the same examples",
+                         hint="compare runs prepared from the same data with the same data.split (seed and fractions)")
+
+
+def score_run(rd: RunData, ui: UI, generate: bool = True, extra=None) -> tuple[Scored, list[dict], list[int], dict]:
+    """Load a run's fine-tuned model and score it; ``extra(model, tok, feats, kept, scored)`` runs
+    while the model is loaded. Returns (scored, features, kept indices, extra's result)."""
+    from ftcli.evaluation.score import score_model, tokenize_aligned
+    from ftcli.run import load_trained
+
+    device, _ = device_of()
+    model, tok = load_trained(rd.run_dir, rd.recipe, rd.prepared.labels)
+    to_device(model, device)
+    feats, kept = tokenize_aligned(rd.examples, rd.recipe, tok, rd.prepared.label2id)
+    scored = score_model(rd.run_dir.name, rd.recipe, model, tok, rd.examples, feats, kept, device, generate)
+    result = extra(model, tok, feats, kept, scored) if extra else {}
+    free(model)
+    return scored, feats, kept, result
+
+
+def robustness_extra(rd: RunData, ui: UI, enabled: bool, seed: int):
+    from ftcli.evaluation.metrics import classification_report, lm_summary
+    from ftcli.evaluation.robustness import robustness, stress
+
+    def run(model, tok, feats, kept, scored):
+        if not enabled:
+            return {"robustness": {"applies": False, "why": "skipped (--no-robustness)"}, "stress": []}
+        device, _ = device_of()
+        ex = [rd.examples[i] for i in kept]
+        ui.step("robustness: perturbed test inputs, empty and very long inputs")
+        if rd.recipe.task == "classification":
+            import numpy as np
+
+            m = classification_report([f["labels"] for f in feats], scored.probs, rd.prepared.labels)
+            clean = {"accuracy": m["accuracy"], "pred": np.asarray(scored.probs).argmax(1)}
+        else:
+            clean = lm_summary(scored.loss_sums, scored.tokens)
+        return {"robustness": robustness(rd.recipe, model, tok, ex, rd.prepared.label2id, device, clean, seed),
+                "stress": stress(rd.recipe, model, tok, ex, rd.prepared.label2id, device)}
+
+    return run
+
+
+def score_baseline(rd: RunData, baseline: str, ui: UI, feats: list[dict], kept: list[int]) -> tuple[Scored, dict]:
+    """The baseline's per-example outputs and a description of what it is."""
+    from ftcli.evaluation.baseline import load_base, probe_probabilities
+    from ftcli.evaluation.score import score_model, tokenize_aligned
+    from ftcli.run import load_trained
+
+    device, kind = device_of()
+    r = rd.recipe
+    if baseline in ("base", "probe"):
+        _, tok = _tokenizer_of(rd)
+        if baseline == "probe":
+            if r.task != "classification":
+                raise FtcliError("--baseline probe applies to classification runs only",
+                                 hint="for a causal LM use --baseline (the base model, zero-shot) or another run")
+            ui.step("baseline: linear probe (base frozen, head trained on the train split)")
+            model, _ = load_base(r, rd.run_dir, rd.prepared.labels, tok, kind)
+            to_device(model, device)
+            split_feats = {s: tokenize_aligned(rd.prepared.splits[s], r, tok, rd.prepared.label2id)[0]
+                           for s in ("train", "validation") if rd.prepared.splits.get(s)}
+            split_feats["test"] = feats
+            probs, info = probe_probabilities(r, model, tok, split_feats, device)
+            free(model)
+            desc = (f"a linear probe: {r.model.name} frozen, only its head trained on the run's {info['train_examples']} "
+                    f"training examples ({info['epochs']} epochs of AdamW at lr {info['lr']:g}, epoch "
+                    f"{info['chosen_epoch']} kept by {info['chosen_by']}, seed {info['seed']})")
+            return Scored("linear probe", r.task, probs=probs), {"kind": "probe", "name": "linear probe",
+                                                                  "description": desc, "probe": info}
+        ui.step(f"baseline: the base model {r.model.name}")
+        model, desc = load_base(r, rd.run_dir, rd.prepared.labels, tok, kind)
+        to_device(model, device)
+        scored = score_model("base", r, model, tok, rd.examples, feats, kept, device)
+        free(model)
+        return scored, {"kind": "base", "name": "base", "description": desc}
+    other = open_run(Path(baseline))
+    check_same_test(rd, other)
+    ui.step(f"baseline: run {other.run_dir}")
+    device, _ = device_of()
+    model, tok = load_trained(other.run_dir, other.recipe, other.prepared.labels)
+    to_device(model, device)
+    feats2, kept2 = tokenize_aligned(other.examples, other.recipe, tok, other.prepared.label2id)
+    if kept2 != kept:
+        raise FtcliError(f"{other.run_dir} keeps different test examples after tokenization than {rd.run_dir}",
+                         hint="compare runs with the same data.max_length and tokenizer")
+    scored = score_model(other.run_dir.name, other.recipe, model, tok, other.examples, feats2, kept2, device)
+    free(model)
+    desc = f"the run {other.run_dir} ({other.recipe.method.kind} on {other.recipe.model.name})"
+    return scored, {"kind": "run", "name": other.run_dir.name, "description": desc, "run": str(other.run_dir)}
+
+
+def _tokenizer_of(rd: RunData):
+    """The tokenizer the run trained with (saved beside its weights)."""
+    from transformers import AutoTokenizer
+
+    for sub in ("merged", "model", "adapter"):
+        if (rd.run_dir / sub / "tokenizer_config.json").exists():
+            tok = AutoTokenizer.from_pretrained(rd.run_dir / sub)
+            if tok.pad_token is None:
+                tok.pad_token = tok.eos_token
+            return sub, tok
+    raise FtcliError(f"{rd.run_dir} holds no trained model (merged/, model/ or adapter/)",
+                     hint="finish the run first: ftcli train <recipe> --resume")
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+def analyse(rd: RunData, feats: list[dict], kept: list[int], tuned: Scored, base: Scored, n_resamples: int,
+            seed: int) -> dict:
+    """Metrics of both, paired significance, failures and per-example predictions."""
+    from ftcli.evaluation import stats
+    from ftcli.evaluation.failures import classification_failures, lm_failures
+    from ftcli.evaluation.metrics import (
+        classification_headlines,
+        classification_report,
+        generation_headlines,
+        lm_loss_headlines,
+        lm_summary,
+    )
+    from ftcli.evaluation.score import answer_table, per_token_loss, prompt_parts
+
+    r = rd.recipe
+    examples = [rd.examples[i] for i in kept]
+    lengths = [len(f["input_ids"]) for f in feats]
+    if r.task == "classification":
+        labels = rd.prepared.labels
+        y = [f["labels"] for f in feats]
+        metrics = {"baseline": classification_report(y, base.probs, labels),
+                   "tuned": classification_report(y, tuned.probs, labels)}
+        heads = classification_headlines(y, base.probs, tuned.probs, len(labels))
+        failures, rows = classification_failures([e["text"] for e in examples], y, base.probs, tuned.probs, labels, lengths)
+        primary = "accuracy"
+    else:
+        metrics = {"baseline": lm_summary(base.loss_sums, base.tokens), "tuned": lm_summary(tuned.loss_sums, tuned.tokens)}
+        heads = lm_loss_headlines(base.loss_sums, tuned.loss_sums, tuned.tokens)
+        refs, prompts = [], []
+        tok = _tokenizer_of(rd)[1]
+        for e in examples:
+            p, ref, _ = prompt_parts(tok, e)
+            prompts.append(p)
+            refs.append(ref)
+        tb = answer_table(base, refs) if tuned.answers else {}
+        tt = answer_table(tuned, refs) if tuned.answers else {}
+        if tuned.answers:
+            heads += generation_headlines(tb, tt)
+            for side, tab in (("baseline", tb), ("tuned", tt)):
+                metrics[side].update({k: float(sum(v) / len(v)) for k, v in tab.items()}, generated=len(tab["exact_match"]))
+        failures, rows = lm_failures(prompts, refs, lengths, per_token_loss(base), per_token_loss(tuned),
+                                     base.answers, tuned.answers, tb, tt)
+        primary = "completion_loss"
+    significance = [stats.compare(h, n_resamples, seed) for h in heads]
+    top = next(s for s in significance if s["metric"] == primary)
+    return {"metrics": metrics, "significance": significance, "primary_metric": primary,
+            "verdict": top["verdict"], "verdict_text": verdict_text(top, base.name), "failures": failures,
+            "predictions": rows, "examples_scored": len(feats)}
+
+
+def fmt(x, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if isinstance(x, float):
+        if x != 0 and (abs(x) < 10 ** -(digits - 1) or abs(x) >= 1e5):
+            return f"{x:.2e}"
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def fmt_p(p: float) -> str:
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return "-"
+    return f"{p:.2e}" if p < 1e-3 else f"{p:.3f}"
+
+
+def verdict_text(row: dict, baseline_name: str) -> str:
+    name = row["metric"].replace("_", " ")
+    if row["verdict"] == NEUTRAL:
+        return f"{name}: {fmt(row['baseline'])} -> {fmt(row['tuned'])} ({row.get('test')})"
+    return (f"{row['verdict']}: {name} {fmt(row['baseline'])} ({baseline_name}) -> {fmt(row['tuned'])} (fine-tuned), "
+            f"difference {row['diff']:+.4f}, 95% CI [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}], "
+            f"{row['test']} p = {fmt_p(row['p_value'])}, n = {row['n']}")
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def assemble(rd: RunData, info: dict, result: dict, curves: list[dict], extra: dict, n_resamples: int,
+             seed: int) -> dict:
+    """The report's content (everything but the per-example predictions, which go to their own file)."""
+    from ftcli.evaluation.overfit import detect_overfitting
+
+    return {
+        "ftcli_eval": 1, "run": str(rd.run_dir), "name": rd.recipe.name, "task": rd.recipe.task,
+        "method": rd.recipe.method.kind, "model": rd.recipe.model.name, "baseline": info,
+        "test_examples": len(rd.examples), "alpha": 0.05, "resamples": n_resamples, "seed": seed,
+        **{k: v for k, v in result.items() if k != "predictions"},
+        "overfitting": detect_overfitting(curves),
+        "curves": {"train": [[c["step"], c["loss"]] for c in curves if "loss" in c],
+                   "validation": [[c["step"], c["val_loss"]] for c in curves if "val_loss" in c]},
+        **extra,
+    }
+
+
+def eval_baseline(run_dir: Path, baseline: str, ui: UI, out_dir: Path | None = None, n_resamples: int = RESAMPLES,
+                  seed: int = 0, robust: bool = True) -> dict:
+    """``ftcli eval RUN --baseline [base|probe|RUN_DIR]``: the whole comparison and its report."""
+    from ftcli.evaluation.overfit import detect_overfitting
+    from ftcli.evaluation.report import jsonable, print_report, write_report
+    from ftcli.util import read_jsonl
+
+    rd = open_run(run_dir)
+    ui.step(f"score the fine-tuned model of {rd.run_dir} on {len(rd.examples)} sealed test examples")
+    tuned, feats, kept, extra = score_run(rd, ui, extra=robustness_extra(rd, ui, robust, seed))
+    tuned.name = "fine-tuned"
+    base, info = score_baseline(rd, baseline, ui, feats, kept)
+    ui.step(f"paired statistics ({n_resamples} resamples) and failure analysis")
+    result = analyse(rd, feats, kept, tuned, base, n_resamples, seed)
+    report = assemble(rd, info, result, read_jsonl(rd.run_dir / "metrics.jsonl"), extra, n_resamples, seed)
+    if info["kind"] == "run":
+        report["baseline_overfitting"] = detect_overfitting(read_jsonl(Path(info["run"]) / "metrics.jsonl"))
+    out = Path(out_dir) if out_dir else rd.run_dir / "eval"
+    report["files"] = write_report(report, result["predictions"], out)
+    print_report(report, ui)
+    return jsonable(report)

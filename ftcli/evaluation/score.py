@@ -1,0 +1,101 @@
+"""Per-example outputs of one model on the sealed test examples: the raw material of a comparison."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ftcli.recipe import Recipe
+
+
+@dataclass
+class Scored:
+    """What one model did on each test example (classification: probabilities; causal LM: summed
+    completion loss and target tokens, and greedy answers on the first ``generated`` examples)."""
+
+    name: str
+    task: str
+    probs: list[list[float]] | None = None
+    loss_sums: list[float] | None = None
+    tokens: list[int] | None = None
+    answers: list[dict] = field(default_factory=list)
+    note: str = ""
+
+
+def tokenize_aligned(examples: list[dict], recipe: Recipe, tokenizer, label2id) -> tuple[list[dict], list[int]]:
+    """Features and the indices of the examples they came from (causal-LM tokenization drops
+    examples whose answer was cut off entirely; the rest must stay paired with their text)."""
+    from ftcli.data import tokenize
+
+    feats = tokenize(examples, recipe, tokenizer, label2id).features
+    if recipe.task == "classification":
+        # an empty text can tokenize to nothing (tokenizers that add no special tokens): a model
+        # cannot read zero tokens, so it reads the start token alone, as for any empty document
+        start = next((t for t in (tokenizer.bos_token_id, tokenizer.cls_token_id, tokenizer.eos_token_id,
+                                  tokenizer.pad_token_id) if t is not None), 0)
+        feats = [f if f["input_ids"] else {**f, "input_ids": [start], "attention_mask": [1]} for f in feats]
+    if len(feats) == len(examples):
+        return feats, list(range(len(examples)))
+    kept, out = [], []
+    for i, e in enumerate(examples):
+        f = tokenize([e], recipe, tokenizer, label2id).features
+        if f:
+            kept.append(i)
+            out.append(f[0])
+    return out, kept
+
+
+def prompt_parts(tokenizer, example: dict) -> tuple[str, str, bool]:
+    """(prompt, reference, add_special_tokens) for generation, as training tokenized the example."""
+    from ftcli.data import prompt_and_target
+
+    prompt, ref = prompt_and_target(tokenizer, example)
+    return prompt, ref, "messages" not in example
+
+
+def generation_examples(recipe: Recipe, examples: list[dict], kept: list[int]) -> list[int]:
+    """Which test examples are answered by generation: the first ``eval.generate_examples`` that
+    have a prompt (plain-text data has none, so nothing is generated for it)."""
+    if recipe.task != "causal_lm" or recipe.data.style == "text":
+        return []
+    return kept[: recipe.eval.generate_examples]
+
+
+def score_model(name: str, recipe: Recipe, model, tokenizer, examples: list[dict], feats: list[dict],
+                kept: list[int], device, generate: bool = True) -> Scored:
+    """Run ``model`` over the test features (and generate answers for causal LMs)."""
+    from ftcli.evaluate import class_probabilities, token_losses
+
+    bs = recipe.eval.batch_size
+    if recipe.task == "classification":
+        return Scored(name, recipe.task, probs=class_probabilities(model, feats, tokenizer.pad_token_id, bs, device))
+    rows = token_losses(model, feats, tokenizer.pad_token_id, bs, device)
+    scored = Scored(name, recipe.task, loss_sums=[s for s, _ in rows], tokens=[c for _, c in rows])
+    if generate:
+        scored.answers = answer_examples(model, tokenizer, recipe, [examples[i] for i in generation_examples(recipe, examples, kept)], device)
+    return scored
+
+
+def answer_examples(model, tokenizer, recipe: Recipe, examples: list[dict], device) -> list[dict]:
+    from ftcli.evaluation.generate import generate_answers
+
+    if not examples:
+        return []
+    parts = [prompt_parts(tokenizer, e) for e in examples]
+    return generate_answers(model, tokenizer, [p for p, _, _ in parts], parts[0][2], recipe.eval.max_new_tokens,
+                            recipe.eval.batch_size, device, recipe.data.max_length)
+
+
+def answer_table(scored: Scored, references: list[str]) -> dict[str, list[float]]:
+    """Per-example answer metrics of a model's generations (the inputs of the paired tests)."""
+    from ftcli.evaluation.metrics import answer_scores
+
+    preds = [a["answer"] for a in scored.answers]
+    table = answer_scores(preds, references[: len(preds)])
+    table["stop_rate"] = [float(a["stopped"]) for a in scored.answers]
+    table["answer_tokens"] = [float(a["tokens"]) for a in scored.answers]
+    return table
+
+
+def per_token_loss(scored: Scored) -> list[float]:
+    return [s / c if c else math.nan for s, c in zip(scored.loss_sums or [], scored.tokens or [], strict=True)]
