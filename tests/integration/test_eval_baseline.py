@@ -29,7 +29,7 @@ def run_cli(capsys, *args: str) -> tuple[int, dict]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_models, tiny_data) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("eval-cls")
-    m = tiny_recipe(root, tiny_models, tiny_data, task="classification", kind="lora", arch="llama")
+    m = tiny_recipe(root, tiny_models, tiny_data, task="classification", kind="lora", arch="llama-random")
     m["train"].update(epochs=3, optimizer={"name": "adamw", "lr": 1.0e-2})
     out = {}
     for name, train in (("trained", m["train"]), ("zero", {**m["train"], "max_steps": 0})):

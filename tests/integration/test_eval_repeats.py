@@ -10,7 +10,7 @@ from tests.integration.test_eval_baseline import run_cli
 
 
 def test_cross_validation(tmp_path, tiny_models, tiny_data, capsys):
-    m = tiny_recipe(tmp_path, tiny_models, tiny_data, task="classification", kind="lora", arch="llama")
+    m = tiny_recipe(tmp_path, tiny_models, tiny_data, task="classification", kind="lora", arch="llama-random")
     path = write_recipe(tmp_path / "r.yaml", **m)
     code, out = run_cli(capsys, "cv", str(path), "--folds", "2", "--set", "train.max_steps=2")
     assert code == 0 and out["folds"] == 2 and len(out["runs"]) == 2
@@ -25,17 +25,17 @@ def test_cross_validation(tmp_path, tiny_models, tiny_data, capsys):
         assert not test & trained
         tests.append(test)
     assert not tests[0] & tests[1] and sum(r["test_examples"] for r in out["runs"]) == out["examples"]
-    assert (tmp_path / "runs" / "tiny-classification-lora-llama-cv" / "summary.json").is_file()
+    assert (tmp_path / "runs" / "tiny-classification-lora-llama-random-cv" / "summary.json").is_file()
 
 
 def test_seeds(tmp_path, tiny_models, tiny_data, capsys):
-    m = tiny_recipe(tmp_path, tiny_models, tiny_data, task="classification", kind="lora", arch="llama")
+    m = tiny_recipe(tmp_path, tiny_models, tiny_data, task="classification", kind="lora", arch="llama-random")
     m["merge"] = {"enabled": False}
     path = write_recipe(tmp_path / "r.yaml", **m)
     code, out = run_cli(capsys, "train", str(path), "--seeds", "2", "--set", "train.max_steps=2")
     assert code == 0 and out["seeds"] == [1, 2]
     for i, r in enumerate(out["runs"], 1):
-        assert r["run"].endswith(f"tiny-classification-lora-llama-seed{i}") and r["seed"] == i
-        run = json.loads((tmp_path / "runs" / f"tiny-classification-lora-llama-seed{i}" / "run.json").read_text())
+        assert r["run"].endswith(f"tiny-classification-lora-llama-random-seed{i}") and r["seed"] == i
+        run = json.loads((tmp_path / "runs" / f"tiny-classification-lora-llama-random-seed{i}" / "run.json").read_text())
         assert run["seed"] == i and run["status"] == "completed"
     assert out["summary"]["accuracy"]["n"] == 2 and out["summary"]["accuracy"]["std"] >= 0

@@ -94,7 +94,6 @@ def test_glob_and_pkg_sources(tmp_path):
 
 def test_pkg_source_reads_installed_package_data():
     """pkg:PACKAGE/PATH reads data shipped inside an installed package (here: chatterbot-corpus)."""
-    pytest.importorskip("chatterbot_corpus")
     r = lm_recipe("pkg:chatterbot_corpus/data/english/*.yml", messages_column="messages")
     prepared = prepare(r, None)
     ex = prepared.splits["train"][0]["messages"]
