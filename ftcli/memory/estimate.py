@@ -1,0 +1,634 @@
+"""The arithmetic: what one training step holds at its peak, component by component.
+
+Every figure is bytes on one device. The peak is the larger of two moments of a steady-state step:
+
+* the start of the backward pass (weights + optimizer states + every activation saved for backward +
+  the loss's logits, their fp32 upcast and its gradient), and
+* the optimizer step (weights + gradients + optimizer states + the optimizer's temporaries).
+
+Activations are counted tensor by tensor from what autograd saves in each block of the family
+(Llama-style decoders, BERT encoders, GPT-2), with and without gradient checkpointing, for eager
+attention (the seq x seq probabilities are stored) and flash/SDPA kernels (they are not).
+
+The few constants below are physical, not fitted: bitsandbytes' block sizes, the CUDA context, the
+caching allocator's slack, and the CPU runtime's own working memory (measured once with a model
+too small to matter, see bench/memory.py).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field, replace
+
+from ftcli.errors import FtcliError
+
+GiB = 1024**3
+GB = 1000**3
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+NF4_BLOCK = 64  # bitsandbytes 4-bit: one absmax scale per 64 weights
+DQ_BLOCK = 256  # double quantization: the 8-bit absmax scales are themselves scaled per 256
+BNB_OPT_BLOCK = 256  # bitsandbytes 8-bit optimizers: one fp32 absmax per 256 state values
+BNB_MIN_8BIT = 4096  # ... and tensors smaller than this keep 32-bit states
+CUDA_CONTEXT = 512 * 1024**2  # CUDA context + cuBLAS workspace (CUDA 12, lazy module loading); not in max_memory_allocated
+ALLOCATOR_SLACK = 0.05  # caching allocator: reserved exceeds allocated by block rounding and cached free blocks
+CPU_RUNTIME = 160 * 1024**2  # CPU: oneDNN/OpenMP scratch, allocator arenas and autograd bookkeeping (bench/memory.py --calibrate)
+CARDS_GB = (16, 24, 40, 48, 80)
+
+OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "adamw8bit", "paged_adamw", "paged_adamw8bit")
+
+
+def parse_budget(text: str) -> int:
+    """``24GB`` / ``24GiB`` / ``24000MB`` / ``1.5TB`` -> bytes. GB is 1000^3, GiB 1024^3."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B|B)?\s*", text or "", re.IGNORECASE)
+    if not m:
+        raise FtcliError(f"cannot read the memory budget {text!r}",
+                         hint="write a number and a unit: 24GB, 24GiB, 16000MB, 80G is not enough - say GB or GiB")
+    value, unit = float(m.group(1)), (m.group(2) or "").upper()
+    if not unit:
+        raise FtcliError(f"the memory budget {text!r} has no unit", hint="write 24GB (10^9 bytes) or 24GiB (2^30 bytes)")
+    powers = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
+              "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
+    return int(value * powers[unit])
+
+
+def human(n: float) -> str:
+    """Bytes as GiB/MiB with 2-3 significant decimals."""
+    if abs(n) >= GiB:
+        return f"{n / GiB:.2f} GiB"
+    if abs(n) >= 1024**2:
+        return f"{n / 1024**2:.1f} MiB"
+    return f"{n / 1024:.1f} KiB"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything about a training run that decides its memory, and nothing else."""
+
+    task: str = "causal_lm"  # causal_lm | classification
+    method: str = "lora"  # full | lora | qlora
+    batch_size: int = 8
+    seq_len: int = 128
+    gradient_checkpointing: bool = False
+    gradient_accumulation: int = 1
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    dtype: str = "float32"  # weights of full / lora runs (ftcli loads float32 unless model.dtype says otherwise)
+    unquantized_dtype: str = "float32"  # qlora: embeddings, norms, head (peft's prepare_model_for_kbit_training upcasts)
+    adapter_dtype: str = "float32"  # peft keeps LoRA weights in fp32
+    mixed_precision: str = "no"  # no | bf16 | fp16: autocast around the forward
+    attn_implementation: str = "sdpa"  # eager | sdpa | flash_attention_2
+    quant_bits: int = 4
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: tuple | str | None = None
+    modules_to_save: tuple | None = None
+    num_labels: int = 2
+    device: str = "cuda"  # cuda | cpu
+    num_devices: int = 1
+    strategy: str = "ddp"  # ddp | fsdp
+    cuda_context: int = CUDA_CONTEXT
+    checkpoint_bytes: int | None = None  # CPU: size of the weights file read at load time
+    fp32_embedding_states: bool = False  # HF Trainer keeps 8-bit optimizers' states of nn.Embedding in 32 bits; ftcli does not
+    quantize_targets_only: bool = False  # torchtune's QLoRA quantizes only the LoRA-adapted layers; bitsandbytes all linears
+
+    def check(self) -> None:
+        problems = []
+        if self.method not in ("full", "lora", "qlora"):
+            problems.append(f"method {self.method!r} is not one of full, lora, qlora")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.strategy not in ("ddp", "fsdp"):
+            problems.append(f"strategy {self.strategy!r} is not one of ddp, fsdp")
+        if self.batch_size < 1 or self.seq_len < 1 or self.num_devices < 1:
+            problems.append("batch size, sequence length and device count must be at least 1")
+        if self.attn_implementation not in ("eager", "sdpa", "flash_attention_2"):
+            problems.append(f"attention {self.attn_implementation!r} is not one of eager, sdpa, flash_attention_2")
+        for name in ("dtype", "unquantized_dtype", "adapter_dtype", "compute_dtype"):
+            if getattr(self, name) not in DTYPE_BYTES:
+                problems.append(f"{name} {getattr(self, name)!r} is not one of {', '.join(DTYPE_BYTES)}")
+        if problems:
+            raise FtcliError("; ".join(problems))
+
+    @property
+    def tokens(self) -> int:
+        return self.batch_size * self.seq_len
+
+    @property
+    def autocast(self) -> bool:
+        return self.mixed_precision in ("bf16", "fp16")
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def quantized_bytes(numel: int, out_features: int, s: Setup) -> tuple[int, int]:
+    """(packed weights, scales) for one bitsandbytes-quantized linear weight."""
+    if s.quant_bits == 8:  # LLM.int8: int8 weights, one fp32 scale per output row
+        return numel, 4 * out_features
+    packed = math.ceil(numel / 2)
+    blocks = math.ceil(numel / NF4_BLOCK)
+    if s.double_quant:
+        # 8-bit absmax per block, an fp32 absmax per 256 of those, a 256-entry fp32 code and an fp32 offset
+        scales = blocks + 4 * math.ceil(blocks / DQ_BLOCK) + 4 * 256 + 4
+    else:
+        scales = 4 * blocks
+    return packed, scales + 4 * 16  # the 16-value NF4/FP4 code table
+
+
+def weight_storage(inv, s: Setup) -> dict:
+    """Bytes of every parameter by precision, as training holds them."""
+    by: dict[str, int] = {}
+    scales = quantized_params = 0
+    qlabel = "int8" if s.quant_bits == 8 else s.quant_type
+    for p in inv.params:
+        if p.lora:
+            label = SHORT[s.adapter_dtype]
+            n = p.numel * DTYPE_BYTES[s.adapter_dtype]
+        elif s.method == "qlora" and p.quantizable and (not s.quantize_targets_only or ".base_layer." in p.name):
+            packed, sc = quantized_bytes(p.numel, p.shape[0], s)
+            by[qlabel] = by.get(qlabel, 0) + packed
+            scales += sc
+            quantized_params += p.numel
+            continue
+        else:
+            dt = s.unquantized_dtype if s.method == "qlora" else s.dtype
+            label, n = SHORT[dt], p.numel * DTYPE_BYTES[dt]
+        by[label] = by.get(label, 0) + n
+    if scales:
+        by[f"{qlabel} scales"] = scales
+    return {"by_precision": by, "quantized_params": quantized_params, "total": sum(by.values())}
+
+
+def param_bytes(p, s: Setup) -> int:
+    """Bytes per element of a trainable parameter (and so of its gradient)."""
+    if p.lora:
+        return DTYPE_BYTES[s.adapter_dtype]
+    return DTYPE_BYTES[s.unquantized_dtype if s.method == "qlora" else s.dtype]
+
+
+def optimizer_state_bytes(p, s: Setup) -> int:
+    """Optimizer state for one trainable parameter tensor."""
+    b = param_bytes(p, s)
+    n = p.numel
+    o = s.optimizer
+    if o in ("adamw", "adam"):
+        return 2 * n * b  # exp_avg and exp_avg_sq, like the parameter
+    if o == "sgd":
+        return n * b if s.momentum > 0 else 0
+    if o == "rmsprop":
+        return n * b * (2 if s.momentum > 0 else 1)  # square_avg (+ momentum_buffer)
+    if o in ("adamw8bit", "paged_adamw8bit"):
+        if n < BNB_MIN_8BIT or (s.fp32_embedding_states and p.kind == "embedding"):
+            return 8 * n
+        return 2 * n + 2 * 4 * math.ceil(n / BNB_OPT_BLOCK)
+    if o == "paged_adamw":
+        return 8 * n  # two fp32 states whatever the parameter dtype
+    raise AssertionError(o)
+
+
+def optimizer_temporaries(trainable, s: Setup) -> int:
+    """Transient memory of ``optimizer.step()``. torch's foreach path (CUDA) builds a list as large as a
+    whole parameter group (sqrt of exp_avg_sq); the per-tensor path (CPU) two tensors as large as the
+    largest parameter; bitsandbytes' fused kernels none."""
+    o = s.optimizer
+    if o not in ("adamw", "adam", "rmsprop") or not trainable:
+        return 0
+    if s.device == "cuda":
+        # ftcli (like HF Trainer) makes two groups: matrices with weight decay, vectors without
+        matrices = sum(p.numel * param_bytes(p, s) for p in trainable if len(p.shape) >= 2)
+        vectors = sum(p.numel * param_bytes(p, s) for p in trainable if len(p.shape) < 2)
+        return max(matrices, vectors)
+    largest = max(p.numel * param_bytes(p, s) for p in trainable)
+    return (2 if o in ("adamw", "adam") else 1) * largest
+
+
+# --------------------------------------------------------------------------- activations
+
+
+@dataclass
+class Acts:
+    """Activation memory of one micro-batch, in bytes (whole batch)."""
+
+    per_layer: int  # saved for backward by one block
+    layers: int
+    checkpoints: int  # gradient checkpointing: what stays saved (block inputs)
+    outside: int  # saved outside the blocks: embeddings, final norm, head input
+    loss_peak: int  # logits + fp32 upcast + log-softmax + its gradient, at the start of backward
+    loss_forward: int  # logits + fp32 upcast + log-softmax at the end of forward
+    working: int  # one block's largest transient during its backward
+    weight_copies: int = 0  # autocast's bf16 copies of fp32 linear weights, kept for backward
+    weight_copies_forward: int = 0  # ... held by autocast's cast cache during the forward (trainable weights)
+    detail: dict = field(default_factory=dict)
+
+    @property
+    def stored(self) -> int:
+        return self.checkpoints if self.checkpoints else self.per_layer * self.layers
+
+    @property
+    def backward_peak(self) -> int:
+        """At the start of backward: saved activations + the loss's buffers, or, with checkpointing,
+        the checkpoints + one block recomputed + its working set."""
+        if self.checkpoints:
+            layer = self.per_layer + self.working + self.detail.get("layer_weight_copies", 0)
+            return self.checkpoints + self.outside + max(self.loss_peak + self.weight_copies, layer)
+        return self.stored + self.outside + max(self.loss_peak, self.working) + self.weight_copies
+
+    @property
+    def forward_peak(self) -> int:
+        return self.stored + self.outside + self.loss_forward + self.weight_copies_forward
+
+
+def _mask_bytes(s: Setup, x_bytes: int) -> int:
+    """Bytes per element a dropout keeps for backward: CUDA's fused kernel a bool mask; the CPU path
+    multiplies by a noise tensor of the input's dtype and keeps that."""
+    return 1 if s.device == "cuda" else x_bytes
+
+
+def _group_input(consumers: list[tuple[str, int]], x_bytes: int, full: bool, lora: dict, s: Setup) -> int:
+    """Bytes per token saved for the inputs of linears that read the same tensor x.
+
+    ``consumers`` are (role, in_features). A trainable weight needs its input for its gradient; a
+    LoRA target saves its A's input (x cast to the adapter dtype, after dropout when p > 0). Under
+    autocast each consumer saves its own bf16 copy when x is fp32, one shared tensor when it is not.
+    """
+    total = 0
+    shared = 0
+    for role, in_f in consumers:
+        if full:
+            if s.autocast and x_bytes == 4:
+                total += 2 * in_f
+            else:
+                shared = max(shared, x_bytes * in_f)
+        t = lora.get(role)
+        if t is not None:
+            p = t["dropout"]
+            ab = DTYPE_BYTES[s.adapter_dtype]
+            if p > 0:
+                total += _mask_bytes(s, ab) * in_f
+            if s.autocast:
+                total += 2 * in_f
+            elif p > 0 or x_bytes != ab:
+                total += ab * in_f
+            else:
+                shared = max(shared, x_bytes * in_f)
+    return total + shared
+
+
+def _lora_masks(consumers: list[tuple[str, int]], lora: dict, s: Setup) -> int:
+    """The dropout masks among ``_group_input``'s bytes (absent in the first block, whose input needs no gradient)."""
+    ab = DTYPE_BYTES[s.adapter_dtype]
+    return sum(_mask_bytes(s, ab) * in_f for role, in_f in consumers if role in lora and lora[role]["dropout"] > 0)
+
+
+def _attention(d, s: Setup, a: int, q_dim: int, kv_dim: int, p_drop: float, impl: str) -> tuple[int, int]:
+    """(saved bytes, backward working bytes) per token for attention's internals."""
+    seq = s.seq_len
+    n = d.heads
+    ns = n * seq
+    if impl == "sdpa" and s.device == "cpu" and p_drop > 0:
+        # CPU SDPA with dropout runs the math kernel: q, k, v in batched form, the softmax output,
+        # the dropout noise and the dropped probabilities, all in the compute dtype
+        return a * 3 * q_dim + 3 * a * ns, 2 * a * ns
+    if impl == "eager":
+        saved = a * (q_dim + 2 * kv_dim) + a * q_dim  # q, k, v and the context
+        probs = 4 * ns if d.family == "llama" else a * ns  # Llama upcasts the softmax to fp32
+        if d.family == "llama" and a != 4:
+            probs += a * ns
+        if p_drop > 0:
+            probs += _mask_bytes(s, a) * ns + a * ns
+        return saved + probs, 2 * 4 * ns
+    saved = a * (q_dim + 2 * kv_dim) + a * q_dim + 4 * n  # flash / memory-efficient: q, k, v, output, log-sum-exp
+    if impl == "sdpa" and d.kv_heads != d.heads and s.device == "cuda":
+        saved += a * 2 * (q_dim - kv_dim)  # a padding mask makes transformers repeat k and v for GQA
+    return saved, 0
+
+
+def activations(inv, s: Setup) -> Acts:
+    """Activation bytes for one micro-batch of ``s.batch_size`` x ``s.seq_len`` tokens."""
+    d = inv.dims
+    full = s.method == "full"
+    r = DTYPE_BYTES[s.unquantized_dtype if s.method == "qlora" else s.dtype]  # residual stream
+    o = 2 if s.autocast else r  # linear outputs (bitsandbytes casts its output back to the input dtype)
+    impl = s.attn_implementation
+    a = 2 if (s.autocast or impl == "flash_attention_2") else o
+    h, i, V = d.hidden, d.intermediate, d.vocab
+    q_dim, kv_dim = d.heads * d.head_dim, d.kv_heads * d.head_dim
+    lora = {}
+    for key, t in inv.lora_targets.items():
+        leaf = key.rsplit(".", 1)[-1]
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        lora[_role(d.family, parent, leaf)] = t
+    T = s.tokens
+
+    if d.family == "llama":
+        norm = 4 * h + (r * h if full else 0)  # RMSNorm keeps its fp32 input (+ the normalized x for its weight)
+        qkv = [("q", h), ("k", h), ("v", h)]
+        attn_in = _group_input(qkv, r, full, lora, s)
+        first_less = 0 if full else 4 * h + _lora_masks(qkv, lora, s)  # block 0's input needs no gradient
+        att, att_work = _attention(d, s, a, q_dim, kv_dim, 0.0, impl)
+        o_in = _group_input([("o", q_dim)], a, full, lora, s)
+        mlp_in = _group_input([("gate", h), ("up", h)], r, full, lora, s)
+        mlp = 3 * o * i  # gate output (activation's input), activation output, up output
+        down_in = _group_input([("down", i)], o, full, lora, s)
+        per_tok = 2 * norm + attn_in + att + o_in + mlp_in + mlp + down_in
+        work_tok = max(att_work, 2 * o * i)
+        parts = {"norms": 2 * norm, "attention inputs": attn_in, "attention": att, "o_proj input": o_in,
+                 "mlp inputs": mlp_in, "mlp": mlp, "down_proj input": down_in}
+        outside_tok = 4 * h + (r * h if full else 0) + (_head_input(r, full, s) if s.task == "causal_lm" else 0)
+    elif d.family == "bert":
+        ln = (4 if s.autocast else r) * h  # LayerNorm keeps its input (fp32 under autocast)
+        ln_out = 4 if s.autocast else r
+        drop_mask = _mask_bytes(s, o) * h if d.hidden_dropout > 0 else 0
+        qkv = [("q", h), ("k", h), ("v", h)]
+        attn_in = _group_input(qkv, r if not s.autocast else ln_out, full, lora, s)
+        first_less = 0 if full else ln + drop_mask + _lora_masks(qkv, lora, s)  # the embeddings' LayerNorm too
+        att, att_work = _attention(d, s, a, q_dim, kv_dim, d.attn_dropout, impl)
+        o_in = _group_input([("o", q_dim)], a, full, lora, s)
+        up_in = _group_input([("up", h)], ln_out, full, lora, s)
+        gelu = o * i
+        down_in = _group_input([("down", i)], o, full, lora, s)
+        per_tok = attn_in + att + o_in + 2 * drop_mask + 2 * ln + up_in + gelu + down_in
+        work_tok = max(att_work, 2 * o * i)
+        parts = {"attention inputs": attn_in, "attention": att, "output input": o_in, "dropout masks": 2 * drop_mask,
+                 "layernorms": 2 * ln, "intermediate input": up_in, "gelu": gelu, "output dense input": down_in}
+        outside_tok = ln + drop_mask
+    else:  # gpt2
+        ln = (4 if s.autocast else r) * h
+        ln_out = 4 if s.autocast else r
+        drop_mask = _mask_bytes(s, o) * h if d.hidden_dropout > 0 else 0
+        attn_in = _group_input([("qkv", h)], ln_out, full, lora, s)
+        first_less = 0 if full else ln + _lora_masks([("qkv", h)], lora, s)
+        att, att_work = _attention(d, s, a, q_dim, kv_dim, d.attn_dropout, impl)
+        o_in = _group_input([("o", q_dim)], a, full, lora, s)
+        up_in = _group_input([("up", h)], ln_out, full, lora, s)
+        gelu = 4 * o * i  # gelu_new is written in Python: x, tanh(.), 0.5x and 1+tanh(.) are all saved
+        down_in = _group_input([("down", i)], o, full, lora, s)
+        per_tok = 2 * ln + attn_in + att + o_in + 2 * drop_mask + up_in + gelu + down_in
+        work_tok = max(att_work, 2 * o * i)
+        parts = {"layernorms": 2 * ln, "attention inputs": attn_in, "attention": att, "c_proj input": o_in,
+                 "dropout masks": 2 * drop_mask, "c_fc input": up_in, "gelu_new": gelu, "mlp c_proj input": down_in}
+        outside_tok = ln + drop_mask + (_head_input(r, full, s) if s.task == "causal_lm" else 0)
+
+    if s.task == "causal_lm":
+        # logits in the head's dtype (kept by the model output), the loss's fp32 upcast and log-softmax;
+        # backward then adds the fp32 gradient of the log-softmax output and of its input.
+        up = 4 * V if o != 4 else 0
+        loss_forward = T * (o * V + up + 4 * V)
+        loss_peak = T * (o * V + 12 * V)
+    else:
+        loss_forward = loss_peak = T * 4 * (d.hidden + 3 * s.num_labels)
+
+    # autocast casts fp32 linear weights to bf16 on every use; the copies are saved for backward
+    lin = [p for p in inv.params if p.kind == "linear" and not p.lora and not p.shadow]
+    casts = s.autocast and not (s.method != "qlora" and s.dtype != "float32")
+    if s.method == "qlora":
+        lin = [p for p in lin if not p.quantizable]  # 4-bit layers dequantize on their own (see working)
+    copies = 2 * sum(p.numel for p in lin) if casts else 0
+    head_copy = 2 * max((p.numel for p in lin if not p.quantizable), default=0) if casts else 0
+    layer_copies = copies // max(1, d.layers) if casts else 0
+
+    working = T * work_tok
+    if s.method == "qlora":
+        # each 4-bit layer dequantizes its weight in forward and backward (plus an fp32 copy when its gradient is fp32)
+        working += inv.largest_linear(quantized_only=True) * (DTYPE_BYTES[s.compute_dtype] + (4 if o == 4 else 0))
+
+    gc = s.gradient_checkpointing
+    if gc:
+        first_less = 0  # checkpointing makes the embeddings' output require grad (enable_input_require_grads)
+    acts = Acts(per_layer=T * per_tok, layers=d.layers, checkpoints=T * r * h * d.layers if gc else 0,
+                outside=T * outside_tok - T * first_less, loss_peak=loss_peak, loss_forward=loss_forward, working=working,
+                detail={"per_token_per_layer": per_tok, "parts_per_token_per_layer": parts,
+                        "layer_weight_copies": layer_copies})
+    if casts:
+        if gc:
+            acts.weight_copies = head_copy  # only the head's copy outlives the forward
+            acts.weight_copies_forward = copies if full else 0  # the cast cache holds trainable weights' copies
+        else:
+            acts.weight_copies = copies
+            acts.weight_copies_forward = copies
+    return acts
+
+
+def _head_input(r: int, full: bool, s: Setup) -> int:
+    return 0  # the head's input is the final norm's output, saved only when the head trains (counted in norm)
+
+
+def _role(family: str, parent: str, leaf: str) -> str:
+    """The role of a LoRA target in its block: q, k, v, qkv, o, gate, up, down."""
+    by_leaf = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
+               "down_proj": "down", "query": "q", "key": "k", "value": "v", "c_attn": "qkv", "c_fc": "up",
+               "dense": "dense"}
+    role = by_leaf.get(leaf, leaf)
+    if family == "bert" and leaf == "dense":
+        if parent.endswith("attention.output"):
+            return "o"
+        if parent.endswith("intermediate"):
+            return "up"
+        if parent.endswith("output"):
+            return "down"
+    if family == "gpt2" and leaf == "c_proj":
+        return "o" if parent.endswith("attn") else "down"
+    return role
+
+
+# --------------------------------------------------------------------------- the whole estimate
+
+
+@dataclass
+class Estimate:
+    """The breakdown, the peak and its phase, per device, for one Setup."""
+
+    setup: Setup
+    params_total: int
+    params_trainable: int
+    lora_params: int
+    weights: dict
+    gradients: int
+    optimizer_states: int
+    optimizer_paged: int
+    optimizer_step_temp: int
+    acts: Acts
+    peak_allocated: int
+    peak_phase: str
+    overhead: int
+    load_peak: int
+    total: int
+    phases: dict
+    notes: list[str]
+
+    def components(self) -> list[tuple[str, int, str]]:
+        """(name, bytes, how) rows for the breakdown table."""
+        s = self.setup
+        w = self.weights["by_precision"]
+        rows = []
+        for label, n in w.items():
+            rows.append((f"weights {label}", n, ""))
+        rows.append(("gradients", self.gradients, f"{self.params_trainable:,} trainable parameters"))
+        rows.append((f"optimizer states ({s.optimizer})", self.optimizer_states, ""))
+        if self.optimizer_paged:
+            rows.append(("optimizer states, paged", self.optimizer_paged, "unified memory: spills to CPU RAM instead of failing"))
+        rows.append(("optimizer step temporaries", self.optimizer_step_temp, "foreach (CUDA) / per tensor (CPU)"))
+        a = self.acts
+        how = (f"{s.batch_size}x{s.seq_len} tokens, {a.layers} blocks, "
+               + ("checkpointed: block inputs + one block recomputed" if a.checkpoints else "every block saved"))
+        rows.append(("activations", a.stored + a.outside + (a.per_layer if a.checkpoints else 0), how))
+        rows.append(("backward working set", a.working, "one block's gradients in flight"
+                     + (", dequantized 4-bit weight" if s.method == "qlora" else "")))
+        if a.weight_copies or a.weight_copies_forward:
+            rows.append(("autocast weight copies", max(a.weight_copies, a.weight_copies_forward), "bf16 casts of fp32 linear weights"))
+        rows.append(("logits and loss", a.loss_peak, "logits, fp32 upcast, log-softmax and its gradient"
+                     if s.task == "causal_lm" else "classifier logits"))
+        rows.append(("framework overhead", self.overhead, "CUDA context + allocator slack" if s.device == "cuda"
+                     else "CPU runtime working memory"))
+        return rows
+
+    def as_dict(self) -> dict:
+        s = self.setup
+        return {
+            "setup": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(s).items()},
+            "params": {"total": self.params_total, "trainable": self.params_trainable, "lora": self.lora_params},
+            "weights": self.weights,
+            "gradients": self.gradients,
+            "optimizer_states": self.optimizer_states,
+            "optimizer_states_paged": self.optimizer_paged,
+            "optimizer_step_temporaries": self.optimizer_step_temp,
+            "activations": {"per_layer": self.acts.per_layer, "layers": self.acts.layers,
+                            "checkpoints": self.acts.checkpoints, "outside_blocks": self.acts.outside,
+                            "working": self.acts.working, "loss_peak": self.acts.loss_peak,
+                            "autocast_weight_copies": max(self.acts.weight_copies, self.acts.weight_copies_forward),
+                            "per_token_per_layer": self.acts.detail["per_token_per_layer"],
+                            "parts_per_token_per_layer": self.acts.detail["parts_per_token_per_layer"]},
+            "phases": self.phases,
+            "peak_allocated": self.peak_allocated,
+            "peak_phase": self.peak_phase,
+            "overhead": self.overhead,
+            "load_peak": self.load_peak,
+            "total": self.total,
+            "components": [{"name": n, "bytes": b, "how": h} for n, b, h in self.components()],
+            "notes": self.notes,
+        }
+
+
+def estimate(inv, s: Setup) -> Estimate:
+    """The peak memory of one device training ``inv`` (a meta-device Inventory) under ``s``."""
+    s.check()
+    trainable = [p for p in inv.params if p.trainable]
+    weights = weight_storage(inv, s)
+    W = weights["total"]
+    G = sum(p.numel * param_bytes(p, s) for p in trainable)
+    states = sum(optimizer_state_bytes(p, s) for p in trainable)
+    paged = states if s.optimizer.startswith("paged") and s.device == "cuda" else 0
+    O = states - paged
+    T_opt = optimizer_temporaries(trainable, s)
+    acts = activations(inv, s)
+    notes = []
+
+    n = s.num_devices
+    shard = n if s.strategy == "fsdp" and n > 1 else 1
+    Ws, Gs, Os = W // shard, G // shard, O // shard
+    gather = 0
+    ddp_buckets = 0
+    if shard > 1:
+        # FSDP all-gathers one block at a time, and prefetches the next: two blocks unsharded
+        unit = max(1, inv.layer_linear_params())
+        gather = 2 * unit * (DTYPE_BYTES[s.dtype] if s.method != "qlora" else 1)
+        notes.append(f"FSDP over {n} devices: weights, gradients and optimizer states sharded; two blocks gathered at a time")
+    elif n > 1:
+        ddp_buckets = G  # DDP copies gradients into its all-reduce buckets
+        notes.append(f"DDP over {n} devices: every device holds the whole model; gradient buckets add one gradient copy")
+    # gradients live through forward/backward only when accumulated over micro-batches
+    G_fb = Gs if s.gradient_accumulation > 1 else 0
+    phases = {
+        "forward": Ws + Os + G_fb + gather + acts.forward_peak,
+        "backward": Ws + Os + G_fb + gather + acts.backward_peak + ddp_buckets,
+        "optimizer step": Ws + Gs + Os + T_opt // shard + ddp_buckets,
+    }
+    phase = max(phases, key=phases.get)
+    peak = phases[phase]
+    if s.device == "cuda":
+        overhead = s.cuda_context + int(ALLOCATOR_SLACK * peak)
+        load_peak = 0
+    else:
+        overhead = CPU_RUNTIME
+        # CPU: from_pretrained maps the checkpoint file; its pages count as resident while weights are built
+        ckpt = s.checkpoint_bytes if s.checkpoint_bytes is not None else 0
+        load_peak = ckpt + W
+        if load_peak > peak:
+            notes.append("on CPU the peak comes while loading: the checkpoint file's pages plus the weights being built")
+        phases["load"] = load_peak
+        phase = max(phases, key=phases.get)
+        peak = phases[phase]
+    if paged:
+        notes.append(f"paged optimizer states ({human(paged)}) live in unified memory and are not in the total")
+    if s.method == "qlora" and s.device == "cpu":
+        notes.append("CPU QLoRA: bitsandbytes dequantizes each 4-bit weight for every matmul (see the working set)")
+    return Estimate(setup=s, params_total=inv.total, params_trainable=sum(p.numel for p in trainable),
+                    lora_params=sum(p.numel for p in trainable if p.lora), weights=weights, gradients=G,
+                    optimizer_states=O, optimizer_paged=paged, optimizer_step_temp=T_opt, acts=acts,
+                    peak_allocated=peak, peak_phase=phase, overhead=overhead, load_peak=load_peak,
+                    total=peak + overhead, phases=phases, notes=notes)
+
+
+def per_device_table(inv, s: Setup, max_devices: int = 8) -> list[dict]:
+    """Total per device for 1, 2, 4, 8 devices under DDP and FSDP."""
+    rows = []
+    k = 1
+    while k <= max_devices:
+        ddp = estimate(inv, replace(s, num_devices=k, strategy="ddp")).total
+        fsdp = estimate(inv, replace(s, num_devices=k, strategy="fsdp")).total
+        rows.append({"devices": k, "ddp": ddp, "fsdp": fsdp})
+        k *= 2
+    return rows
+
+
+def card_capacity(gb: int) -> int:
+    """A card sold as N GB holds N GiB (an A100-80GB reports 79.3 GiB to torch: keep 1% back)."""
+    return int(gb * GiB * 0.99)
+
+
+def fits_cards(total: int) -> list[dict]:
+    return [{"card_gb": g, "capacity": card_capacity(g), "fits": total <= card_capacity(g)} for g in CARDS_GB]
+
+
+def max_micro_batch(inv, s: Setup, budget: int, limit: int = 4096) -> int:
+    """The largest micro-batch whose total fits ``budget`` (0: not even one example)."""
+    def fits(b: int) -> bool:
+        return estimate(inv, replace(s, batch_size=b)).total <= budget
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def precision_table(inv) -> list[dict]:
+    """Weights alone at each precision: fp32, fp16/bf16, int8, NF4 (with and without double quantization)."""
+    total = inv.total
+    quantizable = sum(p.numel for p in inv.params if p.quantizable)
+    rest = total - quantizable
+    rows = [{"precision": "fp32", "bytes": 4 * total, "bytes_per_param": 4.0},
+            {"precision": "fp16/bf16", "bytes": 2 * total, "bytes_per_param": 2.0}]
+    for label, setup, rest_bytes in (
+        ("int8 (LLM.int8, rest fp16)", Setup(method="qlora", quant_bits=8), 2),
+        ("nf4 (rest fp16)", Setup(method="qlora", double_quant=False), 2),
+        ("nf4 + double quant (rest fp16)", Setup(method="qlora", double_quant=True), 2),
+    ):
+        q = sum(sum(quantized_bytes(p.numel, p.shape[0], setup)) for p in inv.params if p.quantizable)
+        b = q + rest_bytes * rest
+        rows.append({"precision": label, "bytes": b, "bytes_per_param": round(b / total, 4),
+                     "quantized_bytes_per_param": round(q / max(1, quantizable), 4)})
+    return rows
