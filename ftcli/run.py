@@ -71,7 +71,7 @@ def _check_run_dir(recipe: Recipe, resume: bool, force: bool) -> None:
                          hint="--resume continues it, --force starts it over, --set name=NEW makes a new run")
 
 
-def train_run(recipe: Recipe, ui: UI, resume: bool = False, force: bool = False) -> dict:
+def train_run(recipe: Recipe, ui: UI, resume: bool = False, force: bool = False, memory_check: bool = True) -> dict:
     """Run the whole pipeline for ``recipe``; return run.json's contents."""
     import torch
     from accelerate.utils import set_seed
@@ -83,6 +83,11 @@ def train_run(recipe: Recipe, ui: UI, resume: bool = False, force: bool = False)
 
     _check_run_dir(recipe, resume, force)
     acc, device = make_accelerator(recipe)
+    # --- memory estimate before anything is written or loaded (ftcli/memory): stops a run that clearly cannot fit
+    from ftcli.memory import preflight
+
+    memory = preflight(recipe, device, ui, enforce=memory_check)
+    # ---
     main = acc.is_main_process
     run_dir = recipe.run_dir
     if main:
@@ -100,6 +105,8 @@ def train_run(recipe: Recipe, ui: UI, resume: bool = False, force: bool = False)
                versions=versions(), seed=recipe.train.seed, device=device, num_processes=acc.num_processes,
                mixed_precision=acc.mixed_precision, threads=torch.get_num_threads())
     set_seed(recipe.train.seed)
+    if memory:
+        log.update(memory=memory)
     try:
         ui.step(f"prepare  {recipe.data.path}")
         with log.stage("prepare"):

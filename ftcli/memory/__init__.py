@@ -152,3 +152,30 @@ def check_fits_device(est: Estimate, free: int | None, margin: float = 1.10) -> 
 
     return (f"the run needs about {human(est.total)} at its peak ({est.peak_phase}) but the {est.setup.device} has "
             f"{human(free)} free")
+
+
+def preflight(recipe, device: str, ui, enforce: bool = True) -> dict | None:
+    """``ftcli train``'s check: print the estimate, and stop when it clearly exceeds free memory.
+
+    Returns a small record for run.json, or None when the model's architecture cannot be estimated
+    (said on screen; training goes on)."""
+    from ftcli.errors import FtcliError
+    from ftcli.memory.estimate import human
+
+    if device == "cpu":
+        pin_malloc_threshold()
+    try:
+        est = plan_recipe(recipe, device).estimate()
+    except FtcliError as exc:
+        ui.info(f"  memory estimate unavailable: {exc.message}")
+        return None
+    free = free_device_memory(device)
+    ui.info(f"  memory: about {human(est.total)} at the peak ({est.peak_phase})"
+            + (f", {human(free)} free on the {device}" if free is not None else ""))
+    problem = check_fits_device(est, free)
+    if problem and enforce:
+        raise FtcliError(problem, hint="lower train.batch_size or data.max_length, set train.gradient_checkpointing: "
+                                       "true, use method.kind qlora; or run anyway with --no-memory-check")
+    if problem:
+        ui.info(f"  [yellow]warning[/]: {problem} (--no-memory-check: going on)")
+    return {"estimated_peak": est.total, "peak_phase": est.peak_phase, "free": free}
