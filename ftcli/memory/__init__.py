@@ -89,7 +89,7 @@ def build_plan(name: str, setup: Setup, revision: str | None = None, trust_remot
             p.requires_grad_(True)
     inv = inventory(model, loaded.config)
     if setup.device == "cpu" and setup.checkpoint_bytes is None:
-        setup = replace(setup, checkpoint_bytes=checkpoint_bytes(loaded, inv.total))
+        setup = replace(setup, checkpoint_bytes=checkpoint_bytes(loaded, inv.base_total))
     return Plan(name=name, loaded=loaded, inv=inv, setup=setup)
 
 
@@ -105,7 +105,7 @@ def plan_model(name: str, task: str | None = None, **fields) -> Plan:
     return build_plan(name, Setup(task=task, **fields))
 
 
-MMAP_THRESHOLD = 1024 * 1024
+MMAP_THRESHOLD = 64 * 1024
 
 
 def pin_malloc_threshold(threshold: int = MMAP_THRESHOLD) -> bool:

@@ -180,6 +180,11 @@ class Inventory:
         return sum(p.numel for p in self.params if not p.shadow)
 
     @property
+    def base_total(self) -> int:
+        """The pre-trained model's own parameters (no adapters, no shadow copies)."""
+        return sum(p.numel for p in self.params if not p.shadow and not p.lora)
+
+    @property
     def trainable(self) -> int:
         return sum(p.numel for p in self.params if p.trainable)
 

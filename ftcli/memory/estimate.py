@@ -463,7 +463,6 @@ class Estimate:
     total: int
     phases: dict
     notes: list[str]
-    mapped_checkpoint: int = 0
 
     def components(self) -> list[tuple[str, int, str]]:
         """(name, bytes, how) rows for the breakdown table."""
@@ -487,8 +486,6 @@ class Estimate:
             rows.append(("autocast weight copies", max(a.weight_copies, a.weight_copies_forward), "bf16 casts of fp32 linear weights"))
         rows.append(("logits and loss", a.loss_peak, "logits, fp32 upcast, log-softmax and its gradient"
                      if s.task == "causal_lm" else "classifier logits"))
-        if self.mapped_checkpoint:
-            rows.append(("mapped checkpoint pages", self.mapped_checkpoint, "CPU: file pages kept beside copy-on-write weights"))
         rows.append(("framework overhead", self.overhead, "CUDA context + allocator slack" if s.device == "cuda"
                      else "CPU runtime working memory"))
         return rows
@@ -514,7 +511,6 @@ class Estimate:
             "peak_phase": self.peak_phase,
             "overhead": self.overhead,
             "load_peak": self.load_peak,
-            "mapped_checkpoint": self.mapped_checkpoint,
             "total": self.total,
             "components": [{"name": n, "bytes": b, "how": h} for n, b, h in self.components()],
             "notes": self.notes,
@@ -555,14 +551,6 @@ def estimate(inv, s: Setup) -> Estimate:
         "backward": Ws + Os + G_fb + gather + acts.backward_peak + ddp_buckets,
         "optimizer step": Ws + Gs + Os + T_opt // shard + ddp_buckets,
     }
-    mapped = 0
-    if s.device == "cpu" and s.method == "full" and s.checkpoint_bytes:
-        # CPU: from_pretrained leaves the weights backed by the mapped checkpoint file; the forward
-        # reads those pages in, the optimizer's first write copies them: both stay resident
-        mapped = min(s.checkpoint_bytes, W)
-        phases = {k: v + mapped for k, v in phases.items()}
-        notes.append(f"CPU full fine-tuning: the checkpoint's mapped pages ({human(mapped)}) stay resident beside "
-                     "the copy-on-write weights the optimizer updates")
     phase = max(phases, key=phases.get)
     peak = phases[phase]
     if s.device == "cuda":
@@ -572,9 +560,19 @@ def estimate(inv, s: Setup) -> Estimate:
         overhead = CPU_RUNTIME
         # CPU: from_pretrained maps the checkpoint file; its pages count as resident while weights are built
         ckpt = s.checkpoint_bytes if s.checkpoint_bytes is not None else 0
-        load_peak = ckpt + W
-        if load_peak > peak:
-            notes.append("on CPU the peak comes while loading: the checkpoint file's pages plus the weights being built")
+        unquantized = sum(b for k, b in weights["by_precision"].items() if k in ("fp32", "bf16", "fp16"))
+        if s.method == "qlora":
+            # bitsandbytes reads every weight through the mapped checkpoint to quantize it; the file stays
+            # mapped (the unquantized embeddings and norms still view it), so its pages stay resident
+            mapped = max(0, ckpt - unquantized)
+            phases = {k: v + mapped for k, v in phases.items()}
+            load_peak = ckpt + (W - unquantized)
+            if mapped:
+                notes.append(f"CPU QLoRA: the checkpoint file read for quantization stays mapped ({human(mapped)} "
+                             "beyond the unquantized weights it holds)")
+        else:
+            # same dtype: from_pretrained maps the file and the weights are its pages (no copy); another dtype converts
+            load_peak = 0 if abs(ckpt - unquantized) <= 0.02 * max(1, unquantized) else ckpt + W
         phases["load"] = load_peak
         phase = max(phases, key=phases.get)
         peak = phases[phase]
@@ -586,7 +584,7 @@ def estimate(inv, s: Setup) -> Estimate:
                     lora_params=sum(p.numel for p in trainable if p.lora), weights=weights, gradients=G,
                     optimizer_states=O, optimizer_paged=paged, optimizer_step_temp=T_opt, acts=acts,
                     peak_allocated=peak, peak_phase=phase, overhead=overhead, load_peak=load_peak,
-                    total=peak + overhead, phases=phases, notes=notes, mapped_checkpoint=mapped)
+                    total=peak + overhead, phases=phases, notes=notes)
 
 
 def per_device_table(inv, s: Setup, max_devices: int = 8) -> list[dict]:
@@ -629,7 +627,7 @@ def max_micro_batch(inv, s: Setup, budget: int, limit: int = 4096) -> int:
 
 def precision_table(inv) -> list[dict]:
     """Weights alone at each precision: fp32, fp16/bf16, int8, NF4 (with and without double quantization)."""
-    total = inv.total
+    total = inv.base_total
     quantizable = sum(p.numel for p in inv.params if p.quantizable)
     rest = total - quantizable
     rows = [{"precision": "fp32", "bytes": 4 * total, "bytes_per_param": 4.0},

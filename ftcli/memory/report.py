@@ -54,10 +54,10 @@ def run_estimate(recipe=None, model: str | None = None, flags: dict | None = Non
     plan = _plan(recipe, model, flags, device, num_devices, strategy)
     s = plan.setup
     model_info = {"name": plan.name, "source": plan.loaded.source, "where": plan.loaded.where,
-                  "architecture": plan.inv.architecture, "params": plan.inv.total, "layers": plan.inv.dims.layers,
+                  "architecture": plan.inv.architecture, "params": plan.inv.base_total, "layers": plan.inv.dims.layers,
                   "hidden": plan.inv.dims.hidden, "heads": plan.inv.dims.heads, "kv_heads": plan.inv.dims.kv_heads,
                   "intermediate": plan.inv.dims.intermediate, "vocab": plan.inv.dims.vocab, "tied": plan.inv.dims.tied}
-    ui.info(f"[bold]{plan.name}[/] ({plan.inv.architecture}, {plan.inv.total / 1e9:.3g} B parameters, "
+    ui.info(f"[bold]{plan.name}[/] ({plan.inv.architecture}, {plan.inv.base_total / 1e9:.3g} B parameters, "
             f"config from {plan.loaded.source}: {plan.loaded.where})")
     table = precision_table(plan.inv)
     if weights_only:

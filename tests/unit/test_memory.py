@@ -220,7 +220,12 @@ def test_cpu_mode_differs_from_cuda_mode():
     cpu = plan_model("smollm2-135m", device="cpu", mixed_precision="no", **common).estimate()
     cuda = plan_model("smollm2-135m", device="cuda", mixed_precision="no", **common).estimate()
     assert cpu.overhead == CPU_RUNTIME and cuda.overhead > cpu.overhead  # CUDA context
-    assert cpu.mapped_checkpoint == 4 * 134_515_008 and cuda.mapped_checkpoint == 0
+    assert cpu.phases["load"] == 0 and "load" not in cuda.phases  # an fp32 checkpoint maps straight into the weights
+    bf16_file = plan_model("smollm2-135m", device="cpu", **{**common, "checkpoint_bytes": 2 * 134_515_008}).estimate()
+    assert bf16_file.phases["load"] == 2 * 134_515_008 + bf16_file.weights["total"]  # converted: file + new tensors
+    q = plan_model("smollm2-135m", device="cpu", **{**common, "method": "qlora"}).estimate()
+    fp32 = q.weights["by_precision"]["fp32"]
+    assert q.phases["load"] == 4 * 134_515_008 + q.weights["total"] - fp32  # file pages + the 4-bit tensors made
     # per-tensor AdamW on the CPU: two temporaries as large as the largest tensor (the embedding)
     assert cpu.optimizer_step_temp == 2 * 4 * 49152 * 576
 
