@@ -10,7 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ftcli.memory.arch import Inventory, LoadedConfig, attach_lora_meta, build_meta, infer_task, inventory, load_config
+from ftcli.memory.arch import (
+    Inventory,
+    LoadedConfig,
+    attach_lora_meta,
+    build_meta,
+    infer_task,
+    inventory,
+    load_config,
+)
 from ftcli.memory.estimate import DTYPE_BYTES, Estimate, Setup, estimate, parse_budget
 
 __all__ = ["Plan", "Setup", "Estimate", "estimate", "parse_budget", "plan_model", "plan_recipe", "setup_from_recipe",

@@ -463,6 +463,7 @@ class Estimate:
     total: int
     phases: dict
     notes: list[str]
+    mapped_checkpoint: int = 0
 
     def components(self) -> list[tuple[str, int, str]]:
         """(name, bytes, how) rows for the breakdown table."""
@@ -486,6 +487,8 @@ class Estimate:
             rows.append(("autocast weight copies", max(a.weight_copies, a.weight_copies_forward), "bf16 casts of fp32 linear weights"))
         rows.append(("logits and loss", a.loss_peak, "logits, fp32 upcast, log-softmax and its gradient"
                      if s.task == "causal_lm" else "classifier logits"))
+        if self.mapped_checkpoint:
+            rows.append(("mapped checkpoint pages", self.mapped_checkpoint, "CPU QLoRA: the file read for quantization"))
         rows.append(("framework overhead", self.overhead, "CUDA context + allocator slack" if s.device == "cuda"
                      else "CPU runtime working memory"))
         return rows
@@ -511,6 +514,7 @@ class Estimate:
             "peak_phase": self.peak_phase,
             "overhead": self.overhead,
             "load_peak": self.load_peak,
+            "mapped_checkpoint": self.mapped_checkpoint,
             "total": self.total,
             "components": [{"name": n, "bytes": b, "how": h} for n, b, h in self.components()],
             "notes": self.notes,
@@ -526,14 +530,15 @@ def estimate(inv, s: Setup) -> Estimate:
     G = sum(p.numel * param_bytes(p, s) for p in trainable)
     states = sum(optimizer_state_bytes(p, s) for p in trainable)
     paged = states if s.optimizer.startswith("paged") and s.device == "cuda" else 0
-    O = states - paged
+    OPT = states - paged
     T_opt = optimizer_temporaries(trainable, s)
     acts = activations(inv, s)
     notes = []
 
+    mapped = 0
     n = s.num_devices
     shard = n if s.strategy == "fsdp" and n > 1 else 1
-    Ws, Gs, Os = W // shard, G // shard, O // shard
+    Ws, Gs, Os = W // shard, G // shard, OPT // shard
     gather = 0
     ddp_buckets = 0
     if shard > 1:
@@ -561,15 +566,15 @@ def estimate(inv, s: Setup) -> Estimate:
         # CPU: from_pretrained maps the checkpoint file; its pages count as resident while weights are built
         ckpt = s.checkpoint_bytes if s.checkpoint_bytes is not None else 0
         unquantized = sum(b for k, b in weights["by_precision"].items() if k in ("fp32", "bf16", "fp16"))
+        mapped = 0
         if s.method == "qlora":
-            # bitsandbytes reads every weight through the mapped checkpoint to quantize it; the file stays
-            # mapped (the unquantized embeddings and norms still view it), so its pages stay resident
-            mapped = max(0, ckpt - unquantized)
+            # bitsandbytes reads every weight through the mapped checkpoint to quantize it, and the
+            # unquantized weights are copied out of it; the file stays mapped and its pages resident
+            mapped = ckpt
             phases = {k: v + mapped for k, v in phases.items()}
-            load_peak = ckpt + (W - unquantized)
+            load_peak = ckpt + W
             if mapped:
-                notes.append(f"CPU QLoRA: the checkpoint file read for quantization stays mapped ({human(mapped)} "
-                             "beyond the unquantized weights it holds)")
+                notes.append(f"CPU QLoRA: the checkpoint file read for quantization stays mapped and resident ({human(mapped)})")
         else:
             # same dtype: from_pretrained maps the file and the weights are its pages (no copy); another dtype converts
             load_peak = 0 if abs(ckpt - unquantized) <= 0.02 * max(1, unquantized) else ckpt + W
@@ -582,8 +587,8 @@ def estimate(inv, s: Setup) -> Estimate:
         notes.append("CPU QLoRA: bitsandbytes dequantizes each 4-bit weight for every matmul (see the working set)")
     return Estimate(setup=s, params_total=inv.total, params_trainable=sum(p.numel for p in trainable),
                     lora_params=sum(p.numel for p in trainable if p.lora), weights=weights, gradients=G,
-                    optimizer_states=O, optimizer_paged=paged, optimizer_step_temp=T_opt, acts=acts,
-                    peak_allocated=peak, peak_phase=phase, overhead=overhead, load_peak=load_peak,
+                    optimizer_states=OPT, optimizer_paged=paged, optimizer_step_temp=T_opt, acts=acts,
+                    peak_allocated=peak, peak_phase=phase, overhead=overhead, load_peak=load_peak, mapped_checkpoint=mapped,
                     total=peak + overhead, phases=phases, notes=notes)
 
 

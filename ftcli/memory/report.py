@@ -8,7 +8,15 @@ from ftcli.errors import FtcliError
 from ftcli.memory import Plan, build_plan, default_device, free_device_memory, plan_recipe
 from ftcli.memory.arch import infer_task, load_config
 from ftcli.memory.estimate import (
-    CARDS_GB, GiB, Setup, fits_cards, human, max_micro_batch, parse_budget, per_device_table, precision_table,
+    CARDS_GB,
+    GiB,
+    Setup,
+    fits_cards,
+    human,
+    max_micro_batch,
+    parse_budget,
+    per_device_table,
+    precision_table,
 )
 from ftcli.ui import UI
 
