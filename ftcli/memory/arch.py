@@ -70,15 +70,94 @@ def load_config(name: str, revision: str | None = None, trust_remote_code: bool 
     source = resolve_model(name, revision)  # raises a clear SourceError for a hub id it cannot reach
     try:
         if source.kind == "gguf":
-            # transformers reads only the GGUF metadata here; the tensors are not dequantized
-            cfg = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
-            return LoadedConfig(cfg, "gguf", str(Path(source.path) / source.gguf_file))
+            path = Path(source.path) / source.gguf_file
+            return LoadedConfig(gguf_config(path), "gguf", str(path))
         cfg = AutoConfig.from_pretrained(source.path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
         raise FtcliError(f"cannot read the config of {name!r}: {exc}",
                          hint="give a folder with config.json, a .gguf file, a hub id, or a bundled card "
                               f"({', '.join(load_cards())})") from None
     return LoadedConfig(cfg, "folder" if source.kind == "folder" else "hub", source.path)
+
+
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def _gguf_metadata(path: Path) -> tuple[dict, list[str]]:
+    """A GGUF file's scalar metadata, array lengths (``key -> ("array", n)``) and tensor names.
+
+    Reads the header only, skipping array contents, so a 49k-token vocabulary costs milliseconds
+    (gguf.GGUFReader materializes every token string: seconds). Value type codes are gguf's
+    GGUFValueType: 8 = string, 9 = array."""
+    import struct
+
+    def read(f, fmt):
+        size = struct.calcsize(fmt)
+        return struct.unpack(fmt, f.read(size))[0]
+
+    def string(f) -> str:
+        return f.read(read(f, "<Q")).decode("utf-8", "replace")
+
+    def skip(f, vtype: int) -> None:
+        if vtype == 8:
+            f.seek(read(f, "<Q"), 1)
+        else:
+            f.seek(struct.calcsize(_SCALAR[vtype]), 1)
+
+    meta: dict = {}
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise FtcliError(f"{path} is not a GGUF file (no GGUF magic)")
+        version = read(f, "<I")
+        if version < 2:
+            raise FtcliError(f"{path}: GGUF version {version} is too old", hint="convert it with a current llama.cpp")
+        n_tensors, n_kv = read(f, "<Q"), read(f, "<Q")
+        for _ in range(n_kv):
+            key = string(f)
+            vtype = read(f, "<I")
+            if vtype == 8:
+                meta[key] = string(f)
+            elif vtype == 9:
+                itype, n = read(f, "<I"), read(f, "<Q")
+                meta[key] = ("array", n)
+                if itype == 8:
+                    for _ in range(n):
+                        skip(f, 8)
+                elif itype == 9:
+                    raise FtcliError(f"{path}: nested GGUF arrays are not supported")
+                else:
+                    f.seek(n * struct.calcsize(_SCALAR[itype]), 1)
+            else:
+                meta[key] = read(f, _SCALAR[vtype])
+        names = []
+        for _ in range(n_tensors):
+            names.append(string(f))
+            n_dims = read(f, "<I")
+            f.seek(8 * n_dims + 4 + 8, 1)  # dims, ggml type, offset
+    return meta, names
+
+
+def gguf_config(path: Path):
+    """A transformers config from a GGUF file's metadata, mapped with transformers' own GGUF key table."""
+    from transformers import AutoConfig
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    meta, tensors = _gguf_metadata(path)
+    arch = meta.get("general.architecture")
+    table = GGUF_CONFIG_MAPPING.get(arch)
+    if table is None:
+        raise FtcliError(f"{path}: GGUF architecture {arch!r} is not one transformers can load",
+                         hint=f"supported: {', '.join(k for k in GGUF_CONFIG_MAPPING if k not in ('general', 'tokenizer'))}")
+    fields = {hf: meta[f"{arch}.{key}"] for key, hf in table.items() if f"{arch}.{key}" in meta and hf}
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if "vocab_size" not in fields and isinstance(tokens, tuple):
+        fields["vocab_size"] = tokens[1]
+    fields["tie_word_embeddings"] = "output.weight" not in tensors
+    model_type = {"mistral": "mistral", "qwen2": "qwen2", "gpt2": "gpt2", "gemma2": "gemma2"}.get(arch, "llama")
+    heads, hidden = fields.get("num_attention_heads"), fields.get("hidden_size")
+    if heads and hidden and fields.get("head_dim") == hidden // heads:
+        fields.pop("head_dim")  # the default: leave it to the config
+    return AutoConfig.for_model(model_type, **fields)
 
 
 def infer_task(config) -> str:

@@ -96,6 +96,7 @@ class Setup:
     strategy: str = "ddp"  # ddp | fsdp
     cuda_context: int = CUDA_CONTEXT
     checkpoint_bytes: int | None = None  # CPU: size of the weights file read at load time
+    zero_grad_to_none: bool = True  # ftcli frees gradients after each step; torch < 2.0's zero_grad() kept them
     fp32_embedding_states: bool = False  # HF Trainer keeps 8-bit optimizers' states of nn.Embedding in 32 bits; ftcli does not
     quantize_targets_only: bool = False  # torchtune's QLoRA quantizes only the LoRA-adapted layers; bitsandbytes all linears
 
@@ -550,7 +551,7 @@ def estimate(inv, s: Setup) -> Estimate:
         ddp_buckets = G  # DDP copies gradients into its all-reduce buckets
         notes.append(f"DDP over {n} devices: every device holds the whole model; gradient buckets add one gradient copy")
     # gradients live through forward/backward only when accumulated over micro-batches
-    G_fb = Gs if s.gradient_accumulation > 1 else 0
+    G_fb = Gs if s.gradient_accumulation > 1 or not s.zero_grad_to_none else 0
     phases = {
         "forward": Ws + Os + G_fb + gather + acts.forward_peak,
         "backward": Ws + Os + G_fb + gather + acts.backward_peak + ddp_buckets,

