@@ -50,3 +50,23 @@ def test_train_stops_when_the_estimate_exceeds_free_memory(tmp_path, tiny_models
     record = train_run(recipe, UI(), memory_check=False)
     assert record["status"] == "completed"
     assert record["memory"]["free"] == 1024**2 and record["memory"]["estimated_peak"] > 1024**2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["full", "lora", "qlora"])
+def test_cuda_measure_agrees_with_the_estimate(tmp_path, tiny_models, tiny_data, kind):
+    """On a CUDA GPU: max_memory_allocated after reset_peak_memory_stats vs the estimate's tensor peak."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from ftcli.memory import plan_recipe
+    from ftcli.memory.measure import measure
+
+    mapping = tiny_recipe(tmp_path, tiny_models, tiny_data, task="causal_lm", kind=kind)
+    mapping["train"].update(batch_size=64, device="cuda")
+    mapping["data"]["max_length"] = 256
+    recipe = recipe_from_mapping(mapping)
+    got = measure(recipe, "cuda", steps=2)
+    assert got["quantity"] == "torch.cuda.max_memory_allocated"
+    est = plan_recipe(recipe, "cuda").estimate()
+    assert est.peak_allocated / got["peak"] == pytest.approx(1.0, abs=0.15)
