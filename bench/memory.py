@@ -118,7 +118,8 @@ def reference_rows() -> list[dict]:
             predicted = est.weights["total"]
         measured = value * unit
         rows.append({"row": label, "estimate": predicted / unit, "measured": value, "unit": _unit(unit),
-                     "quantity": quantity, "ratio": predicted / measured, "phase": est.peak_phase,
+                     "quantity": quantity, "ratio": predicted / measured,
+                     "phase": "-" if quantity == "weights" else est.peak_phase,
                      "source": source, "assumption": assumption})
     return rows
 

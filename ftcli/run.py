@@ -86,7 +86,7 @@ def train_run(recipe: Recipe, ui: UI, resume: bool = False, force: bool = False,
     # --- memory estimate before anything is written or loaded (ftcli/memory): stops a run that clearly cannot fit
     from ftcli.memory import preflight
 
-    memory = preflight(recipe, device, ui, enforce=memory_check)
+    memory = preflight(recipe, device, ui, enforce=memory_check, processes=acc.num_processes)
     # ---
     main = acc.is_main_process
     run_dir = recipe.run_dir

@@ -162,11 +162,12 @@ def check_fits_device(est: Estimate, free: int | None, margin: float = 1.10) -> 
             f"{human(free)} free")
 
 
-def preflight(recipe, device: str, ui, enforce: bool = True) -> dict | None:
+def preflight(recipe, device: str, ui, enforce: bool = True, processes: int = 1) -> dict | None:
     """``ftcli train``'s check: print the estimate, and stop when it clearly exceeds free memory.
 
-    Returns a small record for run.json, or None when the model's architecture cannot be estimated
-    (said on screen; training goes on)."""
+    ``processes`` on the CPU share one machine's RAM, so their estimates add up. Returns a small
+    record for run.json, or None when the model's architecture cannot be estimated (said on
+    screen; training goes on)."""
     from ftcli.errors import FtcliError
     from ftcli.memory.estimate import human
 
@@ -178,7 +179,10 @@ def preflight(recipe, device: str, ui, enforce: bool = True) -> dict | None:
         ui.info(f"  memory estimate unavailable: {exc.message}")
         return None
     free = free_device_memory(device)
-    ui.info(f"  memory: about {human(est.total)} at the peak ({est.peak_phase})"
+    if device == "cpu" and processes > 1:
+        est = replace(est, total=est.total * processes)
+    ui.info(f"  memory: about {human(est.total)} at the peak ({est.peak_phase}"
+            + (f", {processes} processes" if device == "cpu" and processes > 1 else "") + ")"
             + (f", {human(free)} free on the {device}" if free is not None else ""))
     problem = check_fits_device(est, free)
     if problem and enforce:
