@@ -212,6 +212,7 @@ def main() -> None:
     ap.add_argument("--only-local", action="store_true", help="skip the published rows")
     ap.add_argument("--calibrate", action="store_true", help="measure the CPU runtime constant")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--save", metavar="PATH", help="also write the rows as JSON to PATH")
     args = ap.parse_args()
     out: dict = {}
     if args.calibrate:
@@ -222,6 +223,8 @@ def main() -> None:
         out["reference"] = reference_rows()
     if args.measure_local or args.only_local:
         out["local"] = local_rows()
+    if args.save:
+        Path(args.save).write_text(json.dumps(out, indent=2) + "\n")
     if args.json:
         print(json.dumps(out, indent=2))
         return
