@@ -191,6 +191,27 @@ def calibrate(steps: int = 3) -> dict:
     return results
 
 
+def malloc_comparison(steps: int = 4) -> list[dict]:
+    """Peak RSS and seconds per step with ftcli's pinned mmap threshold vs glibc's default, same run."""
+    from ftcli.memory.measure import measure
+    from ftcli.recipe import recipe_from_mapping
+
+    rows = []
+    for model, kind, batch in (("MiniLM-L6", "lora", 16), ("SmolLM2-135M", "lora", 4)):
+        recipe = recipe_from_mapping(local_recipe(model, kind, batch, 128))
+        got = {}
+        for pinned in ("1", "0"):
+            os.environ["FTCLI_PIN_MALLOC"] = pinned
+            got[pinned] = measure(recipe, "cpu", steps)
+        os.environ.pop("FTCLI_PIN_MALLOC")
+        rows.append({"row": f"{model} {kind} {batch}x128", "pinned_peak_MiB": got["1"]["peak"] / MiB,
+                     "default_peak_MiB": got["0"]["peak"] / MiB, "peak_ratio": got["1"]["peak"] / got["0"]["peak"],
+                     "pinned_s_per_step": got["1"]["seconds_per_step"], "default_s_per_step": got["0"]["seconds_per_step"],
+                     "time_ratio": got["1"]["seconds_per_step"] / got["0"]["seconds_per_step"]})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
 def print_table(title: str, rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -213,8 +234,13 @@ def main() -> None:
     ap.add_argument("--calibrate", action="store_true", help="measure the CPU runtime constant")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--save", metavar="PATH", help="also write the rows as JSON to PATH")
+    ap.add_argument("--malloc", action="store_true",
+                    help="peak and step time with ftcli's pinned malloc mmap threshold vs glibc's default")
     args = ap.parse_args()
     out: dict = {}
+    if args.malloc:
+        print(json.dumps(malloc_comparison(), indent=2))
+        return
     if args.calibrate:
         out["calibration"] = calibrate()
         print(json.dumps(out["calibration"], indent=2))

@@ -123,9 +123,14 @@ def pin_malloc_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
     the activation buffers of one step are carved from the heap and stay resident after they are
     freed: a CPU run's resident memory then grows by up to half again over what its tensors hold.
     Pinning the threshold (what MALLOC_MMAP_THRESHOLD_ does) keeps resident memory equal to live
-    tensors, which is what the estimate counts. No-op (False) where the C library is not glibc.
+    tensors, which is what the estimate counts. No-op (False) where the C library is not glibc, or
+    when FTCLI_PIN_MALLOC=0 (bench/memory.py --malloc compares the two).
     """
     import ctypes
+    import os
+
+    if os.environ.get("FTCLI_PIN_MALLOC", "1") == "0":
+        return False
     import ctypes.util
 
     try:
