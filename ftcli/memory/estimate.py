@@ -10,6 +10,14 @@ Activations (activations.py) are counted tensor by tensor from what autograd sav
 (Llama-style decoders, BERT encoders, GPT-2), with and without gradient checkpointing, for eager
 attention (the seq x seq probabilities are stored) and flash/SDPA kernels (they are not).
 
+CPU mode models what the CPU does, which differs from CUDA mode: no CUDA context (a small
+runtime constant instead); torch's optimizers take the per-tensor path (temporaries the size of the
+largest tensor, not of a whole parameter group); dropout keeps a noise tensor in the input's dtype,
+not a bool mask; SDPA with dropout falls back to the math kernel and keeps the seq x seq
+probabilities; a checkpoint in the weights' dtype is mapped straight into the model (no load peak),
+while QLoRA keeps its checkpoint file mapped and resident; and ftcli pins glibc's mmap threshold
+(``pin_malloc_threshold``) so that freed tensors leave the resident set, as they leave CUDA's.
+
 The few constants below are physical, not fitted: bitsandbytes' block sizes, the CUDA context, the
 caching allocator's slack, and the CPU runtime's own working memory (measured once with a model
 too small to matter, see bench/memory.py).
