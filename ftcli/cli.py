@@ -95,6 +95,7 @@ def train(
     force: Annotated[bool, typer.Option("--force", help="Start over, replacing an existing run folder.")] = False,
     seeds: Annotated[int | None, typer.Option("--seeds", min=1, help="Repeat the run with N seeds (train.seed 1..N, "
                                               "runs NAME-seed1..N) and report test metrics as mean ± std.")] = None,
+    no_memory_check: Annotated[bool, typer.Option("--no-memory-check", help="Train even when the memory estimate exceeds the free memory.")] = False,
     json_: JsonOpt = False,
 ):
     """Run prepare -> adapt -> train -> evaluate -> merge into runs/<name>/.
@@ -119,7 +120,7 @@ def train(
         from ftcli.evaluation.seeds import train_seeds
 
         return train_seeds(r, seeds, UI(json_), resume=resume, force=force)
-    return train_run(r, UI(json_), resume=resume, force=force)
+    return train_run(r, UI(json_), resume=resume, force=force, memory_check=not no_memory_check)
 
 
 @app.command()
@@ -331,6 +332,85 @@ def merge(
     rows.append(("written", f"{m.bytes_written / 2**20:.1f} MiB in {m.seconds:.1f} s"))
     ui.table(f"merged -> {m.out_dir} (verified)", rows)
     return m.as_dict()
+
+
+# ---------------------------------------------------------------- estimate-memory (ftcli/memory/)
+
+
+@app.command("estimate-memory")
+@command
+def estimate_memory(
+    recipe: Annotated[str | None, typer.Argument(help="Recipe file (or bundled recipe name). Omit it and give --model.")] = None,
+    set_: SetOpt = None,
+    model: Annotated[str | None, typer.Option("--model", help="Model without a recipe: hub id, folder, .gguf, pkg:..., or a bundled card (llama-2-7b, mistral-7b, ...).")] = None,
+    task: Annotated[str | None, typer.Option(help="causal_lm | classification (default: from the model's config).")] = None,
+    method: Annotated[str, typer.Option(help="full | lora | qlora (without a recipe).")] = "lora",
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Micro-batch per device.")] = None,
+    seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per example (padded length).")] = None,
+    gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward.")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="adamw | adam | sgd | rmsprop | adamw8bit | paged_adamw | paged_adamw8bit.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="Weights of full/LoRA runs: float32 | bfloat16 | float16 (ftcli's default float32).")] = None,
+    mixed_precision: Annotated[str | None, typer.Option("--mixed-precision", help="no | bf16 | fp16 (default: bf16 on CUDA, no on CPU).")] = None,
+    attn: Annotated[str | None, typer.Option("--attn", help="eager | sdpa | flash_attention_2.")] = None,
+    r: Annotated[int | None, typer.Option("--r", help="LoRA rank (without a recipe).")] = None,
+    target_modules: Annotated[str | None, typer.Option("--target-modules", help="Comma-separated LoRA targets, or all-linear.")] = None,
+    device: Annotated[str, typer.Option(help="auto | cuda | cpu: which device to plan for (auto: the one train would use).")] = "auto",
+    num_devices: Annotated[int, typer.Option("--num-devices", help="Devices for the per-device table (1..N).")] = 1,
+    strategy: Annotated[str, typer.Option(help="ddp | fsdp, for --num-devices > 1.")] = "ddp",
+    budget: Annotated[str | None, typer.Option(help="Memory budget per device (24GB, 24GiB, 16000MB): the largest micro-batch that fits.")] = None,
+    weights_only: Annotated[bool, typer.Option("--weights-only", help="Only the table of weights at each precision.")] = False,
+    measure: Annotated[bool, typer.Option("--measure", help="Run a few real training steps and compare the measured peak.")] = False,
+    steps: Annotated[int, typer.Option(help="Steps for --measure.")] = 3,
+    json_: JsonOpt = False,
+):
+    """Estimate a training run's peak memory before any weights are downloaded.
+
+    [bold]Examples[/]
+
+      ftcli estimate-memory recipes/quickstart.yaml
+
+      ftcli estimate-memory --model mistral-7b --method qlora --batch-size 4 --seq-len 2048 --gradient-checkpointing
+
+      ftcli estimate-memory --model meta-llama/Llama-2-7b-hf --weights-only
+
+      ftcli estimate-memory --model llama-3-8b --method full --optimizer adamw8bit --num-devices 8 --strategy fsdp
+
+      ftcli estimate-memory recipes/quickstart.yaml --budget 24GB
+
+      ftcli estimate-memory recipes/quickstart.yaml --measure   [dim]# predicted vs measured peak[/]
+    """
+    from ftcli.memory.report import run_estimate
+
+    if recipe is None and model is None:
+        raise FtcliError("give a recipe, or --model NAME", hint="ftcli estimate-memory --model mistral-7b --method qlora")
+    if recipe is not None and model is not None:
+        raise FtcliError("give a recipe or --model, not both", hint="change a recipe's model with --set model.name=...")
+    flags = {"task": task, "method": method, "batch_size": batch_size, "seq_len": seq_len,
+             "gradient_checkpointing": gradient_checkpointing, "optimizer": optimizer, "dtype": dtype,
+             "mixed_precision": mixed_precision, "attn_implementation": attn, "r": r, "target_modules": target_modules}
+    return run_estimate(recipe=_load(recipe, set_) if recipe else None, model=model, flags=flags, device=device,
+                        num_devices=num_devices, strategy=strategy, budget=budget, weights_only=weights_only,
+                        measure=measure, steps=steps, json_mode=json_)
+
+
+def _run_test_features(adapter: Path) -> list[dict] | None:
+    """Tokenized test examples of the run an adapter came from, to verify the merge on."""
+    from ftcli.merge import find_adapter
+
+    run_dir = find_adapter(adapter).parent
+    if not (run_dir / "recipe.yaml").exists() or not (run_dir / "data" / "test.jsonl").exists():
+        return None
+    from transformers import AutoTokenizer
+
+    from ftcli.data import load_prepared, tokenize
+    from ftcli.recipe import load_recipe
+
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    prepared = load_prepared(run_dir / "data")
+    tok = AutoTokenizer.from_pretrained(find_adapter(adapter))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tokenize(prepared.splits["test"][:16], recipe, tok, prepared.label2id).features
 
 
 AdapterOpt = Annotated[

@@ -80,7 +80,8 @@ def _check_run_dir(recipe: Recipe, resume: bool, force: bool) -> None:
                          hint="--resume continues it, --force starts it over, --set name=NEW makes a new run")
 
 
-def train_run(recipe: Recipe, ui: UI, resume: bool = False, force: bool = False) -> dict:
+def train_run(recipe: Recipe, ui: UI, resume: bool = False, force: bool = False,
+              memory_check: bool = True) -> dict:
     """Run the whole pipeline for ``recipe``; return run.json's contents.
 
     Data and model are loaded before anything is written, so a bad dataset or model name leaves
@@ -97,6 +98,11 @@ def train_run(recipe: Recipe, ui: UI, resume: bool = False, force: bool = False)
 
     _check_run_dir(recipe, resume, force)
     acc, device = make_accelerator(recipe)
+    # --- memory estimate before anything is written or loaded (ftcli/memory): stops a run that clearly cannot fit
+    from ftcli.memory import preflight
+
+    memory = preflight(recipe, device, ui, enforce=memory_check, processes=acc.num_processes)
+    # ---
     main = acc.is_main_process
     run_dir = recipe.run_dir
     timings: dict[str, float] = {}
@@ -153,6 +159,8 @@ def train_run(recipe: Recipe, ui: UI, resume: bool = False, force: bool = False)
                                                          "dropped_no_target": tokenized[s].dropped_no_target}
                                                      for s in SPLITS}},
                params=adapted.counts.as_dict())
+    if memory:
+        log.update(memory=memory)
     try:
         ui.step(f"train    on {acc.num_processes} process(es), {device}, mixed precision {acc.mixed_precision}")
         with log.stage("train"):

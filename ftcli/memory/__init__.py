@@ -1,0 +1,198 @@
+"""``ftcli estimate-memory``: what a training run will hold at its peak, before any weights are read.
+
+``plan_recipe(recipe)`` / ``plan_model(name, ...)`` read the model's config (folder, GGUF metadata,
+bundled card or hub), build it on the meta device, attach LoRA there with peft, and hand the exact
+parameter inventory to ``estimate.estimate``. ``measure`` runs real steps to check the figure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ftcli.memory.arch import (
+    Inventory,
+    LoadedConfig,
+    attach_lora_meta,
+    build_meta,
+    infer_task,
+    inventory,
+    load_config,
+)
+from ftcli.memory.estimate import DTYPE_BYTES, Estimate, Setup, estimate, parse_budget
+
+__all__ = ["Plan", "Setup", "Estimate", "estimate", "parse_budget", "plan_model", "plan_recipe", "setup_from_recipe",
+           "check_fits_device"]
+
+
+@dataclass
+class Plan:
+    """A model's inventory and a run's setup: everything ``estimate`` needs."""
+
+    name: str
+    loaded: LoadedConfig
+    inv: Inventory
+    setup: Setup
+
+    def estimate(self, **changes) -> Estimate:
+        return estimate(self.inv, replace(self.setup, **changes) if changes else self.setup)
+
+
+def default_device(choice: str = "auto") -> str:
+    """The device ``ftcli train`` would use: a CUDA GPU when one is visible, else the CPU."""
+    if choice in ("cpu", "cuda"):
+        return choice
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def setup_from_recipe(recipe, device: str | None = None) -> Setup:
+    """The Setup a recipe trains with (dtype auto = float32; mixed precision auto = bf16 on CUDA)."""
+    dev = default_device(device or recipe.train.device)
+    m, t = recipe.method, recipe.train
+    mp = t.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if dev == "cuda" else "no"
+    q = m.quant
+    targets = m.target_modules
+    return Setup(
+        task=recipe.task, method=m.kind, batch_size=t.batch_size, seq_len=recipe.data.max_length,
+        gradient_checkpointing=t.gradient_checkpointing, gradient_accumulation=t.gradient_accumulation,
+        optimizer=t.optimizer.name, momentum=t.optimizer.momentum, weight_decay=t.optimizer.weight_decay,
+        dtype="float32" if recipe.model.dtype == "auto" else recipe.model.dtype,
+        mixed_precision=mp, attn_implementation=recipe.model.attn_implementation or "sdpa",
+        quant_bits=q.bits, quant_type=q.quant_type, double_quant=q.double_quant, compute_dtype=q.compute_dtype,
+        r=m.r, alpha=m.alpha, dropout=m.dropout,
+        target_modules=tuple(targets) if isinstance(targets, list) else targets,
+        modules_to_save=tuple(m.modules_to_save) if m.modules_to_save else None,
+        num_labels=len(recipe.data.labels) if recipe.data.labels else 2, device=dev,
+    )
+
+
+def checkpoint_bytes(loaded: LoadedConfig, params: int) -> int:
+    """Size of the weights file a CPU load maps: the folder's safetensors, ftcli's fp32 conversion of
+    a GGUF, else the parameters in the config's dtype."""
+    if loaded.source == "folder":
+        files = list(Path(loaded.where).glob("*.safetensors")) or list(Path(loaded.where).glob("*.bin"))
+        if files:
+            return sum(f.stat().st_size for f in files)
+    if loaded.source == "gguf":
+        return 4 * params  # ftcli converts a GGUF once into fp32 safetensors and loads those
+    dt = str(getattr(loaded.config, "torch_dtype", None) or getattr(loaded.config, "dtype", None) or "float32")
+    return DTYPE_BYTES.get(dt.replace("torch.", ""), 4) * params
+
+
+def build_plan(name: str, setup: Setup, revision: str | None = None, trust_remote_code: bool = False) -> Plan:
+    """Config -> meta model (+ peft LoRA) -> inventory, for ``setup``."""
+    setup.check()
+    loaded = load_config(name, revision, trust_remote_code)
+    model = build_meta(loaded.config, setup.task, setup.num_labels,
+                       setup.attn_implementation if setup.attn_implementation != "flash_attention_2" else None)
+    if setup.method in ("lora", "qlora"):
+        targets = list(setup.target_modules) if isinstance(setup.target_modules, tuple) else setup.target_modules
+        model = attach_lora_meta(model, setup.task, setup.r, setup.alpha, setup.dropout, targets, setup.modules_to_save)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    inv = inventory(model, loaded.config)
+    if setup.device == "cpu" and setup.checkpoint_bytes is None:
+        setup = replace(setup, checkpoint_bytes=checkpoint_bytes(loaded, inv.base_total))
+    return Plan(name=name, loaded=loaded, inv=inv, setup=setup)
+
+
+def plan_recipe(recipe, device: str | None = None, **changes) -> Plan:
+    setup = replace(setup_from_recipe(recipe, device), **changes)
+    return build_plan(recipe.model.name, setup, recipe.model.revision, recipe.model.trust_remote_code)
+
+
+def plan_model(name: str, task: str | None = None, **fields) -> Plan:
+    """A plan from flags alone: ``--model NAME --method qlora --batch-size 4 ...``."""
+    if task is None:
+        task = infer_task(load_config(name).config)
+    return build_plan(name, Setup(task=task, **fields))
+
+
+MMAP_THRESHOLD = 64 * 1024
+
+
+def pin_malloc_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Make glibc serve every allocation above ``threshold`` with its own mmap, returned on free.
+
+    By default glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), so
+    the activation buffers of one step are carved from the heap and stay resident after they are
+    freed: a CPU run's resident memory then grows by up to half again over what its tensors hold.
+    Pinning the threshold (what MALLOC_MMAP_THRESHOLD_ does) keeps resident memory equal to live
+    tensors, which is what the estimate counts. No-op (False) where the C library is not glibc, or
+    when FTCLI_PIN_MALLOC=0 (bench/memory.py --malloc compares the two).
+    """
+    import ctypes
+    import os
+
+    if os.environ.get("FTCLI_PIN_MALLOC", "1") == "0":
+        return False
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_MMAP_THRESHOLD = -3
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):
+        return False
+
+
+def free_device_memory(device: str) -> int | None:
+    """Free bytes on the device training will use: CUDA's mem_get_info, or MemAvailable on Linux."""
+    if device == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        return int(free)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_fits_device(est: Estimate, free: int | None, margin: float = 1.10) -> str | None:
+    """A message when the estimate clearly exceeds the free memory (by more than 10%), else None."""
+    if free is None or est.total <= free * margin:
+        return None
+    from ftcli.memory.estimate import human
+
+    return (f"the run needs about {human(est.total)} at its peak ({est.peak_phase}) but the {est.setup.device} has "
+            f"{human(free)} free")
+
+
+def preflight(recipe, device: str, ui, enforce: bool = True, processes: int = 1) -> dict | None:
+    """``ftcli train``'s check: print the estimate, and stop when it clearly exceeds free memory.
+
+    ``processes`` on the CPU share one machine's RAM, so their estimates add up. Returns a small
+    record for run.json, or None when the model's architecture cannot be estimated (said on
+    screen; training goes on)."""
+    from ftcli.errors import FtcliError
+    from ftcli.memory.estimate import human
+
+    if device == "cpu":
+        pin_malloc_threshold()
+    try:
+        est = plan_recipe(recipe, device).estimate()
+    except FtcliError as exc:
+        ui.info(f"  memory estimate unavailable: {exc.message}")
+        return None
+    free = free_device_memory(device)
+    if device == "cpu" and processes > 1:
+        est = replace(est, total=est.total * processes)
+    ui.info(f"  memory: about {human(est.total)} at the peak ({est.peak_phase}"
+            + (f", {processes} processes" if device == "cpu" and processes > 1 else "") + ")"
+            + (f", {human(free)} free on the {device}" if free is not None else ""))
+    problem = check_fits_device(est, free)
+    if problem and enforce:
+        raise FtcliError(problem, hint="lower train.batch_size or data.max_length, set train.gradient_checkpointing: "
+                                       "true, use method.kind qlora; or run anyway with --no-memory-check")
+    if problem:
+        ui.info(f"  [yellow]warning[/]: {problem} (--no-memory-check: going on)")
+    return {"estimated_peak": est.total, "peak_phase": est.peak_phase, "free": free}

