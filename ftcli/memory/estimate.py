@@ -15,8 +15,10 @@ runtime constant instead); torch's optimizers take the per-tensor path (temporar
 largest tensor, not of a whole parameter group); dropout keeps a noise tensor in the input's dtype,
 not a bool mask; SDPA with dropout falls back to the math kernel and keeps the seq x seq
 probabilities; a checkpoint in the weights' dtype is mapped straight into the model (no load peak),
-while QLoRA keeps its checkpoint file mapped and resident; and ftcli pins glibc's mmap threshold
-(``pin_malloc_threshold``) so that freed tensors leave the resident set, as they leave CUDA's.
+while QLoRA keeps its checkpoint file mapped and resident. The CPU figure is live tensors, which is
+what a measurement with glibc's mmap threshold pinned sees (``pin_malloc_threshold``: freed tensors
+leave the resident set, as they leave CUDA's). ``ftcli train`` leaves glibc's faster default heap
+alone unless FTCLI_PIN_MALLOC=1, and its resident peak can then be up to ~1.5x this figure.
 
 The few constants below are physical, not fitted: bitsandbytes' block sizes, the CUDA context, the
 caching allocator's slack, and the CPU runtime's own working memory (measured once with a model

@@ -102,7 +102,7 @@ def run_measurement(recipe_yaml: str, device: str, steps: int = 3) -> dict:
     if not cuda:
         from ftcli.memory import pin_malloc_threshold
 
-        pin_malloc_threshold()  # as ftcli train does on the CPU
+        pin_malloc_threshold(measuring=True)  # resident memory = live tensors (FTCLI_PIN_MALLOC=0 to compare)
     _import_everything(model_dir, recipe.task)
     if cuda:
         torch.cuda.synchronize()
