@@ -81,12 +81,11 @@ class ParamCounts:
                f"({100 * self.share:.3f}%, {self.total / max(1, self.trainable):,.0f}x fewer)"]
         if self.adapted_modules:
             m = recipe.method
-            out.append(f"LoRA r={m.r} alpha={m.alpha:g} (scale {m.scale:g}) on {self.adapted_modules} modules: "
-                       f"{self.lora:,} adapter weights beside {self.adapted_weights:,} frozen ones")
+            out.append(f"LoRA r={m.r}, alpha={m.alpha:g} (scale {m.scale:g}) on {self.adapted_modules} modules: "
+                       f"{self.lora:,} weights beside {self.adapted_weights:,} frozen")
             for name, ex in self.examples.items():
                 o, i = ex["shape"]
-                out.append(f"  one {name} ({i}x{o}) trains {ex['lora']:,} of {ex['weights']:,} weights "
-                           f"(r x (in + out) = {m.r} x ({i} + {o}))")
+                out.append(f"  each {name} {i}x{o}: {ex['lora']:,} of {ex['weights']:,} weights = {m.r} x ({i} + {o})")
         if self.head:
             out.append(f"task head trained in full: {self.head:,} parameters")
         return out

@@ -101,6 +101,7 @@ def train_run(recipe: Recipe, ui: UI, resume: bool = False, force: bool = False,
     # --- memory estimate before anything is written or loaded (ftcli/memory): stops a run that clearly cannot fit
     from ftcli.memory import preflight
 
+    ui.step("memory   estimate before loading anything")
     memory = preflight(recipe, device, ui, enforce=memory_check, processes=acc.num_processes)
     # ---
     main = acc.is_main_process
@@ -188,8 +189,8 @@ def train_run(recipe: Recipe, ui: UI, resume: bool = False, force: bool = False,
 
                     merged = merge(run_dir / "adapter", run_dir / "merged", dtype=recipe.merge.dtype,
                                    into=recipe.merge.into, samples=test_feats, force=True)
-                    ui.info(f"  merged/: max logit difference {merged.max_logit_diff:.2e} on {merged.samples} "
-                            f"test inputs, predictions agree {merged.prediction_agreement:.1%}")
+                    ui.info(f"  merged/: max logit difference {merged.max_logit_diff:.1e} on {merged.samples} "
+                            f"test inputs; predictions agree {merged.prediction_agreement:.0%}")
                     log.update(merge=merged.as_dict())
             acc.wait_for_everyone()
     except BaseException as exc:

@@ -320,10 +320,12 @@ def train(recipe: Recipe, accelerator, adapted, tokenized: dict[str, Tokenized],
         return path
 
     def validate() -> None:
-        nonlocal best_val, best_step
+        nonlocal best_val, best_step, log_t0
         if val_loader is None:
             return
+        t_eval = time.perf_counter()
         v = evaluate_loss(accelerator, model, val_loader, recipe.task)
+        log_t0 += time.perf_counter() - t_eval  # tokens/s counts training time only
         if best_val is None or v < best_val:
             best_val, best_step = v, global_step
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):

@@ -43,7 +43,10 @@ class UI:
     def __init__(self, json_mode: bool = False):
         self.json_mode = json_mode
         self.enabled = is_main_process()
-        self.console = Console(file=sys.stderr if json_mode else sys.stdout, highlight=False)
+        stream = sys.stderr if json_mode else sys.stdout
+        # logs and pipes get 100 columns rather than rich's 80, so lines do not wrap mid-figure
+        width = None if stream.isatty() else max(100, int(os.environ.get("COLUMNS", "0") or 0))
+        self.console = Console(file=stream, highlight=False, width=width)
 
     def info(self, message: str = "") -> None:
         if self.enabled:

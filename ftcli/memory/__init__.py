@@ -200,10 +200,10 @@ def preflight(recipe, device: str, ui, enforce: bool = True, processes: int = 1)
     if device == "cpu" and processes > 1:
         est = replace(est, total=est.total * processes)
     heap = device == "cpu" and not pinned
-    ui.info(f"  memory: about {human(est.total)} of tensors at the peak ({est.peak_phase}"
+    ui.info(f"  {human(est.total)} of tensors at the peak ({est.peak_phase}"
             + (f", {processes} processes" if device == "cpu" and processes > 1 else "") + ")"
-            + (f"; glibc's heap may hold up to {human(est.total * CPU_HEAP_RETENTION)}" if heap else "")
-            + (f"; {human(free)} free on the {device}" if free is not None else ""))
+            + (f", up to {human(est.total * CPU_HEAP_RETENTION)} with glibc's heap" if heap else "")
+            + (f"; {human(free)} free" if free is not None else ""))
     problem = check_fits_device(replace(est, total=int(est.total * CPU_HEAP_RETENTION)) if heap else est, free)
     if problem and enforce:
         raise FtcliError(problem, hint="lower train.batch_size or data.max_length, set train.gradient_checkpointing: "
