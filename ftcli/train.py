@@ -302,7 +302,7 @@ def train(recipe: Recipe, accelerator, adapted, tokenized: dict[str, Tokenized],
     best_val, best_step = state["best_val_loss"], state["best_val_step"]
     # the loss logged next averages the micro-batches since the last log, across a resume too
     log_loss, log_micro = state.get("log_window", [0.0, 0])
-    log_tokens, log_t0 = 0, time.perf_counter()
+    log_tokens, log_t0, log_step = 0, time.perf_counter(), state["global_step"]
     last_loss = None
     t_start = time.perf_counter() - state["seconds"]
     epoch, skip = state["epoch"], state["micro_in_epoch"]
@@ -374,13 +374,14 @@ def train(recipe: Recipe, accelerator, adapted, tokenized: dict[str, Tokenized],
                     row = {"step": global_step, "epoch": round(global_step / steps_per_epoch, 4), "loss": mean,
                            "lr": optimizer.param_groups[0]["lr"],
                            "tokens_per_s": round(log_tokens / max(1e-9, now - log_t0), 1),
+                           "s_per_step": round((now - log_t0) / max(1, global_step - log_step), 4),
                            "elapsed_s": round(now - t_start, 2)}
                     if grad_norm is not None:
                         row["grad_norm"] = float(grad_norm)
                     last_loss = mean
                     if accelerator.is_main_process:
                         append_jsonl(metrics_path, row)
-                    log_loss, log_micro, log_tokens, log_t0 = 0.0, 0, 0, now
+                    log_loss, log_micro, log_tokens, log_t0, log_step = 0.0, 0, 0, now, global_step
                     if progress:
                         progress.update(global_step, loss=mean, lr=row["lr"], tps=row["tokens_per_s"])
                 elif progress:
