@@ -37,22 +37,28 @@ def torch_dtype(name: str):
 
 def load_tokenizer(recipe: Recipe, source: ModelSource | None = None):
     """The model's tokenizer, with a pad token (decoders often have none) and right padding."""
-    from transformers import AutoTokenizer
-
     source = source or resolve_model(recipe.model.name, recipe.model.revision)
     model_dir = local_model_dir(source)
+    tok = tokenizer_from(model_dir, what=repr(recipe.model.name), revision=recipe.model.revision,
+                         trust_remote_code=recipe.model.trust_remote_code)
+    return tok, source, model_dir
+
+
+def tokenizer_from(folder, what: str | None = None, **kwargs):
+    """A tokenizer with a pad token (decoders often have none: EOS stands in) and right padding."""
+    from transformers import AutoTokenizer
+
+    what = what or str(folder)
     try:
-        tok = AutoTokenizer.from_pretrained(
-            model_dir, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
-        )
+        tok = AutoTokenizer.from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as exc:
-        raise FtcliError(f"cannot load the tokenizer of {recipe.model.name!r}: {exc}") from None
+        raise FtcliError(f"cannot load the tokenizer of {what}: {str(exc).splitlines()[0]}") from None
     if tok.pad_token is None:
         if tok.eos_token is None:
-            raise FtcliError(f"the tokenizer of {recipe.model.name!r} has neither a pad nor an EOS token")
+            raise FtcliError(f"the tokenizer of {what} has neither a pad nor an EOS token")
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
-    return tok, source, model_dir
+    return tok
 
 
 @dataclass(frozen=True)

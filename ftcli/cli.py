@@ -393,26 +393,6 @@ def estimate_memory(
                         measure=measure, steps=steps, json_mode=json_)
 
 
-def _run_test_features(adapter: Path) -> list[dict] | None:
-    """Tokenized test examples of the run an adapter came from, to verify the merge on."""
-    from ftcli.merge import find_adapter
-
-    run_dir = find_adapter(adapter).parent
-    if not (run_dir / "recipe.yaml").exists() or not (run_dir / "data" / "test.jsonl").exists():
-        return None
-    from transformers import AutoTokenizer
-
-    from ftcli.data import load_prepared, tokenize
-    from ftcli.recipe import load_recipe
-
-    recipe = load_recipe(run_dir / "recipe.yaml")
-    prepared = load_prepared(run_dir / "data")
-    tok = AutoTokenizer.from_pretrained(find_adapter(adapter))
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tokenize(prepared.splits["test"][:16], recipe, tok, prepared.label2id).features
-
-
 AdapterOpt = Annotated[
     list[str] | None,
     typer.Option("--adapter", help="Adapter folder or run (NAME=PATH to name it); repeat to serve several on one base."),

@@ -458,9 +458,8 @@ def merge(source: str | Path, out_dir: str | Path, *, base: str | None = None, d
     """Merge the adapter in ``source`` (an adapter or run folder) into its base, verify, write ``out_dir``.
     A full fine-tuning run is exported in ``dtype`` and verified the same way."""
     import torch
-    from transformers import AutoTokenizer
 
-    from ftcli.adapt import torch_dtype
+    from ftcli.adapt import tokenizer_from, torch_dtype
 
     if dtype not in TOLERANCE:
         raise FtcliError(f"dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
@@ -477,9 +476,7 @@ def merge(source: str | Path, out_dir: str | Path, *, base: str | None = None, d
             run_info = json.loads((src.run_dir / "run.json").read_text())
         if (src.run_dir / "recipe.yaml").exists():
             rec["recipe"] = (src.run_dir / "recipe.yaml").read_text()
-    tok = AutoTokenizer.from_pretrained(src.path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok = tokenizer_from(src.path)
     if samples is None:
         samples = run_test_features(src.run_dir, tok)
     sample_source = "test examples" if samples else "built-in sentences"

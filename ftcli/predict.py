@@ -145,18 +145,9 @@ def _task_of_folder(folder: Path) -> str:
 
 
 def _tokenizer(folder: str | Path):
-    from transformers import AutoTokenizer
+    from ftcli.adapt import tokenizer_from
 
-    try:
-        tok = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as exc:
-        raise FtcliError(f"cannot load a tokenizer from {folder}: {str(exc).splitlines()[0]}") from None
-    if tok.pad_token is None:
-        if tok.eos_token is None:
-            raise FtcliError(f"the tokenizer in {folder} has neither a pad nor an EOS token")
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "right"
-    return tok
+    return tokenizer_from(folder)
 
 
 def _max_length(run_dir: Path | None, tok) -> int:

@@ -158,14 +158,11 @@ def score_baseline(rd: RunData, baseline: str, ui: UI, feats: list[dict], kept: 
 
 def _tokenizer_of(rd: RunData):
     """The tokenizer the run trained with (saved beside its weights)."""
-    from transformers import AutoTokenizer
+    from ftcli.adapt import tokenizer_from
 
     for sub in ("merged", "model", "adapter"):
         if (rd.run_dir / sub / "tokenizer_config.json").exists():
-            tok = AutoTokenizer.from_pretrained(rd.run_dir / sub)
-            if tok.pad_token is None:
-                tok.pad_token = tok.eos_token
-            return sub, tok
+            return sub, tokenizer_from(rd.run_dir / sub)
     raise FtcliError(f"{rd.run_dir} holds no trained model (merged/, model/ or adapter/)",
                      hint="finish the run first: ftcli train <recipe> --resume")
 

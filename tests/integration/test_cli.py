@@ -33,7 +33,8 @@ def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> Non
         assert f in proc.stderr, proc.stderr
 
 
-@pytest.mark.parametrize("command", ["train", "validate", "recipes", "eval", "merge"])
+@pytest.mark.parametrize("command", ["train", "validate", "recipes", "eval", "merge", "estimate-memory", "predict",
+                                     "chat", "cv"])
 def test_every_command_has_help_with_examples(command):
     proc = ftcli(command, "--help")
     assert proc.returncode == 0 and "Examples" in proc.stdout, proc.stdout
