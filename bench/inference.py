@@ -165,6 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
     quiet_libraries()
     torch.set_num_threads(a.threads)
     if a.run:
+        task = json.loads((Path(a.run) / "run.json").read_text()).get("task")
+        if task != "classification":
+            sys.exit(f"--run takes a classification run ({a.run} is {task}); for a causal LM use --model SPEC")
         info, variants, units, unit = classification_case(a.run, a.batch_size, a.batches)
     elif a.model:
         info, variants, units, unit = causal_case(a.model, a.batch_size, a.batches, a.generate, a.r)

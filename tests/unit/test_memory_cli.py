@@ -80,7 +80,8 @@ def test_recipe_estimate_reads_the_config_only(tmp_path):
     assert small["estimate"]["setup"]["device"] == "cpu" and small["estimate"]["overhead"] > 0
 
 
-def test_gguf_recipe_is_planned_from_metadata_without_converting(tmp_path):
+def test_gguf_recipe_is_planned_from_metadata_without_converting(tmp_path, monkeypatch):
+    monkeypatch.setenv("FTCLI_CACHE", str(tmp_path / "empty-cache"))  # the session cache may hold a conversion
     from ftcli.memory import plan_recipe
     from ftcli.recipe import recipe_from_mapping
     from ftcli.sources import cache_dir
