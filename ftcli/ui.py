@@ -49,8 +49,8 @@ class UI:
         self.console = Console(file=stream, highlight=False, width=width)
 
     def info(self, message: str = "") -> None:
-        if self.enabled:
-            self.console.print(message)
+        if self.enabled:  # a line of text is never broken: terminals wrap it, and logs stay greppable
+            self.console.print(message, soft_wrap=True)
 
     def step(self, title: str) -> None:
         if self.enabled:

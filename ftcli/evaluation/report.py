@@ -80,17 +80,17 @@ def print_report(report: dict, ui: UI) -> None:
         c.print(t)
     finally:
         c.width = width
-    c.print(f"baseline: {b['description']}")
+    ui.info(f"baseline: {b['description']}")
     style = VERDICT_STYLE.get(report["verdict"], "bold")
-    c.print(f"[bold {style}]verdict[/] {report['verdict_text']}")
+    ui.info(f"[bold {style}]verdict[/] {report['verdict_text']}")
     ov = report["overfitting"]
-    c.print(("[bold red]warning[/] " if ov["overfitting"] else "") + ov["message"])
+    ui.info(("[bold red]warning[/] " if ov["overfitting"] else "") + ov["message"])
     f = report["failures"]["counts"]
-    c.print("failures: " + ", ".join(f"{k} {v}" for k, v in f.items()))
+    ui.info("failures: " + ", ".join(f"{k} {v}" for k, v in f.items()))
     bad = [s for s in report.get("stress", []) if not s["ok"]]
     for s in bad:
-        c.print(f"[bold red]stress failed[/] {s['case']}: {s['result']}")
-    c.print("report: " + ", ".join(str(p) for p in report["files"].values()))
+        ui.info(f"[bold red]stress failed[/] {s['case']}: {s['result']}")
+    ui.info("report: " + ", ".join(str(p) for p in report["files"].values()))
 
 
 # --------------------------------------------------------------------------- plots
