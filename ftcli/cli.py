@@ -8,6 +8,7 @@ transformers) are imported inside the commands, so ``--help`` and ``validate`` s
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -37,6 +38,16 @@ SetOpt = Annotated[
 def _emit_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
     sys.stdout.flush()
+
+
+def _reflow(doc: str | None) -> str | None:
+    """Join each prose paragraph of a docstring into one line, so --help wraps it at the terminal's
+    width; indented paragraphs (the examples) keep their lines."""
+    if not doc:
+        return doc
+    paragraphs = inspect.cleandoc(doc).split("\n\n")
+    return "\n\n".join(p if any(line[:1].isspace() for line in p.splitlines()) else " ".join(p.split("\n"))
+                       for p in paragraphs)
 
 
 def command(fn):
@@ -71,6 +82,7 @@ def command(fn):
             if is_main_process():
                 _emit_json({"ok": True, **result} if isinstance(result, dict) else result)
 
+    wrapper.__doc__ = _reflow(fn.__doc__)
     return wrapper
 
 
