@@ -121,10 +121,8 @@ def count_params(model) -> ParamCounts:
                 head += n
     adapted_modules = adapted_weights = 0
     examples: dict = {}
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # pragma: no cover
-        LoraLayer = ()
+    from peft.tuners.lora import LoraLayer
+
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and hasattr(module, "base_layer"):
             base = module.base_layer
@@ -156,14 +154,9 @@ def _shadow_copies(model) -> int:
 def linear_module_names(model) -> list[str]:
     """Leaf names of the modules LoRA can wrap (Linear, GPT-2's Conv1D, bitsandbytes linears)."""
     import torch
+    from transformers.pytorch_utils import Conv1D
 
-    kinds: tuple = (torch.nn.Linear,)
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        kinds += (Conv1D,)
-    except ImportError:  # pragma: no cover
-        pass
+    kinds = (torch.nn.Linear, Conv1D)
     names = []
     for name, module in model.named_modules():
         if isinstance(module, kinds) and name:
@@ -209,10 +202,8 @@ def quantization_config(recipe: Recipe):
 
 def unquantized_layers(model) -> list[str]:
     """Names of 4-bit layers whose weight never got quantized (it was missing from the checkpoint)."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:  # pragma: no cover
-        return []
+    import bitsandbytes as bnb
+
     return [name for name, mod in model.named_modules()
             if isinstance(mod, bnb.nn.Linear4bit) and getattr(mod.weight, "quant_state", None) is None]
 
@@ -221,10 +212,8 @@ def keep_4bit_trainable_on_cpu(model) -> int:
     """TRAPS.md #1: on CPUs with AVX512-BF16, the first no-grad forward makes bitsandbytes repack
     every Linear4bit into an inference-only layout, after which LoRA gradients are silently None.
     Turning the repacking off keeps the layer trainable. Returns how many layers were changed."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:  # pragma: no cover
-        return 0
+    import bitsandbytes as bnb
+
     n = 0
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):

@@ -315,14 +315,9 @@ def dims_of(config) -> Dims:
 def inventory(model, config) -> Inventory:
     """Walk the (meta) model: each parameter once, with what it is and whether it trains."""
     import torch
+    from transformers.pytorch_utils import Conv1D
 
-    linear_types: tuple = (torch.nn.Linear,)
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        linear_types += (Conv1D,)
-    except ImportError:  # pragma: no cover
-        pass
+    linear_types = (torch.nn.Linear, Conv1D)
     owner: dict[str, object] = {}
     for mname, module in model.named_modules():
         for pname, _ in module.named_parameters(recurse=False):
@@ -352,10 +347,8 @@ def inventory(model, config) -> Inventory:
                             lora=lora, shadow=".original_module." in name,
                             quantizable=kind == "linear" and not lora and not is_head and "modules_to_save" not in name))
     targets: dict = {}
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # pragma: no cover
-        LoraLayer = ()
+    from peft.tuners.lora import LoraLayer
+
     for mname, module in model.named_modules():
         if isinstance(module, LoraLayer) and hasattr(module, "base_layer"):
             leaf = _in_block(mname)
