@@ -29,6 +29,13 @@ def resolve_device(choice: str) -> str:
     return choice
 
 
+def to_device(model, device):
+    """Move a model to ``device``, except a quantized one (bitsandbytes places its own weights)."""
+    if getattr(model, "hf_quantizer", None) is None and not getattr(model, "is_loaded_in_4bit", False):
+        model.to(device)
+    return model
+
+
 def torch_dtype(name: str):
     import torch
 

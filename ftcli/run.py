@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ftcli.errors import FtcliError
-from ftcli.recipe import Recipe, load_recipe
+from ftcli.recipe import Recipe
 from ftcli.ui import UI
 from ftcli.util import read_json, versions, write_json
 
@@ -221,18 +221,20 @@ def _check_same_data(prepared, data_dir: Path) -> None:
 
 def evaluate_run(run_dir: Path, ui: UI, split: str = "test") -> dict:
     """Re-score a finished run on its sealed split, from the run folder alone."""
-    import torch
-
-    from ftcli.data import load_prepared, tokenize
+    from ftcli.adapt import resolve_device, to_device
+    from ftcli.data import tokenize
     from ftcli.evaluate import evaluate
+    from ftcli.evaluation.compare import open_run
 
-    recipe = load_recipe(run_dir / "recipe.yaml")
-    prepared = load_prepared(run_dir / "data")
+    rd = open_run(run_dir)
+    recipe, prepared = rd.recipe, rd.prepared
+    if not prepared.splits.get(split):
+        raise FtcliError(f"{run_dir} has no {split!r} split",
+                         hint=f"choose one of: {', '.join(k for k, v in prepared.splits.items() if v)}")
     model, tokenizer = load_trained(run_dir, recipe, prepared.labels)
     feats = tokenize(prepared.splits[split], recipe, tokenizer, prepared.label2id).features
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if getattr(model, "hf_quantizer", None) is None:
-        model.to(device)
+    device = resolve_device("auto")
+    to_device(model, device)
     report = evaluate(recipe.task, model, tokenizer, feats, prepared.labels, recipe.eval.batch_size, device, split)
     ui.table(f"{split} ({run_dir})", [(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in report.metrics.items()])
     return report.as_dict()
@@ -240,23 +242,31 @@ def evaluate_run(run_dir: Path, ui: UI, split: str = "test") -> dict:
 
 def load_trained(run_dir: Path, recipe: Recipe, labels: list[str] | None):
     """The fine-tuned model of a run folder (merged/, model/ or base + adapter/) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from ftcli.adapt import load_base_model, resolve_device, tokenizer_from
+    from ftcli.sources import local_model_dir, resolve_model
 
     cls = AutoModelForSequenceClassification if recipe.task == "classification" else AutoModelForCausalLM
     for sub in ("merged", "model"):
         if (run_dir / sub / "config.json").exists():
-            tok = AutoTokenizer.from_pretrained(run_dir / sub)
-            return cls.from_pretrained(run_dir / sub).eval(), tok
+            tok = tokenizer_from(run_dir / sub)
+            try:
+                return cls.from_pretrained(run_dir / sub).eval(), tok
+            except (OSError, ValueError) as exc:
+                raise FtcliError(f"cannot load {run_dir / sub}: {str(exc).splitlines()[0]}",
+                                 hint="the folder is damaged; rerun the merge (ftcli merge) or the training") from None
     if (run_dir / "adapter" / "adapter_config.json").exists():
         from peft import PeftModel
 
-        from ftcli.adapt import load_base_model, resolve_device
-        from ftcli.sources import local_model_dir, resolve_model
-
-        tok = AutoTokenizer.from_pretrained(run_dir / "adapter")
-        device = resolve_device("auto")
-        base = load_base_model(recipe, local_model_dir(resolve_model(recipe.model.name)), labels, tok, device)
-        return PeftModel.from_pretrained(base, run_dir / "adapter").eval(), tok
+        tok = tokenizer_from(run_dir / "adapter")
+        base_dir = local_model_dir(resolve_model(recipe.model.name, recipe.model.revision))
+        base = load_base_model(recipe, base_dir, labels, tok, resolve_device("auto"))
+        try:
+            return PeftModel.from_pretrained(base, run_dir / "adapter").eval(), tok
+        except (OSError, ValueError) as exc:
+            raise FtcliError(f"cannot load the adapter in {run_dir / 'adapter'}: {str(exc).splitlines()[0]}",
+                             hint="the folder is damaged; rerun the training (--force)") from None
     raise FtcliError(f"{run_dir} holds no trained model (merged/, model/ or adapter/)",
                      hint="finish the run first: ftcli train <recipe> --resume")
 

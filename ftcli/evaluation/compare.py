@@ -39,24 +39,6 @@ def open_run(run_dir: Path) -> RunData:
     return RunData(run_dir, load_recipe(run_dir / "recipe.yaml"), load_prepared(run_dir / "data"))
 
 
-def device_of() -> tuple[object, str]:
-    import torch
-
-    kind = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(kind), kind
-
-
-def to_device(model, device):
-    if getattr(model, "hf_quantizer", None) is None and not getattr(model, "is_loaded_in_4bit", False):
-        model.to(device)
-    return model
-
-
-def free(*objs) -> None:
-    del objs
-    gc.collect()
-
-
 def check_same_test(a: RunData, b: RunData) -> None:
     """Two runs can be compared only on the very same test examples, labels and task."""
     if a.recipe.task != b.recipe.task:
@@ -68,30 +50,33 @@ def check_same_test(a: RunData, b: RunData) -> None:
                          hint="compare runs prepared from the same data with the same data.split (seed and fractions)")
 
 
-def score_run(rd: RunData, ui: UI, generate: bool = True, extra=None) -> tuple[Scored, list[dict], list[int], dict]:
+def score_run(rd: RunData, ui: UI, generate: bool = True, extra=None) -> tuple[Scored, list[dict], list[int], object, dict]:
     """Load a run's fine-tuned model and score it; ``extra(model, tok, feats, kept, scored)`` runs
-    while the model is loaded. Returns (scored, features, kept indices, extra's result)."""
+    while the model is loaded. Returns (scored, features, kept indices, tokenizer, extra's result)."""
+    from ftcli.adapt import resolve_device, to_device
     from ftcli.evaluation.score import score_model, tokenize_aligned
     from ftcli.run import load_trained
 
-    device, _ = device_of()
+    device = resolve_device("auto")
     model, tok = load_trained(rd.run_dir, rd.recipe, rd.prepared.labels)
     to_device(model, device)
     feats, kept = tokenize_aligned(rd.examples, rd.recipe, tok, rd.prepared.label2id)
     scored = score_model(rd.run_dir.name, rd.recipe, model, tok, rd.examples, feats, kept, device, generate)
     result = extra(model, tok, feats, kept, scored) if extra else {}
-    free(model)
-    return scored, feats, kept, result
+    del model
+    gc.collect()
+    return scored, feats, kept, tok, result
 
 
 def robustness_extra(rd: RunData, ui: UI, enabled: bool, seed: int):
+    from ftcli.adapt import resolve_device
     from ftcli.evaluation.metrics import classification_report, lm_summary
     from ftcli.evaluation.robustness import robustness, stress
 
     def run(model, tok, feats, kept, scored):
         if not enabled:
             return {"robustness": {"applies": False, "why": "skipped (--no-robustness)"}, "stress": []}
-        device, _ = device_of()
+        device = resolve_device("auto")
         ex = [rd.examples[i] for i in kept]
         ui.step("robustness: perturbed test inputs, empty and very long inputs")
         if rd.recipe.task == "classification":
@@ -107,72 +92,58 @@ def robustness_extra(rd: RunData, ui: UI, enabled: bool, seed: int):
     return run
 
 
-def score_baseline(rd: RunData, baseline: str, ui: UI, feats: list[dict], kept: list[int]) -> tuple[Scored, dict]:
-    """The baseline's per-example outputs and a description of what it is."""
+def score_baseline(rd: RunData, baseline: str, ui: UI, feats: list[dict], kept: list[int], tok) -> tuple[Scored, dict]:
+    """The baseline's per-example outputs and a description of what it is; ``tok`` is the run's tokenizer."""
+    from ftcli.adapt import resolve_device, to_device
     from ftcli.evaluation.baseline import load_base, probe_probabilities
     from ftcli.evaluation.score import score_model, tokenize_aligned
-    from ftcli.run import load_trained
 
-    device, kind = device_of()
+    device = resolve_device("auto")
     r = rd.recipe
     if baseline in ("base", "probe"):
-        _, tok = _tokenizer_of(rd)
         if baseline == "probe":
             if r.task != "classification":
                 raise FtcliError("--baseline probe applies to classification runs only",
                                  hint="for a causal LM use --baseline (the base model, zero-shot) or another run")
             ui.step("baseline: linear probe (base frozen, head trained on the train split)")
-            model, _ = load_base(r, rd.run_dir, rd.prepared.labels, tok, kind)
+            model, _ = load_base(r, rd.run_dir, rd.prepared.labels, tok, device)
             to_device(model, device)
             split_feats = {s: tokenize_aligned(rd.prepared.splits[s], r, tok, rd.prepared.label2id)[0]
                            for s in ("train", "validation") if rd.prepared.splits.get(s)}
             split_feats["test"] = feats
             probs, info = probe_probabilities(r, model, tok, split_feats, device)
-            free(model)
+            del model
+            gc.collect()
             desc = (f"a linear probe: {r.model.name} frozen, only its head trained on the run's {info['train_examples']} "
                     f"training examples ({info['epochs']} epochs of AdamW at lr {info['lr']:g}, epoch "
                     f"{info['chosen_epoch']} kept by {info['chosen_by']}, seed {info['seed']})")
             return Scored("linear probe", r.task, probs=probs), {"kind": "probe", "name": "linear probe",
                                                                   "description": desc, "probe": info}
         ui.step(f"baseline: the base model {r.model.name}")
-        model, desc = load_base(r, rd.run_dir, rd.prepared.labels, tok, kind)
+        model, desc = load_base(r, rd.run_dir, rd.prepared.labels, tok, device)
         to_device(model, device)
         scored = score_model("base", r, model, tok, rd.examples, feats, kept, device)
-        free(model)
+        del model
+        gc.collect()
         return scored, {"kind": "base", "name": "base", "description": desc}
     other = open_run(Path(baseline))
     check_same_test(rd, other)
     ui.step(f"baseline: run {other.run_dir}")
-    device, _ = device_of()
-    model, tok = load_trained(other.run_dir, other.recipe, other.prepared.labels)
-    to_device(model, device)
-    feats2, kept2 = tokenize_aligned(other.examples, other.recipe, tok, other.prepared.label2id)
+    scored, _, kept2, _, _ = score_run(other, ui)
     if kept2 != kept:
         raise FtcliError(f"{other.run_dir} keeps different test examples after tokenization than {rd.run_dir}",
                          hint="compare runs with the same data.max_length and tokenizer")
-    scored = score_model(other.run_dir.name, other.recipe, model, tok, other.examples, feats2, kept2, device)
-    free(model)
     desc = f"the run {other.run_dir} ({other.recipe.method.kind} on {other.recipe.model.name})"
     return scored, {"kind": "run", "name": other.run_dir.name, "description": desc, "run": str(other.run_dir)}
-
-
-def _tokenizer_of(rd: RunData):
-    """The tokenizer the run trained with (saved beside its weights)."""
-    from ftcli.adapt import tokenizer_from
-
-    for sub in ("merged", "model", "adapter"):
-        if (rd.run_dir / sub / "tokenizer_config.json").exists():
-            return sub, tokenizer_from(rd.run_dir / sub)
-    raise FtcliError(f"{rd.run_dir} holds no trained model (merged/, model/ or adapter/)",
-                     hint="finish the run first: ftcli train <recipe> --resume")
 
 
 # --------------------------------------------------------------------------- analysis
 
 
 def analyse(rd: RunData, feats: list[dict], kept: list[int], tuned: Scored, base: Scored, n_resamples: int,
-            seed: int) -> dict:
-    """Metrics of both, paired significance, failures and per-example predictions."""
+            seed: int, tok=None) -> dict:
+    """Metrics of both, paired significance, failures and per-example predictions; a causal LM's
+    needs its tokenizer ``tok`` (to split prompts from references)."""
     from ftcli.evaluation import stats
     from ftcli.evaluation.failures import classification_failures, lm_failures
     from ftcli.evaluation.metrics import (
@@ -199,7 +170,6 @@ def analyse(rd: RunData, feats: list[dict], kept: list[int], tuned: Scored, base
         metrics = {"baseline": lm_summary(base.loss_sums, base.tokens), "tuned": lm_summary(tuned.loss_sums, tuned.tokens)}
         heads = lm_loss_headlines(base.loss_sums, tuned.loss_sums, tuned.tokens)
         refs, prompts = [], []
-        tok = _tokenizer_of(rd)[1]
         for e in examples:
             p, ref, _ = prompt_parts(tok, e)
             prompts.append(p)
@@ -274,11 +244,11 @@ def eval_baseline(run_dir: Path, baseline: str, ui: UI, out_dir: Path | None = N
 
     rd = open_run(run_dir)
     ui.step(f"score the fine-tuned model of {rd.run_dir} on {len(rd.examples)} sealed test examples")
-    tuned, feats, kept, extra = score_run(rd, ui, extra=robustness_extra(rd, ui, robust, seed))
+    tuned, feats, kept, tok, extra = score_run(rd, ui, extra=robustness_extra(rd, ui, robust, seed))
     tuned.name = "fine-tuned"
-    base, info = score_baseline(rd, baseline, ui, feats, kept)
+    base, info = score_baseline(rd, baseline, ui, feats, kept, tok)
     ui.step(f"paired statistics ({n_resamples} resamples) and failure analysis")
-    result = analyse(rd, feats, kept, tuned, base, n_resamples, seed)
+    result = analyse(rd, feats, kept, tuned, base, n_resamples, seed, tok)
     report = assemble(rd, info, result, read_jsonl(rd.run_dir / "metrics.jsonl"), extra, n_resamples, seed)
     if info["kind"] == "run":
         report["baseline_overfitting"] = detect_overfitting(read_jsonl(Path(info["run"]) / "metrics.jsonl"))

@@ -8,19 +8,12 @@ and tests it against the best single member with the same paired statistics as `
 
 from __future__ import annotations
 
+import gc
 import math
 from pathlib import Path
 
 from ftcli.errors import FtcliError
-from ftcli.evaluation.compare import (
-    RESAMPLES,
-    analyse,
-    check_same_test,
-    device_of,
-    free,
-    open_run,
-    to_device,
-)
+from ftcli.evaluation.compare import RESAMPLES, analyse, check_same_test, open_run
 from ftcli.evaluation.score import Scored
 from ftcli.ui import UI
 
@@ -69,6 +62,7 @@ def ensemble_loss_sums(members: list[list[list[float]]]) -> list[float]:
 
 def eval_ensemble(run_dirs: list[Path], ui: UI, out_dir: Path | None = None, n_resamples: int = RESAMPLES,
                   seed: int = 0) -> dict:
+    from ftcli.adapt import resolve_device, to_device
     from ftcli.evaluation.metrics import classification_report, lm_summary
     from ftcli.evaluation.overfit import detect_overfitting
     from ftcli.evaluation.report import jsonable, print_report, write_report
@@ -82,17 +76,17 @@ def eval_ensemble(run_dirs: list[Path], ui: UI, out_dir: Path | None = None, n_r
     for other in rds[1:]:
         check_same_test(rds[0], other)
     task = rds[0].recipe.task
-    device, _ = device_of()
+    device = resolve_device("auto")
     members: list[Scored] = []
     raw: list = []
-    ref_feats = ref_kept = None
+    ref_feats = ref_kept = ref_tok = None
     for rd in rds:
         ui.step(f"score member {rd.run_dir}")
         model, tok = load_trained(rd.run_dir, rd.recipe, rd.prepared.labels)
         to_device(model, device)
         feats, kept = tokenize_aligned(rd.examples, rd.recipe, tok, rd.prepared.label2id)
         if ref_feats is None:
-            ref_feats, ref_kept = feats, kept
+            ref_feats, ref_kept, ref_tok = feats, kept, tok
         elif task == "causal_lm" and ([f["input_ids"] for f in feats] != [f["input_ids"] for f in ref_feats]
                                       or kept != ref_kept):
             raise FtcliError(f"{rd.run_dir} tokenizes the test examples differently from {rds[0].run_dir}",
@@ -107,7 +101,8 @@ def eval_ensemble(run_dirs: list[Path], ui: UI, out_dir: Path | None = None, n_r
             lps = token_logprobs(model, feats, tok.pad_token_id, rd.recipe.eval.batch_size, device)
             members.append(Scored(rd.run_dir.name, task, loss_sums=[-sum(x) for x in lps], tokens=[len(x) for x in lps]))
             raw.append(lps)
-        free(model)
+        del model
+        gc.collect()
     rd0 = rds[0]
     if task == "classification":
         ens = Scored("ensemble", task, probs=average_probs(raw))
@@ -121,7 +116,7 @@ def eval_ensemble(run_dirs: list[Path], ui: UI, out_dir: Path | None = None, n_r
     best_i = better(range(len(members)), key=lambda i: member_metrics[i][key])
     best = members[best_i]
     ui.step(f"paired statistics: the ensemble vs its best member ({best.name})")
-    result = analyse(rd0, ref_feats, ref_kept, ens, best, n_resamples, seed)
+    result = analyse(rd0, ref_feats, ref_kept, ens, best, n_resamples, seed, ref_tok)
     overfit = [detect_overfitting(read_jsonl(rd.run_dir / "metrics.jsonl")) for rd in rds]
     report = {
         "ftcli_eval": 1, "run": ", ".join(str(rd.run_dir) for rd in rds), "name": f"ensemble of {len(rds)} runs",

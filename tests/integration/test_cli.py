@@ -146,3 +146,5 @@ def test_existing_run_is_not_overwritten(tmp_path, tiny_models, tiny_data):
     out = ftcli("eval", run_json.parent, "--json", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["metrics"] == json.loads(before)["eval"]["metrics"]
+    bad_split = ftcli("eval", run_json.parent, "--split", "dev", cwd=tmp_path)
+    assert_user_error(bad_split, "has no 'dev' split", "choose one of: train, validation, test")
