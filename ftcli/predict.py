@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from ftcli.adapt import resolve_device
 from ftcli.errors import FtcliError
 from ftcli.util import append_jsonl
 
@@ -104,16 +104,19 @@ class Predictor:
 
         tok = self.tokenizer
         prompts = [self.prompt_text(c, raw) for c in conversations]
+        cfg = self.model.config
+        positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        room = max(1, min(self.max_length, positions - max_new_tokens) if positions else self.max_length)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         out: list = [None] * len(prompts)
-        side = tok.padding_side
-        tok.padding_side = "left"
+        side, cut = tok.padding_side, tok.truncation_side
+        tok.padding_side = tok.truncation_side = "left"  # a long prompt keeps its end, where the answer starts
         try:
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 # the chat template already holds any special tokens the model expects
-                enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                          add_special_tokens=raw or not getattr(tok, "chat_template", None))
+                enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
+                          max_length=room, add_special_tokens=raw or not getattr(tok, "chat_template", None))
                 kwargs = {"max_new_tokens": max_new_tokens, "pad_token_id": tok.pad_token_id,
                           "do_sample": temperature > 0}
                 if temperature > 0:
@@ -129,7 +132,7 @@ class Predictor:
                 if progress:
                     progress(len(idx))
         finally:
-            tok.padding_side = side
+            tok.padding_side, tok.truncation_side = side, cut
         return out
 
 
@@ -162,12 +165,6 @@ def _max_length(run_dir: Path | None, tok) -> int:
     return int(min(m, 512))
 
 
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _plain(folder: Path, run_dir: Path | None) -> Predictor:
     import torch
 
@@ -183,7 +180,7 @@ def _plain(folder: Path, run_dir: Path | None) -> Predictor:
     if task == "classification":
         id2label = model.config.id2label or {}
         labels = [id2label[i] for i in range(len(id2label))]
-    device = _device()
+    device = resolve_device("auto")
     return Predictor(model.to(device).eval(), tok, task, str(folder), {None: labels or []},
                      max_length=_max_length(run_dir, tok), device=device)
 
@@ -251,7 +248,7 @@ def _with_adapters(base: str | None, specs: list[str], run_dir: Path | None = No
         raise FtcliError(f"cannot load the adapters onto {base or first.get('base_model')}: {str(exc).splitlines()[0]}",
                          hint="name the base the adapters were trained on") from None
     model.set_adapter(recs[0][0])
-    device = _device()
+    device = resolve_device("auto")
     labels = {n: list(r.get("labels") or []) for n, _, r in recs}
     run_dir = run_dir or (named[0][1].parent if named[0][1].name == "adapter" else None)
     return Predictor(model.to(device).eval(), tok, first["task"], base or str(first.get("base_model")), labels,
@@ -576,6 +573,3 @@ def progress_bar(console, total: int, what: str):
     task = bar.add_task(what, total=total)
     return bar, lambda n: bar.advance(task, n)
 
-
-def default_streams() -> tuple[TextIO, TextIO]:
-    return sys.stdin, sys.stdout

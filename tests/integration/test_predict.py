@@ -204,3 +204,12 @@ def test_read_requests_errors(tmp_path):
         read_requests(None, None)
     with pytest.raises(ftcli.errors.FtcliError, match="does not exist"):
         read_requests(None, str(tmp_path / "missing.jsonl"))
+
+
+def test_a_prompt_longer_than_the_model_keeps_its_end(tiny_models):
+    """GPT-2 has learned positions (128 here): a longer prompt must be cut, not crash the model."""
+    pred = load_predictor(str(tiny_models["gpt2"]))
+    long_prompt = " ".join(["word"] * 600) + " what is 2 plus 3 ?"
+    out = pred.generate([[{"role": "user", "content": long_prompt}]], max_new_tokens=8, raw=True)
+    assert len(out) == 1 and isinstance(out[0], str)
+    assert pred.tokenizer.truncation_side == "right" and pred.tokenizer.padding_side == "right"  # restored
