@@ -62,10 +62,10 @@ def command(fn):
         try:
             result = fn(*args, **kwargs)
         except FtcliError as exc:
-            if as_json:
-                _emit_json({"ok": False, "error": exc.render()})
             from ftcli.ui import is_main_process
 
+            if as_json and is_main_process():  # one JSON object on stdout, as on success
+                _emit_json({"ok": False, "error": exc.render()})
             if is_main_process() or not as_json:
                 sys.stderr.write(f"error: {exc.render()}\n")
             raise typer.Exit(1) from None

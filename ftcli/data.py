@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ftcli.errors import DataError, RecipeError
 from ftcli.recipe import DataSpec, Recipe
 from ftcli.sources import DataSource, resolve_data
@@ -60,8 +62,6 @@ def _format_of(path: str, declared: str) -> str:
 
 def _read_yaml_records(path: str) -> list[dict]:
     """A YAML list of mappings, or chatterbot-corpus's ``conversations:`` lists (-> chat messages)."""
-    import yaml
-
     with _open_text(path) as f:
         doc = yaml.safe_load(f)
     if isinstance(doc, list):
@@ -112,6 +112,8 @@ def read_file(path: str, fmt: str = "auto") -> list[dict]:
                 if len(lists) != 1:
                     raise DataError(f"{path}: expected a JSON list of records (or one list inside an object)")
                 doc = lists[0]
+            if not isinstance(doc, list):
+                raise DataError(f"{path}: expected a JSON list of records, found a {type(doc).__name__}")
             return [r if isinstance(r, dict) else {"text": r} for r in doc]
         if kind == "txt":
             with _open_text(path) as f:
@@ -120,7 +122,7 @@ def read_file(path: str, fmt: str = "auto") -> list[dict]:
             return _read_yaml_records(path)
     except DataError:
         raise
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
         raise DataError(f"{path}: cannot read as {kind}: {exc}") from None
     raise DataError(f"{path}: unsupported format {kind!r}")
 
@@ -332,7 +334,8 @@ def _split_off(examples: list[dict], fraction: float, seed: int, stratify: bool)
 
     labels = [e.get("label") for e in examples]
     counts = collections.Counter(labels)
-    can_stratify = stratify and labels[0] is not None and min(counts.values()) >= 2 and n_held >= len(counts)
+    can_stratify = (stratify and labels[0] is not None and min(counts.values()) >= 2 and n_held >= len(counts)
+                    and len(examples) - n_held >= len(counts))
     rest, held = train_test_split(examples, test_size=n_held, random_state=seed,
                                   stratify=labels if can_stratify else None)
     return list(rest), list(held)

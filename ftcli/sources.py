@@ -170,8 +170,13 @@ def materialize_gguf(source: ModelSource) -> Path:
 
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
-        tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file)
+        try:
+            tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+            model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file)
+        except (OSError, ValueError, KeyError) as exc:
+            raise SourceError(f"{gguf}: cannot convert this GGUF file: {str(exc).splitlines()[0]}",
+                              hint="check that it is a complete GGUF model file of an architecture transformers "
+                                   "reads (llama, mistral, qwen2, gemma, ...)") from None
         # GGUF quantization settings block save_pretrained (TRAPS.md #10): the weights are plain fp32 now.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config

@@ -268,3 +268,32 @@ def test_truncation_is_counted_and_examples_without_target_dropped(tiny_models):
                        {"neg": 0, "pos": 1})
     assert cls_out.truncated == 1 and max(len(f["input_ids"]) for f in cls_out.features) == 6
     assert [f["labels"] for f in cls_out.features] == [1, 0]
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("bad.yml", "- text: [unclosed\n", "cannot read as yaml"),
+    ("scalar.json", "42", "expected a JSON list of records, found a int"),
+])
+def test_malformed_files_are_one_data_error(tmp_path, name, content, message):
+    p = tmp_path / name
+    p.write_text(content)
+    with pytest.raises(DataError, match=message):
+        read_file(str(p))
+
+
+def test_a_split_too_small_to_stratify_is_a_data_error_not_sklearns(tmp_path):
+    """12 examples of 4 labels with 9 held out leave 3 for training: fewer than the labels."""
+    rows = [{"text": f"text {i}", "label": f"l{i % 4}"} for i in range(12)]
+    p = write_csv(tmp_path / "d.csv", rows)
+    with pytest.raises(DataError, match="have no training example after splitting"):
+        prepare(cls_recipe(p, split={"validation": 0.0, "test": 0.75, "seed": 0}), None)
+
+
+def test_a_broken_gguf_file_is_one_source_error(tmp_path):
+    from ftcli.sources import local_model_dir, resolve_model
+
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"not a gguf file at all" * 10)
+    with pytest.raises(SourceError, match="cannot convert this GGUF file"):
+        local_model_dir(resolve_model(str(bad)))
+    assert not list((tmp_path.parent / "ftcli-cache").glob("gguf/.tmp-*"))  # nothing half-written
