@@ -56,6 +56,10 @@ def test_chat_ensemble_and_probe_refused(lm_runs, capsys, tmp_path):
     code, ens = run_cli(capsys, "eval", str(lm_runs["trained"]), str(lm_runs["zero"]), "--ensemble", "--out",
                         str(tmp_path / "ens"), *FAST)
     assert code == 0 and ens["metrics"]["tuned"]["completion_loss"] > 0
+    member_losses = [m["metrics"]["completion_loss"] for m in ens["members"]]
+    # averaging probabilities: the ensemble's loss is at most the members' mean loss (Jensen), not one member's
+    assert ens["metrics"]["tuned"]["completion_loss"] <= sum(member_losses) / len(member_losses) + 1e-9
+    assert ens["metrics"]["tuned"]["completion_loss"] not in member_losses
     code, err = run_cli(capsys, "eval", str(lm_runs["trained"]), "--baseline", "probe")
     assert code == 1 and "classification runs only" in err["error"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from ftcli.data import _key
+from ftcli.util import read_jsonl
 from tests.conftest import tiny_recipe, write_recipe
 from tests.integration.test_eval_baseline import run_cli
 
@@ -39,3 +40,6 @@ def test_seeds(tmp_path, tiny_models, tiny_data, capsys):
         run = json.loads((tmp_path / "runs" / f"tiny-classification-lora-llama-random-seed{i}" / "run.json").read_text())
         assert run["seed"] == i and run["status"] == "completed"
     assert out["summary"]["accuracy"]["n"] == 2 and out["summary"]["accuracy"]["std"] >= 0
+    losses = [[row["loss"] for row in read_jsonl(tmp_path / "runs" / f"tiny-classification-lora-llama-random-seed{i}"
+                                                 / "metrics.jsonl") if "loss" in row] for i in (1, 2)]
+    assert losses[0] and losses[0] != losses[1]  # the seed changed the run, not just its name

@@ -68,6 +68,11 @@ def test_encoder_lora_trains_the_head_and_adapter(tmp_path, tiny_models, tiny_da
     lora_b = [v for k, v in weights.items() if "lora_B" in k]
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b), "LoRA B never moved from its zero init"
     assert any("classifier" in k for k in weights)
+    init = load_file(str(r.run_dir / "init" / "head.safetensors"))  # the fresh head the run started from
+    assert init
+    for name, start in init.items():
+        saved = [v for k, v in weights.items() if k.endswith(name)]
+        assert saved and not torch.equal(saved[0].float(), start), f"{name} never moved from its init"
     assert out["merge"]["passed"]
     # LoRA on query/value of a 32-wide, 2-layer BERT at r=4: 2 layers x 2 targets x 4 x (32 + 32)
     assert out["params"]["lora"] == 2 * 2 * 4 * (32 + 32)
@@ -252,7 +257,7 @@ def test_two_processes_on_cpu(tmp_path, tiny_models, tiny_data):
 
 
 @pytest.mark.parametrize("option", ["bf16", "checkpointing-lora", "checkpointing-full", "qlora-8bit", "plateau"])
-def test_training_options(tmp_path, tiny_models, tiny_data, option):
+def test_training_options(tmp_path, tiny_models, tiny_data, option, monkeypatch):
     mapping = tiny_recipe(tmp_path, tiny_models, tiny_data, task="causal_lm",
                           kind={"checkpointing-full": "full", "qlora-8bit": "qlora"}.get(option, "lora"), arch="llama")
     mapping["train"].update(epochs=2, eval_every=3)
@@ -267,10 +272,28 @@ def test_training_options(tmp_path, tiny_models, tiny_data, option):
         # so small a step that validation loss cannot improve: the plateau must cut the rate
         mapping["train"]["optimizer"] = {"name": "sgd", "lr": 1.0e-7}
     r = recipe_from_mapping(mapping)
+    import ftcli.adapt
+
+    adapted_models = []
+    real_adapt = ftcli.adapt.adapt
+
+    def keep_model(*args, **kwargs):
+        adapted = real_adapt(*args, **kwargs)
+        adapted_models.append(adapted.model)
+        return adapted
+
+    monkeypatch.setattr(ftcli.adapt, "adapt", keep_model)
     out = train_run(r, UI())
     assert out["status"] == "completed"
     rows = _metrics(r.run_dir)
     losses = [x["loss"] for x in rows if "loss" in x]
+    (model,) = adapted_models
+    if option.startswith("checkpointing"):
+        assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())  # really turned on
+    if option == "qlora-8bit":
+        import bitsandbytes as bnb
+
+        assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules())  # really loaded in 8 bits
     if option == "bf16":
         assert out["mixed_precision"] == "bf16"
     if option == "plateau":

@@ -85,7 +85,7 @@ def test_label_folder(tmp_path):
     assert sum(len(v) for v in prepared.splits.values()) == 30
 
 
-def test_glob_and_pkg_sources(tmp_path):
+def test_glob_sources(tmp_path):
     write_csv(tmp_path / "a.csv", ROWS[:30])
     write_csv(tmp_path / "b.csv", ROWS[30:])
     prepared = prepare(cls_recipe(tmp_path / "*.csv"), None)

@@ -224,6 +224,8 @@ def test_cards_verdict_and_micro_batch_search():
     plan = plan_model("llama-2-7b", method="qlora", batch_size=1, seq_len=2048, gradient_checkpointing=True, device="cuda")
     est = plan.estimate()
     assert [c["fits"] for c in fits_cards(est.total)] == sorted(c["fits"] for c in fits_cards(est.total))
+    on_20 = {c["card_gb"]: c["fits"] for c in fits_cards(20 * 1024**3)}
+    assert not on_20[16] and on_20[24]  # 20 GiB: too big for a 16 GB card, fits a 24 GB one
     budget = 24 * GB
     best = max_micro_batch(plan.inv, plan.setup, budget)
     assert best >= 1
@@ -248,5 +250,5 @@ def test_cpu_mode_differs_from_cuda_mode():
 
 
 def test_setup_rejects_unknown_values():
-    with pytest.raises(FtcliError):
+    with pytest.raises(FtcliError, match="method 'dora' is not one of full, lora, qlora"):
         estimate(plan_model("gpt2", method="full").inv, Setup(method="dora"))

@@ -102,6 +102,8 @@ def test_bad_settings_exit_1(bad):
     result = runner.invoke(app, ["estimate-memory", "--model", "gpt2", *bad])
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit)  # ftcli's own exit 1, not an exception CliRunner caught
+    assert bad[1] in result.output  # the message names the bad value
 
 
 def test_fast_gguf_header_reader_agrees_with_transformers():

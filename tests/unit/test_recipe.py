@@ -189,6 +189,7 @@ def test_resolved_recipe_round_trips(tmp_path):
         again = load_recipe(_write(tmp_path, r.to_yaml()))
         assert again.to_yaml() == r.to_yaml()  # resolving twice changes nothing
         assert again.method.quant == r.method.quant and again.train == r.train
+        assert again.data == r.data and again.model == r.model and again.method.target_modules == r.method.target_modules
 
 
 def test_run_folder_is_accepted_as_a_recipe(tmp_path):

@@ -26,6 +26,9 @@ def test_every_optimizer_builds_and_descends(name):
     x, y = torch.randn(128, 64), torch.randn(128, 1)
     lr = 1.0e-2 if name == "sgd" else 1.0e-3
     opt = build_optimizer(recipe({"name": name, "lr": lr, "weight_decay": 0.01}), model)
+    expected = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD", "rmsprop": "RMSprop", "adamw8bit": "AdamW8bit",
+                "paged_adamw": "PagedAdamW", "paged_adamw8bit": "PagedAdamW8bit"}[name]
+    assert type(opt).__name__ == expected  # the name picks that optimizer, not a look-alike
     # weight decay applies to matrices only, never to biases
     assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
     first = None
