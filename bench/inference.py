@@ -47,24 +47,26 @@ def classification_case(run: Path, batch_size: int, n_batches: int):
     """The run's base + adapter and its merged model (merged/, else merged now), on its test texts."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
+    from ftcli.adapt import tokenizer_from
     from ftcli.data import load_prepared
     from ftcli.merge import adapter_record, base_dir, load_base, merge
+    from ftcli.recipe import load_recipe
 
     adapter = run / "adapter"
     rec = adapter_record(adapter)
-    tok = AutoTokenizer.from_pretrained(adapter)
+    tok = tokenizer_from(adapter)
     unmerged = PeftModel.from_pretrained(load_base(rec, base_dir(rec, None), "dequantized", tok), adapter).eval()
     merged_dir = run / "merged"
-    if not (merged_dir / "config.json").exists():
-        merged_dir = Path(tempfile.mkdtemp()) / "merged"
-        merge(run, merged_dir)
-    merged = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()
+    if (merged_dir / "config.json").exists():
+        merged = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()
+    else:  # merge into a scratch folder, load, and remove it
+        with tempfile.TemporaryDirectory() as scratch:
+            merge(run, Path(scratch) / "merged")
+            merged = AutoModelForSequenceClassification.from_pretrained(Path(scratch) / "merged").eval()
     texts = [e["text"] for e in load_prepared(run / "data").splits["test"]][: batch_size * n_batches]
-    import yaml
-
-    max_length = (yaml.safe_load((run / "recipe.yaml").read_text())["data"]).get("max_length", 128)
+    max_length = load_recipe(run / "recipe.yaml").data.max_length
     batches = [tok(texts[i : i + batch_size], truncation=True, max_length=max_length, padding=True,
                    return_tensors="pt") for i in range(0, len(texts), batch_size)]
 
@@ -91,14 +93,13 @@ def causal_case(spec: str, batch_size: int, n_batches: int, new_tokens: int, r: 
 
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    from ftcli.adapt import tokenizer_from
     from ftcli.sources import local_model_dir, resolve_model
 
     folder = local_model_dir(resolve_model(spec))
-    tok = AutoTokenizer.from_pretrained(folder)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok = tokenizer_from(folder)
     tok.padding_side = "left"
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     torch.manual_seed(0)
@@ -161,11 +162,12 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     from ftcli.ui import quiet_libraries
+    from ftcli.util import read_json
 
     quiet_libraries()
     torch.set_num_threads(a.threads)
     if a.run:
-        task = json.loads((Path(a.run) / "run.json").read_text()).get("task")
+        task = read_json(Path(a.run) / "run.json").get("task")
         if task != "classification":
             sys.exit(f"--run takes a classification run ({a.run} is {task}); for a causal LM use --model SPEC")
         info, variants, units, unit = classification_case(a.run, a.batch_size, a.batches)

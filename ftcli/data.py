@@ -25,7 +25,7 @@ import yaml
 from ftcli.errors import DataError, RecipeError
 from ftcli.recipe import DataSpec, Recipe
 from ftcli.sources import DataSource, resolve_data
-from ftcli.util import atomic_write_text, read_jsonl, write_jsonl
+from ftcli.util import atomic_write_text, read_json, read_jsonl, write_jsonl
 
 SPLITS = ("train", "validation", "test")
 IGNORE_INDEX = -100
@@ -464,8 +464,8 @@ def load_prepared(data_dir: Path) -> PreparedData:
     for name in SPLITS:
         path = data_dir / f"{name}.jsonl"
         splits[name] = read_jsonl(path)
-    labels = json.loads((data_dir / "labels.json").read_text()) if (data_dir / "labels.json").exists() else None
-    stats = json.loads((data_dir / "data.json").read_text()) if (data_dir / "data.json").exists() else {}
+    labels = read_json(data_dir / "labels.json") if (data_dir / "labels.json").exists() else None
+    stats = read_json(data_dir / "data.json") if (data_dir / "data.json").exists() else {}
     return PreparedData(splits, labels, stats, data_dir)
 
 

@@ -20,7 +20,6 @@ OUT_DIR and renamed into place only when complete; an error, Ctrl-C or SIGTERM l
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import shutil
 import signal
@@ -31,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ftcli.errors import FtcliError
-from ftcli.util import atomic_dir, human_bytes, write_json
+from ftcli.util import atomic_dir, human_bytes, read_json, write_json
 
 # Largest |saved - reference| logit difference, relative to max(1, largest |reference| logit).
 # float32: the fold is exact up to summation order (measured 5e-7 relative on the quickstart, 2e-6 on
@@ -129,8 +128,8 @@ def find_adapter(path: str | Path) -> Path:
 
 def adapter_record(adapter_dir: Path) -> dict:
     """What the adapter was trained on: ftcli's record, else what peft's config says."""
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    rec = json.loads((adapter_dir / "ftcli.json").read_text()) if (adapter_dir / "ftcli.json").exists() else {}
+    cfg = read_json(adapter_dir / "adapter_config.json")
+    rec = read_json(adapter_dir / "ftcli.json") if (adapter_dir / "ftcli.json").exists() else {}
     rec.setdefault("base_model", cfg.get("base_model_name_or_path"))
     rec.setdefault("base_model_dir", cfg.get("base_model_name_or_path"))
     rec.setdefault("task", "classification" if cfg.get("task_type") == "SEQ_CLS" else "causal_lm")
@@ -142,8 +141,8 @@ def adapter_record(adapter_dir: Path) -> dict:
 
 def model_record(model_dir: Path) -> dict:
     """ftcli's record of a full fine-tuning model/ folder (or what its config says)."""
-    rec = json.loads((model_dir / "ftcli.json").read_text()) if (model_dir / "ftcli.json").exists() else {}
-    cfg = json.loads((model_dir / "config.json").read_text())
+    rec = read_json(model_dir / "ftcli.json") if (model_dir / "ftcli.json").exists() else {}
+    cfg = read_json(model_dir / "config.json")
     archs = cfg.get("architectures") or []
     rec.setdefault("task", "classification" if any(a.endswith("ForSequenceClassification") for a in archs)
                    else "causal_lm")
@@ -473,7 +472,7 @@ def merge(source: str | Path, out_dir: str | Path, *, base: str | None = None, d
     run_info = None
     if src.run_dir is not None:
         if (src.run_dir / "run.json").exists():
-            run_info = json.loads((src.run_dir / "run.json").read_text())
+            run_info = read_json(src.run_dir / "run.json")
         if (src.run_dir / "recipe.yaml").exists():
             rec["recipe"] = (src.run_dir / "recipe.yaml").read_text()
     tok = tokenizer_from(src.path)

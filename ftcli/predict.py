@@ -25,7 +25,7 @@ from typing import TextIO
 
 from ftcli.adapt import resolve_device
 from ftcli.errors import FtcliError
-from ftcli.util import append_jsonl
+from ftcli.util import append_jsonl, read_json
 
 COMMANDS_HELP = ("/good  mark the last answer good    /bad  mark it bad    /fix TEXT  give the right answer\n"
                  "/switch NAME  use another adapter    /adapters  list them    /reset  new conversation\n"
@@ -139,10 +139,10 @@ class Predictor:
 def _task_of_folder(folder: Path) -> str:
     for name in ("merge.json", "ftcli.json"):
         if (folder / name).exists():
-            task = json.loads((folder / name).read_text()).get("task")
+            task = read_json(folder / name).get("task")
             if task:
                 return task
-    cfg = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
+    cfg = read_json(folder / "config.json") if (folder / "config.json").exists() else {}
     archs = cfg.get("architectures") or []
     return "classification" if any(a.endswith("ForSequenceClassification") for a in archs) else "causal_lm"
 

@@ -149,10 +149,11 @@ def train_run(recipe: Recipe, ui: UI, resume: bool = False, force: bool = False,
     acc.wait_for_everyone()
     log = RunLog(run_dir, main, previous)
     log.data["timings_s"].update(timings)
-    log.update(ftcli_version=versions()["ftcli"], name=recipe.name, task=recipe.task, method=recipe.method.kind,
+    vers = versions()
+    log.update(ftcli_version=vers["ftcli"], name=recipe.name, task=recipe.task, method=recipe.method.kind,
                status="running", command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
                started=previous.get("started") or dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-               versions=versions(), seed=recipe.train.seed, device=device, num_processes=acc.num_processes,
+               versions=vers, seed=recipe.train.seed, device=device, num_processes=acc.num_processes,
                mixed_precision=acc.mixed_precision, threads=torch.get_num_threads(),
                data={**prepared.stats, "tokenized": {s: {"examples": len(tokenized[s].features),
                                                          "tokens": tokenized[s].tokens,

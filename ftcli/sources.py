@@ -99,7 +99,6 @@ def ensure_hub(repo_id: str, what: str, cached: bool) -> None:
         )
     reason = _hub_reachable()
     if reason:
-        os.environ["HF_HUB_OFFLINE"] = "1"  # nothing later should wait on the network again
         raise SourceError(
             f"{what} {repo_id!r} is not a local path, is not cached, and the hub is out of reach: {reason}",
             hint=fix,
@@ -117,10 +116,6 @@ class ModelSource:
     kind: str  # "folder" | "gguf" | "hub"
     path: str
     gguf_file: str | None = None
-
-    @property
-    def is_local(self) -> bool:
-        return self.kind != "hub"
 
 
 def resolve_model(spec: str, revision: str | None = None) -> ModelSource:

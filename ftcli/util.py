@@ -31,7 +31,14 @@ def write_json(path: Path, obj) -> None:
 
 
 def read_json(path: Path):
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """A JSON file ftcli (or transformers/peft) wrote; a damaged one is a user error, not a traceback."""
+    from ftcli.errors import FtcliError
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise FtcliError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})",
+                         hint="the file is damaged: recreate it by rerunning the step that wrote it") from None
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:

@@ -297,3 +297,13 @@ def test_a_broken_gguf_file_is_one_source_error(tmp_path):
     with pytest.raises(SourceError, match="cannot convert this GGUF file"):
         local_model_dir(resolve_model(str(bad)))
     assert not list((tmp_path.parent / "ftcli-cache").glob("gguf/.tmp-*"))  # nothing half-written
+
+
+def test_a_damaged_json_record_is_one_user_error(tmp_path):
+    from ftcli.util import read_json
+
+    p = tmp_path / "run.json"
+    p.write_text('{"status": "completed",')  # cut off mid-write by an older tool, or edited by hand
+    with pytest.raises(FtcliError, match="run.json: not valid JSON") as exc:
+        read_json(p)
+    assert "recreate it" in exc.value.render()
