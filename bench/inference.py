@@ -49,15 +49,14 @@ def classification_case(run: Path, batch_size: int, n_batches: int):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from ftcli.adapt import tokenizer_from
-    from ftcli.data import load_prepared
-    from ftcli.merge import adapter_record, base_dir, load_base, merge
-    from ftcli.recipe import load_recipe
+    from ftcli.merge import merge
+    from ftcli.models import base_dir, load_base_for, tokenizer_from
+    from ftcli.rundir import open_run, read_model_record
 
     adapter = run / "adapter"
-    rec = adapter_record(adapter)
+    rec = read_model_record(adapter)
     tok = tokenizer_from(adapter)
-    unmerged = PeftModel.from_pretrained(load_base(rec, base_dir(rec, None), "dequantized", tok), adapter).eval()
+    unmerged = PeftModel.from_pretrained(load_base_for(rec, base_dir(rec, None), "dequantized", tok), adapter).eval()
     merged_dir = run / "merged"
     if (merged_dir / "config.json").exists():
         merged = AutoModelForSequenceClassification.from_pretrained(merged_dir).eval()
@@ -65,8 +64,9 @@ def classification_case(run: Path, batch_size: int, n_batches: int):
         with tempfile.TemporaryDirectory() as scratch:
             merge(run, Path(scratch) / "merged")
             merged = AutoModelForSequenceClassification.from_pretrained(Path(scratch) / "merged").eval()
-    texts = [e["text"] for e in load_prepared(run / "data").splits["test"]][: batch_size * n_batches]
-    max_length = load_recipe(run / "recipe.yaml").data.max_length
+    rd = open_run(run)
+    texts = [e["text"] for e in rd.examples][: batch_size * n_batches]
+    max_length = rd.recipe.data.max_length
     batches = [tok(texts[i : i + batch_size], truncation=True, max_length=max_length, padding=True,
                    return_tensors="pt") for i in range(0, len(texts), batch_size)]
 
@@ -95,7 +95,7 @@ def causal_case(spec: str, batch_size: int, n_batches: int, new_tokens: int, r: 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from ftcli.adapt import tokenizer_from
+    from ftcli.models import tokenizer_from
     from ftcli.sources import local_model_dir, resolve_model
 
     folder = local_model_dir(resolve_model(spec))

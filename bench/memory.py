@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ftcli.memory import plan_model, plan_recipe  # noqa: E402
-from ftcli.memory.estimate import GB, GiB  # noqa: E402
+from ftcli.memory.setup import GB, GiB  # noqa: E402
 
 MiB = 1024**2
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -34,16 +34,17 @@ CASES = {
 
 def _prepare(recipe_path: str, steps: int, batch: int):
     """The recipe's tokenizer, tokenized training examples (exactly what ftcli trains on) and recipe."""
-    from ftcli.adapt import load_tokenizer
-    from ftcli.data import prepare, tokenize
+    from ftcli.data.examples import prepare
+    from ftcli.data.tokenize import tokenize
+    from ftcli.models import load_tokenizer
     from ftcli.recipe import load_recipe
 
     recipe = load_recipe(ROOT / recipe_path, [f"train.max_steps={steps}", f"train.batch_size={batch}",
                                               "train.eval_every=100000", "train.log_every=1", "merge.enabled=false"])
-    tok, source, model_dir = load_tokenizer(recipe)
-    prepared = prepare(recipe, None)
+    tok, _, model_dir = load_tokenizer(recipe.model)
+    prepared = prepare(recipe)
     feats = tokenize(prepared.splits["train"][: steps * batch], recipe, tok, prepared.label2id).features
-    return recipe, tok, source, model_dir, prepared, feats
+    return recipe, tok, model_dir, prepared, feats
 
 
 def run_ftcli(recipe_path: str, steps: int, batch: int) -> dict:
@@ -52,11 +53,11 @@ def run_ftcli(recipe_path: str, steps: int, batch: int) -> dict:
     from accelerate import Accelerator
 
     from ftcli.adapt import adapt
-    from ftcli.data import Tokenized
+    from ftcli.data.tokenize import Tokenized
     from ftcli.train import train
 
-    recipe, tok, source, model_dir, prepared, feats = _prepare(recipe_path, steps, batch)
-    adapted = adapt(recipe, tok, source, model_dir, prepared.labels, "cpu")
+    recipe, tok, model_dir, prepared, feats = _prepare(recipe_path, steps, batch)
+    adapted = adapt(recipe, tok, model_dir, prepared.labels, "cpu")
     tokenized = {"train": Tokenized(feats, 0, 0, 0), "validation": Tokenized([], 0, 0, 0)}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -81,7 +82,7 @@ def run_plain(recipe_path: str, steps: int, batch: int) -> dict:
         TrainingArguments,
     )
 
-    recipe, tok, source, model_dir, prepared, feats = _prepare(recipe_path, steps, batch)
+    recipe, tok, model_dir, prepared, feats = _prepare(recipe_path, steps, batch)
     labels = prepared.labels
     model = AutoModelForSequenceClassification.from_pretrained(
         model_dir, num_labels=len(labels), id2label=dict(enumerate(labels)),

@@ -87,7 +87,7 @@ def command(fn):
 
 
 def _interrupted_type():
-    from ftcli.train import Interrupted
+    from ftcli.errors import Interrupted
 
     return Interrupted
 
@@ -124,12 +124,12 @@ def train(
 
       ftcli train quickstart --seeds 3   [dim]# mean ± std over 3 seeds[/]
     """
-    from ftcli.run import train_run
+    from ftcli.pipeline import train_run
     from ftcli.ui import UI
 
     r = _load(recipe, set_)
     if seeds is not None:
-        from ftcli.evaluation.seeds import train_seeds
+        from ftcli.sweeps import train_seeds
 
         return train_seeds(r, seeds, UI(json_), resume=resume, force=force)
     return train_run(r, UI(json_), resume=resume, force=force, memory_check=not no_memory_check)
@@ -157,7 +157,8 @@ def validate(
     r = _load(recipe, set_)
     checked = ["schema"]
     if not no_data:
-        from ftcli.data import check_columns, read_source
+        from ftcli.data.examples import check_columns
+        from ftcli.data.read import read_source
         from ftcli.sources import resolve_data
 
         source = resolve_data(r.data.path)
@@ -235,7 +236,8 @@ def eval_(
 
       ftcli eval --baseline --json
     """
-    from ftcli.run import evaluate_run, latest_run
+    from ftcli.pipeline import evaluate_run
+    from ftcli.rundir import latest_run
     from ftcli.ui import UI
 
     ui = UI(json_)
@@ -281,7 +283,7 @@ def cv(
 
       ftcli cv quickstart --folds 3 --set train.epochs=1 --json
     """
-    from ftcli.evaluation.cv import cross_validate
+    from ftcli.sweeps import cross_validate
     from ftcli.ui import UI
 
     return cross_validate(_load(recipe, set_), folds, UI(json_), force=force)
@@ -448,15 +450,11 @@ def predict(
 
       ftcli predict runs/quickstart --input new.jsonl --review --feedback feedback.jsonl
     """
-    from ftcli.predict import (
-        FeedbackLog,
-        load_predictor,
-        progress_bar,
-        read_requests,
-        review_loop,
-        write_predictions,
-    )
-    from ftcli.predict import predict as do_predict
+    from ftcli.serve.batch import predict as do_predict
+    from ftcli.serve.batch import progress_bar, read_requests, write_predictions
+    from ftcli.serve.chat import review_loop
+    from ftcli.serve.feedback import FeedbackLog
+    from ftcli.serve.predictor import load_predictor
     from ftcli.ui import UI
 
     ui = UI(json_)
@@ -517,7 +515,9 @@ def chat(
 
       ftcli chat --adapter polite=runs/a --adapter terse=runs/b --system "You are helpful."
     """
-    from ftcli.predict import FeedbackLog, chat_loop, load_predictor
+    from ftcli.serve.chat import chat_loop
+    from ftcli.serve.feedback import FeedbackLog
+    from ftcli.serve.predictor import load_predictor
 
     pred = load_predictor(model, adapter)
     log = FeedbackLog(feedback, pred.source)

@@ -58,3 +58,12 @@ class DataError(FtcliError):
 
 class SourceError(FtcliError):
     """A model or data source cannot be found or reached."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training; a checkpoint was saved at ``step``."""
+
+    def __init__(self, step: int, checkpoint=None):
+        self.step = step
+        self.checkpoint = checkpoint
+        super().__init__(f"interrupted at step {step}")

@@ -10,6 +10,8 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from ftcli.errors import FtcliError
+
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename: never half-written."""
@@ -32,7 +34,6 @@ def write_json(path: Path, obj) -> None:
 
 def read_json(path: Path):
     """A JSON file ftcli (or transformers/peft) wrote; a damaged one is a user error, not a traceback."""
-    from ftcli.errors import FtcliError
 
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))

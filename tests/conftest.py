@@ -201,3 +201,43 @@ def tiny_recipe(tmp_path: Path, tiny_models, tiny_data, task: str = "classificat
     }
     recipe.update(overrides)
     return recipe
+
+
+# --------------------------------------------------------------------------- helpers shared by test modules
+
+FAST = ["--resamples", "999"]
+
+
+def run_cli(capsys, *args: str) -> tuple[int, dict]:
+    with pytest.raises(SystemExit) as exc:
+        from ftcli.cli import main
+
+        main([*args, "--json"])
+    out = capsys.readouterr().out
+    return exc.value.code, json.loads(out)
+
+
+
+_RUNS: dict = {}
+
+
+def trained_run(tmp_path_factory, tiny_models, tiny_data, task: str, kind: str, seed: int = 0,
+                lr: float = 1.0e-2) -> Path:
+    """A short real training run (cached for the session): enough steps to move every weight."""
+    from ftcli.pipeline import train_run
+    from ftcli.recipe import recipe_from_mapping
+    from ftcli.ui import UI
+
+    key = (task, kind, seed, lr)
+    if key not in _RUNS:
+        root = tmp_path_factory.mktemp(f"run-{task}-{kind}-{seed}")
+        m = tiny_recipe(root, tiny_models, tiny_data, task=task, kind=kind, arch="llama")
+        m["name"] = f"{task}-{kind}-{seed}"
+        m["train"].update(max_steps=6, seed=seed, optimizer={"name": "adamw", "lr": lr})
+        m["merge"] = {"enabled": False}
+        r = recipe_from_mapping(m)
+        train_run(r, UI())
+        _RUNS[key] = r.run_dir
+    return _RUNS[key]
+
+

@@ -15,9 +15,15 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from ftcli.adapt import HEAD_NAMES
+import torch
+from safetensors.torch import load_file, save_file
+
+from ftcli.data.tokenize import collate
 from ftcli.errors import FtcliError
+from ftcli.models import HEAD_NAMES, load_recipe_base
 from ftcli.recipe import Recipe
+from ftcli.sources import local_model_dir, resolve_model
+from ftcli.util import atomic_dir
 
 INIT_HEAD = Path("init") / "head.safetensors"
 PROBE_EPOCHS = 30
@@ -39,9 +45,7 @@ def head_state(model) -> dict:
 
 def save_initial_head(model, run_dir: Path) -> Path | None:
     """Record the fresh head a classification run starts from (before the first step)."""
-    from safetensors.torch import save_file
 
-    from ftcli.util import atomic_dir
 
     state = head_state(model)
     if not state:
@@ -54,8 +58,6 @@ def save_initial_head(model, run_dir: Path) -> Path | None:
 
 def load_head(model, state: dict) -> None:
     """Put a recorded head into a freshly loaded base model; every tensor must find its place."""
-    import torch
-
     params = dict(model.named_parameters())
     missing = [k for k in state if k not in params or params[k].shape != state[k].shape]
     if missing:
@@ -68,15 +70,11 @@ def load_head(model, state: dict) -> None:
 
 def load_base(recipe: Recipe, run_dir: Path, labels: list[str] | None, tokenizer, device: str):
     """(base model as the run started, a sentence that says what it is)."""
-    import torch
-    from safetensors.torch import load_file
 
-    from ftcli.adapt import load_base_model
-    from ftcli.sources import local_model_dir, resolve_model
 
     model_dir = local_model_dir(resolve_model(recipe.model.name, recipe.model.revision))
     torch.manual_seed(recipe.train.seed)
-    model = load_base_model(recipe, model_dir, labels, tokenizer, device)
+    model = load_recipe_base(recipe, model_dir, labels, tokenizer, device)
     if recipe.task != "classification":
         return model.eval(), (f"the pre-trained {recipe.model.name}, untouched, prompted zero-shot with the same "
                               "template as the fine-tune")
@@ -104,7 +102,6 @@ def _head_module(model):
 
 
 def _last_non_pad(input_ids, pad_id):
-    import torch
 
     mask = (input_ids != pad_id).int()
     return (torch.arange(input_ids.shape[-1], device=input_ids.device) * mask).argmax(-1)
@@ -113,9 +110,7 @@ def _last_non_pad(input_ids, pad_id):
 def head_inputs(model, feats: list[dict], pad_id: int, batch_size: int, device) -> tuple[list, bool]:
     """What the frozen body feeds the head, per example (pooled at the last token for heads that
     score every position, as transformers pools their logits). Returns (inputs, pooled)."""
-    import torch
 
-    from ftcli.train import collate
 
     _, head = _head_module(model)
     captured = {}
@@ -146,7 +141,6 @@ def head_inputs(model, feats: list[dict], pad_id: int, batch_size: int, device) 
 def train_probe(model, train_x: list, train_y: list[int], val_x: list, val_y: list[int], batch_size: int,
                 seed: int, epochs: int = PROBE_EPOCHS, lr: float = PROBE_LR) -> tuple[object, dict]:
     """Train a copy of the model's head on frozen features; keep the epoch with the best validation loss."""
-    import torch
     import torch.nn.functional as F
 
     _, head = _head_module(model)
@@ -181,8 +175,6 @@ def train_probe(model, train_x: list, train_y: list[int], val_x: list, val_y: li
 
 def probe_probabilities(recipe: Recipe, model, tokenizer, feats: dict[str, list[dict]], device) -> tuple[list, dict]:
     """Test-split class probabilities of a linear probe on the frozen base ``model``."""
-    import torch
-
     pad, bs = tokenizer.pad_token_id, recipe.eval.batch_size
     xs = {split: head_inputs(model, f, pad, bs, device)[0] for split, f in feats.items()}
     ys = {split: [f["labels"] for f in fs] for split, fs in feats.items()}

@@ -4,61 +4,47 @@ examples, test the differences, find the failures, read the curves, write the re
 from __future__ import annotations
 
 import gc
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ftcli.errors import FtcliError
-from ftcli.evaluation.score import Scored
-from ftcli.evaluation.stats import NEUTRAL
-from ftcli.recipe import Recipe
+from ftcli.evaluation import stats
+from ftcli.evaluation.baseline import load_base, probe_probabilities
+from ftcli.evaluation.failures import classification_failures, lm_failures
+from ftcli.evaluation.metrics import (
+    classification_headlines,
+    classification_report,
+    generation_headlines,
+    lm_loss_headlines,
+    lm_summary,
+)
+from ftcli.evaluation.overfit import detect_overfitting
+from ftcli.evaluation.report import jsonable, print_report, write_report
+from ftcli.evaluation.robustness import robustness, stress
+from ftcli.evaluation.score import (
+    Scored,
+    answer_table,
+    per_token_loss,
+    prompt_parts,
+    score_model,
+    tokenize_aligned,
+)
+from ftcli.evaluation.stats import verdict_text
+from ftcli.models import load_trained, resolve_device, to_device
+from ftcli.rundir import RunDir, check_same_test, open_run
 from ftcli.ui import UI
+from ftcli.util import read_jsonl
 
 RESAMPLES = 9999
 
 
-@dataclass
-class RunData:
-    run_dir: Path
-    recipe: Recipe
-    prepared: object
-
-    @property
-    def examples(self) -> list[dict]:
-        return self.prepared.splits["test"]
-
-
-def open_run(run_dir: Path) -> RunData:
-    from ftcli.data import load_prepared
-    from ftcli.recipe import load_recipe
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "recipe.yaml").is_file():
-        raise FtcliError(f"{run_dir} is not a run folder (no recipe.yaml)",
-                         hint="give a folder that `ftcli train` wrote, e.g. runs/quickstart")
-    return RunData(run_dir, load_recipe(run_dir / "recipe.yaml"), load_prepared(run_dir / "data"))
-
-
-def check_same_test(a: RunData, b: RunData) -> None:
-    """Two runs can be compared only on the very same test examples, labels and task."""
-    if a.recipe.task != b.recipe.task:
-        raise FtcliError(f"{a.run_dir} is {a.recipe.task} and {b.run_dir} is {b.recipe.task}: nothing to compare")
-    if a.prepared.labels != b.prepared.labels:
-        raise FtcliError(f"{a.run_dir} and {b.run_dir} have different labels ({a.prepared.labels} vs {b.prepared.labels})")
-    if a.examples != b.examples:
-        raise FtcliError(f"{a.run_dir} and {b.run_dir} were not tested on the same examples",
-                         hint="compare runs prepared from the same data with the same data.split (seed and fractions)")
-
-
-def score_run(rd: RunData, ui: UI, generate: bool = True, extra=None) -> tuple[Scored, list[dict], list[int], object, dict]:
+def score_run(rd: RunDir, ui: UI, generate: bool = True, extra=None) -> tuple[Scored, list[dict], list[int], object, dict]:
     """Load a run's fine-tuned model and score it; ``extra(model, tok, feats, kept, scored)`` runs
     while the model is loaded. Returns (scored, features, kept indices, tokenizer, extra's result)."""
-    from ftcli.adapt import resolve_device, to_device
-    from ftcli.evaluation.score import score_model, tokenize_aligned
-    from ftcli.run import load_trained
 
     device = resolve_device("auto")
-    model, tok = load_trained(rd.run_dir, rd.recipe, rd.prepared.labels)
+    model, tok = load_trained(rd.run_dir, rd.recipe.task)
     to_device(model, device)
     feats, kept = tokenize_aligned(rd.examples, rd.recipe, tok, rd.prepared.label2id)
     scored = score_model(rd.run_dir.name, rd.recipe, model, tok, rd.examples, feats, kept, device, generate)
@@ -68,10 +54,7 @@ def score_run(rd: RunData, ui: UI, generate: bool = True, extra=None) -> tuple[S
     return scored, feats, kept, tok, result
 
 
-def robustness_extra(rd: RunData, ui: UI, enabled: bool, seed: int):
-    from ftcli.adapt import resolve_device
-    from ftcli.evaluation.metrics import classification_report, lm_summary
-    from ftcli.evaluation.robustness import robustness, stress
+def robustness_extra(rd: RunDir, ui: UI, enabled: bool, seed: int):
 
     def run(model, tok, feats, kept, scored):
         if not enabled:
@@ -80,8 +63,6 @@ def robustness_extra(rd: RunData, ui: UI, enabled: bool, seed: int):
         ex = [rd.examples[i] for i in kept]
         ui.step("robustness: perturbed test inputs, empty and very long inputs")
         if rd.recipe.task == "classification":
-            import numpy as np
-
             m = classification_report([f["labels"] for f in feats], scored.probs, rd.prepared.labels)
             clean = {"accuracy": m["accuracy"], "pred": np.asarray(scored.probs).argmax(1)}
         else:
@@ -92,12 +73,8 @@ def robustness_extra(rd: RunData, ui: UI, enabled: bool, seed: int):
     return run
 
 
-def score_baseline(rd: RunData, baseline: str, ui: UI, feats: list[dict], kept: list[int], tok) -> tuple[Scored, dict]:
+def score_baseline(rd: RunDir, baseline: str, ui: UI, feats: list[dict], kept: list[int], tok) -> tuple[Scored, dict]:
     """The baseline's per-example outputs and a description of what it is; ``tok`` is the run's tokenizer."""
-    from ftcli.adapt import resolve_device, to_device
-    from ftcli.evaluation.baseline import load_base, probe_probabilities
-    from ftcli.evaluation.score import score_model, tokenize_aligned
-
     device = resolve_device("auto")
     r = rd.recipe
     if baseline in ("base", "probe"):
@@ -140,20 +117,10 @@ def score_baseline(rd: RunData, baseline: str, ui: UI, feats: list[dict], kept: 
 # --------------------------------------------------------------------------- analysis
 
 
-def analyse(rd: RunData, feats: list[dict], kept: list[int], tuned: Scored, base: Scored, n_resamples: int,
+def analyse(rd: RunDir, feats: list[dict], kept: list[int], tuned: Scored, base: Scored, n_resamples: int,
             seed: int, tok=None) -> dict:
     """Metrics of both, paired significance, failures and per-example predictions; a causal LM's
     needs its tokenizer ``tok`` (to split prompts from references)."""
-    from ftcli.evaluation import stats
-    from ftcli.evaluation.failures import classification_failures, lm_failures
-    from ftcli.evaluation.metrics import (
-        classification_headlines,
-        classification_report,
-        generation_headlines,
-        lm_loss_headlines,
-        lm_summary,
-    )
-    from ftcli.evaluation.score import answer_table, per_token_loss, prompt_parts
 
     r = rd.recipe
     examples = [rd.examples[i] for i in kept]
@@ -190,43 +157,16 @@ def analyse(rd: RunData, feats: list[dict], kept: list[int], tuned: Scored, base
             "predictions": rows, "examples_scored": len(feats)}
 
 
-def fmt(x, digits: int = 4) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    if isinstance(x, float):
-        if x != 0 and (abs(x) < 10 ** -(digits - 1) or abs(x) >= 1e5):
-            return f"{x:.2e}"
-        return f"{x:.{digits}f}"
-    return str(x)
-
-
-def fmt_p(p: float) -> str:
-    if p is None or (isinstance(p, float) and math.isnan(p)):
-        return "-"
-    return f"{p:.2e}" if p < 1e-3 else f"{p:.3f}"
-
-
-def verdict_text(row: dict, baseline_name: str) -> str:
-    name = row["metric"].replace("_", " ")
-    if row["verdict"] == NEUTRAL:
-        return f"{name}: {fmt(row['baseline'])} -> {fmt(row['tuned'])} ({row.get('test')})"
-    return (f"{row['verdict']}: {name} {fmt(row['baseline'])} ({baseline_name}) -> {fmt(row['tuned'])} (fine-tuned), "
-            f"difference {row['diff']:+.4f}, 95% CI [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}], "
-            f"{row['test']} p = {fmt_p(row['p_value'])}, n = {row['n']}")
-
-
 # --------------------------------------------------------------------------- the command
 
 
-def assemble(rd: RunData, info: dict, result: dict, curves: list[dict], extra: dict, n_resamples: int,
+def assemble(rd: RunDir, info: dict, result: dict, curves: list[dict], extra: dict, n_resamples: int,
              seed: int) -> dict:
     """The report's content (everything but the per-example predictions, which go to their own file)."""
-    from ftcli.evaluation.overfit import detect_overfitting
-
     return {
         "ftcli_eval": 1, "run": str(rd.run_dir), "name": rd.recipe.name, "task": rd.recipe.task,
         "method": rd.recipe.method.kind, "model": rd.recipe.model.name, "baseline": info,
-        "test_examples": len(rd.examples), "alpha": 0.05, "resamples": n_resamples, "seed": seed,
+        "test_examples": len(rd.examples), "alpha": stats.ALPHA, "resamples": n_resamples, "seed": seed,
         **{k: v for k, v in result.items() if k != "predictions"},
         "overfitting": detect_overfitting(curves),
         "curves": {"train": [[c["step"], c["loss"]] for c in curves if "loss" in c],
@@ -238,10 +178,6 @@ def assemble(rd: RunData, info: dict, result: dict, curves: list[dict], extra: d
 def eval_baseline(run_dir: Path, baseline: str, ui: UI, out_dir: Path | None = None, n_resamples: int = RESAMPLES,
                   seed: int = 0, robust: bool = True) -> dict:
     """``ftcli eval RUN --baseline [base|probe|RUN_DIR]``: the whole comparison and its report."""
-    from ftcli.evaluation.overfit import detect_overfitting
-    from ftcli.evaluation.report import jsonable, print_report, write_report
-    from ftcli.util import read_jsonl
-
     rd = open_run(run_dir)
     ui.step(f"score the fine-tuned model of {rd.run_dir} on {len(rd.examples)} sealed test examples")
     tuned, feats, kept, tok, extra = score_run(rd, ui, extra=robustness_extra(rd, ui, robust, seed))

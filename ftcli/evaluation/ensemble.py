@@ -12,47 +12,30 @@ import gc
 import math
 from pathlib import Path
 
+import numpy as np
+from scipy.special import logsumexp
+
 from ftcli.errors import FtcliError
-from ftcli.evaluation.compare import RESAMPLES, analyse, check_same_test, open_run
-from ftcli.evaluation.score import Scored
+from ftcli.evaluation import stats
+from ftcli.evaluation.compare import RESAMPLES, analyse
+from ftcli.evaluation.forward import class_probabilities, token_logprobs
+from ftcli.evaluation.metrics import classification_report, lm_summary
+from ftcli.evaluation.overfit import detect_overfitting
+from ftcli.evaluation.report import jsonable, print_report, write_report
+from ftcli.evaluation.score import Scored, tokenize_aligned
+from ftcli.models import load_trained, resolve_device, to_device
+from ftcli.rundir import check_same_test, open_run
 from ftcli.ui import UI
-
-
-def token_logprobs(model, features: list[dict], pad_id: int, batch_size: int, device) -> list[list[float]]:
-    """Log-probability of every target token of each example, in order."""
-    import torch
-
-    from ftcli.data import IGNORE_INDEX
-    from ftcli.train import collate
-
-    out: list = []
-    model.eval()
-    with torch.no_grad():
-        for s in range(0, len(features), batch_size):
-            batch = collate(features[s : s + batch_size], pad_id)
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits.float()
-            lp = torch.log_softmax(logits[:, :-1], dim=-1)
-            labels = batch["labels"].to(device)[:, 1:]
-            mask = labels != IGNORE_INDEX
-            picked = lp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            for r in range(labels.shape[0]):
-                out.append(picked[r][mask[r]].cpu().tolist())
-    return out
+from ftcli.util import read_jsonl
 
 
 def average_probs(members: list[list[list[float]]]) -> list[list[float]]:
     """The mean of the members' class probabilities, example by example."""
-    import numpy as np
-
     return np.mean(np.asarray(members, dtype=float), axis=0).tolist()
 
 
 def ensemble_loss_sums(members: list[list[list[float]]]) -> list[float]:
     """Per-example summed loss of the ensemble: -sum_t log(mean_m p_m(token t))."""
-    import numpy as np
-    from scipy.special import logsumexp
-
     out = []
     for per_member in zip(*members, strict=True):
         lp = np.asarray(per_member, dtype=float)  # members x tokens
@@ -62,13 +45,6 @@ def ensemble_loss_sums(members: list[list[list[float]]]) -> list[float]:
 
 def eval_ensemble(run_dirs: list[Path], ui: UI, out_dir: Path | None = None, n_resamples: int = RESAMPLES,
                   seed: int = 0) -> dict:
-    from ftcli.adapt import resolve_device, to_device
-    from ftcli.evaluation.metrics import classification_report, lm_summary
-    from ftcli.evaluation.overfit import detect_overfitting
-    from ftcli.evaluation.report import jsonable, print_report, write_report
-    from ftcli.evaluation.score import tokenize_aligned
-    from ftcli.run import load_trained
-    from ftcli.util import read_jsonl
 
     rds = [open_run(d) for d in run_dirs]
     if len({rd.run_dir.resolve() for rd in rds}) < len(rds):
@@ -82,7 +58,7 @@ def eval_ensemble(run_dirs: list[Path], ui: UI, out_dir: Path | None = None, n_r
     ref_feats = ref_kept = ref_tok = None
     for rd in rds:
         ui.step(f"score member {rd.run_dir}")
-        model, tok = load_trained(rd.run_dir, rd.recipe, rd.prepared.labels)
+        model, tok = load_trained(rd.run_dir, rd.recipe.task)
         to_device(model, device)
         feats, kept = tokenize_aligned(rd.examples, rd.recipe, tok, rd.prepared.label2id)
         if ref_feats is None:
@@ -92,7 +68,6 @@ def eval_ensemble(run_dirs: list[Path], ui: UI, out_dir: Path | None = None, n_r
             raise FtcliError(f"{rd.run_dir} tokenizes the test examples differently from {rds[0].run_dir}",
                              hint="a causal-LM ensemble needs members with the same tokenizer and data.max_length")
         if task == "classification":
-            from ftcli.evaluate import class_probabilities
 
             probs = class_probabilities(model, feats, tok.pad_token_id, rd.recipe.eval.batch_size, device)
             members.append(Scored(rd.run_dir.name, task, probs=probs))
@@ -126,7 +101,7 @@ def eval_ensemble(run_dirs: list[Path], ui: UI, out_dir: Path | None = None, n_r
                      "description": f"the best single member by {key} ({rds[best_i].run_dir})"},
         "members": [{"run": str(rd.run_dir), "name": m.name, "metrics": mm}
                     for rd, m, mm in zip(rds, members, member_metrics, strict=True)],
-        "test_examples": len(rd0.examples), "alpha": 0.05, "resamples": n_resamples, "seed": seed,
+        "test_examples": len(rd0.examples), "alpha": stats.ALPHA, "resamples": n_resamples, "seed": seed,
         **{k: v for k, v in result.items() if k != "predictions"},
         "overfitting": {"overfitting": any(o["overfitting"] for o in overfit),
                         "message": " ".join(f"{rd.run_dir.name}: {o['message']}" for rd, o in zip(rds, overfit, strict=True))},

@@ -99,6 +99,15 @@ def classification_report(y_true: list[int], probs: list[list[float]], labels: l
     }
 
 
+CLASSIFICATION_SUMMARY = ("accuracy", "macro_f1")
+
+
+def classification_summary(y_true: list[int], probs: list[list[float]], labels: list[str]) -> dict:
+    """The headline subset of ``classification_report`` that run.json records."""
+    report = classification_report(y_true, probs, labels)
+    return {k: report[k] for k in CLASSIFICATION_SUMMARY}
+
+
 def macro_f1_vec(pred, true, n_labels: int):
     """Macro-F1 over the last axis, as sklearn's f1_score(average='macro', zero_division=0)."""
     k = n_labels

@@ -9,8 +9,9 @@ import io
 import json
 from pathlib import Path
 
-from ftcli.evaluation.compare import fmt, fmt_p
+from ftcli.evaluation.stats import fmt, fmt_p
 from ftcli.ui import UI
+from ftcli.util import atomic_dir
 
 VERDICT_STYLE = {"improved": "green", "regressed": "red", "no significant change": "yellow"}
 
@@ -406,8 +407,6 @@ def jsonable(obj):
 
 def write_report(report: dict, predictions: list[dict], out: Path) -> dict[str, str]:
     """Write the four files into ``out`` at once (built beside it, then renamed into place)."""
-    from ftcli.util import atomic_dir
-
     names = {"json": "report.json", "markdown": "report.md", "html": "report.html", "predictions": "predictions.jsonl"}
     files = {k: str(out / v) for k, v in names.items()}
     report["files"] = files

@@ -13,6 +13,11 @@ import math
 import random
 import string
 
+import numpy as np
+
+from ftcli.evaluation.metrics import classification_report, lm_summary
+from ftcli.evaluation.score import answer_examples, score_model, tokenize_aligned
+
 DISTRACTOR = "By the way, the weather report for tomorrow mentions light rain in the afternoon."
 NOISE = 0.05
 
@@ -89,11 +94,6 @@ def applies(recipe) -> bool:
 
 def robustness(recipe, model, tokenizer, examples: list[dict], label2id, device, clean: dict, seed: int = 0) -> dict:
     """Metrics of ``model`` on each perturbed copy of the test examples, beside the clean ones."""
-    import numpy as np
-
-    from ftcli.evaluation.metrics import classification_report, lm_summary
-    from ftcli.evaluation.score import score_model, tokenize_aligned
-
     if not applies(recipe):
         return {"applies": False, "why": "plain-text causal-LM data has no input to perturb"}
     rows = []
@@ -117,8 +117,6 @@ def robustness(recipe, model, tokenizer, examples: list[dict], label2id, device,
 
 def stress(recipe, model, tokenizer, examples: list[dict], label2id, device) -> list[dict]:
     """Empty and very long inputs: valid outputs, truncated to data.max_length, bounded answers."""
-    from ftcli.evaluation.score import answer_examples, score_model, tokenize_aligned
-
     if not examples:
         return []
     first = examples[0]

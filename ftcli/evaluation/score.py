@@ -1,11 +1,40 @@
-"""Per-example outputs of one model on the sealed test examples: the raw material of a comparison."""
+"""Per-example outputs of one model on a split: the pipeline's evaluate stage (``evaluate``) and
+the raw material of a comparison (``score_model``)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
+from ftcli.data.tokenize import prompt_and_target, tokenize
+from ftcli.evaluation.forward import class_probabilities, generate_answers, token_losses
+from ftcli.evaluation.metrics import answer_scores, classification_summary, lm_summary
 from ftcli.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """Headline metrics on one split (the vocabulary of ``evaluation.metrics``)."""
+
+    task: str
+    split: str
+    n: int
+    metrics: dict
+
+    def as_dict(self) -> dict:
+        return {"task": self.task, "split": self.split, "n": self.n, "metrics": self.metrics}
+
+
+def evaluate(task: str, model, tokenizer, features: list[dict], labels: list[str] | None, batch_size: int,
+             device, split: str = "test") -> EvalReport:
+    """Score ``model`` on tokenized ``features`` of one split: the pipeline's evaluate stage."""
+    if task == "classification":
+        probs = class_probabilities(model, features, tokenizer.pad_token_id, batch_size, device)
+        metrics = classification_summary([f["labels"] for f in features], probs, labels or [])
+    else:
+        rows = token_losses(model, features, tokenizer.pad_token_id, batch_size, device)
+        metrics = lm_summary([s for s, _ in rows], [c for _, c in rows])
+    return EvalReport(task, split, len(features), metrics)
 
 
 @dataclass
@@ -19,14 +48,11 @@ class Scored:
     loss_sums: list[float] | None = None
     tokens: list[int] | None = None
     answers: list[dict] = field(default_factory=list)
-    note: str = ""
 
 
 def tokenize_aligned(examples: list[dict], recipe: Recipe, tokenizer, label2id) -> tuple[list[dict], list[int]]:
     """Features and the indices of the examples they came from (causal-LM tokenization drops
     examples whose answer was cut off entirely; the rest must stay paired with their text)."""
-    from ftcli.data import tokenize
-
     feats = tokenize(examples, recipe, tokenizer, label2id).features
     if recipe.task == "classification":
         # an empty text can tokenize to nothing (tokenizers that add no special tokens): a model
@@ -47,8 +73,6 @@ def tokenize_aligned(examples: list[dict], recipe: Recipe, tokenizer, label2id) 
 
 def prompt_parts(tokenizer, example: dict) -> tuple[str, str, bool]:
     """(prompt, reference, add_special_tokens) for generation, as training tokenized the example."""
-    from ftcli.data import prompt_and_target
-
     prompt, ref = prompt_and_target(tokenizer, example)
     return prompt, ref, "messages" not in example
 
@@ -64,8 +88,6 @@ def generation_examples(recipe: Recipe, examples: list[dict], kept: list[int]) -
 def score_model(name: str, recipe: Recipe, model, tokenizer, examples: list[dict], feats: list[dict],
                 kept: list[int], device, generate: bool = True) -> Scored:
     """Run ``model`` over the test features (and generate answers for causal LMs)."""
-    from ftcli.evaluate import class_probabilities, token_losses
-
     bs = recipe.eval.batch_size
     if recipe.task == "classification":
         return Scored(name, recipe.task, probs=class_probabilities(model, feats, tokenizer.pad_token_id, bs, device))
@@ -77,8 +99,6 @@ def score_model(name: str, recipe: Recipe, model, tokenizer, examples: list[dict
 
 
 def answer_examples(model, tokenizer, recipe: Recipe, examples: list[dict], device) -> list[dict]:
-    from ftcli.evaluation.generate import generate_answers
-
     if not examples:
         return []
     parts = [prompt_parts(tokenizer, e) for e in examples]
@@ -88,8 +108,6 @@ def answer_examples(model, tokenizer, recipe: Recipe, examples: list[dict], devi
 
 def answer_table(scored: Scored, references: list[str]) -> dict[str, list[float]]:
     """Per-example answer metrics of a model's generations (the inputs of the paired tests)."""
-    from ftcli.evaluation.metrics import answer_scores
-
     preds = [a["answer"] for a in scored.answers]
     table = answer_scores(preds, references[: len(preds)])
     table["stop_rate"] = [float(a["stopped"]) for a in scored.answers]

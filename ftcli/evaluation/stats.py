@@ -96,3 +96,31 @@ def compare(h: Headline, n_resamples: int = 9999, seed: int = 0) -> dict:
     row.update(ci_low=low, ci_high=high, **test)
     row["verdict"] = verdict(row["diff"], low, high, row["p_value"], h.better)
     return row
+
+
+# --------------------------------------------------------------------------- how figures read
+
+
+def fmt(x, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if isinstance(x, float):
+        if x != 0 and (abs(x) < 10 ** -(digits - 1) or abs(x) >= 1e5):
+            return f"{x:.2e}"
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def fmt_p(p: float) -> str:
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return "-"
+    return f"{p:.2e}" if p < 1e-3 else f"{p:.3f}"
+
+
+def verdict_text(row: dict, baseline_name: str) -> str:
+    name = row["metric"].replace("_", " ")
+    if row["verdict"] == NEUTRAL:
+        return f"{name}: {fmt(row['baseline'])} -> {fmt(row['tuned'])} ({row.get('test')})"
+    return (f"{row['verdict']}: {name} {fmt(row['baseline'])} ({baseline_name}) -> {fmt(row['tuned'])} (fine-tuned), "
+            f"difference {row['diff']:+.4f}, 95% CI [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}], "
+            f"{row['test']} p = {fmt_p(row['p_value'])}, n = {row['n']}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ftcli.errors import FtcliError
 from ftcli.memory.arch import (
     Inventory,
     LoadedConfig,
@@ -19,7 +20,8 @@ from ftcli.memory.arch import (
     inventory,
     load_config,
 )
-from ftcli.memory.estimate import DTYPE_BYTES, Estimate, Setup, estimate, parse_budget
+from ftcli.memory.estimate import Estimate, estimate
+from ftcli.memory.setup import DTYPE_BYTES, Setup, human, parse_budget
 
 __all__ = ["Plan", "Setup", "Estimate", "estimate", "parse_budget", "plan_model", "plan_recipe", "setup_from_recipe",
            "check_fits_device"]
@@ -179,7 +181,6 @@ def check_fits_device(est: Estimate, free: int | None, margin: float = 1.10) -> 
     """A message when the estimate clearly exceeds the free memory (by more than 10%), else None."""
     if free is None or est.total <= free * margin:
         return None
-    from ftcli.memory.estimate import human
 
     return (f"the run needs about {human(est.total)} at its peak ({est.peak_phase}) but the {est.setup.device} has "
             f"{human(free)} free")
@@ -191,8 +192,6 @@ def preflight(recipe, device: str, ui, enforce: bool = True, processes: int = 1)
     ``processes`` on the CPU share one machine's RAM, so their estimates add up. Returns a small
     record for run.json, or None when the model's architecture cannot be estimated (said on
     screen; training goes on)."""
-    from ftcli.errors import FtcliError
-    from ftcli.memory.estimate import human
 
     pinned = device == "cpu" and pin_malloc_threshold()
     try:

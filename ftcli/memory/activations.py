@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ftcli.memory.estimate import DTYPE_BYTES, Setup
+from ftcli.memory.setup import DTYPE_BYTES, Setup
 
 
 @dataclass

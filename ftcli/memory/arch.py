@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftcli.errors import FtcliError
+from ftcli.sources import PKG, resolve_model
 
 HEAD_LEAVES = ("lm_head", "classifier", "score", "qa_outputs")
 
@@ -60,7 +61,6 @@ def load_config(name: str, revision: str | None = None, trust_remote_code: bool 
     """The model's config without its weights: local folder or GGUF first, then a bundled card, then the hub."""
     from transformers import AutoConfig
 
-    from ftcli.sources import PKG, resolve_model
 
     local = name.startswith(PKG) or Path(os.path.expanduser(name)).exists()
     if not local:

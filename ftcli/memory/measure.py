@@ -20,7 +20,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ftcli.adapt import adapt
 from ftcli.errors import FtcliError
+from ftcli.memory import pin_malloc_threshold
+from ftcli.memory.arch import build_meta
+from ftcli.models import load_tokenizer, resolve_mixed_precision
+from ftcli.recipe import recipe_from_mapping
+from ftcli.sources import local_model_dir, resolve_model
+from ftcli.train import build_optimizer
+from ftcli.ui import quiet_libraries
 
 
 def _status_kib(field: str) -> int | None:
@@ -69,7 +77,6 @@ def _import_everything(model_dir: str, task: str) -> None:
     from peft import get_peft_model, prepare_model_for_kbit_training  # noqa: F401
     from transformers import AutoConfig
 
-    from ftcli.memory.arch import build_meta
 
     build_meta(AutoConfig.from_pretrained(model_dir), task)
     gc.collect()
@@ -79,10 +86,6 @@ def run_measurement(recipe_yaml: str, device: str, steps: int = 3) -> dict:
     """In this process: load, adapt and train ``steps`` full-length micro-batches; return the peaks."""
     import torch
 
-    from ftcli.adapt import adapt, load_tokenizer
-    from ftcli.recipe import recipe_from_mapping
-    from ftcli.train import build_optimizer
-    from ftcli.ui import quiet_libraries
 
     quiet_libraries()
     import yaml
@@ -90,17 +93,15 @@ def run_measurement(recipe_yaml: str, device: str, steps: int = 3) -> dict:
     recipe = recipe_from_mapping(yaml.safe_load(recipe_yaml))
     from accelerate import Accelerator
 
-    from ftcli.train import resolve_mixed_precision
 
     mp = resolve_mixed_precision(recipe.train.mixed_precision, device)
     acc = Accelerator(mixed_precision=mp, cpu=device == "cpu")
-    tokenizer, source, model_dir = load_tokenizer(recipe)
+    tokenizer, _, model_dir = load_tokenizer(recipe.model)
     labels = None
     if recipe.task == "classification":
         labels = list(recipe.data.labels) if recipe.data.labels else ["0", "1"]
     cuda = device == "cuda"
     if not cuda:
-        from ftcli.memory import pin_malloc_threshold
 
         pin_malloc_threshold(measuring=True)  # resident memory = live tensors (FTCLI_PIN_MALLOC=0 to compare)
     _import_everything(model_dir, recipe.task)
@@ -111,7 +112,7 @@ def run_measurement(recipe_yaml: str, device: str, steps: int = 3) -> dict:
     else:
         resettable = reset_peak_rss()
         base = current_rss_bytes()
-    adapted = adapt(recipe, tokenizer, source, model_dir, labels, device)
+    adapted = adapt(recipe, tokenizer, model_dir, labels, device)
     model = adapted.model
     if cuda:
         after_load = torch.cuda.memory_allocated() - base
@@ -165,7 +166,6 @@ def run_measurement(recipe_yaml: str, device: str, steps: int = 3) -> dict:
 
 def measure(recipe, device: str, steps: int = 3, timeout: float = 1800) -> dict:
     """Run ``run_measurement`` in a fresh Python process and return its result."""
-    from ftcli.sources import local_model_dir, resolve_model
 
     local_model_dir(resolve_model(recipe.model.name, recipe.model.revision))  # convert a GGUF once, here
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:

@@ -9,15 +9,12 @@ from ftcli.memory import Plan, build_plan, default_device, free_device_memory, p
 from ftcli.memory.arch import infer_task, load_config
 from ftcli.memory.estimate import (
     CARDS_GB,
-    GiB,
-    Setup,
     fits_cards,
-    human,
     max_micro_batch,
-    parse_budget,
     per_device_table,
     precision_table,
 )
+from ftcli.memory.setup import GiB, Setup, human, parse_budget
 from ftcli.ui import UI
 
 SCHEMA_VERSION = 1

@@ -10,20 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ftcli.cli import main
+from ftcli.pipeline import train_run
 from ftcli.recipe import recipe_from_mapping
-from ftcli.run import train_run
 from ftcli.ui import UI
-from tests.conftest import tiny_recipe
-
-FAST = ["--resamples", "999"]
-
-
-def run_cli(capsys, *args: str) -> tuple[int, dict]:
-    with pytest.raises(SystemExit) as exc:
-        main([*args, "--json"])
-    out = capsys.readouterr().out
-    return exc.value.code, json.loads(out)
+from tests.conftest import FAST, run_cli, tiny_recipe
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,10 @@ import math
 import pytest
 
 from ftcli.evaluation.ensemble import ensemble_loss_sums
+from ftcli.pipeline import train_run
 from ftcli.recipe import recipe_from_mapping
-from ftcli.run import train_run
 from ftcli.ui import UI
-from tests.conftest import tiny_recipe
-from tests.integration.test_eval_baseline import FAST, run_cli
+from tests.conftest import FAST, run_cli, tiny_recipe
 
 
 @pytest.fixture(scope="module")

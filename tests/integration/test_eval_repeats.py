@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import statistics
 
-from ftcli.data import _key
+import pytest
+
+from ftcli.data.examples import _key
 from ftcli.util import read_jsonl
-from tests.conftest import tiny_recipe, write_recipe
-from tests.integration.test_eval_baseline import run_cli
+from tests.conftest import run_cli, tiny_recipe, write_recipe
 
 
 def test_cross_validation(tmp_path, tiny_models, tiny_data, capsys):
@@ -39,7 +41,10 @@ def test_seeds(tmp_path, tiny_models, tiny_data, capsys):
         assert r["run"].endswith(f"tiny-classification-lora-llama-random-seed{i}") and r["seed"] == i
         run = json.loads((tmp_path / "runs" / f"tiny-classification-lora-llama-random-seed{i}" / "run.json").read_text())
         assert run["seed"] == i and run["status"] == "completed"
-    assert out["summary"]["accuracy"]["n"] == 2 and out["summary"]["accuracy"]["std"] >= 0
+    acc = out["summary"]["accuracy"]
+    values = [r["metrics"]["accuracy"] for r in out["runs"]]
+    assert acc["n"] == 2 and acc["values"] == values
+    assert acc["std"] == pytest.approx(statistics.stdev(values))  # the sample spread of the two runs
     losses = [[row["loss"] for row in read_jsonl(tmp_path / "runs" / f"tiny-classification-lora-llama-random-seed{i}"
                                                  / "metrics.jsonl") if "loss" in row] for i in (1, 2)]
     assert losses[0] and losses[0] != losses[1]  # the seed changed the run, not just its name

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ftcli.errors import FtcliError
+from ftcli.pipeline import train_run
 from ftcli.recipe import recipe_from_mapping
-from ftcli.run import train_run
 from ftcli.ui import UI
 from tests.conftest import tiny_recipe
 

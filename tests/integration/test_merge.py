@@ -11,39 +11,15 @@ from pathlib import Path
 import pytest
 
 from ftcli.merge import (
-    adapter_record,
-    base_dir,
     compare,
-    load_base,
-    load_quantized_base,
     logits_on,
     merge,
-    model_class,
     run_test_features,
     sample_batches,
 )
-from ftcli.recipe import recipe_from_mapping
-from ftcli.run import train_run
-from ftcli.ui import UI
-from tests.conftest import tiny_recipe
-
-_RUNS: dict = {}
-
-
-def trained_run(tmp_path_factory, tiny_models, tiny_data, task: str, kind: str, seed: int = 0,
-                lr: float = 1.0e-2) -> Path:
-    """A short real training run (cached for the session): enough steps to move every weight."""
-    key = (task, kind, seed, lr)
-    if key not in _RUNS:
-        root = tmp_path_factory.mktemp(f"run-{task}-{kind}-{seed}")
-        m = tiny_recipe(root, tiny_models, tiny_data, task=task, kind=kind, arch="llama")
-        m["name"] = f"{task}-{kind}-{seed}"
-        m["train"].update(max_steps=6, seed=seed, optimizer={"name": "adamw", "lr": lr})
-        m["merge"] = {"enabled": False}
-        r = recipe_from_mapping(m)
-        train_run(r, UI())
-        _RUNS[key] = r.run_dir
-    return _RUNS[key]
+from ftcli.models import base_dir, load_base_for, model_class
+from ftcli.rundir import read_model_record
+from tests.conftest import trained_run
 
 
 def _reference(run: Path, task: str):
@@ -61,7 +37,7 @@ def _reference(run: Path, task: str):
 def test_merge_equivalence(tmp_path_factory, tiny_models, tiny_data, tmp_path, task, kind):
     run = trained_run(tmp_path_factory, tiny_models, tiny_data, task, kind)
     m = merge(run, tmp_path / "merged")
-    assert m.passed and m.method == kind and m.sample_source == "test examples"
+    assert m.saved_check["passed"] and m.method == kind and m.sample_source == "test examples"
     assert m.relative_diff < 1e-4 and m.prediction_agreement == 1.0
     assert 8 <= m.samples <= 16
     tok, batches = _reference(run, task)
@@ -74,8 +50,8 @@ def test_merge_equivalence(tmp_path_factory, tiny_models, tiny_data, tmp_path, t
         from peft import PeftModel
 
         assert m.fold_check["relative_diff"] < 1e-4 and m.lora_modules_merged == 4
-        rec = adapter_record(run / "adapter")
-        ref = logits_on(PeftModel.from_pretrained(load_base(rec, base_dir(rec, None), "dequantized", tok),
+        rec = read_model_record(run / "adapter")
+        ref = logits_on(PeftModel.from_pretrained(load_base_for(rec, base_dir(rec, None), "dequantized", tok),
                                                   run / "adapter").eval(), batches, task)
         if task == "classification":
             assert m.saved_modules == ["score"]  # the trained head came along
@@ -96,8 +72,8 @@ def test_qlora_dequantized_answers_like_the_trained_adapter(tmp_path_factory, ti
     orig = merge(run, tmp_path / "orig", into="original")
     assert deq.into == "dequantized" and orig.into == "original"
     tok, batches = _reference(run, "classification")
-    rec = adapter_record(run / "adapter")
-    as_trained = PeftModel.from_pretrained(load_quantized_base(rec, base_dir(rec, None), tok), run / "adapter").eval()
+    rec = read_model_record(run / "adapter")
+    as_trained = PeftModel.from_pretrained(load_base_for(rec, base_dir(rec, None), "quantized", tok), run / "adapter").eval()
     ref = logits_on(as_trained, batches, "classification")
     cls = model_class("classification")
     got_deq = logits_on(cls.from_pretrained(tmp_path / "deq").eval(), batches, "classification")
@@ -153,8 +129,8 @@ def test_merged_folder_loads_with_plain_transformers(tmp_path_factory, tiny_mode
     assert got["modules"] == []
     from peft import PeftModel
 
-    rec = adapter_record(run / "adapter")
-    ref_model = PeftModel.from_pretrained(load_base(rec, base_dir(rec, None), "original", tok), run / "adapter").eval()
+    rec = read_model_record(run / "adapter")
+    ref_model = PeftModel.from_pretrained(load_base_for(rec, base_dir(rec, None), "original", tok), run / "adapter").eval()
     with torch.no_grad():
         ref = ref_model(input_ids=torch.tensor([ids])).logits[0]
     assert torch.allclose(torch.tensor(got["logits"]), ref, atol=1e-4, rtol=1e-4)
@@ -172,7 +148,7 @@ def test_bfloat16_merge_is_smaller_and_within_its_tolerance(tmp_path_factory, ti
 
     run = trained_run(tmp_path_factory, tiny_models, tiny_data, "causal_lm", "lora")
     m = merge(run, tmp_path / "bf16", dtype="bfloat16")
-    assert m.passed and m.tolerance == 0.1 and m.fold_check["relative_diff"] < 1e-4
+    assert m.saved_check["passed"] and m.tolerance == 0.1 and m.fold_check["relative_diff"] < 1e-4
     assert 0 < m.relative_diff <= 0.1  # rounding shows, within the bf16 tolerance
     with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
         dtypes = {str(f.get_tensor(k).dtype) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)

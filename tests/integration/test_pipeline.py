@@ -14,10 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ftcli.errors import FtcliError
+from ftcli.errors import FtcliError, Interrupted
+from ftcli.pipeline import train_run
 from ftcli.recipe import recipe_from_mapping
-from ftcli.run import train_run
-from ftcli.train import Interrupted
 from ftcli.ui import UI
 from tests.conftest import tiny_recipe
 
@@ -87,19 +86,20 @@ def test_chat_tuning_lowers_completion_loss(tmp_path, tiny_models, tiny_data, ki
     losses = [x["loss"] for x in rows if "loss" in x]
     # 4-bit weights of a 32-wide toy model lose much of its pre-training: QLoRA learns more slowly here
     assert losses[-1] < (0.85 if kind == "qlora" else 0.7) * losses[0], losses
-    assert out["eval"]["metrics"]["loss"] < (0.95 if kind == "qlora" else 0.8) * _base_test_loss(r), out["eval"]
+    assert out["eval"]["metrics"]["completion_loss"] < (0.95 if kind == "qlora" else 0.8) * _base_test_loss(r), out["eval"]
 
 
 def _base_test_loss(r) -> float:
     """The untouched base model's completion loss on the run's sealed test split."""
-    from ftcli.adapt import load_base_model, load_tokenizer
-    from ftcli.data import load_prepared, tokenize
-    from ftcli.evaluate import evaluate
+    from ftcli.data.examples import load_prepared
+    from ftcli.data.tokenize import tokenize
+    from ftcli.evaluation.score import evaluate
+    from ftcli.models import load_base_model, load_tokenizer
 
-    tok, _, model_dir = load_tokenizer(r)
+    tok, _, model_dir = load_tokenizer(r.model)
     feats = tokenize(load_prepared(r.run_dir / "data").splits["test"], r, tok, None).features
-    base = load_base_model(r, model_dir, None, tok, "cpu", quantized=False)
-    return evaluate("causal_lm", base, tok, feats, None, 32, "cpu").metrics["loss"]
+    base = load_base_model(model_dir, r.task, None, tok)
+    return evaluate("causal_lm", base, tok, feats, None, 32, "cpu").metrics["completion_loss"]
 
 
 def test_gpt2_conv1d_lora(tmp_path, tiny_models, tiny_data):
@@ -114,9 +114,10 @@ def test_qlora_keeps_learning_after_an_evaluation_pass(tiny_models, tiny_data, t
     # 64 wide: bitsandbytes' CPU repacking (the trap) needs rows of at least one 64-weight block
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from ftcli.adapt import adapt, load_tokenizer
-    from ftcli.data import prepare, tokenize
-    from ftcli.train import collate
+    from ftcli.adapt import adapt
+    from ftcli.data.examples import prepare
+    from ftcli.data.tokenize import collate, tokenize
+    from ftcli.models import load_tokenizer
 
     wide = tmp_path / "llama64"
     tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
@@ -127,8 +128,8 @@ def test_qlora_keeps_learning_after_an_evaluation_pass(tiny_models, tiny_data, t
     mapping = tiny_recipe(tmp_path, tiny_models, tiny_data, task="causal_lm", kind="qlora", arch="llama")
     mapping["model"]["name"] = str(wide)
     r = recipe_from_mapping(mapping)
-    tok, source, model_dir = load_tokenizer(r)
-    feats = tokenize(prepare(r, None).splits["train"][:8], r, tok, None).features
+    tok, _, model_dir = load_tokenizer(r.model)
+    feats = tokenize(prepare(r).splits["train"][:8], r, tok, None).features
     batch = collate(feats, tok.pad_token_id)
 
     def train_steps(model, n=3):
@@ -149,7 +150,7 @@ def test_qlora_keeps_learning_after_an_evaluation_pass(tiny_models, tiny_data, t
         with torch.no_grad():
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
-    adapted = adapt(r, tok, source, model_dir, None, "cpu")
+    adapted = adapt(r, tok, model_dir, None, "cpu")
     assert train_steps(adapted.model)[0] > 0
     eval_pass(adapted.model)
     moved, grads_none = train_steps(adapted.model)
@@ -161,7 +162,7 @@ def test_qlora_keeps_learning_after_an_evaluation_pass(tiny_models, tiny_data, t
     layers = [m for m in adapted.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     cpu_has_bf16 = "avx512_bf16" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
     if cpu_has_bf16:
-        fresh = adapt(r, tok, source, model_dir, None, "cpu")
+        fresh = adapt(r, tok, model_dir, None, "cpu")
         for m in fresh.model.modules():
             if isinstance(m, bnb.nn.Linear4bit):
                 m.support_avx512bf16_for_cpu = True
@@ -273,6 +274,7 @@ def test_training_options(tmp_path, tiny_models, tiny_data, option, monkeypatch)
         mapping["train"]["optimizer"] = {"name": "sgd", "lr": 1.0e-7}
     r = recipe_from_mapping(mapping)
     import ftcli.adapt
+    import ftcli.pipeline
 
     adapted_models = []
     real_adapt = ftcli.adapt.adapt
@@ -282,7 +284,7 @@ def test_training_options(tmp_path, tiny_models, tiny_data, option, monkeypatch)
         adapted_models.append(adapted.model)
         return adapted
 
-    monkeypatch.setattr(ftcli.adapt, "adapt", keep_model)
+    monkeypatch.setattr(ftcli.pipeline, "adapt", keep_model)
     out = train_run(r, UI())
     assert out["status"] == "completed"
     rows = _metrics(r.run_dir)

@@ -13,16 +13,18 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import ftcli.merge
+import ftcli.models
 from ftcli.cli import app
 from ftcli.merge import merge
-from ftcli.predict import FeedbackLog, chat_loop, load_predictor, predict, read_requests
+from ftcli.pipeline import train_run
 from ftcli.recipe import recipe_from_mapping
-from ftcli.run import train_run
+from ftcli.serve.batch import predict, read_requests
+from ftcli.serve.chat import chat_loop
+from ftcli.serve.feedback import FeedbackLog
+from ftcli.serve.predictor import load_predictor
 from ftcli.ui import UI
 from ftcli.util import read_jsonl
-from tests.conftest import sentiment_rows, tiny_recipe
-from tests.integration.test_merge import trained_run
+from tests.conftest import sentiment_rows, tiny_recipe, trained_run
 
 TEXTS = ["the film was really good", "a dull and boring plot", "lovely acting and a superb story", "awful"]
 
@@ -63,8 +65,8 @@ def test_adapters_switch_per_request_without_reloading_the_base(tmp_path_factory
     a = trained_run(tmp_path_factory, tiny_models, tiny_data, "classification", "lora")
     b = trained_run(tmp_path_factory, tiny_models, tiny_data, "classification", "lora", seed=1, lr=3.0e-2)
     loads = []
-    real = ftcli.merge.load_base
-    monkeypatch.setattr(ftcli.merge, "load_base", lambda *x, **k: loads.append(1) or real(*x, **k))
+    real = ftcli.models.load_base_for
+    monkeypatch.setattr(ftcli.models, "load_base_for", lambda *x, **k: loads.append(1) or real(*x, **k))
     pred = load_predictor(None, [f"a={a}", f"b={b}"])
     assert loads == [1] and list(pred.adapters) == ["a", "b"]
     base_weight = pred.model.get_base_model().model.embed_tokens.weight

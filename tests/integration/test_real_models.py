@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ftcli.pipeline import train_run
 from ftcli.recipe import load_recipe
-from ftcli.run import train_run
 from ftcli.ui import UI
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,7 +10,9 @@ import time
 
 import pytest
 
-from ftcli.data import IGNORE_INDEX, load_prepared, prepare, read_file, tokenize
+from ftcli.data.examples import load_prepared, prepare, save_prepared
+from ftcli.data.read import read_file
+from ftcli.data.tokenize import IGNORE_INDEX, tokenize
 from ftcli.errors import DataError, FtcliError, RecipeError, SourceError
 from ftcli.recipe import recipe_from_mapping
 
@@ -80,7 +82,7 @@ def test_label_folder(tmp_path):
         (tmp_path / "reviews" / label).mkdir(parents=True)
         for i in range(15):
             (tmp_path / "reviews" / label / f"{i}.txt").write_text(f"{label} review {i}\n")
-    prepared = prepare(cls_recipe(tmp_path / "reviews"), None)
+    prepared = prepare(cls_recipe(tmp_path / "reviews"))
     assert prepared.labels == ["neg", "pos"]
     assert sum(len(v) for v in prepared.splits.values()) == 30
 
@@ -88,14 +90,14 @@ def test_label_folder(tmp_path):
 def test_glob_sources(tmp_path):
     write_csv(tmp_path / "a.csv", ROWS[:30])
     write_csv(tmp_path / "b.csv", ROWS[30:])
-    prepared = prepare(cls_recipe(tmp_path / "*.csv"), None)
+    prepared = prepare(cls_recipe(tmp_path / "*.csv"))
     assert sum(len(v) for v in prepared.splits.values()) == 60
 
 
 def test_pkg_source_reads_installed_package_data():
     """pkg:PACKAGE/PATH reads data shipped inside an installed package (here: chatterbot-corpus)."""
     r = lm_recipe("pkg:chatterbot_corpus/data/english/*.yml", messages_column="messages")
-    prepared = prepare(r, None)
+    prepared = prepare(r)
     ex = prepared.splits["train"][0]["messages"]
     assert ex[0]["role"] == "user" and ex[1]["role"] == "assistant"
     assert prepared.stats["read"] == 2026  # 21 topic files; over half are exact repeats (tech_support)
@@ -104,19 +106,19 @@ def test_pkg_source_reads_installed_package_data():
 
 def test_missing_package_says_what_to_install():
     with pytest.raises(SourceError, match="pip install --no-deps not-a-real-pkg"):
-        prepare(cls_recipe("pkg:not_a_real_pkg/x.csv"), None)
+        prepare(cls_recipe("pkg:not_a_real_pkg/x.csv"))
 
 
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(SourceError, match="data not found"):
-        prepare(cls_recipe(tmp_path / "nope.csv"), None)
+        prepare(cls_recipe(tmp_path / "nope.csv"))
 
 
 def test_hub_id_offline_fails_fast(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
     with pytest.raises(SourceError, match="offline mode"):
-        prepare(cls_recipe("someone/some-dataset"), None)
+        prepare(cls_recipe("someone/some-dataset"))
     assert time.perf_counter() - t0 < 10  # not the ~23-47 s of a network timeout (TRAPS #4)
 
 
@@ -131,7 +133,7 @@ def test_unknown_label_column_is_located_with_a_suggestion(tmp_path):
         "name": "t", "task": "classification", "model": {"name": "m"},
         "data": {"path": str(p), "label_column": "categry"}, "method": {"kind": "full"}}, sort_keys=False))
     with pytest.raises(RecipeError) as info:
-        prepare(load_recipe(recipe_file), None)
+        prepare(load_recipe(recipe_file))
     assert [x.render() for x in info.value.problems] == [
         f"{recipe_file}:7: data.label_column: column 'categry' is not in the data; its columns are: text, category "
         "(did you mean 'category'?)"
@@ -142,12 +144,12 @@ def test_empty_dataset(tmp_path):
     p = tmp_path / "d.csv"
     p.write_text("text,label\n")
     with pytest.raises(DataError, match="the dataset is empty"):
-        prepare(cls_recipe(p), None)
+        prepare(cls_recipe(p))
 
 
 def test_cleaning_strips_drops_empty_and_duplicates(tmp_path):
     rows = ROWS + [{"text": "  ", "label": "pos"}, {"text": ROWS[0]["text"] + "  ", "label": ROWS[0]["label"]}]
-    prepared = prepare(cls_recipe(write_csv(tmp_path / "d.csv", rows)), None)
+    prepared = prepare(cls_recipe(write_csv(tmp_path / "d.csv", rows)))
     assert prepared.stats["dropped"]["empty"] == 1
     assert prepared.stats["dropped"]["duplicate"] == 1
     assert sum(prepared.stats["sizes"].values()) == 60
@@ -155,18 +157,18 @@ def test_cleaning_strips_drops_empty_and_duplicates(tmp_path):
 
 def test_labels_filter_keeps_only_named_labels_in_order(tmp_path):
     rows = ROWS + [{"text": f"plot {i}", "label": "plot"} for i in range(10)]
-    prepared = prepare(cls_recipe(write_csv(tmp_path / "d.csv", rows), labels=["pos", "neg"]), None)
+    prepared = prepare(cls_recipe(write_csv(tmp_path / "d.csv", rows), labels=["pos", "neg"]))
     assert prepared.labels == ["pos", "neg"]
     assert prepared.stats["dropped"]["unlisted_label"] == 10
     with pytest.raises(RecipeError, match="label\\(s\\) 'fresh' never occur"):
-        prepare(cls_recipe(write_csv(tmp_path / "d.csv", rows), labels=["pos", "fresh"]), None)
+        prepare(cls_recipe(write_csv(tmp_path / "d.csv", rows), labels=["pos", "fresh"]))
 
 
 def test_split_fractions_seed_stratify_and_no_leakage(tmp_path):
     p = write_csv(tmp_path / "d.csv", ROWS)
-    a = prepare(cls_recipe(p, split={"validation": 0.1, "test": 0.2, "seed": 3}), tmp_path / "run" / "data")
-    b = prepare(cls_recipe(p, split={"validation": 0.1, "test": 0.2, "seed": 3}), None)
-    c = prepare(cls_recipe(p, split={"validation": 0.1, "test": 0.2, "seed": 4}), None)
+    a = save_prepared(prepare(cls_recipe(p, split={"validation": 0.1, "test": 0.2, "seed": 3})), tmp_path / "run" / "data")
+    b = prepare(cls_recipe(p, split={"validation": 0.1, "test": 0.2, "seed": 3}))
+    c = prepare(cls_recipe(p, split={"validation": 0.1, "test": 0.2, "seed": 4}))
     assert {k: len(v) for k, v in a.splits.items()} == {"train": 42, "validation": 6, "test": 12}
     assert a.splits == b.splits and a.splits["test"] != c.splits["test"]
     keys = {k: {json.dumps(e, sort_keys=True) for e in v} for k, v in a.splits.items()}
@@ -179,7 +181,7 @@ def test_split_fractions_seed_stratify_and_no_leakage(tmp_path):
 def test_explicit_split_files_win_and_overlap_is_removed(tmp_path):
     p = write_csv(tmp_path / "train.csv", ROWS)
     t = write_csv(tmp_path / "test.csv", ROWS[:10])
-    prepared = prepare(cls_recipe(p, test_path=str(t)), None)
+    prepared = prepare(cls_recipe(p, test_path=str(t)))
     assert prepared.splits["test"] == [{"text": r["text"], "label": r["label"]} for r in ROWS[:10]]
     assert prepared.stats["dropped"]["shared_between_splits"] == 10
     test_keys = {e["text"] for e in prepared.splits["test"]}
@@ -188,8 +190,8 @@ def test_explicit_split_files_win_and_overlap_is_removed(tmp_path):
 
 def test_caps_apply_after_the_split_so_the_test_split_is_unchanged(tmp_path):
     p = write_csv(tmp_path / "d.csv", ROWS)
-    full = prepare(cls_recipe(p), None)
-    capped = prepare(cls_recipe(p, max_train_examples=10), None)
+    full = prepare(cls_recipe(p))
+    capped = prepare(cls_recipe(p, max_train_examples=10))
     assert len(capped.splits["train"]) == 10 and capped.splits["test"] == full.splits["test"]
 
 
@@ -199,10 +201,10 @@ def test_instruction_and_completion_layouts(tmp_path):
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     r = lm_recipe(p, instruction_column="instruction", input_column="input", output_column="output",
                   system_prompt="Be brief.")
-    ex = prepare(r, None).splits["train"][0]
+    ex = prepare(r).splits["train"][0]
     assert [m["role"] for m in ex["messages"]] == ["system", "user", "assistant"]
     r2 = lm_recipe(p, prompt_column="instruction", completion_column="output")
-    ex2 = prepare(r2, None).splits["train"][0]
+    ex2 = prepare(r2).splits["train"][0]
     assert set(ex2) == {"prompt", "completion"}
 
 
@@ -210,14 +212,14 @@ def test_bad_messages_are_a_clear_error(tmp_path):
     p = tmp_path / "chat.jsonl"
     p.write_text(json.dumps({"messages": "hello"}) + "\n")
     with pytest.raises(DataError, match="must be a list of \\{role, content\\} messages"):
-        prepare(lm_recipe(p, messages_column="messages"), None)
+        prepare(lm_recipe(p, messages_column="messages"))
 
 
 def test_unreadable_format(tmp_path):
     p = tmp_path / "data.xlsx"
     p.write_text("x")
     with pytest.raises(FtcliError, match="cannot tell the data format"):
-        prepare(cls_recipe(p), None)
+        prepare(cls_recipe(p))
 
 
 # --------------------------------------------------------------------------- tokenization
@@ -286,7 +288,7 @@ def test_a_split_too_small_to_stratify_is_a_data_error_not_sklearns(tmp_path):
     rows = [{"text": f"text {i}", "label": f"l{i % 4}"} for i in range(12)]
     p = write_csv(tmp_path / "d.csv", rows)
     with pytest.raises(DataError, match="have no training example after splitting"):
-        prepare(cls_recipe(p, split={"validation": 0.0, "test": 0.75, "seed": 0}), None)
+        prepare(cls_recipe(p, split={"validation": 0.0, "test": 0.75, "seed": 0}))
 
 
 def test_a_broken_gguf_file_is_one_source_error(tmp_path):

@@ -7,11 +7,10 @@ import json
 
 import pytest
 
-from ftcli.data import _key, prepare
+from ftcli.data.examples import _key, prepare
 from ftcli.errors import FtcliError
-from ftcli.evaluation.cv import canonical_columns, fold_indices, pool
-from ftcli.evaluation.seeds import mean_std, variant
 from ftcli.recipe import recipe_from_mapping
+from ftcli.sweeps import canonical_columns, fold_indices, mean_std, pool, variant
 from tests.conftest import tiny_recipe
 
 
@@ -46,7 +45,7 @@ def test_fold_runs_never_train_on_their_test_fold(tmp_path, tiny_data):
         changes = {f"data.{c}": v for c, v in cols.items()}
         changes.update({"data.path": str(d / "train.jsonl"), "data.test_path": str(d / "test.jsonl"),
                         "data.format": "jsonl", "data.split.test": None})
-        prepared = prepare(variant(recipe, f"fold{k}", **changes), None)
+        prepared = prepare(variant(recipe, f"fold{k}", **changes))
         test = {_key(e) for e in prepared.splits["test"]}
         trained_on = {_key(e) for s in ("train", "validation") for e in prepared.splits[s]}
         assert test and not (test & trained_on)

@@ -3,7 +3,7 @@ Rotten Tomatoes snippets do): JSON lines are split on "\\n" only."""
 
 from __future__ import annotations
 
-from ftcli.data import PreparedData, load_prepared, save_prepared
+from ftcli.data.examples import PreparedData, load_prepared, save_prepared
 from ftcli.util import read_jsonl, write_jsonl
 
 

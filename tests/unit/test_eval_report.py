@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ftcli.data import PreparedData
-from ftcli.evaluation.compare import RunData, analyse, assemble
+from ftcli.data.examples import PreparedData
+from ftcli.evaluation.compare import analyse, assemble
 from ftcli.evaluation.report import write_report
 from ftcli.evaluation.score import Scored
 from ftcli.recipe import recipe_from_mapping
+from ftcli.rundir import RunDir
 from tests.conftest import tiny_recipe
 
 SECTIONS = ["summary", "significance", "metrics", "curves", "confusion", "per-class", "failures", "robustness"]
@@ -160,7 +161,7 @@ def synthetic_report(tmp_path: Path) -> tuple[dict, list[dict]]:
     labels = ["neg", "neu", "pos"]
     examples = [{"text": "word " * int(rng.integers(3, 40)) + f"<b>{i}</b> & 'q'", "label": labels[t]}
                 for i, t in enumerate(y)]
-    rd = RunData(tmp_path / "run", recipe, PreparedData({"train": [], "validation": [], "test": examples}, labels))
+    rd = RunDir(tmp_path / "run", recipe, PreparedData({"train": [], "validation": [], "test": examples}, labels))
     feats = [{"input_ids": [1] * (len(e["text"].split()) + 2), "labels": int(t)} for e, t in zip(examples, y, strict=True)]
     result = analyse(rd, feats, list(range(n)), Scored("fine-tuned", "classification", probs=tuned.tolist()),
                      Scored("base", "classification", probs=base.tolist()), 999, 0)

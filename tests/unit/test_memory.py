@@ -20,16 +20,14 @@ from ftcli.memory.arch import (
 from ftcli.memory.estimate import (
     BNB_OPT_BLOCK,
     CPU_RUNTIME,
-    GB,
-    Setup,
     estimate,
     fits_cards,
     max_micro_batch,
     optimizer_state_bytes,
-    parse_budget,
     precision_table,
     quantized_bytes,
 )
+from ftcli.memory.setup import GB, Setup, parse_budget
 
 # Parameter counts published for these models (model cards / papers), to the parameter.
 KNOWN_PARAMS = {

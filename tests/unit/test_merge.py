@@ -13,15 +13,9 @@ from typer.testing import CliRunner
 
 from ftcli.cli import app
 from ftcli.errors import FtcliError
-from ftcli.merge import (
-    compare,
-    find_source,
-    load_base,
-    logits_on,
-    merge,
-    run_test_features,
-    sample_batches,
-)
+from ftcli.merge import compare, logits_on, merge, run_test_features, sample_batches
+from ftcli.models import load_base_for
+from ftcli.rundir import find_source
 
 LABELS = ["neg", "pos"]
 
@@ -73,21 +67,22 @@ def _leftovers(parent: Path) -> list[str]:
 def test_merge_is_equivalent_and_not_trivial(adapters, tmp_path, task):
     from transformers import AutoTokenizer
 
-    from ftcli.merge import adapter_record, base_dir
+    from ftcli.models import base_dir
+    from ftcli.rundir import read_model_record
 
     m = merge(adapters[task], tmp_path / "out")
-    assert m.passed and m.fold_check["relative_diff"] < 1e-4 and m.relative_diff < 1e-4
+    assert m.saved_check["passed"] and m.fold_check["relative_diff"] < 1e-4 and m.relative_diff < 1e-4
     assert m.prediction_agreement == 1.0 and m.fold_check["prediction_agreement"] == 1.0
     assert m.lora_modules_merged == 4  # 2 layers x (query|q_proj, value|v_proj)
     assert m.sample_source == "built-in sentences"
     # the adapter really changes the model: merged logits are far from the base's own
-    rec = adapter_record(adapters[task])
+    rec = read_model_record(adapters[task])
     tok = AutoTokenizer.from_pretrained(adapters[task])
     batches = sample_batches(tok, None)
-    from ftcli.merge import model_class
+    from ftcli.models import model_class
 
     merged = model_class(task).from_pretrained(tmp_path / "out").eval()
-    base = load_base(rec, base_dir(rec, None), "original", tok)
+    base = load_base_for(rec, base_dir(rec, None), "original", tok)
     if task == "classification":  # the head is fresh per load: only the encoder is comparable
         base.classifier.load_state_dict(merged.classifier.state_dict())
     moved = compare(logits_on(base, batches, task), logits_on(merged, batches, task))
@@ -193,7 +188,7 @@ def test_float16_overflow_fails_with_exit_1_and_writes_nothing(tiny_models, tmp_
     assert "Traceback" not in res.output
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
     ok = merge(adapter, tmp_path / "out32")  # the same adapter in float32 is fine
-    assert ok.passed
+    assert ok.saved_check["passed"]
 
 
 def test_cli_merge_json_and_usage_errors(adapters, tmp_path):
@@ -233,7 +228,7 @@ def test_test_examples_with_unicode_line_separators(tmp_path, tiny_models):
     """A test split holding U+0085 / U+2028 inside a text (real review data does) still loads."""
     from transformers import AutoTokenizer
 
-    from ftcli.data import PreparedData, save_prepared
+    from ftcli.data.examples import PreparedData, save_prepared
     from tests.conftest import tiny_recipe
 
     run = tmp_path / "run"

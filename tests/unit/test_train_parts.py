@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from ftcli.adapt import count_params
+from ftcli.data.tokenize import IGNORE_INDEX, collate
 from ftcli.recipe import recipe_from_mapping
-from ftcli.train import IGNORE_INDEX, build_optimizer, build_scheduler, collate, epoch_order
+from ftcli.train import build_optimizer, build_scheduler, epoch_order
 
 
 def recipe(optimizer=None, scheduler=None, kind="full"):

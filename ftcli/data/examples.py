@@ -1,170 +1,24 @@
-"""prepare(): read, map, clean and split the data; tokenize it for the model.
-
-Sources: a hub dataset id, local .jsonl/.json/.csv/.tsv/.parquet/.txt/.yml files (also .gz/.bz2),
-a folder of ``<label>/*.txt`` files, a glob, and ``pkg:PACKAGE/PATH``. The splits are written to the
-run folder (``data/{train,validation,test}.jsonl`` and ``data/labels.json``), so later stages and
-later commands read exactly the same sealed test examples.
-"""
+"""Records -> canonical examples (the task's layout), cleaned, split into train / validation /
+sealed test, and written to (and read back from) the run's data/ folder."""
 
 from __future__ import annotations
 
-import bz2
 import collections
 import difflib
-import gzip
 import hashlib
-import io
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from ftcli.data.read import read_source
 from ftcli.errors import DataError, RecipeError
 from ftcli.recipe import DataSpec, Recipe
-from ftcli.sources import DataSource, resolve_data
+from ftcli.sources import resolve_data
 from ftcli.util import atomic_write_text, read_json, read_jsonl, write_jsonl
 
 SPLITS = ("train", "validation", "test")
-IGNORE_INDEX = -100
-
-
-# --------------------------------------------------------------------------- reading
-
-
-def _open_text(path: str) -> io.TextIOBase:
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    if path.endswith(".bz2"):
-        return bz2.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def _format_of(path: str, declared: str) -> str:
-    if declared not in ("auto", "folder"):
-        return declared
-    name = path.lower()
-    for comp in (".gz", ".bz2"):
-        if name.endswith(comp):
-            name = name[: -len(comp)]
-    suffix = name.rsplit(".", 1)[-1] if "." in Path(name).name else ""
-    known = {"csv": "csv", "tsv": "tsv", "json": "json", "jsonl": "jsonl", "ndjson": "jsonl",
-             "parquet": "parquet", "txt": "txt", "yml": "yaml", "yaml": "yaml"}
-    if suffix not in known:
-        raise DataError(
-            f"{path}: cannot tell the data format from the name",
-            hint="use .csv, .tsv, .json, .jsonl, .parquet, .txt or .yml (optionally .gz/.bz2), or set data.format",
-        )
-    return known[suffix]
-
-
-def _read_yaml_records(path: str) -> list[dict]:
-    """A YAML list of mappings, or chatterbot-corpus's ``conversations:`` lists (-> chat messages)."""
-    with _open_text(path) as f:
-        doc = yaml.safe_load(f)
-    if isinstance(doc, list):
-        return [r if isinstance(r, dict) else {"text": r} for r in doc]
-    if isinstance(doc, dict) and isinstance(doc.get("conversations"), list):
-        topic = Path(path).name.split(".")[0]
-        records = []
-        for conv in doc["conversations"]:
-            turns = [str(t) for t in conv] if isinstance(conv, list) else []
-            if len(turns) % 2:  # a trailing question with no answer teaches nothing
-                turns = turns[:-1]
-            messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
-            records.append({"messages": messages, "topic": topic})
-        return records
-    raise DataError(f"{path}: expected a YAML list of records or a 'conversations:' mapping")
-
-
-def read_file(path: str, fmt: str = "auto") -> list[dict]:
-    """Read one data file into a list of records (dicts)."""
-    kind = _format_of(path, fmt)
-    try:
-        if kind in ("csv", "tsv"):
-            import pandas as pd
-
-            # dtype=str + no NA parsing: an empty text cell stays "" (not float NaN; TRAPS.md #9)
-            df = pd.read_csv(path, sep="\t" if kind == "tsv" else ",", dtype=str, keep_default_na=False,
-                             compression="infer")
-            return df.to_dict(orient="records")
-        if kind == "parquet":
-            import pandas as pd
-
-            return pd.read_parquet(path).to_dict(orient="records")
-        if kind == "jsonl":
-            records = []
-            with _open_text(path) as f:
-                for lineno, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            records.append(json.loads(line))
-                        except json.JSONDecodeError as exc:
-                            raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            return [r if isinstance(r, dict) else {"text": r} for r in records]
-        if kind == "json":
-            with _open_text(path) as f:
-                doc = json.load(f)
-            if isinstance(doc, dict):
-                lists = [v for v in doc.values() if isinstance(v, list)]
-                if len(lists) != 1:
-                    raise DataError(f"{path}: expected a JSON list of records (or one list inside an object)")
-                doc = lists[0]
-            if not isinstance(doc, list):
-                raise DataError(f"{path}: expected a JSON list of records, found a {type(doc).__name__}")
-            return [r if isinstance(r, dict) else {"text": r} for r in doc]
-        if kind == "txt":
-            with _open_text(path) as f:
-                return [{"text": line.rstrip("\n")} for line in f if line.strip()]
-        if kind == "yaml":
-            return _read_yaml_records(path)
-    except DataError:
-        raise
-    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
-        raise DataError(f"{path}: cannot read as {kind}: {exc}") from None
-    raise DataError(f"{path}: unsupported format {kind!r}")
-
-
-def _read_label_folder(folder: Path) -> list[dict]:
-    records = []
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        for f in sorted(sub.glob("*.txt")):
-            records.append({"text": f.read_text(encoding="utf-8", errors="replace"), "label": sub.name})
-    return records
-
-
-def read_source(source: DataSource, spec: DataSpec) -> list[dict]:
-    """All records of a resolved data source."""
-    if source.kind == "hub":
-        return _read_hub(source.hub_id, spec)
-    if source.kind == "folder":
-        folder = Path(source.paths[0])
-        if spec.format in ("auto", "folder") and any(p.is_dir() for p in folder.iterdir()):
-            records = _read_label_folder(folder)
-            if records:
-                return records
-        files = sorted(str(p) for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-        if not files:
-            raise DataError(f"data folder {folder} holds no files", hint="a folder of <label>/*.txt files, or data files")
-    else:
-        files = list(source.paths)
-    records = []
-    for f in files:
-        records.extend(read_file(f, spec.format))
-    return records
-
-
-def _read_hub(hub_id: str, spec: DataSpec) -> list[dict]:
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(hub_id, spec.subset, split=spec.hub_split)
-    except Exception as exc:  # datasets raises many types; the message is what the user needs
-        raise DataError(f"cannot load hub dataset {hub_id!r} (split {spec.hub_split!r}): {exc}") from None
-    return ds.to_list()
-
 
 # --------------------------------------------------------------------------- mapping to examples
 
@@ -355,7 +209,6 @@ class PreparedData:
     splits: dict[str, list[dict]]
     labels: list[str] | None
     stats: dict = field(default_factory=dict)
-    data_dir: Path | None = None
 
     @property
     def label2id(self) -> dict[str, int]:
@@ -369,8 +222,8 @@ def load_examples(recipe: Recipe, spec: str, counts: CleanCounts) -> list[dict]:
     return clean(to_examples(recipe, records), recipe.data, counts)
 
 
-def prepare(recipe: Recipe, data_dir: Path | None) -> PreparedData:
-    """Read, clean and split the data; write the splits to ``data_dir`` (the run's data/ folder)."""
+def prepare(recipe: Recipe) -> PreparedData:
+    """Read, clean and split the data (``save_prepared`` writes it to the run's data/ folder)."""
     d = recipe.data
     counts = CleanCounts()
     examples = load_examples(recipe, d.path, counts)
@@ -437,13 +290,11 @@ def prepare(recipe: Recipe, data_dir: Path | None) -> PreparedData:
         stats["label_counts"] = {k: dict(collections.Counter(e["label"] for e in v)) for k, v in splits.items()}
     if d.style != "text" and recipe.task == "causal_lm":
         stats["layout"] = d.style
-    prepared = PreparedData(splits, labels, stats, data_dir)
-    if data_dir is not None:
-        save_prepared(prepared, data_dir)
-    return prepared
+    return PreparedData(splits, labels, stats)
 
 
-def save_prepared(prepared: PreparedData, data_dir: Path) -> None:
+def save_prepared(prepared: PreparedData, data_dir: Path) -> PreparedData:
+    """Write the splits, labels and data.json; returns the record with the files' digests added."""
     data_dir.mkdir(parents=True, exist_ok=True)
     digests = {}
     for name, rows in prepared.splits.items():
@@ -452,8 +303,9 @@ def save_prepared(prepared: PreparedData, data_dir: Path) -> None:
         digests[name] = hashlib.sha256(path.read_bytes()).hexdigest()
     if prepared.labels is not None:
         atomic_write_text(data_dir / "labels.json", json.dumps(prepared.labels, indent=2) + "\n")
-    prepared.stats["sha256"] = digests
-    atomic_write_text(data_dir / "data.json", json.dumps(prepared.stats, indent=2) + "\n")
+    stats = {**prepared.stats, "sha256": digests}
+    atomic_write_text(data_dir / "data.json", json.dumps(stats, indent=2) + "\n")
+    return replace(prepared, stats=stats)
 
 
 def load_prepared(data_dir: Path) -> PreparedData:
@@ -466,104 +318,4 @@ def load_prepared(data_dir: Path) -> PreparedData:
         splits[name] = read_jsonl(path)
     labels = read_json(data_dir / "labels.json") if (data_dir / "labels.json").exists() else None
     stats = read_json(data_dir / "data.json") if (data_dir / "data.json").exists() else {}
-    return PreparedData(splits, labels, stats, data_dir)
-
-
-# --------------------------------------------------------------------------- tokenization
-
-
-FALLBACK_ROLE = {"system": "System", "user": "User", "assistant": "Assistant"}
-
-
-def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    """The tokenizer's chat template, or a plain '### Role:' layout for base models without one."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    text = "".join(f"### {FALLBACK_ROLE.get(m['role'], m['role'].title())}:\n{m['content']}\n\n" for m in messages)
-    return text + ("### Assistant:\n" if add_generation_prompt else "")
-
-
-def _chat_segments(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of the assistant turns (the targets)."""
-    full = render_chat(tokenizer, messages, add_generation_prompt=False)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        start = len(render_chat(tokenizer, messages[:i], add_generation_prompt=True)) if i else 0
-        end = len(render_chat(tokenizer, messages[: i + 1], add_generation_prompt=False))
-        spans.append((start, end))
-    return full, spans
-
-
-def prompt_and_target(tokenizer, example: dict) -> tuple[str, str]:
-    """(prompt text, reference answer) of a causal-LM example, for generation."""
-    if "messages" in example:
-        msgs = example["messages"]
-        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-        return render_chat(tokenizer, msgs[:last], add_generation_prompt=True), msgs[last]["content"]
-    if "prompt" in example:
-        return example["prompt"], example["completion"]
-    return "", example["text"]
-
-
-@dataclass(frozen=True)
-class Tokenized:
-    """Model-ready features of one split, and what tokenization had to cut."""
-
-    features: list[dict]
-    truncated: int
-    dropped_no_target: int
-    tokens: int
-
-    def summary(self, max_length: int) -> str:
-        s = f"{len(self.features)} examples, {self.tokens:,} tokens"
-        if self.truncated:
-            s += f"; {self.truncated} truncated to {max_length} tokens"
-        if self.dropped_no_target:
-            s += f"; {self.dropped_no_target} dropped (no answer token left after truncation)"
-        return s
-
-
-def tokenize(examples: list[dict], recipe: Recipe, tokenizer, label2id: dict[str, int] | None) -> Tokenized:
-    """Tokenize canonical examples; labels mask everything but the completion for causal LMs."""
-    d = recipe.data
-    L = d.max_length
-    if recipe.task == "classification":
-        texts = [e["text"] for e in examples]
-        full = tokenizer(texts, truncation=False, add_special_tokens=True)["input_ids"]
-        enc = tokenizer(texts, truncation=True, max_length=L, add_special_tokens=True)
-        feats = [{"input_ids": ids, "attention_mask": m, "labels": label2id[e["label"]]}
-                 for ids, m, e in zip(enc["input_ids"], enc["attention_mask"], examples, strict=True)]
-        return Tokenized(feats, sum(len(f) > L for f in full), 0, sum(len(f["input_ids"]) for f in feats))
-
-    eos_id, eos = tokenizer.eos_token_id, tokenizer.eos_token
-    feats, truncated, dropped = [], 0, 0
-    for e in examples:
-        if "messages" in e:
-            text, spans = _chat_segments(tokenizer, e["messages"])
-            special = False
-        elif "prompt" in e:
-            text, spans = e["prompt"] + e["completion"], [(len(e["prompt"]), len(e["prompt"]) + len(e["completion"]))]
-            special = True
-        else:
-            text, spans = e["text"], [(0, len(e["text"]))]
-            special = True
-        enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
-        if d.loss_on == "all":
-            mask = [True] * len(ids)
-        else:
-            mask = [any(s < b and a < t for s, t in spans) if b > a else False for a, b in enc["offset_mapping"]]
-        if d.add_eos and eos_id is not None and not (eos and text.rstrip().endswith(eos)):
-            ids.append(eos_id)
-            mask.append(True)
-        if len(ids) > L:
-            truncated += 1
-            ids, mask = ids[:L], mask[:L]
-        if not any(mask):
-            dropped += 1
-            continue
-        labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
-        feats.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
-    return Tokenized(feats, truncated, dropped, sum(len(f["input_ids"]) for f in feats))
+    return PreparedData(splits, labels, stats)

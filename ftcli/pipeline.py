@@ -7,24 +7,48 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
-import os
 import shutil
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from ftcli.errors import FtcliError
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from accelerate.utils import set_seed
+
+from ftcli.adapt import adapt
+from ftcli.data.examples import SPLITS, prepare, save_prepared
+from ftcli.data.tokenize import tokenize
+from ftcli.errors import FtcliError, Interrupted
+from ftcli.evaluation.baseline import save_initial_head
+from ftcli.evaluation.score import evaluate
+from ftcli.memory import preflight
+from ftcli.merge import merge
+from ftcli.models import (
+    load_tokenizer,
+    load_trained,
+    resolve_device,
+    resolve_mixed_precision,
+    to_device,
+)
 from ftcli.recipe import Recipe
+from ftcli.rundir import check_same_data, open_run, read_run_record, write_run_json
+from ftcli.train import train
 from ftcli.ui import UI
-from ftcli.util import read_json, versions, write_json
+from ftcli.util import atomic_write_text, versions
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 class RunLog:
     """run.json: what happened, rewritten atomically after every stage."""
 
     def __init__(self, run_dir: Path, enabled: bool, base: dict | None = None):
-        self.path = run_dir / "run.json"
+        self.run_dir = run_dir
         self.enabled = enabled
         self.data: dict = dict(base or {})
         self.data.setdefault("timings_s", {})
@@ -32,7 +56,7 @@ class RunLog:
     def update(self, **fields) -> None:
         self.data.update(fields)
         if self.enabled:
-            write_json(self.path, self.data)
+            write_run_json(self.run_dir, self.data)
 
     @contextmanager
     def stage(self, name: str):
@@ -43,17 +67,10 @@ class RunLog:
 
 
 def make_accelerator(recipe: Recipe):
-    from accelerate import Accelerator
-
-    from ftcli.adapt import resolve_device
-    from ftcli.train import resolve_mixed_precision
-
     device = resolve_device(recipe.train.device)
     mp = resolve_mixed_precision(recipe.train.mixed_precision, device)
     # One process may run several recipes (--seeds, cv, tests): accelerate keeps a singleton state
     # that would refuse a second precision. Forget the per-run part; the process group stays.
-    from accelerate.state import AcceleratorState, GradientState
-
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     acc = Accelerator(mixed_precision=mp, gradient_accumulation_steps=recipe.train.gradient_accumulation,
@@ -63,21 +80,45 @@ def make_accelerator(recipe: Recipe):
 
 def _check_run_dir(recipe: Recipe, resume: bool, force: bool) -> None:
     run_dir = recipe.run_dir
-    run_json = run_dir / "run.json"
+    record = read_run_record(run_dir)
     if resume:
-        if not run_json.exists():
+        if record is None:
             raise FtcliError(f"nothing to resume: {run_dir} holds no run", hint="start it without --resume")
         saved = run_dir / "recipe.yaml"
         if saved.exists() and saved.read_text() != recipe.to_yaml():
             raise FtcliError(f"the recipe differs from the one {run_dir} was started with",
                              hint=f"resume with the saved one: ftcli train {saved} --resume")
         return
-    if run_json.exists() and not force:
-        status = read_json(run_json).get("status", "unknown")
-        if status == "failed" and not any((run_dir / "checkpoints").glob("step-*")):
+    if record is not None and not force:
+        if record.status == "failed" and not any((run_dir / "checkpoints").glob("step-*")):
             return  # a run that failed before saving anything holds nothing to lose
-        raise FtcliError(f"{run_dir} already holds a run (status: {status}); it would be overwritten",
+        raise FtcliError(f"{run_dir} already holds a run (status: {record.status}); it would be overwritten",
                          hint="--resume continues it, --force starts it over, --set name=NEW makes a new run")
+
+
+def data_table(prepared, tokenized, max_length: int) -> list[tuple]:
+    """The prepare stage's table: split sizes and tokens, what was dropped, the labels."""
+    rows = [(s, tokenized[s].summary(max_length)) for s in SPLITS]
+    dropped = {k: v for k, v in prepared.stats["dropped"].items() if v}
+    if dropped:
+        rows.append(("dropped", ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in dropped.items())))
+    if prepared.labels:
+        rows.append(("labels", ", ".join(prepared.labels)))
+    return rows
+
+
+def run_fields(recipe: Recipe, acc, device: str, prepared, tokenized, adapted, started: str | None) -> dict:
+    """What run.json records about a run before training starts."""
+    vers = versions()
+    counts = {s: {"examples": len(tokenized[s].features), "tokens": tokenized[s].tokens,
+                  "truncated": tokenized[s].truncated, "dropped_no_target": tokenized[s].dropped_no_target}
+              for s in SPLITS}
+    return dict(ftcli_version=vers["ftcli"], name=recipe.name, task=recipe.task, method=recipe.method.kind,
+                status="running", command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+                started=started or now(), versions=vers, seed=recipe.train.seed, device=device,
+                num_processes=acc.num_processes, mixed_precision=acc.mixed_precision,
+                threads=torch.get_num_threads(), data={**prepared.stats, "tokenized": counts},
+                params=adapted.counts.as_dict())
 
 
 def train_run(recipe: Recipe, ui: UI, resume: bool = False, force: bool = False,
@@ -87,23 +128,10 @@ def train_run(recipe: Recipe, ui: UI, resume: bool = False, force: bool = False,
     Data and model are loaded before anything is written, so a bad dataset or model name leaves
     no run folder behind.
     """
-    import torch
-    from accelerate.utils import set_seed
-
-    from ftcli.adapt import adapt, load_tokenizer
-    from ftcli.data import SPLITS, prepare, save_prepared, tokenize
-    from ftcli.evaluate import evaluate
-    from ftcli.train import train
-    from ftcli.util import atomic_write_text
-
     _check_run_dir(recipe, resume, force)
     acc, device = make_accelerator(recipe)
-    # --- memory estimate before anything is written or loaded (ftcli/memory): stops a run that clearly cannot fit
-    from ftcli.memory import preflight
-
     ui.step("memory   estimate before loading anything")
     memory = preflight(recipe, device, ui, enforce=memory_check, processes=acc.num_processes)
-    # ---
     main = acc.is_main_process
     run_dir = recipe.run_dir
     timings: dict[str, float] = {}
@@ -112,55 +140,36 @@ def train_run(recipe: Recipe, ui: UI, resume: bool = False, force: bool = False,
     ui.step(f"prepare  {recipe.data.path}")
     t0 = time.perf_counter()
     with acc.main_process_first():
-        tokenizer, source, model_dir = load_tokenizer(recipe)
-    prepared = prepare(recipe, None)
+        tokenizer, _, model_dir = load_tokenizer(recipe.model)
+    prepared = prepare(recipe)
     tokenized = {s: tokenize(prepared.splits[s], recipe, tokenizer, prepared.label2id) for s in SPLITS}
     timings["prepare"] = round(time.perf_counter() - t0, 2)
-    data_rows = [(s, tokenized[s].summary(recipe.data.max_length)) for s in SPLITS]
-    dropped = {k: v for k, v in prepared.stats["dropped"].items() if v}
-    if dropped:
-        data_rows.append(("dropped", ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in dropped.items())))
-    if prepared.labels:
-        data_rows.append(("labels", ", ".join(prepared.labels)))
-    ui.table("data", data_rows)
+    ui.table("data", data_table(prepared, tokenized, recipe.data.max_length))
 
     ui.step(f"adapt    {recipe.model.name} ({recipe.method.kind})")
     t0 = time.perf_counter()
-    adapted = adapt(recipe, tokenizer, source, model_dir, prepared.labels, device, acc.local_process_index)
+    adapted = adapt(recipe, tokenizer, model_dir, prepared.labels, device, acc.local_process_index)
     timings["adapt"] = round(time.perf_counter() - t0, 2)
     for line in adapted.counts.lines(recipe):
         ui.info("  " + line)
 
     # Everything loaded: now the run folder is written.
-    previous = read_json(run_dir / "run.json") if resume else {}
+    previous = read_run_record(run_dir).model_dump() if resume else {}
     if main:
         if resume:
-            _check_same_data(prepared, run_dir / "data")
+            check_same_data(prepared, run_dir / "data")
         elif run_dir.exists():
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
-        save_prepared(prepared, run_dir / "data")
+        prepared = save_prepared(prepared, run_dir / "data")
         if recipe.task == "classification" and not resume:
             # the fresh head as training found it: `ftcli eval --baseline` compares against this start
-            from ftcli.evaluation.baseline import save_initial_head
-
             save_initial_head(adapted.model, run_dir)
     acc.wait_for_everyone()
     log = RunLog(run_dir, main, previous)
     log.data["timings_s"].update(timings)
-    vers = versions()
-    log.update(ftcli_version=vers["ftcli"], name=recipe.name, task=recipe.task, method=recipe.method.kind,
-               status="running", command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-               started=previous.get("started") or dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-               versions=vers, seed=recipe.train.seed, device=device, num_processes=acc.num_processes,
-               mixed_precision=acc.mixed_precision, threads=torch.get_num_threads(),
-               data={**prepared.stats, "tokenized": {s: {"examples": len(tokenized[s].features),
-                                                         "tokens": tokenized[s].tokens,
-                                                         "truncated": tokenized[s].truncated,
-                                                         "dropped_no_target": tokenized[s].dropped_no_target}
-                                                     for s in SPLITS}},
-               params=adapted.counts.as_dict())
+    log.update(**run_fields(recipe, acc, device, prepared, tokenized, adapted, previous.get("started")))
     if memory:
         log.update(memory=memory)
     try:
@@ -172,8 +181,8 @@ def train_run(recipe: Recipe, ui: UI, resume: bool = False, force: bool = False,
         ui.step("evaluate on the sealed test split")
         with log.stage("evaluate"):
             if main:
-                report = evaluate(recipe.task, adapted.model, tokenizer, tokenized["test"].features, prepared.labels,
-                                  recipe.eval.batch_size, acc.device)
+                report = evaluate(recipe.task, adapted.model, tokenizer, tokenized["test"].features,
+                                  prepared.labels, recipe.eval.batch_size, acc.device)
                 ui.table("test", [(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in report.metrics.items()]
                          + [("examples", report.n)])
                 log.update(eval=report.as_dict())
@@ -186,8 +195,6 @@ def train_run(recipe: Recipe, ui: UI, resume: bool = False, force: bool = False,
             acc.free_memory()
             with log.stage("merge"):
                 if main:
-                    from ftcli.merge import merge
-
                     merged = merge(run_dir / "adapter", run_dir / "merged", dtype=recipe.merge.dtype,
                                    into=recipe.merge.into, samples=test_feats, force=True)
                     ui.info(f"  merged/: max logit difference {merged.max_logit_diff:.1e} on {merged.samples} "
@@ -195,85 +202,27 @@ def train_run(recipe: Recipe, ui: UI, resume: bool = False, force: bool = False,
                     log.update(merge=merged.as_dict())
             acc.wait_for_everyone()
     except BaseException as exc:
-        from ftcli.train import Interrupted
-
         status = "interrupted" if isinstance(exc, Interrupted | KeyboardInterrupt) else "failed"
         log.update(status=status, error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise
-    log.update(status="completed", finished=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    log.update(status="completed", finished=now())
     ui.info(f"[green]done[/] {run_dir}/  (run.json, metrics.jsonl, "
             f"{'model/' if recipe.method.kind == 'full' else 'adapter/'}"
             f"{', merged/' if recipe.merge.enabled and recipe.method.kind != 'full' else ''})")
     return log.data
 
 
-def _check_same_data(prepared, data_dir: Path) -> None:
-    """A resumed run must see the very examples it started with."""
-    import hashlib
-    import json
-
-    saved = read_json(data_dir / "data.json").get("sha256", {}) if (data_dir / "data.json").exists() else {}
-    for name, rows in prepared.splits.items():
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        if saved.get(name) and hashlib.sha256(text.encode()).hexdigest() != saved[name]:
-            raise FtcliError(f"the {name} split differs from the one this run started with: the data changed",
-                             hint="restore the original data, or start a new run (--force or --set name=NEW)")
-
-
 def evaluate_run(run_dir: Path, ui: UI, split: str = "test") -> dict:
-    """Re-score a finished run on its sealed split, from the run folder alone."""
-    from ftcli.adapt import resolve_device, to_device
-    from ftcli.data import tokenize
-    from ftcli.evaluate import evaluate
-    from ftcli.evaluation.compare import open_run
-
+    """Re-score a finished run on a split, from the run folder alone."""
     rd = open_run(run_dir)
     recipe, prepared = rd.recipe, rd.prepared
     if not prepared.splits.get(split):
         raise FtcliError(f"{run_dir} has no {split!r} split",
                          hint=f"choose one of: {', '.join(k for k, v in prepared.splits.items() if v)}")
-    model, tokenizer = load_trained(run_dir, recipe, prepared.labels)
+    model, tokenizer = load_trained(run_dir, recipe.task)
     feats = tokenize(prepared.splits[split], recipe, tokenizer, prepared.label2id).features
     device = resolve_device("auto")
     to_device(model, device)
     report = evaluate(recipe.task, model, tokenizer, feats, prepared.labels, recipe.eval.batch_size, device, split)
     ui.table(f"{split} ({run_dir})", [(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in report.metrics.items()])
     return report.as_dict()
-
-
-def load_trained(run_dir: Path, recipe: Recipe, labels: list[str] | None):
-    """The fine-tuned model of a run folder (merged/, model/ or base + adapter/) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from ftcli.adapt import load_base_model, resolve_device, tokenizer_from
-    from ftcli.sources import local_model_dir, resolve_model
-
-    cls = AutoModelForSequenceClassification if recipe.task == "classification" else AutoModelForCausalLM
-    for sub in ("merged", "model"):
-        if (run_dir / sub / "config.json").exists():
-            tok = tokenizer_from(run_dir / sub)
-            try:
-                return cls.from_pretrained(run_dir / sub).eval(), tok
-            except (OSError, ValueError) as exc:
-                raise FtcliError(f"cannot load {run_dir / sub}: {str(exc).splitlines()[0]}",
-                                 hint="the folder is damaged; rerun the merge (ftcli merge) or the training") from None
-    if (run_dir / "adapter" / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        tok = tokenizer_from(run_dir / "adapter")
-        base_dir = local_model_dir(resolve_model(recipe.model.name, recipe.model.revision))
-        base = load_base_model(recipe, base_dir, labels, tok, resolve_device("auto"))
-        try:
-            return PeftModel.from_pretrained(base, run_dir / "adapter").eval(), tok
-        except (OSError, ValueError) as exc:
-            raise FtcliError(f"cannot load the adapter in {run_dir / 'adapter'}: {str(exc).splitlines()[0]}",
-                             hint="the folder is damaged; rerun the training (--force)") from None
-    raise FtcliError(f"{run_dir} holds no trained model (merged/, model/ or adapter/)",
-                     hint="finish the run first: ftcli train <recipe> --resume")
-
-
-def latest_run(output_dir: str = "runs") -> Path:
-    runs = [p.parent for p in Path(output_dir).glob("*/run.json")]
-    if not runs:
-        raise FtcliError(f"no runs in {output_dir}/", hint="train one first: ftcli train recipes/quickstart.yaml")
-    return max(runs, key=lambda p: os.path.getmtime(p / "run.json"))

@@ -1,0 +1,126 @@
+"""Examples -> model-ready features: tokenization (labels mask all but the completion for causal
+LMs), chat rendering, and the collate that pads a micro-batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ftcli.recipe import Recipe
+
+IGNORE_INDEX = -100
+
+FALLBACK_ROLE = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    """The tokenizer's chat template, or a plain '### Role:' layout for base models without one."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    text = "".join(f"### {FALLBACK_ROLE.get(m['role'], m['role'].title())}:\n{m['content']}\n\n" for m in messages)
+    return text + ("### Assistant:\n" if add_generation_prompt else "")
+
+
+def _chat_segments(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of the assistant turns (the targets)."""
+    full = render_chat(tokenizer, messages, add_generation_prompt=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(render_chat(tokenizer, messages[:i], add_generation_prompt=True)) if i else 0
+        end = len(render_chat(tokenizer, messages[: i + 1], add_generation_prompt=False))
+        spans.append((start, end))
+    return full, spans
+
+
+def prompt_and_target(tokenizer, example: dict) -> tuple[str, str]:
+    """(prompt text, reference answer) of a causal-LM example, for generation."""
+    if "messages" in example:
+        msgs = example["messages"]
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        return render_chat(tokenizer, msgs[:last], add_generation_prompt=True), msgs[last]["content"]
+    if "prompt" in example:
+        return example["prompt"], example["completion"]
+    return "", example["text"]
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """Model-ready features of one split, and what tokenization had to cut."""
+
+    features: list[dict]
+    truncated: int
+    dropped_no_target: int
+    tokens: int
+
+    def summary(self, max_length: int) -> str:
+        s = f"{len(self.features)} examples, {self.tokens:,} tokens"
+        if self.truncated:
+            s += f"; {self.truncated} truncated to {max_length} tokens"
+        if self.dropped_no_target:
+            s += f"; {self.dropped_no_target} dropped (no answer token left after truncation)"
+        return s
+
+
+def tokenize(examples: list[dict], recipe: Recipe, tokenizer, label2id: dict[str, int] | None) -> Tokenized:
+    """Tokenize canonical examples; labels mask everything but the completion for causal LMs."""
+    d = recipe.data
+    L = d.max_length
+    if recipe.task == "classification":
+        texts = [e["text"] for e in examples]
+        full = tokenizer(texts, truncation=False, add_special_tokens=True)["input_ids"]
+        enc = tokenizer(texts, truncation=True, max_length=L, add_special_tokens=True)
+        feats = [{"input_ids": ids, "attention_mask": m, "labels": label2id[e["label"]]}
+                 for ids, m, e in zip(enc["input_ids"], enc["attention_mask"], examples, strict=True)]
+        return Tokenized(feats, sum(len(f) > L for f in full), 0, sum(len(f["input_ids"]) for f in feats))
+
+    eos_id, eos = tokenizer.eos_token_id, tokenizer.eos_token
+    feats, truncated, dropped = [], 0, 0
+    for e in examples:
+        if "messages" in e:
+            text, spans = _chat_segments(tokenizer, e["messages"])
+            special = False
+        elif "prompt" in e:
+            text, spans = e["prompt"] + e["completion"], [(len(e["prompt"]), len(e["prompt"]) + len(e["completion"]))]
+            special = True
+        else:
+            text, spans = e["text"], [(0, len(e["text"]))]
+            special = True
+        enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        if d.loss_on == "all":
+            mask = [True] * len(ids)
+        else:
+            mask = [any(s < b and a < t for s, t in spans) if b > a else False for a, b in enc["offset_mapping"]]
+        if d.add_eos and eos_id is not None and not (eos and text.rstrip().endswith(eos)):
+            ids.append(eos_id)
+            mask.append(True)
+        if len(ids) > L:
+            truncated += 1
+            ids, mask = ids[:L], mask[:L]
+        if not any(mask):
+            dropped += 1
+            continue
+        labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
+        feats.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    return Tokenized(feats, truncated, dropped, sum(len(f["input_ids"]) for f in feats))
+
+
+def collate(features: list[dict], pad_id: int) -> dict:
+    """Pad a micro-batch to its longest example (right padding; pad labels are ignored)."""
+    import torch
+
+    n = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(features), n), dtype=torch.long)
+    seq_labels = isinstance(features[0]["labels"], list)
+    labels = torch.full((len(features), n), IGNORE_INDEX, dtype=torch.long) if seq_labels else None
+    for i, f in enumerate(features):
+        k = len(f["input_ids"])
+        ids[i, :k] = torch.tensor(f["input_ids"])
+        mask[i, :k] = 1
+        if seq_labels:
+            labels[i, :k] = torch.tensor(f["labels"])
+    if not seq_labels:
+        labels = torch.tensor([f["labels"] for f in features], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,144 @@
+"""Forward passes for scoring: class probabilities, per-token losses (the one shifted
+cross-entropy that training, evaluation and ensembles share) and bounded generation.
+
+Batches are sorted by length so padding stays small; results come back in the caller's order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ftcli.data.tokenize import IGNORE_INDEX, collate
+
+
+def length_batches(features: list[dict], batch_size: int):
+    """Index groups of ``batch_size``, shortest examples first."""
+    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+def token_cross_entropy(logits, labels):
+    """Cross-entropy of each next-token prediction, [batch, positions - 1], 0 where the label is
+    ignored; and the mask of supervised positions. Logits are upcast to float32."""
+    shifted = labels[:, 1:]
+    ce = F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2),
+        shifted,
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    )
+    return ce, shifted != IGNORE_INDEX
+
+
+def loss_sums(model, batch: dict, task: str):
+    """(summed loss, count) of a batch: per example for classification, per target token for LMs."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    labels = batch["labels"]
+    if task == "classification":
+        loss = F.cross_entropy(out.logits.float(), labels, reduction="sum")
+        return loss, torch.tensor(labels.numel(), device=labels.device)
+    ce, mask = token_cross_entropy(out.logits, labels)
+    return ce.sum(), mask.sum()
+
+
+def _forward(model, features: list[dict], idx: list[int], pad_id: int, device):
+    batch = collate([features[i] for i in idx], pad_id)
+    out = model(
+        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+    )
+    return out.logits, batch["labels"].to(device)
+
+
+def class_probabilities(model, features: list[dict], pad_id: int, batch_size: int, device) -> list[list[float]]:
+    """Softmax probabilities per example, in the order of ``features``."""
+    probs: list = [None] * len(features)
+    model.eval()
+    with torch.no_grad():
+        for idx in length_batches(features, batch_size):
+            logits, _ = _forward(model, features, idx, pad_id, device)
+            for i, row in zip(idx, torch.softmax(logits.float(), dim=-1).cpu().tolist(), strict=True):
+                probs[i] = row
+    return probs
+
+
+def token_losses(model, features: list[dict], pad_id: int, batch_size: int, device) -> list[tuple[float, int]]:
+    """(summed loss, number of target tokens) per example, in the order of ``features``."""
+    rows: list = [None] * len(features)
+    model.eval()
+    with torch.no_grad():
+        for idx in length_batches(features, batch_size):
+            ce, mask = token_cross_entropy(*_forward(model, features, idx, pad_id, device))
+            sums, counts = ce.sum(dim=1).cpu().tolist(), mask.sum(dim=1).cpu().tolist()
+            for i, s, c in zip(idx, sums, counts, strict=True):
+                rows[i] = (s, c)
+    return rows
+
+
+def token_logprobs(model, features: list[dict], pad_id: int, batch_size: int, device) -> list[list[float]]:
+    """Log-probability of every target token of each example, in the order of ``features``."""
+    out: list = [None] * len(features)
+    model.eval()
+    with torch.no_grad():
+        for idx in length_batches(features, batch_size):
+            ce, mask = token_cross_entropy(*_forward(model, features, idx, pad_id, device))
+            for r, i in enumerate(idx):
+                out[i] = (-ce[r][mask[r]]).cpu().tolist()
+    return out
+
+
+def generate_answers(
+    model,
+    tokenizer,
+    prompts: list[str],
+    add_special_tokens: bool,
+    max_new_tokens: int,
+    batch_size: int,
+    device,
+    max_prompt_tokens: int,
+    temperature: float = 0.0,
+) -> list[dict]:
+    """One answer per prompt: {"answer", "stopped" (ended with EOS), "tokens" (answer length)};
+    greedy unless a temperature is given, batched with left padding.
+
+    Prompts longer than ``max_prompt_tokens`` keep their end (where the answer starts); an empty
+    prompt starts from the BOS (or EOS) token, so the model always has something to continue.
+    """
+    eos = tokenizer.eos_token_id
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+    encoded = []
+    for p in prompts:
+        ids = tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] if p else []
+        ids = ids[-max_prompt_tokens:] if len(ids) > max_prompt_tokens else ids
+        encoded.append(ids or [start])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    kwargs: dict = {"max_new_tokens": max_new_tokens, "pad_token_id": pad, "eos_token_id": eos}
+    if temperature > 0:
+        kwargs.update(do_sample=True, temperature=temperature)
+    else:  # greedy: drop sampling settings a generation_config may carry
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    out: list = [None] * len(prompts)
+    model.eval()
+    with torch.no_grad():
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            width = max(len(encoded[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for r, i in enumerate(idx):  # left padding: every prompt ends where generation begins
+                k = len(encoded[i])
+                ids[r, width - k :] = torch.tensor(encoded[i])
+                mask[r, width - k :] = 1
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+            for r, i in enumerate(idx):
+                new = gen[r, width:].tolist()
+                stopped = eos in new
+                answer = new[: new.index(eos)] if stopped else new
+                out[i] = {
+                    "answer": tokenizer.decode(answer, skip_special_tokens=True).strip(),
+                    "stopped": stopped,
+                    "tokens": len(answer),
+                }
+    return out

@@ -1,0 +1,355 @@
+"""The one model loader: the class by task, the device and precision, the quantization config, the
+pre-trained base, and every trained folder (merged/, model/, base + adapter/).
+
+adapt, merge, predict/chat and eval all load through here, so a QLoRA base is loaded the same way
+by training and by the merge that folds its adapter, and a run folder means the same thing to
+every command.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ftcli.errors import FtcliError
+from ftcli.recipe import QuantSpec
+from ftcli.rundir import ModelRecord, read_model_record
+from ftcli.sources import local_model_dir, resolve_model
+
+HEAD_NAMES = ("classifier", "score")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --------------------------------------------------------------------------- device and precision
+
+
+def resolve_device(choice: str = "auto") -> str:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise FtcliError(
+            "train.device is 'cuda' but no CUDA GPU is visible",
+            hint="set train.device to auto or cpu, or check CUDA_VISIBLE_DEVICES",
+        )
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
+def resolve_mixed_precision(choice: str, device: str) -> str:
+    """``auto``: bf16 on a CUDA GPU that has it, else none."""
+    if choice == "auto":
+        return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    if choice == "fp16" and device != "cuda":
+        raise FtcliError(
+            "fp16 mixed precision needs a CUDA GPU", hint="set train.mixed_precision to bf16 or no"
+        )
+    return choice
+
+
+def to_device(model, device):
+    """Move a model to ``device``, except a quantized one (bitsandbytes places its own weights)."""
+    if getattr(model, "hf_quantizer", None) is None and not getattr(model, "is_loaded_in_4bit", False):
+        model.to(device)
+    return model
+
+
+def torch_dtype(name: str):
+    return DTYPES[name]
+
+
+def model_class_name(task: str) -> str:
+    if task == "classification":
+        return "AutoModelForSequenceClassification"
+    return "AutoModelForCausalLM"
+
+
+def model_class(task: str):
+    import transformers
+
+    return getattr(transformers, model_class_name(task))
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+def tokenizer_from(folder, what: str | None = None, **kwargs):
+    """A tokenizer with a pad token (decoders often have none: EOS stands in) and right padding."""
+    from transformers import AutoTokenizer
+
+    what = what or str(folder)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise FtcliError(f"cannot load the tokenizer of {what}: {str(exc).splitlines()[0]}") from None
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise FtcliError(f"the tokenizer of {what} has neither a pad nor an EOS token")
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_tokenizer(model_spec):
+    """(tokenizer, source, local folder) of a recipe's ``model`` section."""
+    source = resolve_model(model_spec.name, model_spec.revision)
+    model_dir = local_model_dir(source)
+    tok = tokenizer_from(
+        model_dir,
+        what=repr(model_spec.name),
+        revision=model_spec.revision,
+        trust_remote_code=model_spec.trust_remote_code,
+    )
+    return tok, source, model_dir
+
+
+# --------------------------------------------------------------------------- quantization
+
+
+def quantization_config(q: QuantSpec, compute_dtype: str | None = None):
+    """bitsandbytes settings of a QuantSpec; ``compute_dtype`` overrides the spec's (the merge
+    computes in float32)."""
+    from transformers import BitsAndBytesConfig
+
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=torch_dtype(compute_dtype or q.compute_dtype),
+    )
+
+
+def unquantized_layers(model) -> list[str]:
+    """Names of 4-bit layers whose weight never got quantized (it was missing from the checkpoint)."""
+    import bitsandbytes as bnb
+
+    return [
+        name
+        for name, mod in model.named_modules()
+        if isinstance(mod, bnb.nn.Linear4bit) and getattr(mod.weight, "quant_state", None) is None
+    ]
+
+
+def keep_4bit_trainable_on_cpu(model) -> int:
+    """TRAPS.md #1: on CPUs with AVX512-BF16, the first no-grad forward makes bitsandbytes repack
+    every Linear4bit into an inference-only layout, after which LoRA gradients are silently None.
+    Turning the repacking off keeps the layer trainable. Returns how many layers were changed."""
+    import bitsandbytes as bnb
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(
+            module, "support_avx512bf16_for_cpu", False
+        ):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+# --------------------------------------------------------------------------- the base model
+
+
+def label_kwargs(labels: list[str] | None, tokenizer) -> dict:
+    """The head's size and label names, for a classification model."""
+    if labels is None:
+        return {}
+    return {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {lab: i for i, lab in enumerate(labels)},
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def load_base_model(
+    model_dir: str,
+    task: str,
+    labels: list[str] | None,
+    tokenizer,
+    *,
+    quant: QuantSpec | None = None,
+    compute_dtype: str | None = None,
+    dtype: str = "auto",
+    device: str = "cpu",
+    device_index: int = 0,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    what: str | None = None,
+):
+    """The pre-trained model with the task's head; quantized (bitsandbytes) when ``quant`` is given.
+    Layers missing from the checkpoint (a new pooler, say) are kept in full precision."""
+    if task == "classification" and labels is None:
+        raise FtcliError("a classification model needs its labels")
+    kwargs: dict = {"revision": revision, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    qc = None
+    if quant is not None:
+        qc = quantization_config(quant, compute_dtype)
+        kwargs["quantization_config"] = qc
+        kwargs["device_map"] = {"": device_index if device == "cuda" else "cpu"}
+        # modules left unquantized (embeddings, head) are upcast to fp32 by prepare_model_for_kbit_training
+        kwargs["dtype"] = torch.float32
+    else:
+        kwargs["dtype"] = torch.float32 if dtype == "auto" else torch_dtype(dtype)
+    kwargs.update(label_kwargs(labels if task == "classification" else None, tokenizer))
+    cls = model_class(task)
+    try:
+        model = cls.from_pretrained(model_dir, **kwargs)
+        if qc is not None:
+            fresh = unquantized_layers(model)
+            if fresh:
+                # created after quantization, these cannot run as 4-bit layers: keep them full precision
+                from transformers.quantizers.base import get_keys_to_not_convert
+
+                qc.llm_int8_skip_modules = sorted(set(get_keys_to_not_convert(model)) | set(fresh))
+                model = cls.from_pretrained(model_dir, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise FtcliError(f"cannot load model {what or model_dir!r} for {task}: {exc}") from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if qc is not None:
+        keep_4bit_trainable_on_cpu(model)
+    return model
+
+
+def load_recipe_base(recipe, model_dir: str, labels, tokenizer, device: str, device_index: int = 0):
+    """The base exactly as a recipe trains it (quantized for QLoRA)."""
+    m = recipe.model
+    return load_base_model(
+        model_dir,
+        recipe.task,
+        labels,
+        tokenizer,
+        quant=recipe.method.quant if recipe.method.kind == "qlora" else None,
+        dtype=m.dtype,
+        device=device,
+        device_index=device_index,
+        revision=m.revision,
+        trust_remote_code=m.trust_remote_code,
+        attn_implementation=m.attn_implementation,
+        what=m.name,
+    )
+
+
+def base_dir(rec: ModelRecord, base: str | None = None) -> str:
+    """The local folder of an adapter's base: ``base`` if given, else the one its record names."""
+    spec = base or rec.base_model
+    if not spec:
+        raise FtcliError("the adapter does not record its base model", hint="name it with --base")
+    try:
+        return local_model_dir(resolve_model(spec, rec.revision if base is None else None))
+    except FtcliError:
+        recorded = rec.base_model_dir
+        if base is None and recorded and Path(recorded).is_dir():
+            return recorded
+        raise
+
+
+INTO = ("dequantized", "original", "quantized", "as-trained")
+
+
+def load_base_for(rec: ModelRecord, model_dir: str, into: str, tokenizer, device: str = "cpu"):
+    """The base an adapter attaches to. For QLoRA: ``dequantized`` (float32 copies of the NF4
+    weights training used: what a merge folds into), ``quantized`` (4-bit, float32 compute: the
+    merge's reference), ``as-trained`` (4-bit with the recipe's compute dtype, as training ran);
+    ``original`` (and every LoRA base): the pre-trained weights, in the dtype training loaded."""
+    if rec.task == "classification" and not rec.labels:
+        raise FtcliError(
+            "the adapter does not record its labels (ftcli.json)", hint="use an adapter ftcli trained"
+        )
+    labels = rec.labels if rec.task == "classification" else None
+    spec = rec.model
+    common = {
+        "revision": rec.revision,
+        "trust_remote_code": bool(spec and spec.trust_remote_code),
+        "attn_implementation": spec.attn_implementation if spec else None,
+        "what": rec.base_model,
+    }
+    quantized = rec.kind == "qlora" and into != "original"
+    if quantized:
+        compute = rec.quant.compute_dtype if into == "as-trained" else "float32"
+        model = load_base_model(
+            model_dir, rec.task, labels, tokenizer, quant=rec.quant, compute_dtype=compute,
+            device=device, **common,
+        )
+        if into == "dequantized":
+            model = model.dequantize(dtype=torch.float32)
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+    else:
+        dtype = spec.dtype if spec and into == "as-trained" else "auto"
+        model = load_base_model(model_dir, rec.task, labels, tokenizer, dtype=dtype, **common)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- trained folders
+
+
+def load_folder(folder: Path, task: str, dtype: str = "float32"):
+    """A plain transformers folder (merged/, model/, any export), ready for inference."""
+    try:
+        return model_class(task).from_pretrained(folder, dtype=torch_dtype(dtype)).eval()
+    except (OSError, ValueError) as exc:
+        raise FtcliError(
+            f"cannot load {folder}: {str(exc).splitlines()[0]}",
+            hint="the folder is damaged; rerun the merge (ftcli merge) or the training",
+        ) from None
+
+
+def attach_adapter(base_model, folder: Path, name: str = "default"):
+    """A peft model: ``base_model`` with the adapter saved in ``folder``, for inference."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base_model, folder, adapter_name=name).eval()
+
+
+def load_adapters(
+    adapters: list[tuple[str, Path, ModelRecord]],
+    base: str | None = None,
+    tokenizer=None,
+    into: str = "dequantized",
+):
+    """One base model, loaded once, with every (name, folder, record) adapter attached by name;
+    the first is active. Returns (model, tokenizer)."""
+    name0, path0, first = adapters[0]
+    tok = tokenizer or tokenizer_from(path0)
+    model_dir = base_dir(first, base)
+    model = load_base_for(first, model_dir, into, tok, resolve_device("auto"))
+    try:
+        model = attach_adapter(model, path0, name0)
+        for n, p, _ in adapters[1:]:
+            model.load_adapter(p, adapter_name=n)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise FtcliError(
+            f"cannot load the adapter(s) onto {base or first.base_model}: {str(exc).splitlines()[0]}",
+            hint="the folder is damaged, or name the base it was trained on",
+        ) from None
+    model.set_adapter(name0)
+    return model.eval(), tok
+
+
+def trained_folder(run_dir: Path) -> tuple[str, Path]:
+    """Which trained model a run folder holds: ("merged"|"model", folder) or ("adapter", folder)."""
+    for sub in ("merged", "model"):
+        if (run_dir / sub / "config.json").exists():
+            return sub, run_dir / sub
+    if (run_dir / "adapter" / "adapter_config.json").exists():
+        return "adapter", run_dir / "adapter"
+    raise FtcliError(
+        f"{run_dir} holds no trained model (merged/, model/ or adapter/)",
+        hint="finish the run first: ftcli train <recipe> --resume",
+    )
+
+
+def load_trained(run_dir: Path, task: str | None = None):
+    """The fine-tuned model of a run folder (merged/, model/ or base + adapter/) and its tokenizer."""
+    kind, folder = trained_folder(Path(run_dir))
+    tok = tokenizer_from(folder)
+    if kind == "adapter":
+        rec = read_model_record(folder)
+        return load_adapters([("default", folder, rec)], tokenizer=tok, into="as-trained")
+    return load_folder(folder, task or read_model_record(folder).task), tok
