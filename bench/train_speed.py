@@ -39,11 +39,21 @@ def _prepare(recipe_path: str, steps: int, batch: int):
     from ftcli.models import load_tokenizer
     from ftcli.recipe import load_recipe
 
-    recipe = load_recipe(ROOT / recipe_path, [f"train.max_steps={steps}", f"train.batch_size={batch}",
-                                              "train.eval_every=100000", "train.log_every=1", "merge.enabled=false"])
+    recipe = load_recipe(
+        ROOT / recipe_path,
+        [
+            f"train.max_steps={steps}",
+            f"train.batch_size={batch}",
+            "train.eval_every=100000",
+            "train.log_every=1",
+            "merge.enabled=false",
+        ],
+    )
     tok, _, model_dir = load_tokenizer(recipe.model)
     prepared = prepare(recipe)
-    feats = tokenize(prepared.splits["train"][: steps * batch], recipe, tok, prepared.label2id).features
+    feats = tokenize(
+        prepared.splits["train"][: steps * batch], recipe, tok, prepared.label2id
+    ).features
     return recipe, tok, model_dir, prepared, feats
 
 
@@ -85,11 +95,24 @@ def run_plain(recipe_path: str, steps: int, batch: int) -> dict:
     recipe, tok, model_dir, prepared, feats = _prepare(recipe_path, steps, batch)
     labels = prepared.labels
     model = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, num_labels=len(labels), id2label=dict(enumerate(labels)),
-        label2id={lab: i for i, lab in enumerate(labels)}, pad_token_id=tok.pad_token_id, dtype=torch.float32)
+        model_dir,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={lab: i for i, lab in enumerate(labels)},
+        pad_token_id=tok.pad_token_id,
+        dtype=torch.float32,
+    )
     m = recipe.method
-    model = get_peft_model(model, LoraConfig(r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout,
-                                             target_modules=m.target_modules, task_type="SEQ_CLS"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=m.r,
+            lora_alpha=m.alpha,
+            lora_dropout=m.dropout,
+            target_modules=m.target_modules,
+            task_type="SEQ_CLS",
+        ),
+    )
     times: list[float] = []
 
     class StepTimer(TrainerCallback):
@@ -99,17 +122,35 @@ def run_plain(recipe_path: str, steps: int, batch: int) -> dict:
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter() - self.t)
 
-    data = [{"input_ids": f["input_ids"], "attention_mask": f["attention_mask"], "labels": f["labels"]} for f in feats]
+    data = [
+        {"input_ids": f["input_ids"], "attention_mask": f["attention_mask"], "labels": f["labels"]}
+        for f in feats
+    ]
     o = recipe.train.optimizer
     with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=batch, max_steps=steps,
-                                 learning_rate=o.lr, weight_decay=o.weight_decay, lr_scheduler_type="linear",
-                                 warmup_steps=recipe.train.scheduler.warmup_ratio,  # transformers 5: a float < 1 is a ratio
-                                 logging_steps=10,
-                                 save_strategy="no", report_to=[], use_cpu=True, seed=recipe.train.seed,
-                                 dataloader_num_workers=0, disable_tqdm=True)
-        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=DataCollatorWithPadding(tok),
-                          callbacks=[StepTimer()])
+        args = TrainingArguments(
+            output_dir=tmp,
+            per_device_train_batch_size=batch,
+            max_steps=steps,
+            learning_rate=o.lr,
+            weight_decay=o.weight_decay,
+            lr_scheduler_type="linear",
+            warmup_steps=recipe.train.scheduler.warmup_ratio,  # transformers 5: a float < 1 is a ratio
+            logging_steps=10,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            seed=recipe.train.seed,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=data,
+            data_collator=DataCollatorWithPadding(tok),
+            callbacks=[StepTimer()],
+        )
         t0 = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - t0
@@ -127,12 +168,16 @@ def child(side: str, case: str, steps: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--pinned", action="store_true", help="pin glibc's mmap threshold (64 KiB) in both sides")
+    ap.add_argument(
+        "--pinned", action="store_true", help="pin glibc's mmap threshold (64 KiB) in both sides"
+    )
     ap.add_argument("--child", nargs=2, metavar=("SIDE", "CASE"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -144,26 +189,45 @@ def main() -> None:
     for case in a.cases:
         got: dict[str, list[dict]] = {"ftcli": [], "plain": []}
         for i in range(a.rounds):
-            for side in (("ftcli", "plain") if i % 2 == 0 else ("plain", "ftcli")):
-                proc = subprocess.run([sys.executable, __file__, "--child", side, case, "--steps", str(a.steps)],
-                                      capture_output=True, text=True, env=env, cwd=ROOT)
+            for side in ("ftcli", "plain") if i % 2 == 0 else ("plain", "ftcli"):
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--child", side, case, "--steps", str(a.steps)],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                    cwd=ROOT,
+                )
                 if proc.returncode:
                     sys.exit(f"{side} {case} failed:\n{proc.stderr[-3000:]}")
                 got[side].append(json.loads(proc.stdout.strip().splitlines()[-1]))
                 print(f"{case} {side} round {i + 1}: {got[side][-1]}", file=sys.stderr, flush=True)
-        med = {s: {k: statistics.median(r[k] for r in rows) for k in ("s_per_step", "peak_rss_MiB")}
-               for s, rows in got.items()}
-        results.append({"case": case, "steps": a.steps, "rounds": a.rounds, "malloc_pinned": a.pinned,
-                        "ftcli": med["ftcli"], "plain": med["plain"],
-                        "time_ratio": med["ftcli"]["s_per_step"] / med["plain"]["s_per_step"],
-                        "memory_ratio": med["ftcli"]["peak_rss_MiB"] / med["plain"]["peak_rss_MiB"]})
+        med = {
+            s: {k: statistics.median(r[k] for r in rows) for k in ("s_per_step", "peak_rss_MiB")}
+            for s, rows in got.items()
+        }
+        results.append(
+            {
+                "case": case,
+                "steps": a.steps,
+                "rounds": a.rounds,
+                "malloc_pinned": a.pinned,
+                "ftcli": med["ftcli"],
+                "plain": med["plain"],
+                "time_ratio": med["ftcli"]["s_per_step"] / med["plain"]["s_per_step"],
+                "memory_ratio": med["ftcli"]["peak_rss_MiB"] / med["plain"]["peak_rss_MiB"],
+            }
+        )
     if a.json:
         print(json.dumps(results, indent=2))
         return
-    print(f"{'case':14} {'ftcli s/step':>12} {'plain s/step':>12} {'ratio':>6} {'ftcli MiB':>10} {'plain MiB':>10} {'ratio':>6}")
+    print(
+        f"{'case':14} {'ftcli s/step':>12} {'plain s/step':>12} {'ratio':>6} {'ftcli MiB':>10} {'plain MiB':>10} {'ratio':>6}"
+    )
     for r in results:
-        print(f"{r['case']:14} {r['ftcli']['s_per_step']:12.3f} {r['plain']['s_per_step']:12.3f} {r['time_ratio']:6.2f} "
-              f"{r['ftcli']['peak_rss_MiB']:10.0f} {r['plain']['peak_rss_MiB']:10.0f} {r['memory_ratio']:6.2f}")
+        print(
+            f"{r['case']:14} {r['ftcli']['s_per_step']:12.3f} {r['plain']['s_per_step']:12.3f} {r['time_ratio']:6.2f} "
+            f"{r['ftcli']['peak_rss_MiB']:10.0f} {r['plain']['peak_rss_MiB']:10.0f} {r['memory_ratio']:6.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -31,27 +31,42 @@ class ParamCounts:
     head: int = 0
     adapted_modules: int = 0
     adapted_weights: int = 0
-    examples: dict = field(default_factory=dict)  # target name -> {"shape": [out, in], "lora": n, "weights": n}
+    examples: dict = field(
+        default_factory=dict
+    )  # target name -> {"shape": [out, in], "lora": n, "weights": n}
 
     @property
     def share(self) -> float:
         return self.trainable / self.total if self.total else 0.0
 
     def as_dict(self) -> dict:
-        return {"total": self.total, "trainable": self.trainable, "trainable_share": round(self.share, 6),
-                "lora": self.lora, "head": self.head, "adapted_modules": self.adapted_modules,
-                "adapted_weights": self.adapted_weights, "per_target": self.examples}
+        return {
+            "total": self.total,
+            "trainable": self.trainable,
+            "trainable_share": round(self.share, 6),
+            "lora": self.lora,
+            "head": self.head,
+            "adapted_modules": self.adapted_modules,
+            "adapted_weights": self.adapted_weights,
+            "per_target": self.examples,
+        }
 
     def lines(self, recipe: Recipe) -> list[str]:
-        out = [f"trainable {self.trainable:,} of {self.total:,} parameters "
-               f"({100 * self.share:.3f}%, {self.total / max(1, self.trainable):,.0f}x fewer)"]
+        out = [
+            f"trainable {self.trainable:,} of {self.total:,} parameters "
+            f"({100 * self.share:.3f}%, {self.total / max(1, self.trainable):,.0f}x fewer)"
+        ]
         if self.adapted_modules:
             m = recipe.method
-            out.append(f"LoRA r={m.r}, alpha={m.alpha:g} (scale {m.scale:g}) on {self.adapted_modules} modules: "
-                       f"{self.lora:,} weights beside {self.adapted_weights:,} frozen")
+            out.append(
+                f"LoRA r={m.r}, alpha={m.alpha:g} (scale {m.scale:g}) on {self.adapted_modules} modules: "
+                f"{self.lora:,} weights beside {self.adapted_weights:,} frozen"
+            )
             for name, ex in self.examples.items():
                 o, i = ex["shape"]
-                out.append(f"  each {name} {i}x{o}: {ex['lora']:,} of {ex['weights']:,} weights = {m.r} x ({i} + {o})")
+                out.append(
+                    f"  each {name} {i}x{o}: {ex['lora']:,} of {ex['weights']:,} weights = {m.r} x ({i} + {o})"
+                )
         if self.head:
             out.append(f"task head trained in full: {self.head:,} parameters")
         return out
@@ -90,7 +105,10 @@ def count_params(model) -> ParamCounts:
             adapted_weights += n
             target = name.rsplit(".", 1)[-1]
             if target not in examples:
-                out_f, in_f = getattr(base, "out_features", None), getattr(base, "in_features", None)
+                out_f, in_f = (
+                    getattr(base, "out_features", None),
+                    getattr(base, "in_features", None),
+                )
                 if out_f is None:
                     out_f, in_f = w.shape[0], w.shape[1]
                 ln = sum(p.numel() for k, p in module.named_parameters() if "lora_" in k)
@@ -133,10 +151,13 @@ def check_targets(recipe: Recipe, model) -> None:
         if not any(n == t or n.endswith("." + t) for n in module_names):
             close = difflib.get_close_matches(t, available, n=1, cutoff=0.4)
             hint = f"did you mean {close[0]!r}?" if close else None
-            problems.append(recipe.problem(
-                "method.target_modules",
-                f"no module named {t!r} in {type(model).__name__}; its linear modules are: {', '.join(available)}",
-                hint or "or use target_modules: all-linear"))
+            problems.append(
+                recipe.problem(
+                    "method.target_modules",
+                    f"no module named {t!r} in {type(model).__name__}; its linear modules are: {', '.join(available)}",
+                    hint or "or use target_modules: all-linear",
+                )
+            )
     if problems:
         raise RecipeError(problems)
 
@@ -169,8 +190,14 @@ def lora_config(recipe: Recipe):
     )
 
 
-def adapt(recipe: Recipe, tokenizer, model_dir: str, labels: list[str] | None, device: str,
-          device_index: int = 0) -> Adapted:
+def adapt(
+    recipe: Recipe,
+    tokenizer,
+    model_dir: str,
+    labels: list[str] | None,
+    device: str,
+    device_index: int = 0,
+) -> Adapted:
     """Load the base model and make it trainable by the recipe's method."""
     model = load_recipe_base(recipe, model_dir, labels, tokenizer, device, device_index)
     gc = recipe.train.gradient_checkpointing

@@ -28,10 +28,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (human output goes to stderr).")]
+JsonOpt = Annotated[
+    bool,
+    typer.Option("--json", help="Print one JSON object on stdout (human output goes to stderr)."),
+]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override a recipe key before validation, e.g. --set train.optimizer.lr=1.0e-4 (repeatable)."),
+    typer.Option(
+        "--set",
+        help="Override a recipe key before validation, e.g. --set train.optimizer.lr=1.0e-4 (repeatable).",
+    ),
 ]
 
 
@@ -46,8 +52,10 @@ def _reflow(doc: str | None) -> str | None:
     if not doc:
         return doc
     paragraphs = inspect.cleandoc(doc).split("\n\n")
-    return "\n\n".join(p if any(line[:1].isspace() for line in p.splitlines()) else " ".join(p.split("\n"))
-                       for p in paragraphs)
+    return "\n\n".join(
+        p if any(line[:1].isspace() for line in p.splitlines()) else " ".join(p.split("\n"))
+        for p in paragraphs
+    )
 
 
 def command(fn):
@@ -74,7 +82,9 @@ def command(fn):
             raise typer.Exit(130) from None
         except _interrupted_type() as exc:
             where = f"; checkpoint saved at {exc.checkpoint}" if exc.checkpoint else ""
-            sys.stderr.write(f"interrupted at step {exc.step}{where}\n  resume with: ftcli train <recipe> --resume\n")
+            sys.stderr.write(
+                f"interrupted at step {exc.step}{where}\n  resume with: ftcli train <recipe> --resume\n"
+            )
             raise typer.Exit(130) from None
         if as_json and result is not None:
             from ftcli.ui import is_main_process
@@ -103,11 +113,27 @@ def _load(recipe: str, overrides: list[str] | None):
 def train(
     recipe: Annotated[str, typer.Argument(help="Recipe file (or the name of a bundled recipe).")],
     set_: SetOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's latest checkpoint.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Start over, replacing an existing run folder.")] = False,
-    seeds: Annotated[int | None, typer.Option("--seeds", min=1, help="Repeat the run with N seeds (train.seed 1..N, "
-                                              "runs NAME-seed1..N) and report test metrics as mean ± std.")] = None,
-    no_memory_check: Annotated[bool, typer.Option("--no-memory-check", help="Train even when the memory estimate exceeds the free memory.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the run's latest checkpoint.")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Start over, replacing an existing run folder.")
+    ] = False,
+    seeds: Annotated[
+        int | None,
+        typer.Option(
+            "--seeds",
+            min=1,
+            help="Repeat the run with N seeds (train.seed 1..N, "
+            "runs NAME-seed1..N) and report test metrics as mean ± std.",
+        ),
+    ] = None,
+    no_memory_check: Annotated[
+        bool,
+        typer.Option(
+            "--no-memory-check", help="Train even when the memory estimate exceeds the free memory."
+        ),
+    ] = False,
     json_: JsonOpt = False,
 ):
     """Run prepare -> adapt -> train -> evaluate -> merge into runs/<name>/.
@@ -140,7 +166,9 @@ def train(
 def validate(
     recipe: Annotated[str, typer.Argument(help="Recipe file (or the name of a bundled recipe).")],
     set_: SetOpt = None,
-    no_data: Annotated[bool, typer.Option("--no-data", help="Check only the recipe, not the data's columns.")] = False,
+    no_data: Annotated[
+        bool, typer.Option("--no-data", help="Check only the recipe, not the data's columns.")
+    ] = False,
     json_: JsonOpt = False,
 ):
     """Check a recipe (and that its data has the named columns) without loading any model.
@@ -165,9 +193,17 @@ def validate(
         if source.kind != "hub":
             check_columns(r, read_source(source, r.data), r.data.path)
             checked.append("data columns")
-    ui.info(f"[green]ok[/] {recipe}: {r.task}, {r.method.kind} on {r.model.name} ({', '.join(checked)} checked)")
-    return {"recipe": recipe, "name": r.name, "task": r.task, "method": r.method.kind, "checked": checked,
-            "resolved": r.model_dump(mode="json")}
+    ui.info(
+        f"[green]ok[/] {recipe}: {r.task}, {r.method.kind} on {r.model.name} ({', '.join(checked)} checked)"
+    )
+    return {
+        "recipe": recipe,
+        "name": r.name,
+        "task": r.task,
+        "method": r.method.kind,
+        "checked": checked,
+        "resolved": r.model_dump(mode="json"),
+    }
 
 
 @app.command("recipes")
@@ -189,30 +225,63 @@ def list_recipes(json_: JsonOpt = False):
     rows = []
     for path in sorted(bundled_recipes_dir().glob("*.yaml")):
         doc = yaml.safe_load(path.read_text()) or {}
-        rows.append({"file": str(path.relative_to(bundled_recipes_dir().parent)), "name": doc.get("name"),
-                     "task": doc.get("task"), "method": (doc.get("method") or {}).get("kind"),
-                     "model": (doc.get("model") or {}).get("name"), "description": doc.get("description", "")})
-    UI(json_).table("bundled recipes", [(r["file"], r["task"], r["method"], r["description"]) for r in rows],
-                    headers=("recipe", "task", "method", "what"))
+        rows.append(
+            {
+                "file": str(path.relative_to(bundled_recipes_dir().parent)),
+                "name": doc.get("name"),
+                "task": doc.get("task"),
+                "method": (doc.get("method") or {}).get("kind"),
+                "model": (doc.get("model") or {}).get("name"),
+                "description": doc.get("description", ""),
+            }
+        )
+    UI(json_).table(
+        "bundled recipes",
+        [(r["file"], r["task"], r["method"], r["description"]) for r in rows],
+        headers=("recipe", "task", "method", "what"),
+    )
     return {"recipes": rows}
 
 
 @app.command("eval")
 @command
 def eval_(
-    run_dirs: Annotated[list[Path] | None, typer.Argument(help="Run folder(s) (default: the latest under runs/).")] = None,
-    baseline: Annotated[str | None, typer.Option(
-        "--baseline", metavar="[base|probe|RUN_DIR]",
-        help="Compare with the base model as the run started (base, the default), a linear probe on the frozen "
-             "base (probe), or another run (RUN_DIR). Put RUN_DIR before this option.")] = None,
-    ensemble: Annotated[bool, typer.Option("--ensemble", help="Average the runs' probabilities; report the "
-                                           "ensemble beside each member.")] = False,
-    split: Annotated[str, typer.Option(help="Which prepared split to score (without --baseline).")] = "test",
-    out: Annotated[Path | None, typer.Option(help="Report folder (default: RUN_DIR/eval, RUN_DIR/eval-ensemble).")] = None,
-    resamples: Annotated[int, typer.Option(min=99, help="Bootstrap / permutation resamples.")] = 9999,
+    run_dirs: Annotated[
+        list[Path] | None, typer.Argument(help="Run folder(s) (default: the latest under runs/).")
+    ] = None,
+    baseline: Annotated[
+        str | None,
+        typer.Option(
+            "--baseline",
+            metavar="[base|probe|RUN_DIR]",
+            help="Compare with the base model as the run started (base, the default), a linear probe on the frozen "
+            "base (probe), or another run (RUN_DIR). Put RUN_DIR before this option.",
+        ),
+    ] = None,
+    ensemble: Annotated[
+        bool,
+        typer.Option(
+            "--ensemble",
+            help="Average the runs' probabilities; report the ensemble beside each member.",
+        ),
+    ] = False,
+    split: Annotated[
+        str, typer.Option(help="Which prepared split to score (without --baseline).")
+    ] = "test",
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Report folder (default: RUN_DIR/eval, RUN_DIR/eval-ensemble)."),
+    ] = None,
+    resamples: Annotated[
+        int, typer.Option(min=99, help="Bootstrap / permutation resamples.")
+    ] = 9999,
     seed: Annotated[int, typer.Option(help="Seed of the resampling and the perturbations.")] = 0,
-    robustness: Annotated[bool, typer.Option("--robustness/--no-robustness",
-                                             help="Also score perturbed, empty and very long inputs.")] = True,
+    robustness: Annotated[
+        bool,
+        typer.Option(
+            "--robustness/--no-robustness", help="Also score perturbed, empty and very long inputs."
+        ),
+    ] = True,
     json_: JsonOpt = False,
 ):
     """Score a finished run on its sealed test split; with --baseline, prove whether fine-tuning helped.
@@ -244,15 +313,22 @@ def eval_(
     dirs = list(run_dirs or []) or [latest_run()]
     if ensemble:
         if len(dirs) < 2:
-            raise FtcliError("--ensemble needs at least two run folders", hint="ftcli eval runs/A runs/B --ensemble")
+            raise FtcliError(
+                "--ensemble needs at least two run folders",
+                hint="ftcli eval runs/A runs/B --ensemble",
+            )
         if baseline is not None:
-            raise FtcliError("--ensemble compares the ensemble with its members; it takes no --baseline")
+            raise FtcliError(
+                "--ensemble compares the ensemble with its members; it takes no --baseline"
+            )
         from ftcli.evaluation.ensemble import eval_ensemble
 
         return eval_ensemble(dirs, ui, out, resamples, seed)
     if len(dirs) > 1:
-        raise FtcliError(f"{len(dirs)} run folders given: evaluate one, or several with --ensemble",
-                         hint="to compare two runs: ftcli eval runs/A --baseline runs/B")
+        raise FtcliError(
+            f"{len(dirs)} run folders given: evaluate one, or several with --ensemble",
+            hint="to compare two runs: ftcli eval runs/A --baseline runs/B",
+        )
     if baseline is None:
         return evaluate_run(dirs[0], ui, split)
     if split != "test":
@@ -292,12 +368,29 @@ def cv(
 @app.command()
 @command
 def merge(
-    source: Annotated[Path, typer.Argument(metavar="ADAPTER_DIR",
-                                           help="Adapter folder, or a run folder (adapter/ or, for full fine-tuning, model/).")],
-    out_dir: Annotated[Path, typer.Argument(help="Where to write the merged model (a new folder).")],
-    base: Annotated[str | None, typer.Option(help="Base model to merge into (default: the one the adapter records).")] = None,
-    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16 for the saved weights.")] = "float32",
-    into: Annotated[str, typer.Option(help="QLoRA: dequantized (the NF4 weights training saw) | original (full precision).")] = "dequantized",
+    source: Annotated[
+        Path,
+        typer.Argument(
+            metavar="ADAPTER_DIR",
+            help="Adapter folder, or a run folder (adapter/ or, for full fine-tuning, model/).",
+        ),
+    ],
+    out_dir: Annotated[
+        Path, typer.Argument(help="Where to write the merged model (a new folder).")
+    ],
+    base: Annotated[
+        str | None,
+        typer.Option(help="Base model to merge into (default: the one the adapter records)."),
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option(help="float32 | bfloat16 | float16 for the saved weights.")
+    ] = "float32",
+    into: Annotated[
+        str,
+        typer.Option(
+            help="QLoRA: dequantized (the NF4 weights training saw) | original (full precision)."
+        ),
+    ] = "dequantized",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR if it exists.")] = False,
     json_: JsonOpt = False,
 ):
@@ -327,22 +420,42 @@ def merge(
     ui = UI(json_)
     ui.step(f"merge    {source} -> {out_dir}")
     m = do_merge(source, out_dir, base=base, dtype=dtype, into=into, force=force)
-    rows = [("base", m.base_model), ("method", m.method), ("merged into", f"{m.into} weights, saved {m.dtype}"),
-            ("parameters", f"{m.parameters:,}"), ("LoRA modules folded", m.lora_modules_merged)]
+    rows = [
+        ("base", m.base_model),
+        ("method", m.method),
+        ("merged into", f"{m.into} weights, saved {m.dtype}"),
+        ("parameters", f"{m.parameters:,}"),
+        ("LoRA modules folded", m.lora_modules_merged),
+    ]
     if m.saved_modules:
         rows.append(("saved modules", ", ".join(m.saved_modules)))
     if m.fold_check:
         fc = m.fold_check
-        rows.append(("merge check (float32)", f"max logit difference {fc['max_logit_diff']:.3e} "
-                     f"({fc['relative_diff']:.2e} relative, tolerance {fc['tolerance']:g}), "
-                     f"predictions agree {fc['prediction_agreement']:.1%}"))
-    rows.append((f"saved folder ({m.dtype})", f"max logit difference {m.max_logit_diff:.3e} "
-                 f"({m.relative_diff:.2e} relative, tolerance {m.tolerance:g}), "
-                 f"predictions agree {m.prediction_agreement:.1%} on {m.samples} {m.sample_source}"))
+        rows.append(
+            (
+                "merge check (float32)",
+                f"max logit difference {fc['max_logit_diff']:.3e} "
+                f"({fc['relative_diff']:.2e} relative, tolerance {fc['tolerance']:g}), "
+                f"predictions agree {fc['prediction_agreement']:.1%}",
+            )
+        )
+    rows.append(
+        (
+            f"saved folder ({m.dtype})",
+            f"max logit difference {m.max_logit_diff:.3e} "
+            f"({m.relative_diff:.2e} relative, tolerance {m.tolerance:g}), "
+            f"predictions agree {m.prediction_agreement:.1%} on {m.samples} {m.sample_source}",
+        )
+    )
     if m.dequantized_vs_original:
         d = m.dequantized_vs_original
-        rows.append((f"vs merging into {d['other']}", f"max logit difference {d['max_logit_diff']:.3e} "
-                     f"({d['relative_diff']:.2e} relative), predictions agree {d['prediction_agreement']:.1%}"))
+        rows.append(
+            (
+                f"vs merging into {d['other']}",
+                f"max logit difference {d['max_logit_diff']:.3e} "
+                f"({d['relative_diff']:.2e} relative), predictions agree {d['prediction_agreement']:.1%}",
+            )
+        )
     rows.append(("written", f"{m.bytes_written / 2**20:.1f} MiB in {m.seconds:.1f} s"))
     ui.table(f"merged -> {m.out_dir} (verified)", rows)
     return m.as_dict()
@@ -354,26 +467,87 @@ def merge(
 @app.command("estimate-memory")
 @command
 def estimate_memory(
-    recipe: Annotated[str | None, typer.Argument(help="Recipe file (or bundled recipe name). Omit it and give --model.")] = None,
+    recipe: Annotated[
+        str | None,
+        typer.Argument(help="Recipe file (or bundled recipe name). Omit it and give --model."),
+    ] = None,
     set_: SetOpt = None,
-    model: Annotated[str | None, typer.Option("--model", help="Model without a recipe: hub id, folder, .gguf, pkg:..., or a bundled card (llama-2-7b, mistral-7b, ...).")] = None,
-    task: Annotated[str | None, typer.Option(help="causal_lm | classification (default: from the model's config).")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="Model without a recipe: hub id, folder, .gguf, pkg:..., or a bundled card (llama-2-7b, mistral-7b, ...).",
+        ),
+    ] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(help="causal_lm | classification (default: from the model's config)."),
+    ] = None,
     method: Annotated[str, typer.Option(help="full | lora | qlora (without a recipe).")] = "lora",
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Micro-batch per device.")] = None,
-    seq_len: Annotated[int | None, typer.Option("--seq-len", help="Tokens per example (padded length).")] = None,
-    gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward.")] = None,
-    optimizer: Annotated[str | None, typer.Option(help="adamw | adam | sgd | rmsprop | adamw8bit | paged_adamw | paged_adamw8bit.")] = None,
-    dtype: Annotated[str | None, typer.Option(help="Weights of full/LoRA runs: float32 | bfloat16 | float16 (ftcli's default float32).")] = None,
-    mixed_precision: Annotated[str | None, typer.Option("--mixed-precision", help="no | bf16 | fp16 (default: bf16 on CUDA, no on CPU).")] = None,
-    attn: Annotated[str | None, typer.Option("--attn", help="eager | sdpa | flash_attention_2.")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Micro-batch per device.")
+    ] = None,
+    seq_len: Annotated[
+        int | None, typer.Option("--seq-len", help="Tokens per example (padded length).")
+    ] = None,
+    gradient_checkpointing: Annotated[
+        bool | None,
+        typer.Option(
+            "--gradient-checkpointing/--no-gradient-checkpointing",
+            help="Recompute activations in backward.",
+        ),
+    ] = None,
+    optimizer: Annotated[
+        str | None,
+        typer.Option(
+            help="adamw | adam | sgd | rmsprop | adamw8bit | paged_adamw | paged_adamw8bit."
+        ),
+    ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="Weights of full/LoRA runs: float32 | bfloat16 | float16 (ftcli's default float32)."
+        ),
+    ] = None,
+    mixed_precision: Annotated[
+        str | None,
+        typer.Option(
+            "--mixed-precision", help="no | bf16 | fp16 (default: bf16 on CUDA, no on CPU)."
+        ),
+    ] = None,
+    attn: Annotated[
+        str | None, typer.Option("--attn", help="eager | sdpa | flash_attention_2.")
+    ] = None,
     r: Annotated[int | None, typer.Option("--r", help="LoRA rank (without a recipe).")] = None,
-    target_modules: Annotated[str | None, typer.Option("--target-modules", help="Comma-separated LoRA targets, or all-linear.")] = None,
-    device: Annotated[str, typer.Option(help="auto | cuda | cpu: which device to plan for (auto: the one train would use).")] = "auto",
-    num_devices: Annotated[int, typer.Option("--num-devices", help="Devices for the per-device table (1..N).")] = 1,
+    target_modules: Annotated[
+        str | None,
+        typer.Option("--target-modules", help="Comma-separated LoRA targets, or all-linear."),
+    ] = None,
+    device: Annotated[
+        str,
+        typer.Option(
+            help="auto | cuda | cpu: which device to plan for (auto: the one train would use)."
+        ),
+    ] = "auto",
+    num_devices: Annotated[
+        int, typer.Option("--num-devices", help="Devices for the per-device table (1..N).")
+    ] = 1,
     strategy: Annotated[str, typer.Option(help="ddp | fsdp, for --num-devices > 1.")] = "ddp",
-    budget: Annotated[str | None, typer.Option(help="Memory budget per device (24GB, 24GiB, 16000MB): the largest micro-batch that fits.")] = None,
-    weights_only: Annotated[bool, typer.Option("--weights-only", help="Only the table of weights at each precision.")] = False,
-    measure: Annotated[bool, typer.Option("--measure", help="Run a few real training steps and compare the measured peak.")] = False,
+    budget: Annotated[
+        str | None,
+        typer.Option(
+            help="Memory budget per device (24GB, 24GiB, 16000MB): the largest micro-batch that fits."
+        ),
+    ] = None,
+    weights_only: Annotated[
+        bool, typer.Option("--weights-only", help="Only the table of weights at each precision.")
+    ] = False,
+    measure: Annotated[
+        bool,
+        typer.Option(
+            "--measure", help="Run a few real training steps and compare the measured peak."
+        ),
+    ] = False,
     steps: Annotated[int, typer.Option(help="Steps for --measure.")] = 3,
     json_: JsonOpt = False,
 ):
@@ -396,45 +570,105 @@ def estimate_memory(
     from ftcli.memory.report import run_estimate
 
     if recipe is None and model is None:
-        raise FtcliError("give a recipe, or --model NAME", hint="ftcli estimate-memory --model mistral-7b --method qlora")
+        raise FtcliError(
+            "give a recipe, or --model NAME",
+            hint="ftcli estimate-memory --model mistral-7b --method qlora",
+        )
     if recipe is not None and model is not None:
-        raise FtcliError("give a recipe or --model, not both", hint="change a recipe's model with --set model.name=...")
-    flags = {"task": task, "method": method, "batch_size": batch_size, "seq_len": seq_len,
-             "gradient_checkpointing": gradient_checkpointing, "optimizer": optimizer, "dtype": dtype,
-             "mixed_precision": mixed_precision, "attn_implementation": attn, "r": r, "target_modules": target_modules}
-    return run_estimate(recipe=_load(recipe, set_) if recipe else None, model=model, flags=flags, device=device,
-                        num_devices=num_devices, strategy=strategy, budget=budget, weights_only=weights_only,
-                        measure=measure, steps=steps, json_mode=json_)
+        raise FtcliError(
+            "give a recipe or --model, not both",
+            hint="change a recipe's model with --set model.name=...",
+        )
+    flags = {
+        "task": task,
+        "method": method,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "gradient_checkpointing": gradient_checkpointing,
+        "optimizer": optimizer,
+        "dtype": dtype,
+        "mixed_precision": mixed_precision,
+        "attn_implementation": attn,
+        "r": r,
+        "target_modules": target_modules,
+    }
+    return run_estimate(
+        recipe=_load(recipe, set_) if recipe else None,
+        model=model,
+        flags=flags,
+        device=device,
+        num_devices=num_devices,
+        strategy=strategy,
+        budget=budget,
+        weights_only=weights_only,
+        measure=measure,
+        steps=steps,
+        json_mode=json_,
+    )
 
 
 AdapterOpt = Annotated[
     list[str] | None,
-    typer.Option("--adapter", help="Adapter folder or run (NAME=PATH to name it); repeat to serve several on one base."),
+    typer.Option(
+        "--adapter",
+        help="Adapter folder or run (NAME=PATH to name it); repeat to serve several on one base.",
+    ),
 ]
 FeedbackOpt = Annotated[
     Path | None,
-    typer.Option("--feedback", help="Where verdicts go (JSON lines a recipe's data.path reads); "
-                                    "bad answers without a fix go to <stem>-rejected.jsonl beside it."),
+    typer.Option(
+        "--feedback",
+        help="Where verdicts go (JSON lines a recipe's data.path reads); "
+        "bad answers without a fix go to <stem>-rejected.jsonl beside it.",
+    ),
 ]
 
 
 @app.command()
 @command
 def predict(
-    model: Annotated[str | None, typer.Argument(metavar="MODEL_OR_RUN",
-                                                help="Merged/model folder, run folder, adapter folder or model spec "
-                                                     "(with --adapter: the base; default: the adapters' own).")] = None,
-    text: Annotated[list[str] | None, typer.Option("--text", help="Text to label or prompt to answer (repeatable).")] = None,
-    input_: Annotated[str | None, typer.Option("--input", help="JSONL/CSV/... file with a text column (or messages); "
-                                                               "an 'adapter' column picks the adapter per row.")] = None,
-    output: Annotated[Path | None, typer.Option("--output", help="Write predictions here (.jsonl or .csv).")] = None,
+    model: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="MODEL_OR_RUN",
+            help="Merged/model folder, run folder, adapter folder or model spec "
+            "(with --adapter: the base; default: the adapters' own).",
+        ),
+    ] = None,
+    text: Annotated[
+        list[str] | None,
+        typer.Option("--text", help="Text to label or prompt to answer (repeatable)."),
+    ] = None,
+    input_: Annotated[
+        str | None,
+        typer.Option(
+            "--input",
+            help="JSONL/CSV/... file with a text column (or messages); "
+            "an 'adapter' column picks the adapter per row.",
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", help="Write predictions here (.jsonl or .csv).")
+    ] = None,
     adapter: AdapterOpt = None,
     text_column: Annotated[str, typer.Option(help="Column of --input holding the text.")] = "text",
     batch_size: Annotated[int, typer.Option(min=1, help="Requests per forward pass.")] = 32,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Causal LMs: tokens to generate per answer.")] = 64,
+    max_new_tokens: Annotated[
+        int, typer.Option(min=1, help="Causal LMs: tokens to generate per answer.")
+    ] = 64,
     temperature: Annotated[float, typer.Option(min=0.0, help="Causal LMs: 0 = greedy.")] = 0.0,
-    raw: Annotated[bool, typer.Option("--raw", help="Causal LMs: continue the text as is, without the chat template.")] = False,
-    review: Annotated[bool, typer.Option("--review", help="After predicting, mark each answer /good, /bad or /fix ANSWER.")] = False,
+    raw: Annotated[
+        bool,
+        typer.Option(
+            "--raw", help="Causal LMs: continue the text as is, without the chat template."
+        ),
+    ] = False,
+    review: Annotated[
+        bool,
+        typer.Option(
+            "--review", help="After predicting, mark each answer /good, /bad or /fix ANSWER."
+        ),
+    ] = False,
     feedback: FeedbackOpt = None,
     json_: JsonOpt = False,
 ):
@@ -460,7 +694,9 @@ def predict(
     ui = UI(json_)
     requests = read_requests(text, input_, text_column)
     pred = load_predictor(model, adapter)
-    total = len(requests) * (1 if all(r.get("adapter") for r in requests) else max(1, len(pred.adapters)))
+    total = len(requests) * (
+        1 if all(r.get("adapter") for r in requests) else max(1, len(pred.adapters))
+    )
     bar, advance = progress_bar(ui.console, total, "predict")
     with bar:
         rows = do_predict(pred, requests, batch_size, max_new_tokens, temperature, raw, advance)
@@ -469,18 +705,34 @@ def predict(
         ui.info(f"{len(rows)} predictions -> {output}")
     lead = ("adapter",) if pred.adapters else ()
     if pred.task == "classification":
-        table = [(*((r["adapter"],) if lead else ()), r["text"][:60], r["label"], f"{r['score']:.3f}") for r in rows[:50]]
-        ui.table(f"predictions ({pred.source})", table, headers=(*lead, "text", "label", "probability"))
+        table = [
+            (*((r["adapter"],) if lead else ()), r["text"][:60], r["label"], f"{r['score']:.3f}")
+            for r in rows[:50]
+        ]
+        ui.table(
+            f"predictions ({pred.source})", table, headers=(*lead, "text", "label", "probability")
+        )
     else:
-        table = [(*((r["adapter"],) if lead else ()), (r.get("text") or r["messages"][-1]["content"])[:50],
-                  r["generation"][:200]) for r in rows[:50]]
+        table = [
+            (
+                *((r["adapter"],) if lead else ()),
+                (r.get("text") or r["messages"][-1]["content"])[:50],
+                r["generation"][:200],
+            )
+            for r in rows[:50]
+        ]
         ui.table(f"generations ({pred.source})", table, headers=(*lead, "prompt", "answer"))
     if len(rows) > 50:
-        ui.info(f"... {len(rows) - 50} more" + ("" if output else " (use --output FILE or --json for all)"))
+        ui.info(
+            f"... {len(rows) - 50} more"
+            + ("" if output else " (use --output FILE or --json for all)")
+        )
     result: dict = {"model": pred.source, "task": pred.task, "count": len(rows)}
     if review:
         log = FeedbackLog(feedback or Path("feedback.jsonl"), pred.source)
-        result["feedback"] = review_loop(pred, rows, sys.stdin, sys.stderr if json_ else sys.stdout, log)
+        result["feedback"] = review_loop(
+            pred, rows, sys.stdin, sys.stderr if json_ else sys.stdout, log
+        )
         result["feedback_file"] = str(log.path)
         ui.info(f"feedback: {result['feedback']} -> {log.path}")
     if output:
@@ -493,15 +745,26 @@ def predict(
 @app.command()
 @command
 def chat(
-    model: Annotated[str | None, typer.Argument(metavar="MODEL_OR_RUN",
-                                                help="Merged/model folder, run folder, adapter folder or model spec "
-                                                     "(with --adapter: the base).")] = None,
+    model: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="MODEL_OR_RUN",
+            help="Merged/model folder, run folder, adapter folder or model spec "
+            "(with --adapter: the base).",
+        ),
+    ] = None,
     adapter: AdapterOpt = None,
     system: Annotated[str | None, typer.Option(help="System prompt for the conversation.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens per answer.")] = 128,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
-    feedback: Annotated[Path, typer.Option("--feedback", help="Where /good and /fix answers go (a recipe's data.path "
-                                                              "reads it); /bad ones go to <stem>-rejected.jsonl.")] = Path("feedback.jsonl"),
+    feedback: Annotated[
+        Path,
+        typer.Option(
+            "--feedback",
+            help="Where /good and /fix answers go (a recipe's data.path "
+            "reads it); /bad ones go to <stem>-rejected.jsonl.",
+        ),
+    ] = Path("feedback.jsonl"),
     json_: JsonOpt = False,
 ):
     """Talk to a causal LM in the terminal, with its chat template.
@@ -521,7 +784,15 @@ def chat(
 
     pred = load_predictor(model, adapter)
     log = FeedbackLog(feedback, pred.source)
-    return chat_loop(pred, sys.stdin, sys.stderr if json_ else sys.stdout, log, system, max_new_tokens, temperature)
+    return chat_loop(
+        pred,
+        sys.stdin,
+        sys.stderr if json_ else sys.stdout,
+        log,
+        system,
+        max_new_tokens,
+        temperature,
+    )
 
 
 def optional_baseline_value(argv: list[str]) -> list[str]:
@@ -537,7 +808,10 @@ def optional_baseline_value(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    app(args=optional_baseline_value(list(sys.argv[1:] if argv is None else argv)), prog_name="ftcli")
+    app(
+        args=optional_baseline_value(list(sys.argv[1:] if argv is None else argv)),
+        prog_name="ftcli",
+    )
 
 
 if __name__ == "__main__":

@@ -77,7 +77,11 @@ BUILTIN_SAMPLES = [
 
 def run_test_features(run_dir: Path | None, tokenizer, limit: int = 16) -> list[dict] | None:
     """Tokenized test examples of the run a model came from, to verify the merge on."""
-    if run_dir is None or not (run_dir / "recipe.yaml").exists() or not (run_dir / "data" / "test.jsonl").exists():
+    if (
+        run_dir is None
+        or not (run_dir / "recipe.yaml").exists()
+        or not (run_dir / "data" / "test.jsonl").exists()
+    ):
         return None
     rd = open_run(run_dir)
     feats = tokenize(rd.examples[:limit], rd.recipe, tokenizer, rd.prepared.label2id).features
@@ -121,9 +125,15 @@ def compare(reference: list, other: list, tolerance: float | None = None) -> dic
         diffs.append(math.inf if not torch.isfinite(d).all() else float(d.max()))
     diff = max(diffs)
     scale = max(1.0, max(float(a.abs().max()) for a in reference))
-    agree = torch.cat([(a.argmax(-1) == b.argmax(-1)).flatten() for a, b in zip(reference, other, strict=True)])
-    out = {"max_logit_diff": diff, "relative_diff": diff / scale, "logit_scale": scale,
-           "prediction_agreement": float(agree.float().mean())}
+    agree = torch.cat(
+        [(a.argmax(-1) == b.argmax(-1)).flatten() for a, b in zip(reference, other, strict=True)]
+    )
+    out = {
+        "max_logit_diff": diff,
+        "relative_diff": diff / scale,
+        "logit_scale": scale,
+        "prediction_agreement": float(agree.float().mean()),
+    }
     if tolerance is not None:
         out["tolerance"] = tolerance
         out["passed"] = bool(out["relative_diff"] <= tolerance)
@@ -138,7 +148,9 @@ def param_count(model) -> int:
 def _bytes_needed(model, dtype: str, extra_files: list[Path]) -> int:
     size = torch.tensor([], dtype=torch_dtype(dtype)).element_size()
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    weights = sum(t.numel() * (size if t.is_floating_point() else t.element_size()) for t in tensors.values())
+    weights = sum(
+        t.numel() * (size if t.is_floating_point() else t.element_size()) for t in tensors.values()
+    )
     return weights + sum(f.stat().st_size for f in extra_files if f.is_file())
 
 
@@ -148,9 +160,11 @@ def check_disk(out_dir: Path, need: int) -> None:
     free = shutil.disk_usage(where).free
     margin = max(need // 20, 16 * 2**20)  # metadata, model card, filesystem slack
     if free < need + margin:
-        raise FtcliError(f"not enough disk space for {out_dir}: the merged model needs about {human_bytes(need + margin)}, "
-                         f"{human_bytes(free)} free on {where}; nothing was written",
-                         hint="free some space, or choose an OUT_DIR on another disk")
+        raise FtcliError(
+            f"not enough disk space for {out_dir}: the merged model needs about {human_bytes(need + margin)}, "
+            f"{human_bytes(free)} free on {where}; nothing was written",
+            hint="free some space, or choose an OUT_DIR on another disk",
+        )
 
 
 def check_out_dir(out_dir: Path, src: Source, force: bool) -> None:
@@ -159,12 +173,16 @@ def check_out_dir(out_dir: Path, src: Source, force: bool) -> None:
     protected = [src.path.resolve()] + ([src.run_dir.resolve()] if src.run_dir else [])
     for p in protected:
         if resolved == p or resolved in p.parents:
-            raise FtcliError(f"{out_dir} would replace {p}, which holds what is being merged",
-                             hint="choose a new folder, e.g. out/merged")
+            raise FtcliError(
+                f"{out_dir} would replace {p}, which holds what is being merged",
+                hint="choose a new folder, e.g. out/merged",
+            )
     if out_dir.exists() and not out_dir.is_dir():
         raise FtcliError(f"{out_dir} exists and is not a folder", hint="choose another OUT_DIR")
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        raise FtcliError(f"{out_dir} already exists", hint="choose another folder, or pass --force to replace it")
+        raise FtcliError(
+            f"{out_dir} already exists", hint="choose another folder, or pass --force to replace it"
+        )
 
 
 @contextlib.contextmanager
@@ -203,16 +221,31 @@ def _finish_generation_config(model, tokenizer) -> None:
 
 def _fail(what: str, figures: dict, dtype: str, hint: str) -> FtcliError:
     d = figures["max_logit_diff"]
-    how = "non-finite logits (an overflow)" if math.isinf(d) else (
-        f"logits that differ from base + adapter by up to {d:.3g} ({figures['relative_diff']:.3g} of the logit scale)")
-    return FtcliError(f"merge verification failed: {what} gives {how}, above the tolerance {figures['tolerance']:g} "
-                      f"for {dtype}; predictions agree on {figures['prediction_agreement']:.1%}; nothing was written",
-                      hint=hint)
+    how = (
+        "non-finite logits (an overflow)"
+        if math.isinf(d)
+        else (
+            f"logits that differ from base + adapter by up to {d:.3g} ({figures['relative_diff']:.3g} of the logit scale)"
+        )
+    )
+    return FtcliError(
+        f"merge verification failed: {what} gives {how}, above the tolerance {figures['tolerance']:g} "
+        f"for {dtype}; predictions agree on {figures['prediction_agreement']:.1%}; nothing was written",
+        hint=hint,
+    )
 
 
-def merge(source: str | Path, out_dir: str | Path, *, base: str | None = None, dtype: str = "float32",
-          into: str = "dequantized", samples: list[dict] | None = None, force: bool = False,
-          compare_into: bool = True) -> MergeRecord:
+def merge(
+    source: str | Path,
+    out_dir: str | Path,
+    *,
+    base: str | None = None,
+    dtype: str = "float32",
+    into: str = "dequantized",
+    samples: list[dict] | None = None,
+    force: bool = False,
+    compare_into: bool = True,
+) -> MergeRecord:
     """Merge the adapter in ``source`` (an adapter or run folder) into its base, verify, write ``out_dir``.
     A full fine-tuning run is exported in ``dtype`` and verified the same way."""
     if dtype not in TOLERANCE:
@@ -252,37 +285,63 @@ def merge(source: str | Path, out_dir: str | Path, *, base: str | None = None, d
             base_params = param_count(base_model)
             model = attach_adapter(base_model, src.path)
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
-            raise FtcliError(f"cannot load the base model and the adapter together: {str(exc).splitlines()[0]}",
-                             hint="name the base the adapter was trained on with --base") from None
+            raise FtcliError(
+                f"cannot load the base model and the adapter together: {str(exc).splitlines()[0]}",
+                hint="name the base the adapter was trained on with --base",
+            ) from None
         reference = logits_on(model, batches, task)
-        if kind == "qlora" and compare_into:  # how far apart are "merge into dequantized" and "into original"?
+        if (
+            kind == "qlora" and compare_into
+        ):  # how far apart are "merge into dequantized" and "into original"?
             other = "original" if into == "dequantized" else "dequantized"
             alt = attach_adapter(load_base_for(rec, model_dir, other, tok), src.path)
             other_into = {**compare(reference, logits_on(alt, batches, task)), "other": other}
             del alt
         n_lora = sum(1 for n, _ in model.named_modules() if n.endswith("lora_A"))
-        saved_modules = sorted({n.split(".modules_to_save")[0].rsplit(".", 1)[-1]
-                                for n, _ in model.named_modules() if n.endswith(".modules_to_save")})
+        saved_modules = sorted(
+            {
+                n.split(".modules_to_save")[0].rsplit(".", 1)[-1]
+                for n, _ in model.named_modules()
+                if n.endswith(".modules_to_save")
+            }
+        )
         try:
             model = model.merge_and_unload(safe_merge=True)
         except ValueError as exc:  # peft's safe_merge found NaNs: the adapter itself is broken
             raise FtcliError(f"the adapter cannot be merged: {exc}") from None
         fold = compare(reference, logits_on(model, batches, task), FOLD_TOLERANCE)
         if not fold["passed"]:
-            raise _fail("the merged model (float32)", fold, "float32",
-                        "check that --base is the model the adapter was trained on")
+            raise _fail(
+                "the merged model (float32)",
+                fold,
+                "float32",
+                "check that --base is the model the adapter was trained on",
+            )
 
     model = model.to(torch_dtype(dtype))
     n_params = param_count(model)
     if n_params != base_params:
-        raise FtcliError(f"the merged model has {n_params:,} parameters but its base has {base_params:,}; "
-                         "nothing was written", hint="this is a bug in ftcli or peft: please report it")
+        raise FtcliError(
+            f"the merged model has {n_params:,} parameters but its base has {base_params:,}; "
+            "nothing was written",
+            hint="this is a bug in ftcli or peft: please report it",
+        )
     if getattr(model.config, "use_cache", None) is False:
         model.config.use_cache = True
     if task == "causal_lm":
         _finish_generation_config(model, tok)
-    check_disk(out_dir, _bytes_needed(model, dtype, [f for f in src.path.iterdir() if f.name.startswith("tokenizer")
-                                                     or f.suffix in (".jinja", ".model", ".txt")]))
+    check_disk(
+        out_dir,
+        _bytes_needed(
+            model,
+            dtype,
+            [
+                f
+                for f in src.path.iterdir()
+                if f.name.startswith("tokenizer") or f.suffix in (".jinja", ".model", ".txt")
+            ],
+        ),
+    )
 
     with sigterm_as_interrupt(), atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -293,17 +352,34 @@ def merge(source: str | Path, out_dir: str | Path, *, base: str | None = None, d
         saved = compare(reference, logits_on(reloaded, batches, task), TOLERANCE[dtype])
         del reloaded
         if not saved["passed"]:
-            raise _fail(f"the saved {dtype} folder", saved, dtype,
-                        "merge in float32 (--dtype float32)" if dtype != "float32" else
-                        "this is a bug in ftcli or transformers: please report it")
+            raise _fail(
+                f"the saved {dtype} folder",
+                saved,
+                dtype,
+                "merge in float32 (--dtype float32)"
+                if dtype != "float32"
+                else "this is a bug in ftcli or transformers: please report it",
+            )
         written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
         summary = MergeRecord(
-            out_dir=str(out_dir), base_model=str(rec.base_model), task=task, method=kind, into=into,
-            dtype=dtype, samples=sum(int(b["input_ids"].shape[0]) for b in batches), sample_source=sample_source,
-            fold_check=fold, saved_check=saved, lora_modules_merged=n_lora, saved_modules=saved_modules,
-            parameters=n_params, dequantized_vs_original=other_into,
-            labels=rec.labels if task == "classification" else None, bytes_written=written,
-            seconds=round(time.perf_counter() - t0, 3))
+            out_dir=str(out_dir),
+            base_model=str(rec.base_model),
+            task=task,
+            method=kind,
+            into=into,
+            dtype=dtype,
+            samples=sum(int(b["input_ids"].shape[0]) for b in batches),
+            sample_source=sample_source,
+            fold_check=fold,
+            saved_check=saved,
+            lora_modules_merged=n_lora,
+            saved_modules=saved_modules,
+            parameters=n_params,
+            dequantized_vs_original=other_into,
+            labels=rec.labels if task == "classification" else None,
+            bytes_written=written,
+            seconds=round(time.perf_counter() - t0, 3),
+        )
         write_json(tmp / "merge.json", summary.as_dict())
         card = model_card(rec, summary, run_info, base_params, recipe_text)
         (tmp / "README.md").write_text(card, encoding="utf-8")

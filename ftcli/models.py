@@ -48,7 +48,9 @@ def resolve_mixed_precision(choice: str, device: str) -> str:
 
 def to_device(model, device):
     """Move a model to ``device``, except a quantized one (bitsandbytes places its own weights)."""
-    if getattr(model, "hf_quantizer", None) is None and not getattr(model, "is_loaded_in_4bit", False):
+    if getattr(model, "hf_quantizer", None) is None and not getattr(
+        model, "is_loaded_in_4bit", False
+    ):
         model.to(device)
     return model
 
@@ -80,7 +82,9 @@ def tokenizer_from(folder, what: str | None = None, **kwargs):
     try:
         tok = AutoTokenizer.from_pretrained(folder, **kwargs)
     except (OSError, ValueError) as exc:
-        raise FtcliError(f"cannot load the tokenizer of {what}: {str(exc).splitlines()[0]}") from None
+        raise FtcliError(
+            f"cannot load the tokenizer of {what}: {str(exc).splitlines()[0]}"
+        ) from None
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise FtcliError(f"the tokenizer of {what} has neither a pad nor an EOS token")
@@ -258,7 +262,8 @@ def load_base_for(rec: ModelRecord, model_dir: str, into: str, tokenizer, device
     ``original`` (and every LoRA base): the pre-trained weights, in the dtype training loaded."""
     if rec.task == "classification" and not rec.labels:
         raise FtcliError(
-            "the adapter does not record its labels (ftcli.json)", hint="use an adapter ftcli trained"
+            "the adapter does not record its labels (ftcli.json)",
+            hint="use an adapter ftcli trained",
         )
     labels = rec.labels if rec.task == "classification" else None
     spec = rec.model
@@ -272,8 +277,14 @@ def load_base_for(rec: ModelRecord, model_dir: str, into: str, tokenizer, device
     if quantized:
         compute = rec.quant.compute_dtype if into == "as-trained" else "float32"
         model = load_base_model(
-            model_dir, rec.task, labels, tokenizer, quant=rec.quant, compute_dtype=compute,
-            device=device, **common,
+            model_dir,
+            rec.task,
+            labels,
+            tokenizer,
+            quant=rec.quant,
+            compute_dtype=compute,
+            device=device,
+            **common,
         )
         if into == "dequantized":
             model = model.dequantize(dtype=torch.float32)

@@ -73,8 +73,11 @@ def make_accelerator(recipe: Recipe):
     # that would refuse a second precision. Forget the per-run part; the process group stays.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-    acc = Accelerator(mixed_precision=mp, gradient_accumulation_steps=recipe.train.gradient_accumulation,
-                      cpu=device == "cpu")
+    acc = Accelerator(
+        mixed_precision=mp,
+        gradient_accumulation_steps=recipe.train.gradient_accumulation,
+        cpu=device == "cpu",
+    )
     return acc, device
 
 
@@ -83,17 +86,23 @@ def _check_run_dir(recipe: Recipe, resume: bool, force: bool) -> None:
     record = read_run_record(run_dir)
     if resume:
         if record is None:
-            raise FtcliError(f"nothing to resume: {run_dir} holds no run", hint="start it without --resume")
+            raise FtcliError(
+                f"nothing to resume: {run_dir} holds no run", hint="start it without --resume"
+            )
         saved = run_dir / "recipe.yaml"
         if saved.exists() and saved.read_text() != recipe.to_yaml():
-            raise FtcliError(f"the recipe differs from the one {run_dir} was started with",
-                             hint=f"resume with the saved one: ftcli train {saved} --resume")
+            raise FtcliError(
+                f"the recipe differs from the one {run_dir} was started with",
+                hint=f"resume with the saved one: ftcli train {saved} --resume",
+            )
         return
     if record is not None and not force:
         if record.status == "failed" and not any((run_dir / "checkpoints").glob("step-*")):
             return  # a run that failed before saving anything holds nothing to lose
-        raise FtcliError(f"{run_dir} already holds a run (status: {record.status}); it would be overwritten",
-                         hint="--resume continues it, --force starts it over, --set name=NEW makes a new run")
+        raise FtcliError(
+            f"{run_dir} already holds a run (status: {record.status}); it would be overwritten",
+            hint="--resume continues it, --force starts it over, --set name=NEW makes a new run",
+        )
 
 
 def data_table(prepared, tokenized, max_length: int) -> list[tuple]:
@@ -101,28 +110,50 @@ def data_table(prepared, tokenized, max_length: int) -> list[tuple]:
     rows = [(s, tokenized[s].summary(max_length)) for s in SPLITS]
     dropped = {k: v for k, v in prepared.stats["dropped"].items() if v}
     if dropped:
-        rows.append(("dropped", ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in dropped.items())))
+        rows.append(
+            ("dropped", ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in dropped.items()))
+        )
     if prepared.labels:
         rows.append(("labels", ", ".join(prepared.labels)))
     return rows
 
 
-def run_fields(recipe: Recipe, acc, device: str, prepared, tokenized, adapted, started: str | None) -> dict:
+def run_fields(
+    recipe: Recipe, acc, device: str, prepared, tokenized, adapted, started: str | None
+) -> dict:
     """What run.json records about a run before training starts."""
     vers = versions()
-    counts = {s: {"examples": len(tokenized[s].features), "tokens": tokenized[s].tokens,
-                  "truncated": tokenized[s].truncated, "dropped_no_target": tokenized[s].dropped_no_target}
-              for s in SPLITS}
-    return dict(ftcli_version=vers["ftcli"], name=recipe.name, task=recipe.task, method=recipe.method.kind,
-                status="running", command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-                started=started or now(), versions=vers, seed=recipe.train.seed, device=device,
-                num_processes=acc.num_processes, mixed_precision=acc.mixed_precision,
-                threads=torch.get_num_threads(), data={**prepared.stats, "tokenized": counts},
-                params=adapted.counts.as_dict())
+    counts = {
+        s: {
+            "examples": len(tokenized[s].features),
+            "tokens": tokenized[s].tokens,
+            "truncated": tokenized[s].truncated,
+            "dropped_no_target": tokenized[s].dropped_no_target,
+        }
+        for s in SPLITS
+    }
+    return dict(
+        ftcli_version=vers["ftcli"],
+        name=recipe.name,
+        task=recipe.task,
+        method=recipe.method.kind,
+        status="running",
+        command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        started=started or now(),
+        versions=vers,
+        seed=recipe.train.seed,
+        device=device,
+        num_processes=acc.num_processes,
+        mixed_precision=acc.mixed_precision,
+        threads=torch.get_num_threads(),
+        data={**prepared.stats, "tokenized": counts},
+        params=adapted.counts.as_dict(),
+    )
 
 
-def train_run(recipe: Recipe, ui: UI, resume: bool = False, force: bool = False,
-              memory_check: bool = True) -> dict:
+def train_run(
+    recipe: Recipe, ui: UI, resume: bool = False, force: bool = False, memory_check: bool = True
+) -> dict:
     """Run the whole pipeline for ``recipe``; return run.json's contents.
 
     Data and model are loaded before anything is written, so a bad dataset or model name leaves
@@ -142,7 +173,9 @@ def train_run(recipe: Recipe, ui: UI, resume: bool = False, force: bool = False,
     with acc.main_process_first():
         tokenizer, _, model_dir = load_tokenizer(recipe.model)
     prepared = prepare(recipe)
-    tokenized = {s: tokenize(prepared.splits[s], recipe, tokenizer, prepared.label2id) for s in SPLITS}
+    tokenized = {
+        s: tokenize(prepared.splits[s], recipe, tokenizer, prepared.label2id) for s in SPLITS
+    }
     timings["prepare"] = round(time.perf_counter() - t0, 2)
     ui.table("data", data_table(prepared, tokenized, recipe.data.max_length))
 
@@ -169,22 +202,41 @@ def train_run(recipe: Recipe, ui: UI, resume: bool = False, force: bool = False,
     acc.wait_for_everyone()
     log = RunLog(run_dir, main, previous)
     log.data["timings_s"].update(timings)
-    log.update(**run_fields(recipe, acc, device, prepared, tokenized, adapted, previous.get("started")))
+    log.update(
+        **run_fields(recipe, acc, device, prepared, tokenized, adapted, previous.get("started"))
+    )
     if memory:
         log.update(memory=memory)
     try:
-        ui.step(f"train    on {acc.num_processes} process(es), {device}, mixed precision {acc.mixed_precision}")
+        ui.step(
+            f"train    on {acc.num_processes} process(es), {device}, mixed precision {acc.mixed_precision}"
+        )
         with log.stage("train"):
-            trained = train(recipe, acc, adapted, tokenized, run_dir, resume=resume, progress=ui.progress())
+            trained = train(
+                recipe, acc, adapted, tokenized, run_dir, resume=resume, progress=ui.progress()
+            )
         log.update(train=trained.as_dict())
 
         ui.step("evaluate on the sealed test split")
         with log.stage("evaluate"):
             if main:
-                report = evaluate(recipe.task, adapted.model, tokenizer, tokenized["test"].features,
-                                  prepared.labels, recipe.eval.batch_size, acc.device)
-                ui.table("test", [(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in report.metrics.items()]
-                         + [("examples", report.n)])
+                report = evaluate(
+                    recipe.task,
+                    adapted.model,
+                    tokenizer,
+                    tokenized["test"].features,
+                    prepared.labels,
+                    recipe.eval.batch_size,
+                    acc.device,
+                )
+                ui.table(
+                    "test",
+                    [
+                        (k, f"{v:.4f}" if isinstance(v, float) else v)
+                        for k, v in report.metrics.items()
+                    ]
+                    + [("examples", report.n)],
+                )
                 log.update(eval=report.as_dict())
 
         if recipe.merge.enabled and recipe.method.kind != "full":
@@ -195,20 +247,32 @@ def train_run(recipe: Recipe, ui: UI, resume: bool = False, force: bool = False,
             acc.free_memory()
             with log.stage("merge"):
                 if main:
-                    merged = merge(run_dir / "adapter", run_dir / "merged", dtype=recipe.merge.dtype,
-                                   into=recipe.merge.into, samples=test_feats, force=True)
-                    ui.info(f"  merged/: max logit difference {merged.max_logit_diff:.1e} on {merged.samples} "
-                            f"test inputs; predictions agree {merged.prediction_agreement:.0%}")
+                    merged = merge(
+                        run_dir / "adapter",
+                        run_dir / "merged",
+                        dtype=recipe.merge.dtype,
+                        into=recipe.merge.into,
+                        samples=test_feats,
+                        force=True,
+                    )
+                    ui.info(
+                        f"  merged/: max logit difference {merged.max_logit_diff:.1e} on {merged.samples} "
+                        f"test inputs; predictions agree {merged.prediction_agreement:.0%}"
+                    )
                     log.update(merge=merged.as_dict())
             acc.wait_for_everyone()
     except BaseException as exc:
         status = "interrupted" if isinstance(exc, Interrupted | KeyboardInterrupt) else "failed"
-        log.update(status=status, error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        log.update(
+            status=status, error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        )
         raise
     log.update(status="completed", finished=now())
-    ui.info(f"[green]done[/] {run_dir}/  (run.json, metrics.jsonl, "
-            f"{'model/' if recipe.method.kind == 'full' else 'adapter/'}"
-            f"{', merged/' if recipe.merge.enabled and recipe.method.kind != 'full' else ''})")
+    ui.info(
+        f"[green]done[/] {run_dir}/  (run.json, metrics.jsonl, "
+        f"{'model/' if recipe.method.kind == 'full' else 'adapter/'}"
+        f"{', merged/' if recipe.merge.enabled and recipe.method.kind != 'full' else ''})"
+    )
     return log.data
 
 
@@ -217,12 +281,19 @@ def evaluate_run(run_dir: Path, ui: UI, split: str = "test") -> dict:
     rd = open_run(run_dir)
     recipe, prepared = rd.recipe, rd.prepared
     if not prepared.splits.get(split):
-        raise FtcliError(f"{run_dir} has no {split!r} split",
-                         hint=f"choose one of: {', '.join(k for k, v in prepared.splits.items() if v)}")
+        raise FtcliError(
+            f"{run_dir} has no {split!r} split",
+            hint=f"choose one of: {', '.join(k for k, v in prepared.splits.items() if v)}",
+        )
     model, tokenizer = load_trained(run_dir, recipe.task)
     feats = tokenize(prepared.splits[split], recipe, tokenizer, prepared.label2id).features
     device = resolve_device("auto")
     to_device(model, device)
-    report = evaluate(recipe.task, model, tokenizer, feats, prepared.labels, recipe.eval.batch_size, device, split)
-    ui.table(f"{split} ({run_dir})", [(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in report.metrics.items()])
+    report = evaluate(
+        recipe.task, model, tokenizer, feats, prepared.labels, recipe.eval.batch_size, device, split
+    )
+    ui.table(
+        f"{split} ({run_dir})",
+        [(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in report.metrics.items()],
+    )
     return report.as_dict()

@@ -32,7 +32,8 @@ class ModelSpec(_Section):
     revision: str | None = None
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="weight dtype to load; auto = float32 (bf16 compute comes from mixed_precision)"
+        "auto",
+        description="weight dtype to load; auto = float32 (bf16 compute comes from mixed_precision)",
     )
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
 
@@ -41,7 +42,9 @@ class SplitSpec(_Section):
     validation: float = Field(0.1, ge=0, lt=1, description="fraction held out for validation loss")
     test: float = Field(0.1, ge=0, lt=1, description="fraction sealed for the final evaluation")
     seed: int = 0
-    stratify: bool = Field(True, description="keep label proportions in every split (classification)")
+    stratify: bool = Field(
+        True, description="keep label proportions in every split (classification)"
+    )
 
 
 class CleanSpec(_Section):
@@ -54,7 +57,9 @@ class DataSpec(_Section):
     """Where the examples come from and how their columns map onto the task."""
 
     path: str = Field(description="hub dataset id | file | folder | glob | pkg:PACKAGE/PATH")
-    format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet", "txt", "folder", "yaml"] = "auto"
+    format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet", "txt", "folder", "yaml"] = (
+        "auto"
+    )
     subset: str | None = Field(None, description="hub dataset configuration name")
     hub_split: str = Field("train", description="which split of a hub dataset to read")
     text_column: str = "text"
@@ -78,7 +83,9 @@ class DataSpec(_Section):
     loss_on: Literal["completion", "all"] = Field(
         "completion", description="causal_lm: train on completion tokens only, or on every token"
     )
-    add_eos: bool = Field(True, description="causal_lm: end every example with EOS so the model learns to stop")
+    add_eos: bool = Field(
+        True, description="causal_lm: end every example with EOS so the model learns to stop"
+    )
 
     @property
     def style(self) -> str:
@@ -104,7 +111,9 @@ class MethodSpec(_Section):
 
     kind: Literal["full", "lora", "qlora"]
     r: int = Field(8, gt=0, description="LoRA rank")
-    alpha: float = Field(16.0, gt=0, description="LoRA scale numerator: the update is (alpha/r) B A")
+    alpha: float = Field(
+        16.0, gt=0, description="LoRA scale numerator: the update is (alpha/r) B A"
+    )
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] | None = Field(
         None, description="module names to adapt; None = peft's default for the architecture"
@@ -133,7 +142,9 @@ class MethodSpec(_Section):
         return v
 
 
-OptimizerName = Literal["adamw", "adam", "sgd", "rmsprop", "adamw8bit", "paged_adamw", "paged_adamw8bit"]
+OptimizerName = Literal[
+    "adamw", "adam", "sgd", "rmsprop", "adamw8bit", "paged_adamw", "paged_adamw8bit"
+]
 
 
 class OptimizerSpec(_Section):
@@ -156,8 +167,10 @@ class SchedulerSpec(_Section):
 class TrainSpec(_Section):
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(
-        None, ge=0, description="stop after this many optimizer steps; 0 = no training: the model is saved "
-        "as it starts (base + untouched adapter/head), a control run for `ftcli eval --baseline`"
+        None,
+        ge=0,
+        description="stop after this many optimizer steps; 0 = no training: the model is saved "
+        "as it starts (base + untouched adapter/head), a control run for `ftcli eval --baseline`",
     )
     batch_size: int = Field(8, gt=0, description="micro-batch per process")
     gradient_accumulation: int = Field(1, gt=0)
@@ -168,9 +181,13 @@ class TrainSpec(_Section):
         "auto", description="auto = bf16 on a CUDA GPU that supports it, else no"
     )
     gradient_checkpointing: bool = False
-    eval_every: int | None = Field(None, gt=0, description="validation loss every N steps; default: each epoch")
+    eval_every: int | None = Field(
+        None, gt=0, description="validation loss every N steps; default: each epoch"
+    )
     log_every: int = Field(10, gt=0)
-    checkpoint_every: int | None = Field(None, gt=0, description="default: at the end of each epoch")
+    checkpoint_every: int | None = Field(
+        None, gt=0, description="default: at the end of each epoch"
+    )
     keep_checkpoints: int = Field(1, ge=1)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -178,7 +195,9 @@ class TrainSpec(_Section):
 
 class EvalSpec(_Section):
     batch_size: int = Field(32, gt=0)
-    max_new_tokens: int = Field(64, gt=0, description="causal_lm: length bound for generated answers")
+    max_new_tokens: int = Field(
+        64, gt=0, description="causal_lm: length bound for generated answers"
+    )
     generate_examples: int = Field(
         64, ge=0, description="causal_lm: how many test examples to answer by generation"
     )
@@ -195,7 +214,9 @@ class MergeSpec(_Section):
 class Recipe(_Section):
     """A whole fine-tuning run. Frozen: nothing writes back into it."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run folder: <output_dir>/<name>")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run folder: <output_dir>/<name>"
+    )
     task: Literal["classification", "causal_lm"]
     description: str | None = None
     model: ModelSpec
@@ -246,7 +267,9 @@ class Recipe(_Section):
 class RecipeOrigin:
     """Maps dotted keys to the file and line they came from (or to the ``--set`` that set them)."""
 
-    def __init__(self, file: str, lines: dict[tuple[str, ...], int], overridden: set[tuple[str, ...]]):
+    def __init__(
+        self, file: str, lines: dict[tuple[str, ...], int], overridden: set[tuple[str, ...]]
+    ):
         self.file = file
         self.lines = lines
         self.overridden = overridden
@@ -265,7 +288,9 @@ class RecipeOrigin:
         return Problem(message, key=key, file=file, line=line, hint=hint)
 
 
-def _node_lines(node: yaml.Node, prefix: tuple[str, ...], out: dict, problems: list[Problem], file: str):
+def _node_lines(
+    node: yaml.Node, prefix: tuple[str, ...], out: dict, problems: list[Problem], file: str
+):
     """Record the line of every mapping key; flag duplicate keys, which safe_load would hide."""
     out[prefix] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
@@ -278,7 +303,10 @@ def _node_lines(node: yaml.Node, prefix: tuple[str, ...], out: dict, problems: l
                 problems.append(
                     Problem(
                         f"duplicate key (first set on line {seen[key]}); YAML would silently keep the last",
-                        key=dotted, file=file, line=line, hint="remove one of them",
+                        key=dotted,
+                        file=file,
+                        line=line,
+                        hint="remove one of them",
                     )
                 )
             seen[key] = line
@@ -296,12 +324,15 @@ def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
     """``train.optimizer.lr=1e-4`` -> (("train", "optimizer", "lr"), "1e-4" or a parsed YAML value)."""
     if "=" not in text:
         raise FtcliError(
-            f"--set {text!r}: expected KEY=VALUE", hint="for example --set train.optimizer.lr=1.0e-4"
+            f"--set {text!r}: expected KEY=VALUE",
+            hint="for example --set train.optimizer.lr=1.0e-4",
         )
     key, raw = text.split("=", 1)
     key = key.strip()
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*", key):
-        raise FtcliError(f"--set {text!r}: {key!r} is not a dotted key", hint="for example method.r=16")
+        raise FtcliError(
+            f"--set {text!r}: {key!r} is not a dotted key", hint="for example method.r=16"
+        )
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -321,7 +352,8 @@ def apply_overrides(data: dict, overrides: list[tuple[tuple[str, ...], Any]]) ->
                 problems.append(
                     Problem(
                         f"cannot set {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section",
-                        key=".".join(path), file="--set",
+                        key=".".join(path),
+                        file="--set",
                     )
                 )
                 break
@@ -426,7 +458,9 @@ def _literal_choices(path: tuple[str, ...]) -> list[str]:
 def _problem_from_error(err: dict, origin: RecipeOrigin) -> Problem:
     loc = tuple(str(p) for p in err["loc"])
     # pydantic adds the member type to loc for unions (e.g. 'list[str]'): keep only real keys
-    loc = tuple(p for p in loc if not re.search(r"[\[\]'(]", p) and p not in {"str", "int", "float", "bool"})
+    loc = tuple(
+        p for p in loc if not re.search(r"[\[\]'(]", p) and p not in {"str", "int", "float", "bool"}
+    )
     key = ".".join(loc)
     kind = err["type"]
     if kind == "extra_forbidden":
@@ -460,49 +494,109 @@ def _semantic_problems(r: Recipe) -> list[Problem]:
     lora_keys = {"r", "alpha", "dropout", "target_modules", "modules_to_save", "init"}
     if m.kind == "full":
         for key in sorted(lora_keys & m.model_fields_set):
-            p.append(r.problem(f"method.{key}", "only applies to lora and qlora, not to method.kind 'full'",
-                               "remove it, or set method.kind to lora"))
+            p.append(
+                r.problem(
+                    f"method.{key}",
+                    "only applies to lora and qlora, not to method.kind 'full'",
+                    "remove it, or set method.kind to lora",
+                )
+            )
     if m.quantization is not None and m.kind != "qlora":
-        p.append(r.problem("method.quantization", "only applies to method.kind 'qlora'",
-                           "remove it, or set method.kind to qlora"))
-    if m.kind == "qlora" and t.device == "cuda" and m.quant.compute_dtype == "float32" and m.quant.bits == 4:
-        p.append(r.problem("method.quantization.compute_dtype",
-                           "float32 compute on CUDA throws away QLoRA's speed and memory gains",
-                           "use bfloat16 (or float16 on GPUs without bf16)"))
+        p.append(
+            r.problem(
+                "method.quantization",
+                "only applies to method.kind 'qlora'",
+                "remove it, or set method.kind to qlora",
+            )
+        )
+    if (
+        m.kind == "qlora"
+        and t.device == "cuda"
+        and m.quant.compute_dtype == "float32"
+        and m.quant.bits == 4
+    ):
+        p.append(
+            r.problem(
+                "method.quantization.compute_dtype",
+                "float32 compute on CUDA throws away QLoRA's speed and memory gains",
+                "use bfloat16 (or float16 on GPUs without bf16)",
+            )
+        )
     if m.kind == "qlora" and m.quant.bits == 8 and "quant_type" in m.quant.model_fields_set:
         p.append(r.problem("method.quantization.quant_type", "only applies to 4-bit quantization"))
     if t.mixed_precision == "fp16" and t.device == "cpu":
-        p.append(r.problem("train.mixed_precision", "fp16 mixed precision needs a CUDA GPU",
-                           "use bf16 or no on the CPU"))
+        p.append(
+            r.problem(
+                "train.mixed_precision",
+                "fp16 mixed precision needs a CUDA GPU",
+                "use bf16 or no on the CPU",
+            )
+        )
     if d.split.validation + d.split.test >= 0.9:
-        p.append(r.problem("data.split", f"validation + test = {d.split.validation + d.split.test:g} "
-                           "leaves too little to train on", "keep the two under 0.9 together"))
+        p.append(
+            r.problem(
+                "data.split",
+                f"validation + test = {d.split.validation + d.split.test:g} "
+                "leaves too little to train on",
+                "keep the two under 0.9 together",
+            )
+        )
     if r.task == "classification":
         if not d.label_column:
-            p.append(r.problem("data.label_column", "classification needs a label column",
-                               "name the column that holds each example's label"))
-        for key in ("prompt_column", "completion_column", "instruction_column", "input_column",
-                    "output_column", "messages_column", "system_prompt"):
+            p.append(
+                r.problem(
+                    "data.label_column",
+                    "classification needs a label column",
+                    "name the column that holds each example's label",
+                )
+            )
+        for key in (
+            "prompt_column",
+            "completion_column",
+            "instruction_column",
+            "input_column",
+            "output_column",
+            "messages_column",
+            "system_prompt",
+        ):
             if getattr(d, key):
                 p.append(r.problem(f"data.{key}", "only applies to task causal_lm"))
     else:
         if d.label_column or d.labels:
             key = "data.label_column" if d.label_column else "data.labels"
-            p.append(r.problem(key, "only applies to task classification",
-                               "for causal_lm name the text, prompt/completion, instruction or messages columns"))
-        styles = [s for s, cols in {
-            "messages_column": [d.messages_column],
-            "instruction_column": [d.instruction_column],
-            "prompt_column": [d.prompt_column, d.completion_column],
-        }.items() if any(cols)]
+            p.append(
+                r.problem(
+                    key,
+                    "only applies to task classification",
+                    "for causal_lm name the text, prompt/completion, instruction or messages columns",
+                )
+            )
+        styles = [
+            s
+            for s, cols in {
+                "messages_column": [d.messages_column],
+                "instruction_column": [d.instruction_column],
+                "prompt_column": [d.prompt_column, d.completion_column],
+            }.items()
+            if any(cols)
+        ]
         if len(styles) > 1:
-            p.append(r.problem(f"data.{styles[1]}", f"conflicts with data.{styles[0]}: name one layout",
-                               "chat (messages_column), instruction, or prompt/completion"))
+            p.append(
+                r.problem(
+                    f"data.{styles[1]}",
+                    f"conflicts with data.{styles[0]}: name one layout",
+                    "chat (messages_column), instruction, or prompt/completion",
+                )
+            )
         if bool(d.prompt_column) != bool(d.completion_column):
             missing = "completion_column" if d.prompt_column else "prompt_column"
-            p.append(r.problem(f"data.{missing}", "prompt_column and completion_column go together"))
+            p.append(
+                r.problem(f"data.{missing}", "prompt_column and completion_column go together")
+            )
         if d.instruction_column and not d.output_column:
-            p.append(r.problem("data.output_column", "an instruction layout needs the answer's column"))
+            p.append(
+                r.problem("data.output_column", "an instruction layout needs the answer's column")
+            )
         if d.system_prompt and d.style not in ("chat", "instruction"):
             p.append(r.problem("data.system_prompt", "only applies to chat or instruction data"))
     if d.validation_path and "validation" in d.split.model_fields_set:
@@ -518,7 +612,9 @@ def _semantic_problems(r: Recipe) -> list[Problem]:
 
 
 def _is_float_string(value: Any) -> bool:
-    return isinstance(value, str) and bool(re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value))
+    return isinstance(value, str) and bool(
+        re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value)
+    )
 
 
 def _fix_yaml_floats(node: Any) -> Any:
@@ -534,7 +630,9 @@ def recipe_from_mapping(data: Any, file: str = "<recipe>", lines=None, overridde
     """Validate a mapping (already YAML-parsed) into a Recipe, or raise RecipeError listing every problem."""
     origin = RecipeOrigin(file, lines or {}, overridden or set())
     if not isinstance(data, dict):
-        raise RecipeError([Problem("a recipe is a mapping of keys (name:, task:, model: ...)", file=file, line=1)])
+        raise RecipeError(
+            [Problem("a recipe is a mapping of keys (name:, task:, model: ...)", file=file, line=1)]
+        )
     try:
         recipe = Recipe.model_validate(_fix_yaml_floats(data))
     except ValidationError as exc:
@@ -574,8 +672,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         reason = getattr(exc, "problem", None) or str(exc)
-        raise RecipeError([Problem(f"not valid YAML: {reason}", file=file,
-                                   line=mark.line + 1 if mark else None)]) from None
+        raise RecipeError(
+            [Problem(f"not valid YAML: {reason}", file=file, line=mark.line + 1 if mark else None)]
+        ) from None
     lines: dict[tuple[str, ...], int] = {}
     problems: list[Problem] = []
     if node is not None:

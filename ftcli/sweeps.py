@@ -55,14 +55,23 @@ def mean_std(values: list[float]) -> dict:
 
 def summarize(per_run: list[dict]) -> dict[str, dict]:
     """metric -> mean/std over runs, for every numeric metric all runs report."""
-    keys = [k for k, v in per_run[0].items() if isinstance(v, int | float) and all(k in m for m in per_run)]
+    keys = [
+        k
+        for k, v in per_run[0].items()
+        if isinstance(v, int | float) and all(k in m for m in per_run)
+    ]
     return {k: mean_std([m[k] for m in per_run]) for k in keys}
 
 
-def summary_table(ui: UI, title: str, runs: list[dict], summary: dict[str, dict], run_label: str) -> None:
+def summary_table(
+    ui: UI, title: str, runs: list[dict], summary: dict[str, dict], run_label: str
+) -> None:
     headers = ("metric", "mean ± std", *[f"{run_label} {r['label']}" for r in runs])
-    rows = [(k, f"{s['mean']:.4f} ± {s['std']:.4f}", *[f"{r['metrics'][k]:.4f}" for r in runs])
-            for k, s in summary.items() if k != "target_tokens"]
+    rows = [
+        (k, f"{s['mean']:.4f} ± {s['std']:.4f}", *[f"{r['metrics'][k]:.4f}" for r in runs])
+        for k, s in summary.items()
+        if k != "target_tokens"
+    ]
     ui.table(title, rows, headers=headers)
 
 
@@ -73,12 +82,19 @@ def train_seeds(recipe: Recipe, n: int, ui: UI, resume: bool = False, force: boo
         r = variant(recipe, f"{recipe.name}-seed{i}", **{"train.seed": i})
         ui.step(f"seed {i}/{n}: {r.run_dir}")
         out = train_run(r, ui, resume=resume, force=force)
-        runs.append({"run": str(r.run_dir), "seed": i, "label": str(i), "metrics": out["eval"]["metrics"]})
+        runs.append(
+            {"run": str(r.run_dir), "seed": i, "label": str(i), "metrics": out["eval"]["metrics"]}
+        )
     summary = summarize([r["metrics"] for r in runs])
     summary_table(ui, f"{recipe.name}: test metrics over {n} seeds", runs, summary, "seed")
     path = Path(recipe.output_dir) / f"{recipe.name}-seeds" / "summary.json"
-    result = {"name": recipe.name, "seeds": list(range(1, n + 1)), "runs": runs, "summary": summary,
-              "summary_file": str(path)}
+    result = {
+        "name": recipe.name,
+        "seeds": list(range(1, n + 1)),
+        "runs": runs,
+        "summary": summary,
+        "summary_file": str(path),
+    }
     write_json(path, result)
     ui.info(f"summary: {path}")
     return result
@@ -87,8 +103,17 @@ def train_seeds(recipe: Recipe, n: int, ui: UI, resume: bool = False, force: boo
 # --------------------------------------------------------------------------- cross-validation
 
 
-CANONICAL_COLUMNS = ("text_column", "label_column", "prompt_column", "completion_column", "instruction_column",
-                     "input_column", "output_column", "messages_column", "system_prompt")
+CANONICAL_COLUMNS = (
+    "text_column",
+    "label_column",
+    "prompt_column",
+    "completion_column",
+    "instruction_column",
+    "input_column",
+    "output_column",
+    "messages_column",
+    "system_prompt",
+)
 
 
 def fold_indices(examples: list[dict], k: int, seed: int, stratify: bool = True) -> list[list[int]]:
@@ -98,11 +123,15 @@ def fold_indices(examples: list[dict], k: int, seed: int, stratify: bool = True)
     if k < 2:
         raise FtcliError(f"--folds {k}: cross-validation needs at least 2 folds")
     if len(examples) < k:
-        raise FtcliError(f"only {len(examples)} examples: too few for {k} folds", hint="use fewer folds")
+        raise FtcliError(
+            f"only {len(examples)} examples: too few for {k} folds", hint="use fewer folds"
+        )
     labels = [e.get("label") for e in examples]
     counts = collections.Counter(labels)
     if stratify and labels[0] is not None and min(counts.values()) >= k:
-        splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(labels, labels)
+        splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(
+            labels, labels
+        )
     else:
         splitter = KFold(n_splits=k, shuffle=True, random_state=seed).split(labels)
     return [sorted(test.tolist()) for _, test in splitter]
@@ -126,7 +155,9 @@ def canonical_columns(examples: list[dict]) -> dict:
 def pool(recipe: Recipe) -> list[dict]:
     """The recipe's examples after cleaning (and label filtering), before any split."""
     if recipe.data.test_path:
-        raise FtcliError("cross-validation makes its own test folds: remove data.test_path from the recipe")
+        raise FtcliError(
+            "cross-validation makes its own test folds: remove data.test_path from the recipe"
+        )
     examples = load_examples(recipe, recipe.data.path, CleanCounts())
     if recipe.task == "classification" and recipe.data.labels:
         examples = [e for e in examples if e["label"] in recipe.data.labels]
@@ -146,18 +177,43 @@ def cross_validate(recipe: Recipe, k: int, ui: UI, force: bool = False) -> dict:
         write_jsonl(fold_dir / "train.jsonl", [e for j, e in enumerate(examples) if j not in held])
         write_jsonl(fold_dir / "test.jsonl", [examples[j] for j in test_idx])
         changes = {f"data.{c}": v for c, v in cols.items()}
-        changes.update({"data.path": str(fold_dir / "train.jsonl"), "data.test_path": str(fold_dir / "test.jsonl"),
-                        "data.format": "jsonl", "data.split.test": None, "data.subset": None,
-                        "data.max_test_examples": None, "merge.enabled": False})
+        changes.update(
+            {
+                "data.path": str(fold_dir / "train.jsonl"),
+                "data.test_path": str(fold_dir / "test.jsonl"),
+                "data.format": "jsonl",
+                "data.split.test": None,
+                "data.subset": None,
+                "data.max_test_examples": None,
+                "merge.enabled": False,
+            }
+        )
         r = variant(recipe, f"{recipe.name}-fold{i}", **changes)
-        ui.step(f"fold {i}/{k}: train on {len(examples) - len(held)}, test on {len(held)} -> {r.run_dir}")
+        ui.step(
+            f"fold {i}/{k}: train on {len(examples) - len(held)}, test on {len(held)} -> {r.run_dir}"
+        )
         out = train_run(r, ui, force=force)
-        runs.append({"run": str(r.run_dir), "fold": i, "label": str(i), "test_examples": len(held),
-                     "metrics": out["eval"]["metrics"]})
+        runs.append(
+            {
+                "run": str(r.run_dir),
+                "fold": i,
+                "label": str(i),
+                "test_examples": len(held),
+                "metrics": out["eval"]["metrics"],
+            }
+        )
     summary = summarize([r["metrics"] for r in runs])
-    summary_table(ui, f"{recipe.name}: {k}-fold cross-validation (test metrics)", runs, summary, "fold")
-    result = {"name": recipe.name, "folds": k, "examples": len(examples), "runs": runs, "summary": summary,
-              "summary_file": str(root / "summary.json")}
+    summary_table(
+        ui, f"{recipe.name}: {k}-fold cross-validation (test metrics)", runs, summary, "fold"
+    )
+    result = {
+        "name": recipe.name,
+        "folds": k,
+        "examples": len(examples),
+        "runs": runs,
+        "summary": summary,
+        "summary_file": str(root / "summary.json"),
+    }
     write_json(root / "summary.json", result)
     ui.info(f"summary: {root / 'summary.json'}")
     return result

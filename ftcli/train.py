@@ -47,11 +47,19 @@ class Trained:
         return self.tokens / self.seconds if self.seconds else 0.0
 
     def as_dict(self) -> dict:
-        return {"output_dir": str(self.output_dir), "steps": self.steps, "epochs": round(self.epochs, 4),
-                "last_train_loss": self.last_train_loss, "best_val_loss": self.best_val_loss,
-                "best_val_step": self.best_val_step, "seconds": round(self.seconds, 2), "tokens": self.tokens,
-                "tokens_per_s": round(self.tokens_per_s, 1), "resumed_from": self.resumed_from,
-                "mixed_precision": self.mixed_precision}
+        return {
+            "output_dir": str(self.output_dir),
+            "steps": self.steps,
+            "epochs": round(self.epochs, 4),
+            "last_train_loss": self.last_train_loss,
+            "best_val_loss": self.best_val_loss,
+            "best_val_step": self.best_val_step,
+            "seconds": round(self.seconds, 2),
+            "tokens": self.tokens,
+            "tokens_per_s": round(self.tokens_per_s, 1),
+            "resumed_from": self.resumed_from,
+            "mixed_precision": self.mixed_precision,
+        }
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -61,8 +69,13 @@ def make_loader(features: list[dict], batch_size: int, pad_id: int, order: list[
     data = [features[i] for i in order] if order is not None else features
     # An explicit generator: starting an iterator must not draw from the global RNG, or a resumed
     # run's dropout masks would drift from the uninterrupted run's.
-    return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=lambda b: collate(b, pad_id),
-                      generator=torch.Generator().manual_seed(0))
+    return DataLoader(
+        data,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=lambda b: collate(b, pad_id),
+        generator=torch.Generator().manual_seed(0),
+    )
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -76,17 +89,26 @@ def build_optimizer(recipe: Recipe, model):
     o = recipe.train.optimizer
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise FtcliError("the model has no trainable parameters", hint="check method.kind and method.target_modules")
+        raise FtcliError(
+            "the model has no trainable parameters",
+            hint="check method.kind and method.target_modules",
+        )
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": o.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     groups = [g for g in groups if g["params"]]
     name = o.name
     if name in ("adamw8bit", "paged_adamw", "paged_adamw8bit"):
         import bitsandbytes as bnb
 
-        cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
-               "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[name]
+        cls = {
+            "adamw8bit": bnb.optim.AdamW8bit,
+            "paged_adamw": bnb.optim.PagedAdamW,
+            "paged_adamw8bit": bnb.optim.PagedAdamW8bit,
+        }[name]
         return cls(groups, lr=o.lr, betas=o.betas, eps=o.eps)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
@@ -102,8 +124,12 @@ def build_optimizer(recipe: Recipe, model):
 def build_scheduler(recipe: Recipe, optimizer, total_steps: int):
     s = recipe.train.scheduler
     if s.name == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=s.factor, patience=s.patience)
-    warmup = s.warmup_steps if s.warmup_steps is not None else math.ceil(s.warmup_ratio * total_steps)
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=s.factor, patience=s.patience
+        )
+    warmup = (
+        s.warmup_steps if s.warmup_steps is not None else math.ceil(s.warmup_ratio * total_steps)
+    )
     name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[s.name]
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
@@ -130,7 +156,9 @@ def evaluate_loss(accelerator, model, loader, task: str) -> float:
 
 
 def trainable_state(model) -> dict:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    return {
+        n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
+    }
 
 
 def save_checkpoint(ckpt_root: Path, model, optimizer, scheduler, state: dict, keep: int) -> Path:
@@ -160,8 +188,10 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
     params = dict(model.named_parameters())
     missing = [n for n in weights if n not in params]
     if missing:
-        raise FtcliError(f"checkpoint {ckpt} does not fit this model ({len(missing)} unknown weights, e.g. {missing[0]})",
-                         hint="resume with the recipe the run started with (runs/<name>/recipe.yaml)")
+        raise FtcliError(
+            f"checkpoint {ckpt} does not fit this model ({len(missing)} unknown weights, e.g. {missing[0]})",
+            hint="resume with the recipe the run started with (runs/<name>/recipe.yaml)",
+        )
     with torch.no_grad():
         for n, t in weights.items():
             params[n].copy_(t.to(params[n].device, params[n].dtype))
@@ -197,7 +227,9 @@ class LoopState:
     best_val_loss: float | None = None
     best_val_step: int | None = None
     seconds: float = 0.0
-    log_window: list = field(default_factory=lambda: [0.0, 0])  # loss sum, micro-batches since the last log
+    log_window: list = field(
+        default_factory=lambda: [0.0, 0]
+    )  # loss sum, micro-batches since the last log
 
     def snapshot(self, seconds: float) -> dict:
         return {**asdict(self), "seconds": seconds}
@@ -212,23 +244,44 @@ class LogWindow:
     step: int = 0
 
 
-def log_row(accelerator, state: LoopState, window: LogWindow, lr: float, grad_norm,
-            steps_per_epoch: int, t_start: float) -> dict:
+def log_row(
+    accelerator,
+    state: LoopState,
+    window: LogWindow,
+    lr: float,
+    grad_norm,
+    steps_per_epoch: int,
+    t_start: float,
+) -> dict:
     """One metrics.jsonl row: the loss averaged over the window's micro-batches and processes."""
     loss_sum, micro = state.log_window
-    mean = accelerator.reduce(torch.tensor(loss_sum / micro, device=accelerator.device), "mean").item()
+    mean = accelerator.reduce(
+        torch.tensor(loss_sum / micro, device=accelerator.device), "mean"
+    ).item()
     now = time.perf_counter()
-    row = {"step": state.global_step, "epoch": round(state.global_step / steps_per_epoch, 4), "loss": mean,
-           "lr": lr, "tokens_per_s": round(window.tokens / max(1e-9, now - window.t0), 1),
-           "s_per_step": round((now - window.t0) / max(1, state.global_step - window.step), 4),
-           "elapsed_s": round(now - t_start, 2)}
+    row = {
+        "step": state.global_step,
+        "epoch": round(state.global_step / steps_per_epoch, 4),
+        "loss": mean,
+        "lr": lr,
+        "tokens_per_s": round(window.tokens / max(1e-9, now - window.t0), 1),
+        "s_per_step": round((now - window.t0) / max(1, state.global_step - window.step), 4),
+        "elapsed_s": round(now - t_start, 2),
+    }
     if grad_norm is not None:
         row["grad_norm"] = float(grad_norm)
     return row
 
 
-def train(recipe: Recipe, accelerator, adapted, tokenized: dict[str, Tokenized], run_dir: Path,
-          resume: bool = False, progress=None) -> Trained:
+def train(
+    recipe: Recipe,
+    accelerator,
+    adapted,
+    tokenized: dict[str, Tokenized],
+    run_dir: Path,
+    resume: bool = False,
+    progress=None,
+) -> Trained:
     """Train ``adapted.model`` on ``tokenized['train']``; validate on ``tokenized['validation']``."""
     t = recipe.train
     model, tok = adapted.model, adapted.tokenizer
@@ -237,21 +290,27 @@ def train(recipe: Recipe, accelerator, adapted, tokenized: dict[str, Tokenized],
     if not train_feats:
         raise FtcliError("no training examples left after tokenization")
     if t.scheduler.name == "plateau" and not val_feats:
-        raise FtcliError("the plateau scheduler needs a validation split",
-                         hint="set data.split.validation above 0, or use another train.scheduler.name")
+        raise FtcliError(
+            "the plateau scheduler needs a validation split",
+            hint="set data.split.validation above 0, or use another train.scheduler.name",
+        )
 
     optimizer = build_optimizer(recipe, model)
     world = accelerator.num_processes
     micro_per_epoch = math.ceil(math.ceil(len(train_feats) / t.batch_size) / world)
     steps_per_epoch = max(1, math.ceil(micro_per_epoch / t.gradient_accumulation))
     # max_steps 0 is a real choice (a control run: save the starting point untrained), not "unset"
-    total_steps = t.max_steps if t.max_steps is not None else max(1, math.ceil(t.epochs * steps_per_epoch))
+    total_steps = (
+        t.max_steps if t.max_steps is not None else max(1, math.ceil(t.epochs * steps_per_epoch))
+    )
     scheduler = build_scheduler(recipe, optimizer, total_steps)
     plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     model, optimizer = accelerator.prepare(model, optimizer)
     val_loader = None
     if val_feats:
-        val_loader = accelerator.prepare(make_loader(val_feats, recipe.eval.batch_size, tok.pad_token_id))
+        val_loader = accelerator.prepare(
+            make_loader(val_feats, recipe.eval.batch_size, tok.pad_token_id)
+        )
     main = accelerator.is_main_process
 
     ckpt_root = run_dir / "checkpoints"
@@ -261,13 +320,18 @@ def train(recipe: Recipe, accelerator, adapted, tokenized: dict[str, Tokenized],
     if resume:
         ckpt = latest_checkpoint(ckpt_root)
         if ckpt is None:
-            raise FtcliError(f"nothing to resume: {ckpt_root} holds no checkpoint",
-                             hint="start the run without --resume")
+            raise FtcliError(
+                f"nothing to resume: {ckpt_root} holds no checkpoint",
+                hint="start the run without --resume",
+            )
         saved = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler)
         state = LoopState(**{k: v for k, v in saved.items() if k in LoopState.__dataclass_fields__})
         resumed_from = state.global_step
         if main:  # drop metrics logged after the checkpoint
-            write_jsonl(metrics_path, [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= resumed_from])
+            write_jsonl(
+                metrics_path,
+                [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= resumed_from],
+            )
     elif main:
         shutil.rmtree(ckpt_root, ignore_errors=True)
         metrics_path.unlink(missing_ok=True)
@@ -282,8 +346,14 @@ def train(recipe: Recipe, accelerator, adapted, tokenized: dict[str, Tokenized],
     def checkpoint() -> Path | None:
         path = None
         if main:
-            path = save_checkpoint(ckpt_root, accelerator.unwrap_model(model), optimizer, scheduler,
-                                   state.snapshot(time.perf_counter() - t_start), t.keep_checkpoints)
+            path = save_checkpoint(
+                ckpt_root,
+                accelerator.unwrap_model(model),
+                optimizer,
+                scheduler,
+                state.snapshot(time.perf_counter() - t_start),
+                t.keep_checkpoints,
+            )
         accelerator.wait_for_everyone()
         return path
 
@@ -293,7 +363,9 @@ def train(recipe: Recipe, accelerator, adapted, tokenized: dict[str, Tokenized],
     try:
         while state.global_step < total_steps:
             order = epoch_order(len(train_feats), t.seed, state.epoch)
-            loader = accelerator.prepare(make_loader(train_feats, t.batch_size, tok.pad_token_id, order))
+            loader = accelerator.prepare(
+                make_loader(train_feats, t.batch_size, tok.pad_token_id, order)
+            )
             if skip:
                 loader = accelerator.skip_first_batches(loader, skip)
             state.micro_in_epoch, skip = skip, 0
@@ -311,21 +383,33 @@ def train(recipe: Recipe, accelerator, adapted, tokenized: dict[str, Tokenized],
                 n_tok = accelerator.reduce(batch["attention_mask"].sum().detach(), "sum").item()
                 state.tokens += n_tok
                 window.tokens += n_tok
-                state.log_window = [state.log_window[0] + loss.detach().float().item(), state.log_window[1] + 1]
+                state.log_window = [
+                    state.log_window[0] + loss.detach().float().item(),
+                    state.log_window[1] + 1,
+                ]
                 if not accelerator.sync_gradients:
                     continue
                 state.global_step += 1
                 step = state.global_step
                 if step % t.log_every == 0 or step == total_steps:
-                    row = log_row(accelerator, state, window, optimizer.param_groups[0]["lr"], grad_norm,
-                                  steps_per_epoch, t_start)
+                    row = log_row(
+                        accelerator,
+                        state,
+                        window,
+                        optimizer.param_groups[0]["lr"],
+                        grad_norm,
+                        steps_per_epoch,
+                        t_start,
+                    )
                     last_loss = row["loss"]
                     if main:
                         append_jsonl(metrics_path, row)
                     state.log_window = [0.0, 0]
                     window = LogWindow(step=step)
                     if progress:
-                        progress.update(step, loss=row["loss"], lr=row["lr"], tps=row["tokens_per_s"])
+                        progress.update(
+                            step, loss=row["loss"], lr=row["lr"], tps=row["tokens_per_s"]
+                        )
                 elif progress:
                     progress.update(step)
                 if val_loader is not None and (step % eval_every == 0 or step == total_steps):
@@ -337,8 +421,14 @@ def train(recipe: Recipe, accelerator, adapted, tokenized: dict[str, Tokenized],
                     if plateau:
                         scheduler.step(v)
                     if main:
-                        append_jsonl(metrics_path, {"step": step, "epoch": round(step / steps_per_epoch, 4),
-                                                    "val_loss": v})
+                        append_jsonl(
+                            metrics_path,
+                            {
+                                "step": step,
+                                "epoch": round(step / steps_per_epoch, 4),
+                                "val_loss": v,
+                            },
+                        )
                     if progress:
                         progress.note(f"step {step}/{total_steps}  validation loss {v:.4f}")
                 if step % ckpt_every == 0 and step < total_steps:
@@ -360,10 +450,26 @@ def train(recipe: Recipe, accelerator, adapted, tokenized: dict[str, Tokenized],
     out_dir = run_dir / ("model" if recipe.method.kind == "full" else "adapter")
     if main:
         id2label = getattr(accelerator.unwrap_model(model).config, "id2label", None)
-        labels = [id2label[i] for i in range(len(id2label))] if recipe.task == "classification" else None
-        save_trained(accelerator, model, tok, out_dir,
-                     model_record_for(recipe, adapted.model_dir, state.global_step, labels))
+        labels = (
+            [id2label[i] for i in range(len(id2label))] if recipe.task == "classification" else None
+        )
+        save_trained(
+            accelerator,
+            model,
+            tok,
+            out_dir,
+            model_record_for(recipe, adapted.model_dir, state.global_step, labels),
+        )
     accelerator.wait_for_everyone()
-    return Trained(out_dir, state.global_step, state.global_step / steps_per_epoch, last_loss,
-                   state.best_val_loss, state.best_val_step, seconds, state.tokens, resumed_from,
-                   accelerator.mixed_precision)
+    return Trained(
+        out_dir,
+        state.global_step,
+        state.global_step / steps_per_epoch,
+        last_loss,
+        state.best_val_loss,
+        state.best_val_step,
+        seconds,
+        state.tokens,
+        resumed_from,
+        accelerator.mixed_precision,
+    )

@@ -31,7 +31,14 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     import logging
 
-    for name in ("transformers", "peft", "accelerate", "bitsandbytes", "datasets", "torch.distributed"):
+    for name in (
+        "transformers",
+        "peft",
+        "accelerate",
+        "bitsandbytes",
+        "datasets",
+        "torch.distributed",
+    ):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -49,7 +56,9 @@ class UI:
         self.console = Console(file=stream, highlight=False, width=width)
 
     def info(self, message: str = "") -> None:
-        if self.enabled:  # a line of text is never broken: terminals wrap it, and logs stay greppable
+        if (
+            self.enabled
+        ):  # a line of text is never broken: terminals wrap it, and logs stay greppable
             self.console.print(message, soft_wrap=True)
 
     def step(self, title: str) -> None:
@@ -83,19 +92,35 @@ class TrainProgress:
     def start(self, total: int, done: int = 0) -> None:
         self.total = total
         self.bar = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-            TextColumn("lr {task.fields[lr]}"), TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(),
-            TextColumn("eta"), TimeRemainingColumn(), console=self.console, transient=False,
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("lr {task.fields[lr]}"),
+            TextColumn("{task.fields[tps]} tok/s"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
             disable=not self.console.is_terminal,
         )
         self.bar.start()
         self.task = self.bar.add_task("train", total=total, completed=done, **self.fields)
 
-    def update(self, step: int, loss: float | None = None, lr: float | None = None, tps: float | None = None) -> None:
+    def update(
+        self,
+        step: int,
+        loss: float | None = None,
+        lr: float | None = None,
+        tps: float | None = None,
+    ) -> None:
         if loss is not None:
             self.fields = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tps": f"{tps:,.0f}"}
             if not self.console.is_terminal:
-                self.console.print(f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {tps:,.0f} tok/s")
+                self.console.print(
+                    f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {tps:,.0f} tok/s"
+                )
         if self.bar is not None:
             self.bar.update(self.task, completed=step, **self.fields)
 

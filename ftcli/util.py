@@ -38,8 +38,10 @@ def read_json(path: Path):
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise FtcliError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})",
-                         hint="the file is damaged: recreate it by rerunning the step that wrote it") from None
+        raise FtcliError(
+            f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})",
+            hint="the file is damaged: recreate it by rerunning the step that wrote it",
+        ) from None
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
@@ -90,7 +92,16 @@ def versions() -> dict[str, str]:
     import platform
 
     out = {"python": platform.python_version()}
-    for dist in ("ftcli", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "safetensors"):
+    for dist in (
+        "ftcli",
+        "torch",
+        "transformers",
+        "peft",
+        "accelerate",
+        "bitsandbytes",
+        "datasets",
+        "safetensors",
+    ):
         try:
             out[dist] = md.version(dist)
         except md.PackageNotFoundError:

@@ -25,9 +25,31 @@ CHATML = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-POSITIVE = ["good", "great", "excellent", "wonderful", "lovely", "superb", "brilliant", "delightful"]
+POSITIVE = [
+    "good",
+    "great",
+    "excellent",
+    "wonderful",
+    "lovely",
+    "superb",
+    "brilliant",
+    "delightful",
+]
 NEGATIVE = ["bad", "awful", "terrible", "boring", "dull", "poor", "dreadful", "tedious"]
-FILLER = ["the", "film", "movie", "was", "plot", "acting", "really", "quite", "story", "and", "a", "very"]
+FILLER = [
+    "the",
+    "film",
+    "movie",
+    "was",
+    "plot",
+    "acting",
+    "really",
+    "quite",
+    "story",
+    "and",
+    "a",
+    "very",
+]
 
 
 def sentiment_rows(n: int, seed: int = 0) -> list[dict]:
@@ -48,8 +70,14 @@ def chat_rows(n: int, seed: int = 0) -> list[dict]:
     rows = []
     for _ in range(n):
         a, b = rng.randrange(10), rng.randrange(10)
-        rows.append({"messages": [{"role": "user", "content": f"what is {a} plus {b} ?"},
-                                  {"role": "assistant", "content": f"{a} plus {b} is {a + b} ."}]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"what is {a} plus {b} ?"},
+                    {"role": "assistant", "content": f"{a} plus {b} is {a + b} ."},
+                ]
+            }
+        )
     return rows
 
 
@@ -57,29 +85,55 @@ def _train_tokenizer(kind: str, out: Path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    corpus = [r["text"] for r in sentiment_rows(400)] + [
-        m["content"] for r in chat_rows(200) for m in r["messages"]
-    ] + ["hello there how are you today", "what is the capital of france ? paris"]
+    corpus = (
+        [r["text"] for r in sentiment_rows(400)]
+        + [m["content"] for r in chat_rows(200) for m in r["messages"]]
+        + ["hello there how are you today", "what is the capital of france ? paris"]
+    )
     if kind == "bert":
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
         tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials))
+        tok.train_from_iterator(
+            corpus, trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials)
+        )
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-            special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B [SEP]",
+            special_tokens=[
+                ("[CLS]", tok.token_to_id("[CLS]")),
+                ("[SEP]", tok.token_to_id("[SEP]")),
+            ],
+        )
         tok.decoder = decoders.WordPiece()
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                       sep_token="[SEP]", mask_token="[MASK]")
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            unk_token="[UNK]",
+            pad_token="[PAD]",
+            cls_token="[CLS]",
+            sep_token="[SEP]",
+            mask_token="[MASK]",
+        )
     else:
         specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                       bos_token="<|endoftext|>", unk_token="<|endoftext|>")
+        tok.train_from_iterator(
+            corpus,
+            trainers.BpeTrainer(
+                vocab_size=400,
+                special_tokens=specials,
+                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            ),
+        )
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            eos_token="<|im_end|>",
+            pad_token="<|endoftext|>",
+            bos_token="<|endoftext|>",
+            unk_token="<|endoftext|>",
+        )
         fast.chat_template = CHATML
     fast.save_pretrained(out)
     return fast
@@ -94,19 +148,42 @@ def build_tiny_model(kind: str, out: Path) -> Path:
     tok = _train_tokenizer("bert" if kind == "bert" else "bpe", out)
     v = len(tok)
     if kind == "bert":
-        cfg = BertConfig(vocab_size=v, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=128, pad_token_id=tok.pad_token_id)
+        cfg = BertConfig(
+            vocab_size=v,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            pad_token_id=tok.pad_token_id,
+        )
         model = BertModel(cfg)  # with its pooler, as pre-trained BERT checkpoints have
     elif kind in ("llama", "llama-random"):
-        cfg = LlamaConfig(vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                          pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+        cfg = LlamaConfig(
+            vocab_size=v,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            tie_word_embeddings=True,
+        )
         model = AutoModelForCausalLM.from_config(cfg)
     elif kind == "gpt2":
         # GPT2Config defaults bos/eos to 50256: set them for a small vocabulary (TRAPS.md #8)
-        cfg = GPT2Config(vocab_size=v, n_embd=32, n_layer=2, n_head=2, n_positions=128,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        cfg = GPT2Config(
+            vocab_size=v,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            n_positions=128,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
         model = AutoModelForCausalLM.from_config(cfg)
     else:
         raise ValueError(kind)
@@ -132,7 +209,9 @@ def _pretrain(model, tok, steps: int = 150) -> None:
     for _ in range(steps):
         batch = tok(rng.sample(lines, 16), return_tensors="pt", padding=True)
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss.backward()
+        model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels
+        ).loss.backward()
         opt.step()
         opt.zero_grad()
     model.eval()
@@ -171,8 +250,15 @@ def write_recipe(path: Path, **sections) -> Path:
     return path
 
 
-def tiny_recipe(tmp_path: Path, tiny_models, tiny_data, task: str = "classification", kind: str = "lora",
-                arch: str | None = None, **overrides) -> dict:
+def tiny_recipe(
+    tmp_path: Path,
+    tiny_models,
+    tiny_data,
+    task: str = "classification",
+    kind: str = "lora",
+    arch: str | None = None,
+    **overrides,
+) -> dict:
     """A small, fast recipe mapping; ``overrides`` replace whole top-level sections."""
     arch = arch or ("bert" if task == "classification" else "llama")
     method: dict = {"kind": kind}
@@ -182,19 +268,34 @@ def tiny_recipe(tmp_path: Path, tiny_models, tiny_data, task: str = "classificat
     if kind == "qlora":
         method["quantization"] = {"compute_dtype": "float32"}
     if task == "classification":
-        data = {"path": str(tiny_data["classification"]), "text_column": "text", "label_column": "label",
-                "split": {"validation": 0.1, "test": 0.2, "seed": 0}, "max_length": 32}
+        data = {
+            "path": str(tiny_data["classification"]),
+            "text_column": "text",
+            "label_column": "label",
+            "split": {"validation": 0.1, "test": 0.2, "seed": 0},
+            "max_length": 32,
+        }
     else:
-        data = {"path": str(tiny_data["chat"]), "messages_column": "messages",
-                "split": {"validation": 0.1, "test": 0.2, "seed": 0}, "max_length": 64}
+        data = {
+            "path": str(tiny_data["chat"]),
+            "messages_column": "messages",
+            "split": {"validation": 0.1, "test": 0.2, "seed": 0},
+            "max_length": 64,
+        }
     recipe = {
         "name": f"tiny-{task}-{kind}-{arch}",
         "task": task,
         "model": {"name": str(tiny_models[arch])},
         "data": data,
         "method": method,
-        "train": {"epochs": 2, "batch_size": 16, "optimizer": {"name": "adamw", "lr": 5.0e-3},
-                  "scheduler": {"name": "constant"}, "log_every": 2, "seed": 0},
+        "train": {
+            "epochs": 2,
+            "batch_size": 16,
+            "optimizer": {"name": "adamw", "lr": 5.0e-3},
+            "scheduler": {"name": "constant"},
+            "log_every": 2,
+            "seed": 0,
+        },
         "eval": {"batch_size": 32},
         "merge": {"enabled": kind != "full"},
         "output_dir": str(tmp_path / "runs"),
@@ -217,12 +318,18 @@ def run_cli(capsys, *args: str) -> tuple[int, dict]:
     return exc.value.code, json.loads(out)
 
 
-
 _RUNS: dict = {}
 
 
-def trained_run(tmp_path_factory, tiny_models, tiny_data, task: str, kind: str, seed: int = 0,
-                lr: float = 1.0e-2) -> Path:
+def trained_run(
+    tmp_path_factory,
+    tiny_models,
+    tiny_data,
+    task: str,
+    kind: str,
+    seed: int = 0,
+    lr: float = 1.0e-2,
+) -> Path:
     """A short real training run (cached for the session): enough steps to move every weight."""
     from ftcli.pipeline import train_run
     from ftcli.recipe import recipe_from_mapping
@@ -239,5 +346,3 @@ def trained_run(tmp_path_factory, tiny_models, tiny_data, task: str, kind: str, 
         train_run(r, UI())
         _RUNS[key] = r.run_dir
     return _RUNS[key]
-
-

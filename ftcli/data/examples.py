@@ -32,7 +32,9 @@ def _text(value: Any) -> str:
 def _column_problem(recipe: Recipe, key: str, column: str, columns: list[str]):
     close = difflib.get_close_matches(column, columns, n=1, cutoff=0.5)
     hint = f"did you mean {close[0]!r}?" if close else None
-    return recipe.problem(key, f"column {column!r} is not in the data; its columns are: {', '.join(columns)}", hint)
+    return recipe.problem(
+        key, f"column {column!r} is not in the data; its columns are: {', '.join(columns)}", hint
+    )
 
 
 def required_columns(recipe: Recipe) -> dict[str, str]:
@@ -42,7 +44,8 @@ def required_columns(recipe: Recipe) -> dict[str, str]:
         return {"data.text_column": d.text_column, "data.label_column": d.label_column}
     keys = {
         "chat": ["messages_column"],
-        "instruction": ["instruction_column", "output_column"] + (["input_column"] if d.input_column else []),
+        "instruction": ["instruction_column", "output_column"]
+        + (["input_column"] if d.input_column else []),
         "completion": ["prompt_column", "completion_column"],
         "text": ["text_column"],
     }[d.style]
@@ -52,8 +55,10 @@ def required_columns(recipe: Recipe) -> dict[str, str]:
 def check_columns(recipe: Recipe, records: list[dict], source: str) -> None:
     """Raise a located RecipeError when a named column is missing from the data."""
     if not records:
-        raise DataError(f"the dataset is empty: {source} holds no records",
-                        hint="check data.path; a CSV needs a header row and at least one data row")
+        raise DataError(
+            f"the dataset is empty: {source} holds no records",
+            hint="check data.path; a CSV needs a header row and at least one data row",
+        )
     columns = list(records[0].keys())
     problems = [
         _column_problem(recipe, key, col, columns)
@@ -68,12 +73,20 @@ def to_examples(recipe: Recipe, records: list[dict]) -> list[dict]:
     """Records -> canonical examples: {"text","label"} | {"text"} | {"prompt","completion"} | {"messages"}."""
     d = recipe.data
     if recipe.task == "classification":
-        return [{"text": _text(r.get(d.text_column)), "label": _text(r.get(d.label_column))} for r in records]
+        return [
+            {"text": _text(r.get(d.text_column)), "label": _text(r.get(d.label_column))}
+            for r in records
+        ]
     if d.style == "text":
         return [{"text": _text(r.get(d.text_column))} for r in records]
     if d.style == "completion":
-        return [{"prompt": _text(r.get(d.prompt_column)), "completion": _text(r.get(d.completion_column))}
-                for r in records]
+        return [
+            {
+                "prompt": _text(r.get(d.prompt_column)),
+                "completion": _text(r.get(d.completion_column)),
+            }
+            for r in records
+        ]
     system = [{"role": "system", "content": d.system_prompt}] if d.system_prompt else []
     out = []
     if d.style == "instruction":
@@ -82,19 +95,33 @@ def to_examples(recipe: Recipe, records: list[dict]) -> list[dict]:
             extra = _text(r.get(d.input_column)) if d.input_column else ""
             if extra.strip():
                 user = f"{user}\n\n{extra}"
-            out.append({"messages": system + [{"role": "user", "content": user},
-                                               {"role": "assistant", "content": _text(r.get(d.output_column))}]})
+            out.append(
+                {
+                    "messages": system
+                    + [
+                        {"role": "user", "content": user},
+                        {"role": "assistant", "content": _text(r.get(d.output_column))},
+                    ]
+                }
+            )
         return out
     for i, r in enumerate(records):
         msgs = r.get(d.messages_column)
         if hasattr(msgs, "tolist"):  # numpy arrays from parquet
             msgs = msgs.tolist()
-        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+        if not isinstance(msgs, list) or not all(
+            isinstance(m, dict) and "role" in m and "content" in m for m in msgs
+        ):
             raise DataError(
                 f"record {i + 1}: {d.messages_column!r} must be a list of {{role, content}} messages",
                 hint='for example [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]',
             )
-        out.append({"messages": system + [{"role": str(m["role"]), "content": _text(m["content"])} for m in msgs]})
+        out.append(
+            {
+                "messages": system
+                + [{"role": str(m["role"]), "content": _text(m["content"])} for m in msgs]
+            }
+        )
     return out
 
 
@@ -116,7 +143,9 @@ def _strip(ex: dict) -> dict:
 def _is_empty(ex: dict) -> bool:
     if "messages" in ex:
         msgs = ex["messages"]
-        return not any(m["role"] == "assistant" and m["content"] for m in msgs) or any(not m["content"] for m in msgs)
+        return not any(m["role"] == "assistant" and m["content"] for m in msgs) or any(
+            not m["content"] for m in msgs
+        )
     return any(not v for v in ex.values() if isinstance(v, str))
 
 
@@ -154,44 +183,67 @@ def clean(examples: list[dict], spec: DataSpec, counts: CleanCounts) -> list[dic
     return examples
 
 
-def _filter_labels(recipe: Recipe, examples: list[dict], counts: CleanCounts) -> tuple[list[dict], list[str]]:
+def _filter_labels(
+    recipe: Recipe, examples: list[dict], counts: CleanCounts
+) -> tuple[list[dict], list[str]]:
     present = collections.Counter(e["label"] for e in examples)
     wanted = recipe.data.labels
     if wanted:
         missing = [lab for lab in wanted if lab not in present]
         if missing:
             hint = ", ".join(f"{lab!r} ({n})" for lab, n in present.most_common(20))
-            raise RecipeError([recipe.problem("data.labels", f"label(s) {', '.join(map(repr, missing))} never occur in the data",
-                                              f"labels found: {hint}")])
+            raise RecipeError(
+                [
+                    recipe.problem(
+                        "data.labels",
+                        f"label(s) {', '.join(map(repr, missing))} never occur in the data",
+                        f"labels found: {hint}",
+                    )
+                ]
+            )
         kept = [e for e in examples if e["label"] in wanted]
         counts.unlisted_label += len(examples) - len(kept)
         return kept, list(wanted)
     labels = sorted(present)
     if len(labels) < 2:
-        raise DataError(f"classification needs at least 2 labels; the data has {len(labels)}: {labels}",
-                        hint="check data.label_column")
+        raise DataError(
+            f"classification needs at least 2 labels; the data has {len(labels)}: {labels}",
+            hint="check data.label_column",
+        )
     if len(labels) > 1000:
-        raise DataError(f"{len(labels)} distinct labels: {recipe.data.label_column!r} does not look like a label column",
-                        hint="check data.label_column, or list the labels to keep in data.labels")
+        raise DataError(
+            f"{len(labels)} distinct labels: {recipe.data.label_column!r} does not look like a label column",
+            hint="check data.label_column, or list the labels to keep in data.labels",
+        )
     return examples, labels
 
 
-def _split_off(examples: list[dict], fraction: float, seed: int, stratify: bool) -> tuple[list[dict], list[dict]]:
+def _split_off(
+    examples: list[dict], fraction: float, seed: int, stratify: bool
+) -> tuple[list[dict], list[dict]]:
     """(rest, held) with ``fraction`` of the examples held out, stratified by label when possible."""
     if fraction <= 0 or not examples:
         return examples, []
     n_held = max(1, round(len(examples) * fraction))
     if n_held >= len(examples):
-        raise DataError(f"only {len(examples)} examples: too few to hold out {fraction:g} of them",
-                        hint="add data, or lower data.split fractions")
+        raise DataError(
+            f"only {len(examples)} examples: too few to hold out {fraction:g} of them",
+            hint="add data, or lower data.split fractions",
+        )
     from sklearn.model_selection import train_test_split
 
     labels = [e.get("label") for e in examples]
     counts = collections.Counter(labels)
-    can_stratify = (stratify and labels[0] is not None and min(counts.values()) >= 2 and n_held >= len(counts)
-                    and len(examples) - n_held >= len(counts))
-    rest, held = train_test_split(examples, test_size=n_held, random_state=seed,
-                                  stratify=labels if can_stratify else None)
+    can_stratify = (
+        stratify
+        and labels[0] is not None
+        and min(counts.values()) >= 2
+        and n_held >= len(counts)
+        and len(examples) - n_held >= len(counts)
+    )
+    rest, held = train_test_split(
+        examples, test_size=n_held, random_state=seed, stratify=labels if can_stratify else None
+    )
     return list(rest), list(held)
 
 
@@ -227,16 +279,21 @@ def prepare(recipe: Recipe) -> PreparedData:
     d = recipe.data
     counts = CleanCounts()
     examples = load_examples(recipe, d.path, counts)
-    explicit = {name: load_examples(recipe, p, counts) for name, p in
-                (("validation", d.validation_path), ("test", d.test_path)) if p}
+    explicit = {
+        name: load_examples(recipe, p, counts)
+        for name, p in (("validation", d.validation_path), ("test", d.test_path))
+        if p
+    }
     labels = None
     if recipe.task == "classification":
         examples, labels = _filter_labels(recipe, examples, counts)
         for name in list(explicit):
             explicit[name] = [e for e in explicit[name] if e["label"] in labels]
     if not examples:
-        raise DataError(f"no examples left in {d.path} after cleaning "
-                        f"({counts.read} read, {counts.empty} empty, {counts.duplicate} duplicates)")
+        raise DataError(
+            f"no examples left in {d.path} after cleaning "
+            f"({counts.read} read, {counts.empty} empty, {counts.duplicate} duplicates)"
+        )
 
     # No example may sit in two splits: explicit files win over the training pool.
     overlap = 0
@@ -269,25 +326,37 @@ def prepare(recipe: Recipe) -> PreparedData:
         "test": _cap(test, d.max_test_examples, seed),
     }
     if not splits["train"]:
-        raise DataError("the training split is empty", hint="add data, or lower data.split fractions")
+        raise DataError(
+            "the training split is empty", hint="add data, or lower data.split fractions"
+        )
     if not splits["test"]:
-        raise DataError("the test split is empty: there is nothing to evaluate on",
-                        hint="set data.split.test above 0, or data.test_path")
+        raise DataError(
+            "the test split is empty: there is nothing to evaluate on",
+            hint="set data.split.test above 0, or data.test_path",
+        )
     if labels:
         missing = [lab for lab in labels if not any(e["label"] == lab for e in splits["train"])]
         if missing:
-            raise DataError(f"label(s) {missing} have no training example after splitting",
-                            hint="add examples of them, or drop them with data.labels")
+            raise DataError(
+                f"label(s) {missing} have no training example after splitting",
+                hint="add examples of them, or drop them with data.labels",
+            )
 
     stats = {
         "source": d.path,
         "read": counts.read,
-        "dropped": {"unlisted_label": counts.unlisted_label, "empty": counts.empty,
-                    "duplicate": counts.duplicate, "shared_between_splits": overlap},
+        "dropped": {
+            "unlisted_label": counts.unlisted_label,
+            "empty": counts.empty,
+            "duplicate": counts.duplicate,
+            "shared_between_splits": overlap,
+        },
         "sizes": {k: len(v) for k, v in splits.items()},
     }
     if labels:
-        stats["label_counts"] = {k: dict(collections.Counter(e["label"] for e in v)) for k, v in splits.items()}
+        stats["label_counts"] = {
+            k: dict(collections.Counter(e["label"] for e in v)) for k, v in splits.items()
+        }
     if d.style != "text" and recipe.task == "causal_lm":
         stats["layout"] = d.style
     return PreparedData(splits, labels, stats)
@@ -311,7 +380,9 @@ def save_prepared(prepared: PreparedData, data_dir: Path) -> PreparedData:
 def load_prepared(data_dir: Path) -> PreparedData:
     """The splits a run wrote, so evaluation uses exactly the same examples."""
     if not (data_dir / "test.jsonl").is_file():
-        raise DataError(f"{data_dir} holds no prepared splits (test.jsonl)", hint="run `ftcli train` first")
+        raise DataError(
+            f"{data_dir} holds no prepared splits (test.jsonl)", hint="run `ftcli train` first"
+        )
     splits = {}
     for name in SPLITS:
         path = data_dir / f"{name}.jsonl"

@@ -32,8 +32,17 @@ def _format_of(path: str, declared: str) -> str:
         if name.endswith(comp):
             name = name[: -len(comp)]
     suffix = name.rsplit(".", 1)[-1] if "." in Path(name).name else ""
-    known = {"csv": "csv", "tsv": "tsv", "json": "json", "jsonl": "jsonl", "ndjson": "jsonl",
-             "parquet": "parquet", "txt": "txt", "yml": "yaml", "yaml": "yaml"}
+    known = {
+        "csv": "csv",
+        "tsv": "tsv",
+        "json": "json",
+        "jsonl": "jsonl",
+        "ndjson": "jsonl",
+        "parquet": "parquet",
+        "txt": "txt",
+        "yml": "yaml",
+        "yaml": "yaml",
+    }
     if suffix not in known:
         raise DataError(
             f"{path}: cannot tell the data format from the name",
@@ -55,7 +64,10 @@ def _read_yaml_records(path: str) -> list[dict]:
             turns = [str(t) for t in conv] if isinstance(conv, list) else []
             if len(turns) % 2:  # a trailing question with no answer teaches nothing
                 turns = turns[:-1]
-            messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+            messages = [
+                {"role": "user" if i % 2 == 0 else "assistant", "content": t}
+                for i, t in enumerate(turns)
+            ]
             records.append({"messages": messages, "topic": topic})
         return records
     raise DataError(f"{path}: expected a YAML list of records or a 'conversations:' mapping")
@@ -69,8 +81,13 @@ def read_file(path: str, fmt: str = "auto") -> list[dict]:
             import pandas as pd
 
             # dtype=str + no NA parsing: an empty text cell stays "" (not float NaN; TRAPS.md #9)
-            df = pd.read_csv(path, sep="\t" if kind == "tsv" else ",", dtype=str, keep_default_na=False,
-                             compression="infer")
+            df = pd.read_csv(
+                path,
+                sep="\t" if kind == "tsv" else ",",
+                dtype=str,
+                keep_default_na=False,
+                compression="infer",
+            )
             return df.to_dict(orient="records")
         if kind == "parquet":
             import pandas as pd
@@ -84,7 +101,9 @@ def read_file(path: str, fmt: str = "auto") -> list[dict]:
                         try:
                             records.append(json.loads(line))
                         except json.JSONDecodeError as exc:
-                            raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                            raise DataError(
+                                f"{path}:{lineno}: not valid JSON ({exc.msg})"
+                            ) from None
             return [r if isinstance(r, dict) else {"text": r} for r in records]
         if kind == "json":
             with _open_text(path) as f:
@@ -92,10 +111,14 @@ def read_file(path: str, fmt: str = "auto") -> list[dict]:
             if isinstance(doc, dict):
                 lists = [v for v in doc.values() if isinstance(v, list)]
                 if len(lists) != 1:
-                    raise DataError(f"{path}: expected a JSON list of records (or one list inside an object)")
+                    raise DataError(
+                        f"{path}: expected a JSON list of records (or one list inside an object)"
+                    )
                 doc = lists[0]
             if not isinstance(doc, list):
-                raise DataError(f"{path}: expected a JSON list of records, found a {type(doc).__name__}")
+                raise DataError(
+                    f"{path}: expected a JSON list of records, found a {type(doc).__name__}"
+                )
             return [r if isinstance(r, dict) else {"text": r} for r in doc]
         if kind == "txt":
             with _open_text(path) as f:
@@ -113,7 +136,9 @@ def _read_label_folder(folder: Path) -> list[dict]:
     records = []
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
         for f in sorted(sub.glob("*.txt")):
-            records.append({"text": f.read_text(encoding="utf-8", errors="replace"), "label": sub.name})
+            records.append(
+                {"text": f.read_text(encoding="utf-8", errors="replace"), "label": sub.name}
+            )
     return records
 
 
@@ -127,9 +152,14 @@ def read_source(source: DataSource, spec: DataSpec) -> list[dict]:
             records = _read_label_folder(folder)
             if records:
                 return records
-        files = sorted(str(p) for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        files = sorted(
+            str(p) for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+        )
         if not files:
-            raise DataError(f"data folder {folder} holds no files", hint="a folder of <label>/*.txt files, or data files")
+            raise DataError(
+                f"data folder {folder} holds no files",
+                hint="a folder of <label>/*.txt files, or data files",
+            )
     else:
         files = list(source.paths)
     records = []
@@ -144,5 +174,7 @@ def _read_hub(hub_id: str, spec: DataSpec) -> list[dict]:
     try:
         ds = datasets.load_dataset(hub_id, spec.subset, split=spec.hub_split)
     except Exception as exc:  # datasets raises many types; the message is what the user needs
-        raise DataError(f"cannot load hub dataset {hub_id!r} (split {spec.hub_split!r}): {exc}") from None
+        raise DataError(
+            f"cannot load hub dataset {hub_id!r} (split {spec.hub_split!r}): {exc}"
+        ) from None
     return ds.to_list()

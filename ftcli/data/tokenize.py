@@ -15,8 +15,13 @@ FALLBACK_ROLE = {"system": "System", "user": "User", "assistant": "Assistant"}
 def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
     """The tokenizer's chat template, or a plain '### Role:' layout for base models without one."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    text = "".join(f"### {FALLBACK_ROLE.get(m['role'], m['role'].title())}:\n{m['content']}\n\n" for m in messages)
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    text = "".join(
+        f"### {FALLBACK_ROLE.get(m['role'], m['role'].title())}:\n{m['content']}\n\n"
+        for m in messages
+    )
     return text + ("### Assistant:\n" if add_generation_prompt else "")
 
 
@@ -38,7 +43,9 @@ def prompt_and_target(tokenizer, example: dict) -> tuple[str, str]:
     if "messages" in example:
         msgs = example["messages"]
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-        return render_chat(tokenizer, msgs[:last], add_generation_prompt=True), msgs[last]["content"]
+        return render_chat(tokenizer, msgs[:last], add_generation_prompt=True), msgs[last][
+            "content"
+        ]
     if "prompt" in example:
         return example["prompt"], example["completion"]
     return "", example["text"]
@@ -62,7 +69,9 @@ class Tokenized:
         return s
 
 
-def tokenize(examples: list[dict], recipe: Recipe, tokenizer, label2id: dict[str, int] | None) -> Tokenized:
+def tokenize(
+    examples: list[dict], recipe: Recipe, tokenizer, label2id: dict[str, int] | None
+) -> Tokenized:
     """Tokenize canonical examples; labels mask everything but the completion for causal LMs."""
     d = recipe.data
     L = d.max_length
@@ -70,9 +79,13 @@ def tokenize(examples: list[dict], recipe: Recipe, tokenizer, label2id: dict[str
         texts = [e["text"] for e in examples]
         full = tokenizer(texts, truncation=False, add_special_tokens=True)["input_ids"]
         enc = tokenizer(texts, truncation=True, max_length=L, add_special_tokens=True)
-        feats = [{"input_ids": ids, "attention_mask": m, "labels": label2id[e["label"]]}
-                 for ids, m, e in zip(enc["input_ids"], enc["attention_mask"], examples, strict=True)]
-        return Tokenized(feats, sum(len(f) > L for f in full), 0, sum(len(f["input_ids"]) for f in feats))
+        feats = [
+            {"input_ids": ids, "attention_mask": m, "labels": label2id[e["label"]]}
+            for ids, m, e in zip(enc["input_ids"], enc["attention_mask"], examples, strict=True)
+        ]
+        return Tokenized(
+            feats, sum(len(f) > L for f in full), 0, sum(len(f["input_ids"]) for f in feats)
+        )
 
     eos_id, eos = tokenizer.eos_token_id, tokenizer.eos_token
     feats, truncated, dropped = [], 0, 0
@@ -81,7 +94,10 @@ def tokenize(examples: list[dict], recipe: Recipe, tokenizer, label2id: dict[str
             text, spans = _chat_segments(tokenizer, e["messages"])
             special = False
         elif "prompt" in e:
-            text, spans = e["prompt"] + e["completion"], [(len(e["prompt"]), len(e["prompt"]) + len(e["completion"]))]
+            text, spans = (
+                e["prompt"] + e["completion"],
+                [(len(e["prompt"]), len(e["prompt"]) + len(e["completion"]))],
+            )
             special = True
         else:
             text, spans = e["text"], [(0, len(e["text"]))]
@@ -91,7 +107,10 @@ def tokenize(examples: list[dict], recipe: Recipe, tokenizer, label2id: dict[str
         if d.loss_on == "all":
             mask = [True] * len(ids)
         else:
-            mask = [any(s < b and a < t for s, t in spans) if b > a else False for a, b in enc["offset_mapping"]]
+            mask = [
+                any(s < b and a < t for s, t in spans) if b > a else False
+                for a, b in enc["offset_mapping"]
+            ]
         if d.add_eos and eos_id is not None and not (eos and text.rstrip().endswith(eos)):
             ids.append(eos_id)
             mask.append(True)

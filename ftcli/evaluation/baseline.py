@@ -46,7 +46,6 @@ def head_state(model) -> dict:
 def save_initial_head(model, run_dir: Path) -> Path | None:
     """Record the fresh head a classification run starts from (before the first step)."""
 
-
     state = head_state(model)
     if not state:
         return None
@@ -61,8 +60,10 @@ def load_head(model, state: dict) -> None:
     params = dict(model.named_parameters())
     missing = [k for k in state if k not in params or params[k].shape != state[k].shape]
     if missing:
-        raise FtcliError(f"the recorded initial head does not fit the base model ({missing[0]})",
-                         hint="the run's init/head.safetensors belongs to another model")
+        raise FtcliError(
+            f"the recorded initial head does not fit the base model ({missing[0]})",
+            hint="the run's init/head.safetensors belongs to another model",
+        )
     with torch.no_grad():
         for k, v in state.items():
             params[k].copy_(v.to(params[k].dtype))
@@ -71,21 +72,26 @@ def load_head(model, state: dict) -> None:
 def load_base(recipe: Recipe, run_dir: Path, labels: list[str] | None, tokenizer, device: str):
     """(base model as the run started, a sentence that says what it is)."""
 
-
     model_dir = local_model_dir(resolve_model(recipe.model.name, recipe.model.revision))
     torch.manual_seed(recipe.train.seed)
     model = load_recipe_base(recipe, model_dir, labels, tokenizer, device)
     if recipe.task != "classification":
-        return model.eval(), (f"the pre-trained {recipe.model.name}, untouched, prompted zero-shot with the same "
-                              "template as the fine-tune")
+        return model.eval(), (
+            f"the pre-trained {recipe.model.name}, untouched, prompted zero-shot with the same "
+            "template as the fine-tune"
+        )
     init = run_dir / INIT_HEAD
     if init.is_file():
         load_head(model, load_file(str(init)))
-        note = ("the pre-trained body with the fresh, untrained head this run started from (init/head.safetensors): "
-                "chance level by design. `--baseline probe` trains that head alone: the fair bar")
+        note = (
+            "the pre-trained body with the fresh, untrained head this run started from (init/head.safetensors): "
+            "chance level by design. `--baseline probe` trains that head alone: the fair bar"
+        )
     else:
-        note = ("the pre-trained body with a fresh head seeded with train.seed (this run did not record its initial "
-                "head): chance level. `--baseline probe` trains the head alone: the fair bar")
+        note = (
+            "the pre-trained body with a fresh head seeded with train.seed (this run did not record its initial "
+            "head): chance level. `--baseline probe` trains the head alone: the fair bar"
+        )
     return model.eval(), note
 
 
@@ -97,8 +103,10 @@ def _head_module(model):
         mod = getattr(model, name, None)
         if mod is not None:
             return name, mod
-    raise FtcliError(f"{type(model).__name__} has no task head named {' or '.join(HEAD_NAMES)}",
-                     hint="a linear probe needs a sequence-classification model")
+    raise FtcliError(
+        f"{type(model).__name__} has no task head named {' or '.join(HEAD_NAMES)}",
+        hint="a linear probe needs a sequence-classification model",
+    )
 
 
 def _last_non_pad(input_ids, pad_id):
@@ -107,14 +115,17 @@ def _last_non_pad(input_ids, pad_id):
     return (torch.arange(input_ids.shape[-1], device=input_ids.device) * mask).argmax(-1)
 
 
-def head_inputs(model, feats: list[dict], pad_id: int, batch_size: int, device) -> tuple[list, bool]:
+def head_inputs(
+    model, feats: list[dict], pad_id: int, batch_size: int, device
+) -> tuple[list, bool]:
     """What the frozen body feeds the head, per example (pooled at the last token for heads that
     score every position, as transformers pools their logits). Returns (inputs, pooled)."""
 
-
     _, head = _head_module(model)
     captured = {}
-    hook = head.register_forward_hook(lambda m, args, out: captured.update(x=args[0].detach(), y=out.detach()))
+    hook = head.register_forward_hook(
+        lambda m, args, out: captured.update(x=args[0].detach(), y=out.detach())
+    )
     rows: list = []
     pooled = False
     model.eval()
@@ -123,23 +134,39 @@ def head_inputs(model, feats: list[dict], pad_id: int, batch_size: int, device) 
             for s in range(0, len(feats), batch_size):
                 batch = collate(feats[s : s + batch_size], pad_id)
                 ids = batch["input_ids"].to(device)
-                logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits
+                logits = model(
+                    input_ids=ids, attention_mask=batch["attention_mask"].to(device)
+                ).logits
                 x = captured["x"]
-                if captured["y"].dim() == 3:  # per-token head: pool its input where the model pools logits
+                if (
+                    captured["y"].dim() == 3
+                ):  # per-token head: pool its input where the model pools logits
                     pooled = True
                     x = x[torch.arange(x.shape[0], device=x.device), _last_non_pad(ids, pad_id)]
                 check = head(x)
                 if not torch.allclose(check.float(), logits.float(), atol=1e-4, rtol=1e-4):
-                    raise FtcliError(f"cannot build a linear probe for {type(model).__name__}: its head's inputs "
-                                     "do not reproduce its logits", hint="use --baseline base or another run")
+                    raise FtcliError(
+                        f"cannot build a linear probe for {type(model).__name__}: its head's inputs "
+                        "do not reproduce its logits",
+                        hint="use --baseline base or another run",
+                    )
                 rows.extend(x.float().cpu())
     finally:
         hook.remove()
     return rows, pooled
 
 
-def train_probe(model, train_x: list, train_y: list[int], val_x: list, val_y: list[int], batch_size: int,
-                seed: int, epochs: int = PROBE_EPOCHS, lr: float = PROBE_LR) -> tuple[object, dict]:
+def train_probe(
+    model,
+    train_x: list,
+    train_y: list[int],
+    val_x: list,
+    val_y: list[int],
+    batch_size: int,
+    seed: int,
+    epochs: int = PROBE_EPOCHS,
+    lr: float = PROBE_LR,
+) -> tuple[object, dict]:
     """Train a copy of the model's head on frozen features; keep the epoch with the best validation loss."""
     import torch.nn.functional as F
 
@@ -167,19 +194,35 @@ def train_probe(model, train_x: list, train_y: list[int], val_x: list, val_y: li
         if vl < best["val_loss"]:
             best = {"epoch": epoch, "val_loss": vl, "state": copy.deepcopy(probe.state_dict())}
     probe.load_state_dict(best["state"])
-    info = {"epochs": epochs, "lr": lr, "optimizer": "adamw", "chosen_epoch": best["epoch"],
-            "chosen_by": "validation loss" if VX is not None else "last training loss", "seed": seed,
-            "train_examples": len(X), "history": history}
+    info = {
+        "epochs": epochs,
+        "lr": lr,
+        "optimizer": "adamw",
+        "chosen_epoch": best["epoch"],
+        "chosen_by": "validation loss" if VX is not None else "last training loss",
+        "seed": seed,
+        "train_examples": len(X),
+        "history": history,
+    }
     return probe, info
 
 
-def probe_probabilities(recipe: Recipe, model, tokenizer, feats: dict[str, list[dict]], device) -> tuple[list, dict]:
+def probe_probabilities(
+    recipe: Recipe, model, tokenizer, feats: dict[str, list[dict]], device
+) -> tuple[list, dict]:
     """Test-split class probabilities of a linear probe on the frozen base ``model``."""
     pad, bs = tokenizer.pad_token_id, recipe.eval.batch_size
     xs = {split: head_inputs(model, f, pad, bs, device)[0] for split, f in feats.items()}
     ys = {split: [f["labels"] for f in fs] for split, fs in feats.items()}
-    probe, info = train_probe(model, xs["train"], ys["train"], xs.get("validation", []), ys.get("validation", []),
-                              recipe.train.batch_size, recipe.train.seed)
+    probe, info = train_probe(
+        model,
+        xs["train"],
+        ys["train"],
+        xs.get("validation", []),
+        ys.get("validation", []),
+        recipe.train.batch_size,
+        recipe.train.seed,
+    )
     with torch.no_grad():
         probs = torch.softmax(probe(torch.stack(xs["test"])).float(), dim=-1).tolist()
     return probs, info

@@ -39,7 +39,9 @@ from ftcli.util import read_jsonl
 RESAMPLES = 9999
 
 
-def score_run(rd: RunDir, ui: UI, generate: bool = True, extra=None) -> tuple[Scored, list[dict], list[int], object, dict]:
+def score_run(
+    rd: RunDir, ui: UI, generate: bool = True, extra=None
+) -> tuple[Scored, list[dict], list[int], object, dict]:
     """Load a run's fine-tuned model and score it; ``extra(model, tok, feats, kept, scored)`` runs
     while the model is loaded. Returns (scored, features, kept indices, tokenizer, extra's result)."""
 
@@ -47,7 +49,9 @@ def score_run(rd: RunDir, ui: UI, generate: bool = True, extra=None) -> tuple[Sc
     model, tok = load_trained(rd.run_dir, rd.recipe.task)
     to_device(model, device)
     feats, kept = tokenize_aligned(rd.examples, rd.recipe, tok, rd.prepared.label2id)
-    scored = score_model(rd.run_dir.name, rd.recipe, model, tok, rd.examples, feats, kept, device, generate)
+    scored = score_model(
+        rd.run_dir.name, rd.recipe, model, tok, rd.examples, feats, kept, device, generate
+    )
     result = extra(model, tok, feats, kept, scored) if extra else {}
     del model
     gc.collect()
@@ -58,44 +62,66 @@ def robustness_extra(rd: RunDir, ui: UI, enabled: bool, seed: int):
 
     def run(model, tok, feats, kept, scored):
         if not enabled:
-            return {"robustness": {"applies": False, "why": "skipped (--no-robustness)"}, "stress": []}
+            return {
+                "robustness": {"applies": False, "why": "skipped (--no-robustness)"},
+                "stress": [],
+            }
         device = resolve_device("auto")
         ex = [rd.examples[i] for i in kept]
         ui.step("robustness: perturbed test inputs, empty and very long inputs")
         if rd.recipe.task == "classification":
-            m = classification_report([f["labels"] for f in feats], scored.probs, rd.prepared.labels)
+            m = classification_report(
+                [f["labels"] for f in feats], scored.probs, rd.prepared.labels
+            )
             clean = {"accuracy": m["accuracy"], "pred": np.asarray(scored.probs).argmax(1)}
         else:
             clean = lm_summary(scored.loss_sums, scored.tokens)
-        return {"robustness": robustness(rd.recipe, model, tok, ex, rd.prepared.label2id, device, clean, seed),
-                "stress": stress(rd.recipe, model, tok, ex, rd.prepared.label2id, device)}
+        return {
+            "robustness": robustness(
+                rd.recipe, model, tok, ex, rd.prepared.label2id, device, clean, seed
+            ),
+            "stress": stress(rd.recipe, model, tok, ex, rd.prepared.label2id, device),
+        }
 
     return run
 
 
-def score_baseline(rd: RunDir, baseline: str, ui: UI, feats: list[dict], kept: list[int], tok) -> tuple[Scored, dict]:
+def score_baseline(
+    rd: RunDir, baseline: str, ui: UI, feats: list[dict], kept: list[int], tok
+) -> tuple[Scored, dict]:
     """The baseline's per-example outputs and a description of what it is; ``tok`` is the run's tokenizer."""
     device = resolve_device("auto")
     r = rd.recipe
     if baseline in ("base", "probe"):
         if baseline == "probe":
             if r.task != "classification":
-                raise FtcliError("--baseline probe applies to classification runs only",
-                                 hint="for a causal LM use --baseline (the base model, zero-shot) or another run")
+                raise FtcliError(
+                    "--baseline probe applies to classification runs only",
+                    hint="for a causal LM use --baseline (the base model, zero-shot) or another run",
+                )
             ui.step("baseline: linear probe (base frozen, head trained on the train split)")
             model, _ = load_base(r, rd.run_dir, rd.prepared.labels, tok, device)
             to_device(model, device)
-            split_feats = {s: tokenize_aligned(rd.prepared.splits[s], r, tok, rd.prepared.label2id)[0]
-                           for s in ("train", "validation") if rd.prepared.splits.get(s)}
+            split_feats = {
+                s: tokenize_aligned(rd.prepared.splits[s], r, tok, rd.prepared.label2id)[0]
+                for s in ("train", "validation")
+                if rd.prepared.splits.get(s)
+            }
             split_feats["test"] = feats
             probs, info = probe_probabilities(r, model, tok, split_feats, device)
             del model
             gc.collect()
-            desc = (f"a linear probe: {r.model.name} frozen, only its head trained on the run's {info['train_examples']} "
-                    f"training examples ({info['epochs']} epochs of AdamW at lr {info['lr']:g}, epoch "
-                    f"{info['chosen_epoch']} kept by {info['chosen_by']}, seed {info['seed']})")
-            return Scored("linear probe", r.task, probs=probs), {"kind": "probe", "name": "linear probe",
-                                                                  "description": desc, "probe": info}
+            desc = (
+                f"a linear probe: {r.model.name} frozen, only its head trained on the run's {info['train_examples']} "
+                f"training examples ({info['epochs']} epochs of AdamW at lr {info['lr']:g}, epoch "
+                f"{info['chosen_epoch']} kept by {info['chosen_by']}, seed {info['seed']})"
+            )
+            return Scored("linear probe", r.task, probs=probs), {
+                "kind": "probe",
+                "name": "linear probe",
+                "description": desc,
+                "probe": info,
+            }
         ui.step(f"baseline: the base model {r.model.name}")
         model, desc = load_base(r, rd.run_dir, rd.prepared.labels, tok, device)
         to_device(model, device)
@@ -108,17 +134,32 @@ def score_baseline(rd: RunDir, baseline: str, ui: UI, feats: list[dict], kept: l
     ui.step(f"baseline: run {other.run_dir}")
     scored, _, kept2, _, _ = score_run(other, ui)
     if kept2 != kept:
-        raise FtcliError(f"{other.run_dir} keeps different test examples after tokenization than {rd.run_dir}",
-                         hint="compare runs with the same data.max_length and tokenizer")
+        raise FtcliError(
+            f"{other.run_dir} keeps different test examples after tokenization than {rd.run_dir}",
+            hint="compare runs with the same data.max_length and tokenizer",
+        )
     desc = f"the run {other.run_dir} ({other.recipe.method.kind} on {other.recipe.model.name})"
-    return scored, {"kind": "run", "name": other.run_dir.name, "description": desc, "run": str(other.run_dir)}
+    return scored, {
+        "kind": "run",
+        "name": other.run_dir.name,
+        "description": desc,
+        "run": str(other.run_dir),
+    }
 
 
 # --------------------------------------------------------------------------- analysis
 
 
-def analyse(rd: RunDir, feats: list[dict], kept: list[int], tuned: Scored, base: Scored, n_resamples: int,
-            seed: int, tok=None) -> dict:
+def analyse(
+    rd: RunDir,
+    feats: list[dict],
+    kept: list[int],
+    tuned: Scored,
+    base: Scored,
+    n_resamples: int,
+    seed: int,
+    tok=None,
+) -> dict:
     """Metrics of both, paired significance, failures and per-example predictions; a causal LM's
     needs its tokenizer ``tok`` (to split prompts from references)."""
 
@@ -128,13 +169,20 @@ def analyse(rd: RunDir, feats: list[dict], kept: list[int], tuned: Scored, base:
     if r.task == "classification":
         labels = rd.prepared.labels
         y = [f["labels"] for f in feats]
-        metrics = {"baseline": classification_report(y, base.probs, labels),
-                   "tuned": classification_report(y, tuned.probs, labels)}
+        metrics = {
+            "baseline": classification_report(y, base.probs, labels),
+            "tuned": classification_report(y, tuned.probs, labels),
+        }
         heads = classification_headlines(y, base.probs, tuned.probs, len(labels))
-        failures, rows = classification_failures([e["text"] for e in examples], y, base.probs, tuned.probs, labels, lengths)
+        failures, rows = classification_failures(
+            [e["text"] for e in examples], y, base.probs, tuned.probs, labels, lengths
+        )
         primary = "accuracy"
     else:
-        metrics = {"baseline": lm_summary(base.loss_sums, base.tokens), "tuned": lm_summary(tuned.loss_sums, tuned.tokens)}
+        metrics = {
+            "baseline": lm_summary(base.loss_sums, base.tokens),
+            "tuned": lm_summary(tuned.loss_sums, tuned.tokens),
+        }
         heads = lm_loss_headlines(base.loss_sums, tuned.loss_sums, tuned.tokens)
         refs, prompts = [], []
         for e in examples:
@@ -146,48 +194,97 @@ def analyse(rd: RunDir, feats: list[dict], kept: list[int], tuned: Scored, base:
         if tuned.answers:
             heads += generation_headlines(tb, tt)
             for side, tab in (("baseline", tb), ("tuned", tt)):
-                metrics[side].update({k: float(sum(v) / len(v)) for k, v in tab.items()}, generated=len(tab["exact_match"]))
-        failures, rows = lm_failures(prompts, refs, lengths, per_token_loss(base), per_token_loss(tuned),
-                                     base.answers, tuned.answers, tb, tt)
+                metrics[side].update(
+                    {k: float(sum(v) / len(v)) for k, v in tab.items()},
+                    generated=len(tab["exact_match"]),
+                )
+        failures, rows = lm_failures(
+            prompts,
+            refs,
+            lengths,
+            per_token_loss(base),
+            per_token_loss(tuned),
+            base.answers,
+            tuned.answers,
+            tb,
+            tt,
+        )
         primary = "completion_loss"
     significance = [stats.compare(h, n_resamples, seed) for h in heads]
     top = next(s for s in significance if s["metric"] == primary)
-    return {"metrics": metrics, "significance": significance, "primary_metric": primary,
-            "verdict": top["verdict"], "verdict_text": verdict_text(top, base.name), "failures": failures,
-            "predictions": rows, "examples_scored": len(feats)}
+    return {
+        "metrics": metrics,
+        "significance": significance,
+        "primary_metric": primary,
+        "verdict": top["verdict"],
+        "verdict_text": verdict_text(top, base.name),
+        "failures": failures,
+        "predictions": rows,
+        "examples_scored": len(feats),
+    }
 
 
 # --------------------------------------------------------------------------- the command
 
 
-def assemble(rd: RunDir, info: dict, result: dict, curves: list[dict], extra: dict, n_resamples: int,
-             seed: int) -> dict:
+def assemble(
+    rd: RunDir,
+    info: dict,
+    result: dict,
+    curves: list[dict],
+    extra: dict,
+    n_resamples: int,
+    seed: int,
+) -> dict:
     """The report's content (everything but the per-example predictions, which go to their own file)."""
     return {
-        "ftcli_eval": 1, "run": str(rd.run_dir), "name": rd.recipe.name, "task": rd.recipe.task,
-        "method": rd.recipe.method.kind, "model": rd.recipe.model.name, "baseline": info,
-        "test_examples": len(rd.examples), "alpha": stats.ALPHA, "resamples": n_resamples, "seed": seed,
+        "ftcli_eval": 1,
+        "run": str(rd.run_dir),
+        "name": rd.recipe.name,
+        "task": rd.recipe.task,
+        "method": rd.recipe.method.kind,
+        "model": rd.recipe.model.name,
+        "baseline": info,
+        "test_examples": len(rd.examples),
+        "alpha": stats.ALPHA,
+        "resamples": n_resamples,
+        "seed": seed,
         **{k: v for k, v in result.items() if k != "predictions"},
         "overfitting": detect_overfitting(curves),
-        "curves": {"train": [[c["step"], c["loss"]] for c in curves if "loss" in c],
-                   "validation": [[c["step"], c["val_loss"]] for c in curves if "val_loss" in c]},
+        "curves": {
+            "train": [[c["step"], c["loss"]] for c in curves if "loss" in c],
+            "validation": [[c["step"], c["val_loss"]] for c in curves if "val_loss" in c],
+        },
         **extra,
     }
 
 
-def eval_baseline(run_dir: Path, baseline: str, ui: UI, out_dir: Path | None = None, n_resamples: int = RESAMPLES,
-                  seed: int = 0, robust: bool = True) -> dict:
+def eval_baseline(
+    run_dir: Path,
+    baseline: str,
+    ui: UI,
+    out_dir: Path | None = None,
+    n_resamples: int = RESAMPLES,
+    seed: int = 0,
+    robust: bool = True,
+) -> dict:
     """``ftcli eval RUN --baseline [base|probe|RUN_DIR]``: the whole comparison and its report."""
     rd = open_run(run_dir)
-    ui.step(f"score the fine-tuned model of {rd.run_dir} on {len(rd.examples)} sealed test examples")
+    ui.step(
+        f"score the fine-tuned model of {rd.run_dir} on {len(rd.examples)} sealed test examples"
+    )
     tuned, feats, kept, tok, extra = score_run(rd, ui, extra=robustness_extra(rd, ui, robust, seed))
     tuned.name = "fine-tuned"
     base, info = score_baseline(rd, baseline, ui, feats, kept, tok)
     ui.step(f"paired statistics ({n_resamples} resamples) and failure analysis")
     result = analyse(rd, feats, kept, tuned, base, n_resamples, seed, tok)
-    report = assemble(rd, info, result, read_jsonl(rd.run_dir / "metrics.jsonl"), extra, n_resamples, seed)
+    report = assemble(
+        rd, info, result, read_jsonl(rd.run_dir / "metrics.jsonl"), extra, n_resamples, seed
+    )
     if info["kind"] == "run":
-        report["baseline_overfitting"] = detect_overfitting(read_jsonl(Path(info["run"]) / "metrics.jsonl"))
+        report["baseline_overfitting"] = detect_overfitting(
+            read_jsonl(Path(info["run"]) / "metrics.jsonl")
+        )
     out = Path(out_dir) if out_dir else rd.run_dir / "eval"
     report["files"] = write_report(report, result["predictions"], out)
     print_report(report, ui)

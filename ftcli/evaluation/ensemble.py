@@ -43,8 +43,13 @@ def ensemble_loss_sums(members: list[list[list[float]]]) -> list[float]:
     return out
 
 
-def eval_ensemble(run_dirs: list[Path], ui: UI, out_dir: Path | None = None, n_resamples: int = RESAMPLES,
-                  seed: int = 0) -> dict:
+def eval_ensemble(
+    run_dirs: list[Path],
+    ui: UI,
+    out_dir: Path | None = None,
+    n_resamples: int = RESAMPLES,
+    seed: int = 0,
+) -> dict:
 
     rds = [open_run(d) for d in run_dirs]
     if len({rd.run_dir.resolve() for rd in rds}) < len(rds):
@@ -63,18 +68,30 @@ def eval_ensemble(run_dirs: list[Path], ui: UI, out_dir: Path | None = None, n_r
         feats, kept = tokenize_aligned(rd.examples, rd.recipe, tok, rd.prepared.label2id)
         if ref_feats is None:
             ref_feats, ref_kept, ref_tok = feats, kept, tok
-        elif task == "causal_lm" and ([f["input_ids"] for f in feats] != [f["input_ids"] for f in ref_feats]
-                                      or kept != ref_kept):
-            raise FtcliError(f"{rd.run_dir} tokenizes the test examples differently from {rds[0].run_dir}",
-                             hint="a causal-LM ensemble needs members with the same tokenizer and data.max_length")
+        elif task == "causal_lm" and (
+            [f["input_ids"] for f in feats] != [f["input_ids"] for f in ref_feats]
+            or kept != ref_kept
+        ):
+            raise FtcliError(
+                f"{rd.run_dir} tokenizes the test examples differently from {rds[0].run_dir}",
+                hint="a causal-LM ensemble needs members with the same tokenizer and data.max_length",
+            )
         if task == "classification":
-
-            probs = class_probabilities(model, feats, tok.pad_token_id, rd.recipe.eval.batch_size, device)
+            probs = class_probabilities(
+                model, feats, tok.pad_token_id, rd.recipe.eval.batch_size, device
+            )
             members.append(Scored(rd.run_dir.name, task, probs=probs))
             raw.append(probs)
         else:
             lps = token_logprobs(model, feats, tok.pad_token_id, rd.recipe.eval.batch_size, device)
-            members.append(Scored(rd.run_dir.name, task, loss_sums=[-sum(x) for x in lps], tokens=[len(x) for x in lps]))
+            members.append(
+                Scored(
+                    rd.run_dir.name,
+                    task,
+                    loss_sums=[-sum(x) for x in lps],
+                    tokens=[len(x) for x in lps],
+                )
+            )
             raw.append(lps)
         del model
         gc.collect()
@@ -94,19 +111,36 @@ def eval_ensemble(run_dirs: list[Path], ui: UI, out_dir: Path | None = None, n_r
     result = analyse(rd0, ref_feats, ref_kept, ens, best, n_resamples, seed, ref_tok)
     overfit = [detect_overfitting(read_jsonl(rd.run_dir / "metrics.jsonl")) for rd in rds]
     report = {
-        "ftcli_eval": 1, "run": ", ".join(str(rd.run_dir) for rd in rds), "name": f"ensemble of {len(rds)} runs",
-        "task": task, "method": "ensemble (mean of probabilities)", "model": rd0.recipe.model.name,
+        "ftcli_eval": 1,
+        "run": ", ".join(str(rd.run_dir) for rd in rds),
+        "name": f"ensemble of {len(rds)} runs",
+        "task": task,
+        "method": "ensemble (mean of probabilities)",
+        "model": rd0.recipe.model.name,
         "tuned_name": "ensemble",
-        "baseline": {"kind": "member", "name": best.name,
-                     "description": f"the best single member by {key} ({rds[best_i].run_dir})"},
-        "members": [{"run": str(rd.run_dir), "name": m.name, "metrics": mm}
-                    for rd, m, mm in zip(rds, members, member_metrics, strict=True)],
-        "test_examples": len(rd0.examples), "alpha": stats.ALPHA, "resamples": n_resamples, "seed": seed,
+        "baseline": {
+            "kind": "member",
+            "name": best.name,
+            "description": f"the best single member by {key} ({rds[best_i].run_dir})",
+        },
+        "members": [
+            {"run": str(rd.run_dir), "name": m.name, "metrics": mm}
+            for rd, m, mm in zip(rds, members, member_metrics, strict=True)
+        ],
+        "test_examples": len(rd0.examples),
+        "alpha": stats.ALPHA,
+        "resamples": n_resamples,
+        "seed": seed,
         **{k: v for k, v in result.items() if k != "predictions"},
-        "overfitting": {"overfitting": any(o["overfitting"] for o in overfit),
-                        "message": " ".join(f"{rd.run_dir.name}: {o['message']}" for rd, o in zip(rds, overfit, strict=True))},
+        "overfitting": {
+            "overfitting": any(o["overfitting"] for o in overfit),
+            "message": " ".join(
+                f"{rd.run_dir.name}: {o['message']}" for rd, o in zip(rds, overfit, strict=True)
+            ),
+        },
         "curves": {},
-        "robustness": {"applies": False, "why": "not run for ensembles"}, "stress": [],
+        "robustness": {"applies": False, "why": "not run for ensembles"},
+        "stress": [],
     }
     out = Path(out_dir) if out_dir else rd0.run_dir / "eval-ensemble"
     report["files"] = write_report(report, result["predictions"], out)

@@ -51,19 +51,25 @@ def _forward(model, features: list[dict], idx: list[int], pad_id: int, device):
     return out.logits, batch["labels"].to(device)
 
 
-def class_probabilities(model, features: list[dict], pad_id: int, batch_size: int, device) -> list[list[float]]:
+def class_probabilities(
+    model, features: list[dict], pad_id: int, batch_size: int, device
+) -> list[list[float]]:
     """Softmax probabilities per example, in the order of ``features``."""
     probs: list = [None] * len(features)
     model.eval()
     with torch.no_grad():
         for idx in length_batches(features, batch_size):
             logits, _ = _forward(model, features, idx, pad_id, device)
-            for i, row in zip(idx, torch.softmax(logits.float(), dim=-1).cpu().tolist(), strict=True):
+            for i, row in zip(
+                idx, torch.softmax(logits.float(), dim=-1).cpu().tolist(), strict=True
+            ):
                 probs[i] = row
     return probs
 
 
-def token_losses(model, features: list[dict], pad_id: int, batch_size: int, device) -> list[tuple[float, int]]:
+def token_losses(
+    model, features: list[dict], pad_id: int, batch_size: int, device
+) -> list[tuple[float, int]]:
     """(summed loss, number of target tokens) per example, in the order of ``features``."""
     rows: list = [None] * len(features)
     model.eval()
@@ -76,7 +82,9 @@ def token_losses(model, features: list[dict], pad_id: int, batch_size: int, devi
     return rows
 
 
-def token_logprobs(model, features: list[dict], pad_id: int, batch_size: int, device) -> list[list[float]]:
+def token_logprobs(
+    model, features: list[dict], pad_id: int, batch_size: int, device
+) -> list[list[float]]:
     """Log-probability of every target token of each example, in the order of ``features``."""
     out: list = [None] * len(features)
     model.eval()

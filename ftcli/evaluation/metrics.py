@@ -29,7 +29,9 @@ def load_metric(name: str):
 
     folder = resources.files("ftcli.metrics") / name
     if not (folder / f"{name}.py").is_file():
-        raise FileNotFoundError(f"ftcli metric module {name!r} is missing from the installed package ({folder})")
+        raise FileNotFoundError(
+            f"ftcli metric module {name!r} is missing from the installed package ({folder})"
+        )
     return evaluate.load(str(folder))
 
 
@@ -39,8 +41,11 @@ def answer_scores(predictions: list[str], references: list[str]) -> dict[str, li
         return {"exact_match": [], "token_f1": [], "rouge_l": []}
     tm = load_metric("text_match").compute(predictions=predictions, references=references)
     rl = load_metric("rouge_l").compute(predictions=predictions, references=references)
-    return {"exact_match": tm["per_example_exact_match"], "token_f1": tm["per_example_token_f1"],
-            "rouge_l": rl["per_example_rouge_l"]}
+    return {
+        "exact_match": tm["per_example_exact_match"],
+        "token_f1": tm["per_example_token_f1"],
+        "rouge_l": rl["per_example_rouge_l"],
+    }
 
 
 # --------------------------------------------------------------------------- classification
@@ -92,10 +97,19 @@ def classification_report(y_true: list[int], probs: list[list[float]], labels: l
         "macro_f1": float(f1_score(y, pred, average="macro", labels=ids, zero_division=0)),
         "calibration_error": float(expected_calibration_error(conf, pred == y)),
         "log_loss": float(log_loss(y, np.clip(p, 1e-12, 1.0), labels=ids)),
-        "per_class": {labels[i]: {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]),
-                                  "support": int(support[i])} for i in ids},
+        "per_class": {
+            labels[i]: {
+                "precision": float(prec[i]),
+                "recall": float(rec[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i in ids
+        },
         "confusion_matrix": confusion_matrix(y, pred, labels=ids).tolist(),
-        "majority_rate": float(np.bincount(y, minlength=k).max() / len(y)) if len(y) else float("nan"),
+        "majority_rate": float(np.bincount(y, minlength=k).max() / len(y))
+        if len(y)
+        else float("nan"),
     }
 
 
@@ -147,10 +161,28 @@ def classification_headlines(y_true, probs_base, probs_tuned, n_labels: int) -> 
     correct = (pred == np.concatenate([y, y])).astype(float)
     n = len(y)
     return [
-        Headline("accuracy", lambda rows, pos: (pred[rows] == y[pos]).mean(axis=-1), +1, "mcnemar", correct, n),
-        Headline("macro_f1", lambda rows, pos: macro_f1_vec(pred[rows], y[pos], n_labels), +1, "permutation", n=n),
-        Headline("calibration_error",
-                 lambda rows, pos: expected_calibration_error(conf[rows], pred[rows] == y[pos]), -1, "permutation", n=n),
+        Headline(
+            "accuracy",
+            lambda rows, pos: (pred[rows] == y[pos]).mean(axis=-1),
+            +1,
+            "mcnemar",
+            correct,
+            n,
+        ),
+        Headline(
+            "macro_f1",
+            lambda rows, pos: macro_f1_vec(pred[rows], y[pos], n_labels),
+            +1,
+            "permutation",
+            n=n,
+        ),
+        Headline(
+            "calibration_error",
+            lambda rows, pos: expected_calibration_error(conf[rows], pred[rows] == y[pos]),
+            -1,
+            "permutation",
+            n=n,
+        ),
     ]
 
 
@@ -163,25 +195,49 @@ def lm_loss_headlines(loss_sums_base, loss_sums_tuned, tokens) -> list[Headline]
     def loss(rows, pos):
         return s[rows].sum(axis=-1) / c[pos].sum(axis=-1)
 
-    return [Headline("completion_loss", loss, -1, "permutation", n=n),
-            Headline("perplexity", lambda rows, pos: np.exp(np.minimum(loss(rows, pos), 50.0)), -1, "permutation", n=n)]
+    return [
+        Headline("completion_loss", loss, -1, "permutation", n=n),
+        Headline(
+            "perplexity",
+            lambda rows, pos: np.exp(np.minimum(loss(rows, pos), 50.0)),
+            -1,
+            "permutation",
+            n=n,
+        ),
+    ]
 
 
 def generation_headlines(base: dict[str, list], tuned: dict[str, list]) -> list[Headline]:
     """Answer metrics on the generated subset: exact match, token F1, ROUGE-L, EOS share, length."""
     out = []
-    spec = [("exact_match", +1, "mcnemar"), ("token_f1", +1, "permutation"), ("rouge_l", +1, "permutation"),
-            ("stop_rate", +1, "mcnemar"), ("answer_tokens", 0, "permutation")]
+    spec = [
+        ("exact_match", +1, "mcnemar"),
+        ("token_f1", +1, "permutation"),
+        ("rouge_l", +1, "permutation"),
+        ("stop_rate", +1, "mcnemar"),
+        ("answer_tokens", 0, "permutation"),
+    ]
     for name, better, test in spec:
         table = np.concatenate([np.asarray(base[name], float), np.asarray(tuned[name], float)])
         n = len(base[name])
-        out.append(Headline(name, (lambda t: lambda rows, pos: t[rows].mean(axis=-1))(table), better, test,
-                            table if test == "mcnemar" else None, n))
+        out.append(
+            Headline(
+                name,
+                (lambda t: lambda rows, pos: t[rows].mean(axis=-1))(table),
+                better,
+                test,
+                table if test == "mcnemar" else None,
+                n,
+            )
+        )
     return out
 
 
 def lm_summary(loss_sums: list[float], tokens: list[int]) -> dict:
     total, count = float(sum(loss_sums)), int(sum(tokens))
     loss = total / count if count else float("nan")
-    return {"completion_loss": loss, "perplexity": math.exp(loss) if count and loss < 50 else float("inf"),
-            "target_tokens": count}
+    return {
+        "completion_loss": loss,
+        "perplexity": math.exp(loss) if count and loss < 50 else float("inf"),
+        "target_tokens": count,
+    }

@@ -26,16 +26,35 @@ def _ci(row: dict) -> str:
 
 
 def significance_rows(report: dict) -> list[list[str]]:
-    return [[s["metric"], fmt(s["baseline"]), fmt(s["tuned"]), f"{s['diff']:+.4f}", _ci(s), fmt_p(s.get("p_value")),
-             s.get("test", "-"), s["verdict"]] for s in report["significance"]]
+    return [
+        [
+            s["metric"],
+            fmt(s["baseline"]),
+            fmt(s["tuned"]),
+            f"{s['diff']:+.4f}",
+            _ci(s),
+            fmt_p(s.get("p_value")),
+            s.get("test", "-"),
+            s["verdict"],
+        ]
+        for s in report["significance"]
+    ]
 
 
 def terminal_rows(report: dict) -> list[list[str]]:
     """Compact rows for the terminal: difference and interval in one cell, the test abbreviated."""
     short = {"McNemar exact": "McNemar", "paired permutation": "perm."}
-    return [[s["metric"], fmt(s["baseline"]), fmt(s["tuned"]), f"{s['diff']:+.4f} {_ci(s)}",
-             f"{fmt_p(s.get('p_value'))} {short.get(s.get('test'), '')}".strip(), s["verdict"]]
-            for s in report["significance"]]
+    return [
+        [
+            s["metric"],
+            fmt(s["baseline"]),
+            fmt(s["tuned"]),
+            f"{s['diff']:+.4f} {_ci(s)}",
+            f"{fmt_p(s.get('p_value'))} {short.get(s.get('test'), '')}".strip(),
+            s["verdict"],
+        ]
+        for s in report["significance"]
+    ]
 
 
 def tuned_name(report: dict) -> str:
@@ -43,7 +62,16 @@ def tuned_name(report: dict) -> str:
 
 
 def sig_headers(report: dict) -> list[str]:
-    return ["metric", report["baseline"]["name"], tuned_name(report), "difference", "95% CI", "p", "test", "verdict"]
+    return [
+        "metric",
+        report["baseline"]["name"],
+        tuned_name(report),
+        "difference",
+        "95% CI",
+        "p",
+        "test",
+        "verdict",
+    ]
 
 
 def member_rows(report: dict) -> tuple[list[str], list[list]]:
@@ -65,8 +93,11 @@ def print_report(report: dict, ui: UI) -> None:
     if report.get("members"):
         h, rows = member_rows(report)
         ui.table(f"{report['name']}: members and ensemble", rows, headers=h)
-    t = Table(title=f"{report['name']}: {tuned_name(report)} vs {b['name']} on {report['examples_scored']} sealed "
-              "test examples", title_justify="left")
+    t = Table(
+        title=f"{report['name']}: {tuned_name(report)} vs {b['name']} on {report['examples_scored']} sealed "
+        "test examples",
+        title_justify="left",
+    )
     heads = ["metric", b["name"], tuned_name(report), "difference [95% CI]", "p (test)", "verdict"]
     for i, h in enumerate(heads):
         t.add_column(h, justify="left" if i in (0, 5) else "right", no_wrap=i < 5)
@@ -127,7 +158,13 @@ def plots(report: dict) -> dict[str, str]:
             ax.plot(s, v, "o-", label="validation loss", color="#d62728")
         ov = report.get("overfitting", {})
         if ov.get("early_stopping_step") is not None:
-            ax.axvline(ov["early_stopping_step"], color="gray", ls="--", lw=1, label="early stopping would keep")
+            ax.axvline(
+                ov["early_stopping_step"],
+                color="gray",
+                ls="--",
+                lw=1,
+                label="early stopping would keep",
+            )
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss")
         ax.legend()
@@ -137,11 +174,21 @@ def plots(report: dict) -> dict[str, str]:
     if report["task"] == "classification":
         labels = list(m["tuned"]["per_class"])
         fig, axes = plt.subplots(1, 2, figsize=(9, 4))
-        for ax, side, title in ((axes[0], "baseline", base_name), (axes[1], "tuned", tuned_name(report))):
+        for ax, side, title in (
+            (axes[0], "baseline", base_name),
+            (axes[1], "tuned", tuned_name(report)),
+        ):
             cm = np.asarray(m[side]["confusion_matrix"])
             ax.imshow(cm, cmap="Blues")
             for (i, j), v in np.ndenumerate(cm):
-                ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(v),
+                    ha="center",
+                    va="center",
+                    color="white" if v > cm.max() / 2 else "black",
+                )
             ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
             ax.set_yticks(range(len(labels)), labels)
             ax.set_xlabel("predicted")
@@ -152,27 +199,51 @@ def plots(report: dict) -> dict[str, str]:
         fig, axes = plt.subplots(1, 3, figsize=(11, 3.6), sharey=True)
         x = np.arange(len(labels))
         for ax, key in zip(axes, ("precision", "recall", "f1"), strict=True):
-            ax.bar(x - 0.2, [m["baseline"]["per_class"][k][key] for k in labels], 0.4, label=base_name, color="#aaaaaa")
-            ax.bar(x + 0.2, [m["tuned"]["per_class"][k][key] for k in labels], 0.4, label=tuned_name(report), color="#1f77b4")
+            ax.bar(
+                x - 0.2,
+                [m["baseline"]["per_class"][k][key] for k in labels],
+                0.4,
+                label=base_name,
+                color="#aaaaaa",
+            )
+            ax.bar(
+                x + 0.2,
+                [m["tuned"]["per_class"][k][key] for k in labels],
+                0.4,
+                label=tuned_name(report),
+                color="#1f77b4",
+            )
             ax.set_xticks(x, labels, rotation=45, ha="right")
             ax.set_title(key)
             ax.set_ylim(0, 1)
         axes[0].legend()
         fig.suptitle("Per-class precision, recall and F1")
         out["per_class"] = _png(fig)
-    sig = [s for s in report["significance"] if s.get("ci_low") == s.get("ci_low") and s.get("ci_low") is not None]
+    sig = [
+        s
+        for s in report["significance"]
+        if s.get("ci_low") == s.get("ci_low") and s.get("ci_low") is not None
+    ]
     if sig:
         fig, axes = plt.subplots(len(sig), 1, figsize=(7, 0.9 * len(sig) + 0.6), squeeze=False)
         for ax, s in zip(axes[:, 0], sig, strict=True):
             color = {"improved": "#2ca02c", "regressed": "#d62728"}.get(s["verdict"], "#7f7f7f")
-            ax.errorbar([s["diff"]], [0], xerr=[[s["diff"] - s["ci_low"]], [s["ci_high"] - s["diff"]]], fmt="o",
-                        color=color, capsize=4)
+            ax.errorbar(
+                [s["diff"]],
+                [0],
+                xerr=[[s["diff"] - s["ci_low"]], [s["ci_high"] - s["diff"]]],
+                fmt="o",
+                color=color,
+                capsize=4,
+            )
             ax.axvline(0, color="black", lw=0.8)
             ax.set_yticks([0], [s["metric"]])
             lo, hi = min(s["ci_low"], 0), max(s["ci_high"], 0)
             pad = (hi - lo) * 0.15 or 0.01
             ax.set_xlim(lo - pad, hi + pad)
-        axes[0, 0].set_title(f"{tuned_name(report)} minus {base_name}, with paired-bootstrap 95% intervals")
+        axes[0, 0].set_title(
+            f"{tuned_name(report)} minus {base_name}, with paired-bootstrap 95% intervals"
+        )
         fig.tight_layout()
         out["significance"] = _png(fig)
     bl = report["failures"].get("by_length") or []
@@ -181,8 +252,13 @@ def plots(report: dict) -> dict[str, str]:
         fig, ax = plt.subplots(figsize=(7, 3.4))
         x = np.arange(len(bl))
         for j, k in enumerate(keys):
-            ax.bar(x + (j - (len(keys) - 1) / 2) * 0.4, [r[k] for r in bl], 0.4, label=k.replace("_", " "),
-                   color=["#aaaaaa", "#1f77b4"][j % 2])
+            ax.bar(
+                x + (j - (len(keys) - 1) / 2) * 0.4,
+                [r[k] for r in bl],
+                0.4,
+                label=k.replace("_", " "),
+                color=["#aaaaaa", "#1f77b4"][j % 2],
+            )
         ax.set_xticks(x, [f"{r['tokens']}\n(n={r['examples']})" for r in bl])
         ax.set_xlabel("input length (tokens)")
         ax.legend()
@@ -221,24 +297,70 @@ def _failure_tables(report: dict) -> list[tuple[str, list[str], list[list]]]:
     out = []
     if report["task"] == "classification":
         cols = ["index", "label", "baseline", "tuned", "tuned_confidence", "text"]
-        out.append(("Regressions (baseline right, fine-tuned wrong), most confident first", cols,
-                    [[r[c] for c in cols] for r in f["regressions"]]))
-        out.append(("Persistent failures (both wrong), most confident first", cols,
-                    [[r[c] for c in cols] for r in f["persistent"]]))
+        out.append(
+            (
+                "Regressions (baseline right, fine-tuned wrong), most confident first",
+                cols,
+                [[r[c] for c in cols] for r in f["regressions"]],
+            )
+        )
+        out.append(
+            (
+                "Persistent failures (both wrong), most confident first",
+                cols,
+                [[r[c] for c in cols] for r in f["persistent"]],
+            )
+        )
         cols2 = ["label", "predicted", "count", "share_of_label"]
-        out.append(("Most confused label pairs (fine-tuned)", cols2, [[r[c] for c in cols2] for r in f["confused_pairs"]]))
+        out.append(
+            (
+                "Most confused label pairs (fine-tuned)",
+                cols2,
+                [[r[c] for c in cols2] for r in f["confused_pairs"]],
+            )
+        )
     else:
-        cols = ["index", "token_f1_baseline", "token_f1_tuned", "prompt", "reference", "baseline", "tuned"]
-        out.append(("Regressions (answer token F1 fell), worst first", cols, [[r[c] for c in cols] for r in f["regressions"]]))
-        out.append(("Persistent failures (token F1 below 0.5 for both)", cols, [[r[c] for c in cols] for r in f["persistent"]]))
+        cols = [
+            "index",
+            "token_f1_baseline",
+            "token_f1_tuned",
+            "prompt",
+            "reference",
+            "baseline",
+            "tuned",
+        ]
+        out.append(
+            (
+                "Regressions (answer token F1 fell), worst first",
+                cols,
+                [[r[c] for c in cols] for r in f["regressions"]],
+            )
+        )
+        out.append(
+            (
+                "Persistent failures (token F1 below 0.5 for both)",
+                cols,
+                [[r[c] for c in cols] for r in f["persistent"]],
+            )
+        )
         cols2 = ["index", "loss_baseline", "loss_tuned", "prompt", "reference"]
-        out.append(("Completion loss got worse (per token), worst first", cols2,
-                    [[r[c] for c in cols2] for r in f["loss_regressions"]]))
+        out.append(
+            (
+                "Completion loss got worse (per token), worst first",
+                cols2,
+                [[r[c] for c in cols2] for r in f["loss_regressions"]],
+            )
+        )
     bl = f.get("by_length") or []
     if bl:
         keys = list(bl[0])
-        out.append(("Errors by input length", keys, [[fmt(r[k]) if isinstance(r[k], float) else r[k] for k in keys]
-                                                     for r in bl]))
+        out.append(
+            (
+                "Errors by input length",
+                keys,
+                [[fmt(r[k]) if isinstance(r[k], float) else r[k] for k in keys] for r in bl],
+            )
+        )
     return out
 
 
@@ -246,19 +368,37 @@ def _metric_rows(report: dict) -> tuple[list[str], list[list]]:
     m = report["metrics"]
     keys = [k for k, v in m["tuned"].items() if isinstance(v, int | float)]
     return ["metric", report["baseline"]["name"], tuned_name(report)], [
-        [k, fmt(m["baseline"].get(k)), fmt(m["tuned"][k])] for k in keys]
+        [k, fmt(m["baseline"].get(k)), fmt(m["tuned"][k])] for k in keys
+    ]
 
 
 def _per_class_rows(report: dict) -> list[list]:
     m = report["metrics"]
-    return [[k, fmt(m["baseline"]["per_class"][k]["precision"]), fmt(v["precision"]),
-             fmt(m["baseline"]["per_class"][k]["recall"]), fmt(v["recall"]),
-             fmt(m["baseline"]["per_class"][k]["f1"]), fmt(v["f1"]), v["support"]]
-            for k, v in m["tuned"]["per_class"].items()]
+    return [
+        [
+            k,
+            fmt(m["baseline"]["per_class"][k]["precision"]),
+            fmt(v["precision"]),
+            fmt(m["baseline"]["per_class"][k]["recall"]),
+            fmt(v["recall"]),
+            fmt(m["baseline"]["per_class"][k]["f1"]),
+            fmt(v["f1"]),
+            v["support"],
+        ]
+        for k, v in m["tuned"]["per_class"].items()
+    ]
 
 
-PER_CLASS_HEADERS = ["label", "precision (base)", "precision (tuned)", "recall (base)", "recall (tuned)", "F1 (base)",
-                     "F1 (tuned)", "support"]
+PER_CLASS_HEADERS = [
+    "label",
+    "precision (base)",
+    "precision (tuned)",
+    "recall (base)",
+    "recall (tuned)",
+    "F1 (base)",
+    "F1 (tuned)",
+    "support",
+]
 
 
 def _robust_rows(report: dict) -> tuple[list[str], list[list]]:
@@ -269,15 +409,26 @@ def _robust_rows(report: dict) -> tuple[list[str], list[list]]:
 
 def markdown(report: dict) -> str:
     b = report["baseline"]
-    parts = [f"# ftcli eval: {report['name']}", "",
-             f"Run `{report['run']}` ({report['task']}, {report['method']} on `{report['model']}`), compared with "
-             f"**{b['name']}** on {report['examples_scored']} sealed test examples.", "",
-             f"**Baseline**: {b['description']}.", "",
-             f"**Verdict ({report['primary_metric']})**: {report['verdict_text']}", "",
-             "## Significance", "",
-             f"Paired bootstrap 95% intervals ({report['resamples']} resamples) of fine-tuned minus baseline; "
-             f"McNemar's exact test for 0/1 outcomes, a paired permutation test otherwise; alpha {report['alpha']}.", "",
-             _md_table(sig_headers(report), significance_rows(report)), "", "## Metrics", ""]
+    parts = [
+        f"# ftcli eval: {report['name']}",
+        "",
+        f"Run `{report['run']}` ({report['task']}, {report['method']} on `{report['model']}`), compared with "
+        f"**{b['name']}** on {report['examples_scored']} sealed test examples.",
+        "",
+        f"**Baseline**: {b['description']}.",
+        "",
+        f"**Verdict ({report['primary_metric']})**: {report['verdict_text']}",
+        "",
+        "## Significance",
+        "",
+        f"Paired bootstrap 95% intervals ({report['resamples']} resamples) of fine-tuned minus baseline; "
+        f"McNemar's exact test for 0/1 outcomes, a paired permutation test otherwise; alpha {report['alpha']}.",
+        "",
+        _md_table(sig_headers(report), significance_rows(report)),
+        "",
+        "## Metrics",
+        "",
+    ]
     if report.get("members"):
         h, rows = member_rows(report)
         parts[-2:-2] = ["## Members", "", _md_table(h, rows), ""]
@@ -286,11 +437,24 @@ def markdown(report: dict) -> str:
     if report["task"] == "classification":
         parts += ["## Per class", "", _md_table(PER_CLASS_HEADERS, _per_class_rows(report)), ""]
     ov = report["overfitting"]
-    parts += ["## Overfitting", "", ("**Warning.** " if ov["overfitting"] else "") + ov["message"], ""]
+    parts += [
+        "## Overfitting",
+        "",
+        ("**Warning.** " if ov["overfitting"] else "") + ov["message"],
+        "",
+    ]
     if ov.get("gap_end") is not None:
-        parts += [f"Gap at the end (validation - training loss): {ov['gap_end']:+.4f}. Early stopping "
-                  f"(patience {ov['patience']}) would have kept step {ov['early_stopping_step']}.", ""]
-    parts += ["## Failures", "", ", ".join(f"{k}: {v}" for k, v in report["failures"]["counts"].items()), ""]
+        parts += [
+            f"Gap at the end (validation - training loss): {ov['gap_end']:+.4f}. Early stopping "
+            f"(patience {ov['patience']}) would have kept step {ov['early_stopping_step']}.",
+            "",
+        ]
+    parts += [
+        "## Failures",
+        "",
+        ", ".join(f"{k}: {v}" for k, v in report["failures"]["counts"].items()),
+        "",
+    ]
     for title, headers, rows in _failure_tables(report):
         parts += [f"### {title}", "", _md_table(headers, rows) if rows else "(none)", ""]
     rb = report.get("robustness", {})
@@ -301,9 +465,19 @@ def markdown(report: dict) -> str:
     else:
         parts += [rb.get("why", "not run"), ""]
     if report.get("stress"):
-        parts += ["### Stress inputs", "", _md_table(["case", "ok", "result"],
-                                                      [[s["case"], s["ok"], s["result"]] for s in report["stress"]]), ""]
-    parts += ["Plots: see report.html. Per-example predictions of both models: predictions.jsonl.", ""]
+        parts += [
+            "### Stress inputs",
+            "",
+            _md_table(
+                ["case", "ok", "result"],
+                [[s["case"], s["ok"], s["result"]] for s in report["stress"]],
+            ),
+            "",
+        ]
+    parts += [
+        "Plots: see report.html. Per-example predictions of both models: predictions.jsonl.",
+        "",
+    ]
     return "\n".join(parts)
 
 
@@ -324,7 +498,9 @@ img.plot{max-width:100%;display:block;margin:.5rem 0}
 def _html_table(headers: list[str], rows: list[list]) -> str:
     def td(x) -> str:
         s = html.escape(str(x))
-        num = isinstance(x, int | float) or (isinstance(x, str) and x[:1] in "+-0123456789." and " " not in x)
+        num = isinstance(x, int | float) or (
+            isinstance(x, str) and x[:1] in "+-0123456789." and " " not in x
+        )
         return f'<td class="num">{s}</td>' if num else f"<td>{s}</td>"
 
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
@@ -343,18 +519,23 @@ def render_html(report: dict, pngs: dict[str, str]) -> str:
     esc = html.escape
     v = report["verdict"]
     sec = []
-    sec.append(f'<section id="summary"><h1>ftcli eval: {esc(report["name"])}</h1>'
-               f"<p>Run <code>{esc(report['run'])}</code> ({esc(report['task'])}, {esc(report['method'])} on "
-               f"<code>{esc(report['model'])}</code>) compared with <b>{esc(b['name'])}</b> on "
-               f"{report['examples_scored']} sealed test examples.</p>"
-               f"<p><b>Baseline</b>: {esc(b['description'])}.</p>"
-               f'<p class="verdict {v.replace(" ", "-")}"><b>Verdict ({esc(report["primary_metric"])})</b>: '
-               f"{esc(report['verdict_text'])}</p></section>")
-    sec.append('<section id="significance"><h2>Significance</h2>'
-               f"<p>Paired bootstrap 95% intervals ({report['resamples']} resamples) of fine-tuned minus baseline; "
-               f"McNemar's exact test for 0/1 outcomes, a paired permutation test otherwise; alpha {report['alpha']}.</p>"
-               + _html_table(sig_headers(report), significance_rows(report)) + _img(pngs, "significance", "differences with intervals")
-               + "</section>")
+    sec.append(
+        f'<section id="summary"><h1>ftcli eval: {esc(report["name"])}</h1>'
+        f"<p>Run <code>{esc(report['run'])}</code> ({esc(report['task'])}, {esc(report['method'])} on "
+        f"<code>{esc(report['model'])}</code>) compared with <b>{esc(b['name'])}</b> on "
+        f"{report['examples_scored']} sealed test examples.</p>"
+        f"<p><b>Baseline</b>: {esc(b['description'])}.</p>"
+        f'<p class="verdict {v.replace(" ", "-")}"><b>Verdict ({esc(report["primary_metric"])})</b>: '
+        f"{esc(report['verdict_text'])}</p></section>"
+    )
+    sec.append(
+        '<section id="significance"><h2>Significance</h2>'
+        f"<p>Paired bootstrap 95% intervals ({report['resamples']} resamples) of fine-tuned minus baseline; "
+        f"McNemar's exact test for 0/1 outcomes, a paired permutation test otherwise; alpha {report['alpha']}.</p>"
+        + _html_table(sig_headers(report), significance_rows(report))
+        + _img(pngs, "significance", "differences with intervals")
+        + "</section>"
+    )
     if report.get("members"):
         h, rows = member_rows(report)
         sec.append('<section id="members"><h2>Members</h2>' + _html_table(h, rows) + "</section>")
@@ -363,22 +544,43 @@ def render_html(report: dict, pngs: dict[str, str]) -> str:
     ov = report["overfitting"]
     extra = ""
     if ov.get("gap_end") is not None:
-        extra = (f"<p>Gap at the end (validation - training loss): {ov['gap_end']:+.4f}. Early stopping (patience "
-                 f"{ov['patience']}) would have kept step {ov['early_stopping_step']}.</p>")
-    sec.append('<section id="curves"><h2>Loss curves and overfitting</h2>'
-               + (f'<p class="warning"><b>Warning.</b> {esc(ov["message"])}</p>' if ov["overfitting"] else f"<p>{esc(ov['message'])}</p>")
-               + extra + (_img(pngs, "curves", "training and validation loss") or "<p>No curves were logged.</p>")
-               + "</section>")
+        extra = (
+            f"<p>Gap at the end (validation - training loss): {ov['gap_end']:+.4f}. Early stopping (patience "
+            f"{ov['patience']}) would have kept step {ov['early_stopping_step']}.</p>"
+        )
+    sec.append(
+        '<section id="curves"><h2>Loss curves and overfitting</h2>'
+        + (
+            f'<p class="warning"><b>Warning.</b> {esc(ov["message"])}</p>'
+            if ov["overfitting"]
+            else f"<p>{esc(ov['message'])}</p>"
+        )
+        + extra
+        + (_img(pngs, "curves", "training and validation loss") or "<p>No curves were logged.</p>")
+        + "</section>"
+    )
     if report["task"] == "classification":
-        sec.append('<section id="confusion"><h2>Confusion matrices</h2>' + _img(pngs, "confusion", "confusion matrices")
-                   + "</section>")
-        sec.append('<section id="per-class"><h2>Per class</h2>' + _html_table(PER_CLASS_HEADERS, _per_class_rows(report))
-                   + _img(pngs, "per_class", "per-class precision, recall and F1") + "</section>")
+        sec.append(
+            '<section id="confusion"><h2>Confusion matrices</h2>'
+            + _img(pngs, "confusion", "confusion matrices")
+            + "</section>"
+        )
+        sec.append(
+            '<section id="per-class"><h2>Per class</h2>'
+            + _html_table(PER_CLASS_HEADERS, _per_class_rows(report))
+            + _img(pngs, "per_class", "per-class precision, recall and F1")
+            + "</section>"
+        )
     counts = ", ".join(f"{esc(k)}: {v}" for k, v in report["failures"]["counts"].items())
-    ft = "".join(f"<h3>{esc(t)}</h3>" + (_html_table(hh, rr) if rr else "<p>(none)</p>")
-                 for t, hh, rr in _failure_tables(report))
-    sec.append(f'<section id="failures"><h2>Failures</h2><p>{counts}</p>{ft}'
-               + _img(pngs, "by_length", "errors by input length") + "</section>")
+    ft = "".join(
+        f"<h3>{esc(t)}</h3>" + (_html_table(hh, rr) if rr else "<p>(none)</p>")
+        for t, hh, rr in _failure_tables(report)
+    )
+    sec.append(
+        f'<section id="failures"><h2>Failures</h2><p>{counts}</p>{ft}'
+        + _img(pngs, "by_length", "errors by input length")
+        + "</section>"
+    )
     rb = report.get("robustness", {})
     if rb.get("applies"):
         h, rows = _robust_rows(report)
@@ -386,12 +588,16 @@ def render_html(report: dict, pngs: dict[str, str]) -> str:
     else:
         body = f"<p>{esc(rb.get('why', 'not run'))}</p>"
     if report.get("stress"):
-        body += "<h3>Stress inputs</h3>" + _html_table(["case", "ok", "result"],
-                                                       [[s["case"], s["ok"], s["result"]] for s in report["stress"]])
+        body += "<h3>Stress inputs</h3>" + _html_table(
+            ["case", "ok", "result"], [[s["case"], s["ok"], s["result"]] for s in report["stress"]]
+        )
     sec.append(f'<section id="robustness"><h2>Robustness</h2>{body}</section>')
-    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>ftcli eval: {esc(report['name'])}</title><style>{CSS}</style></head><body>"
-            + "".join(sec) + "</body></html>\n")
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>ftcli eval: {esc(report['name'])}</title><style>{CSS}</style></head><body>"
+        + "".join(sec)
+        + "</body></html>\n"
+    )
 
 
 def jsonable(obj):
@@ -407,15 +613,27 @@ def jsonable(obj):
 
 def write_report(report: dict, predictions: list[dict], out: Path) -> dict[str, str]:
     """Write the four files into ``out`` at once (built beside it, then renamed into place)."""
-    names = {"json": "report.json", "markdown": "report.md", "html": "report.html", "predictions": "predictions.jsonl"}
+    names = {
+        "json": "report.json",
+        "markdown": "report.md",
+        "html": "report.html",
+        "predictions": "predictions.jsonl",
+    }
     files = {k: str(out / v) for k, v in names.items()}
     report["files"] = files
     pngs = plots(report)
     with atomic_dir(out) as tmp:
-        (tmp / names["json"]).write_text(json.dumps(jsonable(report), indent=2, default=str, allow_nan=False) + "\n", encoding="utf-8")
+        (tmp / names["json"]).write_text(
+            json.dumps(jsonable(report), indent=2, default=str, allow_nan=False) + "\n",
+            encoding="utf-8",
+        )
         (tmp / names["markdown"]).write_text(markdown(report), encoding="utf-8")
         (tmp / names["html"]).write_text(render_html(report, pngs), encoding="utf-8")
-        (tmp / names["predictions"]).write_text("".join(json.dumps(jsonable(r), ensure_ascii=False, allow_nan=False) + "\n"
-                                                        for r in predictions),
-                                                encoding="utf-8")
+        (tmp / names["predictions"]).write_text(
+            "".join(
+                json.dumps(jsonable(r), ensure_ascii=False, allow_nan=False) + "\n"
+                for r in predictions
+            ),
+            encoding="utf-8",
+        )
     return files

@@ -92,13 +92,18 @@ def applies(recipe) -> bool:
     return recipe.task == "classification" or recipe.data.style != "text"
 
 
-def robustness(recipe, model, tokenizer, examples: list[dict], label2id, device, clean: dict, seed: int = 0) -> dict:
+def robustness(
+    recipe, model, tokenizer, examples: list[dict], label2id, device, clean: dict, seed: int = 0
+) -> dict:
     """Metrics of ``model`` on each perturbed copy of the test examples, beside the clean ones."""
     if not applies(recipe):
         return {"applies": False, "why": "plain-text causal-LM data has no input to perturb"}
     rows = []
     for name, fn in PERTURBATIONS.items():
-        pert = [perturb_example(e, fn, random.Random(seed * 1_000_003 + i)) for i, e in enumerate(examples)]
+        pert = [
+            perturb_example(e, fn, random.Random(seed * 1_000_003 + i))
+            for i, e in enumerate(examples)
+        ]
         feats, kept = tokenize_aligned(pert, recipe, tokenizer, label2id)
         s = score_model(name, recipe, model, tokenizer, pert, feats, kept, device, generate=False)
         if recipe.task == "classification":
@@ -106,13 +111,32 @@ def robustness(recipe, model, tokenizer, examples: list[dict], label2id, device,
             m = classification_report([f["labels"] for f in feats], s.probs, labels)
             pred = np.asarray(s.probs).argmax(1)
             flips = float((pred != np.asarray(clean["pred"])).mean())
-            rows.append({"perturbation": name, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
-                         "accuracy_change": m["accuracy"] - clean["accuracy"], "prediction_flips": flips})
+            rows.append(
+                {
+                    "perturbation": name,
+                    "accuracy": m["accuracy"],
+                    "macro_f1": m["macro_f1"],
+                    "accuracy_change": m["accuracy"] - clean["accuracy"],
+                    "prediction_flips": flips,
+                }
+            )
         else:
             m = lm_summary(s.loss_sums, s.tokens)
-            rows.append({"perturbation": name, "completion_loss": m["completion_loss"], "examples": len(feats),
-                         "loss_change": m["completion_loss"] - clean["completion_loss"]})
-    return {"applies": True, "seed": seed, "noise_rate": NOISE, "distractor": DISTRACTOR, "rows": rows}
+            rows.append(
+                {
+                    "perturbation": name,
+                    "completion_loss": m["completion_loss"],
+                    "examples": len(feats),
+                    "loss_change": m["completion_loss"] - clean["completion_loss"],
+                }
+            )
+    return {
+        "applies": True,
+        "seed": seed,
+        "noise_rate": NOISE,
+        "distractor": DISTRACTOR,
+        "rows": rows,
+    }
 
 
 def stress(recipe, model, tokenizer, examples: list[dict], label2id, device) -> list[dict]:
@@ -128,27 +152,49 @@ def stress(recipe, model, tokenizer, examples: list[dict], label2id, device) -> 
         try:
             feats, kept = tokenize_aligned([ex], recipe, tokenizer, label2id)
             if not feats:
-                row.update(ok=True, result="dropped before scoring: no answer token left within data.max_length")
+                row.update(
+                    ok=True,
+                    result="dropped before scoring: no answer token left within data.max_length",
+                )
                 out.append(row)
                 continue
             row["input_tokens"] = len(feats[0]["input_ids"])
-            s = score_model(case, recipe, model, tokenizer, [ex], feats, kept, device, generate=False)
+            s = score_model(
+                case, recipe, model, tokenizer, [ex], feats, kept, device, generate=False
+            )
             if recipe.task == "classification":
                 p = s.probs[0]
                 ok = all(math.isfinite(x) for x in p) and abs(sum(p) - 1) < 1e-4
                 labels = list(label2id)
-                row.update(ok=ok, result=f"predicted {labels[max(range(len(p)), key=p.__getitem__)]} "
-                                         f"(p={max(p):.3f}); probabilities {'valid' if ok else 'INVALID'}")
+                row.update(
+                    ok=ok,
+                    result=f"predicted {labels[max(range(len(p)), key=p.__getitem__)]} "
+                    f"(p={max(p):.3f}); probabilities {'valid' if ok else 'INVALID'}",
+                )
             else:
                 loss = s.loss_sums[0] / max(1, s.tokens[0])
-                ans = answer_examples(model, tokenizer, recipe, [ex], device) if recipe.data.style != "text" else []
-                ok = math.isfinite(loss) and all(a["tokens"] <= recipe.eval.max_new_tokens for a in ans)
-                row.update(ok=ok, result=f"loss {loss:.3f} per token" +
-                           (f"; answered {ans[0]['tokens']} tokens, {'stopped' if ans[0]['stopped'] else 'hit the bound'}"
-                            if ans else ""))
+                ans = (
+                    answer_examples(model, tokenizer, recipe, [ex], device)
+                    if recipe.data.style != "text"
+                    else []
+                )
+                ok = math.isfinite(loss) and all(
+                    a["tokens"] <= recipe.eval.max_new_tokens for a in ans
+                )
+                row.update(
+                    ok=ok,
+                    result=f"loss {loss:.3f} per token"
+                    + (
+                        f"; answered {ans[0]['tokens']} tokens, {'stopped' if ans[0]['stopped'] else 'hit the bound'}"
+                        if ans
+                        else ""
+                    ),
+                )
             row["within_max_length"] = row["input_tokens"] <= recipe.data.max_length
             row["ok"] = row["ok"] and row["within_max_length"]
-        except Exception as exc:  # a stress failure is a finding to report, not a reason to lose the report
+        except (
+            Exception
+        ) as exc:  # a stress failure is a finding to report, not a reason to lose the report
             row.update(ok=False, result=f"failed: {type(exc).__name__}: {exc}")
         out.append(row)
     return out

@@ -25,8 +25,16 @@ class EvalReport:
         return {"task": self.task, "split": self.split, "n": self.n, "metrics": self.metrics}
 
 
-def evaluate(task: str, model, tokenizer, features: list[dict], labels: list[str] | None, batch_size: int,
-             device, split: str = "test") -> EvalReport:
+def evaluate(
+    task: str,
+    model,
+    tokenizer,
+    features: list[dict],
+    labels: list[str] | None,
+    batch_size: int,
+    device,
+    split: str = "test",
+) -> EvalReport:
     """Score ``model`` on tokenized ``features`` of one split: the pipeline's evaluate stage."""
     if task == "classification":
         probs = class_probabilities(model, features, tokenizer.pad_token_id, batch_size, device)
@@ -50,16 +58,32 @@ class Scored:
     answers: list[dict] = field(default_factory=list)
 
 
-def tokenize_aligned(examples: list[dict], recipe: Recipe, tokenizer, label2id) -> tuple[list[dict], list[int]]:
+def tokenize_aligned(
+    examples: list[dict], recipe: Recipe, tokenizer, label2id
+) -> tuple[list[dict], list[int]]:
     """Features and the indices of the examples they came from (causal-LM tokenization drops
     examples whose answer was cut off entirely; the rest must stay paired with their text)."""
     feats = tokenize(examples, recipe, tokenizer, label2id).features
     if recipe.task == "classification":
         # an empty text can tokenize to nothing (tokenizers that add no special tokens): a model
         # cannot read zero tokens, so it reads the start token alone, as for any empty document
-        start = next((t for t in (tokenizer.bos_token_id, tokenizer.cls_token_id, tokenizer.eos_token_id,
-                                  tokenizer.pad_token_id) if t is not None), 0)
-        feats = [f if f["input_ids"] else {**f, "input_ids": [start], "attention_mask": [1]} for f in feats]
+        start = next(
+            (
+                t
+                for t in (
+                    tokenizer.bos_token_id,
+                    tokenizer.cls_token_id,
+                    tokenizer.eos_token_id,
+                    tokenizer.pad_token_id,
+                )
+                if t is not None
+            ),
+            0,
+        )
+        feats = [
+            f if f["input_ids"] else {**f, "input_ids": [start], "attention_mask": [1]}
+            for f in feats
+        ]
     if len(feats) == len(examples):
         return feats, list(range(len(examples)))
     kept, out = [], []
@@ -85,16 +109,35 @@ def generation_examples(recipe: Recipe, examples: list[dict], kept: list[int]) -
     return kept[: recipe.eval.generate_examples]
 
 
-def score_model(name: str, recipe: Recipe, model, tokenizer, examples: list[dict], feats: list[dict],
-                kept: list[int], device, generate: bool = True) -> Scored:
+def score_model(
+    name: str,
+    recipe: Recipe,
+    model,
+    tokenizer,
+    examples: list[dict],
+    feats: list[dict],
+    kept: list[int],
+    device,
+    generate: bool = True,
+) -> Scored:
     """Run ``model`` over the test features (and generate answers for causal LMs)."""
     bs = recipe.eval.batch_size
     if recipe.task == "classification":
-        return Scored(name, recipe.task, probs=class_probabilities(model, feats, tokenizer.pad_token_id, bs, device))
+        return Scored(
+            name,
+            recipe.task,
+            probs=class_probabilities(model, feats, tokenizer.pad_token_id, bs, device),
+        )
     rows = token_losses(model, feats, tokenizer.pad_token_id, bs, device)
     scored = Scored(name, recipe.task, loss_sums=[s for s, _ in rows], tokens=[c for _, c in rows])
     if generate:
-        scored.answers = answer_examples(model, tokenizer, recipe, [examples[i] for i in generation_examples(recipe, examples, kept)], device)
+        scored.answers = answer_examples(
+            model,
+            tokenizer,
+            recipe,
+            [examples[i] for i in generation_examples(recipe, examples, kept)],
+            device,
+        )
     return scored
 
 
@@ -102,8 +145,16 @@ def answer_examples(model, tokenizer, recipe: Recipe, examples: list[dict], devi
     if not examples:
         return []
     parts = [prompt_parts(tokenizer, e) for e in examples]
-    return generate_answers(model, tokenizer, [p for p, _, _ in parts], parts[0][2], recipe.eval.max_new_tokens,
-                            recipe.eval.batch_size, device, recipe.data.max_length)
+    return generate_answers(
+        model,
+        tokenizer,
+        [p for p, _, _ in parts],
+        parts[0][2],
+        recipe.eval.max_new_tokens,
+        recipe.eval.batch_size,
+        device,
+        recipe.data.max_length,
+    )
 
 
 def answer_table(scored: Scored, references: list[str]) -> dict[str, list[float]]:
@@ -116,4 +167,7 @@ def answer_table(scored: Scored, references: list[str]) -> dict[str, list[float]
 
 
 def per_token_loss(scored: Scored) -> list[float]:
-    return [s / c if c else math.nan for s, c in zip(scored.loss_sums or [], scored.tokens or [], strict=True)]
+    return [
+        s / c if c else math.nan
+        for s, c in zip(scored.loss_sums or [], scored.tokens or [], strict=True)
+    ]

@@ -28,7 +28,9 @@ def _rng(seed: int):
     return np.random.default_rng(seed)
 
 
-def paired_bootstrap(h: Headline, n_resamples: int = 9999, confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+def paired_bootstrap(
+    h: Headline, n_resamples: int = 9999, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
     """Percentile interval of fn(tuned) - fn(baseline) over resampled test examples."""
     from scipy.stats import bootstrap
 
@@ -39,9 +41,20 @@ def paired_bootstrap(h: Headline, n_resamples: int = 9999, confidence: float = 0
         return h.fn(i + n, i) - h.fn(i, i)
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a degenerate (all-equal) distribution is a valid answer here
-        res = bootstrap((idx,), diff, vectorized=True, paired=False, n_resamples=n_resamples,
-                        confidence_level=confidence, method="percentile", rng=_rng(seed), batch=500)
+        warnings.simplefilter(
+            "ignore"
+        )  # a degenerate (all-equal) distribution is a valid answer here
+        res = bootstrap(
+            (idx,),
+            diff,
+            vectorized=True,
+            paired=False,
+            n_resamples=n_resamples,
+            confidence_level=confidence,
+            method="percentile",
+            rng=_rng(seed),
+            batch=500,
+        )
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
@@ -53,7 +66,12 @@ def mcnemar(binary: np.ndarray, n: int) -> dict:
     lost = int((a & ~b).sum())  # baseline right, fine-tuned wrong
     gained = int((~a & b).sum())  # baseline wrong, fine-tuned right
     p = binomtest(gained, lost + gained, 0.5).pvalue if lost + gained else 1.0
-    return {"test": "McNemar exact", "p_value": float(p), "baseline_only": lost, "tuned_only": gained}
+    return {
+        "test": "McNemar exact",
+        "p_value": float(p),
+        "baseline_only": lost,
+        "tuned_only": gained,
+    }
 
 
 def paired_permutation(h: Headline, n_resamples: int = 9999, seed: int = 0) -> dict:
@@ -67,12 +85,21 @@ def paired_permutation(h: Headline, n_resamples: int = 9999, seed: int = 0) -> d
         pos = np.broadcast_to(idx, np.shape(x))
         return h.fn(y, pos) - h.fn(x, pos)
 
-    res = permutation_test((idx, idx + n), diff, permutation_type="samples", vectorized=True,
-                           n_resamples=n_resamples, rng=_rng(seed), batch=500)
+    res = permutation_test(
+        (idx, idx + n),
+        diff,
+        permutation_type="samples",
+        vectorized=True,
+        n_resamples=n_resamples,
+        rng=_rng(seed),
+        batch=500,
+    )
     return {"test": "paired permutation", "p_value": float(res.pvalue)}
 
 
-def verdict(diff: float, low: float, high: float, p: float, better: int, alpha: float = ALPHA) -> str:
+def verdict(
+    diff: float, low: float, high: float, p: float, better: int, alpha: float = ALPHA
+) -> str:
     """improved / regressed / no significant change, in the metric's own direction."""
     if better == 0 or any(map(math.isnan, (diff, low, high, p))):
         return NEUTRAL
@@ -86,10 +113,22 @@ def compare(h: Headline, n_resamples: int = 9999, seed: int = 0) -> dict:
     n = h.n
     idx = np.arange(n)
     base, tuned = float(h.fn(idx, idx)), float(h.fn(idx + n, idx))
-    row = {"metric": h.name, "n": n, "baseline": base, "tuned": tuned, "diff": tuned - base, "better": h.better}
+    row = {
+        "metric": h.name,
+        "n": n,
+        "baseline": base,
+        "tuned": tuned,
+        "diff": tuned - base,
+        "better": h.better,
+    }
     if n < 2:
-        row.update(ci_low=float("nan"), ci_high=float("nan"), p_value=float("nan"), test="too few examples",
-                   verdict=NEUTRAL)
+        row.update(
+            ci_low=float("nan"),
+            ci_high=float("nan"),
+            p_value=float("nan"),
+            test="too few examples",
+            verdict=NEUTRAL,
+        )
         return row
     low, high = paired_bootstrap(h, n_resamples, seed=seed)
     test = mcnemar(h.binary, n) if h.test == "mcnemar" else paired_permutation(h, n_resamples, seed)
@@ -121,6 +160,8 @@ def verdict_text(row: dict, baseline_name: str) -> str:
     name = row["metric"].replace("_", " ")
     if row["verdict"] == NEUTRAL:
         return f"{name}: {fmt(row['baseline'])} -> {fmt(row['tuned'])} ({row.get('test')})"
-    return (f"{row['verdict']}: {name} {fmt(row['baseline'])} ({baseline_name}) -> {fmt(row['tuned'])} (fine-tuned), "
-            f"difference {row['diff']:+.4f}, 95% CI [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}], "
-            f"{row['test']} p = {fmt_p(row['p_value'])}, n = {row['n']}")
+    return (
+        f"{row['verdict']}: {name} {fmt(row['baseline'])} ({baseline_name}) -> {fmt(row['tuned'])} (fine-tuned), "
+        f"difference {row['diff']:+.4f}, 95% CI [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}], "
+        f"{row['test']} p = {fmt_p(row['p_value'])}, n = {row['n']}"
+    )

@@ -23,8 +23,17 @@ from ftcli.memory.arch import (
 from ftcli.memory.estimate import Estimate, estimate
 from ftcli.memory.setup import DTYPE_BYTES, Setup, human, parse_budget
 
-__all__ = ["Plan", "Setup", "Estimate", "estimate", "parse_budget", "plan_model", "plan_recipe", "setup_from_recipe",
-           "check_fits_device"]
+__all__ = [
+    "Plan",
+    "Setup",
+    "Estimate",
+    "estimate",
+    "parse_budget",
+    "plan_model",
+    "plan_recipe",
+    "setup_from_recipe",
+    "check_fits_device",
+]
 
 
 @dataclass
@@ -59,16 +68,29 @@ def setup_from_recipe(recipe, device: str | None = None) -> Setup:
     q = m.quant
     targets = m.target_modules
     return Setup(
-        task=recipe.task, method=m.kind, batch_size=t.batch_size, seq_len=recipe.data.max_length,
-        gradient_checkpointing=t.gradient_checkpointing, gradient_accumulation=t.gradient_accumulation,
-        optimizer=t.optimizer.name, momentum=t.optimizer.momentum, weight_decay=t.optimizer.weight_decay,
+        task=recipe.task,
+        method=m.kind,
+        batch_size=t.batch_size,
+        seq_len=recipe.data.max_length,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_accumulation=t.gradient_accumulation,
+        optimizer=t.optimizer.name,
+        momentum=t.optimizer.momentum,
+        weight_decay=t.optimizer.weight_decay,
         dtype="float32" if recipe.model.dtype == "auto" else recipe.model.dtype,
-        mixed_precision=mp, attn_implementation=recipe.model.attn_implementation or "sdpa",
-        quant_bits=q.bits, quant_type=q.quant_type, double_quant=q.double_quant, compute_dtype=q.compute_dtype,
-        r=m.r, alpha=m.alpha, dropout=m.dropout,
+        mixed_precision=mp,
+        attn_implementation=recipe.model.attn_implementation or "sdpa",
+        quant_bits=q.bits,
+        quant_type=q.quant_type,
+        double_quant=q.double_quant,
+        compute_dtype=q.compute_dtype,
+        r=m.r,
+        alpha=m.alpha,
+        dropout=m.dropout,
         target_modules=tuple(targets) if isinstance(targets, list) else targets,
         modules_to_save=tuple(m.modules_to_save) if m.modules_to_save else None,
-        num_labels=len(recipe.data.labels) if recipe.data.labels else 2, device=dev,
+        num_labels=len(recipe.data.labels) if recipe.data.labels else 2,
+        device=dev,
     )
 
 
@@ -76,24 +98,42 @@ def checkpoint_bytes(loaded: LoadedConfig, params: int) -> int:
     """Size of the weights file a CPU load maps: the folder's safetensors, ftcli's fp32 conversion of
     a GGUF, else the parameters in the config's dtype."""
     if loaded.source == "folder":
-        files = list(Path(loaded.where).glob("*.safetensors")) or list(Path(loaded.where).glob("*.bin"))
+        files = list(Path(loaded.where).glob("*.safetensors")) or list(
+            Path(loaded.where).glob("*.bin")
+        )
         if files:
             return sum(f.stat().st_size for f in files)
     if loaded.source == "gguf":
         return 4 * params  # ftcli converts a GGUF once into fp32 safetensors and loads those
-    dt = str(getattr(loaded.config, "torch_dtype", None) or getattr(loaded.config, "dtype", None) or "float32")
+    dt = str(
+        getattr(loaded.config, "torch_dtype", None)
+        or getattr(loaded.config, "dtype", None)
+        or "float32"
+    )
     return DTYPE_BYTES.get(dt.replace("torch.", ""), 4) * params
 
 
-def build_plan(name: str, setup: Setup, revision: str | None = None, trust_remote_code: bool = False) -> Plan:
+def build_plan(
+    name: str, setup: Setup, revision: str | None = None, trust_remote_code: bool = False
+) -> Plan:
     """Config -> meta model (+ peft LoRA) -> inventory, for ``setup``."""
     setup.check()
     loaded = load_config(name, revision, trust_remote_code)
-    model = build_meta(loaded.config, setup.task, setup.num_labels,
-                       setup.attn_implementation if setup.attn_implementation != "flash_attention_2" else None)
+    model = build_meta(
+        loaded.config,
+        setup.task,
+        setup.num_labels,
+        setup.attn_implementation if setup.attn_implementation != "flash_attention_2" else None,
+    )
     if setup.method in ("lora", "qlora"):
-        targets = list(setup.target_modules) if isinstance(setup.target_modules, tuple) else setup.target_modules
-        model = attach_lora_meta(model, setup.task, setup.r, setup.alpha, setup.dropout, targets, setup.modules_to_save)
+        targets = (
+            list(setup.target_modules)
+            if isinstance(setup.target_modules, tuple)
+            else setup.target_modules
+        )
+        model = attach_lora_meta(
+            model, setup.task, setup.r, setup.alpha, setup.dropout, targets, setup.modules_to_save
+        )
     else:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -105,7 +145,9 @@ def build_plan(name: str, setup: Setup, revision: str | None = None, trust_remot
 
 def plan_recipe(recipe, device: str | None = None, **changes) -> Plan:
     setup = replace(setup_from_recipe(recipe, device), **changes)
-    return build_plan(recipe.model.name, setup, recipe.model.revision, recipe.model.trust_remote_code)
+    return build_plan(
+        recipe.model.name, setup, recipe.model.revision, recipe.model.trust_remote_code
+    )
 
 
 def plan_model(name: str, task: str | None = None, **fields) -> Plan:
@@ -182,8 +224,10 @@ def check_fits_device(est: Estimate, free: int | None, margin: float = 1.10) -> 
     if free is None or est.total <= free * margin:
         return None
 
-    return (f"the run needs about {human(est.total)} at its peak ({est.peak_phase}) but the {est.setup.device} has "
-            f"{human(free)} free")
+    return (
+        f"the run needs about {human(est.total)} at its peak ({est.peak_phase}) but the {est.setup.device} has "
+        f"{human(free)} free"
+    )
 
 
 def preflight(recipe, device: str, ui, enforce: bool = True, processes: int = 1) -> dict | None:
@@ -203,17 +247,34 @@ def preflight(recipe, device: str, ui, enforce: bool = True, processes: int = 1)
     if device == "cpu" and processes > 1:
         est = replace(est, total=est.total * processes)
     heap = device == "cpu" and not pinned
-    ui.info(f"  {human(est.total)} of tensors at the peak ({est.peak_phase}"
-            + (f", {processes} processes" if device == "cpu" and processes > 1 else "") + ")"
-            + (f", up to {human(est.total * CPU_HEAP_RETENTION)} resident under glibc's heap" if heap else "")
-            + (f"; {human(free)} free" if free is not None else ""))
+    ui.info(
+        f"  {human(est.total)} of tensors at the peak ({est.peak_phase}"
+        + (f", {processes} processes" if device == "cpu" and processes > 1 else "")
+        + ")"
+        + (
+            f", up to {human(est.total * CPU_HEAP_RETENTION)} resident under glibc's heap"
+            if heap
+            else ""
+        )
+        + (f"; {human(free)} free" if free is not None else "")
+    )
     problem = check_fits_device(est, free)
     if problem and enforce:
-        raise FtcliError(problem, hint="lower train.batch_size or data.max_length, set train.gradient_checkpointing: "
-                                       "true, use method.kind qlora; or run anyway with --no-memory-check")
+        raise FtcliError(
+            problem,
+            hint="lower train.batch_size or data.max_length, set train.gradient_checkpointing: "
+            "true, use method.kind qlora; or run anyway with --no-memory-check",
+        )
     if problem:
         ui.info(f"  [yellow]warning[/]: {problem} (--no-memory-check: going on)")
     elif heap and check_fits_device(replace(est, total=int(est.total * CPU_HEAP_RETENTION)), free):
-        ui.info("  [yellow]warning[/]: glibc's heap may keep more resident than is free; FTCLI_PIN_MALLOC=1 "
-                "holds resident memory to the live tensors (steps run slower)")
-    return {"estimated_peak": est.total, "peak_phase": est.peak_phase, "free": free, "malloc_pinned": pinned}
+        ui.info(
+            "  [yellow]warning[/]: glibc's heap may keep more resident than is free; FTCLI_PIN_MALLOC=1 "
+            "holds resident memory to the live tensors (steps run slower)"
+        )
+    return {
+        "estimated_peak": est.total,
+        "peak_phase": est.peak_phase,
+        "free": free,
+        "malloc_pinned": pinned,
+    }

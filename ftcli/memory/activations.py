@@ -27,7 +27,9 @@ class Acts:
     loss_forward: int  # logits + fp32 upcast + log-softmax at the end of forward
     working: int  # one block's largest transient during its backward
     weight_copies: int = 0  # autocast's bf16 copies of fp32 linear weights, kept for backward
-    weight_copies_forward: int = 0  # ... held by autocast's cast cache during the forward (trainable weights)
+    weight_copies_forward: int = (
+        0  # ... held by autocast's cast cache during the forward (trainable weights)
+    )
     detail: dict = field(default_factory=dict)
 
     @property
@@ -54,7 +56,9 @@ def _mask_bytes(s: Setup, x_bytes: int) -> int:
     return 1 if s.device == "cuda" else x_bytes
 
 
-def _group_input(consumers: list[tuple[str, int]], x_bytes: int, full: bool, lora: dict, s: Setup) -> int:
+def _group_input(
+    consumers: list[tuple[str, int]], x_bytes: int, full: bool, lora: dict, s: Setup
+) -> int:
     """Bytes per token saved for the inputs of linears that read the same tensor x.
 
     ``consumers`` are (role, in_features). A trainable weight needs its input for its gradient; a
@@ -87,10 +91,16 @@ def _group_input(consumers: list[tuple[str, int]], x_bytes: int, full: bool, lor
 def _lora_masks(consumers: list[tuple[str, int]], lora: dict, s: Setup) -> int:
     """The dropout masks among ``_group_input``'s bytes (absent in the first block, whose input needs no gradient)."""
     ab = DTYPE_BYTES[s.adapter_dtype]
-    return sum(_mask_bytes(s, ab) * in_f for role, in_f in consumers if role in lora and lora[role]["dropout"] > 0)
+    return sum(
+        _mask_bytes(s, ab) * in_f
+        for role, in_f in consumers
+        if role in lora and lora[role]["dropout"] > 0
+    )
 
 
-def _attention(d, s: Setup, a: int, q_dim: int, kv_dim: int, p_drop: float, impl: str) -> tuple[int, int]:
+def _attention(
+    d, s: Setup, a: int, q_dim: int, kv_dim: int, p_drop: float, impl: str
+) -> tuple[int, int]:
     """(saved bytes, backward working bytes) per token for attention's internals."""
     seq = s.seq_len
     n = d.heads
@@ -107,9 +117,13 @@ def _attention(d, s: Setup, a: int, q_dim: int, kv_dim: int, p_drop: float, impl
         if p_drop > 0:
             probs += _mask_bytes(s, a) * ns + a * ns
         return saved + probs, 2 * 4 * ns
-    saved = a * (q_dim + 2 * kv_dim) + a * q_dim + 4 * n  # flash / memory-efficient: q, k, v, output, log-sum-exp
+    saved = (
+        a * (q_dim + 2 * kv_dim) + a * q_dim + 4 * n
+    )  # flash / memory-efficient: q, k, v, output, log-sum-exp
     if impl == "sdpa" and d.kv_heads != d.heads and s.device == "cuda":
-        saved += a * 2 * (q_dim - kv_dim)  # a padding mask makes transformers repeat k and v for GQA
+        saved += (
+            a * 2 * (q_dim - kv_dim)
+        )  # a padding mask makes transformers repeat k and v for GQA
     return saved, 0
 
 
@@ -118,7 +132,9 @@ def activations(inv, s: Setup) -> Acts:
     d = inv.dims
     full = s.method == "full"
     r = DTYPE_BYTES[s.unquantized_dtype if s.method == "qlora" else s.dtype]  # residual stream
-    o = 2 if s.autocast else r  # linear outputs (bitsandbytes casts its output back to the input dtype)
+    o = (
+        2 if s.autocast else r
+    )  # linear outputs (bitsandbytes casts its output back to the input dtype)
     impl = s.attn_implementation
     a = 2 if (s.autocast or impl == "flash_attention_2") else o
     h, i, V = d.hidden, d.intermediate, d.vocab
@@ -131,10 +147,14 @@ def activations(inv, s: Setup) -> Acts:
     T = s.tokens
 
     if d.family == "llama":
-        norm = 4 * h + (r * h if full else 0)  # RMSNorm keeps its fp32 input (+ the normalized x for its weight)
+        norm = 4 * h + (
+            r * h if full else 0
+        )  # RMSNorm keeps its fp32 input (+ the normalized x for its weight)
         qkv = [("q", h), ("k", h), ("v", h)]
         attn_in = _group_input(qkv, r, full, lora, s)
-        first_less = 0 if full else 4 * h + _lora_masks(qkv, lora, s)  # block 0's input needs no gradient
+        first_less = (
+            0 if full else 4 * h + _lora_masks(qkv, lora, s)
+        )  # block 0's input needs no gradient
         att, att_work = _attention(d, s, a, q_dim, kv_dim, 0.0, impl)
         o_in = _group_input([("o", q_dim)], a, full, lora, s)
         mlp_in = _group_input([("gate", h), ("up", h)], r, full, lora, s)
@@ -142,8 +162,15 @@ def activations(inv, s: Setup) -> Acts:
         down_in = _group_input([("down", i)], o, full, lora, s)
         per_tok = 2 * norm + attn_in + att + o_in + mlp_in + mlp + down_in
         work_tok = max(att_work, 2 * o * i)
-        parts = {"norms": 2 * norm, "attention inputs": attn_in, "attention": att, "o_proj input": o_in,
-                 "mlp inputs": mlp_in, "mlp": mlp, "down_proj input": down_in}
+        parts = {
+            "norms": 2 * norm,
+            "attention inputs": attn_in,
+            "attention": att,
+            "o_proj input": o_in,
+            "mlp inputs": mlp_in,
+            "mlp": mlp,
+            "down_proj input": down_in,
+        }
         outside_tok = 4 * h + (r * h if full else 0)
     elif d.family == "bert":
         ln = (4 if s.autocast else r) * h  # LayerNorm keeps its input (fp32 under autocast)
@@ -151,7 +178,9 @@ def activations(inv, s: Setup) -> Acts:
         drop_mask = _mask_bytes(s, o) * h if d.hidden_dropout > 0 else 0
         qkv = [("q", h), ("k", h), ("v", h)]
         attn_in = _group_input(qkv, r if not s.autocast else ln_out, full, lora, s)
-        first_less = 0 if full else ln + drop_mask + _lora_masks(qkv, lora, s)  # the embeddings' LayerNorm too
+        first_less = (
+            0 if full else ln + drop_mask + _lora_masks(qkv, lora, s)
+        )  # the embeddings' LayerNorm too
         att, att_work = _attention(d, s, a, q_dim, kv_dim, d.attn_dropout, impl)
         o_in = _group_input([("o", q_dim)], a, full, lora, s)
         up_in = _group_input([("up", h)], ln_out, full, lora, s)
@@ -159,8 +188,16 @@ def activations(inv, s: Setup) -> Acts:
         down_in = _group_input([("down", i)], o, full, lora, s)
         per_tok = attn_in + att + o_in + 2 * drop_mask + 2 * ln + up_in + gelu + down_in
         work_tok = max(att_work, 2 * o * i)
-        parts = {"attention inputs": attn_in, "attention": att, "output input": o_in, "dropout masks": 2 * drop_mask,
-                 "layernorms": 2 * ln, "intermediate input": up_in, "gelu": gelu, "output dense input": down_in}
+        parts = {
+            "attention inputs": attn_in,
+            "attention": att,
+            "output input": o_in,
+            "dropout masks": 2 * drop_mask,
+            "layernorms": 2 * ln,
+            "intermediate input": up_in,
+            "gelu": gelu,
+            "output dense input": down_in,
+        }
         outside_tok = ln + drop_mask
     else:  # gpt2
         ln = (4 if s.autocast else r) * h
@@ -171,12 +208,22 @@ def activations(inv, s: Setup) -> Acts:
         att, att_work = _attention(d, s, a, q_dim, kv_dim, d.attn_dropout, impl)
         o_in = _group_input([("o", q_dim)], a, full, lora, s)
         up_in = _group_input([("up", h)], ln_out, full, lora, s)
-        gelu = 4 * o * i  # gelu_new is written in Python: x, tanh(.), 0.5x and 1+tanh(.) are all saved
+        gelu = (
+            4 * o * i
+        )  # gelu_new is written in Python: x, tanh(.), 0.5x and 1+tanh(.) are all saved
         down_in = _group_input([("down", i)], o, full, lora, s)
         per_tok = 2 * ln + attn_in + att + o_in + 2 * drop_mask + up_in + gelu + down_in
         work_tok = max(att_work, 2 * o * i)
-        parts = {"layernorms": 2 * ln, "attention inputs": attn_in, "attention": att, "c_proj input": o_in,
-                 "dropout masks": 2 * drop_mask, "c_fc input": up_in, "gelu_new": gelu, "mlp c_proj input": down_in}
+        parts = {
+            "layernorms": 2 * ln,
+            "attention inputs": attn_in,
+            "attention": att,
+            "c_proj input": o_in,
+            "dropout masks": 2 * drop_mask,
+            "c_fc input": up_in,
+            "gelu_new": gelu,
+            "mlp c_proj input": down_in,
+        }
         outside_tok = ln + drop_mask
 
     if s.task == "causal_lm":
@@ -192,7 +239,9 @@ def activations(inv, s: Setup) -> Acts:
     lin = [p for p in inv.params if p.kind == "linear" and not p.lora and not p.shadow]
     casts = s.autocast and not (s.method != "qlora" and s.dtype != "float32")
     if s.method == "qlora":
-        lin = [p for p in lin if not p.quantizable]  # 4-bit layers dequantize on their own (see working)
+        lin = [
+            p for p in lin if not p.quantizable
+        ]  # 4-bit layers dequantize on their own (see working)
     copies = 2 * sum(p.numel for p in lin) if casts else 0
     head_copy = 2 * max((p.numel for p in lin if not p.quantizable), default=0) if casts else 0
     layer_copies = copies // max(1, d.layers) if casts else 0
@@ -200,19 +249,33 @@ def activations(inv, s: Setup) -> Acts:
     working = T * work_tok
     if s.method == "qlora":
         # each 4-bit layer dequantizes its weight in forward and backward (plus an fp32 copy when its gradient is fp32)
-        working += inv.largest_linear(quantized_only=True) * (DTYPE_BYTES[s.compute_dtype] + (4 if o == 4 else 0))
+        working += inv.largest_linear(quantized_only=True) * (
+            DTYPE_BYTES[s.compute_dtype] + (4 if o == 4 else 0)
+        )
 
     gc = s.gradient_checkpointing
     if gc:
         first_less = 0  # checkpointing makes the embeddings' output require grad (enable_input_require_grads)
-    acts = Acts(per_layer=T * per_tok, layers=d.layers, checkpoints=T * r * h * d.layers if gc else 0,
-                outside=T * outside_tok - T * first_less, loss_peak=loss_peak, loss_forward=loss_forward, working=working,
-                detail={"per_token_per_layer": per_tok, "parts_per_token_per_layer": parts,
-                        "layer_weight_copies": layer_copies})
+    acts = Acts(
+        per_layer=T * per_tok,
+        layers=d.layers,
+        checkpoints=T * r * h * d.layers if gc else 0,
+        outside=T * outside_tok - T * first_less,
+        loss_peak=loss_peak,
+        loss_forward=loss_forward,
+        working=working,
+        detail={
+            "per_token_per_layer": per_tok,
+            "parts_per_token_per_layer": parts,
+            "layer_weight_copies": layer_copies,
+        },
+    )
     if casts:
         if gc:
             acts.weight_copies = head_copy  # only the head's copy outlives the forward
-            acts.weight_copies_forward = copies if full else 0  # the cast cache holds trainable weights' copies
+            acts.weight_copies_forward = (
+                copies if full else 0
+            )  # the cast cache holds trainable weights' copies
         else:
             acts.weight_copies = copies
             acts.weight_copies_forward = copies
@@ -221,9 +284,21 @@ def activations(inv, s: Setup) -> Acts:
 
 def _role(family: str, parent: str, leaf: str) -> str:
     """The role of a LoRA target in its block: q, k, v, qkv, o, gate, up, down."""
-    by_leaf = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
-               "down_proj": "down", "query": "q", "key": "k", "value": "v", "c_attn": "qkv", "c_fc": "up",
-               "dense": "dense"}
+    by_leaf = {
+        "q_proj": "q",
+        "k_proj": "k",
+        "v_proj": "v",
+        "o_proj": "o",
+        "gate_proj": "gate",
+        "up_proj": "up",
+        "down_proj": "down",
+        "query": "q",
+        "key": "k",
+        "value": "v",
+        "c_attn": "qkv",
+        "c_fc": "up",
+        "dense": "dense",
+    }
     role = by_leaf.get(leaf, leaf)
     if family == "bert" and leaf == "dense":
         if parent.endswith("attention.output"):

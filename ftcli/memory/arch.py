@@ -57,30 +57,49 @@ def config_from_card(card: dict):
     return AutoConfig.for_model(model_type, **data)
 
 
-def load_config(name: str, revision: str | None = None, trust_remote_code: bool = False) -> LoadedConfig:
+def load_config(
+    name: str, revision: str | None = None, trust_remote_code: bool = False
+) -> LoadedConfig:
     """The model's config without its weights: local folder or GGUF first, then a bundled card, then the hub."""
     from transformers import AutoConfig
-
 
     local = name.startswith(PKG) or Path(os.path.expanduser(name)).exists()
     if not local:
         card = find_card(name)
         if card is not None:
             return LoadedConfig(config_from_card(card), "card", card["ftcli_card"]["name"])
-    source = resolve_model(name, revision)  # raises a clear SourceError for a hub id it cannot reach
+    source = resolve_model(
+        name, revision
+    )  # raises a clear SourceError for a hub id it cannot reach
     try:
         if source.kind == "gguf":
             path = Path(source.path) / source.gguf_file
             return LoadedConfig(gguf_config(path), "gguf", str(path))
-        cfg = AutoConfig.from_pretrained(source.path, revision=revision, trust_remote_code=trust_remote_code)
+        cfg = AutoConfig.from_pretrained(
+            source.path, revision=revision, trust_remote_code=trust_remote_code
+        )
     except (OSError, ValueError, KeyError) as exc:
-        raise FtcliError(f"cannot read the config of {name!r}: {exc}",
-                         hint="give a folder with config.json, a .gguf file, a hub id, or a bundled card "
-                              f"({', '.join(load_cards())})") from None
+        raise FtcliError(
+            f"cannot read the config of {name!r}: {exc}",
+            hint="give a folder with config.json, a .gguf file, a hub id, or a bundled card "
+            f"({', '.join(load_cards())})",
+        ) from None
     return LoadedConfig(cfg, "folder" if source.kind == "folder" else "hub", source.path)
 
 
-_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_SCALAR = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
 
 
 def _gguf_metadata(path: Path) -> tuple[dict, list[str]]:
@@ -110,7 +129,10 @@ def _gguf_metadata(path: Path) -> tuple[dict, list[str]]:
             raise FtcliError(f"{path} is not a GGUF file (no GGUF magic)")
         version = read(f, "<I")
         if version < 2:
-            raise FtcliError(f"{path}: GGUF version {version} is too old", hint="convert it with a current llama.cpp")
+            raise FtcliError(
+                f"{path}: GGUF version {version} is too old",
+                hint="convert it with a current llama.cpp",
+            )
         n_tensors, n_kv = read(f, "<Q"), read(f, "<Q")
         for _ in range(n_kv):
             key = string(f)
@@ -146,14 +168,20 @@ def gguf_config(path: Path):
     arch = meta.get("general.architecture")
     table = GGUF_CONFIG_MAPPING.get(arch)
     if table is None:
-        raise FtcliError(f"{path}: GGUF architecture {arch!r} is not one transformers can load",
-                         hint=f"supported: {', '.join(k for k in GGUF_CONFIG_MAPPING if k not in ('general', 'tokenizer'))}")
-    fields = {hf: meta[f"{arch}.{key}"] for key, hf in table.items() if f"{arch}.{key}" in meta and hf}
+        raise FtcliError(
+            f"{path}: GGUF architecture {arch!r} is not one transformers can load",
+            hint=f"supported: {', '.join(k for k in GGUF_CONFIG_MAPPING if k not in ('general', 'tokenizer'))}",
+        )
+    fields = {
+        hf: meta[f"{arch}.{key}"] for key, hf in table.items() if f"{arch}.{key}" in meta and hf
+    }
     tokens = meta.get("tokenizer.ggml.tokens")
     if "vocab_size" not in fields and isinstance(tokens, tuple):
         fields["vocab_size"] = tokens[1]
     fields["tie_word_embeddings"] = "output.weight" not in tensors
-    model_type = {"mistral": "mistral", "qwen2": "qwen2", "gpt2": "gpt2", "gemma2": "gemma2"}.get(arch, "llama")
+    model_type = {"mistral": "mistral", "qwen2": "qwen2", "gpt2": "gpt2", "gemma2": "gemma2"}.get(
+        arch, "llama"
+    )
     heads, hidden = fields.get("num_attention_heads"), fields.get("hidden_size")
     if heads and hidden and fields.get("head_dim") == hidden // heads:
         fields.pop("head_dim")  # the default: leave it to the config
@@ -165,7 +193,15 @@ def infer_task(config) -> str:
     archs = getattr(config, "architectures", None) or []
     if any("CausalLM" in a or "LMHead" in a for a in archs):
         return "causal_lm"
-    if getattr(config, "model_type", "") in ("bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "xlm-roberta"):
+    if getattr(config, "model_type", "") in (
+        "bert",
+        "roberta",
+        "distilbert",
+        "deberta",
+        "deberta-v2",
+        "electra",
+        "xlm-roberta",
+    ):
         return "classification"
     return "causal_lm" if getattr(config, "is_decoder", False) or not archs else "classification"
 
@@ -192,23 +228,35 @@ def build_meta(config, task: str, num_labels: int = 2, attn_implementation: str 
                 return AutoModelForSequenceClassification.from_config(cfg, **kwargs)
             return AutoModelForCausalLM.from_config(cfg, **kwargs)
     except (ValueError, KeyError) as exc:
-        raise FtcliError(f"cannot build a {task} model from this config ({type(cfg).__name__}): {exc}") from None
+        raise FtcliError(
+            f"cannot build a {task} model from this config ({type(cfg).__name__}): {exc}"
+        ) from None
 
 
-def attach_lora_meta(model, task: str, r: int, alpha: float, dropout: float, target_modules, modules_to_save):
+def attach_lora_meta(
+    model, task: str, r: int, alpha: float, dropout: float, target_modules, modules_to_save
+):
     """peft's own LoRA on the meta model, so adapter counts are exactly what training will create."""
     import torch
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                     modules_to_save=list(modules_to_save) if modules_to_save else None, bias="none",
-                     task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM")
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        modules_to_save=list(modules_to_save) if modules_to_save else None,
+        bias="none",
+        task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
+    )
     try:
         with torch.device("meta"):
             return get_peft_model(model, cfg)
     except ValueError as exc:
-        raise FtcliError(f"LoRA cannot be attached: {exc}",
-                         hint="check method.target_modules against the model's linear layers") from None
+        raise FtcliError(
+            f"LoRA cannot be attached: {exc}",
+            hint="check method.target_modules against the model's linear layers",
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -252,7 +300,9 @@ class Inventory:
     params: list[Param]
     dims: Dims
     architecture: str
-    lora_targets: dict = field(default_factory=dict)  # leaf -> {"in": n, "out": n, "count": modules, "lora": params}
+    lora_targets: dict = field(
+        default_factory=dict
+    )  # leaf -> {"in": n, "out": n, "count": modules, "lora": params}
 
     @property
     def total(self) -> int:
@@ -268,13 +318,20 @@ class Inventory:
         return sum(p.numel for p in self.params if p.trainable)
 
     def largest_linear(self, quantized_only: bool = False) -> int:
-        ps = [p.numel for p in self.params if p.kind == "linear" and not p.lora and (p.quantizable or not quantized_only)]
+        ps = [
+            p.numel
+            for p in self.params
+            if p.kind == "linear" and not p.lora and (p.quantizable or not quantized_only)
+        ]
         return max(ps, default=0)
 
     def layer_linear_params(self) -> int:
         """Parameters of the linear layers of one transformer block (the unit FSDP gathers)."""
-        per_layer = sum(p.numel for p in self.params if p.kind == "linear" and not p.lora and ".0." in p.name
-                        and _block_index(p.name) == 0)
+        per_layer = sum(
+            p.numel
+            for p in self.params
+            if p.kind == "linear" and not p.lora and ".0." in p.name and _block_index(p.name) == 0
+        )
         return per_layer
 
 
@@ -289,13 +346,20 @@ def _block_index(name: str) -> int | None:
 def dims_of(config) -> Dims:
     """Architecture dimensions, under each family's own config names."""
     mt = getattr(config, "model_type", "")
-    g = lambda *names, default=None: next((getattr(config, n) for n in names if getattr(config, n, None) is not None), default)  # noqa: E731
+
+    def g(*names, default=None):
+        return next(
+            (getattr(config, n) for n in names if getattr(config, n, None) is not None), default
+        )
+
     hidden = g("hidden_size", "n_embd", "d_model")
     layers = g("num_hidden_layers", "n_layer", "num_layers")
     heads = g("num_attention_heads", "n_head")
     if not (hidden and layers and heads):
-        raise FtcliError(f"the config of model type {mt!r} does not say its hidden size, layers and heads",
-                         hint="ftcli estimates decoder (Llama/Mistral/Qwen/Gemma/GPT-2 style) and BERT-style models")
+        raise FtcliError(
+            f"the config of model type {mt!r} does not say its hidden size, layers and heads",
+            hint="ftcli estimates decoder (Llama/Mistral/Qwen/Gemma/GPT-2 style) and BERT-style models",
+        )
     kv = g("num_key_value_heads", default=heads)
     head_dim = g("head_dim", default=hidden // heads)
     if mt in ("bert", "roberta", "xlm-roberta", "electra"):
@@ -305,11 +369,23 @@ def dims_of(config) -> Dims:
     else:
         family = "llama"
     inter = g("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)
-    return Dims(family=family, hidden=hidden, layers=layers, heads=heads, kv_heads=kv, head_dim=head_dim,
-                intermediate=inter, vocab=g("vocab_size"), tied=bool(getattr(config, "tie_word_embeddings", False)),
-                gated_mlp=family == "llama",
-                attn_dropout=float(g("attention_probs_dropout_prob", "attn_pdrop", "attention_dropout", default=0.0)),
-                hidden_dropout=float(g("hidden_dropout_prob", "resid_pdrop", default=0.0)), model_type=mt)
+    return Dims(
+        family=family,
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv,
+        head_dim=head_dim,
+        intermediate=inter,
+        vocab=g("vocab_size"),
+        tied=bool(getattr(config, "tie_word_embeddings", False)),
+        gated_mlp=family == "llama",
+        attn_dropout=float(
+            g("attention_probs_dropout_prob", "attn_pdrop", "attention_dropout", default=0.0)
+        ),
+        hidden_dropout=float(g("hidden_dropout_prob", "resid_pdrop", default=0.0)),
+        model_type=mt,
+    )
 
 
 def inventory(model, config) -> Inventory:
@@ -343,9 +419,21 @@ def inventory(model, config) -> Inventory:
         else:
             kind = "other"
         is_head = any(h in name.split(".") for h in HEAD_LEAVES) or leaf in HEAD_LEAVES
-        params.append(Param(name=name, numel=p.numel(), shape=tuple(p.shape), kind=kind, trainable=p.requires_grad,
-                            lora=lora, shadow=".original_module." in name,
-                            quantizable=kind == "linear" and not lora and not is_head and "modules_to_save" not in name))
+        params.append(
+            Param(
+                name=name,
+                numel=p.numel(),
+                shape=tuple(p.shape),
+                kind=kind,
+                trainable=p.requires_grad,
+                lora=lora,
+                shadow=".original_module." in name,
+                quantizable=kind == "linear"
+                and not lora
+                and not is_head
+                and "modules_to_save" not in name,
+            )
+        )
     targets: dict = {}
     from peft.tuners.lora import LoraLayer
 
@@ -356,8 +444,16 @@ def inventory(model, config) -> Inventory:
             in_f = getattr(base, "in_features", None) or base.weight.shape[0]
             out_f = getattr(base, "out_features", None) or base.weight.shape[1]
             n = sum(q.numel() for k, q in module.named_parameters() if "lora_" in k)
-            t = targets.setdefault(leaf, {"in": int(in_f), "out": int(out_f), "count": 0, "lora": 0,
-                                          "dropout": _dropout_p(module)})
+            t = targets.setdefault(
+                leaf,
+                {
+                    "in": int(in_f),
+                    "out": int(out_f),
+                    "count": 0,
+                    "lora": 0,
+                    "dropout": _dropout_p(module),
+                },
+            )
             t["count"] += 1
             t["lora"] += n
     arch = type(getattr(getattr(model, "base_model", None), "model", model)).__name__
@@ -369,7 +465,7 @@ def _in_block(name: str) -> str:
     parts = name.split(".")
     for k in range(len(parts) - 1):
         if parts[k] in ("layers", "layer", "h", "blocks") and parts[k + 1].isdigit():
-            return ".".join(parts[k + 2:])
+            return ".".join(parts[k + 2 :])
     return parts[-1]
 
 

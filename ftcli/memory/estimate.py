@@ -37,10 +37,13 @@ NF4_BLOCK = 64  # bitsandbytes 4-bit: one absmax scale per 64 weights
 DQ_BLOCK = 256  # double quantization: the 8-bit absmax scales are themselves scaled per 256
 BNB_OPT_BLOCK = 256  # bitsandbytes 8-bit optimizers: one fp32 absmax per 256 state values
 BNB_MIN_8BIT = 4096  # ... and tensors smaller than this keep 32-bit states
-ALLOCATOR_SLACK = 0.05  # caching allocator: reserved exceeds allocated by block rounding and cached free blocks
-CPU_RUNTIME = 16 * 1024**2  # CPU: oneDNN/OpenMP scratch, allocator arenas, autograd bookkeeping: 15.5-16.4 MiB measured by bench/memory.py --calibrate
+ALLOCATOR_SLACK = (
+    0.05  # caching allocator: reserved exceeds allocated by block rounding and cached free blocks
+)
+CPU_RUNTIME = (
+    16 * 1024**2
+)  # CPU: oneDNN/OpenMP scratch, allocator arenas, autograd bookkeeping: 15.5-16.4 MiB measured by bench/memory.py --calibrate
 CARDS_GB = (16, 24, 40, 48, 80)
-
 
 
 # --------------------------------------------------------------------------- weights
@@ -69,7 +72,11 @@ def weight_storage(inv, s: Setup) -> dict:
         if p.lora:
             label = SHORT[s.adapter_dtype]
             n = p.numel * DTYPE_BYTES[s.adapter_dtype]
-        elif s.method == "qlora" and p.quantizable and (not s.quantize_targets_only or ".base_layer." in p.name):
+        elif (
+            s.method == "qlora"
+            and p.quantizable
+            and (not s.quantize_targets_only or ".base_layer." in p.name)
+        ):
             packed, sc = quantized_bytes(p.numel, p.shape[0], s)
             by[qlabel] = by.get(qlabel, 0) + packed
             scales += sc
@@ -160,43 +167,105 @@ class Estimate:
         rows = []
         for label, n in w.items():
             rows.append((f"weights {label}", n, ""))
-        rows.append(("gradients", self.gradients, f"{self.params_trainable:,} trainable parameters"))
+        rows.append(
+            ("gradients", self.gradients, f"{self.params_trainable:,} trainable parameters")
+        )
         rows.append((f"optimizer states ({s.optimizer})", self.optimizer_states, ""))
         if self.optimizer_paged:
-            rows.append(("optimizer states, paged", self.optimizer_paged, "unified memory: spills to CPU RAM instead of failing"))
-        rows.append(("optimizer step temporaries", self.optimizer_step_temp, "foreach (CUDA) / per tensor (CPU)"))
+            rows.append(
+                (
+                    "optimizer states, paged",
+                    self.optimizer_paged,
+                    "unified memory: spills to CPU RAM instead of failing",
+                )
+            )
+        rows.append(
+            (
+                "optimizer step temporaries",
+                self.optimizer_step_temp,
+                "foreach (CUDA) / per tensor (CPU)",
+            )
+        )
         a = self.acts
-        how = (f"{s.batch_size}x{s.seq_len} tokens, {a.layers} blocks, "
-               + ("checkpointed: block inputs + one block recomputed" if a.checkpoints else "every block saved"))
-        rows.append(("activations", a.stored + a.outside + (a.per_layer if a.checkpoints else 0), how))
-        rows.append(("backward working set", a.working, "one block's gradients in flight"
-                     + (", dequantized 4-bit weight" if s.method == "qlora" else "")))
+        how = f"{s.batch_size}x{s.seq_len} tokens, {a.layers} blocks, " + (
+            "checkpointed: block inputs + one block recomputed"
+            if a.checkpoints
+            else "every block saved"
+        )
+        rows.append(
+            ("activations", a.stored + a.outside + (a.per_layer if a.checkpoints else 0), how)
+        )
+        rows.append(
+            (
+                "backward working set",
+                a.working,
+                "one block's gradients in flight"
+                + (", dequantized 4-bit weight" if s.method == "qlora" else ""),
+            )
+        )
         if a.weight_copies or a.weight_copies_forward:
-            rows.append(("autocast weight copies", max(a.weight_copies, a.weight_copies_forward), "bf16 casts of fp32 linear weights"))
-        rows.append(("logits and loss", a.loss_peak, "logits, fp32 upcast, log-softmax and its gradient"
-                     if s.task == "causal_lm" else "classifier logits"))
+            rows.append(
+                (
+                    "autocast weight copies",
+                    max(a.weight_copies, a.weight_copies_forward),
+                    "bf16 casts of fp32 linear weights",
+                )
+            )
+        rows.append(
+            (
+                "logits and loss",
+                a.loss_peak,
+                "logits, fp32 upcast, log-softmax and its gradient"
+                if s.task == "causal_lm"
+                else "classifier logits",
+            )
+        )
         if self.mapped_checkpoint:
-            rows.append(("mapped checkpoint pages", self.mapped_checkpoint, "CPU QLoRA: the file read for quantization"))
-        rows.append(("framework overhead", self.overhead, "CUDA context + allocator slack" if s.device == "cuda"
-                     else "CPU runtime working memory"))
+            rows.append(
+                (
+                    "mapped checkpoint pages",
+                    self.mapped_checkpoint,
+                    "CPU QLoRA: the file read for quantization",
+                )
+            )
+        rows.append(
+            (
+                "framework overhead",
+                self.overhead,
+                "CUDA context + allocator slack"
+                if s.device == "cuda"
+                else "CPU runtime working memory",
+            )
+        )
         return rows
 
     def as_dict(self) -> dict:
         s = self.setup
         return {
             "setup": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(s).items()},
-            "params": {"total": self.params_total, "trainable": self.params_trainable, "lora": self.lora_params},
+            "params": {
+                "total": self.params_total,
+                "trainable": self.params_trainable,
+                "lora": self.lora_params,
+            },
             "weights": self.weights,
             "gradients": self.gradients,
             "optimizer_states": self.optimizer_states,
             "optimizer_states_paged": self.optimizer_paged,
             "optimizer_step_temporaries": self.optimizer_step_temp,
-            "activations": {"per_layer": self.acts.per_layer, "layers": self.acts.layers,
-                            "checkpoints": self.acts.checkpoints, "outside_blocks": self.acts.outside,
-                            "working": self.acts.working, "loss_peak": self.acts.loss_peak,
-                            "autocast_weight_copies": max(self.acts.weight_copies, self.acts.weight_copies_forward),
-                            "per_token_per_layer": self.acts.detail["per_token_per_layer"],
-                            "parts_per_token_per_layer": self.acts.detail["parts_per_token_per_layer"]},
+            "activations": {
+                "per_layer": self.acts.per_layer,
+                "layers": self.acts.layers,
+                "checkpoints": self.acts.checkpoints,
+                "outside_blocks": self.acts.outside,
+                "working": self.acts.working,
+                "loss_peak": self.acts.loss_peak,
+                "autocast_weight_copies": max(
+                    self.acts.weight_copies, self.acts.weight_copies_forward
+                ),
+                "per_token_per_layer": self.acts.detail["per_token_per_layer"],
+                "parts_per_token_per_layer": self.acts.detail["parts_per_token_per_layer"],
+            },
             "phases": self.phases,
             "peak_allocated": self.peak_allocated,
             "peak_phase": self.peak_phase,
@@ -233,10 +302,14 @@ def estimate(inv, s: Setup) -> Estimate:
         # FSDP all-gathers one block at a time, and prefetches the next: two blocks unsharded
         unit = max(1, inv.layer_linear_params())
         gather = 2 * unit * (DTYPE_BYTES[s.dtype] if s.method != "qlora" else 1)
-        notes.append(f"FSDP over {n} devices: weights, gradients and optimizer states sharded; two blocks gathered at a time")
+        notes.append(
+            f"FSDP over {n} devices: weights, gradients and optimizer states sharded; two blocks gathered at a time"
+        )
     elif n > 1:
         ddp_buckets = G  # DDP copies gradients into its all-reduce buckets
-        notes.append(f"DDP over {n} devices: every device holds the whole model; gradient buckets add one gradient copy")
+        notes.append(
+            f"DDP over {n} devices: every device holds the whole model; gradient buckets add one gradient copy"
+        )
     # gradients live through forward/backward only when accumulated over micro-batches
     G_fb = Gs if s.gradient_accumulation > 1 or not s.zero_grad_to_none else 0
     phases = {
@@ -253,7 +326,9 @@ def estimate(inv, s: Setup) -> Estimate:
         overhead = CPU_RUNTIME
         # CPU: from_pretrained maps the checkpoint file; its pages count as resident while weights are built
         ckpt = s.checkpoint_bytes if s.checkpoint_bytes is not None else 0
-        unquantized = sum(b for k, b in weights["by_precision"].items() if k in ("fp32", "bf16", "fp16"))
+        unquantized = sum(
+            b for k, b in weights["by_precision"].items() if k in ("fp32", "bf16", "fp16")
+        )
         mapped = 0
         if s.method == "qlora":
             # bitsandbytes reads every weight through the mapped checkpoint to quantize it, and the
@@ -262,7 +337,9 @@ def estimate(inv, s: Setup) -> Estimate:
             phases = {k: v + mapped for k, v in phases.items()}
             load_peak = ckpt + W
             if mapped:
-                notes.append(f"CPU QLoRA: the checkpoint file read for quantization stays mapped and resident ({human(mapped)})")
+                notes.append(
+                    f"CPU QLoRA: the checkpoint file read for quantization stays mapped and resident ({human(mapped)})"
+                )
         else:
             # same dtype: from_pretrained maps the file and the weights are its pages (no copy); another dtype converts
             load_peak = 0 if abs(ckpt - unquantized) <= 0.02 * max(1, unquantized) else ckpt + W
@@ -270,14 +347,33 @@ def estimate(inv, s: Setup) -> Estimate:
         phase = max(phases, key=phases.get)
         peak = phases[phase]
     if paged:
-        notes.append(f"paged optimizer states ({human(paged)}) live in unified memory and are not in the total")
+        notes.append(
+            f"paged optimizer states ({human(paged)}) live in unified memory and are not in the total"
+        )
     if s.method == "qlora" and s.device == "cpu":
-        notes.append("CPU QLoRA: bitsandbytes dequantizes each 4-bit weight for every matmul (see the working set)")
-    return Estimate(setup=s, params_total=inv.total, params_trainable=sum(p.numel for p in trainable),
-                    lora_params=sum(p.numel for p in trainable if p.lora), weights=weights, gradients=G,
-                    optimizer_states=OPT, optimizer_paged=paged, optimizer_step_temp=T_opt, acts=acts,
-                    peak_allocated=peak, peak_phase=phase, overhead=overhead, load_peak=load_peak, mapped_checkpoint=mapped,
-                    total=peak + overhead, phases=phases, notes=notes)
+        notes.append(
+            "CPU QLoRA: bitsandbytes dequantizes each 4-bit weight for every matmul (see the working set)"
+        )
+    return Estimate(
+        setup=s,
+        params_total=inv.total,
+        params_trainable=sum(p.numel for p in trainable),
+        lora_params=sum(p.numel for p in trainable if p.lora),
+        weights=weights,
+        gradients=G,
+        optimizer_states=OPT,
+        optimizer_paged=paged,
+        optimizer_step_temp=T_opt,
+        acts=acts,
+        peak_allocated=peak,
+        peak_phase=phase,
+        overhead=overhead,
+        load_peak=load_peak,
+        mapped_checkpoint=mapped,
+        total=peak + overhead,
+        phases=phases,
+        notes=notes,
+    )
 
 
 def per_device_table(inv, s: Setup, max_devices: int = 8) -> list[dict]:
@@ -298,11 +394,15 @@ def card_capacity(gb: int) -> int:
 
 
 def fits_cards(total: int) -> list[dict]:
-    return [{"card_gb": g, "capacity": card_capacity(g), "fits": total <= card_capacity(g)} for g in CARDS_GB]
+    return [
+        {"card_gb": g, "capacity": card_capacity(g), "fits": total <= card_capacity(g)}
+        for g in CARDS_GB
+    ]
 
 
 def max_micro_batch(inv, s: Setup, budget: int, limit: int = 4096) -> int:
     """The largest micro-batch whose total fits ``budget`` (0: not even one example)."""
+
     def fits(b: int) -> bool:
         return estimate(inv, replace(s, batch_size=b)).total <= budget
 
@@ -323,15 +423,25 @@ def precision_table(inv) -> list[dict]:
     total = inv.base_total
     quantizable = sum(p.numel for p in inv.params if p.quantizable)
     rest = total - quantizable
-    rows = [{"precision": "fp32", "bytes": 4 * total, "bytes_per_param": 4.0},
-            {"precision": "fp16/bf16", "bytes": 2 * total, "bytes_per_param": 2.0}]
+    rows = [
+        {"precision": "fp32", "bytes": 4 * total, "bytes_per_param": 4.0},
+        {"precision": "fp16/bf16", "bytes": 2 * total, "bytes_per_param": 2.0},
+    ]
     for label, setup, rest_bytes in (
         ("int8 (LLM.int8, rest fp16)", Setup(method="qlora", quant_bits=8), 2),
         ("nf4 (rest fp16)", Setup(method="qlora", double_quant=False), 2),
         ("nf4 + double quant (rest fp16)", Setup(method="qlora", double_quant=True), 2),
     ):
-        q = sum(sum(quantized_bytes(p.numel, p.shape[0], setup)) for p in inv.params if p.quantizable)
+        q = sum(
+            sum(quantized_bytes(p.numel, p.shape[0], setup)) for p in inv.params if p.quantizable
+        )
         b = q + rest_bytes * rest
-        rows.append({"precision": label, "bytes": b, "bytes_per_param": round(b / total, 4),
-                     "quantized_bytes_per_param": round(q / max(1, quantizable), 4)})
+        rows.append(
+            {
+                "precision": label,
+                "bytes": b,
+                "bytes_per_param": round(b / total, 4),
+                "quantized_bytes_per_param": round(q / max(1, quantizable), 4),
+            }
+        )
     return rows

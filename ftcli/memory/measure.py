@@ -77,7 +77,6 @@ def _import_everything(model_dir: str, task: str) -> None:
     from peft import get_peft_model, prepare_model_for_kbit_training  # noqa: F401
     from transformers import AutoConfig
 
-
     build_meta(AutoConfig.from_pretrained(model_dir), task)
     gc.collect()
 
@@ -86,13 +85,11 @@ def run_measurement(recipe_yaml: str, device: str, steps: int = 3) -> dict:
     """In this process: load, adapt and train ``steps`` full-length micro-batches; return the peaks."""
     import torch
 
-
     quiet_libraries()
     import yaml
 
     recipe = recipe_from_mapping(yaml.safe_load(recipe_yaml))
     from accelerate import Accelerator
-
 
     mp = resolve_mixed_precision(recipe.train.mixed_precision, device)
     acc = Accelerator(mixed_precision=mp, cpu=device == "cpu")
@@ -102,8 +99,9 @@ def run_measurement(recipe_yaml: str, device: str, steps: int = 3) -> dict:
         labels = list(recipe.data.labels) if recipe.data.labels else ["0", "1"]
     cuda = device == "cuda"
     if not cuda:
-
-        pin_malloc_threshold(measuring=True)  # resident memory = live tensors (FTCLI_PIN_MALLOC=0 to compare)
+        pin_malloc_threshold(
+            measuring=True
+        )  # resident memory = live tensors (FTCLI_PIN_MALLOC=0 to compare)
     _import_everything(model_dir, recipe.task)
     if cuda:
         torch.cuda.synchronize()
@@ -125,7 +123,11 @@ def run_measurement(recipe_yaml: str, device: str, steps: int = 3) -> dict:
     optimizer = build_optimizer(recipe, model)
     model, optimizer = acc.prepare(model, optimizer)
     b, n = recipe.train.batch_size, recipe.data.max_length
-    vocab = model.get_input_embeddings().num_embeddings if hasattr(model, "get_input_embeddings") else tokenizer.vocab_size
+    vocab = (
+        model.get_input_embeddings().num_embeddings
+        if hasattr(model, "get_input_embeddings")
+        else tokenizer.vocab_size
+    )
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, min(vocab, len(tokenizer)), (b, n), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -141,7 +143,9 @@ def run_measurement(recipe_yaml: str, device: str, steps: int = 3) -> dict:
     t0 = time.perf_counter()
     for step in range(steps):
         if step == 1:
-            t0 = time.perf_counter()  # the first step warms kernels and creates the optimizer states
+            t0 = (
+                time.perf_counter()
+            )  # the first step warms kernels and creates the optimizer states
         out = model(**batch)
         acc.backward(out.loss)
         if recipe.train.max_grad_norm:
@@ -158,27 +162,48 @@ def run_measurement(recipe_yaml: str, device: str, steps: int = 3) -> dict:
     else:
         train_peak = peak_rss_bytes() - base
         peak = max(load_peak, train_peak) if resettable else train_peak
-    return {"device": device, "steps": steps, "batch_size": b, "seq_len": n, "peak": int(peak),
-            "load_peak": int(load_peak), "after_load": int(after_load), "train_peak": int(train_peak),
-            "baseline": int(base), "losses": losses, "seconds_per_step": round(seconds_per_step, 3),
-            "quantity": "torch.cuda.max_memory_allocated" if cuda else "peak RSS growth over the post-import baseline"}
+    return {
+        "device": device,
+        "steps": steps,
+        "batch_size": b,
+        "seq_len": n,
+        "peak": int(peak),
+        "load_peak": int(load_peak),
+        "after_load": int(after_load),
+        "train_peak": int(train_peak),
+        "baseline": int(base),
+        "losses": losses,
+        "seconds_per_step": round(seconds_per_step, 3),
+        "quantity": "torch.cuda.max_memory_allocated"
+        if cuda
+        else "peak RSS growth over the post-import baseline",
+    }
 
 
 def measure(recipe, device: str, steps: int = 3, timeout: float = 1800) -> dict:
     """Run ``run_measurement`` in a fresh Python process and return its result."""
 
-    local_model_dir(resolve_model(recipe.model.name, recipe.model.revision))  # convert a GGUF once, here
+    local_model_dir(
+        resolve_model(recipe.model.name, recipe.model.revision)
+    )  # convert a GGUF once, here
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         f.write(recipe.to_yaml())
         path = f.name
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        proc = subprocess.run([sys.executable, "-m", "ftcli.memory.measure", path, device, str(steps)],
-                              capture_output=True, text=True, timeout=timeout, env=env)
+        proc = subprocess.run(
+            [sys.executable, "-m", "ftcli.memory.measure", path, device, str(steps)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
     except subprocess.TimeoutExpired:
-        raise FtcliError(f"the measurement did not finish within {timeout:.0f} s",
-                         hint="lower train.batch_size or data.max_length") from None
+        raise FtcliError(
+            f"the measurement did not finish within {timeout:.0f} s",
+            hint="lower train.batch_size or data.max_length",
+        ) from None
     finally:
         os.unlink(path)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]

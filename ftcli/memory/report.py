@@ -20,8 +20,12 @@ from ftcli.ui import UI
 SCHEMA_VERSION = 1
 
 
-def _plan(recipe, model: str | None, flags: dict, device: str, num_devices: int, strategy: str) -> Plan:
-    dev = default_device(device if device != "auto" else (recipe.train.device if recipe else "auto"))
+def _plan(
+    recipe, model: str | None, flags: dict, device: str, num_devices: int, strategy: str
+) -> Plan:
+    dev = default_device(
+        device if device != "auto" else (recipe.train.device if recipe else "auto")
+    )
     if recipe is not None:
         changes = {k: v for k, v in {"num_devices": num_devices, "strategy": strategy}.items()}
         return plan_recipe(recipe, dev, **changes)
@@ -32,24 +36,46 @@ def _plan(recipe, model: str | None, flags: dict, device: str, num_devices: int,
     if targets and targets != "all-linear":
         targets = tuple(t.strip() for t in targets.split(",") if t.strip())
     mp = flags["mixed_precision"] or ("bf16" if dev == "cuda" else "no")
-    fields = {"method": flags["method"], "batch_size": flags["batch_size"] or 8, "seq_len": flags["seq_len"] or 128,
-              "gradient_checkpointing": bool(flags["gradient_checkpointing"]), "optimizer": flags["optimizer"] or "adamw",
-              "dtype": flags["dtype"] or "float32", "mixed_precision": mp,
-              "attn_implementation": flags["attn_implementation"] or "sdpa", "r": flags["r"] or 8,
-              "target_modules": targets or None, "device": dev, "num_devices": num_devices, "strategy": strategy}
+    fields = {
+        "method": flags["method"],
+        "batch_size": flags["batch_size"] or 8,
+        "seq_len": flags["seq_len"] or 128,
+        "gradient_checkpointing": bool(flags["gradient_checkpointing"]),
+        "optimizer": flags["optimizer"] or "adamw",
+        "dtype": flags["dtype"] or "float32",
+        "mixed_precision": mp,
+        "attn_implementation": flags["attn_implementation"] or "sdpa",
+        "r": flags["r"] or 8,
+        "target_modules": targets or None,
+        "device": dev,
+        "num_devices": num_devices,
+        "strategy": strategy,
+    }
     return build_plan(model, Setup(task=task, **fields))
 
 
-def run_estimate(recipe=None, model: str | None = None, flags: dict | None = None, device: str = "auto",
-                 num_devices: int = 1, strategy: str = "ddp", budget: str | None = None, weights_only: bool = False,
-                 measure: bool = False, steps: int = 3, json_mode: bool = False) -> dict:
+def run_estimate(
+    recipe=None,
+    model: str | None = None,
+    flags: dict | None = None,
+    device: str = "auto",
+    num_devices: int = 1,
+    strategy: str = "ddp",
+    budget: str | None = None,
+    weights_only: bool = False,
+    measure: bool = False,
+    steps: int = 3,
+    json_mode: bool = False,
+) -> dict:
     """Plan, estimate, print; optionally measure. Returns the --json record."""
     flags = flags or {}
     if recipe is not None:
         ignored = [k for k, v in flags.items() if v is not None and k != "method"]
         if ignored or flags.get("method") not in (None, "lora"):
-            raise FtcliError(f"with a recipe, change settings with --set, not --{(ignored or ['method'])[0].replace('_', '-')}",
-                             hint="e.g. --set train.batch_size=4 --set data.max_length=512")
+            raise FtcliError(
+                f"with a recipe, change settings with --set, not --{(ignored or ['method'])[0].replace('_', '-')}",
+                hint="e.g. --set train.batch_size=4 --set data.max_length=512",
+            )
     if strategy not in ("ddp", "fsdp"):
         raise FtcliError(f"--strategy {strategy!r} is not one of ddp, fsdp")
     if num_devices < 1:
@@ -58,73 +84,143 @@ def run_estimate(recipe=None, model: str | None = None, flags: dict | None = Non
     ui = UI(json_mode)
     plan = _plan(recipe, model, flags, device, num_devices, strategy)
     s = plan.setup
-    model_info = {"name": plan.name, "source": plan.loaded.source, "where": plan.loaded.where,
-                  "architecture": plan.inv.architecture, "params": plan.inv.base_total, "layers": plan.inv.dims.layers,
-                  "hidden": plan.inv.dims.hidden, "heads": plan.inv.dims.heads, "kv_heads": plan.inv.dims.kv_heads,
-                  "intermediate": plan.inv.dims.intermediate, "vocab": plan.inv.dims.vocab, "tied": plan.inv.dims.tied}
-    ui.info(f"[bold]{plan.name}[/] ({plan.inv.architecture}, {plan.inv.base_total / 1e9:.3g} B parameters, "
-            f"config from {plan.loaded.source}: {plan.loaded.where})")
+    model_info = {
+        "name": plan.name,
+        "source": plan.loaded.source,
+        "where": plan.loaded.where,
+        "architecture": plan.inv.architecture,
+        "params": plan.inv.base_total,
+        "layers": plan.inv.dims.layers,
+        "hidden": plan.inv.dims.hidden,
+        "heads": plan.inv.dims.heads,
+        "kv_heads": plan.inv.dims.kv_heads,
+        "intermediate": plan.inv.dims.intermediate,
+        "vocab": plan.inv.dims.vocab,
+        "tied": plan.inv.dims.tied,
+    }
+    ui.info(
+        f"[bold]{plan.name}[/] ({plan.inv.architecture}, {plan.inv.base_total / 1e9:.3g} B parameters, "
+        f"config from {plan.loaded.source}: {plan.loaded.where})"
+    )
     table = precision_table(plan.inv)
     if weights_only:
-        ui.table("weights alone", [(r["precision"], human(r["bytes"]), f"{r['bytes'] / 1e9:.2f} GB",
-                                    f"{r['bytes_per_param']:.3f} B/param") for r in table],
-                 headers=("precision", "size", "size (10^9)", "per parameter"))
+        ui.table(
+            "weights alone",
+            [
+                (
+                    r["precision"],
+                    human(r["bytes"]),
+                    f"{r['bytes'] / 1e9:.2f} GB",
+                    f"{r['bytes_per_param']:.3f} B/param",
+                )
+                for r in table
+            ],
+            headers=("precision", "size", "size (10^9)", "per parameter"),
+        )
         return {"schema": SCHEMA_VERSION, "model": model_info, "precision_table": table}
 
     est = plan.estimate()
-    ui.info(f"{s.method} on {s.device}, micro-batch {s.batch_size} x {s.seq_len} tokens, "
-            f"{'gradient checkpointing, ' if s.gradient_checkpointing else ''}{s.optimizer}, "
-            f"weights {s.unquantized_dtype if s.method == 'qlora' else s.dtype}"
-            f"{', ' + s.quant_type + (' + double quant' if s.double_quant else '') if s.method == 'qlora' else ''}, "
-            f"mixed precision {s.mixed_precision}, attention {s.attn_implementation}")
+    ui.info(
+        f"{s.method} on {s.device}, micro-batch {s.batch_size} x {s.seq_len} tokens, "
+        f"{'gradient checkpointing, ' if s.gradient_checkpointing else ''}{s.optimizer}, "
+        f"weights {s.unquantized_dtype if s.method == 'qlora' else s.dtype}"
+        f"{', ' + s.quant_type + (' + double quant' if s.double_quant else '') if s.method == 'qlora' else ''}, "
+        f"mixed precision {s.mixed_precision}, attention {s.attn_implementation}"
+    )
     rows = [(name, human(b), how) for name, b, how in est.components()]
     ui.table("memory at the peak, per device", rows, headers=("component", "bytes", "how"))
     if est.acts.detail.get("parts_per_token_per_layer"):
-        parts = ", ".join(f"{k} {v:,}" for k, v in est.acts.detail["parts_per_token_per_layer"].items() if v)
-        ui.info(f"  activations per token per block: {est.acts.detail['per_token_per_layer']:,} bytes ({parts})")
-    ui.info(f"[bold]peak {human(est.total)}[/] at the {est.peak_phase} "
-            f"(tensors {human(est.peak_allocated)} + overhead {human(est.overhead)}); "
-            + ", ".join(f"{k} {human(v)}" for k, v in est.phases.items()))
+        parts = ", ".join(
+            f"{k} {v:,}" for k, v in est.acts.detail["parts_per_token_per_layer"].items() if v
+        )
+        ui.info(
+            f"  activations per token per block: {est.acts.detail['per_token_per_layer']:,} bytes ({parts})"
+        )
+    ui.info(
+        f"[bold]peak {human(est.total)}[/] at the {est.peak_phase} "
+        f"(tensors {human(est.peak_allocated)} + overhead {human(est.overhead)}); "
+        + ", ".join(f"{k} {human(v)}" for k, v in est.phases.items())
+    )
     for note in est.notes:
         ui.info(f"  note: {note}")
-    result: dict = {"schema": SCHEMA_VERSION, "model": model_info, "estimate": est.as_dict(),
-                    "precision_table": table}
+    result: dict = {
+        "schema": SCHEMA_VERSION,
+        "model": model_info,
+        "estimate": est.as_dict(),
+        "precision_table": table,
+    }
     if s.device == "cuda":
         cards = fits_cards(est.total)
-        ui.info("fits: " + "  ".join(f"{c['card_gb']} GB {'[green]yes[/]' if c['fits'] else '[red]no[/]'}" for c in cards))
+        ui.info(
+            "fits: "
+            + "  ".join(
+                f"{c['card_gb']} GB {'[green]yes[/]' if c['fits'] else '[red]no[/]'}" for c in cards
+            )
+        )
         result["cards"] = cards
     free = free_device_memory(s.device) if s.device == "cpu" or _cuda_ok() else None
     if free is not None:
-        ui.info(f"free on this {s.device}: {human(free)} -> {'fits' if est.total <= free else 'does NOT fit'}")
+        ui.info(
+            f"free on this {s.device}: {human(free)} -> {'fits' if est.total <= free else 'does NOT fit'}"
+        )
         result["free_here"] = free
     devices = per_device_table(plan.inv, replace(s, num_devices=1), max(1, num_devices))
     if num_devices > 1:
-        ui.table("per device", [(d["devices"], human(d["ddp"]), human(d["fsdp"])) for d in devices],
-                 headers=("devices", "DDP", "FSDP"))
+        ui.table(
+            "per device",
+            [(d["devices"], human(d["ddp"]), human(d["fsdp"])) for d in devices],
+            headers=("devices", "DDP", "FSDP"),
+        )
     result["per_device"] = devices
     if budget_bytes is not None:
         best = max_micro_batch(plan.inv, s, budget_bytes)
-        ui.info(f"largest micro-batch within {budget} ({human(budget_bytes)}): "
-                + (f"[bold]{best}[/] x {s.seq_len} tokens" if best else "[red]none[/]: even one example does not fit"))
+        ui.info(
+            f"largest micro-batch within {budget} ({human(budget_bytes)}): "
+            + (
+                f"[bold]{best}[/] x {s.seq_len} tokens"
+                if best
+                else "[red]none[/]: even one example does not fit"
+            )
+        )
         result["budget"] = {"bytes": budget_bytes, "max_micro_batch": best}
     else:
-        result["max_micro_batch_by_card"] = {g: max_micro_batch(plan.inv, s, int(g * GiB * 0.99)) for g in CARDS_GB} \
-            if s.device == "cuda" else None
+        result["max_micro_batch_by_card"] = (
+            {g: max_micro_batch(plan.inv, s, int(g * GiB * 0.99)) for g in CARDS_GB}
+            if s.device == "cuda"
+            else None
+        )
     if measure:
         if recipe is None:
-            raise FtcliError("--measure needs a recipe (it trains a few steps on the recipe's model)")
+            raise FtcliError(
+                "--measure needs a recipe (it trains a few steps on the recipe's model)"
+            )
         from ftcli.memory.measure import measure as run_measure
 
-        ui.info(f"measuring: {steps} training steps of {s.batch_size} x {s.seq_len} tokens in a fresh process ...")
+        ui.info(
+            f"measuring: {steps} training steps of {s.batch_size} x {s.seq_len} tokens in a fresh process ..."
+        )
         got = run_measure(recipe, s.device, steps)
         predicted = est.peak_allocated if s.device == "cuda" else est.total
         ratio = predicted / got["peak"] if got["peak"] else float("nan")
-        ui.table("predicted vs measured", [
-            ("predicted", human(predicted), "tensors only (max_memory_allocated excludes the CUDA context)"
-             if s.device == "cuda" else "tensors + CPU runtime"),
-            ("measured", human(got["peak"]), got["quantity"]),
-            ("ratio", f"{ratio:.3f}", "within 15%" if abs(ratio - 1) <= 0.15 else "OFF by more than 15%"),
-        ], headers=("", "bytes", ""))
+        ui.table(
+            "predicted vs measured",
+            [
+                (
+                    "predicted",
+                    human(predicted),
+                    "tensors only (max_memory_allocated excludes the CUDA context)"
+                    if s.device == "cuda"
+                    else "tensors + CPU runtime",
+                ),
+                ("measured", human(got["peak"]), got["quantity"]),
+                (
+                    "ratio",
+                    f"{ratio:.3f}",
+                    "within 15%" if abs(ratio - 1) <= 0.15 else "OFF by more than 15%",
+                ),
+            ],
+            headers=("", "bytes", ""),
+        )
         result["measured"] = {**got, "predicted": predicted, "ratio": ratio}
     return result
 

@@ -12,7 +12,9 @@ GiB = 1024**3
 GB = 1000**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-CUDA_CONTEXT = 512 * 1024**2  # CUDA context + cuBLAS workspace (CUDA 12, lazy module loading); not in max_memory_allocated
+CUDA_CONTEXT = (
+    512 * 1024**2
+)  # CUDA context + cuBLAS workspace (CUDA 12, lazy module loading); not in max_memory_allocated
 OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 
 
@@ -20,13 +22,27 @@ def parse_budget(text: str) -> int:
     """``24GB`` / ``24GiB`` / ``24000MB`` / ``1.5TB`` -> bytes. GB is 1000^3, GiB 1024^3."""
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B|B)?\s*", text or "", re.IGNORECASE)
     if not m:
-        raise FtcliError(f"cannot read the memory budget {text!r}",
-                         hint="write a number and a unit: 24GB, 24GiB, 16000MB, 80G is not enough - say GB or GiB")
+        raise FtcliError(
+            f"cannot read the memory budget {text!r}",
+            hint="write a number and a unit: 24GB, 24GiB, 16000MB, 80G is not enough - say GB or GiB",
+        )
     value, unit = float(m.group(1)), (m.group(2) or "").upper()
     if not unit:
-        raise FtcliError(f"the memory budget {text!r} has no unit", hint="write 24GB (10^9 bytes) or 24GiB (2^30 bytes)")
-    powers = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
-              "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
+        raise FtcliError(
+            f"the memory budget {text!r} has no unit",
+            hint="write 24GB (10^9 bytes) or 24GiB (2^30 bytes)",
+        )
+    powers = {
+        "B": 1,
+        "KB": 1e3,
+        "MB": 1e6,
+        "GB": 1e9,
+        "TB": 1e12,
+        "KIB": 1024,
+        "MIB": 1024**2,
+        "GIB": 1024**3,
+        "TIB": 1024**4,
+    }
     return int(value * powers[unit])
 
 
@@ -53,7 +69,9 @@ class Setup:
     momentum: float = 0.9
     weight_decay: float = 0.0
     dtype: str = "float32"  # weights of full / lora runs (ftcli loads float32 unless model.dtype says otherwise)
-    unquantized_dtype: str = "float32"  # qlora: embeddings, norms, head (peft's prepare_model_for_kbit_training upcasts)
+    unquantized_dtype: str = (
+        "float32"  # qlora: embeddings, norms, head (peft's prepare_model_for_kbit_training upcasts)
+    )
     adapter_dtype: str = "float32"  # peft keeps LoRA weights in fp32
     mixed_precision: str = "no"  # no | bf16 | fp16: autocast around the forward
     attn_implementation: str = "sdpa"  # eager | sdpa | flash_attention_2
@@ -72,9 +90,13 @@ class Setup:
     strategy: str = "ddp"  # ddp | fsdp
     cuda_context: int = CUDA_CONTEXT
     checkpoint_bytes: int | None = None  # CPU: size of the weights file read at load time
-    zero_grad_to_none: bool = True  # ftcli frees gradients after each step; torch < 2.0's zero_grad() kept them
+    zero_grad_to_none: bool = (
+        True  # ftcli frees gradients after each step; torch < 2.0's zero_grad() kept them
+    )
     fp32_embedding_states: bool = False  # HF Trainer keeps 8-bit optimizers' states of nn.Embedding in 32 bits; ftcli does not
-    quantize_targets_only: bool = False  # torchtune's QLoRA quantizes only the LoRA-adapted layers; bitsandbytes all linears
+    quantize_targets_only: bool = (
+        False  # torchtune's QLoRA quantizes only the LoRA-adapted layers; bitsandbytes all linears
+    )
 
     def check(self) -> None:
         problems = []
@@ -87,10 +109,14 @@ class Setup:
         if self.batch_size < 1 or self.seq_len < 1 or self.num_devices < 1:
             problems.append("batch size, sequence length and device count must be at least 1")
         if self.attn_implementation not in ("eager", "sdpa", "flash_attention_2"):
-            problems.append(f"attention {self.attn_implementation!r} is not one of eager, sdpa, flash_attention_2")
+            problems.append(
+                f"attention {self.attn_implementation!r} is not one of eager, sdpa, flash_attention_2"
+            )
         for name in ("dtype", "unquantized_dtype", "adapter_dtype", "compute_dtype"):
             if getattr(self, name) not in DTYPE_BYTES:
-                problems.append(f"{name} {getattr(self, name)!r} is not one of {', '.join(DTYPE_BYTES)}")
+                problems.append(
+                    f"{name} {getattr(self, name)!r} is not one of {', '.join(DTYPE_BYTES)}"
+                )
         if problems:
             raise FtcliError("; ".join(problems))
 

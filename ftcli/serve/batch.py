@@ -12,7 +12,9 @@ from ftcli.serve.predictor import Predictor
 from ftcli.util import atomic_write_text, write_jsonl
 
 
-def read_requests(texts: list[str] | None, input_path: str | None, text_column: str = "text") -> list[dict]:
+def read_requests(
+    texts: list[str] | None, input_path: str | None, text_column: str = "text"
+) -> list[dict]:
     """Requests from --text and/or a file: {"text"} or {"messages"}, with an optional "adapter"."""
     rows: list[dict] = [{"text": t} for t in texts or []]
     if input_path:
@@ -25,8 +27,10 @@ def read_requests(texts: list[str] | None, input_path: str | None, text_column: 
             elif text_column in r:
                 req["text"] = "" if r[text_column] is None else str(r[text_column])
             else:
-                raise FtcliError(f"{input_path}: row {i + 1} has no {text_column!r} column (columns: {', '.join(r)})",
-                                 hint="name the text column with --text-column")
+                raise FtcliError(
+                    f"{input_path}: row {i + 1} has no {text_column!r} column (columns: {', '.join(r)})",
+                    hint="name the text column with --text-column",
+                )
             if r.get("adapter"):
                 req["adapter"] = str(r["adapter"])
             rows.append(req)
@@ -35,8 +39,15 @@ def read_requests(texts: list[str] | None, input_path: str | None, text_column: 
     return rows
 
 
-def predict(pred: Predictor, requests: list[dict], batch_size: int = 32, max_new_tokens: int = 64,
-            temperature: float = 0.0, raw: bool = False, progress=None) -> list[dict]:
+def predict(
+    pred: Predictor,
+    requests: list[dict],
+    batch_size: int = 32,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    raw: bool = False,
+    progress=None,
+) -> list[dict]:
     """Answer every request. With several adapters, a request naming one goes to it; the others go
     to every adapter (one output row each), so adapters can be compared on the same inputs."""
     jobs: dict[str | None, list[int]] = {}
@@ -45,8 +56,10 @@ def predict(pred: Predictor, requests: list[dict], batch_size: int = 32, max_new
         targets = [r["adapter"]] if r.get("adapter") else (list(pred.adapters) or [None])
         for a in targets:
             if a is not None and a not in pred.adapters:
-                raise FtcliError(f"a request names adapter {a!r}, which is not loaded",
-                                 hint=f"loaded: {', '.join(pred.adapters) or '(none)'}")
+                raise FtcliError(
+                    f"a request names adapter {a!r}, which is not loaded",
+                    hint=f"loaded: {', '.join(pred.adapters) or '(none)'}",
+                )
             row = {k: v for k, v in r.items() if k != "adapter"}
             if a is not None:
                 row["adapter"] = a
@@ -57,11 +70,20 @@ def predict(pred: Predictor, requests: list[dict], batch_size: int = 32, max_new
         if pred.task == "classification":
             if any("messages" in expanded[i] for i in idx):
                 raise FtcliError("a classifier takes text, not messages")
-            for i, res in zip(idx, pred.classify([expanded[i]["text"] for i in idx], batch_size, progress), strict=True):
+            for i, res in zip(
+                idx,
+                pred.classify([expanded[i]["text"] for i in idx], batch_size, progress),
+                strict=True,
+            ):
                 expanded[i].update(res)
         else:
-            convs = [expanded[i].get("messages") or [{"role": "user", "content": expanded[i]["text"]}] for i in idx]
-            gens = pred.generate(convs, max_new_tokens, min(batch_size, 8), temperature, raw, progress)
+            convs = [
+                expanded[i].get("messages") or [{"role": "user", "content": expanded[i]["text"]}]
+                for i in idx
+            ]
+            gens = pred.generate(
+                convs, max_new_tokens, min(batch_size, 8), temperature, raw, progress
+            )
             for i, g in zip(idx, gens, strict=True):
                 expanded[i]["generation"] = g
     return expanded
@@ -74,7 +96,11 @@ def write_predictions(rows: list[dict], path: Path) -> None:
 
         flat = []
         for r in rows:
-            f = {k: (json.dumps(v, ensure_ascii=False) if k == "messages" else v) for k, v in r.items() if k != "probs"}
+            f = {
+                k: (json.dumps(v, ensure_ascii=False) if k == "messages" else v)
+                for k, v in r.items()
+                if k != "probs"
+            }
             f.update({f"prob_{k}": v for k, v in (r.get("probs") or {}).items()})
             flat.append(f)
         atomic_write_text(path, pd.DataFrame(flat).to_csv(index=False))
@@ -86,7 +112,14 @@ def progress_bar(console, total: int, what: str):
     """A rich progress bar over requests (off when the console is not a terminal)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    bar = Progress(TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=console, transient=True, disable=not console.is_terminal)
+    bar = Progress(
+        TextColumn(f"[bold]{what}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    )
     task = bar.add_task(what, total=total)
     return bar, lambda n: bar.advance(task, n)

@@ -27,7 +27,9 @@ class FeedbackLog:
 
     def __init__(self, path: str | Path, model: str):
         self.path = Path(path)
-        self.rejected_path = self.path.with_name(f"{self.path.stem}-rejected{self.path.suffix or '.jsonl'}")
+        self.rejected_path = self.path.with_name(
+            f"{self.path.stem}-rejected{self.path.suffix or '.jsonl'}"
+        )
         self.model = model
         self.counts = {"good": 0, "fixed": 0, "bad": 0}
 
@@ -39,19 +41,36 @@ class FeedbackLog:
         append_jsonl(self.rejected_path if verdict == "bad" else self.path, row)
         self.counts[verdict] += 1
 
-    def classification(self, text: str, predicted: str, verdict: str, labels: list[str],
-                       correct: str | None = None, adapter: str | None = None) -> None:
+    def classification(
+        self,
+        text: str,
+        predicted: str,
+        verdict: str,
+        labels: list[str],
+        correct: str | None = None,
+        adapter: str | None = None,
+    ) -> None:
         if verdict == "fixed":
             if correct not in labels:
-                raise FtcliError(f"{correct!r} is not one of the model's labels: {', '.join(labels)}")
+                raise FtcliError(
+                    f"{correct!r} is not one of the model's labels: {', '.join(labels)}"
+                )
             self._write({"text": text, "label": correct, "predicted": predicted}, verdict, adapter)
         elif verdict == "good":
-            self._write({"text": text, "label": predicted, "predicted": predicted}, verdict, adapter)
+            self._write(
+                {"text": text, "label": predicted, "predicted": predicted}, verdict, adapter
+            )
         else:
             self._write({"text": text, "predicted": predicted}, verdict, adapter)
 
-    def chat(self, context: list[dict], answer: str, verdict: str, correct: str | None = None,
-             adapter: str | None = None) -> None:
+    def chat(
+        self,
+        context: list[dict],
+        answer: str,
+        verdict: str,
+        correct: str | None = None,
+        adapter: str | None = None,
+    ) -> None:
         if verdict == "bad":
             self._write({"messages": context, "rejected": answer}, verdict, adapter)
             return

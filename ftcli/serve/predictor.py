@@ -41,7 +41,10 @@ class Predictor:
         if name is None or name == self.active:
             return
         if name not in self.adapters:
-            raise FtcliError(f"no adapter named {name!r}", hint=f"loaded adapters: {', '.join(self.adapters) or '(none)'}")
+            raise FtcliError(
+                f"no adapter named {name!r}",
+                hint=f"loaded adapters: {', '.join(self.adapters) or '(none)'}",
+            )
         self.model.set_adapter(name)
         self.active = name
 
@@ -69,7 +72,9 @@ class Predictor:
                     out[i] = {
                         "label": names[k] if k < len(names) else str(k),
                         "score": p[k],
-                        "probs": {(names[j] if j < len(names) else str(j)): v for j, v in enumerate(p)},
+                        "probs": {
+                            (names[j] if j < len(names) else str(j)): v for j, v in enumerate(p)
+                        },
                     }
                 if progress:
                     progress(len(idx))
@@ -93,16 +98,27 @@ class Predictor:
         """The next assistant turn of each conversation, batched, greedy unless a temperature is given."""
         prompts = [self.prompt_text(c, raw) for c in conversations]
         cfg = self.model.config
-        positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-        room = max(1, min(self.max_length, positions - max_new_tokens) if positions else self.max_length)
+        positions = getattr(cfg, "max_position_embeddings", None) or getattr(
+            cfg, "n_positions", None
+        )
+        room = max(
+            1, min(self.max_length, positions - max_new_tokens) if positions else self.max_length
+        )
         # the chat template already holds any special tokens the model expects
         special = raw or not getattr(self.tokenizer, "chat_template", None)
         out: list[str] = []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             answers = generate_answers(
-                self.model, self.tokenizer, chunk, special, max_new_tokens, batch_size, self.device,
-                room, temperature,
+                self.model,
+                self.tokenizer,
+                chunk,
+                special,
+                max_new_tokens,
+                batch_size,
+                self.device,
+                room,
+                temperature,
             )
             out += [a["answer"] for a in answers]
             if progress:
@@ -129,8 +145,15 @@ def _plain(folder: Path, run_dir: Path | None) -> Predictor:
         id2label = model.config.id2label or {}
         labels = [id2label[i] for i in range(len(id2label))]
     device = resolve_device("auto")
-    return Predictor(model.to(device), tok, task, str(folder), {None: labels or []},
-                     max_length=_max_length(run_dir, tok), device=device)
+    return Predictor(
+        model.to(device),
+        tok,
+        task,
+        str(folder),
+        {None: labels or []},
+        max_length=_max_length(run_dir, tok),
+        device=device,
+    )
 
 
 def adapter_name(path: Path) -> str:
@@ -147,7 +170,9 @@ def _parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
         folder = find_adapter(path)
         name = name or adapter_name(folder)
         if any(n == name for n, _ in out):
-            raise FtcliError(f"two adapters are named {name!r}", hint="name them: --adapter NAME=PATH")
+            raise FtcliError(
+                f"two adapters are named {name!r}", hint="name them: --adapter NAME=PATH"
+            )
         out.append((name, folder))
     return out
 
@@ -165,16 +190,24 @@ def _check_compatible(recs: list[tuple[str, Path, ModelRecord]], base: str | Non
     n0, _, first = recs[0]
     for n, _, r in recs[1:]:
         if r.task != first.task:
-            raise FtcliError(f"adapter {n!r} is for {r.task}, {n0!r} for {first.task}: they cannot share a model")
+            raise FtcliError(
+                f"adapter {n!r} is for {r.task}, {n0!r} for {first.task}: they cannot share a model"
+            )
         if base is None and r.base_model != first.base_model:
-            raise FtcliError(f"adapter {n!r} was trained on {r.base_model}, {n0!r} on {first.base_model}",
-                             hint="serve adapters of one base model together (or name the base with MODEL)")
+            raise FtcliError(
+                f"adapter {n!r} was trained on {r.base_model}, {n0!r} on {first.base_model}",
+                hint="serve adapters of one base model together (or name the base with MODEL)",
+            )
         if _flavour(r) != _flavour(first):
-            raise FtcliError(f"adapter {n!r} needs the base as {_flavour(r)[0]} weights, {n0!r} as {_flavour(first)[0]}",
-                             hint="serve QLoRA and LoRA adapters from separate commands")
+            raise FtcliError(
+                f"adapter {n!r} needs the base as {_flavour(r)[0]} weights, {n0!r} as {_flavour(first)[0]}",
+                hint="serve QLoRA and LoRA adapters from separate commands",
+            )
         if first.task == "classification" and len(r.labels or []) != len(first.labels or []):
-            raise FtcliError(f"adapter {n!r} has {len(r.labels or [])} labels, {n0!r} has "
-                             f"{len(first.labels or [])}: their heads cannot share a base")
+            raise FtcliError(
+                f"adapter {n!r} has {len(r.labels or [])} labels, {n0!r} has "
+                f"{len(first.labels or [])}: their heads cannot share a base"
+            )
 
 
 def _with_adapters(base: str | None, specs: list[str], run_dir: Path | None = None) -> Predictor:
@@ -187,8 +220,17 @@ def _with_adapters(base: str | None, specs: list[str], run_dir: Path | None = No
     device = resolve_device("auto")
     labels = {n: list(r.labels or []) for n, _, r in recs}
     run_dir = run_dir or (named[0][1].parent if named[0][1].name == "adapter" else None)
-    return Predictor(model.to(device), tok, first.task, base or str(first.base_model), labels,
-                     {n: str(p) for n, p in named}, recs[0][0], _max_length(run_dir, tok), device)
+    return Predictor(
+        model.to(device),
+        tok,
+        first.task,
+        base or str(first.base_model),
+        labels,
+        {n: str(p) for n, p in named},
+        recs[0][0],
+        _max_length(run_dir, tok),
+        device,
+    )
 
 
 def load_predictor(model_or_run: str | None, adapters: list[str] | None = None) -> Predictor:
@@ -196,18 +238,24 @@ def load_predictor(model_or_run: str | None, adapters: list[str] | None = None) 
     if adapters:
         return _with_adapters(model_or_run, adapters)
     if not model_or_run:
-        raise FtcliError("name a model or a run folder (or give --adapter)",
-                         hint="e.g. ftcli predict runs/quickstart --text 'great film'")
+        raise FtcliError(
+            "name a model or a run folder (or give --adapter)",
+            hint="e.g. ftcli predict runs/quickstart --text 'great film'",
+        )
     p = Path(model_or_run)
     if p.is_dir():
         for sub in ("merged", "model"):
             if (p / sub / "config.json").is_file():
                 return _plain(p / sub, p)
-        if (p / "adapter" / "adapter_config.json").is_file() or (p / "adapter_config.json").is_file():
+        if (p / "adapter" / "adapter_config.json").is_file() or (
+            p / "adapter_config.json"
+        ).is_file():
             return _with_adapters(None, [str(p)], p if (p / "adapter").is_dir() else None)
         if (p / "config.json").is_file():
             return _plain(p, run_of(p))
         if (p / "run.json").exists():
-            raise FtcliError(f"{p} holds no trained model (merged/, model/ or adapter/)",
-                             hint="finish the run first: ftcli train <recipe> --resume")
+            raise FtcliError(
+                f"{p} holds no trained model (merged/, model/ or adapter/)",
+                hint="finish the run first: ftcli train <recipe> --resume",
+            )
     return _plain(Path(local_model_dir(resolve_model(model_or_run))), None)

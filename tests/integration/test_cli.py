@@ -21,8 +21,14 @@ RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
 def ftcli(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "ftcli", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=cwd or ROOT, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "ftcli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd or ROOT,
+        timeout=timeout,
+    )
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -33,8 +39,10 @@ def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> Non
         assert f in proc.stderr, proc.stderr
 
 
-@pytest.mark.parametrize("command", ["train", "validate", "recipes", "eval", "merge", "estimate-memory", "predict",
-                                     "chat", "cv"])
+@pytest.mark.parametrize(
+    "command",
+    ["train", "validate", "recipes", "eval", "merge", "estimate-memory", "predict", "chat", "cv"],
+)
 def test_every_command_has_help_with_examples(command):
     proc = ftcli(command, "--help")
     assert proc.returncode == 0 and "Examples" in proc.stdout, proc.stdout
@@ -66,11 +74,20 @@ def test_every_bundled_recipe_validates(recipe):
 
 def test_bad_recipe_lists_every_problem_without_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text((ROOT / "recipes" / "quickstart.yaml").read_text()
-                   .replace("  r: 8\n", "  rank: 8\n").replace("kind: lora", "kind: lorra"))
+    bad.write_text(
+        (ROOT / "recipes" / "quickstart.yaml")
+        .read_text()
+        .replace("  r: 8\n", "  rank: 8\n")
+        .replace("kind: lora", "kind: lorra")
+    )
     proc = ftcli("validate", bad)
-    assert_user_error(proc, "2 problems in the recipe:", f"{bad}:", "method.rank: unknown key (did you mean method.r?)",
-                      "method.kind: 'lorra' is not one of: full, lora, qlora (did you mean 'lora'?)")
+    assert_user_error(
+        proc,
+        "2 problems in the recipe:",
+        f"{bad}:",
+        "method.rank: unknown key (did you mean method.r?)",
+        "method.kind: 'lorra' is not one of: full, lora, qlora (did you mean 'lora'?)",
+    )
 
 
 def test_json_errors_are_one_object_on_stdout(tmp_path):
@@ -80,7 +97,9 @@ def test_json_errors_are_one_object_on_stdout(tmp_path):
     assert out["ok"] is False and "recipe not found" in out["error"]
 
 
-def _train_bad(tmp_path, tiny_models, tiny_data, change) -> tuple[subprocess.CompletedProcess, Path]:
+def _train_bad(
+    tmp_path, tiny_models, tiny_data, change
+) -> tuple[subprocess.CompletedProcess, Path]:
     mapping = tiny_recipe(tmp_path, tiny_models, tiny_data)
     change(mapping)
     path = tmp_path / "r.yaml"
@@ -92,8 +111,12 @@ def _train_bad(tmp_path, tiny_models, tiny_data, change) -> tuple[subprocess.Com
 
 
 def test_missing_data_file(tmp_path, tiny_models, tiny_data):
-    proc, run_dir = _train_bad(tmp_path, tiny_models, tiny_data,
-                               lambda m: m["data"].update(path=str(tmp_path / "nope.csv")))
+    proc, run_dir = _train_bad(
+        tmp_path,
+        tiny_models,
+        tiny_data,
+        lambda m: m["data"].update(path=str(tmp_path / "nope.csv")),
+    )
     assert_user_error(proc, "data not found", "nope.csv")
     assert not run_dir.exists()  # nothing written
 
@@ -101,37 +124,59 @@ def test_missing_data_file(tmp_path, tiny_models, tiny_data):
 def test_empty_dataset(tmp_path, tiny_models, tiny_data):
     empty = tmp_path / "empty.csv"
     empty.write_text("text,label\n")
-    proc, run_dir = _train_bad(tmp_path, tiny_models, tiny_data, lambda m: m["data"].update(path=str(empty)))
+    proc, run_dir = _train_bad(
+        tmp_path, tiny_models, tiny_data, lambda m: m["data"].update(path=str(empty))
+    )
     assert_user_error(proc, "the dataset is empty")
     assert not run_dir.exists()
 
 
 def test_unknown_label_column_names_file_and_line(tmp_path, tiny_models, tiny_data):
-    proc, run_dir = _train_bad(tmp_path, tiny_models, tiny_data, lambda m: m["data"].update(label_column="lable"))
-    assert_user_error(proc, f"{tmp_path / 'r.yaml'}:", "data.label_column: column 'lable' is not in the data",
-                      "did you mean 'label'?")
+    proc, run_dir = _train_bad(
+        tmp_path, tiny_models, tiny_data, lambda m: m["data"].update(label_column="lable")
+    )
+    assert_user_error(
+        proc,
+        f"{tmp_path / 'r.yaml'}:",
+        "data.label_column: column 'lable' is not in the data",
+        "did you mean 'label'?",
+    )
     assert not run_dir.exists()
 
 
 def test_unknown_target_module_lists_the_real_ones(tmp_path, tiny_models, tiny_data):
-    proc, run_dir = _train_bad(tmp_path, tiny_models, tiny_data,
-                               lambda m: m["method"].update(target_modules=["q_proj"]))  # a BERT has 'query'
-    assert_user_error(proc, "method.target_modules: no module named 'q_proj' in BertForSequenceClassification",
-                      "query", "value")
+    proc, run_dir = _train_bad(
+        tmp_path, tiny_models, tiny_data, lambda m: m["method"].update(target_modules=["q_proj"])
+    )  # a BERT has 'query'
+    assert_user_error(
+        proc,
+        "method.target_modules: no module named 'q_proj' in BertForSequenceClassification",
+        "query",
+        "value",
+    )
     assert not run_dir.exists()
 
 
 def test_unreachable_hub_id_fails_fast_with_a_fix(tmp_path, tiny_models, tiny_data):
-    proc, run_dir = _train_bad(tmp_path, tiny_models, tiny_data,
-                               lambda m: m["model"].update(name="some-org/not-cached-model"))
-    assert_user_error(proc, "'some-org/not-cached-model' is not a local path and is not in the Hugging Face cache",
-                      "hint: point it at a local folder")
+    proc, run_dir = _train_bad(
+        tmp_path,
+        tiny_models,
+        tiny_data,
+        lambda m: m["model"].update(name="some-org/not-cached-model"),
+    )
+    assert_user_error(
+        proc,
+        "'some-org/not-cached-model' is not a local path and is not in the Hugging Face cache",
+        "hint: point it at a local folder",
+    )
     assert proc.seconds < 20, proc.seconds  # not a 47 s network timeout (TRAPS.md #4)
     assert not run_dir.exists()
 
 
 def test_existing_run_is_not_overwritten(tmp_path, tiny_models, tiny_data):
-    mapping = tiny_recipe(tmp_path, tiny_models, tiny_data, task="classification", kind="lora", arch="llama-random")
+    mapping = tiny_recipe(
+        tmp_path, tiny_models, tiny_data, task="classification", kind="lora", arch="llama-random"
+    )
     mapping["train"]["max_steps"] = 2
     mapping["merge"] = {"enabled": False}
     path = tmp_path / "r.yaml"

@@ -32,32 +32,58 @@ def test_chat_model_against_its_base(lm_runs, capsys):
     code, rep = run_cli(capsys, "eval", str(lm_runs["trained"]), "--baseline", *FAST)
     assert code == 0 and rep["primary_metric"] == "completion_loss"
     loss = next(s for s in rep["significance"] if s["metric"] == "completion_loss")
-    assert loss["tuned"] < loss["baseline"] and loss["verdict"] == "improved" and loss["ci_high"] < 0
+    assert (
+        loss["tuned"] < loss["baseline"] and loss["verdict"] == "improved" and loss["ci_high"] < 0
+    )
     names = {s["metric"] for s in rep["significance"]}
-    assert {"exact_match", "token_f1", "rouge_l", "stop_rate", "answer_tokens", "perplexity"} <= names
+    assert {
+        "exact_match",
+        "token_f1",
+        "rouge_l",
+        "stop_rate",
+        "answer_tokens",
+        "perplexity",
+    } <= names
     tuned = rep["metrics"]["tuned"]
     assert tuned["generated"] == 8 and 0 < tuned["answer_tokens"] <= 8
-    rows = [json.loads(x) for x in (lm_runs["trained"] / "eval" / "predictions.jsonl").read_text().splitlines()]
-    assert all("answer" in r["tuned"] for r in rows[:8]) and all("answer" not in r["tuned"] for r in rows[8:])
+    rows = [
+        json.loads(x)
+        for x in (lm_runs["trained"] / "eval" / "predictions.jsonl").read_text().splitlines()
+    ]
+    assert all("answer" in r["tuned"] for r in rows[:8]) and all(
+        "answer" not in r["tuned"] for r in rows[8:]
+    )
     assert rows[0]["reference"].endswith(".") and "plus" in rows[0]["prompt"]
     assert all(s["ok"] for s in rep["stress"]), rep["stress"]
     assert {r["perturbation"] for r in rep["robustness"]["rows"]} >= {"char_noise", "appended_text"}
 
 
 def test_zero_steps_chat_model_is_unchanged(lm_runs, capsys):
-    code, rep = run_cli(capsys, "eval", str(lm_runs["zero"]), "--baseline", "--no-robustness", *FAST)
+    code, rep = run_cli(
+        capsys, "eval", str(lm_runs["zero"]), "--baseline", "--no-robustness", *FAST
+    )
     assert code == 0 and rep["verdict"] == "no significant change"
     for s in rep["significance"]:
         assert s["diff"] == 0 and s["p_value"] == 1.0, s
 
 
 def test_chat_ensemble_and_probe_refused(lm_runs, capsys, tmp_path):
-    code, ens = run_cli(capsys, "eval", str(lm_runs["trained"]), str(lm_runs["zero"]), "--ensemble", "--out",
-                        str(tmp_path / "ens"), *FAST)
+    code, ens = run_cli(
+        capsys,
+        "eval",
+        str(lm_runs["trained"]),
+        str(lm_runs["zero"]),
+        "--ensemble",
+        "--out",
+        str(tmp_path / "ens"),
+        *FAST,
+    )
     assert code == 0 and ens["metrics"]["tuned"]["completion_loss"] > 0
     member_losses = [m["metrics"]["completion_loss"] for m in ens["members"]]
     # averaging probabilities: the ensemble's loss is at most the members' mean loss (Jensen), not one member's
-    assert ens["metrics"]["tuned"]["completion_loss"] <= sum(member_losses) / len(member_losses) + 1e-9
+    assert (
+        ens["metrics"]["tuned"]["completion_loss"] <= sum(member_losses) / len(member_losses) + 1e-9
+    )
     assert ens["metrics"]["tuned"]["completion_loss"] not in member_losses
     code, err = run_cli(capsys, "eval", str(lm_runs["trained"]), "--baseline", "probe")
     assert code == 1 and "classification runs only" in err["error"]

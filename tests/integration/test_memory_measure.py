@@ -37,7 +37,9 @@ def test_peak_rss_can_be_reset():
     assert peak_rss_bytes() - current_rss_bytes() < 32 * 2**20
 
 
-def test_train_stops_when_the_estimate_exceeds_free_memory(tmp_path, tiny_models, tiny_data, monkeypatch):
+def test_train_stops_when_the_estimate_exceeds_free_memory(
+    tmp_path, tiny_models, tiny_data, monkeypatch
+):
     import ftcli.memory as memory
 
     monkeypatch.setattr(memory, "free_device_memory", lambda device: 1024**2)  # 1 MiB free
@@ -72,7 +74,9 @@ def test_cuda_measure_agrees_with_the_estimate(tmp_path, tiny_models, tiny_data,
     assert est.peak_allocated / got["peak"] == pytest.approx(1.0, abs=0.15)
 
 
-def test_heap_headroom_warns_but_only_live_tensors_refuse(tmp_path, tiny_models, tiny_data, monkeypatch):
+def test_heap_headroom_warns_but_only_live_tensors_refuse(
+    tmp_path, tiny_models, tiny_data, monkeypatch
+):
     """Free memory between the live-tensor estimate and glibc's resident bound: a warning, not a stop."""
     import ftcli.memory as memory
 

@@ -51,8 +51,13 @@ def test_merge_equivalence(tmp_path_factory, tiny_models, tiny_data, tmp_path, t
 
         assert m.fold_check["relative_diff"] < 1e-4 and m.lora_modules_merged == 4
         rec = read_model_record(run / "adapter")
-        ref = logits_on(PeftModel.from_pretrained(load_base_for(rec, base_dir(rec, None), "dequantized", tok),
-                                                  run / "adapter").eval(), batches, task)
+        ref = logits_on(
+            PeftModel.from_pretrained(
+                load_base_for(rec, base_dir(rec, None), "dequantized", tok), run / "adapter"
+            ).eval(),
+            batches,
+            task,
+        )
         if task == "classification":
             assert m.saved_modules == ["score"]  # the trained head came along
     figures = compare(ref, out)
@@ -62,7 +67,9 @@ def test_merge_equivalence(tmp_path_factory, tiny_models, tiny_data, tmp_path, t
         assert d["other"] == "original" and d["max_logit_diff"] > 10 * max(m.max_logit_diff, 1e-7)
 
 
-def test_qlora_dequantized_answers_like_the_trained_adapter(tmp_path_factory, tiny_models, tiny_data, tmp_path):
+def test_qlora_dequantized_answers_like_the_trained_adapter(
+    tmp_path_factory, tiny_models, tiny_data, tmp_path
+):
     """Merging into the dequantized NF4 weights reproduces the 4-bit base + adapter the run trained;
     merging into the original weights does not, by about what merge.json reports."""
     from peft import PeftModel
@@ -73,7 +80,9 @@ def test_qlora_dequantized_answers_like_the_trained_adapter(tmp_path_factory, ti
     assert deq.into == "dequantized" and orig.into == "original"
     tok, batches = _reference(run, "classification")
     rec = read_model_record(run / "adapter")
-    as_trained = PeftModel.from_pretrained(load_base_for(rec, base_dir(rec, None), "quantized", tok), run / "adapter").eval()
+    as_trained = PeftModel.from_pretrained(
+        load_base_for(rec, base_dir(rec, None), "quantized", tok), run / "adapter"
+    ).eval()
     ref = logits_on(as_trained, batches, "classification")
     cls = model_class("classification")
     got_deq = logits_on(cls.from_pretrained(tmp_path / "deq").eval(), batches, "classification")
@@ -83,7 +92,9 @@ def test_qlora_dequantized_answers_like_the_trained_adapter(tmp_path_factory, ti
     assert to_orig["max_logit_diff"] > 10 * max(to_deq["max_logit_diff"], 1e-6)
     # what the summary said about the other choice is what the two folders differ by
     between = compare(got_deq, got_orig)["max_logit_diff"]
-    assert deq.dequantized_vs_original["max_logit_diff"] == pytest.approx(between, rel=1e-2, abs=1e-5)
+    assert deq.dequantized_vs_original["max_logit_diff"] == pytest.approx(
+        between, rel=1e-2, abs=1e-5
+    )
     assert orig.dequantized_vs_original["other"] == "dequantized"
 
 
@@ -111,26 +122,40 @@ print(json.dumps(out))
 
 
 @pytest.mark.parametrize("task", ["classification", "causal_lm"])
-def test_merged_folder_loads_with_plain_transformers(tmp_path_factory, tiny_models, tiny_data, tmp_path, task):
+def test_merged_folder_loads_with_plain_transformers(
+    tmp_path_factory, tiny_models, tiny_data, tmp_path, task
+):
     import torch
 
     run = trained_run(tmp_path_factory, tiny_models, tiny_data, task, "lora")
     merge(run, tmp_path / "m")
     tok, _ = _reference(run, task)
-    ids = tok("the film was good")["input_ids"] if task == "classification" else tok("what is 2 plus 3 ?")["input_ids"]
+    ids = (
+        tok("the film was good")["input_ids"]
+        if task == "classification"
+        else tok("what is 2 plus 3 ?")["input_ids"]
+    )
     env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
     import torch as _t
 
     site = str(Path(_t.__file__).parent.parent)
-    proc = subprocess.run([sys.executable, "-S", "-c", PLAIN_LOAD, site, str(tmp_path / "m"), task, json.dumps(ids)],
-                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-S", "-c", PLAIN_LOAD, site, str(tmp_path / "m"), task, json.dumps(ids)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["modules"] == []
     from peft import PeftModel
 
     rec = read_model_record(run / "adapter")
-    ref_model = PeftModel.from_pretrained(load_base_for(rec, base_dir(rec, None), "original", tok), run / "adapter").eval()
+    ref_model = PeftModel.from_pretrained(
+        load_base_for(rec, base_dir(rec, None), "original", tok), run / "adapter"
+    ).eval()
     with torch.no_grad():
         ref = ref_model(input_ids=torch.tensor([ids])).logits[0]
     assert torch.allclose(torch.tensor(got["logits"]), ref, atol=1e-4, rtol=1e-4)
@@ -139,11 +164,15 @@ def test_merged_folder_loads_with_plain_transformers(tmp_path_factory, tiny_mode
     else:
         assert got["chat_template"]
         with torch.no_grad():
-            want = ref_model.generate(input_ids=torch.tensor([ids]), max_new_tokens=3, do_sample=False)
+            want = ref_model.generate(
+                input_ids=torch.tensor([ids]), max_new_tokens=3, do_sample=False
+            )
         assert got["generated"] == want[0].tolist()
 
 
-def test_bfloat16_merge_is_smaller_and_within_its_tolerance(tmp_path_factory, tiny_models, tiny_data, tmp_path):
+def test_bfloat16_merge_is_smaller_and_within_its_tolerance(
+    tmp_path_factory, tiny_models, tiny_data, tmp_path
+):
     from safetensors import safe_open
 
     run = trained_run(tmp_path_factory, tiny_models, tiny_data, "causal_lm", "lora")

@@ -36,8 +36,15 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 @pytest.mark.parametrize("kind", ["full", "lora", "qlora"])
 def test_decoder_classifier_learns_with_every_method(tmp_path, tiny_models, tiny_data, kind):
-    r = _recipe(tmp_path, tiny_models, tiny_data, task="classification", kind=kind, arch="llama-random",
-                train={"epochs": 3, "optimizer": {"name": "adamw", "lr": 1.0e-2}})
+    r = _recipe(
+        tmp_path,
+        tiny_models,
+        tiny_data,
+        task="classification",
+        kind=kind,
+        arch="llama-random",
+        train={"epochs": 3, "optimizer": {"name": "adamw", "lr": 1.0e-2}},
+    )
     out = train_run(r, UI())
     assert out["status"] == "completed"
     assert out["eval"]["metrics"]["accuracy"] >= 0.8, out["eval"]
@@ -54,24 +61,41 @@ def test_decoder_classifier_learns_with_every_method(tmp_path, tiny_models, tiny
         weights = load_file(str(r.run_dir / "adapter" / "adapter_model.safetensors"))
         assert any("score" in k for k in weights), list(weights)[:5]
     saved = json.loads((r.run_dir / "run.json").read_text())
-    assert saved["versions"]["torch"] and saved["seed"] == 0 and set(saved["timings_s"]) >= {"prepare", "adapt", "train"}
+    assert (
+        saved["versions"]["torch"]
+        and saved["seed"] == 0
+        and set(saved["timings_s"]) >= {"prepare", "adapt", "train"}
+    )
     assert (r.run_dir / "recipe.yaml").exists() and (r.run_dir / "data" / "test.jsonl").exists()
 
 
 @pytest.mark.parametrize("kind", ["lora", "qlora"])
 def test_encoder_lora_trains_the_head_and_adapter(tmp_path, tiny_models, tiny_data, kind):
-    r = _recipe(tmp_path, tiny_models, tiny_data, task="classification", kind=kind, arch="bert",
-                train={"epochs": 1})
+    r = _recipe(
+        tmp_path,
+        tiny_models,
+        tiny_data,
+        task="classification",
+        kind=kind,
+        arch="bert",
+        train={"epochs": 1},
+    )
     out = train_run(r, UI())
     weights = load_file(str(r.run_dir / "adapter" / "adapter_model.safetensors"))
     lora_b = [v for k, v in weights.items() if "lora_B" in k]
-    assert lora_b and all(v.abs().sum() > 0 for v in lora_b), "LoRA B never moved from its zero init"
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b), (
+        "LoRA B never moved from its zero init"
+    )
     assert any("classifier" in k for k in weights)
-    init = load_file(str(r.run_dir / "init" / "head.safetensors"))  # the fresh head the run started from
+    init = load_file(
+        str(r.run_dir / "init" / "head.safetensors")
+    )  # the fresh head the run started from
     assert init
     for name, start in init.items():
         saved = [v for k, v in weights.items() if k.endswith(name)]
-        assert saved and not torch.equal(saved[0].float(), start), f"{name} never moved from its init"
+        assert saved and not torch.equal(saved[0].float(), start), (
+            f"{name} never moved from its init"
+        )
     assert out["merge"]["passed"]
     # LoRA on query/value of a 32-wide, 2-layer BERT at r=4: 2 layers x 2 targets x 4 x (32 + 32)
     assert out["params"]["lora"] == 2 * 2 * 4 * (32 + 32)
@@ -79,14 +103,23 @@ def test_encoder_lora_trains_the_head_and_adapter(tmp_path, tiny_models, tiny_da
 
 @pytest.mark.parametrize("kind", ["full", "lora", "qlora"])
 def test_chat_tuning_lowers_completion_loss(tmp_path, tiny_models, tiny_data, kind):
-    r = _recipe(tmp_path, tiny_models, tiny_data, task="causal_lm", kind=kind, arch="llama",
-                train={"epochs": 3, "optimizer": {"name": "adamw", "lr": 1.0e-2}})
+    r = _recipe(
+        tmp_path,
+        tiny_models,
+        tiny_data,
+        task="causal_lm",
+        kind=kind,
+        arch="llama",
+        train={"epochs": 3, "optimizer": {"name": "adamw", "lr": 1.0e-2}},
+    )
     out = train_run(r, UI())
     rows = _metrics(r.run_dir)
     losses = [x["loss"] for x in rows if "loss" in x]
     # 4-bit weights of a 32-wide toy model lose much of its pre-training: QLoRA learns more slowly here
     assert losses[-1] < (0.85 if kind == "qlora" else 0.7) * losses[0], losses
-    assert out["eval"]["metrics"]["completion_loss"] < (0.95 if kind == "qlora" else 0.8) * _base_test_loss(r), out["eval"]
+    assert out["eval"]["metrics"]["completion_loss"] < (
+        0.95 if kind == "qlora" else 0.8
+    ) * _base_test_loss(r), out["eval"]
 
 
 def _base_test_loss(r) -> float:
@@ -121,11 +154,23 @@ def test_qlora_keeps_learning_after_an_evaluation_pass(tiny_models, tiny_data, t
 
     wide = tmp_path / "llama64"
     tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.eos_token_id,
-                                 pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)).save_pretrained(wide)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+        )
+    ).save_pretrained(wide)
     tok.save_pretrained(wide)
-    mapping = tiny_recipe(tmp_path, tiny_models, tiny_data, task="causal_lm", kind="qlora", arch="llama")
+    mapping = tiny_recipe(
+        tmp_path, tiny_models, tiny_data, task="causal_lm", kind="qlora", arch="llama"
+    )
     mapping["model"]["name"] = str(wide)
     r = recipe_from_mapping(mapping)
     tok, _, model_dir = load_tokenizer(r.model)
@@ -142,7 +187,9 @@ def test_qlora_keeps_learning_after_an_evaluation_pass(tiny_models, tiny_data, t
             grads_none += sum(p.grad is None for p in model.parameters() if p.requires_grad)
             opt.step()
             opt.zero_grad()
-        moved = sum(not torch.equal(before[k], v) for k, v in model.named_parameters() if "lora_B" in k)
+        moved = sum(
+            not torch.equal(before[k], v) for k, v in model.named_parameters() if "lora_B" in k
+        )
         return moved, grads_none
 
     def eval_pass(model):
@@ -160,7 +207,11 @@ def test_qlora_keeps_learning_after_an_evaluation_pass(tiny_models, tiny_data, t
     import bitsandbytes as bnb
 
     layers = [m for m in adapted.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    cpu_has_bf16 = "avx512_bf16" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else False
+    cpu_has_bf16 = (
+        "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+        if Path("/proc/cpuinfo").exists()
+        else False
+    )
     if cpu_has_bf16:
         fresh = adapt(r, tok, model_dir, None, "cpu")
         for m in fresh.model.modules():
@@ -168,7 +219,9 @@ def test_qlora_keeps_learning_after_an_evaluation_pass(tiny_models, tiny_data, t
                 m.support_avx512bf16_for_cpu = True
         eval_pass(fresh.model)
         _, grads_none_bug = train_steps(fresh.model, n=1)
-        assert grads_none_bug > 0, "expected the trap to reproduce without the fix on an AVX512-BF16 CPU"
+        assert grads_none_bug > 0, (
+            "expected the trap to reproduce without the fix on an AVX512-BF16 CPU"
+        )
     assert layers
 
 
@@ -187,10 +240,19 @@ class _InterruptAt:
             raise KeyboardInterrupt
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_continues_exactly(tmp_path, tiny_models, tiny_data, monkeypatch):
-    mapping = tiny_recipe(tmp_path, tiny_models, tiny_data, task="causal_lm", kind="lora", arch="llama")
-    mapping["train"].update(epochs=2, batch_size=8, gradient_accumulation=2, checkpoint_every=100,
-                            scheduler={"name": "linear", "warmup_ratio": 0.1})
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues_exactly(
+    tmp_path, tiny_models, tiny_data, monkeypatch
+):
+    mapping = tiny_recipe(
+        tmp_path, tiny_models, tiny_data, task="causal_lm", kind="lora", arch="llama"
+    )
+    mapping["train"].update(
+        epochs=2,
+        batch_size=8,
+        gradient_accumulation=2,
+        checkpoint_every=100,
+        scheduler={"name": "linear", "warmup_ratio": 0.1},
+    )
     mapping["method"]["dropout"] = 0.2  # dropout draws random numbers: resume must restore the RNG
     mapping["merge"] = {"enabled": False}
     straight = recipe_from_mapping({**mapping, "output_dir": str(tmp_path / "a")})
@@ -222,33 +284,73 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues_exactly(tmp_path, tiny_m
 
 
 def test_same_seed_same_run(tmp_path, tiny_models, tiny_data):
-    a = _recipe(tmp_path / "a", tiny_models, tiny_data, task="classification", kind="lora", arch="llama-random",
-                merge={"enabled": False})
-    b = recipe_from_mapping({**tiny_recipe(tmp_path / "b", tiny_models, tiny_data, task="classification",
-                                           kind="lora", arch="llama-random"), "merge": {"enabled": False}})
+    a = _recipe(
+        tmp_path / "a",
+        tiny_models,
+        tiny_data,
+        task="classification",
+        kind="lora",
+        arch="llama-random",
+        merge={"enabled": False},
+    )
+    b = recipe_from_mapping(
+        {
+            **tiny_recipe(
+                tmp_path / "b",
+                tiny_models,
+                tiny_data,
+                task="classification",
+                kind="lora",
+                arch="llama-random",
+            ),
+            "merge": {"enabled": False},
+        }
+    )
     ra, rb = train_run(a, UI()), train_run(b, UI())
     assert ra["eval"]["metrics"] == rb["eval"]["metrics"]
-    assert [x.get("loss") for x in _metrics(a.run_dir)] == [x.get("loss") for x in _metrics(b.run_dir)]
+    assert [x.get("loss") for x in _metrics(a.run_dir)] == [
+        x.get("loss") for x in _metrics(b.run_dir)
+    ]
 
 
 def test_two_processes_on_cpu(tmp_path, tiny_models, tiny_data):
     """torchrun starts two gloo processes (accelerate launch --cpu would start one: TRAPS.md #3)."""
     import yaml
 
-    mapping = tiny_recipe(tmp_path, tiny_models, tiny_data, task="classification", kind="lora", arch="llama")
+    mapping = tiny_recipe(
+        tmp_path, tiny_models, tiny_data, task="classification", kind="lora", arch="llama"
+    )
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(mapping))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-         "-m", "ftcli", "train", str(path), "--json"],
-        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "-m",
+            "ftcli",
+            "train",
+            str(path),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     assert out["num_processes"] == 2 and out["status"] == "completed"
     run_dir = Path(mapping["output_dir"]) / mapping["name"]
-    single = _recipe(tmp_path / "one", tiny_models, tiny_data, task="classification", kind="lora", arch="llama")
+    single = _recipe(
+        tmp_path / "one", tiny_models, tiny_data, task="classification", kind="lora", arch="llama"
+    )
     steps_two = max(x["step"] for x in _metrics(run_dir))
     train_run(single, UI())
     steps_one = max(x["step"] for x in _metrics(single.run_dir))
@@ -257,10 +359,18 @@ def test_two_processes_on_cpu(tmp_path, tiny_models, tiny_data):
     assert steps_two == epochs * math.ceil(batches / 2), (steps_one, steps_two)
 
 
-@pytest.mark.parametrize("option", ["bf16", "checkpointing-lora", "checkpointing-full", "qlora-8bit", "plateau"])
+@pytest.mark.parametrize(
+    "option", ["bf16", "checkpointing-lora", "checkpointing-full", "qlora-8bit", "plateau"]
+)
 def test_training_options(tmp_path, tiny_models, tiny_data, option, monkeypatch):
-    mapping = tiny_recipe(tmp_path, tiny_models, tiny_data, task="causal_lm",
-                          kind={"checkpointing-full": "full", "qlora-8bit": "qlora"}.get(option, "lora"), arch="llama")
+    mapping = tiny_recipe(
+        tmp_path,
+        tiny_models,
+        tiny_data,
+        task="causal_lm",
+        kind={"checkpointing-full": "full", "qlora-8bit": "qlora"}.get(option, "lora"),
+        arch="llama",
+    )
     mapping["train"].update(epochs=2, eval_every=3)
     if option == "bf16":
         mapping["train"]["mixed_precision"] = "bf16"
@@ -291,11 +401,15 @@ def test_training_options(tmp_path, tiny_models, tiny_data, option, monkeypatch)
     losses = [x["loss"] for x in rows if "loss" in x]
     (model,) = adapted_models
     if option.startswith("checkpointing"):
-        assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())  # really turned on
+        assert any(
+            getattr(m, "gradient_checkpointing", False) for m in model.modules()
+        )  # really turned on
     if option == "qlora-8bit":
         import bitsandbytes as bnb
 
-        assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules())  # really loaded in 8 bits
+        assert any(
+            isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules()
+        )  # really loaded in 8 bits
     if option == "bf16":
         assert out["mixed_precision"] == "bf16"
     if option == "plateau":

@@ -16,23 +16,37 @@ from ftcli.data.tokenize import IGNORE_INDEX, tokenize
 from ftcli.errors import DataError, FtcliError, RecipeError, SourceError
 from ftcli.recipe import recipe_from_mapping
 
-ROWS = [{"text": f"review number {i} is {'good' if i % 2 else 'bad'}", "label": "pos" if i % 2 else "neg"}
-        for i in range(60)]
+ROWS = [
+    {
+        "text": f"review number {i} is {'good' if i % 2 else 'bad'}",
+        "label": "pos" if i % 2 else "neg",
+    }
+    for i in range(60)
+]
 
 
 def cls_recipe(path, **data) -> object:
-    return recipe_from_mapping({
-        "name": "t", "task": "classification", "model": {"name": "m"},
-        "data": {"path": str(path), "text_column": "text", "label_column": "label", **data},
-        "method": {"kind": "full"},
-    })
+    return recipe_from_mapping(
+        {
+            "name": "t",
+            "task": "classification",
+            "model": {"name": "m"},
+            "data": {"path": str(path), "text_column": "text", "label_column": "label", **data},
+            "method": {"kind": "full"},
+        }
+    )
 
 
 def lm_recipe(path, **data) -> object:
-    return recipe_from_mapping({
-        "name": "t", "task": "causal_lm", "model": {"name": "m"},
-        "data": {"path": str(path), **data}, "method": {"kind": "full"},
-    })
+    return recipe_from_mapping(
+        {
+            "name": "t",
+            "task": "causal_lm",
+            "model": {"name": "m"},
+            "data": {"path": str(path), **data},
+            "method": {"kind": "full"},
+        }
+    )
 
 
 def write_csv(path, rows, sep=","):
@@ -100,8 +114,12 @@ def test_pkg_source_reads_installed_package_data():
     prepared = prepare(r)
     ex = prepared.splits["train"][0]["messages"]
     assert ex[0]["role"] == "user" and ex[1]["role"] == "assistant"
-    assert prepared.stats["read"] == 2026  # 21 topic files; over half are exact repeats (tech_support)
-    assert sum(len(v) for v in prepared.splits.values()) == 2026 - sum(prepared.stats["dropped"].values())
+    assert (
+        prepared.stats["read"] == 2026
+    )  # 21 topic files; over half are exact repeats (tech_support)
+    assert sum(len(v) for v in prepared.splits.values()) == 2026 - sum(
+        prepared.stats["dropped"].values()
+    )
 
 
 def test_missing_package_says_what_to_install():
@@ -129,9 +147,18 @@ def test_unknown_label_column_is_located_with_a_suggestion(tmp_path):
 
     p = write_csv(tmp_path / "d.csv", [{"text": r["text"], "category": r["label"]} for r in ROWS])
     recipe_file = tmp_path / "r.yaml"
-    recipe_file.write_text(yaml.safe_dump({
-        "name": "t", "task": "classification", "model": {"name": "m"},
-        "data": {"path": str(p), "label_column": "categry"}, "method": {"kind": "full"}}, sort_keys=False))
+    recipe_file.write_text(
+        yaml.safe_dump(
+            {
+                "name": "t",
+                "task": "classification",
+                "model": {"name": "m"},
+                "data": {"path": str(p), "label_column": "categry"},
+                "method": {"kind": "full"},
+            },
+            sort_keys=False,
+        )
+    )
     with pytest.raises(RecipeError) as info:
         prepare(load_recipe(recipe_file))
     assert [x.render() for x in info.value.problems] == [
@@ -148,7 +175,10 @@ def test_empty_dataset(tmp_path):
 
 
 def test_cleaning_strips_drops_empty_and_duplicates(tmp_path):
-    rows = ROWS + [{"text": "  ", "label": "pos"}, {"text": ROWS[0]["text"] + "  ", "label": ROWS[0]["label"]}]
+    rows = ROWS + [
+        {"text": "  ", "label": "pos"},
+        {"text": ROWS[0]["text"] + "  ", "label": ROWS[0]["label"]},
+    ]
     prepared = prepare(cls_recipe(write_csv(tmp_path / "d.csv", rows)))
     assert prepared.stats["dropped"]["empty"] == 1
     assert prepared.stats["dropped"]["duplicate"] == 1
@@ -166,7 +196,10 @@ def test_labels_filter_keeps_only_named_labels_in_order(tmp_path):
 
 def test_split_fractions_seed_stratify_and_no_leakage(tmp_path):
     p = write_csv(tmp_path / "d.csv", ROWS)
-    a = save_prepared(prepare(cls_recipe(p, split={"validation": 0.1, "test": 0.2, "seed": 3})), tmp_path / "run" / "data")
+    a = save_prepared(
+        prepare(cls_recipe(p, split={"validation": 0.1, "test": 0.2, "seed": 3})),
+        tmp_path / "run" / "data",
+    )
     b = prepare(cls_recipe(p, split={"validation": 0.1, "test": 0.2, "seed": 3}))
     c = prepare(cls_recipe(p, split={"validation": 0.1, "test": 0.2, "seed": 4}))
     assert {k: len(v) for k, v in a.splits.items()} == {"train": 42, "validation": 6, "test": 12}
@@ -199,8 +232,13 @@ def test_instruction_and_completion_layouts(tmp_path):
     rows = [{"instruction": f"add {i} and 1", "input": "", "output": str(i + 1)} for i in range(20)]
     p = tmp_path / "alpaca.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    r = lm_recipe(p, instruction_column="instruction", input_column="input", output_column="output",
-                  system_prompt="Be brief.")
+    r = lm_recipe(
+        p,
+        instruction_column="instruction",
+        input_column="input",
+        output_column="output",
+        system_prompt="Be brief.",
+    )
     ex = prepare(r).splits["train"][0]
     assert [m["role"] for m in ex["messages"]] == ["system", "user", "assistant"]
     r2 = lm_recipe(p, prompt_column="instruction", completion_column="output")
@@ -230,12 +268,18 @@ def test_chat_labels_cover_only_assistant_turns_and_end_with_eos(tiny_models):
 
     tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
     r = lm_recipe("x.jsonl", messages_column="messages", max_length=128)
-    ex = {"messages": [{"role": "user", "content": "what is 2 plus 3 ?"},
-                       {"role": "assistant", "content": "2 plus 3 is 5 ."},
-                       {"role": "user", "content": "and 1 plus 1 ?"},
-                       {"role": "assistant", "content": "1 plus 1 is 2 ."}]}
+    ex = {
+        "messages": [
+            {"role": "user", "content": "what is 2 plus 3 ?"},
+            {"role": "assistant", "content": "2 plus 3 is 5 ."},
+            {"role": "user", "content": "and 1 plus 1 ?"},
+            {"role": "assistant", "content": "1 plus 1 is 2 ."},
+        ]
+    }
     f = tokenize([ex], r, tok, None).features[0]
-    supervised = tok.decode([t for t, lab in zip(f["input_ids"], f["labels"], strict=True) if lab != IGNORE_INDEX])
+    supervised = tok.decode(
+        [t for t, lab in zip(f["input_ids"], f["labels"], strict=True) if lab != IGNORE_INDEX]
+    )
     assert supervised == "2 plus 3 is 5 .<|im_end|>\n1 plus 1 is 2 .<|im_end|>\n"
     assert "what is" not in supervised
 
@@ -247,9 +291,16 @@ def test_completion_loss_masks_the_prompt_and_appends_eos(tiny_models):
     r = lm_recipe("x.jsonl", prompt_column="p", completion_column="c")
     f = tokenize([{"prompt": "what is 1 plus 1 ?", "completion": " 2"}], r, tok, None).features[0]
     assert f["input_ids"][-1] == tok.eos_token_id and f["labels"][-1] == tok.eos_token_id
-    assert tok.decode([t for t, lab in zip(f["input_ids"], f["labels"], strict=True) if lab != IGNORE_INDEX]) == " 2<|im_end|>"
+    assert (
+        tok.decode(
+            [t for t, lab in zip(f["input_ids"], f["labels"], strict=True) if lab != IGNORE_INDEX]
+        )
+        == " 2<|im_end|>"
+    )
     r_all = lm_recipe("x.jsonl", prompt_column="p", completion_column="c", loss_on="all")
-    f_all = tokenize([{"prompt": "what is 1 plus 1 ?", "completion": " 2"}], r_all, tok, None).features[0]
+    f_all = tokenize(
+        [{"prompt": "what is 1 plus 1 ?", "completion": " 2"}], r_all, tok, None
+    ).features[0]
     assert IGNORE_INDEX not in f_all["labels"]
 
 
@@ -266,16 +317,23 @@ def test_truncation_is_counted_and_examples_without_target_dropped(tiny_models):
 
     rc = cls_recipe("x.csv", max_length=6)
     btok = AutoTokenizer.from_pretrained(tiny_models["bert"])
-    cls_out = tokenize([{"text": "the film was good " * 5, "label": "pos"}, {"text": "bad", "label": "neg"}], rc, btok,
-                       {"neg": 0, "pos": 1})
+    cls_out = tokenize(
+        [{"text": "the film was good " * 5, "label": "pos"}, {"text": "bad", "label": "neg"}],
+        rc,
+        btok,
+        {"neg": 0, "pos": 1},
+    )
     assert cls_out.truncated == 1 and max(len(f["input_ids"]) for f in cls_out.features) == 6
     assert [f["labels"] for f in cls_out.features] == [1, 0]
 
 
-@pytest.mark.parametrize("name,content,message", [
-    ("bad.yml", "- text: [unclosed\n", "cannot read as yaml"),
-    ("scalar.json", "42", "expected a JSON list of records, found a int"),
-])
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        ("bad.yml", "- text: [unclosed\n", "cannot read as yaml"),
+        ("scalar.json", "42", "expected a JSON list of records, found a int"),
+    ],
+)
 def test_malformed_files_are_one_data_error(tmp_path, name, content, message):
     p = tmp_path / name
     p.write_text(content)

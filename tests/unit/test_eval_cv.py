@@ -40,11 +40,19 @@ def test_fold_runs_never_train_on_their_test_fold(tmp_path, tiny_data):
         held = set(test_idx)
         d = tmp_path / f"fold{k}"
         d.mkdir()
-        (d / "train.jsonl").write_text("".join(json.dumps(e) + "\n" for j, e in enumerate(examples) if j not in held))
+        (d / "train.jsonl").write_text(
+            "".join(json.dumps(e) + "\n" for j, e in enumerate(examples) if j not in held)
+        )
         (d / "test.jsonl").write_text("".join(json.dumps(examples[j]) + "\n" for j in test_idx))
         changes = {f"data.{c}": v for c, v in cols.items()}
-        changes.update({"data.path": str(d / "train.jsonl"), "data.test_path": str(d / "test.jsonl"),
-                        "data.format": "jsonl", "data.split.test": None})
+        changes.update(
+            {
+                "data.path": str(d / "train.jsonl"),
+                "data.test_path": str(d / "test.jsonl"),
+                "data.format": "jsonl",
+                "data.split.test": None,
+            }
+        )
         prepared = prepare(variant(recipe, f"fold{k}", **changes))
         test = {_key(e) for e in prepared.splits["test"]}
         trained_on = {_key(e) for s in ("train", "validation") for e in prepared.splits[s]}

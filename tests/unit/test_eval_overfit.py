@@ -23,16 +23,24 @@ def test_u_shaped_validation_with_falling_training_loss_is_overfitting():
 
 def test_both_falling_is_not_overfitting():
     out = detect_overfitting(_rows([1.0 - 0.01 * i for i in range(50)], [0.9, 0.8, 0.7, 0.65, 0.6]))
-    assert not out["overfitting"] and out["best_step"] == 50 and "still at its lowest" in out["message"]
+    assert (
+        not out["overfitting"]
+        and out["best_step"] == 50
+        and "still at its lowest" in out["message"]
+    )
 
 
 def test_a_small_wobble_is_not_overfitting():
-    out = detect_overfitting(_rows([1.0 - 0.01 * i for i in range(50)], [0.9, 0.6, 0.5, 0.51, 0.505]))
+    out = detect_overfitting(
+        _rows([1.0 - 0.01 * i for i in range(50)], [0.9, 0.6, 0.5, 0.51, 0.505])
+    )
     assert not out["overfitting"] and out["best_step"] == 30
 
 
 def test_rising_validation_without_falling_training_is_not_overfitting():
-    out = detect_overfitting(_rows([0.5] * 50, [0.6, 0.5, 0.7, 0.8, 0.9]))  # training flat: something else is wrong
+    out = detect_overfitting(
+        _rows([0.5] * 50, [0.6, 0.5, 0.7, 0.8, 0.9])
+    )  # training flat: something else is wrong
     assert not out["overfitting"] and "did not keep falling" in out["message"]
 
 

@@ -24,7 +24,16 @@ from ftcli.recipe import recipe_from_mapping
 from ftcli.rundir import RunDir
 from tests.conftest import tiny_recipe
 
-SECTIONS = ["summary", "significance", "metrics", "curves", "confusion", "per-class", "failures", "robustness"]
+SECTIONS = [
+    "summary",
+    "significance",
+    "metrics",
+    "curves",
+    "confusion",
+    "per-class",
+    "failures",
+    "robustness",
+]
 PLOTS = ["significance", "curves", "confusion", "per_class", "by_length", "robustness"]
 
 
@@ -45,20 +54,41 @@ class Chromium:
             os.dup2(b, 4)
 
         self.proc = subprocess.Popen(
-            [exe, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--disable-extensions", f"--user-data-dir={profile}", "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                exe,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--remote-debugging-pipe",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-extensions",
+                f"--user-data-dir={profile}",
+                "about:blank",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
             # close_fds=False: fds 3 and 4 (made by dup2, inheritable) must survive; Python's own fds
             # are non-inheritable (PEP 446) and close at exec, as do a and b (CLOEXEC)
-            preexec_fn=wire, close_fds=False)
+            preexec_fn=wire,
+            close_fds=False,
+        )
         os.close(a)
         os.close(b)
         self._buf = b""
         self._id = 0
         self.events: list[dict] = []
 
-    def send(self, method: str, params: dict | None = None, session: str | None = None, timeout: float = 60) -> dict:
+    def send(
+        self,
+        method: str,
+        params: dict | None = None,
+        session: str | None = None,
+        timeout: float = 60,
+    ) -> dict:
         self._id += 1
         msg = {"id": self._id, "method": method, "params": params or {}}
         if session:
@@ -112,7 +142,9 @@ def chromium_exe() -> str:
     if exe:
         return exe
     if os.environ.get("CI") == "true":
-        pytest.fail("chromium is needed to test report.html in a real browser: apt-get install -y chromium")
+        pytest.fail(
+            "chromium is needed to test report.html in a real browser: apt-get install -y chromium"
+        )
     pytest.skip("chromium is not installed (apt-get install -y chromium); CI runs this test")
 
 
@@ -121,7 +153,9 @@ def render(html: Path, profile: Path) -> tuple[dict, list[dict]]:
     browser = Chromium(chromium_exe(), profile)
     try:
         target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]
-        session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})[
+            "sessionId"
+        ]
         for domain in ("Page", "Runtime", "Log", "Network"):
             browser.send(f"{domain}.enable", session=session)
         browser.send("Page.navigate", {"url": html.as_uri()}, session=session)
@@ -137,14 +171,26 @@ def render(html: Path, profile: Path) -> tuple[dict, list[dict]]:
           external: Array.from(document.querySelectorAll('[src],[href]')).map(e => e.getAttribute('src') ||
               e.getAttribute('href')).filter(u => !u.startsWith('data:') && !u.startsWith('#')),
         })"""
-        page = json.loads(browser.send("Runtime.evaluate", {"expression": expr, "returnByValue": True},
-                                       session=session)["result"]["value"])
-        problems = [e for e in browser.events if e.get("method") == "Runtime.exceptionThrown"
-                    or (e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert"))
-                    or (e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")
-                    or e.get("method") == "Network.loadingFailed"
-                    or (e.get("method") == "Network.requestWillBeSent"
-                        and not e["params"]["request"]["url"].startswith(("file:", "data:", "about:")))]
+        page = json.loads(
+            browser.send(
+                "Runtime.evaluate", {"expression": expr, "returnByValue": True}, session=session
+            )["result"]["value"]
+        )
+        problems = [
+            e
+            for e in browser.events
+            if e.get("method") == "Runtime.exceptionThrown"
+            or (
+                e.get("method") == "Runtime.consoleAPICalled"
+                and e["params"]["type"] in ("error", "assert")
+            )
+            or (e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")
+            or e.get("method") == "Network.loadingFailed"
+            or (
+                e.get("method") == "Network.requestWillBeSent"
+                and not e["params"]["request"]["url"].startswith(("file:", "data:", "about:"))
+            )
+        ]
         return page, problems
     finally:
         browser.close()
@@ -156,21 +202,62 @@ def synthetic_report(tmp_path: Path) -> tuple[dict, list[dict]]:
     n = 120
     y = rng.integers(0, 3, n)
     base = rng.dirichlet([1, 1, 1], n)
-    tuned = np.where(rng.random((n, 1)) < 0.75, np.eye(3)[y] * 0.7 + 0.1, rng.dirichlet([1, 1, 1], n))
-    recipe = recipe_from_mapping(tiny_recipe(tmp_path, {"bert": "some/model"}, {"classification": "x.csv"}))
+    tuned = np.where(
+        rng.random((n, 1)) < 0.75, np.eye(3)[y] * 0.7 + 0.1, rng.dirichlet([1, 1, 1], n)
+    )
+    recipe = recipe_from_mapping(
+        tiny_recipe(tmp_path, {"bert": "some/model"}, {"classification": "x.csv"})
+    )
     labels = ["neg", "neu", "pos"]
-    examples = [{"text": "word " * int(rng.integers(3, 40)) + f"<b>{i}</b> & 'q'", "label": labels[t]}
-                for i, t in enumerate(y)]
-    rd = RunDir(tmp_path / "run", recipe, PreparedData({"train": [], "validation": [], "test": examples}, labels))
-    feats = [{"input_ids": [1] * (len(e["text"].split()) + 2), "labels": int(t)} for e, t in zip(examples, y, strict=True)]
-    result = analyse(rd, feats, list(range(n)), Scored("fine-tuned", "classification", probs=tuned.tolist()),
-                     Scored("base", "classification", probs=base.tolist()), 999, 0)
+    examples = [
+        {"text": "word " * int(rng.integers(3, 40)) + f"<b>{i}</b> & 'q'", "label": labels[t]}
+        for i, t in enumerate(y)
+    ]
+    rd = RunDir(
+        tmp_path / "run",
+        recipe,
+        PreparedData({"train": [], "validation": [], "test": examples}, labels),
+    )
+    feats = [
+        {"input_ids": [1] * (len(e["text"].split()) + 2), "labels": int(t)}
+        for e, t in zip(examples, y, strict=True)
+    ]
+    result = analyse(
+        rd,
+        feats,
+        list(range(n)),
+        Scored("fine-tuned", "classification", probs=tuned.tolist()),
+        Scored("base", "classification", probs=base.tolist()),
+        999,
+        0,
+    )
     curves = [{"step": s, "loss": 1.0 / (1 + s / 20)} for s in range(2, 101, 2)]
-    curves += [{"step": s, "val_loss": v} for s, v in zip(range(20, 101, 20), [0.8, 0.6, 0.62, 0.7, 0.8], strict=True)]
-    extra = {"robustness": {"applies": True, "rows": [
-        {"perturbation": p, "accuracy": a, "macro_f1": a, "accuracy_change": a - 0.8, "prediction_flips": 0.1}
-        for p, a in (("lowercase", 0.8), ("uppercase", 0.7), ("char_noise", 0.75), ("truncated", 0.6), ("appended_text", 0.78))]},
-        "stress": [{"case": "empty input", "ok": True, "result": "predicted neg (p=0.5)"}]}
+    curves += [
+        {"step": s, "val_loss": v}
+        for s, v in zip(range(20, 101, 20), [0.8, 0.6, 0.62, 0.7, 0.8], strict=True)
+    ]
+    extra = {
+        "robustness": {
+            "applies": True,
+            "rows": [
+                {
+                    "perturbation": p,
+                    "accuracy": a,
+                    "macro_f1": a,
+                    "accuracy_change": a - 0.8,
+                    "prediction_flips": 0.1,
+                }
+                for p, a in (
+                    ("lowercase", 0.8),
+                    ("uppercase", 0.7),
+                    ("char_noise", 0.75),
+                    ("truncated", 0.6),
+                    ("appended_text", 0.78),
+                )
+            ],
+        },
+        "stress": [{"case": "empty input", "ok": True, "result": "predicted neg (p=0.5)"}],
+    }
     info = {"kind": "base", "name": "base", "description": "the base <model> & its fresh head"}
     return assemble(rd, info, result, curves, extra, 999, 0), result["predictions"]
 
@@ -178,14 +265,25 @@ def synthetic_report(tmp_path: Path) -> tuple[dict, list[dict]]:
 def test_report_files_are_written_together(tmp_path):
     report, preds = synthetic_report(tmp_path)
     files = write_report(report, preds, tmp_path / "eval")
-    assert sorted(Path(f).name for f in files.values()) == ["predictions.jsonl", "report.html", "report.json", "report.md"]
+    assert sorted(Path(f).name for f in files.values()) == [
+        "predictions.jsonl",
+        "report.html",
+        "report.json",
+        "report.md",
+    ]
     saved = json.loads(Path(files["json"]).read_text())
     assert saved["verdict"] == report["verdict"] == "improved"
     assert saved["overfitting"]["overfitting"] and saved["overfitting"]["best_step"] == 40
     rows = [json.loads(x) for x in Path(files["predictions"]).read_text().splitlines()]
     assert len(rows) == 120 and {"baseline", "tuned", "outcome", "text", "label"} <= set(rows[0])
     md = Path(files["markdown"]).read_text()
-    for heading in ("## Significance", "## Overfitting", "## Failures", "## Robustness", "### Regressions"):
+    for heading in (
+        "## Significance",
+        "## Overfitting",
+        "## Failures",
+        "## Robustness",
+        "### Regressions",
+    ):
         assert heading in md
     assert "**Warning.**" in md and "McNemar exact" in md
 
@@ -215,7 +313,7 @@ def test_a_broken_plot_is_caught(tmp_path):
     text = html.read_text()
     start = text.index('data-plot="curves"')
     src = text.index("base64,", start) + len("base64,")
-    html.write_text(text[:src] + "bm90IGEgcG5n" + text[text.index('"', src):])  # "not a png"
+    html.write_text(text[:src] + "bm90IGEgcG5n" + text[text.index('"', src) :])  # "not a png"
     page, _ = render(html, tmp_path / "profile")
     broken = [p for p in page["plots"] if p["plot"] == "curves"][0]
     assert broken["width"] == 0

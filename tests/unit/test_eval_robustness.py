@@ -15,8 +15,13 @@ from ftcli.evaluation.robustness import (
 
 def test_perturbations_touch_only_the_input():
     cls = {"text": "A Good Film", "label": "pos"}
-    chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What Is 2 plus 2"},
-                         {"role": "assistant", "content": "Four"}]}
+    chat = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What Is 2 plus 2"},
+            {"role": "assistant", "content": "Four"},
+        ]
+    }
     comp = {"prompt": "Q: Capital of France?", "completion": "Paris"}
     for name, fn in PERTURBATIONS.items():
         for ex in (cls, chat, comp):
@@ -24,13 +29,21 @@ def test_perturbations_touch_only_the_input():
             if "label" in ex:
                 assert out["label"] == "pos"
             if "messages" in ex:
-                assert out["messages"][0] == ex["messages"][0] and out["messages"][2] == ex["messages"][2]
+                assert (
+                    out["messages"][0] == ex["messages"][0]
+                    and out["messages"][2] == ex["messages"][2]
+                )
             if "completion" in ex:
                 assert out["completion"] == "Paris"
             if name != "char_noise":
                 assert input_text(out) != input_text(ex), name
-    assert input_text(perturb_example(cls, PERTURBATIONS["truncated"], random.Random(0))) == "A Good"
-    assert input_text(perturb_example(comp, PERTURBATIONS["lowercase"], random.Random(0))) == "q: capital of france?"
+    assert (
+        input_text(perturb_example(cls, PERTURBATIONS["truncated"], random.Random(0))) == "A Good"
+    )
+    assert (
+        input_text(perturb_example(comp, PERTURBATIONS["lowercase"], random.Random(0)))
+        == "q: capital of france?"
+    )
     assert cls == {"text": "A Good Film", "label": "pos"}  # the original is never modified
 
 

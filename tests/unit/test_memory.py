@@ -31,12 +31,23 @@ from ftcli.memory.setup import GB, Setup, parse_budget
 
 # Parameter counts published for these models (model cards / papers), to the parameter.
 KNOWN_PARAMS = {
-    "llama-2-7b": 6_738_415_616, "llama-3-8b": 8_030_261_248, "llama-3.2-1b": 1_235_814_400,
-    "llama-3.2-3b": 3_212_749_824, "mistral-7b": 7_241_732_096, "qwen2.5-0.5b": 494_032_768,
-    "qwen2.5-1.5b": 1_543_714_304, "qwen2.5-3b": 3_085_938_688, "qwen2.5-7b": 7_615_616_512,
-    "gemma-2b": 2_506_172_416, "gpt2": 124_439_808, "smollm2-135m": 134_515_008, "smollm2-360m": 361_821_120,
+    "llama-2-7b": 6_738_415_616,
+    "llama-3-8b": 8_030_261_248,
+    "llama-3.2-1b": 1_235_814_400,
+    "llama-3.2-3b": 3_212_749_824,
+    "mistral-7b": 7_241_732_096,
+    "qwen2.5-0.5b": 494_032_768,
+    "qwen2.5-1.5b": 1_543_714_304,
+    "qwen2.5-3b": 3_085_938_688,
+    "qwen2.5-7b": 7_615_616_512,
+    "gemma-2b": 2_506_172_416,
+    "gpt2": 124_439_808,
+    "smollm2-135m": 134_515_008,
+    "smollm2-360m": 361_821_120,
     "smollm2-1.7b": 1_711_376_384,
-    "bert-large-uncased": 335_141_888 + 1024 * 2 + 2,  # BertModel with pooler + a 2-label classifier
+    "bert-large-uncased": 335_141_888
+    + 1024 * 2
+    + 2,  # BertModel with pooler + a 2-label classifier
 }
 
 
@@ -60,10 +71,17 @@ def test_cards_answer_to_hub_ids_case_insensitively():
     assert find_card("no-such/model") is None
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("24GB", 24 * 10**9), ("24GiB", 24 * 2**30), ("24000MB", 24 * 10**9), ("1.5 GiB", int(1.5 * 2**30)),
-    ("512mib", 512 * 2**20), ("80gb", 80 * 10**9),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("24GB", 24 * 10**9),
+        ("24GiB", 24 * 2**30),
+        ("24000MB", 24 * 10**9),
+        ("1.5 GiB", int(1.5 * 2**30)),
+        ("512mib", 512 * 2**20),
+        ("80gb", 80 * 10**9),
+    ],
+)
 def test_budget_strings(text, expected):
     assert parse_budget(text) == expected
 
@@ -78,9 +96,22 @@ def test_bad_budget_is_a_clear_error(bad):
 def test_lora_r8_on_a_768x768_projection_is_12288_parameters():
     from transformers import BertConfig
 
-    cfg = BertConfig(hidden_size=768, num_hidden_layers=2, num_attention_heads=12, intermediate_size=3072, vocab_size=1000)
-    model = attach_lora_meta(build_meta(cfg, "classification"), "classification", r=8, alpha=16, dropout=0.0,
-                             target_modules=["query", "value"], modules_to_save=None)
+    cfg = BertConfig(
+        hidden_size=768,
+        num_hidden_layers=2,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        vocab_size=1000,
+    )
+    model = attach_lora_meta(
+        build_meta(cfg, "classification"),
+        "classification",
+        r=8,
+        alpha=16,
+        dropout=0.0,
+        target_modules=["query", "value"],
+        modules_to_save=None,
+    )
     inv = inventory(model, cfg)
     q = inv.lora_targets["attention.self.query"]
     assert (q["in"], q["out"], q["count"]) == (768, 768, 2)
@@ -103,7 +134,10 @@ def test_nf4_bytes_per_weight():
 
 def test_precision_table_of_a_7b_model():
     inv = plan_model("llama-2-7b", method="full").inv
-    rows = {r["precision"].split(" ")[0] + (" dq" if "double" in r["precision"] else ""): r for r in precision_table(inv)}
+    rows = {
+        r["precision"].split(" ")[0] + (" dq" if "double" in r["precision"] else ""): r
+        for r in precision_table(inv)
+    }
     n = 6_738_415_616
     assert rows["fp32"]["bytes"] == 4 * n  # ~27 GB: "about 28"
     assert rows["fp16/bf16"]["bytes"] == 2 * n
@@ -112,7 +146,9 @@ def test_precision_table_of_a_7b_model():
     assert rows["nf4 dq"]["quantized_bytes_per_param"] == pytest.approx(0.516, abs=1e-3)
     # 3.3 GB of NF4 + scales for the linear layers, 0.5 GB of fp16 embeddings and head
     embed_and_head = 2 * 32000 * 4096
-    assert rows["nf4 dq"]["bytes"] == pytest.approx(0.5159 * (n - embed_and_head - 65 * 4096) + 2 * (embed_and_head + 65 * 4096), rel=2e-3)
+    assert rows["nf4 dq"]["bytes"] == pytest.approx(
+        0.5159 * (n - embed_and_head - 65 * 4096) + 2 * (embed_and_head + 65 * 4096), rel=2e-3
+    )
 
 
 def _p(numel, shape=None):
@@ -121,27 +157,49 @@ def _p(numel, shape=None):
     return Param(name="w", numel=numel, shape=shape or (numel,), kind="linear", trainable=True)
 
 
-@pytest.mark.parametrize("optimizer,dtype,per_param", [
-    ("adamw", "float32", 8), ("adam", "bfloat16", 4), ("sgd", "float32", 4), ("rmsprop", "float32", 8),
-    ("paged_adamw", "bfloat16", 8),
-])
+@pytest.mark.parametrize(
+    "optimizer,dtype,per_param",
+    [
+        ("adamw", "float32", 8),
+        ("adam", "bfloat16", 4),
+        ("sgd", "float32", 4),
+        ("rmsprop", "float32", 8),
+        ("paged_adamw", "bfloat16", 8),
+    ],
+)
 def test_optimizer_states(optimizer, dtype, per_param):
     n = 1_000_000
-    assert optimizer_state_bytes(_p(n), Setup(method="full", optimizer=optimizer, dtype=dtype)) == per_param * n
+    assert (
+        optimizer_state_bytes(_p(n), Setup(method="full", optimizer=optimizer, dtype=dtype))
+        == per_param * n
+    )
 
 
 def test_eight_bit_adam_states():
     n = 1_000_000
     s = Setup(method="full", optimizer="adamw8bit")
     assert optimizer_state_bytes(_p(n), s) == 2 * n + 2 * 4 * math.ceil(n / BNB_OPT_BLOCK)
-    assert optimizer_state_bytes(_p(1000), s) == 8 * 1000  # below 4096 elements bitsandbytes keeps 32-bit states
-    assert optimizer_state_bytes(_p(0 + 100), Setup(method="full", optimizer="sgd", momentum=0.0)) == 0
+    assert (
+        optimizer_state_bytes(_p(1000), s) == 8 * 1000
+    )  # below 4096 elements bitsandbytes keeps 32-bit states
+    assert (
+        optimizer_state_bytes(_p(0 + 100), Setup(method="full", optimizer="sgd", momentum=0.0)) == 0
+    )
 
 
 def test_bf16_full_finetuning_peaks_at_ten_bytes_per_parameter():
     """weights 2 + grads 2 + AdamW states 4 + foreach's temporary 2, at the optimizer step."""
-    plan = plan_model("mistral-7b", method="full", dtype="bfloat16", optimizer="adamw", batch_size=1, seq_len=512,
-                      gradient_checkpointing=True, attn_implementation="flash_attention_2", device="cuda")
+    plan = plan_model(
+        "mistral-7b",
+        method="full",
+        dtype="bfloat16",
+        optimizer="adamw",
+        batch_size=1,
+        seq_len=512,
+        gradient_checkpointing=True,
+        attn_implementation="flash_attention_2",
+        device="cuda",
+    )
     est = plan.estimate()
     assert est.peak_phase == "optimizer step"
     n = plan.inv.total
@@ -150,8 +208,14 @@ def test_bf16_full_finetuning_peaks_at_ten_bytes_per_parameter():
 
 
 def test_lora_adapters_cost_16_bytes_each_with_adamw():
-    plan = plan_model("llama-2-7b", method="lora", dtype="bfloat16", r=16, target_modules=("q_proj", "v_proj"),
-                      device="cuda")
+    plan = plan_model(
+        "llama-2-7b",
+        method="lora",
+        dtype="bfloat16",
+        r=16,
+        target_modules=("q_proj", "v_proj"),
+        device="cuda",
+    )
     est = plan.estimate()
     lora = 32 * 2 * 16 * (4096 + 4096)
     assert est.lora_params == lora
@@ -161,17 +225,23 @@ def test_lora_adapters_cost_16_bytes_each_with_adamw():
 
 
 def test_qlora_weights_by_precision():
-    plan = plan_model("llama-2-7b", method="qlora", r=8, target_modules=("q_proj", "v_proj"), device="cuda")
+    plan = plan_model(
+        "llama-2-7b", method="qlora", r=8, target_modules=("q_proj", "v_proj"), device="cuda"
+    )
     w = plan.estimate().weights["by_precision"]
     embed_and_head = 2 * 32000 * 4096
     norms = 65 * 4096
-    assert w["fp32"] == 4 * (embed_and_head + norms) + 4 * 32 * 2 * 8 * 8192  # fp32 after kbit prep + adapters
+    assert (
+        w["fp32"] == 4 * (embed_and_head + norms) + 4 * 32 * 2 * 8 * 8192
+    )  # fp32 after kbit prep + adapters
     assert w["nf4"] == (6_738_415_616 - embed_and_head - norms) // 2
 
 
 def test_llama_block_activations_by_hand():
     """SmolLM2-135M full FT in fp32 on the CPU (SDPA, no checkpointing): bytes saved per token per block."""
-    plan = plan_model("smollm2-135m", method="full", dtype="float32", device="cpu", batch_size=2, seq_len=64)
+    plan = plan_model(
+        "smollm2-135m", method="full", dtype="float32", device="cpu", batch_size=2, seq_len=64
+    )
     a = plan.estimate().acts
     h, q, kv, n, i = 576, 576, 192, 9, 1536
     norms = 2 * (4 * h + 4 * h)  # RMSNorm: fp32 input + normalized x (its weight trains)
@@ -180,10 +250,15 @@ def test_llama_block_activations_by_hand():
     o_in, mlp_in = 4 * q, 4 * h
     mlp = 3 * 4 * i  # gate output, SiLU output, up output
     down_in = 4 * i
-    assert a.detail["per_token_per_layer"] == norms + attn_inputs + attention + o_in + mlp_in + mlp + down_in
+    assert (
+        a.detail["per_token_per_layer"]
+        == norms + attn_inputs + attention + o_in + mlp_in + mlp + down_in
+    )
     assert a.per_layer == 2 * 64 * a.detail["per_token_per_layer"]
     V = 49152
-    assert a.loss_peak == 2 * 64 * (4 * V + 12 * V)  # fp32 logits, log-softmax, its gradient in and out
+    assert a.loss_peak == 2 * 64 * (
+        4 * V + 12 * V
+    )  # fp32 logits, log-softmax, its gradient in and out
 
 
 def test_checkpointing_keeps_block_inputs_only():
@@ -198,13 +273,25 @@ def test_checkpointing_keeps_block_inputs_only():
 def test_eager_attention_stores_the_seq_by_seq_probabilities():
     common = dict(method="lora", dtype="bfloat16", batch_size=1, seq_len=2048, device="cuda")
     eager = plan_model("llama-2-7b", attn_implementation="eager", **common).estimate().acts
-    flash = plan_model("llama-2-7b", attn_implementation="flash_attention_2", **common).estimate().acts
+    flash = (
+        plan_model("llama-2-7b", attn_implementation="flash_attention_2", **common).estimate().acts
+    )
     # fp32 softmax output + its bf16 copy: 6 bytes per head per key per token
-    assert eager.detail["per_token_per_layer"] - flash.detail["per_token_per_layer"] >= 6 * 32 * 2048 - 4 * 32
+    assert (
+        eager.detail["per_token_per_layer"] - flash.detail["per_token_per_layer"]
+        >= 6 * 32 * 2048 - 4 * 32
+    )
 
 
 def test_fsdp_shards_and_ddp_replicates():
-    base = dict(method="full", dtype="bfloat16", batch_size=1, seq_len=512, device="cuda", gradient_checkpointing=True)
+    base = dict(
+        method="full",
+        dtype="bfloat16",
+        batch_size=1,
+        seq_len=512,
+        device="cuda",
+        gradient_checkpointing=True,
+    )
     one = plan_model("llama-2-7b", **base).estimate()
     fsdp8 = plan_model("llama-2-7b", num_devices=8, strategy="fsdp", **base).estimate()
     ddp8 = plan_model("llama-2-7b", num_devices=8, strategy="ddp", **base).estimate()
@@ -219,9 +306,18 @@ def test_paged_optimizer_states_are_listed_not_counted():
 
 
 def test_cards_verdict_and_micro_batch_search():
-    plan = plan_model("llama-2-7b", method="qlora", batch_size=1, seq_len=2048, gradient_checkpointing=True, device="cuda")
+    plan = plan_model(
+        "llama-2-7b",
+        method="qlora",
+        batch_size=1,
+        seq_len=2048,
+        gradient_checkpointing=True,
+        device="cuda",
+    )
     est = plan.estimate()
-    assert [c["fits"] for c in fits_cards(est.total)] == sorted(c["fits"] for c in fits_cards(est.total))
+    assert [c["fits"] for c in fits_cards(est.total)] == sorted(
+        c["fits"] for c in fits_cards(est.total)
+    )
     on_20 = {c["card_gb"]: c["fits"] for c in fits_cards(20 * 1024**3)}
     assert not on_20[16] and on_20[24]  # 20 GiB: too big for a 16 GB card, fits a 24 GB one
     budget = 24 * GB
@@ -232,16 +328,26 @@ def test_cards_verdict_and_micro_batch_search():
 
 
 def test_cpu_mode_differs_from_cuda_mode():
-    common = dict(method="full", dtype="float32", batch_size=4, seq_len=128, checkpoint_bytes=4 * 134_515_008)
+    common = dict(
+        method="full", dtype="float32", batch_size=4, seq_len=128, checkpoint_bytes=4 * 134_515_008
+    )
     cpu = plan_model("smollm2-135m", device="cpu", mixed_precision="no", **common).estimate()
     cuda = plan_model("smollm2-135m", device="cuda", mixed_precision="no", **common).estimate()
     assert cpu.overhead == CPU_RUNTIME and cuda.overhead > cpu.overhead  # CUDA context
-    assert cpu.phases["load"] == 0 and "load" not in cuda.phases  # an fp32 checkpoint maps straight into the weights
-    bf16_file = plan_model("smollm2-135m", device="cpu", **{**common, "checkpoint_bytes": 2 * 134_515_008}).estimate()
-    assert bf16_file.phases["load"] == 2 * 134_515_008 + bf16_file.weights["total"]  # converted: file + new tensors
+    assert (
+        cpu.phases["load"] == 0 and "load" not in cuda.phases
+    )  # an fp32 checkpoint maps straight into the weights
+    bf16_file = plan_model(
+        "smollm2-135m", device="cpu", **{**common, "checkpoint_bytes": 2 * 134_515_008}
+    ).estimate()
+    assert (
+        bf16_file.phases["load"] == 2 * 134_515_008 + bf16_file.weights["total"]
+    )  # converted: file + new tensors
     q = plan_model("smollm2-135m", device="cpu", **{**common, "method": "qlora"}).estimate()
     fp32 = q.weights["by_precision"]["fp32"]
-    assert q.phases["load"] == 4 * 134_515_008 + q.weights["total"]  # file pages + the tensors made from them
+    assert (
+        q.phases["load"] == 4 * 134_515_008 + q.weights["total"]
+    )  # file pages + the tensors made from them
     assert q.mapped_checkpoint == 4 * 134_515_008 and fp32 > 0
     # per-tensor AdamW on the CPU: two temporaries as large as the largest tensor (the embedding)
     assert cpu.optimizer_step_temp == 2 * 4 * 49152 * 576

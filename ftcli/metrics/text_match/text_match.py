@@ -44,8 +44,15 @@ class TextMatch(evaluate.Metric):
         )
 
     def _compute(self, predictions, references):
-        em = [float(normalize(p) == normalize(r)) for p, r in zip(predictions, references, strict=True)]
+        em = [
+            float(normalize(p) == normalize(r))
+            for p, r in zip(predictions, references, strict=True)
+        ]
         f1 = [token_f1(p, r) for p, r in zip(predictions, references, strict=True)]
         n = len(em)
-        return {"exact_match": sum(em) / n if n else float("nan"), "token_f1": sum(f1) / n if n else float("nan"),
-                "per_example_exact_match": em, "per_example_token_f1": f1}
+        return {
+            "exact_match": sum(em) / n if n else float("nan"),
+            "token_f1": sum(f1) / n if n else float("nan"),
+            "per_example_exact_match": em,
+            "per_example_token_f1": f1,
+        }
