@@ -174,7 +174,11 @@ class MergeRecord:
     def as_dict(self) -> dict:
         """merge.json and run.json's ``merge``: the fields, with the headline figures beside them."""
         headline = ("max_logit_diff", "relative_diff", "tolerance", "prediction_agreement")
-        return {**asdict(self), **{k: getattr(self, k) for k in headline}, "passed": True}
+        return {
+            **asdict(self),
+            **{k: getattr(self, k) for k in headline},
+            "passed": self.saved_check["passed"],
+        }
 
 
 def read_merge_record(folder: Path) -> MergeRecord:

@@ -211,7 +211,8 @@ def build_meta(config, task: str, num_labels: int = 2, attn_implementation: str 
     import copy
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from ftcli.models import model_class
 
     cfg = copy.deepcopy(config)
     if hasattr(cfg, "quantization_config"):  # a GGUF's settings describe the file, not our load
@@ -225,8 +226,7 @@ def build_meta(config, task: str, num_labels: int = 2, attn_implementation: str 
                 cfg.num_labels = num_labels
                 if getattr(cfg, "pad_token_id", None) is None:
                     cfg.pad_token_id = 0
-                return AutoModelForSequenceClassification.from_config(cfg, **kwargs)
-            return AutoModelForCausalLM.from_config(cfg, **kwargs)
+            return model_class(task).from_config(cfg, **kwargs)
     except (ValueError, KeyError) as exc:
         raise FtcliError(
             f"cannot build a {task} model from this config ({type(cfg).__name__}): {exc}"
