@@ -414,6 +414,8 @@ def _first_error(exc: RequestValidationError) -> str:
     e = errs[0]
     if e.get("type") == "json_invalid":
         return "the request body is not valid JSON"
+    if tuple(e.get("loc", ())) == ("body",):
+        return "the request body must be a JSON object (Content-Type: application/json)"
     where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
     return f"{where}: {e.get('msg')}" if where else str(e.get("msg"))
 
@@ -507,7 +509,7 @@ def create_app(pred: Predictor, cfg: ServeConfig) -> FastAPI:
             ids_ = ids_ or [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
             room = context - len(ids_)
             want = asked if asked is not None else min(cfg.max_tokens, room)
-            if len(ids_) + want > context:
+            if want < 1 or len(ids_) + want > context:
                 raise ApiError(
                     400,
                     f"this model's context is {context} tokens; the prompt is {len(ids_)} "
@@ -787,7 +789,6 @@ def serve(model: str | None, adapters: list[str] | None, cfg: ServeConfig, say=p
             port=cfg.port,
             log_level="warning",
             timeout_keep_alive=5,
-            limit_concurrency=cfg.max_queue * 4,
         )
     )
     try:

@@ -219,9 +219,19 @@ def test_errors_are_clean_json_and_the_server_keeps_serving(servers):
         "invalid_api_key",
     )
     msg = _err(
-        post("/v1/chat/completions", content=b"{not json", headers=auth), 400, "invalid_request"
+        post(
+            "/v1/chat/completions",
+            content=b"{not json",
+            headers={**auth, "Content-Type": "application/json"},
+        ),
+        400,
+        "invalid_request",
     )["message"]
-    assert "JSON" in msg
+    assert "not valid JSON" in msg
+    msg = _err(
+        post("/v1/chat/completions", content=b"[1, 2]", headers=auth), 400, "invalid_request"
+    )["message"]
+    assert "JSON object" in msg
     _err(post("/v1/chat/completions", json={"model": "a"}, headers=auth), 400, "invalid_request")
     msg = _err(
         post("/v1/chat/completions", json={"model": "zzz", "messages": PROMPT}, headers=auth),
