@@ -20,6 +20,8 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+pytestmark = pytest.mark.slow  # two server processes and four tiny training runs
+
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = [{"role": "user", "content": "what is 3 plus 4 ?"}]
 
