@@ -844,7 +844,7 @@ def serve(
 
     Endpoints: POST /v1/chat/completions (stream or not), /v1/completions, /v1/classify,
     /v1/feedback; GET /v1/models, /health. The request's model field picks the adapter (or
-    the base); requests for one adapter are batched. Needs the serve extra: pip install 'ftcli[serve]'.
+    the base); requests for one adapter are batched. Needs the serve extra: pip install 'ftcli\\[serve]'.
 
     [bold]Examples[/]
 
