@@ -795,6 +795,80 @@ def chat(
     )
 
 
+@app.command()
+@command
+def serve(
+    model: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="MODEL_OR_RUN",
+            help="Merged/model folder, run folder, adapter folder or model spec "
+            "(with --adapter: the base; default: the adapters' own).",
+        ),
+    ] = None,
+    adapter: AdapterOpt = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar="FTCLI_API_KEY",
+            show_envvar=True,
+            help="Require 'Authorization: Bearer KEY' on /v1/ (default: no key).",
+        ),
+    ] = None,
+    max_batch_size: Annotated[
+        int, typer.Option(min=1, help="Most waiting requests of one adapter run together.")
+    ] = 8,
+    max_queue: Annotated[
+        int, typer.Option(min=1, help="Most requests waiting; more get 429 (retry).")
+    ] = 64,
+    max_tokens: Annotated[
+        int, typer.Option(min=1, help="Most tokens one answer may ask for (max_tokens).")
+    ] = 256,
+    max_body: Annotated[
+        int, typer.Option(min=1, help="Largest request body in bytes; more get 413.")
+    ] = 1_000_000,
+    feedback: Annotated[
+        Path,
+        typer.Option(
+            "--feedback",
+            help="Where POST /v1/feedback writes (the rows chat writes; "
+            "bad answers go to <stem>-rejected.jsonl).",
+        ),
+    ] = Path("feedback.jsonl"),
+    json_: JsonOpt = False,
+):
+    """Serve a fine-tuned model over an OpenAI-compatible HTTP API, adapters picked per request.
+
+    Endpoints: POST /v1/chat/completions (stream or not), /v1/completions, /v1/classify,
+    /v1/feedback; GET /v1/models, /health. The request's model field picks the adapter (or
+    the base); requests for one adapter are batched. Needs the serve extra: pip install 'ftcli\\[serve]'.
+
+    [bold]Examples[/]
+
+      ftcli serve runs/smollm2-chat-lora
+
+      ftcli serve --adapter polite=runs/a --adapter terse=runs/b --port 8080 --api-key "$KEY"
+    """
+    try:
+        from ftcli.serve.server import ServeConfig
+        from ftcli.serve.server import serve as run_server
+    except ImportError as exc:
+        raise FtcliError(
+            f"ftcli serve needs {exc.name or 'fastapi and uvicorn'}",
+            hint="pip install 'ftcli[serve]'",
+        ) from None
+    from ftcli.ui import UI
+
+    ui = UI(json_)
+    cfg = ServeConfig(
+        host, port, api_key, max_batch_size, max_queue, max_tokens, max_body, feedback
+    )
+    return run_server(model, adapter, cfg, say=ui.info)
+
+
 def optional_baseline_value(argv: list[str]) -> list[str]:
     """``ftcli eval RUN --baseline`` (no value) means ``--baseline base``. Typer cannot declare an
     option whose value may be left out, so the bare flag is completed here, before parsing."""
