@@ -38,6 +38,24 @@ def requested_mode() -> str | None:
     return None
 
 
+HINT = (
+    "FSDP and DeepSpeed need CUDA GPUs (configs/accelerate/); on a CPU use "
+    "torchrun --nproc_per_node N -m ftcli train RECIPE (DDP over gloo)"
+)
+
+
+def check_launch(device: str) -> None:
+    """Before the Accelerator is built: a sharded launch on a device that cannot shard."""
+    wanted = requested_mode()
+    if wanted in ("FSDP", "DEEPSPEED") and device != "cuda":
+        var = "ACCELERATE_USE_FSDP" if wanted == "FSDP" else "ACCELERATE_USE_DEEPSPEED"
+        raise FtcliError(
+            f"the launch asked for {'FSDP' if wanted == 'FSDP' else 'DeepSpeed'} ({var}) but "
+            f"ftcli runs on {device}, where accelerate cannot shard",
+            hint=HINT,
+        )
+
+
 def check_mode(accelerator) -> None:
     """Stop when the distributed mode running is not the one the launch asked for."""
     from accelerate.utils import DistributedType
@@ -61,8 +79,7 @@ def check_mode(accelerator) -> None:
     if problem:
         raise FtcliError(
             f"{problem}: the processes would train unsynchronised copies",
-            hint="FSDP and DeepSpeed need CUDA GPUs (configs/accelerate/); on a CPU use "
-            "torchrun --nproc_per_node N -m ftcli train RECIPE (DDP over gloo)",
+            hint=HINT,
         )
 
 

@@ -21,7 +21,7 @@ from accelerate.utils import set_seed
 from ftcli.adapt import adapt
 from ftcli.data.examples import SPLITS, prepare, save_prepared
 from ftcli.data.tokenize import tokenize
-from ftcli.distributed import check_mode, is_sharded, process_group_kwargs
+from ftcli.distributed import check_launch, check_mode, is_sharded, process_group_kwargs
 from ftcli.errors import FtcliError, Interrupted
 from ftcli.evaluation.baseline import save_initial_head
 from ftcli.evaluation.score import evaluate
@@ -77,6 +77,7 @@ def make_accelerator(recipe: Recipe):
     # that would refuse a second precision. Forget the per-run part; the process group stays.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
+    check_launch(device)
     acc = Accelerator(
         mixed_precision=mp,
         gradient_accumulation_steps=recipe.train.gradient_accumulation,
