@@ -170,6 +170,16 @@ def test_mlflow_server_run_params_metrics_artifacts_and_ui(
     adapter = {a.path for a in client.list_artifacts(info["run_id"], "adapter")}
     assert "adapter/adapter_model.safetensors" in adapter
 
+    # `ftcli eval --baseline` adds its comparison to the same run
+    from ftcli.evaluation.compare import eval_baseline
+
+    report = eval_baseline(r.run_dir, "base", UI(), n_resamples=199)
+    assert report["tracked_in"] == [f"mlflow run {info['run_id']}"]
+    acc_row = next(s for s in report["significance"] if s["metric"] == "accuracy")
+    after = client.get_run(info["run_id"]).data.metrics
+    assert after["eval_accuracy_diff"] == pytest.approx(acc_row["diff"])
+    assert after["eval_accuracy_baseline"] == pytest.approx(acc_row["baseline"])
+
     # the MLflow UI shows the run and its loss metric (headless Chromium renders the React page)
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
