@@ -635,7 +635,9 @@ def _tracking_problems(r: Recipe) -> list[Problem]:
                 r.problem(
                     "train.report_to",
                     f"{name} is not installed",
-                    f"pip install ftcli[tracking] (or pip install {name})",
+                    "pip install wandb"
+                    if name == "wandb"
+                    else f"pip install ftcli[tracking] (or pip install {name})",
                 )
             )
     if t.mlflow_uri and "mlflow" not in t.report_to:
