@@ -215,11 +215,11 @@ def train_run(
     )
     if memory:
         log.update(memory=memory)
-    tracked = start_tracking(acc, recipe, adapted.counts.trainable)
-    if tracked:
-        log.update(tracking=tracked)
     test_metrics: dict = {}
     try:
+        tracked = start_tracking(acc, recipe, adapted.counts.trainable)
+        if tracked:
+            log.update(tracking=tracked)
         ui.step(
             f"train    on {acc.num_processes} process(es), {device}, mixed precision {acc.mixed_precision}"
         )

@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+from ftcli.errors import FtcliError
 from ftcli.recipe import Recipe
 
 EXPERIMENT = "ftcli"  # MLflow experiment / W&B project; MLFLOW_EXPERIMENT_NAME overrides it
@@ -75,7 +76,14 @@ def start(accelerator, recipe: Recipe, trainable: int) -> dict:
         import mlflow
 
         mlflow.set_tracking_uri(mlflow_uri(recipe))
-    accelerator.init_trackers(EXPERIMENT, config=flat_params(recipe))
+    try:
+        accelerator.init_trackers(EXPERIMENT, config=flat_params(recipe))
+    except Exception as exc:  # an unreachable server, a locked store: the user's to fix
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise FtcliError(
+            f"cannot start tracking ({', '.join(recipe.train.report_to)}): {first}",
+            hint="check train.mlflow_uri / MLFLOW_TRACKING_URI, or drop train.report_to",
+        ) from None
     accelerator.log({"trainable_params": trainable}, step=0)
     info: dict = {"report_to": list(recipe.train.report_to)}
     if "tensorboard" in recipe.train.report_to:
