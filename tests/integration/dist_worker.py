@@ -1,5 +1,6 @@
 """Run under ``torchrun --nproc_per_node 2`` (gloo, CPU) by test_distributed.py; not a test itself.
 
+``timeout``: rank 0 waits in a collective rank 1 never joins; ``train.ddp_timeout_s`` ends it.
 ``ddp``: one step of ftcli's DDP path (make_accelerator, adapt, the prepared loader) against the
 full-batch gradient of one process. ``fsdp-lora`` / ``fsdp-full``: ftcli's model sharded with raw
 FSDP2 ``fully_shard`` on an explicit CPU mesh (TRAPS.md #12), trained a few AdamW steps from
@@ -12,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+import time
 
 import torch
 from accelerate.utils import set_seed
@@ -39,6 +41,19 @@ def main(mode: str, recipe_path: str, out: str) -> None:
     acc, _ = make_accelerator(recipe)  # torchrun's env: a gloo process group of 2
     rank, world = acc.process_index, acc.num_processes
     assert world == 2, world
+    if mode == "timeout":  # rank 1 stays alive but silent; rank 0's collective must give up
+        if rank == 1:
+            time.sleep(120)
+            return
+        t0 = time.perf_counter()
+        try:
+            torch.distributed.all_reduce(torch.ones(1))
+            error = None
+        except Exception as exc:  # what gloo raises when train.ddp_timeout_s runs out
+            error = f"{type(exc).__name__}: {str(exc)[:300]}"
+        with open(out, "w") as f:
+            json.dump({"waited_s": time.perf_counter() - t0, "error": error}, f)
+        raise SystemExit(1)  # torchrun then stops rank 1 at once
     tok, _, model_dir = load_tokenizer(recipe.model)
     prepared = prepare(recipe)
     feats = tokenize(prepared.splits["train"], recipe, tok, prepared.label2id).features

@@ -34,25 +34,33 @@ def _env() -> dict:
     return env
 
 
-def _recipe_file(tmp_path, tiny_models, tiny_data, kind: str) -> Path:
+def _recipe_file(tmp_path, tiny_models, tiny_data, kind: str, **train) -> Path:
     m = tiny_recipe(
         tmp_path, tiny_models, tiny_data, task="classification", kind=kind, arch="llama-random"
     )
-    m["train"]["optimizer"] = {"name": "adamw", "lr": 1.0e-2}
+    m["train"].update(optimizer={"name": "adamw", "lr": 1.0e-2}, **train)
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(m))
     return path
 
 
-def _torchrun(tmp_path, mode: str, recipe: Path) -> dict:
+def _torchrun(tmp_path, mode: str, recipe: Path, ok: bool = True) -> dict:
     out = tmp_path / f"{mode}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     cmd += ["--master_port", str(_port()), str(WORKER), mode, str(recipe), str(out)]
     proc = subprocess.run(
         cmd, capture_output=True, text=True, env=_env(), timeout=300, cwd=tmp_path
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (proc.returncode == 0) == ok, proc.stderr[-4000:]
     return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_ddp_timeout_s_ends_a_collective_a_rank_never_joins(tmp_path, tiny_models, tiny_data):
+    recipe = _recipe_file(tmp_path, tiny_models, tiny_data, "lora", ddp_timeout_s=3)
+    r = _torchrun(tmp_path, "timeout", recipe, ok=False)
+    assert r["error"] is not None, r
+    assert r["waited_s"] < 60, r  # the silent rank sleeps 120 s: without the timeout, a hang
 
 
 @pytest.mark.slow
