@@ -59,7 +59,7 @@ def _torchrun(tmp_path, mode: str, recipe: Path, ok: bool = True) -> dict:
 def test_ddp_timeout_s_ends_a_collective_a_rank_never_joins(tmp_path, tiny_models, tiny_data):
     recipe = _recipe_file(tmp_path, tiny_models, tiny_data, "lora", ddp_timeout_s=3)
     r = _torchrun(tmp_path, "timeout", recipe, ok=False)
-    assert r["error"] is not None, r
+    assert r["error"] is not None and "Timed out waiting 3000ms" in r["error"], r  # gloo's words
     assert r["waited_s"] < 60, r  # the silent rank sleeps 120 s: without the timeout, a hang
 
 
