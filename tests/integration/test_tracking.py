@@ -114,6 +114,8 @@ def mlflow_server(tmp_path):
             str(root / "artifacts"),
         ],
         cwd=root,
+        # no background job runners (a dozen huey processes): the test needs the tracking API and UI
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         stdout=subprocess.DEVNULL,
         stderr=(root / "server.log").open("w"),  # noqa: SIM115 (lives as long as the server)
         start_new_session=True,
