@@ -34,11 +34,22 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_tensorboard_scalars_match_metrics_jsonl(tmp_path, tiny_models, tiny_data):
+def test_tensorboard_scalars_match_metrics_jsonl(tmp_path, tiny_models, tiny_data, monkeypatch):
+    """TensorBoard read back with its own reader; MLflow's default local store beside the runs."""
+    from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    r = recipe_from_mapping(_mapping(tmp_path, tiny_models, tiny_data, report_to=["tensorboard"]))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    m = _mapping(tmp_path, tiny_models, tiny_data, report_to=["tensorboard", "mlflow"])
+    r = recipe_from_mapping(m)
     out = train_run(r, UI())
+    db = Path(r.output_dir) / "mlflow.db"
+    assert out["tracking"]["mlflow"]["uri"] == f"sqlite:///{db.resolve()}"
+    local = MlflowClient(tracking_uri=out["tracking"]["mlflow"]["uri"]).get_run(
+        out["tracking"]["mlflow"]["run_id"]
+    )
+    assert local.info.status == "FINISHED" and "loss" in local.data.metrics
+    assert local.info.artifact_uri.startswith((Path(r.output_dir) / "mlartifacts").as_uri())
     assert out["tracking"]["tensorboard_dir"] == str(r.run_dir / "tb")
     acc = EventAccumulator(str(r.run_dir / "tb"))
     acc.Reload()
