@@ -206,7 +206,7 @@ def test_mlflow_server_run_params_metrics_artifacts_and_ui(
         "--no-sandbox",
         "--disable-gpu",
         "--virtual-time-budget=20000",
-        "--window-size=1400,1000",
+        "--window-size=1400,2000",  # tall enough to show the metrics table
     ]
     dom = subprocess.run(
         [*common, "--dump-dom", page], capture_output=True, text=True, timeout=120
