@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ftcli.distributed import fsdp_requested
 from ftcli.errors import FtcliError
 from ftcli.recipe import QuantSpec
 from ftcli.rundir import ModelRecord, read_model_record
@@ -116,11 +117,18 @@ def quantization_config(q: QuantSpec, compute_dtype: str | None = None):
 
     if q.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
+    dtype = torch_dtype(compute_dtype or q.compute_dtype)
+    extra = {}
+    if fsdp_requested():
+        # FSDP flattens the 4-bit weights with the float ones: stored as uint8 (the default) they
+        # silently corrupt training (loss 0.0, grad_norm NaN; TRAPS.md #15)
+        extra["bnb_4bit_quant_storage"] = dtype
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=torch_dtype(compute_dtype or q.compute_dtype),
+        bnb_4bit_compute_dtype=dtype,
+        **extra,
     )
 
 

@@ -21,6 +21,7 @@ from accelerate.utils import set_seed
 from ftcli.adapt import adapt
 from ftcli.data.examples import SPLITS, prepare, save_prepared
 from ftcli.data.tokenize import tokenize
+from ftcli.distributed import check_launch, check_mode, is_sharded, process_group_kwargs
 from ftcli.errors import FtcliError, Interrupted
 from ftcli.evaluation.baseline import save_initial_head
 from ftcli.evaluation.score import evaluate
@@ -35,6 +36,9 @@ from ftcli.models import (
 )
 from ftcli.recipe import Recipe
 from ftcli.rundir import check_same_data, open_run, read_run_record, write_run_json
+from ftcli.tracking import finish as finish_tracking
+from ftcli.tracking import start as start_tracking
+from ftcli.tracking import trackers
 from ftcli.train import train
 from ftcli.ui import UI
 from ftcli.util import atomic_write_text, versions
@@ -73,11 +77,15 @@ def make_accelerator(recipe: Recipe):
     # that would refuse a second precision. Forget the per-run part; the process group stays.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
+    check_launch(device)
     acc = Accelerator(
         mixed_precision=mp,
         gradient_accumulation_steps=recipe.train.gradient_accumulation,
         cpu=device == "cpu",
+        log_with=trackers(recipe) or None,
+        kwargs_handlers=[process_group_kwargs(recipe.train.ddp_timeout_s)],
     )
+    check_mode(acc)  # the launch got the distributed mode it asked for (TRAPS.md #12)
     return acc, device
 
 
@@ -207,7 +215,11 @@ def train_run(
     )
     if memory:
         log.update(memory=memory)
+    test_metrics: dict = {}
     try:
+        tracked = start_tracking(acc, recipe, adapted.counts.trainable)
+        if tracked:
+            log.update(tracking=tracked)
         ui.step(
             f"train    on {acc.num_processes} process(es), {device}, mixed precision {acc.mixed_precision}"
         )
@@ -220,9 +232,12 @@ def train_run(
         ui.step("evaluate on the sealed test split")
         with log.stage("evaluate"):
             if main:
+                model = adapted.model
+                if is_sharded(acc):  # the sharded model runs only with every rank: reload it whole
+                    model = to_device(load_trained(run_dir, recipe.task)[0], acc.device)
                 report = evaluate(
                     recipe.task,
-                    adapted.model,
+                    model,
                     tokenizer,
                     tokenized["test"].features,
                     prepared.labels,
@@ -238,6 +253,7 @@ def train_run(
                     + [("examples", report.n)],
                 )
                 log.update(eval=report.as_dict())
+                test_metrics = report.metrics
 
         if recipe.merge.enabled and recipe.method.kind != "full":
             ui.step("merge    adapter into the base, verified")
@@ -266,8 +282,10 @@ def train_run(
         log.update(
             status=status, error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         )
+        finish_tracking(acc, recipe, log.data.get("train", {}).get("steps", 0), {}, failed=True)
         raise
     log.update(status="completed", finished=now())
+    finish_tracking(acc, recipe, trained.steps, test_metrics)
     ui.info(
         f"[green]done[/] {run_dir}/  (run.json, metrics.jsonl, "
         f"{'model/' if recipe.method.kind == 'full' else 'adapter/'}"

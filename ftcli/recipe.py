@@ -191,6 +191,17 @@ class TrainSpec(_Section):
     keep_checkpoints: int = Field(1, ge=1)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list,
+        description="experiment trackers (accelerate's): tensorboard -> <run>/tb/, mlflow, wandb",
+    )
+    mlflow_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI; default MLFLOW_TRACKING_URI, else <output_dir>/mlflow.db",
+    )
+    ddp_timeout_s: int = Field(
+        1800, gt=0, description="collective timeout of the process group (a hung rank fails after)"
+    )
 
 
 class EvalSpec(_Section):
@@ -440,6 +451,8 @@ def suggest_key(path: tuple[str, ...]) -> str | None:
 
 
 def _literal_choices(path: tuple[str, ...]) -> list[str]:
+    if path and path[-1].isdigit():  # an item of a list of choices (train.report_to.0)
+        path = path[:-1]
     section = _section_at(path[:-1])
     if section is None or path[-1] not in section.model_fields:
         return []
@@ -605,6 +618,32 @@ def _semantic_problems(r: Recipe) -> list[Problem]:
         p.append(r.problem("data.split.test", "conflicts with data.test_path: set one"))
     if t.scheduler.name == "plateau" and "warmup_ratio" in t.scheduler.model_fields_set:
         p.append(r.problem("train.scheduler.warmup_ratio", "the plateau scheduler has no warmup"))
+    p += _tracking_problems(r)
+    return p
+
+
+def _tracking_problems(r: Recipe) -> list[Problem]:
+    """train.report_to: each tracker once, its package installed; mlflow_uri only with mlflow."""
+    import importlib.util
+
+    t, p = r.train, []
+    if len(set(t.report_to)) != len(t.report_to):
+        p.append(r.problem("train.report_to", "names a tracker twice", "list each once"))
+    for name in dict.fromkeys(t.report_to):
+        if importlib.util.find_spec(name) is None:
+            p.append(
+                r.problem(
+                    "train.report_to",
+                    f"{name} is not installed",
+                    "pip install wandb"
+                    if name == "wandb"
+                    else f"pip install ftcli[tracking] (or pip install {name})",
+                )
+            )
+    if t.mlflow_uri and "mlflow" not in t.report_to:
+        p.append(
+            r.problem("train.mlflow_uri", "only applies with mlflow in train.report_to", "add it")
+        )
     return p
 
 

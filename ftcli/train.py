@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
 from ftcli.data.tokenize import Tokenized, collate
+from ftcli.distributed import is_sharded
 from ftcli.errors import FtcliError, Interrupted
 from ftcli.evaluation.forward import loss_sums
 from ftcli.recipe import Recipe
@@ -207,11 +208,37 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
 # --------------------------------------------------------------------------- the loop
 
 
-def save_trained(accelerator, model, tokenizer, out_dir: Path, record) -> None:
-    """The final adapter (peft) or full model, plus the tokenizer and ftcli's record of both."""
+def save_sharded_checkpoint(accelerator, ckpt_root: Path, scheduler, state: dict, keep: int):
+    """FSDP / DeepSpeed: every rank writes its shards with ``accelerator.save_state`` (model,
+    optimizer, RNG); ``--resume`` restores them under the same world size."""
+    target = ckpt_root / f"step-{state['global_step']:07d}"
+    tmp = ckpt_root / f".partial-{target.name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        write_json(tmp / "state.json", state)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+        for old in sorted(ckpt_root.glob("step-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return target
+
+
+def save_trained(accelerator, model, tokenizer, out_dir: Path, record, state_dict=None) -> None:
+    """The final adapter (peft) or full model, plus the tokenizer and ftcli's record of both.
+    ``state_dict``: the full state gathered from the shards (FSDP / DeepSpeed)."""
     unwrapped = accelerator.unwrap_model(model)
     with atomic_dir(out_dir) as tmp:
-        unwrapped.save_pretrained(tmp, safe_serialization=True)
+        if state_dict is not None:
+            unwrapped.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        else:
+            unwrapped.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_model_record(tmp, record)
 
@@ -312,6 +339,7 @@ def train(
             make_loader(val_feats, recipe.eval.batch_size, tok.pad_token_id)
         )
     main = accelerator.is_main_process
+    sharded = is_sharded(accelerator)
 
     ckpt_root = run_dir / "checkpoints"
     metrics_path = run_dir / "metrics.jsonl"
@@ -324,7 +352,12 @@ def train(
                 f"nothing to resume: {ckpt_root} holds no checkpoint",
                 hint="start the run without --resume",
             )
-        saved = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler)
+        if sharded:
+            accelerator.load_state(str(ckpt))
+            scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+            saved = read_json(ckpt / "state.json")
+        else:
+            saved = load_checkpoint(ckpt, accelerator.unwrap_model(model), optimizer, scheduler)
         state = LoopState(**{k: v for k, v in saved.items() if k in LoopState.__dataclass_fields__})
         resumed_from = state.global_step
         if main:  # drop metrics logged after the checkpoint
@@ -345,6 +378,11 @@ def train(
 
     def checkpoint() -> Path | None:
         path = None
+        if sharded:
+            snap = state.snapshot(time.perf_counter() - t_start)
+            return save_sharded_checkpoint(
+                accelerator, ckpt_root, scheduler, snap, t.keep_checkpoints
+            )
         if main:
             path = save_checkpoint(
                 ckpt_root,
@@ -404,6 +442,7 @@ def train(
                     last_loss = row["loss"]
                     if main:
                         append_jsonl(metrics_path, row)
+                    accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
                     state.log_window = [0.0, 0]
                     window = LogWindow(step=step)
                     if progress:
@@ -420,6 +459,7 @@ def train(
                         state.best_val_loss, state.best_val_step = v, step
                     if plateau:
                         scheduler.step(v)
+                    accelerator.log({"val_loss": v}, step=step)
                     if main:
                         append_jsonl(
                             metrics_path,
@@ -448,6 +488,8 @@ def train(
     accelerator.wait_for_everyone()
     seconds = time.perf_counter() - t_start
     out_dir = run_dir / ("model" if recipe.method.kind == "full" else "adapter")
+    # sharded: every rank takes part in gathering the full state; the main process writes it
+    full_state = accelerator.get_state_dict(model) if sharded else None
     if main:
         id2label = getattr(accelerator.unwrap_model(model).config, "id2label", None)
         labels = (
@@ -459,6 +501,7 @@ def train(
             tok,
             out_dir,
             model_record_for(recipe, adapted.model_dir, state.global_step, labels),
+            full_state,
         )
     accelerator.wait_for_everyone()
     return Trained(

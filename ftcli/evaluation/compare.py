@@ -287,5 +287,19 @@ def eval_baseline(
         )
     out = Path(out_dir) if out_dir else rd.run_dir / "eval"
     report["files"] = write_report(report, result["predictions"], out)
+    report["tracked_in"] = track_comparison(rd.run_dir, report)
     print_report(report, ui)
     return jsonable(report)
+
+
+def track_comparison(run_dir: Path, report: dict) -> list[str]:
+    """The comparison's figures added to the MLflow run the training opened (if it was tracked)."""
+    from ftcli.rundir import read_run_record
+    from ftcli.tracking import log_to_run
+
+    record = read_run_record(run_dir)
+    figures = {}
+    for s in report["significance"]:
+        for key in ("baseline", "tuned", "diff", "ci_low", "ci_high", "p_value"):
+            figures[f"eval_{s['metric']}_{key}"] = s.get(key)
+    return log_to_run(record.model_dump() if record else {}, figures)
