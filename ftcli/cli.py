@@ -169,6 +169,12 @@ def validate(
     no_data: Annotated[
         bool, typer.Option("--no-data", help="Check only the recipe, not the data's columns.")
     ] = False,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict", help="Exit 1 on warnings and when the data's columns could not be checked."
+        ),
+    ] = False,
     json_: JsonOpt = False,
 ):
     """Check a recipe (and that its data has the named columns) without loading any model.
@@ -179,20 +185,36 @@ def validate(
 
       ftcli validate my.yaml --set method.kind=qlora --json
     """
+    from ftcli.errors import SourceError
     from ftcli.ui import UI
 
     ui = UI(json_)
     r = _load(recipe, set_)
     checked = ["schema"]
+    notes = [w.render() for w in r.warnings]
     if not no_data:
         from ftcli.data.examples import check_columns
         from ftcli.data.read import read_source
-        from ftcli.sources import resolve_data
+        from ftcli.sources import is_hub_spec, resolve_data
 
-        source = resolve_data(r.data.path)
-        if source.kind != "hub":
+        try:
+            source = resolve_data(r.data.path)
+        except SourceError as exc:
+            if not is_hub_spec(r.data.path):
+                raise
+            source = None
+            notes.append(f"data columns not checked: {exc.message}")
+        if source is not None and source.kind != "hub":
             check_columns(r, read_source(source, r.data), r.data.path)
             checked.append("data columns")
+        elif source is not None:
+            notes.append(f"data columns not checked: {r.data.path} is a hub dataset")
+    for note in notes:
+        ui.warn(note)
+    if strict and notes:
+        raise FtcliError(
+            f"{len(notes)} warning(s) with --strict", hint="fix them, or validate without --strict"
+        )
     ui.info(
         f"[green]ok[/] {recipe}: {r.task}, {r.method.kind} on {r.model.name} ({', '.join(checked)} checked)"
     )
@@ -202,6 +224,7 @@ def validate(
         "task": r.task,
         "method": r.method.kind,
         "checked": checked,
+        "warnings": notes,
         "resolved": r.model_dump(mode="json"),
     }
 

@@ -159,6 +159,8 @@ def train_run(
     Data and model are loaded before anything is written, so a bad dataset or model name leaves
     no run folder behind.
     """
+    for w in recipe.warnings:
+        ui.warn(w.render())
     _check_run_dir(recipe, resume, force)
     acc, device = make_accelerator(recipe)
     ui.step("memory   estimate before loading anything")
