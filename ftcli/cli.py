@@ -205,7 +205,7 @@ def validate(
             source = None
             notes.append(f"data columns not checked: {exc.message}")
         if source is not None and source.kind != "hub":
-            check_columns(r, read_source(source, r.data), r.data.path)
+            check_columns(r, read_source(source, r.data, notes), r.data.path)
             checked.append("data columns")
         elif source is not None:
             notes.append(f"data columns not checked: {r.data.path} is a hub dataset")

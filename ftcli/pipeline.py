@@ -180,6 +180,8 @@ def train_run(
     }
     timings["prepare"] = round(time.perf_counter() - t0, 2)
     ui.table("data", data_table(prepared, tokenized, recipe.data.max_length))
+    for note in prepared.stats.get("notes", []):
+        ui.warn(note)
 
     ui.step(f"adapt    {recipe.model.name} ({recipe.method.kind})")
     t0 = time.perf_counter()

@@ -65,7 +65,9 @@ class DataSpec(_Section):
     subset: str | None = Field(None, description="hub dataset configuration name")
     hub_split: str = Field("train", description="which split of a hub dataset to read")
     text_column: str = "text"
-    label_column: str | None = None
+    label_column: str | None = Field(
+        None, description="default: label (a folder of <label>/*.txt files implies it)"
+    )
     labels: list[str] | None = Field(None, description="keep only these labels, in this order")
     prompt_column: str | None = None
     completion_column: str | None = None
@@ -93,6 +95,26 @@ class DataSpec(_Section):
         description="text encoding of local files; 'auto' detects it (charset-normalizer) and "
         "says what it chose; utf-8 files that fail to decode are detected too, and reported",
     )
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, v: str) -> str:
+        import codecs
+
+        if v != "auto":
+            try:
+                codecs.lookup(v)
+            except (LookupError, ValueError):
+                raise ValueError(
+                    f"unknown text encoding {v[:40]!r}: use a Python codec name "
+                    "(utf-8, latin-1, cp1252, utf-16...) or auto"
+                ) from None
+        return v
+
+    @property
+    def label_col(self) -> str:
+        """The label column: ``label_column``, or ``label`` (what a ``<label>/*.txt`` folder has)."""
+        return self.label_column or "label"
 
     @property
     def style(self) -> str:
@@ -743,14 +765,6 @@ def _semantic_problems(r: Recipe) -> list[Problem]:
             )
         )
     if r.task == "classification":
-        if not d.label_column:
-            p.append(
-                r.problem(
-                    "data.label_column",
-                    "classification needs a label column",
-                    "name the column that holds each example's label",
-                )
-            )
         for key in (
             "prompt_column",
             "completion_column",
