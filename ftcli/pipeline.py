@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
+import os
 import shutil
+import socket
 import sys
 import time
 from contextlib import contextmanager
@@ -35,9 +37,10 @@ from ftcli.models import (
 )
 from ftcli.recipe import Recipe
 from ftcli.rundir import check_same_data, open_run, read_run_record, write_run_json
+from ftcli.runlock import check_writable, run_lock
 from ftcli.train import train
-from ftcli.ui import UI
-from ftcli.util import atomic_write_text, versions
+from ftcli.ui import UI, is_main_process
+from ftcli.util import atomic_write_text, remove_leftovers, versions
 
 
 def now() -> str:
@@ -138,6 +141,8 @@ def run_fields(
         task=recipe.task,
         method=recipe.method.kind,
         status="running",
+        pid=os.getpid(),  # with host: a "running" run whose process is gone reads as killed
+        host=socket.gethostname(),
         command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         started=started or now(),
         versions=vers,
@@ -157,10 +162,29 @@ def train_run(
     """Run the whole pipeline for ``recipe``; return run.json's contents.
 
     Data and model are loaded before anything is written, so a bad dataset or model name leaves
-    no run folder behind.
+    no run folder behind. The output folder is checked writable and the run folder locked first.
     """
     for w in recipe.warnings:
         ui.warn(w.render())
+    check_writable(Path(recipe.output_dir))
+    with run_lock(recipe.run_dir, enabled=is_main_process()) as held:
+        if held is not None and held.took_over:
+            ui.warn(
+                f"took over the lock of {recipe.run_dir} from a run that is gone "
+                f"({held.took_over}): it was killed or crashed"
+            )
+        return _train_run(recipe, ui, resume, force, memory_check)
+
+
+def _how_it_stopped(status: str) -> str:
+    return {
+        "interrupted": "interrupted (Ctrl-C or SIGTERM; a checkpoint was saved)",
+        "killed": "killed (kill -9, a crash or a power cut: it stopped without a word)",
+        "failed": "failed",
+    }.get(status, status)
+
+
+def _train_run(recipe: Recipe, ui: UI, resume: bool, force: bool, memory_check: bool) -> dict:
     _check_run_dir(recipe, resume, force)
     acc, device = make_accelerator(recipe)
     ui.step("memory   estimate before loading anything")
@@ -195,6 +219,7 @@ def train_run(
     if main:
         if resume:
             check_same_data(prepared, run_dir / "data")
+            remove_leftovers(run_dir)  # temporary folders of the process that stopped
         elif run_dir.exists():
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -211,9 +236,25 @@ def train_run(
     )
     if memory:
         log.update(memory=memory)
+    if resume:
+        found = previous.get("status", "unknown")
+        log.update(
+            resumes=[
+                *previous.get("resumes", []),
+                {"at": now(), "found_status": found, "how_it_stopped": _how_it_stopped(found)},
+            ]
+        )
+        ui.info(f"  resuming a run that was {_how_it_stopped(found)}")
+    t = recipe.train
+    effective = t.batch_size * t.gradient_accumulation * acc.num_processes
+    log.update(effective_batch_size=effective)
     try:
         ui.step(
             f"train    on {acc.num_processes} process(es), {device}, mixed precision {acc.mixed_precision}"
+        )
+        ui.info(
+            f"  effective batch size {effective} = {t.batch_size} per process x "
+            f"{t.gradient_accumulation} accumulation x {acc.num_processes} process(es)"
         )
         with log.stage("train"):
             trained = train(
@@ -271,6 +312,7 @@ def train_run(
             status=status, error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         )
         raise
+    log.data.pop("error", None)  # an earlier attempt's, now resumed to completion
     log.update(status="completed", finished=now())
     ui.info(
         f"[green]done[/] {run_dir}/  (run.json, metrics.jsonl, "
