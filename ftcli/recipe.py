@@ -511,6 +511,33 @@ class RecipeOrigin:
         return Problem(message, key=key, file=file, line=line, hint=hint)
 
 
+MAX_NODES = 20_000  # a recipe has a few hundred values; YAML aliases can make billions
+
+
+def _check_size(root: yaml.Node, file: str) -> None:
+    """Refuse a document that expands past MAX_NODES values (aliases of aliases: the
+    "billion laughs" shape) before anything walks it."""
+    seen, stack = 0, [root]
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_NODES:
+            raise RecipeError(
+                [
+                    Problem(
+                        f"the recipe expands to more than {MAX_NODES:,} values (YAML aliases "
+                        "nested in aliases?)",
+                        file=file,
+                        hint="write the values out, or use fewer nested &anchors / *aliases",
+                    )
+                ]
+            )
+        if isinstance(node, yaml.MappingNode):
+            stack.extend(v for kv in node.value for v in kv)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+
+
 def _node_lines(
     node: yaml.Node, prefix: tuple[str, ...], out: dict, problems: list[Problem], file: str
 ):
@@ -703,7 +730,8 @@ def _problem_from_error(err: dict, origin: RecipeOrigin) -> Problem:
         message = message[len("Value error, ") :]
     got = err.get("input")
     if not isinstance(got, dict | list) and got is not None:
-        message = f"{message} (got {got!r})"
+        shown = repr(got)
+        message = f"{message} (got {shown if len(shown) <= 80 else shown[:77] + '...'})"
     return origin.problem(key, message[0].lower() + message[1:])
 
 
@@ -885,7 +913,13 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     file = str(path)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            _check_size(node, file)
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise RecipeError(
+            [Problem("not valid YAML: nested too deeply", file=file, hint="flatten it")]
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         reason = getattr(exc, "problem", None) or str(exc)

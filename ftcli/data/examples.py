@@ -287,7 +287,11 @@ def load_examples(recipe: Recipe, spec: str, counts: CleanCounts) -> list[dict]:
     source = resolve_data(spec)
     records = read_source(source, recipe.data, counts.notes)
     check_columns(recipe, records, spec)
-    return clean(to_examples(recipe, records), recipe.data, counts)
+    try:
+        examples = to_examples(recipe, records)
+    except DataError as exc:  # "record 7: ..." needs the file it is in
+        raise DataError(f"{spec}: {exc.message}", hint=exc.hint) from None
+    return clean(examples, recipe.data, counts)
 
 
 def prepare(recipe: Recipe) -> PreparedData:
