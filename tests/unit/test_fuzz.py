@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import bz2
 import collections
-import copy
 import gzip
 import json
 import re
