@@ -24,7 +24,9 @@ def _flags_take_no_value() -> None:
     nothing after a flag (``--resume``, ``--robustness/--no-robustness``), as click does."""
     from typer.core import TyperOption
 
-    shown = TyperOption.display_type_rich
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None:  # a typer without the type column: nothing to fix
+        return
 
     def display_type_rich(self, ctx):
         return "" if self.is_flag and self.metavar is None else shown(self, ctx)
