@@ -82,9 +82,11 @@ def _mid_step(run_dir: Path):
 
 
 def _mid_checkpoint(run_dir: Path):
+    root = run_dir / "checkpoints"
+    before = set(root.glob(".step-*.tmp-*"))  # a killed process's leftovers are not this write
+
     def seen():
-        root = run_dir / "checkpoints"
-        tmp = sorted(root.glob(".step-*.tmp-*")) if root.exists() else []
+        tmp = sorted(set(root.glob(".step-*.tmp-*")) - before) if root.exists() else []
         return f"writing checkpoint {tmp[0].name}" if tmp else None
 
     return seen
