@@ -77,8 +77,13 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
 
 def append_jsonl(path: Path, row: dict) -> None:
     """Append one line (metrics.jsonl grows during training; a line is written whole or not at all)."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(path) from None
+        raise
 
 
 def read_jsonl(path: Path) -> list[dict]:
