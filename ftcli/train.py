@@ -390,7 +390,11 @@ def train(
         if main:  # drop metrics logged after the checkpoint
             write_jsonl(
                 metrics_path,
-                [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= resumed_from],
+                [
+                    r
+                    for r in read_jsonl(metrics_path, partial_tail=True)
+                    if r.get("step", 0) <= resumed_from
+                ],
             )
     elif main:
         shutil.rmtree(ckpt_root, ignore_errors=True)

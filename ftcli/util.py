@@ -86,12 +86,17 @@ def append_jsonl(path: Path, row: dict) -> None:
         raise
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path, partial_tail: bool = False) -> list[dict]:
+    """Rows of a JSON-lines file. ``partial_tail``: a last line with no newline (an append cut
+    short by a full disk or a kill) is dropped, not an error (metrics.jsonl on resume)."""
     path = Path(path)
     if not path.exists():
         return []
     # split on "\n" only: str.splitlines() also breaks at U+2028, U+0085... inside JSON strings
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").split("\n") if x.strip()]
+    lines = path.read_text(encoding="utf-8").split("\n")
+    if partial_tail and lines:
+        lines = lines[:-1]  # "" after a final newline, or the cut-short line
+    return [json.loads(x) for x in lines if x.strip()]
 
 
 @contextlib.contextmanager
