@@ -217,3 +217,15 @@ def test_a_truncated_adapter_is_named_not_loaded(tmp_path_factory, tiny_models, 
     code, err = _cli(capsys, "eval", str(run))
     assert code == 1 and "Traceback" not in err
     assert f"{target} does not match the sha256 recorded" in err
+
+
+def test_a_metrics_line_cut_short_is_dropped_on_resume(tmp_path):
+    from ftcli.util import read_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2, "lo')
+    assert read_jsonl(path, partial_tail=True) == [{"step": 1}]
+    with pytest.raises(json.JSONDecodeError):  # elsewhere a damaged line is not hidden
+        read_jsonl(path)
+    path.write_text('{"step": 1}\n')
+    assert read_jsonl(path, partial_tail=True) == [{"step": 1}]
