@@ -392,9 +392,9 @@ APPLIES: dict[str, Applies | None] = {
     "method.quantization.compute_dtype": Applies(lambda r: r.method.quant.bits == 4, "bits: 4"),
     # train
     "train": ALWAYS,
-    "train.epochs": Applies(
-        lambda r: r.train.max_steps is None, "runs without train.max_steps", warn=True
-    ),
+    # a documented override is not a key ignored in silence: max_steps overrides epochs, and
+    # warmup_steps overrides warmup_ratio (their descriptions say so), as a shared base intends
+    "train.epochs": ALWAYS,
     "train.max_steps": ALWAYS,
     "train.batch_size": ALWAYS,
     "train.gradient_accumulation": ALWAYS,
@@ -414,8 +414,7 @@ APPLIES: dict[str, Applies | None] = {
     "train.scheduler": ALWAYS,
     "train.scheduler.name": ALWAYS,
     "train.scheduler.warmup_ratio": Applies(
-        lambda r: r.train.scheduler.name != "plateau" and r.train.scheduler.warmup_steps is None,
-        "schedulers other than plateau, without warmup_steps",
+        lambda r: r.train.scheduler.name != "plateau", "schedulers other than plateau"
     ),
     "train.scheduler.warmup_steps": Applies(
         lambda r: r.train.scheduler.name != "plateau", "schedulers other than plateau"
