@@ -18,12 +18,30 @@ import typer
 
 from ftcli.errors import FtcliError
 
+
+def _flags_take_no_value() -> None:
+    """typer 0.29 prints a boolean flag as ``--resume <bool>``, as if it took a value: show
+    nothing after a flag (``--resume``, ``--robustness/--no-robustness``), as click does."""
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None:  # a typer without the type column: nothing to fix
+        return
+
+    def display_type_rich(self, ctx):
+        return "" if self.is_flag and self.metavar is None else shown(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_take_no_value()
+
 app = typer.Typer(
     name="ftcli",
     help="Fine-tune pre-trained models from a YAML recipe: full, LoRA or QLoRA; evaluated against the "
     "base model, merged and verified.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
 )
@@ -169,6 +187,12 @@ def validate(
     no_data: Annotated[
         bool, typer.Option("--no-data", help="Check only the recipe, not the data's columns.")
     ] = False,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict", help="Exit 1 on warnings and when the data's columns could not be checked."
+        ),
+    ] = False,
     json_: JsonOpt = False,
 ):
     """Check a recipe (and that its data has the named columns) without loading any model.
@@ -179,20 +203,36 @@ def validate(
 
       ftcli validate my.yaml --set method.kind=qlora --json
     """
+    from ftcli.errors import SourceError
     from ftcli.ui import UI
 
     ui = UI(json_)
     r = _load(recipe, set_)
     checked = ["schema"]
+    notes = [w.render() for w in r.warnings]
     if not no_data:
         from ftcli.data.examples import check_columns
         from ftcli.data.read import read_source
-        from ftcli.sources import resolve_data
+        from ftcli.sources import is_hub_spec, resolve_data
 
-        source = resolve_data(r.data.path)
-        if source.kind != "hub":
-            check_columns(r, read_source(source, r.data), r.data.path)
+        try:
+            source = resolve_data(r.data.path)
+        except SourceError as exc:
+            if not is_hub_spec(r.data.path):
+                raise
+            source = None
+            notes.append(f"data columns not checked: {exc.message}")
+        if source is not None and source.kind != "hub":
+            check_columns(r, read_source(source, r.data, notes), r.data.path)
             checked.append("data columns")
+        elif source is not None:
+            notes.append(f"data columns not checked: {r.data.path} is a hub dataset")
+    for note in notes:
+        ui.warn(note)
+    if strict and notes:
+        raise FtcliError(
+            f"{len(notes)} warning(s) with --strict", hint="fix them, or validate without --strict"
+        )
     ui.info(
         f"[green]ok[/] {recipe}: {r.task}, {r.method.kind} on {r.model.name} ({', '.join(checked)} checked)"
     )
@@ -202,6 +242,7 @@ def validate(
         "task": r.task,
         "method": r.method.kind,
         "checked": checked,
+        "warnings": notes,
         "resolved": r.model_dump(mode="json"),
     }
 
@@ -247,7 +288,11 @@ def list_recipes(json_: JsonOpt = False):
 @command
 def eval_(
     run_dirs: Annotated[
-        list[Path] | None, typer.Argument(help="Run folder(s) (default: the latest under runs/).")
+        list[Path] | None,
+        typer.Argument(
+            help="Run folder(s), or a recipe file for its run folder (default: the latest run "
+            "under --output-dir)."
+        ),
     ] = None,
     baseline: Annotated[
         str | None,
@@ -282,6 +327,12 @@ def eval_(
             "--robustness/--no-robustness", help="Also score perturbed, empty and very long inputs."
         ),
     ] = True,
+    output_dir: Annotated[
+        Path,
+        typer.Option(
+            "--output-dir", help="Where to look for the latest run when no RUN_DIR is given."
+        ),
+    ] = Path("runs"),
     json_: JsonOpt = False,
 ):
     """Score a finished run on its sealed test split; with --baseline, prove whether fine-tuning helped.
@@ -310,7 +361,12 @@ def eval_(
     from ftcli.ui import UI
 
     ui = UI(json_)
-    dirs = list(run_dirs or []) or [latest_run()]
+    if not run_dirs and baseline not in (None, "base", "probe"):
+        raise FtcliError(
+            f"--baseline {baseline} names the run to compare with, but not the run to score",
+            hint=f"give both: ftcli eval RUN_DIR --baseline {baseline}",
+        )
+    dirs = [_run_folder(d) for d in run_dirs or []] or [latest_run(output_dir)]
     if ensemble:
         if len(dirs) < 2:
             raise FtcliError(
@@ -365,13 +421,20 @@ def cv(
     return cross_validate(_load(recipe, set_), folds, UI(json_), force=force)
 
 
+def _run_folder(path: Path) -> Path:
+    """A run folder as given, or the run folder of a recipe file (its output_dir and name)."""
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return _load(str(path), []).run_dir
+    return path
+
+
 @app.command()
 @command
 def merge(
     source: Annotated[
         Path,
         typer.Argument(
-            metavar="ADAPTER_DIR",
+            metavar="RUN_OR_TRAINED_DIR",
             help="Adapter folder, or a run folder (adapter/ or, for full fine-tuning, model/).",
         ),
     ],

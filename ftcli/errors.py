@@ -60,6 +60,10 @@ class SourceError(FtcliError):
     """A model or data source cannot be found or reached."""
 
 
+class TrainingStopped(FtcliError):
+    """The loss went NaN/Inf or spiked (train.max_loss_spike): training stopped, nothing saved."""
+
+
 class Interrupted(Exception):
     """Ctrl-C during training; a checkpoint was saved at ``step``."""
 

@@ -40,6 +40,7 @@ from ftcli.models import (
     load_folder,
     tokenizer_from,
     torch_dtype,
+    verify_trained,
 )
 from ftcli.rundir import (
     MergeRecord,
@@ -257,6 +258,7 @@ def merge(
     out_dir = Path(out_dir)
     check_out_dir(out_dir, src, force)
     rec = read_model_record(src.path)
+    verify_trained(src.path, rec)
     run_info = read_run_record(src.run_dir) if src.run_dir is not None else None
     recipe_text = None
     if src.run_dir is not None and (src.run_dir / "recipe.yaml").exists():

@@ -308,8 +308,20 @@ def load_base_for(rec: ModelRecord, model_dir: str, into: str, tokenizer, device
 # --------------------------------------------------------------------------- trained folders
 
 
+def verify_trained(folder: Path, rec: ModelRecord | None = None) -> None:
+    """A trained folder ftcli wrote is loaded only if its weights hash as recorded (ftcli.json)."""
+    from ftcli.util import check_hashes
+
+    folder = Path(folder)
+    if rec is None and (folder / "ftcli.json").exists():
+        rec = read_model_record(folder)
+    if rec is not None and rec.sha256:
+        check_hashes(folder, rec.sha256, "trained folder")
+
+
 def load_folder(folder: Path, task: str, dtype: str = "float32"):
     """A plain transformers folder (merged/, model/, any export), ready for inference."""
+    verify_trained(folder)
     try:
         return model_class(task).from_pretrained(folder, dtype=torch_dtype(dtype)).eval()
     except (OSError, ValueError) as exc:
@@ -335,6 +347,8 @@ def load_adapters(
     """One base model, loaded once, with every (name, folder, record) adapter attached by name;
     the first is active. Returns (model, tokenizer)."""
     name0, path0, first = adapters[0]
+    for _, p, rec in adapters:
+        verify_trained(p, rec)
     tok = tokenizer or tokenizer_from(path0)
     model_dir = base_dir(first, base)
     model = load_base_for(first, model_dir, into, tok, resolve_device("auto"))

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
+import os
 import shutil
+import socket
 import sys
 import time
 from contextlib import contextmanager
@@ -36,12 +38,13 @@ from ftcli.models import (
 )
 from ftcli.recipe import Recipe
 from ftcli.rundir import check_same_data, open_run, read_run_record, write_run_json
+from ftcli.runlock import check_writable, run_lock
 from ftcli.tracking import finish as finish_tracking
 from ftcli.tracking import start as start_tracking
 from ftcli.tracking import trackers
 from ftcli.train import train
-from ftcli.ui import UI
-from ftcli.util import atomic_write_text, versions
+from ftcli.ui import UI, is_main_process
+from ftcli.util import atomic_write_text, remove_leftovers, versions
 
 
 def now() -> str:
@@ -146,6 +149,8 @@ def run_fields(
         task=recipe.task,
         method=recipe.method.kind,
         status="running",
+        pid=os.getpid(),  # with host: a "running" run whose process is gone reads as killed
+        host=socket.gethostname(),
         command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         started=started or now(),
         versions=vers,
@@ -165,8 +170,29 @@ def train_run(
     """Run the whole pipeline for ``recipe``; return run.json's contents.
 
     Data and model are loaded before anything is written, so a bad dataset or model name leaves
-    no run folder behind.
+    no run folder behind. The output folder is checked writable and the run folder locked first.
     """
+    for w in recipe.warnings:
+        ui.warn(w.render())
+    check_writable(Path(recipe.output_dir))
+    with run_lock(recipe.run_dir, enabled=is_main_process()) as held:
+        if held is not None and held.took_over:
+            ui.warn(
+                f"took over the lock of {recipe.run_dir} from a run that is gone "
+                f"({held.took_over}): it was killed or crashed"
+            )
+        return _train_run(recipe, ui, resume, force, memory_check)
+
+
+def _how_it_stopped(status: str) -> str:
+    return {
+        "interrupted": "interrupted (Ctrl-C or SIGTERM; a checkpoint was saved)",
+        "killed": "killed (kill -9, a crash or a power cut: it stopped without a word)",
+        "failed": "failed",
+    }.get(status, status)
+
+
+def _train_run(recipe: Recipe, ui: UI, resume: bool, force: bool, memory_check: bool) -> dict:
     _check_run_dir(recipe, resume, force)
     acc, device = make_accelerator(recipe)
     ui.step("memory   estimate before loading anything")
@@ -186,6 +212,8 @@ def train_run(
     }
     timings["prepare"] = round(time.perf_counter() - t0, 2)
     ui.table("data", data_table(prepared, tokenized, recipe.data.max_length))
+    for note in prepared.stats.get("notes", []):
+        ui.warn(note)
 
     ui.step(f"adapt    {recipe.model.name} ({recipe.method.kind})")
     t0 = time.perf_counter()
@@ -199,6 +227,7 @@ def train_run(
     if main:
         if resume:
             check_same_data(prepared, run_dir / "data")
+            remove_leftovers(run_dir)  # temporary folders of the process that stopped
         elif run_dir.exists():
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -216,12 +245,28 @@ def train_run(
     if memory:
         log.update(memory=memory)
     test_metrics: dict = {}
+    if resume:
+        found = previous.get("status", "unknown")
+        log.update(
+            resumes=[
+                *previous.get("resumes", []),
+                {"at": now(), "found_status": found, "how_it_stopped": _how_it_stopped(found)},
+            ]
+        )
+        ui.info(f"  resuming a run that was {_how_it_stopped(found)}")
+    t = recipe.train
+    effective = t.batch_size * t.gradient_accumulation * acc.num_processes
+    log.update(effective_batch_size=effective)
     try:
         tracked = start_tracking(acc, recipe, adapted.counts.trainable)
         if tracked:
             log.update(tracking=tracked)
         ui.step(
             f"train    on {acc.num_processes} process(es), {device}, mixed precision {acc.mixed_precision}"
+        )
+        ui.info(
+            f"  effective batch size {effective} = {t.batch_size} per process x "
+            f"{t.gradient_accumulation} accumulation x {acc.num_processes} process(es)"
         )
         with log.stage("train"):
             trained = train(
@@ -284,6 +329,7 @@ def train_run(
         )
         finish_tracking(acc, recipe, log.data.get("train", {}).get("steps", 0), {}, failed=True)
         raise
+    log.data.pop("error", None)  # an earlier attempt's, now resumed to completion
     log.update(status="completed", finished=now())
     finish_tracking(acc, recipe, trained.steps, test_metrics)
     ui.info(

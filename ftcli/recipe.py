@@ -10,6 +10,8 @@ from __future__ import annotations
 import difflib
 import re
 import typing
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -63,7 +65,9 @@ class DataSpec(_Section):
     subset: str | None = Field(None, description="hub dataset configuration name")
     hub_split: str = Field("train", description="which split of a hub dataset to read")
     text_column: str = "text"
-    label_column: str | None = None
+    label_column: str | None = Field(
+        None, description="default: label (a folder of <label>/*.txt files implies it)"
+    )
     labels: list[str] | None = Field(None, description="keep only these labels, in this order")
     prompt_column: str | None = None
     completion_column: str | None = None
@@ -86,6 +90,31 @@ class DataSpec(_Section):
     add_eos: bool = Field(
         True, description="causal_lm: end every example with EOS so the model learns to stop"
     )
+    encoding: str = Field(
+        "utf-8",
+        description="text encoding of local files; 'auto' detects it (charset-normalizer) and "
+        "says what it chose; utf-8 files that fail to decode are detected too, and reported",
+    )
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, v: str) -> str:
+        import codecs
+
+        if v != "auto":
+            try:
+                codecs.lookup(v)
+            except (LookupError, ValueError):
+                raise ValueError(
+                    f"unknown text encoding {v[:40]!r}: use a Python codec name "
+                    "(utf-8, latin-1, cp1252, utf-16...) or auto"
+                ) from None
+        return v
+
+    @property
+    def label_col(self) -> str:
+        """The label column: ``label_column``, or ``label`` (what a ``<label>/*.txt`` folder has)."""
+        return self.label_column or "label"
 
     @property
     def style(self) -> str:
@@ -202,6 +231,12 @@ class TrainSpec(_Section):
     ddp_timeout_s: int = Field(
         1800, gt=0, description="collective timeout of the process group (a hung rank fails after)"
     )
+    max_loss_spike: float | None = Field(
+        None,
+        gt=1,
+        description="stop when a logged loss exceeds this many times the lowest logged so far "
+        "(NaN/Inf always stop)",
+    )
 
 
 class EvalSpec(_Section):
@@ -239,6 +274,12 @@ class Recipe(_Section):
     output_dir: str = "runs"
 
     _origin: RecipeOrigin | None = PrivateAttr(default=None)
+    _warnings: list = PrivateAttr(default_factory=list)
+
+    @property
+    def warnings(self) -> list[Problem]:
+        """Keys set that do nothing here, where a shared base recipe may set them on purpose."""
+        return list(self._warnings)
 
     @property
     def run_dir(self) -> Path:
@@ -254,22 +295,208 @@ class Recipe(_Section):
     def to_yaml(self) -> str:
         """The resolved recipe, every default that applies written out, loadable by ``load_recipe``."""
         d = self.model_dump(mode="json")
-        method, split, sched = d["method"], d["data"]["split"], d["train"]["scheduler"]
-        if self.method.kind == "full":
-            for key in ("r", "alpha", "dropout", "target_modules", "modules_to_save", "init"):
-                method.pop(key)
         if self.method.kind == "qlora":
-            method["quantization"] = self.method.quant.model_dump(mode="json")
-            if self.method.quant.bits == 8:
-                method["quantization"].pop("quant_type")
-        else:
-            method.pop("quantization")
-        for name in ("validation", "test"):
-            if getattr(self.data, f"{name}_path"):
-                split.pop(name)
-        if self.train.scheduler.name == "plateau":
-            sched.pop("warmup_ratio")
+            d["method"]["quantization"] = self.method.quant.model_dump(mode="json")
+        for key, rule in APPLIES.items():  # a key that does nothing here is not written
+            if rule is not None and not rule.when(self):
+                *parents, leaf = key.split(".")
+                node = d
+                for part in parents:
+                    node = node.get(part) or {}
+                node.pop(leaf, None)
         return yaml.safe_dump(d, sort_keys=False, allow_unicode=True)
+
+
+# --------------------------------------------------------------------------- when each key applies
+
+# Every key of the schema declares when it changes the run (tests/unit/test_recipe_applies.py walks
+# the schema and fails for a key missing here). A key set in the recipe where its condition is
+# false does nothing: that is an error, or a warning where a shared base recipe sets it on purpose.
+
+
+@dataclass(frozen=True)
+class Applies:
+    """``when(recipe)`` is true where the key takes effect; ``where`` completes "only applies to"."""
+
+    when: Callable[[Recipe], bool]
+    where: str
+    warn: bool = False  # a warning, not an error: a shared base recipe may set it for other runs
+
+
+ALWAYS = None  # the key takes effect in every recipe that validates
+
+_ADAM = ("adamw", "adam", "adamw8bit", "paged_adamw", "paged_adamw8bit")
+
+
+def _has_validation(r: Recipe) -> bool:
+    return bool(r.data.validation_path) or r.data.split.validation > 0
+
+
+APPLIES: dict[str, Applies | None] = {
+    "name": ALWAYS,
+    "task": ALWAYS,
+    "description": ALWAYS,
+    "output_dir": ALWAYS,
+    # model
+    "model": ALWAYS,
+    "model.name": ALWAYS,
+    "model.revision": ALWAYS,
+    "model.trust_remote_code": ALWAYS,
+    "model.dtype": ALWAYS,
+    "model.attn_implementation": ALWAYS,
+    # data
+    "data": ALWAYS,
+    "data.path": ALWAYS,
+    "data.format": ALWAYS,
+    "data.subset": ALWAYS,
+    "data.hub_split": ALWAYS,
+    "data.text_column": Applies(
+        lambda r: r.task == "classification" or r.data.style == "text",
+        "classification or plain-text causal_lm data",
+        warn=True,
+    ),
+    "data.label_column": Applies(lambda r: r.task == "classification", "task classification"),
+    "data.labels": Applies(lambda r: r.task == "classification", "task classification"),
+    "data.prompt_column": Applies(lambda r: r.task == "causal_lm", "task causal_lm"),
+    "data.completion_column": Applies(lambda r: r.task == "causal_lm", "task causal_lm"),
+    "data.instruction_column": Applies(lambda r: r.task == "causal_lm", "task causal_lm"),
+    "data.input_column": Applies(lambda r: r.data.style == "instruction", "instruction data"),
+    "data.output_column": Applies(lambda r: r.data.style == "instruction", "instruction data"),
+    "data.messages_column": Applies(lambda r: r.task == "causal_lm", "task causal_lm"),
+    "data.system_prompt": Applies(
+        lambda r: r.task == "causal_lm" and r.data.style in ("chat", "instruction"),
+        "chat or instruction data",
+    ),
+    "data.split": ALWAYS,
+    "data.split.validation": Applies(lambda r: not r.data.validation_path, "no validation_path"),
+    "data.split.test": Applies(lambda r: not r.data.test_path, "no test_path"),
+    "data.split.seed": ALWAYS,
+    "data.split.stratify": Applies(
+        lambda r: r.task == "classification", "task classification", warn=True
+    ),
+    "data.validation_path": ALWAYS,
+    "data.test_path": ALWAYS,
+    "data.max_length": ALWAYS,
+    "data.max_train_examples": ALWAYS,
+    "data.max_validation_examples": Applies(_has_validation, "a run with a validation split"),
+    "data.max_test_examples": ALWAYS,
+    "data.clean": ALWAYS,
+    "data.clean.strip": ALWAYS,
+    "data.clean.drop_empty": ALWAYS,
+    "data.clean.dedupe": ALWAYS,
+    "data.loss_on": Applies(lambda r: r.task == "causal_lm", "task causal_lm", warn=True),
+    "data.add_eos": Applies(lambda r: r.task == "causal_lm", "task causal_lm", warn=True),
+    "data.encoding": ALWAYS,
+    # method
+    "method": ALWAYS,
+    "method.kind": ALWAYS,
+    "method.r": Applies(lambda r: r.method.kind != "full", "lora and qlora"),
+    "method.alpha": Applies(lambda r: r.method.kind != "full", "lora and qlora"),
+    "method.dropout": Applies(lambda r: r.method.kind != "full", "lora and qlora"),
+    "method.target_modules": Applies(lambda r: r.method.kind != "full", "lora and qlora"),
+    "method.modules_to_save": Applies(lambda r: r.method.kind != "full", "lora and qlora"),
+    "method.init": Applies(lambda r: r.method.kind != "full", "lora and qlora"),
+    "method.quantization": Applies(lambda r: r.method.kind == "qlora", "method.kind qlora"),
+    "method.quantization.bits": ALWAYS,
+    "method.quantization.quant_type": Applies(lambda r: r.method.quant.bits == 4, "bits: 4"),
+    "method.quantization.double_quant": Applies(lambda r: r.method.quant.bits == 4, "bits: 4"),
+    "method.quantization.compute_dtype": Applies(lambda r: r.method.quant.bits == 4, "bits: 4"),
+    # train
+    "train": ALWAYS,
+    # a documented override is not a key ignored in silence: max_steps overrides epochs, and
+    # warmup_steps overrides warmup_ratio (their descriptions say so), as a shared base intends
+    "train.epochs": ALWAYS,
+    "train.max_steps": ALWAYS,
+    "train.batch_size": ALWAYS,
+    "train.gradient_accumulation": ALWAYS,
+    "train.optimizer": ALWAYS,
+    "train.optimizer.name": ALWAYS,
+    "train.optimizer.lr": ALWAYS,
+    "train.optimizer.weight_decay": ALWAYS,
+    "train.optimizer.betas": Applies(
+        lambda r: r.train.optimizer.name in _ADAM, "the adam optimizers", warn=True
+    ),
+    "train.optimizer.eps": Applies(
+        lambda r: r.train.optimizer.name != "sgd", "optimizers other than sgd", warn=True
+    ),
+    "train.optimizer.momentum": Applies(
+        lambda r: r.train.optimizer.name in ("sgd", "rmsprop"), "sgd and rmsprop", warn=True
+    ),
+    "train.scheduler": ALWAYS,
+    "train.scheduler.name": ALWAYS,
+    "train.scheduler.warmup_ratio": Applies(
+        lambda r: r.train.scheduler.name != "plateau", "schedulers other than plateau"
+    ),
+    "train.scheduler.warmup_steps": Applies(
+        lambda r: r.train.scheduler.name != "plateau", "schedulers other than plateau"
+    ),
+    "train.scheduler.factor": Applies(
+        lambda r: r.train.scheduler.name == "plateau", "the plateau scheduler"
+    ),
+    "train.scheduler.patience": Applies(
+        lambda r: r.train.scheduler.name == "plateau", "the plateau scheduler"
+    ),
+    "train.max_grad_norm": ALWAYS,
+    "train.mixed_precision": ALWAYS,
+    "train.gradient_checkpointing": ALWAYS,
+    "train.eval_every": Applies(_has_validation, "a run with a validation split"),
+    "train.log_every": ALWAYS,
+    "train.checkpoint_every": ALWAYS,
+    "train.keep_checkpoints": ALWAYS,
+    "train.seed": ALWAYS,
+    "train.device": ALWAYS,
+    "train.max_loss_spike": ALWAYS,
+    "train.report_to": ALWAYS,
+    # without mlflow in report_to it is a recipe error of its own (_semantic_problems)
+    "train.mlflow_uri": ALWAYS,
+    # a single process has no collectives to time out, but a recipe cannot know its launch
+    "train.ddp_timeout_s": ALWAYS,
+    # eval
+    "eval": ALWAYS,
+    "eval.batch_size": ALWAYS,
+    "eval.max_new_tokens": Applies(lambda r: r.task == "causal_lm", "task causal_lm", warn=True),
+    "eval.generate_examples": Applies(lambda r: r.task == "causal_lm", "task causal_lm", warn=True),
+    # merge
+    "merge": ALWAYS,
+    "merge.enabled": Applies(
+        lambda r: r.method.kind != "full",
+        "lora and qlora (a full fine-tune has no adapter to merge)",
+        warn=True,
+    ),
+    "merge.dtype": Applies(
+        lambda r: r.method.kind != "full" and r.merge.enabled, "merge.enabled lora and qlora runs"
+    ),
+    "merge.into": Applies(
+        lambda r: r.method.kind == "qlora" and r.merge.enabled, "merge.enabled qlora runs"
+    ),
+}
+
+
+def _set_keys(model: BaseModel, prefix: tuple[str, ...] = ()) -> list[str]:
+    """The dotted keys the recipe set explicitly (defaults are never 'set')."""
+    out = []
+    for name in sorted(model.model_fields_set):
+        out.append(".".join((*prefix, name)))
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            out.extend(_set_keys(value, (*prefix, name)))
+    return out
+
+
+def _inapplicable(r: Recipe, already: set[str]) -> tuple[list[Problem], list[Problem]]:
+    """(errors, warnings) for keys set where they do nothing; ``already`` keys are reported."""
+    errors, warnings = [], []
+    for key in _set_keys(r):
+        rule = APPLIES.get(key)
+        if rule is None or key in already or rule.when(r):
+            continue
+        if rule.warn:
+            warnings.append(r.problem(key, f"only applies to {rule.where}; ignored in this run"))
+        else:
+            errors.append(
+                r.problem(key, f"only applies to {rule.where}; it would do nothing", "remove it")
+            )
+    return errors, warnings
 
 
 # --------------------------------------------------------------------------- locating keys
@@ -297,6 +524,33 @@ class RecipeOrigin:
     def problem(self, key: str, message: str, hint: str | None = None) -> Problem:
         file, line = self.locate(tuple(key.split("."))) if key else (self.file, None)
         return Problem(message, key=key, file=file, line=line, hint=hint)
+
+
+MAX_NODES = 20_000  # a recipe has a few hundred values; YAML aliases can make billions
+
+
+def _check_size(root: yaml.Node, file: str) -> None:
+    """Refuse a document that expands past MAX_NODES values (aliases of aliases: the
+    "billion laughs" shape) before anything walks it."""
+    seen, stack = 0, [root]
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_NODES:
+            raise RecipeError(
+                [
+                    Problem(
+                        f"the recipe expands to more than {MAX_NODES:,} values (YAML aliases "
+                        "nested in aliases?)",
+                        file=file,
+                        hint="write the values out, or use fewer nested &anchors / *aliases",
+                    )
+                ]
+            )
+        if isinstance(node, yaml.MappingNode):
+            stack.extend(v for kv in node.value for v in kv)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
 
 
 def _node_lines(
@@ -493,7 +747,8 @@ def _problem_from_error(err: dict, origin: RecipeOrigin) -> Problem:
         message = message[len("Value error, ") :]
     got = err.get("input")
     if not isinstance(got, dict | list) and got is not None:
-        message = f"{message} (got {got!r})"
+        shown = repr(got)
+        message = f"{message} (got {shown if len(shown) <= 80 else shown[:77] + '...'})"
     return origin.problem(key, message[0].lower() + message[1:])
 
 
@@ -555,14 +810,6 @@ def _semantic_problems(r: Recipe) -> list[Problem]:
             )
         )
     if r.task == "classification":
-        if not d.label_column:
-            p.append(
-                r.problem(
-                    "data.label_column",
-                    "classification needs a label column",
-                    "name the column that holds each example's label",
-                )
-            )
         for key in (
             "prompt_column",
             "completion_column",
@@ -679,6 +926,8 @@ def recipe_from_mapping(data: Any, file: str = "<recipe>", lines=None, overridde
         raise RecipeError(_dedupe(problems)) from None
     recipe._origin = origin
     problems = _semantic_problems(recipe)
+    errors, recipe._warnings = _inapplicable(recipe, {p.key for p in problems})
+    problems += errors
     if problems:
         raise RecipeError(problems)
     return recipe
@@ -707,7 +956,13 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     file = str(path)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            _check_size(node, file)
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise RecipeError(
+            [Problem("not valid YAML: nested too deeply", file=file, hint="flatten it")]
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         reason = getattr(exc, "problem", None) or str(exc)

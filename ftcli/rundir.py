@@ -48,6 +48,7 @@ class ModelRecord(BaseModel):
     steps: int | None = None
     labels: list[str] | None = None
     lora: dict | None = None  # r, alpha, targets as peft saved them (adapters only; not stored)
+    sha256: dict[str, str] | None = None  # of the folder's *.safetensors, checked before loading
 
     @property
     def kind(self) -> str:
@@ -219,9 +220,18 @@ class RunRecord(BaseModel):
 
 
 def read_run_record(run_dir: Path) -> RunRecord | None:
-    """The run's record, or None when the folder holds none."""
+    """The run's record, or None when the folder holds none. A run that says "running" but whose
+    process is gone (kill -9, a crash) reads as "killed": it could not say so itself."""
+    from ftcli.runlock import process_gone
+
     path = Path(run_dir) / "run.json"
-    return RunRecord.model_validate(read_json(path)) if path.exists() else None
+    if not path.exists():
+        return None
+    data = read_json(path)
+    running = isinstance(data, dict) and data.get("status") == "running"
+    if running and process_gone(data.get("pid"), data.get("host")):
+        data = {**data, "status": "killed"}
+    return RunRecord.model_validate(data)
 
 
 def write_run_json(run_dir: Path, data: dict) -> None:

@@ -21,11 +21,20 @@ from transformers import get_scheduler
 
 from ftcli.data.tokenize import Tokenized, collate
 from ftcli.distributed import is_sharded
-from ftcli.errors import FtcliError, Interrupted
+from ftcli.errors import FtcliError, Interrupted, TrainingStopped
 from ftcli.evaluation.forward import loss_sums
 from ftcli.recipe import Recipe
 from ftcli.rundir import model_record_for, write_model_record
-from ftcli.util import append_jsonl, atomic_dir, read_json, read_jsonl, write_json, write_jsonl
+from ftcli.util import (
+    append_jsonl,
+    atomic_dir,
+    check_hashes,
+    file_hashes,
+    read_json,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+)
 
 
 @dataclass(frozen=True)
@@ -153,6 +162,51 @@ def evaluate_loss(accelerator, model, loader, task: str) -> float:
     return (total / count).item() if count.item() else float("nan")
 
 
+def loss_trouble(accelerator, loss, lowest: float | None, spike: float | None):
+    """(the micro-batch loss, the worst over processes; why training must stop, or None)."""
+    v = loss.detach().float().reshape(())
+    if accelerator.num_processes > 1:  # every process stops together, or none does
+        v = accelerator.reduce(torch.nan_to_num(v, nan=float("inf")), "max")
+    value = v.item()
+    if not math.isfinite(value):
+        return value, f"the loss is {value}"
+    if spike and lowest is not None and lowest > 0 and value > spike * lowest:
+        return value, (
+            f"the loss {value:.4g} is over train.max_loss_spike ({spike:g}) times the lowest "
+            f"so far ({lowest:.4g})"
+        )
+    return value, None
+
+
+def stopped(
+    why: str,
+    state,
+    recipe: Recipe,
+    order: list[int],
+    world: int,
+    last_ckpt,
+    run_dir: Path,
+    applied: bool = False,
+) -> TrainingStopped:
+    """One message: the step, the likely causes (with the rows of the batch), what was kept."""
+    t = recipe.train
+    rows = ""
+    if world == 1 and not applied and order:
+        m = state.micro_in_epoch
+        idx = sorted(i + 1 for i in order[m * t.batch_size : (m + 1) * t.batch_size])
+        rows = f" (lines {', '.join(map(str, idx[:8]))}{'...' if len(idx) > 8 else ''} of "
+        rows += f"{run_dir / 'data' / 'train.jsonl'})"
+    kept = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved"
+    step = state.global_step if applied else state.global_step + 1
+    nothing = "nothing was saved" if applied else "nothing from this step was applied or saved"
+    return TrainingStopped(
+        f"training stopped at step {step}: {why}; {nothing}, {kept}",
+        hint=f"likely causes: a learning rate too high (train.optimizer.lr: {t.optimizer.lr:g}), "
+        "fp16 overflow (train.mixed_precision: bf16 or no), or a bad data row in this batch"
+        f"{rows}",
+    )
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
@@ -173,7 +227,8 @@ def save_checkpoint(ckpt_root: Path, model, optimizer, scheduler, state: dict, k
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
-        write_json(tmp / "state.json", state)
+        # state.json is the checkpoint's record, written last: the sha256 of every file beside it
+        write_json(tmp / "state.json", {**state, "sha256": file_hashes(tmp)})
     for old in sorted(ckpt_root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
@@ -185,6 +240,8 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 
 def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
+    state = read_json(ckpt / "state.json")
+    check_hashes(ckpt, state.pop("sha256", {}), "checkpoint")
     weights = load_file(str(ckpt / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [n for n in weights if n not in params]
@@ -202,7 +259,7 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return read_json(ckpt / "state.json")
+    return state
 
 
 # --------------------------------------------------------------------------- the loop
@@ -240,7 +297,9 @@ def save_trained(accelerator, model, tokenizer, out_dir: Path, record, state_dic
         else:
             unwrapped.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        write_model_record(tmp, record)
+        write_model_record(
+            tmp, record.model_copy(update={"sha256": file_hashes(tmp, "*.safetensors")})
+        )
 
 
 @dataclass
@@ -253,6 +312,7 @@ class LoopState:
     tokens: int = 0
     best_val_loss: float | None = None
     best_val_step: int | None = None
+    lowest_loss: float | None = None  # lowest micro-batch loss so far (train.max_loss_spike)
     seconds: float = 0.0
     log_window: list = field(
         default_factory=lambda: [0.0, 0]
@@ -363,7 +423,11 @@ def train(
         if main:  # drop metrics logged after the checkpoint
             write_jsonl(
                 metrics_path,
-                [r for r in read_jsonl(metrics_path) if r.get("step", 0) <= resumed_from],
+                [
+                    r
+                    for r in read_jsonl(metrics_path, partial_tail=True)
+                    if r.get("step", 0) <= resumed_from
+                ],
             )
     elif main:
         shutil.rmtree(ckpt_root, ignore_errors=True)
@@ -376,7 +440,23 @@ def train(
     skip = state.micro_in_epoch
     last_loss = grad_norm = None
 
+    def finite_weights() -> None:
+        """Never write NaN/Inf weights: stop instead, keeping the last good checkpoint."""
+        for n, p in model.named_parameters():
+            if p.requires_grad and not torch.isfinite(p.detach()).all():
+                raise stopped(
+                    f"the weights are not finite after it ({n})",
+                    state,
+                    recipe,
+                    order,
+                    world,
+                    latest_checkpoint(ckpt_root),
+                    run_dir,
+                    applied=True,
+                )
+
     def checkpoint() -> Path | None:
+        finite_weights()
         path = None
         if sharded:
             snap = state.snapshot(time.perf_counter() - t_start)
@@ -395,6 +475,7 @@ def train(
         accelerator.wait_for_everyone()
         return path
 
+    order: list[int] = []
     model.train()
     if progress:
         progress.start(total_steps, state.global_step)
@@ -410,9 +491,31 @@ def train(
             for batch in loader:
                 with accelerator.accumulate(model):
                     loss = model(**batch).loss
+                    value, why = loss_trouble(
+                        accelerator, loss, state.lowest_loss, t.max_loss_spike
+                    )
+                    if why:  # before backward: a NaN never reaches the weights
+                        raise stopped(
+                            why, state, recipe, order, world, latest_checkpoint(ckpt_root), run_dir
+                        )
+                    if state.lowest_loss is None or value < state.lowest_loss:
+                        state.lowest_loss = value
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and t.max_grad_norm:
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                        if (
+                            not math.isfinite(float(grad_norm))
+                            and accelerator.mixed_precision != "fp16"
+                        ):
+                            raise stopped(
+                                f"the gradient norm is {float(grad_norm)}",
+                                state,
+                                recipe,
+                                order,
+                                world,
+                                latest_checkpoint(ckpt_root),
+                                run_dir,
+                            )
                     optimizer.step()
                     if accelerator.sync_gradients and not plateau:
                         scheduler.step()
@@ -421,10 +524,8 @@ def train(
                 n_tok = accelerator.reduce(batch["attention_mask"].sum().detach(), "sum").item()
                 state.tokens += n_tok
                 window.tokens += n_tok
-                state.log_window = [
-                    state.log_window[0] + loss.detach().float().item(),
-                    state.log_window[1] + 1,
-                ]
+                local = value if world == 1 else loss.detach().float().item()
+                state.log_window = [state.log_window[0] + local, state.log_window[1] + 1]
                 if not accelerator.sync_gradients:
                     continue
                 state.global_step += 1
@@ -490,6 +591,7 @@ def train(
     out_dir = run_dir / ("model" if recipe.method.kind == "full" else "adapter")
     # sharded: every rank takes part in gathering the full state; the main process writes it
     full_state = accelerator.get_state_dict(model) if sharded else None
+    finite_weights()
     if main:
         id2label = getattr(accelerator.unwrap_model(model).config, "id2label", None)
         labels = (

@@ -61,6 +61,11 @@ class UI:
         ):  # a line of text is never broken: terminals wrap it, and logs stay greppable
             self.console.print(message, soft_wrap=True)
 
+    def warn(self, message: str) -> None:
+        """One line on stderr, whatever the mode: a warning must not be lost in a JSON pipe."""
+        if self.enabled:
+            sys.stderr.write(f"warning: {message}\n")
+
     def step(self, title: str) -> None:
         if self.enabled:
             self.console.print(f"[bold cyan]▸ {title}[/]")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
 import shutil
@@ -11,6 +13,27 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ftcli.errors import FtcliError
+
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT, also as torch.save and safetensors report it (a RuntimeError with text)."""
+    if isinstance(exc, OSError) and exc.errno in _FULL:
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError | OSError) and (
+        "No space left on device" in text or "Disk quota exceeded" in text
+    )
+
+
+def disk_full_error(target: Path) -> FtcliError:
+    return FtcliError(
+        f"the disk is full: {target} was not written (nothing half-written is left; what was "
+        "there before is kept)",
+        hint=f"free space where {Path(target).parent} lives (df -h {Path(target).parent}), then "
+        "rerun; a training run continues with --resume",
+    )
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -21,10 +44,14 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if is_disk_full(exc):
+            raise disk_full_error(path) from None
         raise
 
 
@@ -50,16 +77,26 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
 
 def append_jsonl(path: Path, row: dict) -> None:
     """Append one line (metrics.jsonl grows during training; a line is written whole or not at all)."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(path) from None
+        raise
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path, partial_tail: bool = False) -> list[dict]:
+    """Rows of a JSON-lines file. ``partial_tail``: a last line with no newline (an append cut
+    short by a full disk or a kill) is dropped, not an error (metrics.jsonl on resume)."""
     path = Path(path)
     if not path.exists():
         return []
     # split on "\n" only: str.splitlines() also breaks at U+2028, U+0085... inside JSON strings
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").split("\n") if x.strip()]
+    lines = path.read_text(encoding="utf-8").split("\n")
+    if partial_tail and lines:
+        lines = lines[:-1]  # "" after a final newline, or the cut-short line
+    return [json.loads(x) for x in lines if x.strip()]
 
 
 @contextlib.contextmanager
@@ -73,7 +110,13 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        yield tmp
+        try:
+            yield tmp
+        except BaseException as exc:
+            if is_disk_full(exc):
+                raise disk_full_error(target) from None
+            raise
+        _fsync_tree(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
@@ -84,6 +127,63 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_leftovers(folder: Path) -> list[Path]:
+    """Delete the temporary files and folders (``.NAME.tmp-*``, ``.NAME.*.tmp``, ``.NAME.old-*``)
+    that atomic writes of a process that died left in ``folder`` and its subfolders."""
+    gone = []
+    for pattern in (".*.tmp-*", ".*.tmp", ".*.old-*"):
+        for p in Path(folder).rglob(pattern):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush a folder's files to disk before it is renamed into place: after a power cut the
+    rename never points at files the kernel had not written yet."""
+    for p in folder.rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_hashes(folder: Path, pattern: str = "*") -> dict[str, str]:
+    """sha256 of each file in ``folder`` matching ``pattern`` (names relative to it)."""
+    return {p.name: sha256_file(p) for p in sorted(Path(folder).glob(pattern)) if p.is_file()}
+
+
+def check_hashes(folder: Path, expected: dict[str, str], what: str) -> None:
+    """Raise a user error naming the first file of ``folder`` whose sha256 is not as recorded."""
+    for name, digest in expected.items():
+        path = Path(folder) / name
+        if not path.is_file():
+            raise FtcliError(
+                f"{what} {folder} is damaged: {name} is missing",
+                hint="it was deleted or never fully written: rerun the step that wrote it",
+            )
+        if sha256_file(path) != digest:
+            raise FtcliError(
+                f"{what} {folder} is damaged: {path} does not match the sha256 recorded when it "
+                "was written (truncated or altered)",
+                hint="delete the folder and rerun the step that wrote it (a training run: "
+                "ftcli train <recipe> --resume continues from the checkpoint before it)",
+            )
 
 
 def versions() -> dict[str, str]:

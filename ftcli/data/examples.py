@@ -41,7 +41,7 @@ def required_columns(recipe: Recipe) -> dict[str, str]:
     """dotted recipe key -> column name, for every column the task reads."""
     d = recipe.data
     if recipe.task == "classification":
-        return {"data.text_column": d.text_column, "data.label_column": d.label_column}
+        return {"data.text_column": d.text_column, "data.label_column": d.label_col}
     keys = {
         "chat": ["messages_column"],
         "instruction": ["instruction_column", "output_column"]
@@ -65,6 +65,18 @@ def check_columns(recipe: Recipe, records: list[dict], source: str) -> None:
         for key, col in required_columns(recipe).items()
         if col not in records[0]
     ]
+    if recipe.task == "classification" and not recipe.data.label_column:
+        problems = [
+            recipe.problem(
+                "data.label_column",
+                "classification needs a label column: the data has no column 'label' (the "
+                f"default); its columns are: {', '.join(map(str, columns))}",
+                "name the column that holds each example's label",
+            )
+            if p.key == "data.label_column"
+            else p
+            for p in problems
+        ]
     if problems:
         raise RecipeError(problems)
 
@@ -74,7 +86,7 @@ def to_examples(recipe: Recipe, records: list[dict]) -> list[dict]:
     d = recipe.data
     if recipe.task == "classification":
         return [
-            {"text": _text(r.get(d.text_column)), "label": _text(r.get(d.label_column))}
+            {"text": _text(r.get(d.text_column)), "label": _text(r.get(d.label_col))}
             for r in records
         ]
     if d.style == "text":
@@ -160,6 +172,7 @@ class CleanCounts:
     empty: int = 0
     duplicate: int = 0
     kept: int = 0
+    notes: list = field(default_factory=list)  # what encoding detection chose, per file
 
 
 def clean(examples: list[dict], spec: DataSpec, counts: CleanCounts) -> list[dict]:
@@ -212,23 +225,26 @@ def _filter_labels(
         )
     if len(labels) > 1000:
         raise DataError(
-            f"{len(labels)} distinct labels: {recipe.data.label_column!r} does not look like a label column",
+            f"{len(labels)} distinct labels: {recipe.data.label_col!r} does not look like a label column",
             hint="check data.label_column, or list the labels to keep in data.labels",
         )
     return examples, labels
 
 
 def _split_off(
-    examples: list[dict], fraction: float, seed: int, stratify: bool
+    examples: list[dict], fraction: float, seed: int, stratify: bool, name: str, asked: float
 ) -> tuple[list[dict], list[dict]]:
-    """(rest, held) with ``fraction`` of the examples held out, stratified by label when possible."""
+    """(rest, held) with ``fraction`` of the examples held out, stratified by label when possible.
+    ``name`` and ``asked`` (the recipe's data.split.<name>) word the error."""
     if fraction <= 0 or not examples:
         return examples, []
     n_held = max(1, round(len(examples) * fraction))
     if n_held >= len(examples):
+        n = len(examples)
         raise DataError(
-            f"only {len(examples)} examples: too few to hold out {fraction:g} of them",
-            hint="add data, or lower data.split fractions",
+            f"only {n} example{'' if n == 1 else 's'} left to split: too few to hold out a "
+            f"{name} split (data.split.{name}: {asked:g}) and still train on something",
+            hint=f"add data, or set data.split.{name} to 0",
         )
     from sklearn.model_selection import train_test_split
 
@@ -269,9 +285,13 @@ class PreparedData:
 
 def load_examples(recipe: Recipe, spec: str, counts: CleanCounts) -> list[dict]:
     source = resolve_data(spec)
-    records = read_source(source, recipe.data)
+    records = read_source(source, recipe.data, counts.notes)
     check_columns(recipe, records, spec)
-    return clean(to_examples(recipe, records), recipe.data, counts)
+    try:
+        examples = to_examples(recipe, records)
+    except DataError as exc:  # "record 7: ..." needs the file it is in
+        raise DataError(f"{spec}: {exc.message}", hint=exc.hint) from None
+    return clean(examples, recipe.data, counts)
 
 
 def prepare(recipe: Recipe) -> PreparedData:
@@ -313,13 +333,25 @@ def prepare(recipe: Recipe) -> PreparedData:
     if "test" in explicit:
         test = explicit["test"]
     else:
-        pool, test = _split_off(pool, d.split.test, seed, strat)
+        pool, test = _split_off(pool, d.split.test, seed, strat, "test", d.split.test)
     if "validation" in explicit:
         validation = explicit["validation"]
     else:
         # fraction of the whole, not of what is left after the test split
         frac = d.split.validation / max(1e-9, 1 - (0 if "test" in explicit else d.split.test))
-        pool, validation = _split_off(pool, min(frac, 0.95), seed + 1, strat)
+        pool, validation = _split_off(
+            pool, min(frac, 0.95), seed + 1, strat, "validation", d.split.validation
+        )
+    # Whatever clean.dedupe says, the sealed test split shares no example with train or
+    # validation, nor validation with train: copies left in the pool are dropped and counted.
+    test_keys = {_key(e) for e in test}
+    before = len(validation)
+    validation = [e for e in validation if _key(e) not in test_keys]
+    overlap += before - len(validation)
+    held_keys = test_keys | {_key(e) for e in validation}
+    before = len(pool)
+    pool = [e for e in pool if _key(e) not in held_keys]
+    overlap += before - len(pool)
     splits = {
         "train": _cap(pool, d.max_train_examples, seed),
         "validation": _cap(validation, d.max_validation_examples, seed),
@@ -353,6 +385,8 @@ def prepare(recipe: Recipe) -> PreparedData:
         },
         "sizes": {k: len(v) for k, v in splits.items()},
     }
+    if counts.notes:
+        stats["notes"] = counts.notes
     if labels:
         stats["label_counts"] = {
             k: dict(collections.Counter(e["label"] for e in v)) for k, v in splits.items()

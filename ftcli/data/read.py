@@ -1,5 +1,9 @@
 """Reading data sources into records (dicts): hub datasets, local files in every format ftcli
-knows (.jsonl .json .csv .tsv .parquet .txt .yml, also .gz/.bz2), folders of ``<label>/*.txt``."""
+knows (.jsonl .json .csv .tsv .parquet .txt .yml, also .gz/.bz2), folders of ``<label>/*.txt``.
+
+Text is decoded with ``data.encoding``; when the default utf-8 fails, charset-normalizer detects
+the encoding and the choice is reported (``notes``), never replaced silently.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import bz2
 import gzip
 import io
 import json
+import zlib
 from pathlib import Path
 
 import yaml
@@ -16,12 +21,77 @@ from ftcli.recipe import DataSpec
 from ftcli.sources import DataSource
 
 
-def _open_text(path: str) -> io.TextIOBase:
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    if path.endswith(".bz2"):
-        return bz2.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+def _read_bytes(path: str) -> bytes:
+    """The file's bytes, decompressed (.gz/.bz2); a truncated or damaged archive is a DataError."""
+    try:
+        raw = Path(path).read_bytes()
+        if path.endswith(".gz"):
+            return gzip.decompress(raw)
+        if path.endswith(".bz2"):
+            return bz2.decompress(raw)
+        return raw
+    except (OSError, EOFError, zlib.error, ValueError) as exc:
+        raise DataError(
+            f"{path}: cannot read or decompress it ({exc or type(exc).__name__})",
+            hint="the file is damaged or truncated: copy or download it again",
+        ) from None
+
+
+def decode(path: str, raw: bytes, encoding: str = "utf-8", explicit: bool = True, notes=None):
+    """``raw`` as text in ``encoding``. 'auto', or a default utf-8 that fails, detects the
+    encoding (charset-normalizer) and appends what it chose to ``notes``."""
+    codec = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
+    failed = None
+    if encoding != "auto":
+        try:
+            return raw.decode(codec)
+        except UnicodeDecodeError as exc:
+            failed = exc
+            if explicit:
+                raise DataError(
+                    f"{path}: not {encoding} text: byte 0x{raw[exc.start]:02x} at offset "
+                    f"{exc.start}{' (after decompression)' if path.endswith(('.gz', '.bz2')) else ''}"
+                    " cannot be decoded",
+                    hint="set data.encoding to the file's encoding (e.g. latin-1, cp1252), or "
+                    "data.encoding: auto to detect it",
+                ) from None
+    best = _detect(raw)
+    if best is None:
+        where = f" (byte 0x{raw[failed.start]:02x} at offset {failed.start})" if failed else ""
+        raise DataError(
+            f"{path}: not {encoding if failed else 'text'}{where}, and no text encoding could be "
+            "detected",
+            hint="is it a text file? set data.encoding to its encoding (e.g. latin-1)",
+        )
+    if notes is not None:
+        why = (
+            f"not utf-8 (byte 0x{raw[failed.start]:02x} at offset {failed.start})"
+            if failed
+            else "data.encoding: auto"
+        )
+        notes.append(
+            f"{path}: {why}; decoded as {best} (detected by charset-normalizer); "
+            f"set data.encoding: {best} to say so"
+        )
+    return raw.decode(best)
+
+
+# Among equally plausible detections (short texts tie often: cp1250 and cp1252 decode French
+# alike), the encoding most files in the wild use wins.
+_COMMON = ("utf_8", "cp1252", "latin_1", "iso8859_15", "utf_16", "cp1251", "cp1250")
+
+
+def _detect(raw: bytes) -> str | None:
+    from charset_normalizer import from_bytes
+
+    matches = list(from_bytes(raw)) if raw else []
+    if not matches:
+        return None
+    chaos = min(m.chaos for m in matches)
+    tied = [m for m in matches if m.chaos == chaos]
+    coherence = max(m.coherence for m in tied)
+    tied = [m.encoding for m in tied if m.coherence == coherence]
+    return min(tied, key=lambda e: _COMMON.index(e) if e in _COMMON else len(_COMMON))
 
 
 def _format_of(path: str, declared: str) -> str:
@@ -51,10 +121,9 @@ def _format_of(path: str, declared: str) -> str:
     return known[suffix]
 
 
-def _read_yaml_records(path: str) -> list[dict]:
+def _read_yaml_records(path: str, text: io.StringIO) -> list[dict]:
     """A YAML list of mappings, or chatterbot-corpus's ``conversations:`` lists (-> chat messages)."""
-    with _open_text(path) as f:
-        doc = yaml.safe_load(f)
+    doc = yaml.safe_load(text)
     if isinstance(doc, list):
         return [r if isinstance(r, dict) else {"text": r} for r in doc]
     if isinstance(doc, dict) and isinstance(doc.get("conversations"), list):
@@ -73,20 +142,26 @@ def _read_yaml_records(path: str) -> list[dict]:
     raise DataError(f"{path}: expected a YAML list of records or a 'conversations:' mapping")
 
 
-def read_file(path: str, fmt: str = "auto") -> list[dict]:
-    """Read one data file into a list of records (dicts)."""
+def read_file(
+    path: str, fmt: str = "auto", encoding: str = "utf-8", explicit: bool = True, notes=None
+) -> list[dict]:
+    """Read one data file into a list of records (dicts). ``explicit``: the recipe set the
+    encoding (no detection fallback); ``notes`` collects what detection chose."""
     kind = _format_of(path, fmt)
+
+    def _open_text(p: str) -> io.StringIO:
+        return io.StringIO(decode(p, _read_bytes(p), encoding, explicit, notes), newline=None)
+
     try:
         if kind in ("csv", "tsv"):
             import pandas as pd
 
             # dtype=str + no NA parsing: an empty text cell stays "" (not float NaN; TRAPS.md #9)
             df = pd.read_csv(
-                path,
+                _open_text(path),
                 sep="\t" if kind == "tsv" else ",",
                 dtype=str,
                 keep_default_na=False,
-                compression="infer",
             )
             return df.to_dict(orient="records")
         if kind == "parquet":
@@ -124,34 +199,70 @@ def read_file(path: str, fmt: str = "auto") -> list[dict]:
             with _open_text(path) as f:
                 return [{"text": line.rstrip("\n")} for line in f if line.strip()]
         if kind == "yaml":
-            return _read_yaml_records(path)
+            return _read_yaml_records(path, _open_text(path))
     except DataError:
         raise
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
         raise DataError(f"{path}: cannot read as {kind}: {exc}") from None
+    except RecursionError:  # JSON nested thousands deep
+        raise DataError(f"{path}: cannot read as {kind}: nested too deeply") from None
     raise DataError(f"{path}: unsupported format {kind!r}")
 
 
-def _read_label_folder(folder: Path) -> list[dict]:
-    records = []
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        for f in sorted(sub.glob("*.txt")):
-            records.append(
-                {"text": f.read_text(encoding="utf-8", errors="replace"), "label": sub.name}
-            )
-    return records
+def _read_label_folder(folder: Path, spec: DataSpec, notes) -> list[dict]:
+    """``<label>/*.txt``: one record per file, columns ``text`` and ``label`` (implied). The
+    folder is one source: its encoding is detected once, over all its files."""
+    explicit = "encoding" in spec.model_fields_set
+    files = [
+        (f, sub.name)
+        for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        for f in sorted(sub.glob("*.txt"))
+    ]
+    raws = [_read_bytes(str(f)) for f, _ in files]
+    encoding = spec.encoding
+    if not explicit or encoding == "auto":
+        try:
+            for (f, _), raw in zip(files, raws, strict=True):
+                decode(str(f), raw, encoding)
+        except DataError:
+            encoding = "auto"
+        if encoding == "auto" and files:
+            chosen = _detect(b"\n".join(raws))
+            if chosen is None:
+                raise DataError(
+                    f"{folder}: the .txt files are not utf-8 and no text encoding could be "
+                    "detected",
+                    hint="set data.encoding to their encoding (e.g. latin-1)",
+                )
+            if notes is not None:
+                notes.append(
+                    f"{folder}: not utf-8; its files decoded as {chosen} (detected by "
+                    f"charset-normalizer); set data.encoding: {chosen} to say so"
+                )
+            encoding = chosen
+    return [
+        {"text": decode(str(f), raw, encoding), "label": label}
+        for (f, label), raw in zip(files, raws, strict=True)
+    ]
 
 
-def read_source(source: DataSource, spec: DataSpec) -> list[dict]:
-    """All records of a resolved data source."""
+def read_source(source: DataSource, spec: DataSpec, notes: list | None = None) -> list[dict]:
+    """All records of a resolved data source; ``notes`` collects what encoding detection chose."""
     if source.kind == "hub":
         return _read_hub(source.hub_id, spec)
+    explicit = "encoding" in spec.model_fields_set
     if source.kind == "folder":
         folder = Path(source.paths[0])
         if spec.format in ("auto", "folder") and any(p.is_dir() for p in folder.iterdir()):
-            records = _read_label_folder(folder)
+            records = _read_label_folder(folder, spec, notes)
             if records:
                 return records
+            if not any(p.is_file() for p in folder.iterdir()):
+                raise DataError(
+                    f"data folder {folder}: its label folders hold no .txt files",
+                    hint="a folder of <label>/*.txt files: one folder per label, one file per "
+                    "example",
+                )
         files = sorted(
             str(p) for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
         )
@@ -164,7 +275,7 @@ def read_source(source: DataSource, spec: DataSpec) -> list[dict]:
         files = list(source.paths)
     records = []
     for f in files:
-        records.extend(read_file(f, spec.format))
+        records.extend(read_file(f, spec.format, spec.encoding, explicit, notes))
     return records
 
 

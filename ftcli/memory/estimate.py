@@ -159,18 +159,29 @@ class Estimate:
     phases: dict
     notes: list[str]
     mapped_checkpoint: int = 0
+    shard: int = 1  # FSDP: weights, gradients and optimizer states split over this many devices
+    gather: int = 0  # FSDP: the blocks gathered unsharded at a time
 
     def components(self) -> list[tuple[str, int, str]]:
-        """(name, bytes, how) rows for the breakdown table."""
+        """(name, bytes, how) rows for the breakdown table: per device, like the total (under
+        FSDP the sharded parts are shown as one device holds them)."""
         s = self.setup
         w = self.weights["by_precision"]
+        k = self.shard
+        split = f"1/{k} of it on each device (FSDP)" if k > 1 else ""
         rows = []
         for label, n in w.items():
-            rows.append((f"weights {label}", n, ""))
+            rows.append((f"weights {label}", n // k, split))
         rows.append(
-            ("gradients", self.gradients, f"{self.params_trainable:,} trainable parameters")
+            (
+                "gradients",
+                self.gradients // k,
+                f"{self.params_trainable:,} trainable parameters" + (f", {split}" if k > 1 else ""),
+            )
         )
-        rows.append((f"optimizer states ({s.optimizer})", self.optimizer_states, ""))
+        rows.append((f"optimizer states ({s.optimizer})", self.optimizer_states // k, split))
+        if self.gather:
+            rows.append(("FSDP gathered blocks", self.gather, "two blocks unsharded at a time"))
         if self.optimizer_paged:
             rows.append(
                 (
@@ -182,7 +193,7 @@ class Estimate:
         rows.append(
             (
                 "optimizer step temporaries",
-                self.optimizer_step_temp,
+                self.optimizer_step_temp // k,
                 "foreach (CUDA) / per tensor (CPU)",
             )
         )
@@ -373,6 +384,8 @@ def estimate(inv, s: Setup) -> Estimate:
         total=peak + overhead,
         phases=phases,
         notes=notes,
+        shard=shard,
+        gather=gather,
     )
 
 

@@ -275,11 +275,11 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues_exactly(
     a = load_file(str(straight.run_dir / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(broken.run_dir / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
-    # the resumed log matches the uninterrupted one step for step
-    la = [(x["step"], round(x["loss"], 5)) for x in _metrics(straight.run_dir) if "loss" in x]
-    lb = [(x["step"], round(x["loss"], 5)) for x in _metrics(broken.run_dir) if "loss" in x]
+    for k in a:  # bit for bit (CPU, the same thread count in both runs)
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    # the resumed log matches the uninterrupted one step for step, every digit
+    la = [(x["step"], x["loss"]) for x in _metrics(straight.run_dir) if "loss" in x]
+    lb = [(x["step"], x["loss"]) for x in _metrics(broken.run_dir) if "loss" in x]
     assert la == lb
 
 

@@ -356,3 +356,17 @@ def test_cpu_mode_differs_from_cuda_mode():
 def test_setup_rejects_unknown_values():
     with pytest.raises(FtcliError, match="method 'dora' is not one of full, lora, qlora"):
         estimate(plan_model("gpt2", method="full").inv, Setup(method="dora"))
+
+
+def test_the_fsdp_table_shows_per_device_components_beside_its_per_device_total():
+    """The breakdown printed under FSDP is what one device holds, like the total below it."""
+    base = dict(method="full", dtype="bfloat16", batch_size=1, seq_len=512, device="cuda")
+    one = dict((n, b) for n, b, _ in plan_model("llama-2-7b", **base).estimate().components())
+    est = plan_model("llama-2-7b", num_devices=8, strategy="fsdp", **base).estimate()
+    rows = {n: (b, how) for n, b, how in est.components()}
+    for name in ("weights bf16", "gradients", "optimizer states (adamw)"):
+        assert rows[name][0] == one[name] // 8, name
+        assert "1/8 of it on each device (FSDP)" in rows[name][1]
+    assert rows["FSDP gathered blocks"][0] > 0
+    sharded = sum(rows[n][0] for n in ("weights bf16", "gradients", "optimizer states (adamw)"))
+    assert sharded < est.total  # the parts no longer exceed the whole they sit beside

@@ -168,11 +168,10 @@ def test_quantization_settings_only_for_qlora():
         recipe_from_mapping(base)
 
 
-def test_classification_needs_a_label_column():
+def test_classification_label_column_defaults_to_label():
     base = yaml.safe_load(GOOD)
     del base["data"]["label_column"]
-    with pytest.raises(RecipeError, match="data.label_column: classification needs a label column"):
-        recipe_from_mapping(base)
+    assert recipe_from_mapping(base).data.label_col == "label"  # the data check names it
 
 
 def test_causal_layouts_must_not_conflict():

@@ -1,0 +1,290 @@
+"""Fuzzing the two surfaces a user writes: recipes (mutations of every bundled recipe, through
+`ftcli validate`) and data files (through the readers). Every outcome is a clean result or one
+clear user error; never a traceback, never a hang. Fixed seed, bounded examples (about a minute
+in all on an idle machine). The outcomes by kind are written to OUTCOMES and printed at the end."""
+
+from __future__ import annotations
+
+import bz2
+import collections
+import gzip
+import json
+import re
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ftcli.errors import FtcliError
+from ftcli.recipe import bundled_recipes_dir
+
+OUTCOMES: collections.Counter = collections.Counter()
+
+
+def fuzz(n: int):
+    return settings(FUZZ_BASE, max_examples=n)
+
+
+FUZZ_BASE = settings(
+    derandomize=True,  # a fixed seed: the same cases every run
+    database=None,
+    deadline=20_000,  # a hang (billion laughs, catastrophic regex) fails, a busy machine not
+    suppress_health_check=list(HealthCheck),
+)
+RECIPES = sorted(bundled_recipes_dir().glob("*.yaml"))
+
+
+def _paths(node, prefix=()):
+    out = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out.append((*prefix, k))
+            out.extend(_paths(v, (*prefix, k)))
+    return out
+
+
+def _get_parent(doc, path):
+    node = doc
+    for p in path[:-1]:
+        node = node[p]
+    return node
+
+
+WEIRD = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**30), max_value=10**30),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([-1, 0, 1e308, -1e308, 2**63, 0.5, 1.5]),
+    st.text(max_size=30),
+    st.sampled_from(["x" * 200_000, "ü" * 10_000, "\u202e\u0000\ufeff", "1e-4", "..", "../../etc"]),
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)
+
+
+@st.composite
+def mutated_recipe(draw):
+    """(kind, YAML text): one bundled recipe with one or more mutations."""
+    path = draw(st.sampled_from(RECIPES))
+    doc = yaml.safe_load(path.read_text())
+    kinds = []
+    for _ in range(draw(st.integers(1, 3))):
+        keys = _paths(doc) if isinstance(doc, dict) else []
+        kind = draw(st.sampled_from(["drop", "unknown", "retype", "number", "text"]))
+        if not keys:
+            break
+        key = draw(st.sampled_from(keys))
+        parent = _get_parent(doc, key)
+        if not isinstance(parent, dict):
+            continue
+        if kind == "drop":
+            parent.pop(key[-1], None)
+        elif kind == "unknown":
+            parent[draw(st.text(min_size=1, max_size=12))] = draw(WEIRD)
+        elif kind == "retype":
+            parent[key[-1]] = draw(WEIRD)
+        elif kind == "number":
+            parent[key[-1]] = draw(st.sampled_from([-1, 0, -0.5, 1e9, 1e308, float("nan")]))
+        else:
+            parent[key[-1]] = draw(st.text(max_size=40))
+        kinds.append(kind)
+    return "+".join(kinds) or "none", yaml.safe_dump(doc, allow_unicode=True, sort_keys=False)
+
+
+def _laughs(depth: int, width: int) -> str:
+    lines = ["a0: &a0 [lol]"]
+    for i in range(1, depth):
+        refs = ", ".join([f"*a{i - 1}"] * width)
+        lines.append(f"a{i}: &a{i} [{refs}]")
+    return "\n".join(lines) + f"\nname: *a{depth - 1}\n"
+
+
+SHAPES = {
+    "billion-laughs": _laughs(12, 10),
+    "laughs-in-a-key": "x: &x [a, b]\ny: &y [*x, *x, *x]\nname: q\ntask: causal_lm\n"
+    "model: {name: m}\ndata: {path: d, text_column: *y}\nmethod: {kind: lora}\n",
+    "anchor-merge": "base: &b {kind: lora, r: 4}\nname: q\ntask: causal_lm\nmodel: {name: m}\n"
+    "data: {path: d}\nmethod:\n  <<: *b\n  r: 8\n",
+    "list": "- name: q\n- task: causal_lm\n",
+    "scalar": "just a string\n",
+    "number": "42\n",
+    "empty": "",
+    "two-documents": "name: a\n---\nname: b\n",
+    "python-tag": "name: !!python/object/apply:os.system [echo hi]\n",
+    "deep": "a: " + "[" * 3000 + "]" * 3000 + "\n",
+    "tab-indent": "name: q\n\ttask: x\n",
+    "null-key": "null: 1\nname: q\n",
+    "complex-key": "? [a, b]\n: 1\nname: q\n",
+    "bom-utf8": "\ufeffname: q\ntask: causal_lm\nmodel: {name: m}\ndata: {path: d}\nmethod: {kind: lora}\n",
+}
+
+
+def _validate(tmp_path, text: str, capsys) -> tuple[int, str]:
+    from ftcli.cli import main
+
+    path = tmp_path / "r.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(SystemExit) as exc:
+        main(["validate", str(path), "--no-data"])
+    return exc.value.code, capsys.readouterr().err
+
+
+def _check_outcome(code: int, err: str, what: str) -> str:
+    assert "Traceback" not in err, f"{what}: {err[-2000:]}"
+    assert code in (0, 1), f"{what}: exit {code}: {err[-2000:]}"
+    if code == 0:
+        return "exit 0"
+    assert err.startswith("error: "), f"{what}: {err[:500]}"
+    head = re.match(r"error: (\d+) problems? in the recipe:\n", err)
+    if head:  # one line per problem, as many as the header says
+        body = [x for x in err[head.end() :].splitlines() if x.startswith("  ") and x.strip()]
+        body = [x for x in body if not x.startswith("  hint:")]
+        assert len(body) == int(head.group(1)), f"{what}: {err[:2000]}"
+        return "exit 1, recipe problems"
+    return "exit 1, one error"
+
+
+@fuzz(160)
+@given(case=mutated_recipe())
+def test_fuzzed_recipes_validate_or_fail_cleanly(tmp_path_factory, case, capsys):
+    kind, text = case
+    code, err = _validate(tmp_path_factory.mktemp("fz"), text, capsys)
+    OUTCOMES[f"recipe {_check_outcome(code, err, kind)}"] += 1
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_yaml_shapes_validate_or_fail_cleanly(tmp_path, shape, capsys):
+    code, err = _validate(tmp_path, SHAPES[shape], capsys)
+    OUTCOMES[f"recipe {_check_outcome(code, err, shape)}"] += 1
+    if shape == "billion-laughs":
+        assert "expands to more than" in err
+
+
+# --------------------------------------------------------------------------- data files
+
+
+def _recipe(path, task="classification", **data):
+    from ftcli.recipe import recipe_from_mapping
+
+    d = {"path": str(path), **data}
+    if task == "classification":
+        d.setdefault("label_column", "label")
+    return recipe_from_mapping(
+        {"name": "t", "task": task, "model": {"name": "m"}, "data": d, "method": {"kind": "full"}}
+    )
+
+
+def _load(recipe, path) -> str:
+    """'loaded' or 'DataError'; a DataError must name the file."""
+    from ftcli.data.examples import CleanCounts, load_examples
+
+    try:
+        load_examples(recipe, recipe.data.path, CleanCounts())
+    except FtcliError as exc:
+        msg = exc.render()
+        assert str(path) in msg or recipe.data.path in msg or "data." in msg, msg
+        return type(exc).__name__
+    return "loaded"
+
+
+EXTS = ["csv", "tsv", "json", "jsonl", "txt", "yml", "parquet", "csv.gz", "jsonl.bz2"]
+
+
+@fuzz(120)
+@given(ext=st.sampled_from(EXTS), raw=st.binary(max_size=400))
+def test_random_bytes_are_read_or_refused_naming_the_file(tmp_path_factory, ext, raw):
+    path = tmp_path_factory.mktemp("fz") / f"d.{ext}"
+    path.write_bytes(raw)
+    OUTCOMES[f"data random bytes: {_load(_recipe(path, task='causal_lm'), path)}"] += 1
+
+
+def _jsonl(rows) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+GOOD_ROWS = [{"text": f"row {i}", "label": "ab"[i % 2]} for i in range(30)]
+
+
+@fuzz(40)
+@given(comp=st.sampled_from(["gz", "bz2"]), cut=st.floats(0.0, 0.99))
+def test_truncated_archives_are_data_errors(tmp_path_factory, comp, cut):
+    packed = (gzip.compress if comp == "gz" else bz2.compress)(_jsonl(GOOD_ROWS))
+    path = tmp_path_factory.mktemp("fz") / f"d.jsonl.{comp}"
+    path.write_bytes(packed[: int(len(packed) * cut)])
+    outcome = _load(_recipe(path), path)
+    assert outcome != "loaded" or cut == 0.0  # an empty file holds no records either
+    OUTCOMES[f"data truncated {comp}: {outcome}"] += 1
+
+
+CELL = st.text(alphabet=st.characters(codec="utf-8"), max_size=8) | st.just("\x00")
+
+
+@fuzz(60)
+@given(rows=st.lists(st.lists(CELL, min_size=0, max_size=4), min_size=1, max_size=8))
+def test_ragged_csv_with_nuls(tmp_path_factory, rows):
+    path = tmp_path_factory.mktemp("fz") / "d.csv"
+    text = "text,label\n" + "\n".join(",".join(r) for r in rows) + "\n"
+    path.write_bytes(text.encode("utf-8"))
+    OUTCOMES[f"data ragged csv: {_load(_recipe(path), path)}"] += 1
+
+
+JSONISH = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+@fuzz(60)
+@given(
+    rows=st.lists(
+        st.fixed_dictionaries({"text": JSONISH, "label": JSONISH}) | JSONISH, min_size=1, max_size=6
+    ),
+    task=st.sampled_from(["classification", "causal_lm"]),
+)
+def test_jsonl_with_wrong_types_per_field(tmp_path_factory, rows, task):
+    path = tmp_path_factory.mktemp("fz") / "d.jsonl"
+    path.write_bytes(_jsonl(rows))
+    extra = {"messages_column": "text"} if task == "causal_lm" and len(rows) % 2 else {}
+    OUTCOMES[f"data jsonl types: {_load(_recipe(path, task=task, **extra), path)}"] += 1
+
+
+def test_a_5_mb_single_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"text": "word " * 1_000_000, "label": "a"}) + "\n")
+    OUTCOMES[f"data 5 MB line: {_load(_recipe(path, task='causal_lm'), path)}"] += 1
+    path = tmp_path / "d.txt"
+    path.write_text("x" * 5_000_000)
+    assert _load(_recipe(path, task="causal_lm"), path) == "loaded"
+
+
+def test_labels_that_are_numbers_in_one_row_and_strings_in_another(tmp_path):
+    from ftcli.data.examples import prepare
+
+    path = tmp_path / "d.jsonl"
+    rows = [{"text": f"t {i}", "label": [1, "1", "two", 2.0][i % 4]} for i in range(40)]
+    path.write_bytes(_jsonl(rows))
+    prepared = prepare(_recipe(path))
+    assert prepared.labels == ["1", "2.0", "two"]  # one vocabulary of strings: 1 and "1" agree
+    OUTCOMES["data mixed labels: loaded"] += 1
+
+
+def test_an_empty_label_folder(tmp_path):
+    (tmp_path / "d" / "pos").mkdir(parents=True)
+    (tmp_path / "d" / "neg").mkdir()
+    outcome = _load(_recipe(tmp_path / "d"), tmp_path / "d")
+    assert outcome == "DataError"
+    OUTCOMES[f"data empty label folder: {outcome}"] += 1
+
+
+def test_zz_report_outcomes():
+    """Runs last in this file: the cases run and their outcomes by kind."""
+    total = sum(OUTCOMES.values())
+    print(f"\nfuzz cases: {total}")
+    for kind, n in sorted(OUTCOMES.items()):
+        print(f"  {n:5d}  {kind}")
+    assert total > 0
