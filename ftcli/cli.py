@@ -105,7 +105,10 @@ def _interrupted_type():
 def _load(recipe: str, overrides: list[str] | None):
     from ftcli.recipe import load_recipe, resolve_recipe_path
 
-    return load_recipe(resolve_recipe_path(recipe), overrides or [])
+    r = load_recipe(resolve_recipe_path(recipe), overrides or [])
+    for note in r.notes:
+        sys.stderr.write(f"note: {note}\n")
+    return r
 
 
 @app.command()
@@ -171,7 +174,10 @@ def validate(
     ] = False,
     json_: JsonOpt = False,
 ):
-    """Check a recipe (and that its data has the named columns) without loading any model.
+    """Check a recipe and its data without loading any model: every problem at once.
+
+    The data checks: each source exists, the named columns are there and hold text, the labels
+    occur, and the splits are not empty (a hub dataset is not downloaded for them).
 
     [bold]Examples[/]
 
@@ -179,20 +185,26 @@ def validate(
 
       ftcli validate my.yaml --set method.kind=qlora --json
     """
+    from ftcli.errors import RecipeError
     from ftcli.ui import UI
 
     ui = UI(json_)
-    r = _load(recipe, set_)
     checked = ["schema"]
-    if not no_data:
-        from ftcli.data.examples import check_columns
-        from ftcli.data.read import read_source
-        from ftcli.sources import resolve_data
+    try:
+        r = _load(recipe, set_)
+    except RecipeError as exc:  # report the data's problems too, if its section is valid
+        if no_data or exc.partial is None:
+            raise
+        from ftcli.data.check import data_problems
 
-        source = resolve_data(r.data.path)
-        if source.kind != "hub":
-            check_columns(r, read_source(source, r.data), r.data.path)
-            checked.append("data columns")
+        raise RecipeError(exc.problems + data_problems(exc.partial)[0]) from None
+    if not no_data:
+        from ftcli.data.check import data_problems
+
+        problems, done = data_problems(r)
+        if problems:
+            raise RecipeError(problems)
+        checked += done
     ui.info(
         f"[green]ok[/] {recipe}: {r.task}, {r.method.kind} on {r.model.name} ({', '.join(checked)} checked)"
     )
@@ -235,10 +247,12 @@ def list_recipes(json_: JsonOpt = False):
                 "description": doc.get("description", ""),
             }
         )
-    UI(json_).table(
+    ui = UI(json_)
+    ui.table(
         "bundled recipes",
         [(r["file"], r["task"], r["method"], r["description"]) for r in rows],
         headers=("recipe", "task", "method", "what"),
+        whole=(0,),
     )
     return {"recipes": rows}
 

@@ -65,12 +65,19 @@ class UI:
         if self.enabled:
             self.console.print(f"[bold cyan]▸ {title}[/]")
 
-    def table(self, title: str, rows: list[tuple], headers: tuple = ("", "")) -> None:
+    def table(
+        self, title: str, rows: list[tuple], headers: tuple = ("", ""), whole: tuple[int, ...] = ()
+    ) -> None:
+        """A table; the columns in ``whole`` (paths a user copies) are never cut short."""
         if not self.enabled:
             return
         t = Table(title=title, title_justify="left", show_header=any(headers))
-        for h in headers:
-            t.add_column(str(h))
+        for i, h in enumerate(headers):
+            if i in whole:
+                width = max([len(str(h)), *(len(str(r[i])) for r in rows)])
+                t.add_column(str(h), no_wrap=True, min_width=width)
+            else:
+                t.add_column(str(h))
         for r in rows:
             t.add_row(*[str(x) for x in r])
         self.console.print(t)
