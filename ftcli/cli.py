@@ -12,7 +12,7 @@ import inspect
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -477,6 +477,12 @@ def merge(
 
 # ---------------------------------------------------------------- estimate-memory (ftcli/memory/)
 
+OPTIMIZER_NAMES = ("adamw", "adam", "sgd", "rmsprop", "adamw8bit", "paged_adamw", "paged_adamw8bit")
+GPU_NAMES = (
+    "h200", "h100", "a100-80gb", "a100-40gb", "l40s", "a6000", "l4", "a10g",
+    "rtx4090", "rtx3090", "rtx4080", "t4", "v100", "v100-32gb",
+)  # fmt: skip  # ftcli/memory/gpus.py's table (kept here: --help must not import torch)
+
 
 @app.command("estimate-memory")
 @command
@@ -494,10 +500,16 @@ def estimate_memory(
         ),
     ] = None,
     task: Annotated[
-        str | None,
-        typer.Option(help="causal_lm | classification (default: from the model's config)."),
+        Literal["causal_lm", "classification"] | None,
+        typer.Option(
+            case_sensitive=False,
+            help="Default: from the model's config.",
+        ),
     ] = None,
-    method: Annotated[str, typer.Option(help="full | lora | qlora (without a recipe).")] = "lora",
+    method: Annotated[
+        Literal["full", "lora", "qlora"],
+        typer.Option(case_sensitive=False, help="Without a recipe."),
+    ] = "lora",
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", help="Micro-batch per device.")
     ] = None,
@@ -512,25 +524,27 @@ def estimate_memory(
         ),
     ] = None,
     optimizer: Annotated[
-        str | None,
-        typer.Option(
-            help="adamw | adam | sgd | rmsprop | adamw8bit | paged_adamw | paged_adamw8bit."
-        ),
+        Literal[OPTIMIZER_NAMES] | None,
+        typer.Option(case_sensitive=False, help="The optimizer."),
     ] = None,
     dtype: Annotated[
-        str | None,
+        Literal["float32", "bfloat16", "float16"] | None,
         typer.Option(
-            help="Weights of full/LoRA runs: float32 | bfloat16 | float16 (ftcli's default float32)."
+            case_sensitive=False,
+            help="Weights of full/LoRA runs (ftcli's default float32; QLoRA's base is 4-bit).",
         ),
     ] = None,
     mixed_precision: Annotated[
-        str | None,
+        Literal["no", "bf16", "fp16"] | None,
         typer.Option(
-            "--mixed-precision", help="no | bf16 | fp16 (default: bf16 on CUDA, no on CPU)."
+            "--mixed-precision",
+            case_sensitive=False,
+            help="Default: bf16 on CUDA (fp16 on a --gpu without bf16), no on the CPU.",
         ),
     ] = None,
     attn: Annotated[
-        str | None, typer.Option("--attn", help="eager | sdpa | flash_attention_2.")
+        Literal["eager", "sdpa", "flash_attention_2"] | None,
+        typer.Option("--attn", case_sensitive=False),
     ] = None,
     r: Annotated[int | None, typer.Option("--r", help="LoRA rank (without a recipe).")] = None,
     target_modules: Annotated[
@@ -538,15 +552,28 @@ def estimate_memory(
         typer.Option("--target-modules", help="Comma-separated LoRA targets, or all-linear."),
     ] = None,
     device: Annotated[
-        str,
+        Literal["auto", "cuda", "cpu"] | None,
         typer.Option(
-            help="auto | cuda | cpu: which device to plan for (auto: the one train would use)."
+            case_sensitive=False,
+            help="Which device to plan for (auto: the one train would use; for a GPU that is not "
+            "here, name it with --gpu).",
         ),
-    ] = "auto",
+    ] = None,
+    gpu: Annotated[
+        Literal[GPU_NAMES] | None,
+        typer.Option(
+            "--gpu",
+            metavar="CARD",
+            case_sensitive=False,
+            help="Plan for this GPU (CUDA, bf16 where it has it): " + ", ".join(GPU_NAMES) + ".",
+        ),
+    ] = None,
     num_devices: Annotated[
         int, typer.Option("--num-devices", help="Devices for the per-device table (1..N).")
     ] = 1,
-    strategy: Annotated[str, typer.Option(help="ddp | fsdp, for --num-devices > 1.")] = "ddp",
+    strategy: Annotated[
+        Literal["ddp", "fsdp"], typer.Option(case_sensitive=False, help="For --num-devices > 1.")
+    ] = "ddp",
     budget: Annotated[
         str | None,
         typer.Option(
@@ -571,7 +598,7 @@ def estimate_memory(
 
       ftcli estimate-memory recipes/quickstart.yaml
 
-      ftcli estimate-memory --model mistral-7b --method qlora --batch-size 4 --seq-len 2048 --gradient-checkpointing
+      ftcli estimate-memory --model llama-3-8b --method qlora --batch-size 4 --seq-len 2048 --gradient-checkpointing --gpu a100-80gb
 
       ftcli estimate-memory --model meta-llama/Llama-2-7b-hf --weights-only
 
@@ -611,6 +638,7 @@ def estimate_memory(
         model=model,
         flags=flags,
         device=device,
+        gpu=gpu,
         num_devices=num_devices,
         strategy=strategy,
         budget=budget,

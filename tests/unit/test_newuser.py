@@ -230,3 +230,63 @@ def test_recipes_lists_whole_paths(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "recipes/gpu-llama-3.2-1b-qlora-alpaca.yaml" in out
     assert "…" not in out.split("what")[1].splitlines()[2][:50]
+
+
+# --------------------------------------------------------------------------- estimate-memory (point 1)
+
+
+def _estimate(*args):
+    from typer.testing import CliRunner
+
+    from ftcli.cli import app
+
+    result = CliRunner().invoke(app, ["estimate-memory", *args])
+    return result.exit_code, " ".join(result.output.replace("│", " ").split())
+
+
+QLORA_8B = ["--model", "llama-3-8b", "--method", "qlora", "--batch-size", "4", "--seq-len", "2048"]
+
+
+def test_estimate_names_a_gpu_by_card():
+    code, out = _estimate(*QLORA_8B, "--gradient-checkpointing", "--gpu", "A100-80GB")
+    assert code == 0, out
+    assert "planned for the NVIDIA A100 80 GB" in out
+    assert "qlora on cuda" in out and "mixed precision bf16" in out
+    assert "on the NVIDIA A100 80 GB: 27.91 GiB of 79.20 GiB -> fits" in out
+    assert "largest micro-batch on it: 14 x 2048 tokens" in out
+    assert "free on this" not in out  # this machine's memory is not the question
+    code, out = _estimate(*QLORA_8B, "--gpu", "t4")  # no bf16 there: fp16 mixed precision
+    assert code == 0 and "mixed precision fp16" in out and "-> does NOT fit" in out
+    code, out = _estimate(*QLORA_8B, "--gpu", "t4", "--mixed-precision", "bf16")
+    assert code == 1 and "the NVIDIA T4 16 GB (no bf16) has no bf16" in out
+    code, out = _estimate(*QLORA_8B, "--gpu", "h100", "--device", "cpu")
+    assert code == 1 and "--gpu h100 plans for a CUDA GPU, not --device cpu" in out
+
+
+def test_estimate_says_it_planned_for_this_cpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, out = _estimate(*QLORA_8B)
+    assert code == 0
+    assert (
+        "planned for this machine's CPU (no GPU here) to plan for a GPU, name it: --gpu a100-80gb"
+        in out
+    )
+    code, out = _estimate(*QLORA_8B, "--device", "cpu")
+    assert "planned for cpu" in out and "to plan for a GPU" not in out
+
+
+def test_estimate_flags_that_do_not_apply_say_so():
+    code, out = _estimate(*QLORA_8B, "--dtype", "bfloat16")
+    assert code == 1
+    assert "error: --dtype bfloat16 does not apply to --method qlora" in out
+    code, out = _estimate("--model", "gpt2", "--method", "full", "--r", "16")
+    assert code == 1 and "--r does not apply to --method full" in out
+
+
+def test_gpu_names_in_the_cli_are_the_table():
+    from ftcli.cli import GPU_NAMES
+    from ftcli.memory.gpus import GPUS
+
+    assert tuple(GPUS) == GPU_NAMES
