@@ -796,23 +796,29 @@ def chat(
         ),
     ] = None,
     adapter: AdapterOpt = None,
-    system: Annotated[str | None, typer.Option(help="System prompt for the conversation.")] = None,
+    system: Annotated[
+        str | None,
+        typer.Option(
+            help="System prompt for the conversation (default: the run's data.system_prompt; "
+            "--system '' for none)."
+        ),
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens per answer.")] = 128,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
     feedback: Annotated[
-        Path,
+        Path | None,
         typer.Option(
             "--feedback",
-            help="Where /good and /fix answers go (a recipe's data.path "
-            "reads it); /bad ones go to <stem>-rejected.jsonl.",
+            help="Where /good and /fix answers go (a recipe's data.path reads it; default: "
+            "feedback.jsonl in the run's folder, else here); /bad ones go to <stem>-rejected.jsonl.",
         ),
-    ] = Path("feedback.jsonl"),
+    ] = None,
     json_: JsonOpt = False,
 ):
-    """Talk to a causal LM in the terminal, with its chat template.
+    """Talk to a causal LM in the terminal, with its chat template; answers stream as they are made.
 
     Commands: /good, /bad, /fix ANSWER (feedback on the last answer), /switch NAME and /adapters
-    (with several --adapter), /reset, /help, /quit.
+    (with several --adapter), /reset, /help, /quit. Ctrl-C stops an answer; a second Ctrl-C leaves.
 
     [bold]Examples[/]
 
@@ -820,18 +826,24 @@ def chat(
 
       ftcli chat --adapter polite=runs/a --adapter terse=runs/b --system "You are helpful."
     """
-    from ftcli.serve.chat import chat_loop
+    from ftcli.serve.chat import chat_loop, chat_run, run_system_prompt
     from ftcli.serve.feedback import FeedbackLog
     from ftcli.serve.predictor import load_predictor
+    from ftcli.ui import UI
 
-    pred = load_predictor(model, adapter)
-    log = FeedbackLog(feedback, pred.source)
+    ui = UI(json_)
+    run_dir = chat_run(model, adapter)
+    with ui.status(f"loading {model or ', '.join(adapter or [])} ..."):
+        pred = load_predictor(model, adapter)
+    if system is None:
+        system = run_system_prompt(run_dir)
+    log = FeedbackLog(feedback or (run_dir or Path()) / "feedback.jsonl", pred.source)
     return chat_loop(
         pred,
         sys.stdin,
         sys.stderr if json_ else sys.stdout,
         log,
-        system,
+        system or None,
         max_new_tokens,
         temperature,
     )

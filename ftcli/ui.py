@@ -3,6 +3,7 @@ so stdout carries exactly one JSON object. Only the main process of a multi-proc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
@@ -81,6 +82,18 @@ class UI:
         for r in rows:
             t.add_row(*[str(x) for x in r])
         self.console.print(t)
+
+    @contextlib.contextmanager
+    def status(self, message: str):
+        """A status line for a pause (loading a model): a spinner in a terminal, one line elsewhere."""
+        if not self.enabled:
+            yield
+        elif self.console.is_terminal:
+            with self.console.status(message):
+                yield
+        else:
+            self.console.print(message, soft_wrap=True)
+            yield
 
     def progress(self) -> TrainProgress | None:
         return TrainProgress(self.console) if self.enabled else None
