@@ -268,16 +268,18 @@ def _answer(pred, session, turn: Turn, stdout, interactive: bool, max_new, tempe
     stdout.write(prefix + (THINKING if interactive else ""))
     stdout.flush()
     pieces: list[str] = []
+    answer = contextlib.closing(pred.stream(session.messages()[:-1], max_new, temperature))
     try:
-        for item in pred.stream(session.messages()[:-1], max_new, temperature):
-            if isinstance(item, StreamEnd):
-                turn.cut = item.cut
-                continue
-            if not pieces and interactive:
-                stdout.write(ERASE_LINE + prefix)
-            stdout.write(item.lstrip() if not "".join(pieces).strip() else item)
-            stdout.flush()
-            pieces.append(item)
+        with answer as items:  # leaving early closes the stream, which stops the generation
+            for item in items:
+                if isinstance(item, StreamEnd):
+                    turn.cut = item.cut
+                    continue
+                if not pieces and interactive:
+                    stdout.write(ERASE_LINE + prefix)
+                pieces.append(item)
+                stdout.write(item.lstrip() if not "".join(pieces[:-1]).strip() else item)
+                stdout.flush()
     except KeyboardInterrupt:
         turn.stopped = True
     if not pieces and interactive:
