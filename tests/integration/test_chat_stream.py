@@ -188,6 +188,6 @@ def test_chat_in_a_pseudo_terminal(tmp_path_factory, tiny_models, tiny_data, tmp
     questions = seen.count(b"what is 3 plus 3 ?")
     assert seen.count(THINK) == 2 and questions == 2  # typed once, recalled once
     (row,) = read_jsonl(run / "feedback.jsonl")
-    assert row["messages"][-1] == {"role": "user", "content": "what is 3 plus 3 ?"}
+    assert row["messages"][0] == {"role": "user", "content": "what is 3 plus 3 ?"}
     (run / "feedback.jsonl").unlink()  # the cached run is shared with other tests
     assert (tmp_path / "cache" / "chat_history").read_text().count("what is 3 plus 3 ?") == 2
