@@ -742,6 +742,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         found.sort(key=lambda q: (q.file == "--set", q.line or 0))
         err = RecipeError(found)
         err.partial = data_part(data, file, lines, {p for p, _ in parsed})
+        if err.partial is not None:
+            err.partial._anchored = anchored
         raise err from None
     if problems:
         raise RecipeError(problems)

@@ -114,6 +114,14 @@ def test_missing_relative_data_says_where_it_looked(tmp_path, monkeypatch, capsy
         f"('tikets.csv' was looked for in {proj} (a recipe's relative paths are read from its "
         "own folder))"
     ) in err
+    # with a schema problem beside it, the data problem keeps where it was looked for
+    doc = yaml.safe_load(recipe.read_text())
+    doc["method"]["kind"] = "lroa"
+    recipe.write_text(yaml.safe_dump(doc, sort_keys=False))
+    with pytest.raises(SystemExit):
+        main(["validate", str(recipe)])
+    err = capsys.readouterr().err
+    assert "2 problems in the recipe:" in err and f"'tikets.csv' was looked for in {proj}" in err
 
 
 def _validate(capsys, *args):
