@@ -12,7 +12,7 @@ import inspect
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -123,7 +123,10 @@ def _interrupted_type():
 def _load(recipe: str, overrides: list[str] | None):
     from ftcli.recipe import load_recipe, resolve_recipe_path
 
-    return load_recipe(resolve_recipe_path(recipe), overrides or [])
+    r = load_recipe(resolve_recipe_path(recipe), overrides or [])
+    for note in r.notes:
+        sys.stderr.write(f"note: {note}\n")
+    return r
 
 
 @app.command()
@@ -195,7 +198,10 @@ def validate(
     ] = False,
     json_: JsonOpt = False,
 ):
-    """Check a recipe (and that its data has the named columns) without loading any model.
+    """Check a recipe and its data without loading any model: every problem at once.
+
+    The data checks: each source exists, the named columns are there and hold text, the labels
+    occur, and the splits are not empty (a hub dataset is not downloaded for them).
 
     [bold]Examples[/]
 
@@ -203,30 +209,28 @@ def validate(
 
       ftcli validate my.yaml --set method.kind=qlora --json
     """
-    from ftcli.errors import SourceError
+    from ftcli.errors import RecipeError
     from ftcli.ui import UI
 
     ui = UI(json_)
-    r = _load(recipe, set_)
     checked = ["schema"]
+    try:
+        r = _load(recipe, set_)
+    except RecipeError as exc:  # report the data's problems too, if its section is valid
+        if no_data or exc.partial is None:
+            raise
+        from ftcli.data.check import data_problems
+
+        raise RecipeError(exc.problems + data_problems(exc.partial)[0]) from None
     notes = [w.render() for w in r.warnings]
     if not no_data:
-        from ftcli.data.examples import check_columns
-        from ftcli.data.read import read_source
-        from ftcli.sources import is_hub_spec, resolve_data
+        from ftcli.data.check import data_problems
 
-        try:
-            source = resolve_data(r.data.path)
-        except SourceError as exc:
-            if not is_hub_spec(r.data.path):
-                raise
-            source = None
-            notes.append(f"data columns not checked: {exc.message}")
-        if source is not None and source.kind != "hub":
-            check_columns(r, read_source(source, r.data, notes), r.data.path)
-            checked.append("data columns")
-        elif source is not None:
-            notes.append(f"data columns not checked: {r.data.path} is a hub dataset")
+        problems, done, unchecked = data_problems(r)
+        if problems:
+            raise RecipeError(problems)
+        checked += done
+        notes += unchecked
     for note in notes:
         ui.warn(note)
     if strict and notes:
@@ -276,10 +280,12 @@ def list_recipes(json_: JsonOpt = False):
                 "description": doc.get("description", ""),
             }
         )
-    UI(json_).table(
+    ui = UI(json_)
+    ui.table(
         "bundled recipes",
         [(r["file"], r["task"], r["method"], r["description"]) for r in rows],
         headers=("recipe", "task", "method", "what"),
+        whole=(0,),
     )
     return {"recipes": rows}
 
@@ -526,6 +532,12 @@ def merge(
 
 # ---------------------------------------------------------------- estimate-memory (ftcli/memory/)
 
+OPTIMIZER_NAMES = ("adamw", "adam", "sgd", "rmsprop", "adamw8bit", "paged_adamw", "paged_adamw8bit")
+GPU_NAMES = (
+    "h200", "h100", "a100-80gb", "a100-40gb", "l40s", "a6000", "l4", "a10g",
+    "rtx4090", "rtx3090", "rtx4080", "t4", "v100", "v100-32gb",
+)  # fmt: skip  # ftcli/memory/gpus.py's table (kept here: --help must not import torch)
+
 
 @app.command("estimate-memory")
 @command
@@ -543,10 +555,16 @@ def estimate_memory(
         ),
     ] = None,
     task: Annotated[
-        str | None,
-        typer.Option(help="causal_lm | classification (default: from the model's config)."),
+        Literal["causal_lm", "classification"] | None,
+        typer.Option(
+            case_sensitive=False,
+            help="Default: from the model's config.",
+        ),
     ] = None,
-    method: Annotated[str, typer.Option(help="full | lora | qlora (without a recipe).")] = "lora",
+    method: Annotated[
+        Literal["full", "lora", "qlora"],
+        typer.Option(case_sensitive=False, help="Without a recipe."),
+    ] = "lora",
     batch_size: Annotated[
         int | None, typer.Option("--batch-size", help="Micro-batch per device.")
     ] = None,
@@ -561,25 +579,27 @@ def estimate_memory(
         ),
     ] = None,
     optimizer: Annotated[
-        str | None,
-        typer.Option(
-            help="adamw | adam | sgd | rmsprop | adamw8bit | paged_adamw | paged_adamw8bit."
-        ),
+        Literal[OPTIMIZER_NAMES] | None,
+        typer.Option(case_sensitive=False, help="The optimizer."),
     ] = None,
     dtype: Annotated[
-        str | None,
+        Literal["float32", "bfloat16", "float16"] | None,
         typer.Option(
-            help="Weights of full/LoRA runs: float32 | bfloat16 | float16 (ftcli's default float32)."
+            case_sensitive=False,
+            help="Weights of full/LoRA runs (ftcli's default float32; QLoRA's base is 4-bit).",
         ),
     ] = None,
     mixed_precision: Annotated[
-        str | None,
+        Literal["no", "bf16", "fp16"] | None,
         typer.Option(
-            "--mixed-precision", help="no | bf16 | fp16 (default: bf16 on CUDA, no on CPU)."
+            "--mixed-precision",
+            case_sensitive=False,
+            help="Default: bf16 on CUDA (fp16 on a --gpu without bf16), no on the CPU.",
         ),
     ] = None,
     attn: Annotated[
-        str | None, typer.Option("--attn", help="eager | sdpa | flash_attention_2.")
+        Literal["eager", "sdpa", "flash_attention_2"] | None,
+        typer.Option("--attn", case_sensitive=False),
     ] = None,
     r: Annotated[int | None, typer.Option("--r", help="LoRA rank (without a recipe).")] = None,
     target_modules: Annotated[
@@ -587,15 +607,28 @@ def estimate_memory(
         typer.Option("--target-modules", help="Comma-separated LoRA targets, or all-linear."),
     ] = None,
     device: Annotated[
-        str,
+        Literal["auto", "cuda", "cpu"] | None,
         typer.Option(
-            help="auto | cuda | cpu: which device to plan for (auto: the one train would use)."
+            case_sensitive=False,
+            help="Which device to plan for (auto: the one train would use; for a GPU that is not "
+            "here, name it with --gpu).",
         ),
-    ] = "auto",
+    ] = None,
+    gpu: Annotated[
+        Literal[GPU_NAMES] | None,
+        typer.Option(
+            "--gpu",
+            metavar="CARD",
+            case_sensitive=False,
+            help="Plan for this GPU (CUDA, bf16 where it has it): " + ", ".join(GPU_NAMES) + ".",
+        ),
+    ] = None,
     num_devices: Annotated[
         int, typer.Option("--num-devices", help="Devices for the per-device table (1..N).")
     ] = 1,
-    strategy: Annotated[str, typer.Option(help="ddp | fsdp, for --num-devices > 1.")] = "ddp",
+    strategy: Annotated[
+        Literal["ddp", "fsdp"], typer.Option(case_sensitive=False, help="For --num-devices > 1.")
+    ] = "ddp",
     budget: Annotated[
         str | None,
         typer.Option(
@@ -620,7 +653,7 @@ def estimate_memory(
 
       ftcli estimate-memory recipes/quickstart.yaml
 
-      ftcli estimate-memory --model mistral-7b --method qlora --batch-size 4 --seq-len 2048 --gradient-checkpointing
+      ftcli estimate-memory --model llama-3-8b --method qlora --batch-size 4 --seq-len 2048 --gradient-checkpointing --gpu a100-80gb
 
       ftcli estimate-memory --model meta-llama/Llama-2-7b-hf --weights-only
 
@@ -660,6 +693,7 @@ def estimate_memory(
         model=model,
         flags=flags,
         device=device,
+        gpu=gpu,
         num_devices=num_devices,
         strategy=strategy,
         budget=budget,
@@ -817,23 +851,29 @@ def chat(
         ),
     ] = None,
     adapter: AdapterOpt = None,
-    system: Annotated[str | None, typer.Option(help="System prompt for the conversation.")] = None,
+    system: Annotated[
+        str | None,
+        typer.Option(
+            help="System prompt for the conversation (default: the run's data.system_prompt; "
+            "--system '' for none)."
+        ),
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens per answer.")] = 128,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.0,
     feedback: Annotated[
-        Path,
+        Path | None,
         typer.Option(
             "--feedback",
-            help="Where /good and /fix answers go (a recipe's data.path "
-            "reads it); /bad ones go to <stem>-rejected.jsonl.",
+            help="Where /good and /fix answers go (a recipe's data.path reads it; default: "
+            "feedback.jsonl in the run's folder, else here); /bad ones go to <stem>-rejected.jsonl.",
         ),
-    ] = Path("feedback.jsonl"),
+    ] = None,
     json_: JsonOpt = False,
 ):
-    """Talk to a causal LM in the terminal, with its chat template.
+    """Talk to a causal LM in the terminal, with its chat template; answers stream as they are made.
 
     Commands: /good, /bad, /fix ANSWER (feedback on the last answer), /switch NAME and /adapters
-    (with several --adapter), /reset, /help, /quit.
+    (with several --adapter), /reset, /help, /quit. Ctrl-C stops an answer; a second Ctrl-C leaves.
 
     [bold]Examples[/]
 
@@ -841,18 +881,24 @@ def chat(
 
       ftcli chat --adapter polite=runs/a --adapter terse=runs/b --system "You are helpful."
     """
-    from ftcli.serve.chat import chat_loop
+    from ftcli.serve.chat import chat_loop, chat_run, run_system_prompt
     from ftcli.serve.feedback import FeedbackLog
     from ftcli.serve.predictor import load_predictor
+    from ftcli.ui import UI
 
-    pred = load_predictor(model, adapter)
-    log = FeedbackLog(feedback, pred.source)
+    ui = UI(json_)
+    run_dir = chat_run(model, adapter)
+    with ui.status(f"loading {model or ', '.join(adapter or [])} ..."):
+        pred = load_predictor(model, adapter)
+    if system is None:
+        system = run_system_prompt(run_dir)
+    log = FeedbackLog(feedback or (run_dir or Path()) / "feedback.jsonl", pred.source)
     return chat_loop(
         pred,
         sys.stdin,
         sys.stderr if json_ else sys.stdout,
         log,
-        system,
+        system or None,
         max_new_tokens,
         temperature,
     )

@@ -46,6 +46,7 @@ class RecipeError(FtcliError):
 
     def __init__(self, problems: list[Problem]):
         self.problems = list(problems)
+        self.partial = None  # the recipe's valid task + data sections, for `validate`'s data checks
         n = len(self.problems)
         head = "1 problem in the recipe:" if n == 1 else f"{n} problems in the recipe:"
         body = "\n".join("  " + p.render() for p in self.problems)

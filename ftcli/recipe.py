@@ -8,6 +8,8 @@ line, the dotted key and, where it can, the nearest valid key or value.
 from __future__ import annotations
 
 import difflib
+import glob
+import os
 import re
 import typing
 from collections.abc import Callable
@@ -280,6 +282,15 @@ class Recipe(_Section):
     def warnings(self) -> list[Problem]:
         """Keys set that do nothing here, where a shared base recipe may set them on purpose."""
         return list(self._warnings)
+
+    _notes: list[str] = PrivateAttr(default_factory=list)
+    # dotted key -> (the relative path as written, the folder it was read from)
+    _anchored: dict[str, tuple[str, str]] = PrivateAttr(default_factory=dict)
+
+    @property
+    def notes(self) -> list[str]:
+        """One-line notes from loading (keys a --set dropped); the CLI prints them."""
+        return list(self._notes)
 
     @property
     def run_dir(self) -> Path:
@@ -624,7 +635,10 @@ def apply_overrides(data: dict, overrides: list[tuple[tuple[str, ...], Any]]) ->
                 break
             node = child
         else:
-            node[path[-1]] = value
+            if value is None:  # --set key=null: back to the default (or gone)
+                node.pop(path[-1], None)
+            else:
+                node[path[-1]] = value
     return problems
 
 
@@ -735,13 +749,17 @@ def _problem_from_error(err: dict, origin: RecipeOrigin) -> Problem:
         hint = f"did you mean {suggestion}?" if suggestion else None
         return origin.problem(key, "unknown key", hint)
     if kind == "missing":
-        return origin.problem(key, "required key is missing")
+        choices = _literal_choices(loc)
+        hint = f"one of: {', '.join(choices)}" if choices else None
+        return origin.problem(key, "required key is missing", hint)
     if kind in {"literal_error", "enum"}:
         choices = _literal_choices(loc)
         got = err.get("input")
-        close = difflib.get_close_matches(str(got), choices, n=1, cutoff=0.5) if choices else []
-        hint = f"did you mean {close[0]!r}?" if close else None
-        return origin.problem(key, f"{got!r} is not one of: {', '.join(choices)}", hint)
+        return origin.problem(
+            key, f"{got!r} is not one of: {', '.join(choices)}", _did_you_mean(got, choices)
+        )
+    if kind == "model_type" and _section_at(loc) is not None:
+        return _section_given_a_value(loc, err.get("input"), origin)
     message = err["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
@@ -750,6 +768,30 @@ def _problem_from_error(err: dict, origin: RecipeOrigin) -> Problem:
         shown = repr(got)
         message = f"{message} (got {shown if len(shown) <= 80 else shown[:77] + '...'})"
     return origin.problem(key, message[0].lower() + message[1:])
+
+
+def _did_you_mean(got: Any, choices: list[str]) -> str | None:
+    """The choice ``got`` most likely meant, compared case-insensitively (``LoRA`` -> ``lora``)."""
+    lower = {c.lower(): c for c in choices}
+    close = difflib.get_close_matches(str(got).lower(), list(lower), n=1, cutoff=0.5)
+    return f"did you mean {lower[close[0]]!r}?" if close else None
+
+
+def _section_given_a_value(loc: tuple[str, ...], got: Any, origin: RecipeOrigin) -> Problem:
+    """``--set method=lora``: a section set to a plain value; point at the key that takes it."""
+    section = _section_at(loc)
+    key = ".".join(loc)
+    fields = list(section.model_fields)
+    target = next(
+        (f for f in fields if str(got).lower() in map(str.lower, _literal_choices((*loc, f)))),
+        None,
+    )
+    hint = (
+        f"did you mean {key}.{target}={got}?"
+        if target
+        else f"set one of its keys, e.g. {key}.{fields[0]}"
+    )
+    return origin.problem(key, f"is a section ({', '.join(fields[:4])}, ...), not a value", hint)
 
 
 # --------------------------------------------------------------------------- semantic checks
@@ -948,9 +990,12 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if path.is_dir() and (path / "recipe.yaml").is_file():
         path = path / "recipe.yaml"  # a run folder: its resolved recipe
     if not path.is_file():
+        names = {p.stem.lower(): p.stem for p in bundled_recipes_dir().glob("*.yaml")}
+        close = difflib.get_close_matches(path.stem.lower(), list(names), n=1, cutoff=0.6)
         raise FtcliError(
             f"recipe not found: {path}",
-            hint="give a YAML file path; `ftcli recipes` lists the bundled ones",
+            hint=(f"did you mean {names[close[0]]}? " if close else "")
+            + "give a YAML file path; `ftcli recipes` lists the bundled ones",
         )
     text = path.read_text(encoding="utf-8")
     file = str(path)
@@ -976,17 +1021,117 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if data is None:
         data = {}
     parsed = [parse_override(o) for o in overrides]
+    notes: list[str] = []
     if isinstance(data, dict):
+        anchored = anchor_paths(data, path.parent)
         problems += apply_overrides(data, parsed)
+        for k in {".".join(p) for p, _ in parsed}:
+            anchored.pop(k, None)
+        anchored.update(anchor_paths(data, Path.cwd(), {p for p, _ in parsed}))
+        notes += drop_inapplicable(data, parsed)
+        labels_as_strings(data)
     try:
         recipe = recipe_from_mapping(data, file, lines, {p for p, _ in parsed})
     except RecipeError as exc:
         found = problems + exc.problems
         found.sort(key=lambda q: (q.file == "--set", q.line or 0))
-        raise RecipeError(found) from None
+        err = RecipeError(found)
+        err.partial = data_part(data, file, lines, {p for p, _ in parsed})
+        if err.partial is not None:
+            err.partial._anchored = anchored
+        raise err from None
     if problems:
         raise RecipeError(problems)
+    recipe._notes = notes
+    recipe._anchored = anchored if isinstance(data, dict) else {}
     return recipe
+
+
+# --------------------------------------------------------------------------- what a new user writes
+
+PATH_KEYS = (
+    ("data", "path"),
+    ("data", "validation_path"),
+    ("data", "test_path"),
+    ("model", "name"),
+)
+LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "modules_to_save", "init")
+
+
+def anchor_paths(
+    data: dict, base: Path, only: set[tuple[str, ...]] | None = None
+) -> dict[str, tuple[str, str]]:
+    """Make the recipe's relative local paths absolute, from ``base`` (the recipe's folder for keys in
+    the file, the working directory for ``--set`` ones), so a run repeats from anywhere. A hub id or
+    a ``pkg:`` spec is left alone: a relative value is a path when it exists under ``base`` or looks
+    like one (``./x``, ``x.csv``, a glob)."""
+    from ftcli.sources import PKG, looks_local
+
+    done = {}
+    for key in PATH_KEYS:
+        if only is not None and key not in only:
+            continue
+        section = data.get(key[0])
+        value = section.get(key[1]) if isinstance(section, dict) else None
+        if not isinstance(value, str) or not value or value.startswith(PKG):
+            continue
+        if value.startswith("~") or Path(value).is_absolute():
+            continue
+        here = base.absolute() / value
+        if here.exists() or glob.glob(str(here)) or looks_local(value):
+            section[key[1]] = os.path.normpath(here)
+            done[".".join(key)] = (value, str(base.absolute()))
+    return done
+
+
+def drop_inapplicable(data: dict, overrides: list[tuple[tuple[str, ...], Any]]) -> list[str]:
+    """``--set method.kind=full`` on a LoRA recipe: drop the file's LoRA (and quantization) keys, with
+    a note. Keys given with ``--set`` stay, so an explicit inapplicable value is still an error."""
+    kind = next((v for p, v in reversed(overrides) if p == ("method", "kind")), None)
+    method = data.get("method")
+    if not isinstance(kind, str) or not isinstance(method, dict):
+        return []
+    gone = (*LORA_KEYS, "quantization") if kind == "full" else ("quantization",)
+    if kind == "qlora":
+        gone = ()
+    explicit = {p[1] for p, _ in overrides if len(p) > 1 and p[0] == "method"}
+    dropped = [k for k in gone if k in method and k not in explicit]
+    for k in dropped:
+        method.pop(k)
+    if not dropped:
+        return []
+    return [
+        f"--set method.kind={kind}: dropped "
+        + ", ".join(f"method.{k}" for k in dropped)
+        + f" (no meaning for {kind})"
+    ]
+
+
+def data_part(data: Any, file: str, lines, overridden) -> Recipe | None:
+    """The task and data sections alone, when they are valid although the rest is not: enough for
+    ``validate`` to check the data in the same report (a method typo must not hide a bad column)."""
+    if not isinstance(data, dict):
+        return None
+    try:
+        d = DataSpec.model_validate(_fix_yaml_floats(data.get("data")))
+        task = Recipe.model_fields["task"].annotation
+        if data.get("task") not in typing.get_args(task):
+            return None
+    except ValidationError:
+        return None
+    part = Recipe.model_construct(task=data["task"], data=d)
+    part._origin = RecipeOrigin(file, lines or {}, overridden or set())
+    return part
+
+
+def labels_as_strings(data: dict) -> None:
+    """``labels: [0, 1, 2]``: YAML reads numbers, the data's labels are read as text ("0", "1")."""
+    d = data.get("data")
+    labels = d.get("labels") if isinstance(d, dict) else None
+    if isinstance(labels, list):
+        d["labels"] = [
+            str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v for v in labels
+        ]
 
 
 def bundled_recipes_dir() -> Path:

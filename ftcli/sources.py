@@ -66,7 +66,8 @@ def resolve_pkg(spec: str) -> Path:
     return path
 
 
-def _looks_local(spec: str) -> bool:
+def looks_local(spec: str) -> bool:
+    """A spec that can only be a local path (not a hub id)."""
     return (
         spec.startswith(("/", "./", "../", "~"))
         or spec.lower().endswith(_LOCAL_SUFFIXES)
@@ -157,7 +158,7 @@ def resolve_model(spec: str, revision: str | None = None) -> ModelSource:
                 hint="a transformers model folder holds config.json and *.safetensors (or one .gguf file)",
             )
         return ModelSource(spec, "folder", str(path))
-    if spec.startswith(PKG) or _looks_local(spec):
+    if spec.startswith(PKG) or looks_local(spec):
         raise SourceError(f"model not found: {spec!r} (no such file or folder)")
     from huggingface_hub import try_to_load_from_cache
 
@@ -240,7 +241,7 @@ def resolve_data(spec: str) -> DataSource:
         return DataSource(spec, "files", (str(path),))
     if path.is_dir():
         return DataSource(spec, "folder", (str(path),))
-    if spec.startswith(PKG) or _looks_local(spec):
+    if spec.startswith(PKG) or looks_local(spec):
         raise SourceError(f"data not found: {spec!r} (no such file or folder)")
     from huggingface_hub import try_to_load_from_cache
 

@@ -390,6 +390,14 @@ def train(
     total_steps = (
         t.max_steps if t.max_steps is not None else max(1, math.ceil(t.epochs * steps_per_epoch))
     )
+    if progress and t.max_steps and "epochs" in t.model_fields_set:
+        by_epochs = max(1, math.ceil(t.epochs * steps_per_epoch))
+        if by_epochs != t.max_steps:
+            progress.note(
+                f"note: train.max_steps={t.max_steps} wins over train.epochs={t.epochs:g}: "
+                f"{t.max_steps} steps are {t.max_steps / steps_per_epoch:.2g} epochs of "
+                f"{steps_per_epoch} steps (remove one of the two)"
+            )
     scheduler = build_scheduler(recipe, optimizer, total_steps)
     plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -3,8 +3,10 @@ so stdout carries exactly one JSON object. Only the main process of a multi-proc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import time
 import warnings
 
 from rich.console import Console
@@ -70,15 +72,68 @@ class UI:
         if self.enabled:
             self.console.print(f"[bold cyan]▸ {title}[/]")
 
-    def table(self, title: str, rows: list[tuple], headers: tuple = ("", "")) -> None:
+    def table(
+        self, title: str, rows: list[tuple], headers: tuple = ("", ""), whole: tuple[int, ...] = ()
+    ) -> None:
+        """A table; the columns in ``whole`` (paths a user copies) are never cut short."""
         if not self.enabled:
             return
         t = Table(title=title, title_justify="left", show_header=any(headers))
-        for h in headers:
-            t.add_column(str(h))
+        for i, h in enumerate(headers):
+            if i in whole:
+                width = max([len(str(h)), *(len(str(r[i])) for r in rows)])
+                t.add_column(str(h), no_wrap=True, min_width=width)
+            else:
+                t.add_column(str(h))
         for r in rows:
             t.add_row(*[str(x) for x in r])
         self.console.print(t)
+
+    @contextlib.contextmanager
+    def status(self, message: str):
+        """A status line for a pause (loading a model): a spinner in a terminal, one line elsewhere."""
+        if not self.enabled:
+            yield
+        elif self.console.is_terminal:
+            with self.console.status(message):
+                yield
+        else:
+            self.console.print(message, soft_wrap=True)
+            yield
+
+    @contextlib.contextmanager
+    def counter(self, what: str, total: int, every: float = 10.0):
+        """Count through a long phase: a bar in a terminal; elsewhere a line at the start, then one
+        at most every ``every`` seconds and one at the end. Yields ``advance(n)``."""
+        if not self.enabled:
+            yield lambda n=1: None
+            return
+        if self.console.is_terminal:
+            bar = Progress(
+                TextColumn(f"[bold]{what}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=True,
+            )
+            task = bar.add_task(what, total=total)
+            with bar:
+                yield lambda n=1: bar.advance(task, n)
+            return
+        state = {"done": 0, "last": time.monotonic()}
+        self.console.print(f"{what}: 0/{total:,}", soft_wrap=True)
+
+        def advance(n: int = 1) -> None:
+            state["done"] += n
+            now = time.monotonic()
+            if now - state["last"] >= every and state["done"] < total:
+                state["last"] = now
+                self.console.print(f"{what}: {state['done']:,}/{total:,}", soft_wrap=True)
+
+        yield advance
+        self.console.print(f"{what}: {state['done']:,}/{total:,} done", soft_wrap=True)
 
     def progress(self) -> TrainProgress | None:
         return TrainProgress(self.console) if self.enabled else None
@@ -93,6 +148,7 @@ class TrainProgress:
         self.task = None
         self.fields = {"loss": "-", "lr": "-", "tps": "-"}
         self.total = 0
+        self.last_line = time.monotonic()
 
     def start(self, total: int, done: int = 0) -> None:
         self.total = total
@@ -112,6 +168,11 @@ class TrainProgress:
         )
         self.bar.start()
         self.task = self.bar.add_task("train", total=total, completed=done, **self.fields)
+        if not self.console.is_terminal:
+            self.console.print(
+                f"train: {total} optimizer steps" + (f", from {done}" if done else "")
+            )
+            self.last_line = time.monotonic()
 
     def update(
         self,
@@ -126,6 +187,11 @@ class TrainProgress:
                 self.console.print(
                     f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {tps:,.0f} tok/s"
                 )
+                self.last_line = time.monotonic()
+        elif not self.console.is_terminal and time.monotonic() - self.last_line >= 10:
+            # between log steps, a count every 10 s or so: a slow run is not a silent one
+            self.console.print(f"step {step}/{self.total}")
+            self.last_line = time.monotonic()
         if self.bar is not None:
             self.bar.update(self.task, completed=step, **self.fields)
 

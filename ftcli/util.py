@@ -36,8 +36,16 @@ def disk_full_error(target: Path) -> FtcliError:
     )
 
 
+def umask_mode(base: int = 0o666) -> int:
+    """``base`` less the process's umask: the mode a plain ``open``/``mkdir`` would give."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: never half-written."""
+    """Write ``text`` to ``path`` through a temporary file and a rename: never half-written.
+    The file gets the umask's mode (mkstemp's 0600 would make records unreadable to the group)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -46,6 +54,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, umask_mode(0o666))
         os.replace(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(OSError):
@@ -99,6 +108,18 @@ def read_jsonl(path: Path, partial_tail: bool = False) -> list[dict]:
     return [json.loads(x) for x in lines if x.strip()]
 
 
+def follow_umask(folder: Path) -> None:
+    """Give ``folder`` and everything in it the umask's modes: mkdtemp makes it 0700 and
+    safetensors writes its files 0600, which would hide a merged model from the group."""
+    dirs, files = umask_mode(0o777), umask_mode(0o666)
+    os.chmod(folder, dirs)
+    for root, subdirs, names in os.walk(folder):
+        for d in subdirs:
+            os.chmod(os.path.join(root, d), dirs)
+        for n in names:
+            os.chmod(os.path.join(root, n), files)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
     """Build a folder under a temporary name beside ``target``; rename it into place on success.
@@ -116,6 +137,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
             if is_disk_full(exc):
                 raise disk_full_error(target) from None
             raise
+        follow_umask(tmp)
         _fsync_tree(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")

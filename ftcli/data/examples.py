@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ftcli.data.read import read_source
-from ftcli.errors import DataError, RecipeError
+from ftcli.errors import DataError, RecipeError, SourceError
 from ftcli.recipe import DataSpec, Recipe
 from ftcli.sources import resolve_data
 from ftcli.util import atomic_write_text, read_json, read_jsonl, write_jsonl
@@ -283,8 +283,38 @@ class PreparedData:
         return {lab: i for i, lab in enumerate(self.labels or [])}
 
 
+def source_of(recipe: Recipe, spec: str):
+    """``resolve_data``; a local path that is not there is located at its recipe key, with the
+    folder relative paths are read from (the recipe's own)."""
+    try:
+        return resolve_data(spec)
+    except SourceError as exc:
+        d = recipe.data
+        key = next(
+            (
+                f"data.{k}"
+                for k in ("path", "validation_path", "test_path")
+                if getattr(d, k) == spec
+            ),
+            None,
+        )
+        if key is None or "not found" not in exc.message:
+            raise
+        written, folder = recipe._anchored.get(key, (None, None))
+        where = f"{written!r} was looked for in {folder}" if written else None
+        if (
+            written
+            and recipe._origin
+            and recipe._origin.locate(tuple(key.split(".")))[0] != "--set"
+        ):
+            where += " (a recipe's relative paths are read from its own folder)"
+        raise RecipeError(
+            [recipe.problem(key, f"data not found: {spec} (no such file or folder)", where)]
+        ) from exc
+
+
 def load_examples(recipe: Recipe, spec: str, counts: CleanCounts) -> list[dict]:
-    source = resolve_data(spec)
+    source = source_of(recipe, spec)
     records = read_source(source, recipe.data, counts.notes)
     check_columns(recipe, records, spec)
     try:

@@ -116,7 +116,7 @@ def _last_non_pad(input_ids, pad_id):
 
 
 def head_inputs(
-    model, feats: list[dict], pad_id: int, batch_size: int, device
+    model, feats: list[dict], pad_id: int, batch_size: int, device, progress=None
 ) -> tuple[list, bool]:
     """What the frozen body feeds the head, per example (pooled at the last token for heads that
     score every position, as transformers pools their logits). Returns (inputs, pooled)."""
@@ -151,6 +151,8 @@ def head_inputs(
                         hint="use --baseline base or another run",
                     )
                 rows.extend(x.float().cpu())
+                if progress:
+                    progress(len(x))
     finally:
         hook.remove()
     return rows, pooled
@@ -208,11 +210,12 @@ def train_probe(
 
 
 def probe_probabilities(
-    recipe: Recipe, model, tokenizer, feats: dict[str, list[dict]], device
+    recipe: Recipe, model, tokenizer, feats: dict[str, list[dict]], device, progress=None
 ) -> tuple[list, dict]:
-    """Test-split class probabilities of a linear probe on the frozen base ``model``."""
+    """Test-split class probabilities of a linear probe on the frozen base ``model``;
+    ``progress(n)`` is told of each batch of examples the frozen base has read."""
     pad, bs = tokenizer.pad_token_id, recipe.eval.batch_size
-    xs = {split: head_inputs(model, f, pad, bs, device)[0] for split, f in feats.items()}
+    xs = {split: head_inputs(model, f, pad, bs, device, progress)[0] for split, f in feats.items()}
     ys = {split: [f["labels"] for f in fs] for split, fs in feats.items()}
     probe, info = train_probe(
         model,

@@ -108,7 +108,9 @@ def score_baseline(
                 if rd.prepared.splits.get(s)
             }
             split_feats["test"] = feats
-            probs, info = probe_probabilities(r, model, tok, split_feats, device)
+            total = sum(len(f) for f in split_feats.values())
+            with ui.counter("probe: base features", total) as advance:
+                probs, info = probe_probabilities(r, model, tok, split_feats, device, advance)
             del model
             gc.collect()
             desc = (

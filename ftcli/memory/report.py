@@ -9,11 +9,13 @@ from ftcli.memory import Plan, build_plan, default_device, free_device_memory, p
 from ftcli.memory.arch import infer_task, load_config
 from ftcli.memory.estimate import (
     CARDS_GB,
+    card_capacity,
     fits_cards,
     max_micro_batch,
     per_device_table,
     precision_table,
 )
+from ftcli.memory.gpus import GPUS, Gpu
 from ftcli.memory.setup import GiB, Setup, human, parse_budget
 from ftcli.ui import UI
 
@@ -21,13 +23,18 @@ SCHEMA_VERSION = 1
 
 
 def _plan(
-    recipe, model: str | None, flags: dict, device: str, num_devices: int, strategy: str
+    recipe,
+    model: str | None,
+    flags: dict,
+    dev: str,
+    gpu: Gpu | None,
+    num_devices: int,
+    strategy: str,
 ) -> Plan:
-    dev = default_device(
-        device if device != "auto" else (recipe.train.device if recipe else "auto")
-    )
     if recipe is not None:
-        changes = {k: v for k, v in {"num_devices": num_devices, "strategy": strategy}.items()}
+        changes = {"num_devices": num_devices, "strategy": strategy}
+        if gpu is not None and recipe.train.mixed_precision == "auto":
+            changes["mixed_precision"] = gpu.mixed_precision
         return plan_recipe(recipe, dev, **changes)
     task = flags["task"] or infer_task(load_config(model).config)
     if task not in ("causal_lm", "classification"):
@@ -35,7 +42,9 @@ def _plan(
     targets = flags["target_modules"]
     if targets and targets != "all-linear":
         targets = tuple(t.strip() for t in targets.split(",") if t.strip())
-    mp = flags["mixed_precision"] or ("bf16" if dev == "cuda" else "no")
+    mp = flags["mixed_precision"] or (
+        (gpu.mixed_precision if gpu else "bf16") if dev == "cuda" else "no"
+    )
     fields = {
         "method": flags["method"],
         "batch_size": flags["batch_size"] or 8,
@@ -54,11 +63,43 @@ def _plan(
     return build_plan(model, Setup(task=task, **fields))
 
 
+def _check_flags(flags: dict, device: str | None, gpu: Gpu | None) -> None:
+    """Flags that would change nothing for this method or device are errors, not silent no-ops."""
+    method = flags.get("method")
+    if flags.get("dtype") and method == "qlora":
+        raise FtcliError(
+            f"--dtype {flags['dtype']} does not apply to --method qlora: its base weights are "
+            "4-bit (NF4) and the rest stay float32",
+            hint="drop --dtype, or plan --method lora or full",
+        )
+    if method == "full":
+        for key in ("r", "target_modules"):
+            if flags.get(key):
+                raise FtcliError(
+                    f"--{key.replace('_', '-')} does not apply to --method full (it is a LoRA setting)",
+                    hint="drop it, or plan --method lora",
+                )
+    if gpu is not None and device not in (None, "auto", "cuda"):
+        raise FtcliError(
+            f"--gpu {gpu.name} plans for a CUDA GPU, not --device {device}", hint="drop --device"
+        )
+    cpu = device == "cpu" or (gpu is None and device in (None, "auto") and not _cuda_ok())
+    mp = flags.get("mixed_precision")
+    if mp == "fp16" and cpu:
+        raise FtcliError(
+            "--mixed-precision fp16 needs a CUDA GPU", hint="plan for one with --gpu CARD"
+        )
+    if mp == "bf16" and gpu is not None and not gpu.bf16:
+        raise FtcliError(
+            f"the {gpu.label} has no bf16", hint="use --mixed-precision fp16 (the default there)"
+        )
+
+
 def run_estimate(
     recipe=None,
     model: str | None = None,
     flags: dict | None = None,
-    device: str = "auto",
+    device: str | None = None,
     num_devices: int = 1,
     strategy: str = "ddp",
     budget: str | None = None,
@@ -66,9 +107,11 @@ def run_estimate(
     measure: bool = False,
     steps: int = 3,
     json_mode: bool = False,
+    gpu: str | None = None,
 ) -> dict:
     """Plan, estimate, print; optionally measure. Returns the --json record."""
     flags = flags or {}
+    card = GPUS[gpu] if gpu else None
     if recipe is not None:
         ignored = [k for k, v in flags.items() if v is not None and k != "method"]
         if ignored or flags.get("method") not in (None, "lora"):
@@ -80,10 +123,19 @@ def run_estimate(
         raise FtcliError(f"--strategy {strategy!r} is not one of ddp, fsdp")
     if num_devices < 1:
         raise FtcliError("--num-devices must be at least 1")
+    _check_flags(flags, device, card)
     budget_bytes = parse_budget(budget) if budget else None
     ui = UI(json_mode)
-    plan = _plan(recipe, model, flags, device, num_devices, strategy)
+    asked = "cuda" if card else (device or "auto")
+    dev = default_device(asked if asked != "auto" else (recipe.train.device if recipe else "auto"))
+    plan = _plan(recipe, model, flags, dev, card, num_devices, strategy)
     s = plan.setup
+    if card is None and dev == "cpu" and asked == "auto":
+        planned = "this machine's CPU (no GPU here)"
+    elif card is not None:
+        planned = f"the {card.label}"
+    else:
+        planned = f"this machine's {dev}" if asked == "auto" else dev
     model_info = {
         "name": plan.name,
         "source": plan.loaded.source,
@@ -120,6 +172,12 @@ def run_estimate(
         return {"schema": SCHEMA_VERSION, "model": model_info, "precision_table": table}
 
     est = plan.estimate()
+    ui.info(f"[bold]planned for {planned}[/]")
+    if card is None and dev == "cpu" and asked == "auto":
+        ui.info(
+            "  to plan for a GPU, name it: --gpu a100-80gb (or h100, l4, rtx4090, t4, ...; "
+            "--help lists them)"
+        )
     ui.info(
         f"{s.method} on {s.device}, micro-batch {s.batch_size} x {s.seq_len} tokens, "
         f"{'gradient checkpointing, ' if s.gradient_checkpointing else ''}{s.optimizer}, "
@@ -148,6 +206,15 @@ def run_estimate(
         "model": model_info,
         "estimate": est.as_dict(),
         "precision_table": table,
+        "planned_for": {
+            "device": dev,
+            "what": planned,
+            "gpu": (
+                {"name": card.name, "memory_gb": card.memory_gb, "bf16": card.bf16}
+                if card
+                else None
+            ),
+        },
     }
     if s.device == "cuda":
         cards = fits_cards(est.total)
@@ -158,7 +225,20 @@ def run_estimate(
             )
         )
         result["cards"] = cards
-    free = free_device_memory(s.device) if s.device == "cpu" or _cuda_ok() else None
+    if card is not None:
+        cap = card_capacity(card.memory_gb)
+        ui.info(
+            f"on the {card.label}: {human(est.total)} of {human(cap)} -> "
+            + ("[green]fits[/]" if est.total <= cap else "[red]does NOT fit[/]")
+        )
+        result["fits_gpu"] = est.total <= cap
+        if budget_bytes is None:
+            best = max_micro_batch(plan.inv, s, cap)
+            ui.info(f"  largest micro-batch on it: {best} x {s.seq_len} tokens")
+            result["max_micro_batch_on_gpu"] = best
+    free = (
+        free_device_memory(s.device) if card is None and (s.device == "cpu" or _cuda_ok()) else None
+    )
     if free is not None:
         ui.info(
             f"free on this {s.device}: {human(free)} -> {'fits' if est.total <= free else 'does NOT fit'}"
@@ -193,6 +273,11 @@ def run_estimate(
         if recipe is None:
             raise FtcliError(
                 "--measure needs a recipe (it trains a few steps on the recipe's model)"
+            )
+        if card is not None and not _cuda_ok():
+            raise FtcliError(
+                f"--measure trains here, and this machine has no {card.label}",
+                hint="drop --measure to plan for the card, or run it on a machine that has one",
             )
         from ftcli.memory.measure import measure as run_measure
 

@@ -8,6 +8,7 @@ merged/, model/ or base + adapter/, in that order), an adapter folder, or a mode
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,6 +125,90 @@ class Predictor:
             if progress:
                 progress(len(chunk))
         return out
+
+    def stream(
+        self,
+        messages: list[dict],
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        stop: threading.Event | None = None,
+    ):
+        """The next assistant turn of one conversation as text pieces, as they are generated
+        (transformers' TextIteratorStreamer, generation in a thread), then a ``StreamEnd``.
+        Setting ``stop`` (or closing the generator, as Ctrl-C does) ends generation at the next token."""
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        tok = self.tokenizer
+        cfg = self.model.config
+        positions = getattr(cfg, "max_position_embeddings", None) or getattr(
+            cfg, "n_positions", None
+        )
+        room = max(
+            1, min(self.max_length, positions - max_new_tokens) if positions else self.max_length
+        )
+        eos = tok.eos_token_id
+        prompt = self.prompt_text(messages)
+        ids = tok(prompt, add_special_tokens=not getattr(tok, "chat_template", None))["input_ids"]
+        ids = ids[-room:] or [tok.bos_token_id if tok.bos_token_id is not None else eos]
+        stop = stop or threading.Event()
+
+        class _Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), stop.is_set(), device=input_ids.device)
+
+        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        kwargs: dict = {"max_new_tokens": max_new_tokens, "eos_token_id": eos}
+        kwargs["pad_token_id"] = tok.pad_token_id if tok.pad_token_id is not None else eos
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        done: dict = {}
+
+        def run() -> None:
+            try:
+                with torch.no_grad():
+                    done["ids"] = self.model.generate(
+                        input_ids=torch.tensor([ids], device=self.device),
+                        attention_mask=torch.ones(
+                            (1, len(ids)), dtype=torch.long, device=self.device
+                        ),
+                        streamer=streamer,
+                        stopping_criteria=StoppingCriteriaList([_Stop()]),
+                        **kwargs,
+                    )
+            except BaseException as exc:  # handed to the caller's thread below
+                done["error"] = exc
+                streamer.end()
+
+        self.model.eval()
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        finished = False
+        try:
+            for piece in streamer:
+                if piece:
+                    yield piece
+            finished = True
+        finally:
+            if not finished:  # the caller left early (Ctrl-C, or it closed the generator)
+                stop.set()
+            worker.join()
+        if "error" in done:
+            raise done["error"]
+        new = done["ids"][0, len(ids) :].tolist()
+        ended = eos in new
+        n = new.index(eos) if ended else len(new)
+        yield StreamEnd(tokens=n, cut=not ended and n >= max_new_tokens, stopped=stop.is_set())
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    """The last item ``Predictor.stream`` yields: how the answer ended."""
+
+    tokens: int  # tokens generated
+    cut: bool  # stopped by max_new_tokens, not by the model's end-of-sequence token
+    stopped: bool  # stopped early by the caller (``stop`` was set, e.g. Ctrl-C)
 
 
 def _max_length(run_dir: Path | None, tok) -> int:

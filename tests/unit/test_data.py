@@ -128,7 +128,7 @@ def test_missing_package_says_what_to_install():
 
 
 def test_missing_file_is_a_clear_error(tmp_path):
-    with pytest.raises(SourceError, match="data not found"):
+    with pytest.raises(RecipeError, match="data.path: data not found"):  # located at its key
         prepare(cls_recipe(tmp_path / "nope.csv"))
 
 

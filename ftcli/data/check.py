@@ -1,0 +1,98 @@
+"""``ftcli validate``'s data checks: everything about the data that needs no model (the sources
+exist, the named columns are there and hold text, the labels occur, the splits are not empty),
+every problem found at once, each located at its recipe key."""
+
+from __future__ import annotations
+
+from ftcli.data.examples import (
+    CleanCounts,
+    load_examples,
+    prepare,
+    required_columns,
+    source_of,
+)
+from ftcli.data.read import read_source
+from ftcli.errors import FtcliError, Problem, RecipeError, SourceError
+from ftcli.recipe import Recipe
+from ftcli.sources import is_hub_spec
+
+
+def _as_problems(exc: FtcliError, recipe: Recipe, key: str) -> list[Problem]:
+    if isinstance(exc, RecipeError):
+        return exc.problems
+    return [recipe.problem(key, exc.message, exc.hint)]
+
+
+def _is_number(value) -> bool:
+    if isinstance(value, bool | int | float):
+        return True
+    try:
+        float(str(value))
+    except ValueError:
+        return False
+    return True
+
+
+def _column_types(recipe: Recipe, records: list[dict]) -> list[Problem]:
+    """A text column that holds numbers (or lists) is the wrong column, whatever str() makes of it."""
+    problems = []
+    for key, col in required_columns(recipe).items():
+        if key in ("data.label_column", "data.messages_column") or col not in records[0]:
+            continue
+        sample = [r[col] for r in records[:200] if r.get(col) not in (None, "")]
+        if sample and all(_is_number(v) for v in sample):
+            problems.append(
+                recipe.problem(
+                    key,
+                    f"column {col!r} holds only numbers (e.g. {sample[0]!r}), not text",
+                    "name the column that holds the text",
+                )
+            )
+    return problems
+
+
+def data_problems(recipe: Recipe) -> tuple[list[Problem], list[str], list[str]]:
+    """(problems, what was checked, what could not be checked and why): every source, its columns
+    and their types, then the labels and split sizes (``prepare`` without writing). Hub datasets
+    are not downloaded here; one that is neither cached nor reachable is a note, not a problem."""
+    d = recipe.data
+    problems: list[Problem] = []
+    checked: list[str] = []
+    unchecked: list[str] = []
+    readable = True
+    for key, spec in (
+        ("data.path", d.path),
+        ("data.validation_path", d.validation_path),
+        ("data.test_path", d.test_path),
+    ):
+        if not spec:
+            continue
+        try:
+            try:
+                source = source_of(recipe, spec)
+            except SourceError as exc:
+                if not is_hub_spec(spec):
+                    raise
+                unchecked.append(f"data columns not checked: {exc.message}")
+                readable = False
+                continue
+            if source.kind == "hub":
+                unchecked.append(f"data columns not checked: {spec} is a hub dataset")
+                readable = False
+                continue
+            records = read_source(source, d)
+            load_examples(recipe, spec, CleanCounts())
+            problems += _column_types(recipe, records)
+        except FtcliError as exc:
+            problems += _as_problems(exc, recipe, key)
+            readable = False
+    if not problems and readable:
+        checked.append("data columns")
+        try:
+            prepared = prepare(recipe)
+            checked.append("labels and splits")
+            sizes = prepared.stats["sizes"]
+            checked.append(", ".join(f"{k} {v}" for k, v in sizes.items()))
+        except FtcliError as exc:
+            problems += _as_problems(exc, recipe, "data")
+    return problems, checked, unchecked
