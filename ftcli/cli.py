@@ -301,13 +301,38 @@ def eval_(
         ),
     ] = None,
     baseline: Annotated[
-        str | None,
+        list[str] | None,
         typer.Option(
             "--baseline",
-            metavar="[base|probe|RUN_DIR]",
-            help="Compare with the base model as the run started (base, the default), a linear probe on the frozen "
-            "base (probe), or another run (RUN_DIR). Put RUN_DIR before this option.",
+            metavar="[probe|tfidf|majority|base|RUN_DIR]",
+            help="Compare with a baseline (repeatable: several in one report). Classification: probe (a "
+            "linear probe on the frozen base, the default), tfidf (TF-IDF + logistic regression on the "
+            "train split), majority (the most frequent label), base (the untrained start). Causal LM: "
+            "base (the default). RUN_DIR: another run. Put RUN_DIR before this option.",
         ),
+    ] = None,
+    benchmark: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--benchmark",
+            metavar="TASK[,TASK...]",
+            help="lm-evaluation-harness task(s), base vs fine-tuned, paired per document (causal LM "
+            "runs). Bundled offline tasks: rt_sentiment, chatterbot_qa.",
+        ),
+    ] = None,
+    tasks_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--tasks-path", help="Folder of your own lm-eval task YAMLs (local data: offline)."
+        ),
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(min=1, help="--benchmark: score the first N documents of each task."),
+    ] = None,
+    num_fewshot: Annotated[
+        int | None,
+        typer.Option(min=0, help="--benchmark: few-shot examples (default: the task's)."),
     ] = None,
     ensemble: Annotated[
         bool,
@@ -321,7 +346,10 @@ def eval_(
     ] = "test",
     out: Annotated[
         Path | None,
-        typer.Option(help="Report folder (default: RUN_DIR/eval, RUN_DIR/eval-ensemble)."),
+        typer.Option(
+            help="Report folder (default: RUN_DIR/eval, one folder per baseline in it plus an "
+            "index; RUN_DIR/eval-ensemble)."
+        ),
     ] = None,
     resamples: Annotated[
         int, typer.Option(min=99, help="Bootstrap / permutation resamples.")
@@ -346,7 +374,9 @@ def eval_(
     With --baseline the fine-tuned model and the baseline answer the same sealed test examples; the
     report gives both metrics, paired-bootstrap 95% intervals, McNemar / paired permutation tests, a
     verdict (improved, no significant change, regressed), failures, overfitting and robustness, in
-    RUN_DIR/eval/ (report.json, report.md, report.html, predictions.jsonl).
+    its own folder RUN_DIR/eval/<baseline>/ (base, probe, tfidf, majority, vs-<run>), and
+    RUN_DIR/eval/index.html lists every report side by side. With --benchmark the base and the
+    fine-tuned model run lm-evaluation-harness tasks, paired per document (RUN_DIR/eval/benchmarks/).
 
     [bold]Examples[/]
 
@@ -354,7 +384,9 @@ def eval_(
 
       ftcli eval runs/quickstart --baseline
 
-      ftcli eval runs/quickstart --baseline probe
+      ftcli eval runs/quickstart --baseline probe --baseline tfidf --baseline majority
+
+      ftcli eval runs/smollm2-chat-lora --benchmark rt_sentiment,chatterbot_qa --limit 100
 
       ftcli eval runs/quickstart-r32 --baseline runs/quickstart   [dim]# r=32 vs r=8[/]
 
@@ -367,21 +399,31 @@ def eval_(
     from ftcli.ui import UI
 
     ui = UI(json_)
-    if not run_dirs and baseline not in (None, "base", "probe"):
+    if (
+        not run_dirs
+        and baseline
+        and any(b not in ("default", "base", "probe", "tfidf", "majority") for b in baseline)
+    ):
         raise FtcliError(
-            f"--baseline {baseline} names the run to compare with, but not the run to score",
-            hint=f"give both: ftcli eval RUN_DIR --baseline {baseline}",
+            "--baseline names the run to compare with, but not the run to score",
+            hint="give both: ftcli eval RUN_DIR --baseline OTHER_RUN",
         )
     dirs = [_run_folder(d) for d in run_dirs or []] or [latest_run(output_dir)]
+    bench_only = {"--tasks-path": tasks_path, "--limit": limit, "--num-fewshot": num_fewshot}
+    stray = [k for k, v in bench_only.items() if v is not None]
+    if stray and not benchmark:
+        raise FtcliError(
+            f"{', '.join(stray)} applies to --benchmark only", hint="add --benchmark TASK"
+        )
     if ensemble:
         if len(dirs) < 2:
             raise FtcliError(
                 "--ensemble needs at least two run folders",
                 hint="ftcli eval runs/A runs/B --ensemble",
             )
-        if baseline is not None:
+        if baseline or benchmark:
             raise FtcliError(
-                "--ensemble compares the ensemble with its members; it takes no --baseline"
+                "--ensemble compares the ensemble with its members; it takes no --baseline or --benchmark"
             )
         from ftcli.evaluation.ensemble import eval_ensemble
 
@@ -391,13 +433,25 @@ def eval_(
             f"{len(dirs)} run folders given: evaluate one, or several with --ensemble",
             hint="to compare two runs: ftcli eval runs/A --baseline runs/B",
         )
-    if baseline is None:
+    if not baseline and not benchmark:
         return evaluate_run(dirs[0], ui, split)
     if split != "test":
-        raise FtcliError("--baseline compares on the sealed test split only", hint="drop --split")
-    from ftcli.evaluation.compare import eval_baseline
+        raise FtcliError(
+            "--baseline and --benchmark compare on the sealed test split only", hint="drop --split"
+        )
+    result: dict = {}
+    if baseline:
+        from ftcli.evaluation.compare import eval_baseline
 
-    return eval_baseline(dirs[0], baseline, ui, out, resamples, seed, robustness)
+        result = eval_baseline(dirs[0], baseline, ui, out, resamples, seed, robustness)
+    if benchmark:
+        from ftcli.evaluation.benchmark import benchmark_run
+
+        bench = benchmark_run(
+            dirs[0], benchmark, ui, out, tasks_path, limit, num_fewshot, resamples, seed
+        )
+        result = {**result, "benchmarks": bench} if baseline else bench
+    return result
 
 
 @app.command()
@@ -979,14 +1033,15 @@ def serve(
 
 
 def optional_baseline_value(argv: list[str]) -> list[str]:
-    """``ftcli eval RUN --baseline`` (no value) means ``--baseline base``. Typer cannot declare an
+    """``ftcli eval RUN --baseline`` (no value) means ``--baseline default``: the task's fair bar
+    (the linear probe for classification, the base model for a causal LM). Typer cannot declare an
     option whose value may be left out, so the bare flag is completed here, before parsing."""
     if "eval" not in argv:
         return argv
     out = list(argv)
     for i in range(len(out) - 1, -1, -1):
         if out[i] == "--baseline" and (i + 1 == len(out) or out[i + 1].startswith("-")):
-            out.insert(i + 1, "base")
+            out.insert(i + 1, "default")
     return out
 
 

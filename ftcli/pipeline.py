@@ -322,6 +322,23 @@ def _train_run(recipe: Recipe, ui: UI, resume: bool, force: bool, memory_check: 
                     )
                     log.update(merge=merged.as_dict())
             acc.wait_for_everyone()
+
+        if recipe.eval.benchmarks:
+            ui.step(f"benchmarks {', '.join(recipe.eval.benchmarks)}: base vs fine-tuned")
+            with log.stage("benchmarks"):
+                if main:
+                    from ftcli.evaluation.benchmark import benchmark_run
+
+                    bench = benchmark_run(
+                        run_dir,
+                        recipe.eval.benchmarks,
+                        ui,
+                        tasks_path=recipe.eval.benchmarks_path
+                        and Path(recipe.eval.benchmarks_path),
+                        limit=recipe.eval.benchmark_limit,
+                    )
+                    log.update(benchmarks=bench["significance"])
+            acc.wait_for_everyone()
     except BaseException as exc:
         status = "interrupted" if isinstance(exc, Interrupted | KeyboardInterrupt) else "failed"
         log.update(

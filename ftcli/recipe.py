@@ -249,6 +249,16 @@ class EvalSpec(_Section):
     generate_examples: int = Field(
         64, ge=0, description="causal_lm: how many test examples to answer by generation"
     )
+    benchmarks: list[str] = Field(
+        default_factory=list,
+        description="causal_lm: lm-eval tasks run after training, base vs fine-tuned (eval/benchmarks/)",
+    )
+    benchmarks_path: str | None = Field(
+        None, description="folder of your own lm-eval task YAMLs for eval.benchmarks"
+    )
+    benchmark_limit: int | None = Field(
+        None, gt=0, description="eval.benchmarks: score the first N documents of each task"
+    )
 
 
 class MergeSpec(_Section):
@@ -467,6 +477,10 @@ APPLIES: dict[str, Applies | None] = {
     "eval.batch_size": ALWAYS,
     "eval.max_new_tokens": Applies(lambda r: r.task == "causal_lm", "task causal_lm", warn=True),
     "eval.generate_examples": Applies(lambda r: r.task == "causal_lm", "task causal_lm", warn=True),
+    # wrong task or missing benchmarks: recipe errors of their own (_semantic_problems)
+    "eval.benchmarks": ALWAYS,
+    "eval.benchmarks_path": ALWAYS,
+    "eval.benchmark_limit": ALWAYS,
     # merge
     "merge": ALWAYS,
     "merge.enabled": Applies(
@@ -908,6 +922,18 @@ def _semantic_problems(r: Recipe) -> list[Problem]:
     if t.scheduler.name == "plateau" and "warmup_ratio" in t.scheduler.model_fields_set:
         p.append(r.problem("train.scheduler.warmup_ratio", "the plateau scheduler has no warmup"))
     p += _tracking_problems(r)
+    e = r.eval
+    if e.benchmarks and r.task != "causal_lm":
+        p.append(
+            r.problem(
+                "eval.benchmarks",
+                "benchmarks need a causal language model; this recipe trains a classifier",
+                "compare classifiers with `ftcli eval RUN --baseline probe --baseline tfidf`",
+            )
+        )
+    for key in ("benchmarks_path", "benchmark_limit"):
+        if getattr(e, key) is not None and not e.benchmarks:
+            p.append(r.problem(f"eval.{key}", "only applies with eval.benchmarks"))
     return p
 
 

@@ -257,7 +257,7 @@ def resolve_data(spec: str) -> DataSource:
 def is_hub_spec(spec: str) -> bool:
     """``data.path`` names a hub dataset (not a local path, a pattern or a package file)."""
     path = Path(os.path.expanduser(spec))
-    return not (spec.startswith(PKG) or glob.has_magic(spec) or path.exists() or _looks_local(spec))
+    return not (spec.startswith(PKG) or glob.has_magic(spec) or path.exists() or looks_local(spec))
 
 
 def hub_offline_with_datasets_cache(repo_id: str) -> bool:

@@ -86,19 +86,85 @@ def robustness_extra(rd: RunDir, ui: UI, enabled: bool, seed: int):
     return run
 
 
+BASELINE_KINDS = ("base", "probe", "tfidf", "majority")
+NEEDS_LABELS = ("probe", "tfidf", "majority")
+
+
+def resolve_baselines(task: str, names: list[str]) -> list[str]:
+    """``default`` is the fair bar of the task: the linear probe for classification, the base
+    model for a causal LM. Each baseline once, in the order given."""
+    out: list[str] = []
+    for n in names:
+        n = ("probe" if task == "classification" else "base") if n == "default" else n
+        if n in NEEDS_LABELS and task != "classification":
+            raise FtcliError(
+                f"--baseline {n} applies to classification runs only",
+                hint="for a causal LM use --baseline (the base model, zero-shot) or another run",
+            )
+        if n not in out:
+            out.append(n)
+    return out
+
+
+def report_folder(info: dict) -> str:
+    """The folder of one baseline's report inside eval/: base, probe, tfidf, majority, vs-<run>."""
+    return f"vs-{info['name']}" if info["kind"] == "run" else info["kind"]
+
+
+def _classic_baseline(rd: RunDir, baseline: str, ui: UI, kept: list[int]) -> tuple[Scored, dict]:
+    from ftcli.evaluation import classic
+
+    r, labels = rd.recipe, rd.prepared.labels
+    train = rd.prepared.splits.get("train") or []
+    test = [rd.examples[i] for i in kept]
+    if baseline == "majority":
+        ui.step("baseline: always the most frequent training label")
+        probs, info = classic.majority_probabilities(train, len(test), labels)
+        desc = (
+            f"always {info['label']!r}, the most frequent label of the run's training split "
+            f"({info['train_count']} of {info['train_examples']} examples); its probabilities are "
+            "the training label frequencies"
+        )
+        return Scored("majority", r.task, probs=probs), {
+            "kind": "majority",
+            "name": "majority",
+            "description": desc,
+            "majority": info,
+        }
+    ui.step("baseline: TF-IDF + logistic regression on the run's training split")
+    val = rd.prepared.splits.get("validation") or []
+    probs, info = classic.tfidf_probabilities(
+        train, val, [e["text"] for e in test], labels, r.train.seed
+    )
+    chosen = (
+        f"C = {info['C']:g} chosen on the {info['validation_examples']} validation examples "
+        f"(validation accuracy {info['validation_accuracy']:.4f})"
+        if info["validation_accuracy"] is not None
+        else f"C = {info['C']:g} (no validation split to choose it)"
+    )
+    desc = (
+        f"TF-IDF ({info['features']}, {info['vocabulary']} terms) + logistic regression "
+        f"(scikit-learn), trained on the run's {info['train_examples']} training examples, {chosen}: "
+        "the classic non-neural bar"
+    )
+    return Scored("tfidf", r.task, probs=probs), {
+        "kind": "tfidf",
+        "name": "tfidf",
+        "description": desc,
+        "tfidf": info,
+    }
+
+
 def score_baseline(
     rd: RunDir, baseline: str, ui: UI, feats: list[dict], kept: list[int], tok
 ) -> tuple[Scored, dict]:
     """The baseline's per-example outputs and a description of what it is; ``tok`` is the run's tokenizer."""
     device = resolve_device("auto")
     r = rd.recipe
+    if baseline in ("tfidf", "majority"):
+        return _classic_baseline(rd, baseline, ui, kept)
     if baseline in ("base", "probe"):
         if baseline == "probe":
-            if r.task != "classification":
-                raise FtcliError(
-                    "--baseline probe applies to classification runs only",
-                    hint="for a causal LM use --baseline (the base model, zero-shot) or another run",
-                )
             ui.step("baseline: linear probe (base frozen, head trained on the train split)")
             model, _ = load_base(r, rd.run_dir, rd.prepared.labels, tok, device)
             to_device(model, device)
@@ -118,9 +184,9 @@ def score_baseline(
                 f"training examples ({info['epochs']} epochs of AdamW at lr {info['lr']:g}, epoch "
                 f"{info['chosen_epoch']} kept by {info['chosen_by']}, seed {info['seed']})"
             )
-            return Scored("linear probe", r.task, probs=probs), {
+            return Scored("probe", r.task, probs=probs), {
                 "kind": "probe",
-                "name": "linear probe",
+                "name": "probe",
                 "description": desc,
                 "probe": info,
             }
@@ -131,6 +197,11 @@ def score_baseline(
         del model
         gc.collect()
         return scored, {"kind": "base", "name": "base", "description": desc}
+    if not Path(baseline).exists():
+        raise FtcliError(
+            f"--baseline {baseline!r} is neither {'|'.join(BASELINE_KINDS)} nor a run folder",
+            hint="e.g. --baseline probe --baseline tfidf, or --baseline runs/other",
+        )
     other = open_run(Path(baseline))
     check_same_test(rd, other)
     ui.step(f"baseline: run {other.run_dir}")
@@ -261,37 +332,62 @@ def assemble(
     }
 
 
+def majority_line(rd: RunDir, feats: list[dict]) -> dict:
+    """The majority rate every classification report shows: the floor any model must clear."""
+    from ftcli.evaluation.classic import majority_rate
+
+    m = majority_rate(
+        rd.prepared.splits.get("train") or [], [f["labels"] for f in feats], rd.prepared.label2id
+    )
+    return {**m, "label": rd.prepared.labels[m["label_id"]]}
+
+
 def eval_baseline(
     run_dir: Path,
-    baseline: str,
+    baselines: list[str] | str,
     ui: UI,
     out_dir: Path | None = None,
     n_resamples: int = RESAMPLES,
     seed: int = 0,
     robust: bool = True,
 ) -> dict:
-    """``ftcli eval RUN --baseline [base|probe|RUN_DIR]``: the whole comparison and its report."""
+    """``ftcli eval RUN --baseline B [--baseline B2 ...]``: each comparison and its report in its own
+    folder of ``out_dir`` (default RUN_DIR/eval: base/, probe/, tfidf/, majority/, vs-<run>/), and
+    the index of every report there. Returns the report (one baseline) or the index (several)."""
+    from ftcli.evaluation.summary import write_index
+
     rd = open_run(run_dir)
+    names = resolve_baselines(
+        rd.recipe.task, [baselines] if isinstance(baselines, str) else baselines
+    )
     ui.step(
         f"score the fine-tuned model of {rd.run_dir} on {len(rd.examples)} sealed test examples"
     )
     tuned, feats, kept, tok, extra = score_run(rd, ui, extra=robustness_extra(rd, ui, robust, seed))
     tuned.name = "fine-tuned"
-    base, info = score_baseline(rd, baseline, ui, feats, kept, tok)
-    ui.step(f"paired statistics ({n_resamples} resamples) and failure analysis")
-    result = analyse(rd, feats, kept, tuned, base, n_resamples, seed, tok)
-    report = assemble(
-        rd, info, result, read_jsonl(rd.run_dir / "metrics.jsonl"), extra, n_resamples, seed
-    )
-    if info["kind"] == "run":
-        report["baseline_overfitting"] = detect_overfitting(
-            read_jsonl(Path(info["run"]) / "metrics.jsonl")
-        )
-    out = Path(out_dir) if out_dir else rd.run_dir / "eval"
-    report["files"] = write_report(report, result["predictions"], out)
-    report["tracked_in"] = track_comparison(rd.run_dir, report)
-    print_report(report, ui)
-    return jsonable(report)
+    curves = read_jsonl(rd.run_dir / "metrics.jsonl")
+    root = Path(out_dir) if out_dir else rd.run_dir / "eval"
+    reports = []
+    for baseline in names:
+        base, info = score_baseline(rd, baseline, ui, feats, kept, tok)
+        ui.step(f"paired statistics vs {info['name']} ({n_resamples} resamples) and failures")
+        result = analyse(rd, feats, kept, tuned, base, n_resamples, seed, tok)
+        report = assemble(rd, info, result, curves, extra, n_resamples, seed)
+        if rd.recipe.task == "classification":
+            report["majority"] = majority_line(rd, feats)
+        if info["kind"] == "run":
+            report["baseline_overfitting"] = detect_overfitting(
+                read_jsonl(Path(info["run"]) / "metrics.jsonl")
+            )
+        report["files"] = write_report(report, result["predictions"], root / report_folder(info))
+        report["tracked_in"] = track_comparison(rd.run_dir, report)
+        print_report(report, ui)
+        reports.append(jsonable(report))
+    index = write_index(root, ui)
+    if len(reports) == 1:
+        reports[0]["index"] = index["files"]
+        return reports[0]
+    return {**index, "comparisons": reports}
 
 
 def track_comparison(run_dir: Path, report: dict) -> list[str]:

@@ -25,10 +25,19 @@ def _ci(row: dict) -> str:
     return f"[{row['ci_low']:+.4f}, {row['ci_high']:+.4f}]"
 
 
+LOWER_IS_BETTER = {"calibration_error", "completion_loss", "perplexity", "loss"}
+
+
+def metric_label(name: str, better: int | None = None) -> str:
+    """A metric's name as the report shows it: the direction said for those where lower is better."""
+    lower = better < 0 if better is not None else name in LOWER_IS_BETTER
+    return f"{name} (lower is better)" if lower else name
+
+
 def significance_rows(report: dict) -> list[list[str]]:
     return [
         [
-            s["metric"],
+            metric_label(s["metric"], s.get("better")),
             fmt(s["baseline"]),
             fmt(s["tuned"]),
             f"{s['diff']:+.4f}",
@@ -46,7 +55,7 @@ def terminal_rows(report: dict) -> list[list[str]]:
     short = {"McNemar exact": "McNemar", "paired permutation": "perm."}
     return [
         [
-            s["metric"],
+            metric_label(s["metric"], s.get("better")),
             fmt(s["baseline"]),
             fmt(s["tuned"]),
             f"{s['diff']:+.4f} {_ci(s)}",
@@ -55,6 +64,16 @@ def terminal_rows(report: dict) -> list[list[str]]:
         ]
         for s in report["significance"]
     ]
+
+
+def majority_text(report: dict) -> str:
+    """The floor every classifier must clear: always answering the most frequent training label."""
+    m = report["majority"]
+    return (
+        f"Majority rate: always answering {m['label']!r} (the most frequent training label, "
+        f"{m['train_count']} of {m['train_examples']}) is right on {fmt(m['test_accuracy'])} of "
+        "these test examples."
+    )
 
 
 def tuned_name(report: dict) -> str:
@@ -113,6 +132,8 @@ def print_report(report: dict, ui: UI) -> None:
     finally:
         c.width = width
     ui.info(f"baseline: {b['description']}")
+    if report.get("majority"):
+        ui.info(majority_text(report))
     style = VERDICT_STYLE.get(report["verdict"], "bold")
     ui.info(f"[bold {style}]verdict[/] {report['verdict_text']}")
     ov = report["overfitting"]
@@ -137,19 +158,33 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _tick(label: str, width: int = 14) -> str:
+    """A class name as a tick label: wrapped on two lines at most, so ticks neither collide nor clip."""
+    import textwrap
+
+    lines = textwrap.wrap(str(label), width) or [str(label)]
+    return "\n".join(lines[:2]) + ("..." if len(lines) > 2 else "")
+
+
 def plots(report: dict) -> dict[str, str]:
     """name -> base64 PNG, for every plot the report's data supports."""
+    return {name: _png(fig) for name, fig in figures(report).items()}
+
+
+def figures(report: dict) -> dict:
+    """name -> matplotlib figure, laid out by matplotlib's constrained layout (titles, axis labels
+    and ticks kept apart, nothing outside the canvas)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    out: dict[str, str] = {}
+    out: dict = {}
     base_name = report["baseline"]["name"]
     cv = report.get("curves", {})
     if cv.get("train") or cv.get("validation"):
-        fig, ax = plt.subplots(figsize=(7, 3.6))
+        fig, ax = plt.subplots(figsize=(7, 3.6), layout="constrained")
         if cv.get("train"):
             s, v = zip(*cv["train"], strict=True)
             ax.plot(s, v, label="training loss", color="#1f77b4")
@@ -169,16 +204,17 @@ def plots(report: dict) -> dict[str, str]:
         ax.set_ylabel("loss")
         ax.legend()
         ax.set_title("Loss curves")
-        out["curves"] = _png(fig)
+        out["curves"] = fig
     m = report["metrics"]
     if report["task"] == "classification":
         labels = list(m["tuned"]["per_class"])
-        fig, axes = plt.subplots(1, 2, figsize=(9, 4))
-        for ax, side, title in (
-            (axes[0], "baseline", base_name),
-            (axes[1], "tuned", tuned_name(report)),
+        ticks = [_tick(k) for k in labels]
+        side = max(3.6, 0.45 * len(labels) + 2.4)
+        fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1.5, side + 0.8), layout="constrained")
+        for k, (ax, which, title) in enumerate(
+            ((axes[0], "baseline", base_name), (axes[1], "tuned", tuned_name(report)))
         ):
-            cm = np.asarray(m[side]["confusion_matrix"])
+            cm = np.asarray(m[which]["confusion_matrix"])
             ax.imshow(cm, cmap="Blues")
             for (i, j), v in np.ndenumerate(cm):
                 ax.text(
@@ -189,14 +225,19 @@ def plots(report: dict) -> dict[str, str]:
                     va="center",
                     color="white" if v > cm.max() / 2 else "black",
                 )
-            ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-            ax.set_yticks(range(len(labels)), labels)
-            ax.set_xlabel("predicted")
-            ax.set_ylabel("true")
+            ax.set_xticks(
+                range(len(labels)), ticks, rotation=45, ha="right", rotation_mode="anchor"
+            )
+            ax.set_yticks(range(len(labels)), ticks if k == 0 else [""] * len(labels))
+            ax.set_xlabel("predicted label")
+            if k == 0:  # one "true label" axis for both: the right panel's would sit on the left's
+                ax.set_ylabel("true label")
             ax.set_title(title)
         fig.suptitle("Confusion matrices")
-        out["confusion"] = _png(fig)
-        fig, axes = plt.subplots(1, 3, figsize=(11, 3.6), sharey=True)
+        out["confusion"] = fig
+        fig, axes = plt.subplots(
+            1, 3, figsize=(max(11, 1.1 * len(labels) * 3), 4.2), sharey=True, layout="constrained"
+        )
         x = np.arange(len(labels))
         for ax, key in zip(axes, ("precision", "recall", "f1"), strict=True):
             ax.bar(
@@ -213,19 +254,23 @@ def plots(report: dict) -> dict[str, str]:
                 label=tuned_name(report),
                 color="#1f77b4",
             )
-            ax.set_xticks(x, labels, rotation=45, ha="right")
+            ax.set_xticks(x, ticks, rotation=45, ha="right", rotation_mode="anchor")
             ax.set_title(key)
-            ax.set_ylim(0, 1)
-        axes[0].legend()
+            ax.set_ylim(0, 1.05)
+        fig.legend(
+            *axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=2, frameon=False
+        )
         fig.suptitle("Per-class precision, recall and F1")
-        out["per_class"] = _png(fig)
+        out["per_class"] = fig
     sig = [
         s
         for s in report["significance"]
         if s.get("ci_low") == s.get("ci_low") and s.get("ci_low") is not None
     ]
     if sig:
-        fig, axes = plt.subplots(len(sig), 1, figsize=(7, 0.9 * len(sig) + 0.6), squeeze=False)
+        fig, axes = plt.subplots(
+            len(sig), 1, figsize=(8, 0.9 * len(sig) + 0.9), squeeze=False, layout="constrained"
+        )
         for ax, s in zip(axes[:, 0], sig, strict=True):
             color = {"improved": "#2ca02c", "regressed": "#d62728"}.get(s["verdict"], "#7f7f7f")
             ax.errorbar(
@@ -237,19 +282,18 @@ def plots(report: dict) -> dict[str, str]:
                 capsize=4,
             )
             ax.axvline(0, color="black", lw=0.8)
-            ax.set_yticks([0], [s["metric"]])
+            ax.set_yticks([0], [metric_label(s["metric"], s.get("better")).replace(" (", "\n(")])
             lo, hi = min(s["ci_low"], 0), max(s["ci_high"], 0)
             pad = (hi - lo) * 0.15 or 0.01
             ax.set_xlim(lo - pad, hi + pad)
         axes[0, 0].set_title(
             f"{tuned_name(report)} minus {base_name}, with paired-bootstrap 95% intervals"
         )
-        fig.tight_layout()
-        out["significance"] = _png(fig)
+        out["significance"] = fig
     bl = report["failures"].get("by_length") or []
     if bl:
         keys = [k for k in bl[0] if k not in ("tokens", "examples")]
-        fig, ax = plt.subplots(figsize=(7, 3.4))
+        fig, ax = plt.subplots(figsize=(7, 3.6), layout="constrained")
         x = np.arange(len(bl))
         for j, k in enumerate(keys):
             ax.bar(
@@ -263,19 +307,20 @@ def plots(report: dict) -> dict[str, str]:
         ax.set_xlabel("input length (tokens)")
         ax.legend()
         ax.set_title("Errors by input length")
-        out["by_length"] = _png(fig)
+        out["by_length"] = fig
     rb = report.get("robustness", {})
     if rb.get("applies") and rb.get("rows"):
         key = "accuracy" if report["task"] == "classification" else "completion_loss"
         clean = m["tuned"][key]
-        fig, ax = plt.subplots(figsize=(7, 3.2))
+        fig, ax = plt.subplots(figsize=(7, 3.4), layout="constrained")
         names = [r["perturbation"] for r in rb["rows"]]
         ax.bar(names, [r[key] for r in rb["rows"]], color="#1f77b4")
         ax.axhline(clean, color="black", ls="--", lw=1, label=f"clean test inputs ({clean:.4f})")
         ax.set_ylabel(key.replace("_", " "))
+        ax.tick_params(axis="x", labelrotation=20)
         ax.legend()
         ax.set_title("Fine-tuned model on perturbed test inputs")
-        out["robustness"] = _png(fig)
+        out["robustness"] = fig
     return out
 
 
@@ -368,7 +413,7 @@ def _metric_rows(report: dict) -> tuple[list[str], list[list]]:
     m = report["metrics"]
     keys = [k for k, v in m["tuned"].items() if isinstance(v, int | float)]
     return ["metric", report["baseline"]["name"], tuned_name(report)], [
-        [k, fmt(m["baseline"].get(k)), fmt(m["tuned"][k])] for k in keys
+        [metric_label(k), fmt(m["baseline"].get(k)), fmt(m["tuned"][k])] for k in keys
     ]
 
 
@@ -389,16 +434,11 @@ def _per_class_rows(report: dict) -> list[list]:
     ]
 
 
-PER_CLASS_HEADERS = [
-    "label",
-    "precision (base)",
-    "precision (tuned)",
-    "recall (base)",
-    "recall (tuned)",
-    "F1 (base)",
-    "F1 (tuned)",
-    "support",
-]
+def per_class_headers(report: dict) -> list[str]:
+    """The per-class table's columns, named after the two models compared."""
+    b, t = report["baseline"]["name"], tuned_name(report)
+    cols = [f"{m} ({side})" for m in ("precision", "recall", "F1") for side in (b, t)]
+    return ["label", *cols, "support"]
 
 
 def _robust_rows(report: dict) -> tuple[list[str], list[list]]:
@@ -417,6 +457,7 @@ def markdown(report: dict) -> str:
         "",
         f"**Baseline**: {b['description']}.",
         "",
+        *([majority_text(report), ""] if report.get("majority") else []),
         f"**Verdict ({report['primary_metric']})**: {report['verdict_text']}",
         "",
         "## Significance",
@@ -435,7 +476,12 @@ def markdown(report: dict) -> str:
     h, rows = _metric_rows(report)
     parts += [_md_table(h, rows), ""]
     if report["task"] == "classification":
-        parts += ["## Per class", "", _md_table(PER_CLASS_HEADERS, _per_class_rows(report)), ""]
+        parts += [
+            "## Per class",
+            "",
+            _md_table(per_class_headers(report), _per_class_rows(report)),
+            "",
+        ]
     ov = report["overfitting"]
     parts += [
         "## Overfitting",
@@ -491,7 +537,8 @@ th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .verdict{font-size:1.1rem;padding:.6rem .8rem;border-radius:6px;background:#f4f4f4}
 .improved{background:#e3f5e1}.regressed{background:#fbe3e3}.no-significant-change{background:#fff6d6}
 .warning{background:#fbe3e3;padding:.5rem .8rem;border-radius:6px}
-img.plot{max-width:100%;display:block;margin:.5rem 0}
+img.plot{max-width:100%;height:auto;display:block;margin:.5rem 0}
+.scroll{max-width:100%;overflow-x:auto}td{overflow-wrap:anywhere}
 """
 
 
@@ -505,7 +552,8 @@ def _html_table(headers: list[str], rows: list[list]) -> str:
 
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(td(x) for x in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    # a wide table scrolls inside its box on a narrow screen instead of widening the page
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 def _img(pngs: dict, name: str, alt: str) -> str:
@@ -525,7 +573,12 @@ def render_html(report: dict, pngs: dict[str, str]) -> str:
         f"<code>{esc(report['model'])}</code>) compared with <b>{esc(b['name'])}</b> on "
         f"{report['examples_scored']} sealed test examples.</p>"
         f"<p><b>Baseline</b>: {esc(b['description'])}.</p>"
-        f'<p class="verdict {v.replace(" ", "-")}"><b>Verdict ({esc(report["primary_metric"])})</b>: '
+        + (
+            f'<p class="majority">{esc(majority_text(report))}</p>'
+            if report.get("majority")
+            else ""
+        )
+        + f'<p class="verdict {v.replace(" ", "-")}"><b>Verdict ({esc(report["primary_metric"])})</b>: '
         f"{esc(report['verdict_text'])}</p></section>"
     )
     sec.append(
@@ -567,7 +620,7 @@ def render_html(report: dict, pngs: dict[str, str]) -> str:
         )
         sec.append(
             '<section id="per-class"><h2>Per class</h2>'
-            + _html_table(PER_CLASS_HEADERS, _per_class_rows(report))
+            + _html_table(per_class_headers(report), _per_class_rows(report))
             + _img(pngs, "per_class", "per-class precision, recall and F1")
             + "</section>"
         )
@@ -594,6 +647,7 @@ def render_html(report: dict, pngs: dict[str, str]) -> str:
     sec.append(f'<section id="robustness"><h2>Robustness</h2>{body}</section>')
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>ftcli eval: {esc(report['name'])}</title><style>{CSS}</style></head><body>"
         + "".join(sec)
         + "</body></html>\n"

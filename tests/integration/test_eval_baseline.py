@@ -32,7 +32,7 @@ def runs(tmp_path_factory, tiny_models, tiny_data) -> dict[str, Path]:
 
 
 def test_a_trained_run_improves_on_its_start(runs, capsys):
-    code, rep = run_cli(capsys, "eval", str(runs["trained"]), "--baseline", *FAST)
+    code, rep = run_cli(capsys, "eval", str(runs["trained"]), "--baseline", "base", *FAST)
     assert code == 0 and rep["ok"] and rep["baseline"]["kind"] == "base"
     acc = next(s for s in rep["significance"] if s["metric"] == "accuracy")
     assert rep["verdict"] == "improved" and acc["verdict"] == "improved"
@@ -48,7 +48,7 @@ def test_a_trained_run_improves_on_its_start(runs, capsys):
         "macro_f1",
         "calibration_error",
     }
-    eval_dir = runs["trained"] / "eval"
+    eval_dir = runs["trained"] / "eval" / "base"
     rows = [json.loads(x) for x in (eval_dir / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == rep["test_examples"] == 48
     counts = rep["failures"]["counts"]
@@ -69,7 +69,7 @@ def test_a_trained_run_improves_on_its_start(runs, capsys):
 def test_a_run_trained_for_zero_steps_is_no_significant_change(runs, capsys):
     run = json.loads((runs["zero"] / "run.json").read_text())
     assert run["train"]["steps"] == 0 and (runs["zero"] / "init" / "head.safetensors").is_file()
-    code, rep = run_cli(capsys, "eval", str(runs["zero"]), "--baseline", *FAST)
+    code, rep = run_cli(capsys, "eval", str(runs["zero"]), "--baseline", "base", *FAST)
     assert code == 0 and rep["verdict"] == "no significant change"
     # why: LoRA's B starts at zero and the baseline carries the very head the run started from,
     # so the untrained model is the baseline; every difference is exactly zero
@@ -77,7 +77,7 @@ def test_a_run_trained_for_zero_steps_is_no_significant_change(runs, capsys):
         assert s["diff"] == 0 and s["ci_low"] == 0 and s["ci_high"] == 0 and s["p_value"] == 1.0, s
     rows = [
         json.loads(x)
-        for x in (runs["zero"] / "eval" / "predictions.jsonl").read_text().splitlines()
+        for x in (runs["zero"] / "eval" / "base" / "predictions.jsonl").read_text().splitlines()
     ]
     assert all(r["baseline"]["probs"] == r["tuned"]["probs"] for r in rows)
     assert rep["overfitting"]["status"] == "not enough points"
@@ -111,7 +111,9 @@ def test_run_against_run_and_ensemble(runs, capsys, tmp_path):
     assert code == 0 and rep["baseline"]["kind"] == "run" and rep["verdict"] == "improved"
     pair = [
         json.loads(x)
-        for x in (runs["trained"] / "eval" / "predictions.jsonl").read_text().splitlines()
+        for x in (runs["trained"] / "eval" / "vs-cls-zero" / "predictions.jsonl")
+        .read_text()
+        .splitlines()
     ]
     code, ens = run_cli(
         capsys,
@@ -154,3 +156,101 @@ def test_plain_eval_and_bad_input(runs, capsys, tmp_path):
     assert code == 1 and "--ensemble" in err["error"]
     code, err = run_cli(capsys, "eval", str(tmp_path / "nowhere"), "--baseline")
     assert code == 1 and "not a run folder" in err["error"]
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_tfidf_and_majority_in_one_report(runs, capsys):
+    """Two classic baselines in one command: each its own paired comparison and folder, one index;
+    the TF-IDF model is refitted here by hand (same split, same C grid) and must agree."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    from ftcli.evaluation.classic import C_GRID
+    from ftcli.rundir import open_run
+
+    code, idx = run_cli(
+        capsys,
+        "eval",
+        str(runs["trained"]),
+        "--baseline",
+        "tfidf",
+        "--baseline",
+        "majority",
+        "--no-robustness",
+        *FAST,
+    )
+    assert code == 0 and [c["baseline"]["kind"] for c in idx["comparisons"]] == [
+        "tfidf",
+        "majority",
+    ]
+    tfidf, majority = idx["comparisons"]
+    rd = open_run(runs["trained"])
+    labels = rd.prepared.labels
+    train, val, test = (rd.prepared.splits[s] for s in ("train", "validation", "test"))
+    y = lambda rows: [labels.index(r["label"]) for r in rows]  # noqa: E731
+    vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+    xtr = vec.fit_transform([r["text"] for r in train])
+    val_acc = {
+        c: LogisticRegression(C=c, max_iter=2000, random_state=0)
+        .fit(xtr, y(train))
+        .score(vec.transform([r["text"] for r in val]), y(val))
+        for c in C_GRID
+    }
+    info = tfidf["baseline"]["tfidf"]
+    assert info["validation_accuracy"] == pytest.approx(max(val_acc.values()))
+    assert val_acc[info["C"]] == max(val_acc.values()) and info["train_examples"] == len(train)
+    model = LogisticRegression(C=info["C"], max_iter=2000, random_state=0).fit(xtr, y(train))
+    want = model.predict(vec.transform([r["text"] for r in test]))
+    preds = _rows(runs["trained"] / "eval" / "tfidf" / "predictions.jsonl")
+    assert [labels.index(r["baseline"]["pred"]) for r in preds] == want.tolist()
+    acc = next(s for s in tfidf["significance"] if s["metric"] == "accuracy")
+    assert acc["baseline"] == pytest.approx((want == np.array(y(test))).mean())
+    assert acc["test"] == "McNemar exact"
+    assert acc["baseline_only"] == sum(r["outcome"] == "regression" for r in preds)
+    # majority: always the most frequent training label; its accuracy is the majority rate
+    counts = {lab: sum(r["label"] == lab for r in train) for lab in labels}
+    top = max(labels, key=lambda lab: counts[lab])
+    assert majority["baseline"]["majority"]["label"] == top
+    mrate = np.mean([r["label"] == top for r in test])
+    macc = next(s for s in majority["significance"] if s["metric"] == "accuracy")
+    assert macc["baseline"] == pytest.approx(mrate) == majority["majority"]["test_accuracy"]
+    assert tfidf["majority"]["test_accuracy"] == pytest.approx(mrate)  # shown in every report
+    assert "most frequent label" in majority["baseline"]["description"]
+    assert "TF-IDF" in tfidf["baseline"]["description"]
+    # one index: both comparisons side by side, each linking its own folder
+    index = json.loads((runs["trained"] / "eval" / "index.json").read_text())
+    shown = {r["folder"]: r for r in index["reports"]}
+    assert {"tfidf", "majority"} <= set(shown)
+    assert shown["tfidf"]["value_baseline"] == pytest.approx(acc["baseline"])
+    html_index = (runs["trained"] / "eval" / "index.html").read_text()
+    assert 'href="tfidf/report.html"' in html_index and 'href="majority/report.html"' in html_index
+    assert "Majority rate" in (runs["trained"] / "eval" / "tfidf" / "report.md").read_text()
+
+
+def test_a_second_eval_keeps_the_first_report(runs, capsys, tmp_path):
+    out = tmp_path / "reports"
+    code, first = run_cli(
+        capsys, "eval", str(runs["trained"]), "--baseline", "base", "--out", str(out), *FAST
+    )
+    assert code == 0
+    before = (out / "base" / "report.json").read_text()
+    code, second = run_cli(
+        capsys,
+        "eval",
+        str(runs["trained"]),
+        "--baseline",
+        "--no-robustness",
+        "--out",
+        str(out),
+        *FAST,
+    )
+    # the bare flag on a classifier is the fair bar: the linear probe
+    assert code == 0 and second["baseline"]["kind"] == "probe"
+    assert (out / "base" / "report.json").read_text() == before
+    assert (out / "probe" / "report.json").is_file()
+    index = json.loads((out / "index.json").read_text())
+    assert [r["folder"] for r in index["reports"]] == ["base", "probe"]
+    assert index["reports"][0]["verdict"] == first["verdict"]

@@ -48,7 +48,9 @@ def test_chat_model_against_its_base(lm_runs, capsys):
     assert tuned["generated"] == 8 and 0 < tuned["answer_tokens"] <= 8
     rows = [
         json.loads(x)
-        for x in (lm_runs["trained"] / "eval" / "predictions.jsonl").read_text().splitlines()
+        for x in (lm_runs["trained"] / "eval" / "base" / "predictions.jsonl")
+        .read_text()
+        .splitlines()
     ]
     assert all("answer" in r["tuned"] for r in rows[:8]) and all(
         "answer" not in r["tuned"] for r in rows[8:]

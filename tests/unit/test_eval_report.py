@@ -148,8 +148,9 @@ def chromium_exe() -> str:
     pytest.skip("chromium is not installed (apt-get install -y chromium); CI runs this test")
 
 
-def render(html: Path, profile: Path) -> tuple[dict, list[dict]]:
-    """Open ``html``; return what the page shows (sections, plots) and the problems it reported."""
+def render(html: Path, profile: Path, width: int = 1280) -> tuple[dict, list[dict]]:
+    """Open ``html`` in a window ``width`` CSS pixels wide; return what the page shows (sections,
+    plots, overflow) and the problems it reported."""
     browser = Chromium(chromium_exe(), profile)
     try:
         target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]
@@ -158,6 +159,11 @@ def render(html: Path, profile: Path) -> tuple[dict, list[dict]]:
         ]
         for domain in ("Page", "Runtime", "Log", "Network"):
             browser.send(f"{domain}.enable", session=session)
+        browser.send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": False},
+            session=session,
+        )
         browser.send("Page.navigate", {"url": html.as_uri()}, session=session)
         browser.wait_event("Page.loadEventFired")
         expr = """JSON.stringify({
@@ -168,6 +174,10 @@ def render(html: Path, profile: Path) -> tuple[dict, list[dict]]:
               width: i.naturalWidth, height: i.naturalHeight, shown: i.getBoundingClientRect().width})),
           tables: document.querySelectorAll('table').length,
           verdict: (document.querySelector('.verdict')||{}).textContent,
+          text: document.body.innerText,
+          page_overflow: document.documentElement.scrollWidth - window.innerWidth,
+          viewport: window.innerWidth,
+          per_class_headers: Array.from(document.querySelectorAll('#per-class th')).map(t => t.textContent),
           external: Array.from(document.querySelectorAll('[src],[href]')).map(e => e.getAttribute('src') ||
               e.getAttribute('href')).filter(u => !u.startsWith('data:') && !u.startsWith('#')),
         })"""
@@ -196,7 +206,9 @@ def render(html: Path, profile: Path) -> tuple[dict, list[dict]]:
         browser.close()
 
 
-def synthetic_report(tmp_path: Path) -> tuple[dict, list[dict]]:
+def synthetic_report(
+    tmp_path: Path, labels: tuple[str, ...] = ("neg", "neu", "pos"), baseline: str = "base"
+) -> tuple[dict, list[dict]]:
     """A real analysis (metrics, statistics, failures, curves) of two made-up classifiers."""
     rng = np.random.default_rng(0)
     n = 120
@@ -208,7 +220,7 @@ def synthetic_report(tmp_path: Path) -> tuple[dict, list[dict]]:
     recipe = recipe_from_mapping(
         tiny_recipe(tmp_path, {"bert": "some/model"}, {"classification": "x.csv"})
     )
-    labels = ["neg", "neu", "pos"]
+    labels = list(labels)
     examples = [
         {"text": "word " * int(rng.integers(3, 40)) + f"<b>{i}</b> & 'q'", "label": labels[t]}
         for i, t in enumerate(y)
@@ -258,7 +270,7 @@ def synthetic_report(tmp_path: Path) -> tuple[dict, list[dict]]:
         },
         "stress": [{"case": "empty input", "ok": True, "result": "predicted neg (p=0.5)"}],
     }
-    info = {"kind": "base", "name": "base", "description": "the base <model> & its fresh head"}
+    info = {"kind": baseline, "name": baseline, "description": "the base <model> & its fresh head"}
     return assemble(rd, info, result, curves, extra, 999, 0), result["predictions"]
 
 
@@ -288,21 +300,78 @@ def test_report_files_are_written_together(tmp_path):
     assert "**Warning.**" in md and "McNemar exact" in md
 
 
-def test_report_html_renders_in_chromium(tmp_path):
-    report, preds = synthetic_report(tmp_path)
+@pytest.mark.parametrize("width", [1280, 420])
+def test_report_html_renders_in_chromium(tmp_path, width):
+    report, preds = synthetic_report(tmp_path, baseline="probe")
     files = write_report(report, preds, tmp_path / "eval")
-    page, problems = render(Path(files["html"]), tmp_path / "profile")
+    page, problems = render(Path(files["html"]), tmp_path / "profile", width)
     assert problems == []
     shown = {s["id"]: s for s in page["sections"]}
     assert list(shown) == SECTIONS
     assert all(s["height"] > 20 and s["heading"] for s in shown.values())
     plots = {p["plot"]: p for p in page["plots"]}
     assert set(plots) == set(PLOTS)
-    for p in plots.values():  # decoded by the browser and laid out on the page
+    for p in plots.values():  # decoded by the browser and laid out on the page, inside the window
         assert p["complete"] and p["width"] > 200 and p["height"] > 100 and p["shown"] > 100, p
+        assert p["shown"] <= page["viewport"], p
+    # nothing widens the page past the window: wide tables scroll inside their own box
+    assert page["page_overflow"] <= 0, page["page_overflow"]
     assert page["external"] == [] and page["tables"] >= 8
     assert page["verdict"].startswith("Verdict (accuracy): improved")
     assert "<b>" not in page["title"]
+    # the per-class table names the baseline it compares with, not "(base)" for any baseline
+    assert page["per_class_headers"][1:3] == ["precision (probe)", "precision (fine-tuned)"]
+    assert "calibration_error (lower is better)" in page["text"]
+    assert "Majority rate" not in page["text"]  # this made-up report has no training split
+
+
+def test_plots_keep_their_text_apart_and_on_the_canvas(tmp_path):
+    """Titles, axis labels and tick labels: none overlaps another, none falls off the figure
+    (before: the per-class suptitle sat on the 'recall' panel title, x labels fell off)."""
+    from ftcli.evaluation.report import figures
+
+    for labels in (("neg", "neu", "pos"), ("billing question", "technical support request", "x")):
+        report, _ = synthetic_report(tmp_path / labels[0].replace(" ", "-"), labels=labels)
+        figs = figures(report)
+        assert set(figs) == set(PLOTS)
+        for name, fig in figs.items():
+            assert layout_problems(fig) == [], (name, labels)
+
+
+def drawn_texts(fig) -> list:
+    """The text a figure draws around its plots: titles, axis labels, the tick labels inside the
+    view, legends (not the numbers written inside a plot area)."""
+    texts = [fig._suptitle] if fig._suptitle else []
+    for leg in fig.legends:
+        texts += leg.get_texts()
+    for ax in fig.axes:
+        texts += [ax.title, ax._left_title, ax._right_title, ax.xaxis.label, ax.yaxis.label]
+        for axis in (ax.xaxis, ax.yaxis):
+            texts += [t.label1 for t in axis._update_ticks() if t.label1.get_visible()]
+        if ax.get_legend():
+            texts += ax.get_legend().get_texts()
+    return [t for t in texts if t is not None and t.get_visible() and t.get_text().strip()]
+
+
+def layout_problems(fig) -> list[str]:
+    """Text that collides with other text, or falls off the canvas, as drawn."""
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    c = fig.bbox
+    boxes = [(t.get_text(), t.get_window_extent(r)) for t in drawn_texts(fig)]
+    out = [
+        f"clipped: {name!r}"
+        for name, b in boxes
+        if b.x0 < c.x0 - 1 or b.y0 < c.y0 - 1 or b.x1 > c.x1 + 1 or b.y1 > c.y1 + 1
+    ]
+    for i, (a, ba) in enumerate(boxes):
+        for b, bb in boxes[i + 1 :]:
+            if (
+                min(ba.x1, bb.x1) - max(ba.x0, bb.x0) > 1
+                and min(ba.y1, bb.y1) - max(ba.y0, bb.y0) > 1
+            ):
+                out.append(f"overlap: {a!r} / {b!r}")
+    return out
 
 
 def test_a_broken_plot_is_caught(tmp_path):
