@@ -1,7 +1,7 @@
 """Which adaptation strategy wins? Every strategy on the same data, model, steps and seed, one table.
 
-Each strategy is the base recipe plus a few ``--set`` overrides (the same lines its bundled overlay
-recipe changes). Every run is ``ftcli train`` in a fresh subprocess (peak RSS is that process's
+Each strategy is an ``extends:`` overlay of the base recipe (the few lines that differ, as the
+bundled overlay recipes are), written beside the runs. Every run is ``ftcli train`` in a fresh subprocess (peak RSS is that process's
 high-water mark), then ``ftcli eval RUN --baseline LORA_RUN`` pairs it with LoRA r=8 on the same
 sealed test examples. Reported: trainable parameters, seconds per step (the training loop's
 median), peak RSS, test accuracy with its 95% interval (Wilson) and the paired test
@@ -23,32 +23,34 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-NO_LORA = ["method.r=null", "method.alpha=null", "method.dropout=null"]
-TARGETS = ["method.target_modules=null"]
+import yaml
 
-# name -> --set overrides on the base recipe (a LoRA r=8 recipe such as the quickstart)
-STRATEGIES: dict[str, list[str]] = {
-    "lora-r8": ["method.r=8", "method.alpha=16"],
-    "dora": ["method.r=8", "method.alpha=16", "method.dora=true"],
-    "rslora": ["method.r=8", "method.alpha=16", "method.rslora=true"],
-    "pissa": ["method.r=8", "method.alpha=16", "method.init=pissa"],
-    "lora+": ["method.r=8", "method.alpha=16", "train.optimizer.lora_plus_ratio=16"],
-    "lora-top3": ["method.r=8", "method.alpha=16", "method.layers=LAST3"],
-    "ia3": ["method.kind=ia3", *NO_LORA, *TARGETS, "train.optimizer.lr=null"],
-    "vera": ["method.kind=vera", "method.r=64", "method.alpha=null", "train.optimizer.lr=null"],
-    "prefix": ["method.kind=prefix", *NO_LORA, *TARGETS, "train.optimizer.lr=null"],
-    "prompt": ["method.kind=prompt", *NO_LORA, *TARGETS, "train.optimizer.lr=null"],
-    "ptuning": ["method.kind=ptuning", *NO_LORA, *TARGETS, "train.optimizer.lr=null"],
-    "full": ["method.kind=full", *NO_LORA, *TARGETS, "train.optimizer.lr=5.0e-5"],
-    "full-unfreeze": [
-        "method.kind=full",
-        *NO_LORA,
-        *TARGETS,
-        "train.optimizer.lr=5.0e-5",
-        "train.unfreeze={every_steps: STEP6, start_layers: 1}",
-    ],
-    "lora-mlp-head": ["method.r=8", "method.alpha=16", "model.head={hidden: 256, dropout: 0.1}"],
+ROOT = Path(__file__).resolve().parents[1]
+NO_LORA = {"r": None, "alpha": None, "dropout": None, "target_modules": None}
+LR_DEFAULT = {"optimizer": {"lr": None}}  # the method's own default learning rate
+LORA8 = {"r": 8, "alpha": 16}
+
+# name -> (method, train, model) overlays on the base recipe (a LoRA recipe such as the
+# quickstart), written as an ``extends:`` recipe: None removes the base's key, as in YAML's null
+STRATEGIES: dict[str, tuple[dict, dict, dict]] = {
+    "lora-r8": (LORA8, {}, {}),
+    "dora": ({**LORA8, "dora": True}, {}, {}),
+    "rslora": ({**LORA8, "rslora": True}, {}, {}),
+    "pissa": ({**LORA8, "init": "pissa"}, {}, {}),
+    "lora+": (LORA8, {"optimizer": {"lora_plus_ratio": 16}}, {}),
+    "lora-top3": ({**LORA8, "layers": "LAST3"}, {}, {}),
+    "lora-mlp-head": (LORA8, {}, {"head": {"hidden": 256, "dropout": 0.1}}),
+    "ia3": ({"kind": "ia3", **NO_LORA}, LR_DEFAULT, {}),
+    "vera": ({"kind": "vera", "r": 64, "alpha": None}, LR_DEFAULT, {}),
+    "prefix": ({"kind": "prefix", **NO_LORA}, LR_DEFAULT, {}),
+    "prompt": ({"kind": "prompt", **NO_LORA}, LR_DEFAULT, {}),
+    "ptuning": ({"kind": "ptuning", **NO_LORA}, LR_DEFAULT, {}),
+    "full": ({"kind": "full", **NO_LORA}, {"optimizer": {"lr": 5.0e-5}}, {}),
+    "full-unfreeze": (
+        {"kind": "full", **NO_LORA},
+        {"optimizer": {"lr": 5.0e-5}, "unfreeze": {"every_steps": "STEP", "start_layers": 1}},
+        {},
+    ),
 }
 
 
@@ -82,13 +84,19 @@ def wilson(acc: float | None, report: dict) -> list[float] | None:
     return [float(ci.low), float(ci.high)]
 
 
-def strategy_sets(name: str, n_blocks: int, steps: int) -> list[str]:
-    sets = []
-    for s in STRATEGIES[name]:
-        s = s.replace("LAST3", str(list(range(n_blocks - 3, n_blocks))))
-        s = s.replace("STEP6", str(max(1, steps // (n_blocks + 1))))
-        sets.append(s)
-    return sets
+def overlay(name: str, base: Path, n_blocks: int, steps: int, prompt_kinds) -> dict:
+    """The strategy's recipe: ``extends:`` the base, its method/train/model lines on top."""
+    method, train, model = (json.loads(json.dumps(x)) for x in STRATEGIES[name])
+    if method.get("layers") == "LAST3":
+        method["layers"] = list(range(n_blocks - 3, n_blocks))
+    if "unfreeze" in train:
+        train["unfreeze"]["every_steps"] = max(1, steps // (n_blocks + 1))
+    doc = {"extends": str(base), "name": name, "method": method, "train": train}
+    if model:
+        doc["model"] = model
+    if method.get("kind") in prompt_kinds:
+        doc["merge"] = None  # nothing to fold
+    return doc
 
 
 def main() -> None:
@@ -106,7 +114,7 @@ def main() -> None:
 
     sys.path.insert(0, str(ROOT))
     from ftcli.memory.arch import load_config
-    from ftcli.recipe import load_recipe
+    from ftcli.recipe import PROMPT_KINDS, load_recipe
     from ftcli.strategies import num_blocks
 
     base = load_recipe(ROOT / a.recipe)
@@ -125,24 +133,28 @@ def main() -> None:
         f"train.eval_every={a.steps}",
         "train.log_every=10",
         "merge.enabled=false",
-        f"output_dir={a.out}",
+        f"output_dir={(ROOT / a.out).resolve()}",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     rows = []
     t_all = time.perf_counter()
+    out_root = (ROOT / a.out).resolve()
+    out_root.mkdir(parents=True, exist_ok=True)
     for name in names:
-        sets = [f"name={name}", *common, *strategy_sets(name, n_blocks, a.steps)]
-        args = ["train", str(ROOT / a.recipe), "--force", "--json", "--no-memory-check"]
-        for s in sets:
+        doc = overlay(name, (ROOT / a.recipe).resolve(), n_blocks, a.steps, PROMPT_KINDS)
+        recipe_file = out_root / f"{name}.yaml"
+        recipe_file.write_text(yaml.safe_dump(doc, sort_keys=False))
+        args = ["train", str(recipe_file), "--force", "--json", "--no-memory-check"]
+        for s in common:
             args += ["--set", s]
         rc, out, err, rss = ftcli(*args, env=env)
         if rc != 0:
             rows.append({"strategy": name, "error": (err or out).strip().splitlines()[-1]})
             print(f"{name}: FAILED {rows[-1]['error']}", file=sys.stderr)
             continue
-        run = Path(a.out) / name
-        run_json = json.loads((ROOT / run / "run.json").read_text())
-        metrics = [json.loads(x) for x in (ROOT / run / "metrics.jsonl").read_text().splitlines()]
+        run = out_root / name
+        run_json = json.loads((run / "run.json").read_text())
+        metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         s_step = statistics.median(m["s_per_step"] for m in metrics if "s_per_step" in m)
         row = {
             "strategy": name,
@@ -151,11 +163,13 @@ def main() -> None:
             "peak_rss_mib": round(rss / 2**20),
             "accuracy": run_json["eval"]["metrics"].get("accuracy"),
             "accuracy_ci": wilson(run_json["eval"]["metrics"].get("accuracy"), run_json["eval"]),
-            "sets": sets[len(common) + 1 :],
+            "overlay": {k: v for k, v in doc.items() if k not in ("extends", "name")},
         }
-        ev = ["eval", str(ROOT / run)]
-        if name != "lora-r8":
-            ev += ["--baseline", str(ROOT / Path(a.out) / "lora-r8")]
+        if name == "lora-r8":  # the reference: nothing to pair it with
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+            continue
+        ev = ["eval", str(run), "--baseline", str(out_root / "lora-r8")]
         ev += ["--no-robustness", "--resamples", "2999", "--json"]
         rc, out, err, _ = ftcli(*ev, env=env)
         if rc == 0:

@@ -33,7 +33,12 @@ from peft.tuners.vera import VeraLayer
 from transformers.pytorch_utils import Conv1D
 
 from ftcli.errors import FtcliError, RecipeError
-from ftcli.models import HEAD_NAMES, keep_4bit_trainable_on_cpu, load_recipe_base
+from ftcli.models import (
+    HEAD_NAMES,
+    forward_takes,
+    keep_4bit_trainable_on_cpu,
+    load_recipe_base,
+)
 from ftcli.recipe import LORA_KINDS, PROMPT_KINDS, Recipe
 from ftcli.strategies import block_of, learning_rate, num_blocks
 
@@ -321,6 +326,27 @@ def peft_config(recipe: Recipe, model):
     return cls(num_virtual_tokens=m.virtual_tokens, task_type=task_type)
 
 
+def check_supported(recipe: Recipe, model_dir: str) -> None:
+    """Prefix tuning feeds learned keys/values as past_key_values; transformers 5's encoders
+    (BERT, MiniLM) take none. Said before the weights load."""
+    if recipe.method.kind != "prefix":
+        return
+    name, ok = forward_takes(
+        model_dir, recipe.task, "past_key_values", recipe.model.trust_remote_code
+    )
+    if not ok:
+        raise RecipeError(
+            [
+                recipe.problem(
+                    "method.kind",
+                    f"prefix tuning needs a model that takes past key values; {name} does not",
+                    "use kind prompt or ptuning (they prepend to the input embeddings), or a "
+                    "decoder model",
+                )
+            ]
+        )
+
+
 def check_layers(recipe: Recipe, model) -> None:
     """``method.layers`` must name blocks the model has (known once its config is read)."""
     layers = recipe.method.layers
@@ -370,7 +396,10 @@ def freeze_for_full(recipe: Recipe, model) -> tuple[str, ...]:
         hit = [(n, p) for n, p in params if _matches(n, pattern)]
         if not hit:
             tops = sorted(
-                {n.split(".")[0] for n, _ in params} | {n.rsplit(".", 2)[0] for n, _ in params[:3]}
+                {
+                    ".".join(n.split(".")[:2]) if n.count(".") > 1 else n.split(".")[0]
+                    for n, _ in params
+                }
             )
             raise RecipeError(
                 [
@@ -453,6 +482,7 @@ def adapt(
 ) -> Adapted:
     """Load the base model and make it trainable by the recipe's method. ``train_features``: the
     batches EVA initialises from (only ``init: eva`` reads them)."""
+    check_supported(recipe, model_dir)
     model = load_recipe_base(recipe, model_dir, labels, tokenizer, device, device_index)
     gc = recipe.train.gradient_checkpointing
     gc_kwargs = {"use_reentrant": False}
@@ -485,6 +515,17 @@ def adapt(
         if kind == "qlora":
             keep_4bit_trainable_on_cpu(model)
             if recipe.method.init == "loftq":
+                if device != "cuda":
+                    raise RecipeError(
+                        [
+                            recipe.problem(
+                                "method.init",
+                                "peft's LoftQ for a 4-bit base runs on CUDA only; this run is on "
+                                "the CPU",
+                                "use init gaussian here, or train on a GPU",
+                            )
+                        ]
+                    )
                 from peft import replace_lora_weights_loftq
 
                 replace_lora_weights_loftq(model, model_path=_safetensors_file(model_dir))

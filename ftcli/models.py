@@ -71,6 +71,20 @@ def model_class(task: str):
     return getattr(transformers, model_class_name(task))
 
 
+def forward_takes(model_dir: str, task: str, argument: str, trust_remote_code: bool = False):
+    """(class name, whether its forward takes ``argument``), from the config alone: no weights load."""
+    import inspect
+
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    try:
+        cls = model_class(task)._model_mapping[type(cfg)]
+    except KeyError:
+        return type(cfg).__name__, True  # remote code or unknown: let peft decide
+    return cls.__name__, argument in inspect.signature(cls.forward).parameters
+
+
 # --------------------------------------------------------------------------- tokenizers
 
 

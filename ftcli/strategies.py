@@ -92,7 +92,8 @@ def param_groups(recipe: Recipe, model, n_blocks: int | None) -> list[dict]:
         key = (wd, scale, depth, is_lora_b(name))
         g = groups.setdefault(key, {"params": [], "weight_decay": wd, "lr": lr * scale})
         g["params"].append(p)
-    return list(groups.values())
+    # the groups at the recipe's own rate first: metrics.jsonl logs the first group's lr
+    return sorted(groups.values(), key=lambda g: g["lr"] != lr)
 
 
 @dataclass(frozen=True)

@@ -244,8 +244,24 @@ def save_trained(accelerator, model, tokenizer, out_dir: Path, record, initial=N
     kwargs = {"path_initial_model_for_weight_conversion": str(initial)} if initial else {}
     with atomic_dir(out_dir) as tmp:
         unwrapped.save_pretrained(tmp, safe_serialization=True, **kwargs)
+        if initial:
+            _keep_saved_modules(unwrapped, tmp)
         tokenizer.save_pretrained(tmp)
         write_model_record(tmp, record)
+
+
+def _keep_saved_modules(peft_model, folder: Path) -> None:
+    """peft 0.21's PiSSA/OLoRA conversion keeps only the LoRA tensors and drops modules_to_save
+    (the task head): put them back, or the adapter would not load."""
+    from peft import get_peft_model_state_dict
+
+    path = folder / "adapter_model.safetensors"
+    saved = load_file(str(path))
+    plain = get_peft_model_state_dict(peft_model)
+    missing = {k: v.detach().cpu().contiguous() for k, v in plain.items() if "lora_" not in k}
+    missing = {k: v for k, v in missing.items() if k not in saved}
+    if missing:
+        save_file({**saved, **missing}, str(path), metadata={"format": "pt"})
 
 
 @dataclass

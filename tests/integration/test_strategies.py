@@ -12,7 +12,7 @@ import torch
 from ftcli.adapt import adapt, save_initial_adapter
 from ftcli.data.examples import prepare, save_prepared
 from ftcli.data.tokenize import collate, tokenize
-from ftcli.errors import FtcliError
+from ftcli.errors import FtcliError, RecipeError
 from ftcli.evaluation.baseline import save_initial_head
 from ftcli.merge import merge
 from ftcli.models import load_tokenizer, load_trained
@@ -38,16 +38,23 @@ STRATEGIES = {
     "prompt": {"kind": "prompt", "num_virtual_tokens": 4},
     "ptuning": {"kind": "ptuning", "num_virtual_tokens": 4},
     "full-layers": {"kind": "full", "layers": [1], "freeze": ["LayerNorm"]},
+    "loftq": {
+        "kind": "qlora",
+        "r": 4,
+        "init": "loftq",
+        "quantization": {"compute_dtype": "float32"},
+    },
 }
+DECODER_ONLY = ("prefix", "loftq")
 
 
 def _recipe(tmp_path, tiny_models, tiny_data, method, task="classification", arch="bert", **train):
     m = tiny_recipe(tmp_path, tiny_models, tiny_data, task=task, kind="full", arch=arch)
     m["method"] = dict(method)
-    if m["method"]["kind"] in ("lora", "vera"):
+    if m["method"]["kind"] in ("lora", "qlora", "vera"):
         m["method"].setdefault("target_modules", BERT_TARGETS if arch == "bert" else LLAMA_TARGETS)
     m["merge"] = {}
-    m["train"].update({"epochs": 3, "log_every": 1, **train})
+    m["train"].update({"epochs": 2, "log_every": 1, **train})
     if "lr" not in m["train"].get("optimizer", {}) or m["method"]["kind"] != "full":
         m["train"]["optimizer"] = {"name": "adamw", "lr": 1.0e-2}
     return recipe_from_mapping(m)
@@ -110,7 +117,8 @@ def check_strategy(recipe):
     return adapted, trained, ref
 
 
-@pytest.mark.parametrize("name", list(STRATEGIES))
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in STRATEGIES if n not in DECODER_ONLY])
 def test_every_strategy_trains_saves_reloads_merges(tmp_path, tiny_models, tiny_data, name):
     method = STRATEGIES[name]
     recipe = _recipe(tmp_path, tiny_models, tiny_data, method)
@@ -152,3 +160,17 @@ def test_strategies_on_a_causal_lm(tmp_path, tiny_models, tiny_data, name):
         tmp_path, tiny_models, tiny_data, method, task="causal_lm", arch="llama", epochs=2
     )
     check_strategy(recipe)
+
+
+def test_loftq_on_the_cpu_is_a_recipe_error(tmp_path, tiny_models, tiny_data):
+    """peft's LoftQ for a bitsandbytes base calls CUDA; on the CPU the recipe says so."""
+    recipe = _recipe(
+        tmp_path, tiny_models, tiny_data, STRATEGIES["loftq"], task="causal_lm", arch="llama"
+    )
+    tok, _, model_dir = load_tokenizer(recipe.model)
+    with pytest.raises(RecipeError) as info:
+        adapt(recipe, tok, model_dir, None, "cpu")
+    assert [p.render() for p in info.value.problems] == [
+        "<recipe>: method.init: peft's LoftQ for a 4-bit base runs on CUDA only; this run is on "
+        "the CPU (use init gaussian here, or train on a GPU)"
+    ]
