@@ -100,7 +100,8 @@ def build_optimizer(recipe: Recipe, model):
             "the model has no trainable parameters",
             hint="check method.kind and method.target_modules",
         )
-    groups = param_groups(recipe, model, num_blocks(model.config))
+    config = getattr(model, "config", None)
+    groups = param_groups(recipe, model, num_blocks(config) if config is not None else None)
     lr, _ = learning_rate(recipe)
     name = o.name
     if name in ("adamw8bit", "paged_adamw", "paged_adamw8bit"):

@@ -130,6 +130,11 @@ def build_plan(
         setup.num_labels,
         setup.attn_implementation if setup.attn_implementation != "flash_attention_2" else None,
     )
+    if make_trainable is None and setup.method not in ("full", "lora", "qlora"):
+        raise FtcliError(
+            f"the estimate of method {setup.method!r} is planned from a recipe",
+            hint="run estimate-memory on a recipe file with that method.kind",
+        )
     if make_trainable is not None:
         model = make_trainable(model)
     elif setup.method in ("lora", "qlora"):
