@@ -55,22 +55,18 @@ STRATEGIES: dict[str, tuple[dict, dict, dict]] = {
 
 
 def ftcli(*args: str, env=None) -> tuple[int, str, str, int]:
-    """Run ``python -m ftcli ARGS`` in a fresh process: (rc, stdout, stderr, peak RSS bytes)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ftcli", *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    out, err = proc.communicate()
-    # the child's own high-water mark (wait4 was done by communicate; ru_maxrss of children is the
-    # largest so far, so runs are ordered and the figure read right after each)
-    import resource
+    """Run ``python -m ftcli ARGS`` in a fresh process: (rc, stdout, stderr, its own peak RSS)."""
+    import tempfile
 
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    return proc.returncode, out, err, rss
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ftcli", *args], cwd=ROOT, stdout=out, stderr=err, env=env
+        )
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's rusage, not all children's
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return proc.returncode, out.read(), err.read(), usage.ru_maxrss * 1024
 
 
 def wilson(acc: float | None, report: dict) -> list[float] | None:
