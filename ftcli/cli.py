@@ -262,22 +262,21 @@ def list_recipes(json_: JsonOpt = False):
 
       ftcli recipes --json
     """
-    import yaml
 
-    from ftcli.recipe import bundled_recipes_dir
+    from ftcli.recipe import bundled_recipes_dir, load_recipe
     from ftcli.ui import UI
 
     rows = []
     for path in sorted(bundled_recipes_dir().glob("*.yaml")):
-        doc = yaml.safe_load(path.read_text()) or {}
+        r = load_recipe(path)  # overlays (extends:) listed as they resolve
         rows.append(
             {
                 "file": str(path.relative_to(bundled_recipes_dir().parent)),
-                "name": doc.get("name"),
-                "task": doc.get("task"),
-                "method": (doc.get("method") or {}).get("kind"),
-                "model": (doc.get("model") or {}).get("name"),
-                "description": doc.get("description", ""),
+                "name": r.name,
+                "task": r.task,
+                "method": r.method.kind,
+                "model": r.model.name,
+                "description": r.description or "",
             }
         )
     ui = UI(json_)

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ftcli.card import model_card
 from ftcli.data.tokenize import collate, tokenize
@@ -42,6 +43,7 @@ from ftcli.models import (
     torch_dtype,
     verify_trained,
 )
+from ftcli.recipe import PROMPT_KINDS
 from ftcli.rundir import (
     MergeRecord,
     Source,
@@ -258,6 +260,11 @@ def merge(
     out_dir = Path(out_dir)
     check_out_dir(out_dir, src, force)
     rec = read_model_record(src.path)
+    if rec.kind in PROMPT_KINDS:
+        raise FtcliError(
+            f"nothing to merge: {rec.kind} tuning learns virtual tokens, so there are no weights "
+            f"to fold into the base; use the adapter as it is: ftcli predict {source}"
+        )
     verify_trained(src.path, rec)
     run_info = read_run_record(src.run_dir) if src.run_dir is not None else None
     recipe_text = None
@@ -299,7 +306,7 @@ def merge(
             alt = attach_adapter(load_base_for(rec, model_dir, other, tok), src.path)
             other_into = {**compare(reference, logits_on(alt, batches, task)), "other": other}
             del alt
-        n_lora = sum(1 for n, _ in model.named_modules() if n.endswith("lora_A"))
+        n_lora = sum(1 for _, m in model.named_modules() if isinstance(m, BaseTunerLayer))
         saved_modules = sorted(
             {
                 n.split(".modules_to_save")[0].rsplit(".", 1)[-1]

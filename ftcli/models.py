@@ -72,6 +72,20 @@ def model_class(task: str):
     return getattr(transformers, model_class_name(task))
 
 
+def forward_takes(model_dir: str, task: str, argument: str, trust_remote_code: bool = False):
+    """(class name, whether its forward takes ``argument``), from the config alone: no weights load."""
+    import inspect
+
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    try:
+        cls = model_class(task)._model_mapping[type(cfg)]
+    except KeyError:
+        return type(cfg).__name__, True  # remote code or unknown: let peft decide
+    return cls.__name__, argument in inspect.signature(cls.forward).parameters
+
+
 # --------------------------------------------------------------------------- tokenizers
 
 
@@ -162,6 +176,53 @@ def keep_4bit_trainable_on_cpu(model) -> int:
 # --------------------------------------------------------------------------- the base model
 
 
+def use_mlp_head(model, hidden: int, dropout: float):
+    """Replace a classifier's linear head by Linear -> GELU -> Dropout -> Linear (issue 9), and
+    record it in the config so every later load rebuilds the same module (``mlp_head_of``)."""
+    for name in HEAD_NAMES:
+        old = getattr(model, name, None)
+        if isinstance(old, torch.nn.Linear):
+            new = torch.nn.Sequential(
+                torch.nn.Linear(old.in_features, hidden),
+                torch.nn.GELU(),
+                torch.nn.Dropout(dropout),
+                torch.nn.Linear(hidden, old.out_features),
+            )
+            setattr(model, name, new.to(old.weight.device, old.weight.dtype))
+            model.config.ftcli_head = {"hidden": hidden, "dropout": dropout}
+            return model
+    raise FtcliError(
+        f"{type(model).__name__} has no linear head named {' or '.join(HEAD_NAMES)} to replace",
+        hint="remove model.head: this architecture keeps its own head",
+    )
+
+
+def mlp_head_of(config) -> dict | None:
+    head = getattr(config, "ftcli_head", None)
+    return head if isinstance(head, dict) else None
+
+
+def _load_saved_head(model, folder: Path) -> None:
+    """A saved MLP head's weights (plain transformers built a linear one and skipped them)."""
+    from safetensors import safe_open
+
+    params = dict(model.named_parameters())
+    found = 0
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                if key in params and any(key.startswith(h + ".") for h in HEAD_NAMES):
+                    with torch.no_grad():
+                        params[key].copy_(f.get_tensor(key).to(params[key].dtype))
+                    found += 1
+    head = [k for k in params if any(k.startswith(h + ".") for h in HEAD_NAMES)]
+    if found != len(head):
+        raise FtcliError(
+            f"{folder} records an MLP head but holds {found} of its {len(head)} tensors",
+            hint="the folder is damaged; rerun the merge or the training",
+        )
+
+
 def label_kwargs(labels: list[str] | None, tokenizer) -> dict:
     """The head's size and label names, for a classification model."""
     if labels is None:
@@ -189,9 +250,11 @@ def load_base_model(
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
     what: str | None = None,
+    head=None,
 ):
-    """The pre-trained model with the task's head; quantized (bitsandbytes) when ``quant`` is given.
-    Layers missing from the checkpoint (a new pooler, say) are kept in full precision."""
+    """The pre-trained model with the task's head (an MLP one when ``head``, a HeadSpec, is given);
+    quantized (bitsandbytes) when ``quant`` is given. Layers missing from the checkpoint (a new
+    pooler, say) are kept in full precision."""
     if task == "classification" and labels is None:
         raise FtcliError("a classification model needs its labels")
     kwargs: dict = {"revision": revision, "trust_remote_code": trust_remote_code}
@@ -224,6 +287,8 @@ def load_base_model(
         model.config.pad_token_id = tokenizer.pad_token_id
     if qc is not None:
         keep_4bit_trainable_on_cpu(model)
+    if head is not None and task == "classification":
+        use_mlp_head(model, head.hidden, head.dropout)
     return model
 
 
@@ -243,6 +308,7 @@ def load_recipe_base(recipe, model_dir: str, labels, tokenizer, device: str, dev
         trust_remote_code=m.trust_remote_code,
         attn_implementation=m.attn_implementation,
         what=m.name,
+        head=m.head,
     )
 
 
@@ -280,6 +346,7 @@ def load_base_for(rec: ModelRecord, model_dir: str, into: str, tokenizer, device
         "trust_remote_code": bool(spec and spec.trust_remote_code),
         "attn_implementation": spec.attn_implementation if spec else None,
         "what": rec.base_model,
+        "head": spec.head if spec else None,
     }
     quantized = rec.kind == "qlora" and into != "original"
     if quantized:
@@ -323,12 +390,17 @@ def load_folder(folder: Path, task: str, dtype: str = "float32"):
     """A plain transformers folder (merged/, model/, any export), ready for inference."""
     verify_trained(folder)
     try:
-        return model_class(task).from_pretrained(folder, dtype=torch_dtype(dtype)).eval()
+        model = model_class(task).from_pretrained(folder, dtype=torch_dtype(dtype))
     except (OSError, ValueError) as exc:
         raise FtcliError(
             f"cannot load {folder}: {str(exc).splitlines()[0]}",
             hint="the folder is damaged; rerun the merge (ftcli merge) or the training",
         ) from None
+    head = mlp_head_of(model.config)
+    if head is not None:
+        use_mlp_head(model, head["hidden"], head["dropout"])
+        _load_saved_head(model, folder)
+    return model.eval()
 
 
 def attach_adapter(base_model, folder: Path, name: str = "default"):

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import set_seed
 
-from ftcli.adapt import adapt
+from ftcli.adapt import adapt, save_initial_adapter
 from ftcli.data.examples import SPLITS, prepare, save_prepared
 from ftcli.data.tokenize import tokenize
 from ftcli.distributed import check_launch, check_mode, is_sharded, process_group_kwargs
@@ -36,7 +36,7 @@ from ftcli.models import (
     resolve_mixed_precision,
     to_device,
 )
-from ftcli.recipe import Recipe
+from ftcli.recipe import PROMPT_KINDS, Recipe
 from ftcli.rundir import check_same_data, open_run, read_run_record, write_run_json
 from ftcli.runlock import check_writable, run_lock
 from ftcli.tracking import finish as finish_tracking
@@ -217,7 +217,15 @@ def _train_run(recipe: Recipe, ui: UI, resume: bool, force: bool, memory_check: 
 
     ui.step(f"adapt    {recipe.model.name} ({recipe.method.kind})")
     t0 = time.perf_counter()
-    adapted = adapt(recipe, tokenizer, model_dir, prepared.labels, device, acc.local_process_index)
+    adapted = adapt(
+        recipe,
+        tokenizer,
+        model_dir,
+        prepared.labels,
+        device,
+        acc.local_process_index,
+        tokenized["train"].features,
+    )
     timings["adapt"] = round(time.perf_counter() - t0, 2)
     for line in adapted.counts.lines(recipe):
         ui.info("  " + line)
@@ -236,6 +244,7 @@ def _train_run(recipe: Recipe, ui: UI, resume: bool, force: bool, memory_check: 
         if recipe.task == "classification" and not resume:
             # the fresh head as training found it: `ftcli eval --baseline` compares against this start
             save_initial_head(adapted.model, run_dir)
+        save_initial_adapter(adapted.model, recipe, run_dir)  # PiSSA/OLoRA: converted at save
     acc.wait_for_everyone()
     log = RunLog(run_dir, main, previous)
     log.data["timings_s"].update(timings)
@@ -300,7 +309,12 @@ def _train_run(recipe: Recipe, ui: UI, resume: bool, force: bool, memory_check: 
                 log.update(eval=report.as_dict())
                 test_metrics = report.metrics
 
-        if recipe.merge.enabled and recipe.method.kind != "full":
+        if recipe.method.kind in PROMPT_KINDS:
+            ui.info(
+                f"  no merge: {recipe.method.kind} tuning learns virtual tokens, no weights to "
+                f"fold; the adapter is used as it is (ftcli predict {run_dir})"
+            )
+        elif recipe.merge.enabled and recipe.method.kind != "full":
             ui.step("merge    adapter into the base, verified")
             test_feats = tokenized["test"].features[:16]
             del adapted
@@ -352,7 +366,7 @@ def _train_run(recipe: Recipe, ui: UI, resume: bool, force: bool, memory_check: 
     ui.info(
         f"[green]done[/] {run_dir}/  (run.json, metrics.jsonl, "
         f"{'model/' if recipe.method.kind == 'full' else 'adapter/'}"
-        f"{', merged/' if recipe.merge.enabled and recipe.method.kind != 'full' else ''})"
+        f"{', merged/' if recipe.merge.enabled and recipe.method.kind not in ('full', *PROMPT_KINDS) else ''})"
     )
     return log.data
 

@@ -29,6 +29,13 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class HeadSpec(_Section):
+    """An MLP task head: Linear(hidden) -> GELU -> Dropout -> Linear(labels)."""
+
+    hidden: int = Field(gt=0, description="width of the head's hidden layer")
+    dropout: float = Field(0.1, ge=0, lt=1)
+
+
 class ModelSpec(_Section):
     """Which pre-trained model to start from."""
 
@@ -40,6 +47,9 @@ class ModelSpec(_Section):
         description="weight dtype to load; auto = float32 (bf16 compute comes from mixed_precision)",
     )
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
+    head: HeadSpec | None = Field(
+        None, description="classification: an MLP head instead of the linear one (issue 9)"
+    )
 
 
 class SplitSpec(_Section):
@@ -137,10 +147,29 @@ class QuantSpec(_Section):
     compute_dtype: Dtype = "bfloat16"
 
 
-class MethodSpec(_Section):
-    """Full fine-tuning, LoRA, or LoRA on a quantized base (QLoRA)."""
+PROMPT_KINDS = ("prefix", "prompt", "ptuning")  # virtual tokens: no weights to fold
+LORA_KINDS = ("lora", "qlora")
+BLOCK_KINDS = ("full", "lora", "qlora", "ia3", "vera")  # what method.layers can restrict
+# Which method keys each kind reads; to_yaml drops the others, the checks refuse them when set.
+METHOD_KEYS = {
+    "r": ("lora", "qlora", "vera"),
+    "alpha": LORA_KINDS,
+    "dropout": ("lora", "qlora", "vera"),
+    "target_modules": ("lora", "qlora", "ia3", "vera"),
+    "modules_to_save": ("lora", "qlora", "ia3", "vera"),
+    "init": LORA_KINDS,
+    "dora": LORA_KINDS,
+    "rslora": LORA_KINDS,
+    "layers": BLOCK_KINDS,
+    "freeze": ("full",),
+    "num_virtual_tokens": PROMPT_KINDS,
+}
 
-    kind: Literal["full", "lora", "qlora"]
+
+class MethodSpec(_Section):
+    """How the model is adapted: full fine-tuning, LoRA (and variants), QLoRA, or another peft method."""
+
+    kind: Literal["full", "lora", "qlora", "ia3", "prefix", "prompt", "ptuning", "vera"]
     r: int = Field(8, gt=0, description="LoRA rank")
     alpha: float = Field(
         16.0, gt=0, description="LoRA scale numerator: the update is (alpha/r) B A"
@@ -152,14 +181,32 @@ class MethodSpec(_Section):
     modules_to_save: list[str] | None = Field(
         None, description="extra modules trained in full and saved with the adapter"
     )
-    init: Literal["gaussian", "kaiming"] = Field(
-        "gaussian", description="LoRA A init (B always starts at zero, so training starts at W0)"
+    init: Literal["gaussian", "kaiming", "pissa", "olora", "loftq", "eva"] = Field(
+        "gaussian",
+        description="LoRA init: gaussian/kaiming A with B zero (training starts at W0), or peft's "
+        "pissa | olora | loftq (qlora) | eva (data-driven)",
     )
     quantization: QuantSpec | None = None
+    # issue 9: the rest of the adaptation strategies
+    dora: bool = Field(False, description="lora/qlora: weight-decomposed LoRA (peft use_dora)")
+    rslora: bool = Field(False, description="lora/qlora: scale alpha/sqrt(r) instead of alpha/r")
+    layers: list[int] | None = Field(
+        None, description="only these transformer blocks are adapted (lora/ia3/vera) or trained"
+    )
+    freeze: list[str] | None = Field(
+        None, description="full: parameter-name patterns (fnmatch or substring) that stay frozen"
+    )
+    num_virtual_tokens: int | None = Field(
+        None, gt=0, description="prefix | prompt | ptuning: learned tokens (default 20)"
+    )
+
+    @property
+    def virtual_tokens(self) -> int:
+        return (self.num_virtual_tokens or 20) if self.kind in PROMPT_KINDS else 0
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.r
+        return self.alpha / (self.r**0.5 if self.rslora else self.r)
 
     @property
     def quant(self) -> QuantSpec:
@@ -185,6 +232,12 @@ class OptimizerSpec(_Section):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd and rmsprop")
+    lora_plus_ratio: float | None = Field(
+        None, gt=0, description="LoRA+: the B matrices learn this many times faster than A"
+    )
+    layer_decay: float | None = Field(
+        None, gt=0, le=1, description="block i from the top gets lr * layer_decay**i"
+    )
 
 
 class SchedulerSpec(_Section):
@@ -193,6 +246,20 @@ class SchedulerSpec(_Section):
     warmup_steps: int | None = Field(None, ge=0, description="overrides warmup_ratio")
     factor: float = Field(0.5, gt=0, lt=1, description="plateau: multiply lr by this")
     patience: int = Field(1, ge=0, description="plateau: evaluations without improvement")
+
+
+class UnfreezeSpec(_Section):
+    """Gradual unfreezing: the head (plus start_layers top blocks) first, one more every N steps."""
+
+    every_steps: int = Field(gt=0, description="optimizer steps between two unfreezings")
+    start_layers: int = Field(1, ge=0, description="top blocks trainable from the start")
+
+
+class EarlyStoppingSpec(_Section):
+    """Stop when validation loss has not improved by min_delta for patience validations."""
+
+    patience: int = Field(3, gt=0)
+    min_delta: float = Field(0.0, ge=0)
 
 
 class TrainSpec(_Section):
@@ -239,6 +306,8 @@ class TrainSpec(_Section):
         description="stop when a logged loss exceeds this many times the lowest logged so far "
         "(NaN/Inf always stop)",
     )
+    unfreeze: UnfreezeSpec | None = None
+    early_stopping: EarlyStoppingSpec | None = None
 
 
 class EvalSpec(_Section):
@@ -316,6 +385,11 @@ class Recipe(_Section):
     def to_yaml(self) -> str:
         """The resolved recipe, every default that applies written out, loadable by ``load_recipe``."""
         d = self.model_dump(mode="json")
+        for key, kinds in METHOD_KEYS.items():  # the method's own keys: METHOD_KEYS owns them
+            if self.method.kind not in kinds:
+                d["method"].pop(key, None)
+        if self.method.kind in PROMPT_KINDS:
+            d["merge"].pop("enabled")  # nothing to fold: the pipeline skips the merge
         if self.method.kind == "qlora":
             d["method"]["quantization"] = self.method.quant.model_dump(mode="json")
         for key, rule in APPLIES.items():  # a key that does nothing here is not written
@@ -365,6 +439,9 @@ APPLIES: dict[str, Applies | None] = {
     "model.trust_remote_code": ALWAYS,
     "model.dtype": ALWAYS,
     "model.attn_implementation": ALWAYS,
+    "model.head": ALWAYS,  # a causal LM with a head: a recipe error of its own
+    "model.head.hidden": ALWAYS,
+    "model.head.dropout": ALWAYS,
     # data
     "data": ALWAYS,
     "data.path": ALWAYS,
@@ -411,12 +488,8 @@ APPLIES: dict[str, Applies | None] = {
     # method
     "method": ALWAYS,
     "method.kind": ALWAYS,
-    "method.r": Applies(lambda r: r.method.kind != "full", "lora and qlora"),
-    "method.alpha": Applies(lambda r: r.method.kind != "full", "lora and qlora"),
-    "method.dropout": Applies(lambda r: r.method.kind != "full", "lora and qlora"),
-    "method.target_modules": Applies(lambda r: r.method.kind != "full", "lora and qlora"),
-    "method.modules_to_save": Applies(lambda r: r.method.kind != "full", "lora and qlora"),
-    "method.init": Applies(lambda r: r.method.kind != "full", "lora and qlora"),
+    # the method's own keys: which kinds each applies to is METHOD_KEYS (_strategy_problems)
+    **{f"method.{k}": ALWAYS for k in METHOD_KEYS},
     "method.quantization": Applies(lambda r: r.method.kind == "qlora", "method.kind qlora"),
     "method.quantization.bits": ALWAYS,
     "method.quantization.quant_type": Applies(lambda r: r.method.quant.bits == 4, "bits: 4"),
@@ -472,6 +545,15 @@ APPLIES: dict[str, Applies | None] = {
     "train.mlflow_uri": ALWAYS,
     # a single process has no collectives to time out, but a recipe cannot know its launch
     "train.ddp_timeout_s": ALWAYS,
+    # strategies: impossible combinations are recipe errors of their own (_strategy_problems)
+    "train.optimizer.lora_plus_ratio": ALWAYS,
+    "train.optimizer.layer_decay": ALWAYS,
+    "train.unfreeze": ALWAYS,
+    "train.unfreeze.every_steps": ALWAYS,
+    "train.unfreeze.start_layers": ALWAYS,
+    "train.early_stopping": ALWAYS,
+    "train.early_stopping.patience": ALWAYS,
+    "train.early_stopping.min_delta": ALWAYS,
     # eval
     "eval": ALWAYS,
     "eval.batch_size": ALWAYS,
@@ -531,11 +613,16 @@ class RecipeOrigin:
     """Maps dotted keys to the file and line they came from (or to the ``--set`` that set them)."""
 
     def __init__(
-        self, file: str, lines: dict[tuple[str, ...], int], overridden: set[tuple[str, ...]]
+        self,
+        file: str,
+        lines: dict[tuple[str, ...], int],
+        overridden: set[tuple[str, ...]],
+        files: dict[tuple[str, ...], str] | None = None,
     ):
         self.file = file
         self.lines = lines
         self.overridden = overridden
+        self.files = files or {}  # keys an ``extends:`` parent set -> its file
 
     def locate(self, path: tuple[str, ...]) -> tuple[str, int | None]:
         for i in range(len(path), 0, -1):
@@ -543,7 +630,7 @@ class RecipeOrigin:
                 return "--set", None
         for i in range(len(path), -1, -1):
             if path[:i] in self.lines:
-                return self.file, self.lines[path[:i]]
+                return self.files.get(path[:i], self.file), self.lines[path[:i]]
         return self.file, None
 
     def problem(self, key: str, message: str, hint: str | None = None) -> Problem:
@@ -815,16 +902,7 @@ def _semantic_problems(r: Recipe) -> list[Problem]:
     """Combinations that type-check but make no sense. Each names the key to change."""
     p = []
     m, d, t = r.method, r.data, r.train
-    lora_keys = {"r", "alpha", "dropout", "target_modules", "modules_to_save", "init"}
-    if m.kind == "full":
-        for key in sorted(lora_keys & m.model_fields_set):
-            p.append(
-                r.problem(
-                    f"method.{key}",
-                    "only applies to lora and qlora, not to method.kind 'full'",
-                    "remove it, or set method.kind to lora",
-                )
-            )
+    p += _strategy_problems(r)
     if m.quantization is not None and m.kind != "qlora":
         p.append(
             r.problem(
@@ -962,6 +1040,113 @@ def _tracking_problems(r: Recipe) -> list[Problem]:
     return p
 
 
+def _kinds_text(kinds: tuple[str, ...]) -> str:
+    return " and ".join(kinds) if len(kinds) <= 2 else f"{', '.join(kinds[:-1])} and {kinds[-1]}"
+
+
+def _strategy_problems(r: Recipe) -> list[Problem]:
+    """Adaptation-strategy combinations that would do nothing (issue 9)."""
+    p = []
+    m, t, o = r.method, r.train, r.train.optimizer
+    for key, kinds in METHOD_KEYS.items():
+        if key in m.model_fields_set and m.kind not in kinds:
+            p.append(
+                r.problem(
+                    f"method.{key}",
+                    f"only applies to {_kinds_text(kinds)}, not to method.kind '{m.kind}'",
+                    f"remove it, or set method.kind to {kinds[0]}",
+                )
+            )
+    if m.init == "loftq" and m.kind == "lora":
+        p.append(
+            r.problem(
+                "method.init",
+                "loftq initialises LoRA to offset the quantization error of a 4-bit base: "
+                "it only applies to method.kind 'qlora'",
+                "set method.kind to qlora, or use init pissa/olora",
+            )
+        )
+    if m.init == "loftq" and m.kind == "qlora" and m.quant.bits != 4:
+        p.append(r.problem("method.init", "loftq needs 4-bit quantization"))
+    if m.kind == "qlora" and m.init in ("pissa", "olora"):
+        p.append(
+            r.problem(
+                "method.init",
+                f"{m.init} rewrites the base weights it starts from, which a 4-bit base cannot hold",
+                "use method.kind lora, or init loftq for a quantized base",
+            )
+        )
+    if m.dora and m.init in ("pissa", "olora", "loftq", "eva"):
+        p.append(r.problem("method.dora", f"peft cannot combine DoRA with init {m.init}"))
+    if m.layers is not None:
+        if not m.layers:
+            p.append(r.problem("method.layers", "must name at least one block"))
+        if any(i < 0 for i in m.layers):
+            p.append(r.problem("method.layers", "block numbers start at 0"))
+        if len(set(m.layers)) != len(m.layers):
+            p.append(r.problem("method.layers", "names a block twice"))
+    if m.freeze is not None and not m.freeze:
+        p.append(r.problem("method.freeze", "must name at least one parameter pattern"))
+    if r.model.head is not None and r.task != "classification":
+        p.append(
+            r.problem(
+                "model.head", "only applies to task classification (a causal LM keeps its lm_head)"
+            )
+        )
+    if m.kind in PROMPT_KINDS and "enabled" in r.merge.model_fields_set and r.merge.enabled:
+        p.append(
+            r.problem(
+                "merge.enabled",
+                f"method.kind '{m.kind}' learns virtual tokens: there are no weights to fold",
+                "remove it (the adapter is used as it is: ftcli predict RUN)",
+            )
+        )
+    if o.lora_plus_ratio is not None and m.kind not in LORA_KINDS:
+        p.append(
+            r.problem(
+                "train.optimizer.lora_plus_ratio",
+                f"only applies to lora and qlora (LoRA+ speeds up the B matrices), not to "
+                f"method.kind '{m.kind}'",
+                "remove it, or set method.kind to lora",
+            )
+        )
+    if o.layer_decay is not None and m.kind in PROMPT_KINDS:
+        p.append(
+            r.problem(
+                "train.optimizer.layer_decay",
+                f"method.kind '{m.kind}' trains no transformer blocks, so there is no per-block rate",
+                "remove it, or choose full, lora, qlora, ia3 or vera",
+            )
+        )
+    if t.unfreeze is not None:
+        if m.kind in PROMPT_KINDS:
+            p.append(
+                r.problem(
+                    "train.unfreeze",
+                    f"gradual unfreezing needs transformer blocks to unfreeze; method.kind "
+                    f"'{m.kind}' trains only virtual tokens",
+                    "remove it, or choose full, lora, qlora, ia3 or vera",
+                )
+            )
+        elif t.unfreeze.start_layers == 0 and r.task != "classification":
+            p.append(
+                r.problem(
+                    "train.unfreeze.start_layers",
+                    "a causal LM has no task head to train alone: start with at least one block",
+                    "set start_layers to 1 or more",
+                )
+            )
+    if t.early_stopping is not None and not r.data.validation_path and not r.data.split.validation:
+        p.append(
+            r.problem(
+                "train.early_stopping",
+                "early stopping watches validation loss, but there is no validation split",
+                "set data.split.validation above 0, or data.validation_path",
+            )
+        )
+    return p
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -980,9 +1165,12 @@ def _fix_yaml_floats(node: Any) -> Any:
     return float(node) if _is_float_string(node) else node
 
 
-def recipe_from_mapping(data: Any, file: str = "<recipe>", lines=None, overridden=None) -> Recipe:
-    """Validate a mapping (already YAML-parsed) into a Recipe, or raise RecipeError listing every problem."""
-    origin = RecipeOrigin(file, lines or {}, overridden or set())
+def recipe_from_mapping(
+    data: Any, file: str = "<recipe>", lines=None, overridden=None, files=None
+) -> Recipe:
+    """Validate a mapping (already YAML-parsed) into a Recipe, or raise RecipeError listing every
+    problem. ``files``: keys that came from another file (an ``extends:`` parent) -> that file."""
+    origin = RecipeOrigin(file, lines or {}, overridden or set(), files)
     if not isinstance(data, dict):
         raise RecipeError(
             [Problem("a recipe is a mapping of keys (name:, task:, model: ...)", file=file, line=1)]
@@ -1010,19 +1198,8 @@ def _dedupe(problems: list[Problem]) -> list[Problem]:
     return out
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, override and validate a recipe file. Raises FtcliError/RecipeError for the user."""
-    path = Path(path)
-    if path.is_dir() and (path / "recipe.yaml").is_file():
-        path = path / "recipe.yaml"  # a run folder: its resolved recipe
-    if not path.is_file():
-        names = {p.stem.lower(): p.stem for p in bundled_recipes_dir().glob("*.yaml")}
-        close = difflib.get_close_matches(path.stem.lower(), list(names), n=1, cutoff=0.6)
-        raise FtcliError(
-            f"recipe not found: {path}",
-            hint=(f"did you mean {names[close[0]]}? " if close else "")
-            + "give a YAML file path; `ftcli recipes` lists the bundled ones",
-        )
+def _read_yaml(path: Path) -> tuple[Any, dict[tuple[str, ...], int], list[Problem]]:
+    """One file's mapping, the line of each key, and its duplicate-key problems."""
     text = path.read_text(encoding="utf-8")
     file = str(path)
     try:
@@ -1044,8 +1221,103 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     problems: list[Problem] = []
     if node is not None:
         _node_lines(node, (), lines, problems, file)
-    if data is None:
-        data = {}
+    return ({} if data is None else data), lines, problems
+
+
+def _deep_merge(base: dict, over: dict, where: dict, own: dict, prefix: tuple = ()) -> dict:
+    """``over`` on top of ``base``: mappings merge, lists and scalars replace, None removes.
+    ``where`` (dotted key -> (file, line)) is updated to say where each surviving value came from."""
+    out = dict(base)
+    for key, value in over.items():
+        path = (*prefix, str(key))
+        if value is None:
+            out.pop(key, None)
+            for k in [k for k in where if k[: len(path)] == path]:
+                del where[k]
+            continue
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            where[path] = own[path]
+            out[key] = _deep_merge(out[key], value, where, own, path)
+            continue
+        for k in [k for k in where if k[: len(path)] == path]:
+            del where[k]
+        for k, loc in own.items():
+            if k[: len(path)] == path:
+                where[k] = loc
+        out[key] = value
+    return out
+
+
+def _find_parent(name: Any, child: Path) -> Path | None:
+    if not isinstance(name, str) or not name.strip():
+        return None
+    near = child.parent / name
+    if near.is_file():
+        return near
+    bundled = resolve_recipe_path(name)
+    return bundled if bundled.is_file() else None
+
+
+def _load_layers(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict | Any, dict, list]:
+    """A recipe with its ``extends:`` chain resolved: (flat mapping, key -> (file, line), problems)."""
+    data, lines, problems = _read_yaml(path)
+    file = str(path)
+    own = {k: (file, line) for k, line in lines.items()}
+    if not isinstance(data, dict) or "extends" not in data:
+        return data, own, problems
+    parent_name = data.pop("extends")
+    at = lines.get(("extends",))
+    parent = _find_parent(parent_name, path)
+    if parent is None:
+        raise RecipeError(
+            [
+                *problems,
+                Problem(
+                    f"cannot find the recipe {parent_name!r} (a path relative to this recipe, or a "
+                    "bundled recipe's name)",
+                    key="extends",
+                    file=file,
+                    line=at,
+                    hint="`ftcli recipes` lists the bundled ones",
+                ),
+            ]
+        )
+    seen = (*chain, path.resolve())
+    if parent.resolve() in seen:
+        names = " -> ".join(str(p) for p in (*seen, parent.resolve()))
+        raise RecipeError(
+            [
+                *problems,
+                Problem(f"extends forms a cycle: {names}", key="extends", file=file, line=at),
+            ]
+        )
+    base, where, parent_problems = _load_layers(parent, seen)
+    if not isinstance(base, dict):
+        raise RecipeError(
+            [Problem(f"{parent} is not a recipe mapping", key="extends", file=file, line=at)]
+        )
+    own.pop(("extends",), None)
+    where = dict(where)
+    where[()] = (file, lines.get((), 1))
+    return _deep_merge(base, data, where, own), where, parent_problems + problems
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read (with its ``extends:`` chain), override and validate a recipe file. Raises
+    FtcliError/RecipeError for the user."""
+    path = Path(path)
+    if path.is_dir() and (path / "recipe.yaml").is_file():
+        path = path / "recipe.yaml"  # a run folder: its resolved recipe
+    if not path.is_file():
+        names = {p.stem.lower(): p.stem for p in bundled_recipes_dir().glob("*.yaml")}
+        close = difflib.get_close_matches(path.stem.lower(), list(names), n=1, cutoff=0.6)
+        raise FtcliError(
+            f"recipe not found: {path}",
+            hint=(f"did you mean {names[close[0]]}? " if close else "")
+            + "give a YAML file path; `ftcli recipes` lists the bundled ones",
+        )
+    file = str(path)
+    data, where, problems = _load_layers(path)
     parsed = [parse_override(o) for o in overrides]
     notes: list[str] = []
     if isinstance(data, dict):
@@ -1056,11 +1328,13 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         anchored.update(anchor_paths(data, Path.cwd(), {p for p, _ in parsed}))
         notes += drop_inapplicable(data, parsed)
         labels_as_strings(data)
+    lines = {k: line for k, (_, line) in where.items()}
+    files = {k: f for k, (f, _) in where.items() if f != file}
     try:
-        recipe = recipe_from_mapping(data, file, lines, {p for p, _ in parsed})
+        recipe = recipe_from_mapping(data, file, lines, {p for p, _ in parsed}, files)
     except RecipeError as exc:
         found = problems + exc.problems
-        found.sort(key=lambda q: (q.file == "--set", q.line or 0))
+        found.sort(key=lambda q: (q.file == "--set", q.file != file, q.line or 0))
         err = RecipeError(found)
         err.partial = data_part(data, file, lines, {p for p, _ in parsed})
         if err.partial is not None:

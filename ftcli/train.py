@@ -19,12 +19,14 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
+from ftcli.adapt import INIT_ADAPTER
 from ftcli.data.tokenize import Tokenized, collate
 from ftcli.distributed import is_sharded
 from ftcli.errors import FtcliError, Interrupted, TrainingStopped
 from ftcli.evaluation.forward import loss_sums
 from ftcli.recipe import Recipe
 from ftcli.rundir import model_record_for, write_model_record
+from ftcli.strategies import learning_rate, num_blocks, param_groups, unfreezing
 from ftcli.util import (
     append_jsonl,
     atomic_dir,
@@ -51,6 +53,8 @@ class Trained:
     tokens: int
     resumed_from: int | None
     mixed_precision: str
+    stopped_at: int | None = None  # early stopping: the step it stopped at (None: ran to the end)
+    best_step: int | None = None  # early stopping: the step whose weights were kept
 
     @property
     def tokens_per_s(self) -> float:
@@ -69,6 +73,8 @@ class Trained:
             "tokens_per_s": round(self.tokens_per_s, 1),
             "resumed_from": self.resumed_from,
             "mixed_precision": self.mixed_precision,
+            "stopped_at": self.stopped_at,
+            "best_step": self.best_step,
         }
 
 
@@ -96,20 +102,17 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def build_optimizer(recipe: Recipe, model):
+    """The optimizer over every trainable parameter, in groups with their own lr (weight decay on
+    matrices only; LoRA+ and layer_decay: ftcli.strategies.param_groups)."""
     o = recipe.train.optimizer
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    if not any(p.requires_grad for p in model.parameters()):
         raise FtcliError(
             "the model has no trainable parameters",
             hint="check method.kind and method.target_modules",
         )
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [
-        {"params": decay, "weight_decay": o.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
+    config = getattr(model, "config", None)
+    groups = param_groups(recipe, model, num_blocks(config) if config is not None else None)
+    lr, _ = learning_rate(recipe)
     name = o.name
     if name in ("adamw8bit", "paged_adamw", "paged_adamw8bit"):
         import bitsandbytes as bnb
@@ -119,15 +122,15 @@ def build_optimizer(recipe: Recipe, model):
             "paged_adamw": bnb.optim.PagedAdamW,
             "paged_adamw8bit": bnb.optim.PagedAdamW8bit,
         }[name]
-        return cls(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+        return cls(groups, lr=lr, betas=o.betas, eps=o.eps)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+        return torch.optim.AdamW(groups, lr=lr, betas=o.betas, eps=o.eps)
     if name == "adam":
-        return torch.optim.Adam(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+        return torch.optim.Adam(groups, lr=lr, betas=o.betas, eps=o.eps)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
+        return torch.optim.SGD(groups, lr=lr, momentum=o.momentum)
     if name == "rmsprop":
-        return torch.optim.RMSprop(groups, lr=o.lr, momentum=o.momentum, eps=o.eps)
+        return torch.optim.RMSprop(groups, lr=lr, momentum=o.momentum, eps=o.eps)
     raise AssertionError(name)  # the schema admits nothing else
 
 
@@ -210,9 +213,14 @@ def stopped(
 # --------------------------------------------------------------------------- checkpoints
 
 
-def trainable_state(model) -> dict:
+def trainable_state(model, optimizer=None) -> dict:
+    """The weights training changes: those the optimizer holds (under gradual unfreezing some are
+    frozen for now), else those that require grad."""
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]} if optimizer else None
     return {
-        n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
+        n: p.detach().cpu().contiguous().clone()
+        for n, p in model.named_parameters()
+        if (id(p) in held if held is not None else p.requires_grad)
     }
 
 
@@ -220,7 +228,7 @@ def save_checkpoint(ckpt_root: Path, model, optimizer, scheduler, state: dict, k
     """Trainable weights (safetensors), optimizer, scheduler and RNG states, and the loop position."""
     target = ckpt_root / f"step-{state['global_step']:07d}"
     with atomic_dir(target) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        save_file(trainable_state(model, optimizer), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         rng = {"cpu": torch.get_rng_state()}
@@ -232,6 +240,28 @@ def save_checkpoint(ckpt_root: Path, model, optimizer, scheduler, state: dict, k
     for old in sorted(ckpt_root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+BEST = "best"  # checkpoints/best: early stopping's best weights so far
+
+
+def save_best(ckpt_root: Path, model, optimizer, step: int, val_loss: float) -> None:
+    """Early stopping keeps the best weights on disk, so --resume keeps them too."""
+    with atomic_dir(ckpt_root / BEST) as tmp:
+        save_file(trainable_state(model, optimizer), str(tmp / "trainable.safetensors"))
+        write_json(tmp / "best.json", {"step": step, "val_loss": val_loss})
+
+
+def restore_best(ckpt_root: Path, model) -> int | None:
+    """Put the best weights back; returns their step (None if there is no best checkpoint)."""
+    folder = ckpt_root / BEST
+    if not (folder / "best.json").exists():
+        return None
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in load_file(str(folder / "trainable.safetensors")).items():
+            params[n].copy_(t.to(params[n].device, params[n].dtype))
+    return int(read_json(folder / "best.json")["step"])
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
@@ -287,19 +317,39 @@ def save_sharded_checkpoint(accelerator, ckpt_root: Path, scheduler, state: dict
     return target
 
 
-def save_trained(accelerator, model, tokenizer, out_dir: Path, record, state_dict=None) -> None:
+def save_trained(
+    accelerator, model, tokenizer, out_dir: Path, record, state_dict=None, initial=None
+) -> None:
     """The final adapter (peft) or full model, plus the tokenizer and ftcli's record of both.
-    ``state_dict``: the full state gathered from the shards (FSDP / DeepSpeed)."""
+    ``state_dict``: the full state gathered from the shards (FSDP / DeepSpeed). ``initial``: a
+    PiSSA/OLoRA run's starting adapter; the saved one is converted by peft to a plain LoRA delta
+    on the original base (rank 2r), so merge and predict need no rewritten base."""
     unwrapped = accelerator.unwrap_model(model)
+    kwargs = {"path_initial_model_for_weight_conversion": str(initial)} if initial else {}
     with atomic_dir(out_dir) as tmp:
         if state_dict is not None:
-            unwrapped.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-        else:
-            unwrapped.save_pretrained(tmp, safe_serialization=True)
+            kwargs["state_dict"] = state_dict
+        unwrapped.save_pretrained(tmp, safe_serialization=True, **kwargs)
+        if initial:
+            _keep_saved_modules(unwrapped, tmp)
         tokenizer.save_pretrained(tmp)
         write_model_record(
             tmp, record.model_copy(update={"sha256": file_hashes(tmp, "*.safetensors")})
         )
+
+
+def _keep_saved_modules(peft_model, folder: Path) -> None:
+    """peft 0.21's PiSSA/OLoRA conversion keeps only the LoRA tensors and drops modules_to_save
+    (the task head): put them back, or the adapter would not load."""
+    from peft import get_peft_model_state_dict
+
+    path = folder / "adapter_model.safetensors"
+    saved = load_file(str(path))
+    plain = get_peft_model_state_dict(peft_model)
+    missing = {k: v.detach().cpu().contiguous() for k, v in plain.items() if "lora_" not in k}
+    missing = {k: v for k, v in missing.items() if k not in saved}
+    if missing:
+        save_file({**saved, **missing}, str(path), metadata={"format": "pt"})
 
 
 @dataclass
@@ -313,6 +363,8 @@ class LoopState:
     best_val_loss: float | None = None
     best_val_step: int | None = None
     lowest_loss: float | None = None  # lowest micro-batch loss so far (train.max_loss_spike)
+    bad_validations: int = 0  # early stopping: validations since the last improvement
+    stopped_at: int | None = None
     seconds: float = 0.0
     log_window: list = field(
         default_factory=lambda: [0.0, 0]
@@ -383,6 +435,8 @@ def train(
         )
 
     optimizer = build_optimizer(recipe, model)
+    schedule = unfreezing(recipe, model)  # gradual unfreezing: a pure function of the step
+    early = t.early_stopping
     world = accelerator.num_processes
     micro_per_epoch = math.ceil(math.ceil(len(train_feats) / t.batch_size) / world)
     steps_per_epoch = max(1, math.ceil(micro_per_epoch / t.gradient_accumulation))
@@ -488,7 +542,7 @@ def train(
     if progress:
         progress.start(total_steps, state.global_step)
     try:
-        while state.global_step < total_steps:
+        while state.global_step < total_steps and state.stopped_at is None:
             order = epoch_order(len(train_feats), t.seed, state.epoch)
             loader = accelerator.prepare(
                 make_loader(train_feats, t.batch_size, tok.pad_token_id, order)
@@ -497,6 +551,8 @@ def train(
                 loader = accelerator.skip_first_batches(loader, skip)
             state.micro_in_epoch, skip = skip, 0
             for batch in loader:
+                if schedule is not None:
+                    schedule.apply(model, state.global_step)
                 with accelerator.accumulate(model):
                     loss = model(**batch).loss
                     value, why = loss_trouble(
@@ -549,6 +605,7 @@ def train(
                         t_start,
                     )
                     last_loss = row["loss"]
+                    row["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
                     if main:
                         append_jsonl(metrics_path, row)
                     accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
@@ -564,8 +621,18 @@ def train(
                     t_eval = time.perf_counter()
                     v = evaluate_loss(accelerator, model, val_loader, recipe.task)
                     window.t0 += time.perf_counter() - t_eval  # tokens/s counts training time only
-                    if state.best_val_loss is None or v < state.best_val_loss:
+                    margin = early.min_delta if early else 0.0
+                    if state.best_val_loss is None or v < state.best_val_loss - margin:
                         state.best_val_loss, state.best_val_step = v, step
+                        state.bad_validations = 0
+                        if early and main:
+                            save_best(
+                                ckpt_root, accelerator.unwrap_model(model), optimizer, step, v
+                            )
+                    elif early:
+                        state.bad_validations += 1
+                        if state.bad_validations >= early.patience:
+                            state.stopped_at = step
                     if plateau:
                         scheduler.step(v)
                     accelerator.log({"val_loss": v}, step=step)
@@ -580,9 +647,9 @@ def train(
                         )
                     if progress:
                         progress.note(f"step {step}/{total_steps}  validation loss {v:.4f}")
-                if step % ckpt_every == 0 and step < total_steps:
+                if step % ckpt_every == 0 and step < total_steps and state.stopped_at is None:
                     checkpoint()
-                if step >= total_steps:
+                if step >= total_steps or state.stopped_at is not None:
                     break
             else:  # the epoch ran out before total_steps
                 state.epoch += 1
@@ -596,6 +663,13 @@ def train(
         progress.stop()
     accelerator.wait_for_everyone()
     seconds = time.perf_counter() - t_start
+    best_step = None
+    if early:  # evaluation and merge see the best weights, not the last
+        best_step = restore_best(ckpt_root, accelerator.unwrap_model(model))
+    if schedule is not None:  # the saved model's trainable flags as the full schedule leaves them
+        schedule.apply(model, total_steps)
+    initial = run_dir / INIT_ADAPTER
+    initial = initial if (initial / "adapter_config.json").exists() else None
     out_dir = run_dir / ("model" if recipe.method.kind == "full" else "adapter")
     # sharded: every rank takes part in gathering the full state; the main process writes it
     full_state = accelerator.get_state_dict(model) if sharded else None
@@ -612,6 +686,7 @@ def train(
             out_dir,
             model_record_for(recipe, adapted.model_dir, state.global_step, labels),
             full_state,
+            initial,
         )
     accelerator.wait_for_everyone()
     return Trained(
@@ -625,4 +700,6 @@ def train(
         state.tokens,
         resumed_from,
         accelerator.mixed_precision,
+        state.stopped_at,
+        best_step,
     )

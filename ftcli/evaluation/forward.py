@@ -21,7 +21,9 @@ def length_batches(features: list[dict], batch_size: int):
 
 def token_cross_entropy(logits, labels):
     """Cross-entropy of each next-token prediction, [batch, positions - 1], 0 where the label is
-    ignored; and the mask of supervised positions. Logits are upcast to float32."""
+    ignored; and the mask of supervised positions. Logits are upcast to float32. Prompt and
+    p-tuning prepend virtual tokens: their logits are dropped, the rest line up with ``labels``."""
+    logits = logits[:, logits.shape[1] - labels.shape[1] :]
     shifted = labels[:, 1:]
     ce = F.cross_entropy(
         logits[:, :-1].float().transpose(1, 2),

@@ -114,9 +114,14 @@ def checkpoint_bytes(loaded: LoadedConfig, params: int) -> int:
 
 
 def build_plan(
-    name: str, setup: Setup, revision: str | None = None, trust_remote_code: bool = False
+    name: str,
+    setup: Setup,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    make_trainable=None,
 ) -> Plan:
-    """Config -> meta model (+ peft LoRA) -> inventory, for ``setup``."""
+    """Config -> meta model (+ peft LoRA) -> inventory, for ``setup``. ``make_trainable`` (meta
+    model -> model): a recipe's own strategy (peft method, layers, freezing) instead of plain LoRA."""
     setup.check()
     loaded = load_config(name, revision, trust_remote_code)
     model = build_meta(
@@ -125,7 +130,14 @@ def build_plan(
         setup.num_labels,
         setup.attn_implementation if setup.attn_implementation != "flash_attention_2" else None,
     )
-    if setup.method in ("lora", "qlora"):
+    if make_trainable is None and setup.method not in ("full", "lora", "qlora"):
+        raise FtcliError(
+            f"the estimate of method {setup.method!r} is planned from a recipe",
+            hint="run estimate-memory on a recipe file with that method.kind",
+        )
+    if make_trainable is not None:
+        model = make_trainable(model)
+    elif setup.method in ("lora", "qlora"):
         targets = (
             list(setup.target_modules)
             if isinstance(setup.target_modules, tuple)
@@ -143,10 +155,47 @@ def build_plan(
     return Plan(name=name, loaded=loaded, inv=inv, setup=setup)
 
 
+def strategy_on_meta(recipe):
+    """What ``adapt`` does to the model, on the meta model: the recipe's peft config (initialised
+    plainly: pissa/eva change values, not shapes), ``method.layers`` and ``method.freeze``. None
+    for plain LoRA/QLoRA and full fine-tuning, which the estimate builds itself."""
+    m = recipe.method
+    plain = m.kind in ("lora", "qlora") and not (m.dora or m.layers)
+    if plain or (m.kind == "full" and not (m.layers or m.freeze)):
+        return None
+
+    def apply(model):
+        import torch
+        from peft import get_peft_model
+
+        from ftcli.adapt import freeze_for_full, peft_config
+
+        if m.kind == "full":
+            for p in model.parameters():
+                p.requires_grad_(True)
+            freeze_for_full(recipe, model)
+            return model
+        method = m.model_copy(update={"init": "gaussian"})
+        cfg = peft_config(recipe.model_copy(update={"method": method}), model)
+        try:
+            with torch.device("meta"):
+                return get_peft_model(model, cfg)
+        except (ValueError, TypeError) as exc:
+            raise FtcliError(f"{m.kind} cannot be attached: {exc}") from None
+
+    return apply
+
+
 def plan_recipe(recipe, device: str | None = None, **changes) -> Plan:
-    setup = replace(setup_from_recipe(recipe, device), **changes)
+    setup = setup_from_recipe(recipe, device)
+    # virtual tokens lengthen every sequence the model sees
+    setup = replace(setup, seq_len=setup.seq_len + recipe.method.virtual_tokens, **changes)
     return build_plan(
-        recipe.model.name, setup, recipe.model.revision, recipe.model.trust_remote_code
+        recipe.model.name,
+        setup,
+        recipe.model.revision,
+        recipe.model.trust_remote_code,
+        strategy_on_meta(recipe),
     )
 
 

@@ -335,6 +335,9 @@ class Inventory:
         return per_layer
 
 
+ADAPTER_MARKS = ("lora_", "ia3_", "vera_lambda", "prompt_encoder")
+
+
 def _block_index(name: str) -> int | None:
     parts = name.split(".")
     for a, b in zip(parts, parts[1:], strict=False):
@@ -407,7 +410,7 @@ def inventory(model, config) -> Inventory:
         seen[key] = name
         module = owner.get(name)
         leaf = name.rsplit(".", 2)[-2] if "." in name else name
-        lora = "lora_" in name
+        lora = any(m in name for m in ADAPTER_MARKS)  # every peft adapter weight: fp32
         if isinstance(module, linear_types) and name.endswith("weight"):
             kind = "linear"
         elif isinstance(module, torch.nn.Embedding):

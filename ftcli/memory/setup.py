@@ -15,6 +15,7 @@ SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 CUDA_CONTEXT = (
     512 * 1024**2
 )  # CUDA context + cuBLAS workspace (CUDA 12, lazy module loading); not in max_memory_allocated
+METHODS = ("full", "lora", "qlora", "ia3", "prefix", "prompt", "ptuning", "vera")
 OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 
 
@@ -60,7 +61,7 @@ class Setup:
     """Everything about a training run that decides its memory, and nothing else."""
 
     task: str = "causal_lm"  # causal_lm | classification
-    method: str = "lora"  # full | lora | qlora
+    method: str = "lora"  # full | lora | qlora | ia3 | prefix | prompt | ptuning | vera
     batch_size: int = 8
     seq_len: int = 128
     gradient_checkpointing: bool = False
@@ -100,8 +101,8 @@ class Setup:
 
     def check(self) -> None:
         problems = []
-        if self.method not in ("full", "lora", "qlora"):
-            problems.append(f"method {self.method!r} is not one of full, lora, qlora")
+        if self.method not in METHODS:
+            problems.append(f"method {self.method!r} is not one of {', '.join(METHODS)}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         if self.strategy not in ("ddp", "fsdp"):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ftcli.recipe import load_recipe
 from tests.conftest import tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,8 +65,7 @@ def test_recipes_lists_every_bundled_recipe():
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
 def test_every_bundled_recipe_validates(recipe):
     """Local-data recipes are checked against their data's columns; hub ones by schema."""
-    doc = yaml.safe_load(recipe.read_text())
-    local = doc["data"]["path"].startswith("pkg:")
+    local = load_recipe(recipe).data.path.startswith("pkg:")  # overlays resolve their extends:
     proc = ftcli("validate", recipe, "--json", *([] if local else ["--no-data"]))
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
@@ -86,7 +86,7 @@ def test_bad_recipe_lists_every_problem_without_traceback(tmp_path):
         "2 problems in the recipe:",
         f"{bad}:",
         "method.rank: unknown key (did you mean method.r?)",
-        "method.kind: 'lorra' is not one of: full, lora, qlora (did you mean 'lora'?)",
+        "method.kind: 'lorra' is not one of: full, lora, qlora, ia3, prefix, prompt, ptuning, vera (did you mean 'lora'?)",
     )
 
 

@@ -74,7 +74,7 @@ def test_misplaced_key_points_to_its_section(tmp_path):
 def test_typo_in_a_value_suggests_the_nearest_choice(tmp_path):
     text = GOOD.replace("kind: lora", "kind: lorra")
     assert _messages(tmp_path, text) == [
-        f"{tmp_path}/recipe.yaml:10: method.kind: 'lorra' is not one of: full, lora, qlora (did you mean 'lora'?)"
+        f"{tmp_path}/recipe.yaml:10: method.kind: 'lorra' is not one of: full, lora, qlora, ia3, prefix, prompt, ptuning, vera (did you mean 'lora'?)"
     ]
 
 
@@ -123,7 +123,7 @@ def test_invalid_yaml_names_the_line(tmp_path):
     [
         (
             ("kind: lora", "kind: full"),
-            "method.r: only applies to lora and qlora, not to method.kind 'full' (remove it, or set method.kind to lora)",
+            "method.r: only applies to lora, qlora and vera, not to method.kind 'full' (remove it, or set method.kind to lora)",
         ),
         (
             ("  target_modules: [query, value]\n", "  target_modules: []\n"),

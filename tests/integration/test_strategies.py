@@ -1,0 +1,176 @@
+"""Every adaptation strategy on the tiny models (issue 9): it trains (loss falls), only the right
+parameters move, it saves, reloads to the same logits, and merges (or refuses with its message)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ftcli.adapt import adapt, save_initial_adapter
+from ftcli.data.examples import prepare, save_prepared
+from ftcli.data.tokenize import collate, tokenize
+from ftcli.errors import FtcliError, RecipeError
+from ftcli.evaluation.baseline import save_initial_head
+from ftcli.merge import merge
+from ftcli.models import load_tokenizer, load_trained
+from ftcli.pipeline import make_accelerator
+from ftcli.recipe import recipe_from_mapping
+from ftcli.train import train
+from ftcli.util import atomic_write_text
+from tests.conftest import tiny_recipe
+
+BERT_TARGETS = ["query", "value"]
+LLAMA_TARGETS = ["q_proj", "v_proj"]
+
+STRATEGIES = {
+    "dora": {"kind": "lora", "r": 4, "dora": True},
+    "rslora": {"kind": "lora", "r": 4, "rslora": True},
+    "pissa": {"kind": "lora", "r": 4, "init": "pissa"},
+    "olora": {"kind": "lora", "r": 4, "init": "olora"},
+    "eva": {"kind": "lora", "r": 4, "init": "eva"},
+    "lora-layers": {"kind": "lora", "r": 4, "layers": [1]},
+    "ia3": {"kind": "ia3"},
+    "vera": {"kind": "vera", "r": 4},
+    "prefix": {"kind": "prefix", "num_virtual_tokens": 4},
+    "prompt": {"kind": "prompt", "num_virtual_tokens": 4},
+    "ptuning": {"kind": "ptuning", "num_virtual_tokens": 4},
+    "full-layers": {"kind": "full", "layers": [1], "freeze": ["LayerNorm"]},
+    "loftq": {
+        "kind": "qlora",
+        "r": 4,
+        "init": "loftq",
+        "quantization": {"compute_dtype": "float32"},
+    },
+}
+DECODER_ONLY = ("prefix", "loftq")
+
+
+def _recipe(tmp_path, tiny_models, tiny_data, method, task="classification", arch="bert", **train):
+    m = tiny_recipe(tmp_path, tiny_models, tiny_data, task=task, kind="full", arch=arch)
+    m["method"] = dict(method)
+    if m["method"]["kind"] in ("lora", "qlora", "vera"):
+        m["method"].setdefault("target_modules", BERT_TARGETS if arch == "bert" else LLAMA_TARGETS)
+    m["merge"] = {}
+    m["train"].update({"epochs": 2, "log_every": 1, **train})
+    if "lr" not in m["train"].get("optimizer", {}) or m["method"]["kind"] != "full":
+        m["train"]["optimizer"] = {"name": "adamw", "lr": 1.0e-2}
+    return recipe_from_mapping(m)
+
+
+def train_parts(recipe):
+    """The pipeline's steps, keeping the model in hand: (adapted, weights after adapt, tokenized)."""
+    acc, device = make_accelerator(recipe)
+    torch.manual_seed(recipe.train.seed)
+    tok, _, model_dir = load_tokenizer(recipe.model)
+    prepared = prepare(recipe)
+    tokenized = {
+        s: tokenize(prepared.splits[s], recipe, tok, prepared.label2id) for s in prepared.splits
+    }
+    adapted = adapt(recipe, tok, model_dir, prepared.labels, device, 0, tokenized["train"].features)
+    run_dir = recipe.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
+    save_prepared(prepared, run_dir / "data")
+    if recipe.task == "classification":
+        save_initial_head(adapted.model, run_dir)
+    save_initial_adapter(adapted.model, recipe, run_dir)
+    before = {n: p.detach().clone() for n, p in adapted.model.named_parameters()}
+    trained = train(recipe, acc, adapted, tokenized, run_dir)
+    return adapted, before, tokenized, trained
+
+
+def _logits(model, feats, pad_id):
+    b = collate(feats[:8], pad_id)
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+
+
+def _losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def check_strategy(recipe):
+    adapted, before, tokenized, trained = train_parts(recipe)
+    model = adapted.model
+    losses = _losses(recipe.run_dir)
+    k = max(1, len(losses) // 4)
+    assert sum(losses[-k:]) / k < sum(losses[:k]) / k, losses  # it learns
+    moved, still = [], []
+    for n, p in model.named_parameters():
+        (moved if not torch.equal(p.detach(), before[n]) else still).append(n)
+        if not p.requires_grad:
+            assert torch.equal(p.detach(), before[n]), f"frozen {n} moved"
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and set(moved) <= set(trainable)
+    assert len(moved) >= len(trainable) * 0.9, set(trainable) - set(moved)
+    # reloaded from the run folder (base + adapter/, or model/) it answers the same
+    test = tokenized["test"].features
+    pad = adapted.tokenizer.pad_token_id
+    ref = _logits(model, test, pad)
+    reloaded, _ = load_trained(recipe.run_dir, recipe.task)
+    torch.testing.assert_close(_logits(reloaded, test, pad), ref, atol=1e-4, rtol=1e-4)
+    return adapted, trained, ref
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in STRATEGIES if n not in DECODER_ONLY])
+def test_every_strategy_trains_saves_reloads_merges(tmp_path, tiny_models, tiny_data, name):
+    method = STRATEGIES[name]
+    recipe = _recipe(tmp_path, tiny_models, tiny_data, method)
+    adapted, _, ref = check_strategy(recipe)
+    src = recipe.run_dir / ("model" if method["kind"] == "full" else "adapter")
+    if method["kind"] in ("prefix", "prompt", "ptuning"):
+        with pytest.raises(FtcliError) as info:
+            merge(src, tmp_path / "merged")
+        assert str(info.value) == (
+            f"nothing to merge: {method['kind']} tuning learns virtual tokens, so there are no "
+            f"weights to fold into the base; use the adapter as it is: ftcli predict {src}"
+        )
+        assert not (tmp_path / "merged").exists()
+        return
+    record = merge(src, tmp_path / "merged")
+    assert record.saved_check["passed"]
+    from ftcli.models import load_folder
+
+    merged = load_folder(tmp_path / "merged", recipe.task)
+    feats = tokenize_test(recipe, adapted)
+    torch.testing.assert_close(
+        _logits(merged, feats, adapted.tokenizer.pad_token_id), ref, atol=1e-4, rtol=1e-4
+    )
+
+
+def tokenize_test(recipe, adapted):
+    from ftcli.rundir import open_run
+
+    rd = open_run(recipe.run_dir)
+    return tokenize(
+        rd.prepared.splits["test"], recipe, adapted.tokenizer, rd.prepared.label2id
+    ).features
+
+
+@pytest.mark.parametrize("name", ["dora", "ia3", "vera", "prefix", "prompt", "ptuning"])
+def test_strategies_on_a_causal_lm(tmp_path, tiny_models, tiny_data, name):
+    method = dict(STRATEGIES[name])
+    recipe = _recipe(
+        tmp_path, tiny_models, tiny_data, method, task="causal_lm", arch="llama", epochs=2
+    )
+    check_strategy(recipe)
+
+
+def test_loftq_on_the_cpu_is_a_recipe_error(tmp_path, tiny_models, tiny_data):
+    """peft's LoftQ for a bitsandbytes base calls CUDA; on the CPU the recipe says so."""
+    recipe = _recipe(
+        tmp_path, tiny_models, tiny_data, STRATEGIES["loftq"], task="causal_lm", arch="llama"
+    )
+    tok, _, model_dir = load_tokenizer(recipe.model)
+    with pytest.raises(RecipeError) as info:
+        adapt(recipe, tok, model_dir, None, "cpu")
+    assert [p.render() for p in info.value.problems] == [
+        "<recipe>: method.init: peft's LoftQ for a 4-bit base runs on CUDA only; this run is on "
+        "the CPU (use init gaussian here, or train on a GPU)"
+    ]
