@@ -398,14 +398,13 @@ def eval_(
     from ftcli.ui import UI
 
     ui = UI(json_)
-    if (
-        not run_dirs
-        and baseline
-        and any(b not in ("default", "base", "probe", "tfidf", "majority") for b in baseline)
-    ):
+    named = [
+        b for b in baseline or [] if b not in ("default", "base", "probe", "tfidf", "majority")
+    ]
+    if not run_dirs and named:
         raise FtcliError(
-            "--baseline names the run to compare with, but not the run to score",
-            hint="give both: ftcli eval RUN_DIR --baseline OTHER_RUN",
+            f"--baseline {named[0]} names the run to compare with, but not the run to score",
+            hint=f"give both: ftcli eval RUN_DIR --baseline {named[0]}",
         )
     dirs = [_run_folder(d) for d in run_dirs or []] or [latest_run(output_dir)]
     bench_only = {"--tasks-path": tasks_path, "--limit": limit, "--num-fewshot": num_fewshot}

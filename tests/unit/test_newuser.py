@@ -150,7 +150,7 @@ def test_validate_reports_schema_and_data_problems_together(tmp_path, capsys):
     assert code == 1
     assert out["error"].startswith("2 problems in the recipe:")
     assert (
-        "method.kind: 'lroa' is not one of: full, lora, qlora (did you mean 'lora'?)"
+        "method.kind: 'lroa' is not one of: full, lora, qlora, ia3, prefix, prompt, ptuning, vera (did you mean 'lora'?)"
         in out["error"]
     )
     assert "data.text_column: column 'txt' is not in the data" in out["error"]
@@ -191,12 +191,18 @@ def test_set_null_removes_a_key_and_switching_kind_drops_what_no_longer_applies(
     assert r.method.kind == "full"
     assert r.notes == ["--set method.kind=full: dropped method.r (no meaning for full)"]
     # an explicit value for a key that does not apply stays an error
-    with pytest.raises(RecipeError, match="method.r: only applies to lora and qlora"):
+    with pytest.raises(
+        RecipeError,
+        match="method.r: only applies to lora, qlora and vera, not to method.kind 'full'",
+    ):
         load_recipe(recipe, ["method.kind=full", "method.r=16"])
     doc = yaml.safe_load(recipe.read_text())
     doc["method"]["kind"] = "full"
     recipe.write_text(yaml.safe_dump(doc))
-    with pytest.raises(RecipeError, match="method.r: only applies to lora and qlora"):
+    with pytest.raises(
+        RecipeError,
+        match="method.r: only applies to lora, qlora and vera, not to method.kind 'full'",
+    ):
         load_recipe(recipe)
 
 
@@ -206,7 +212,8 @@ def test_did_you_mean_for_names_and_values_case_insensitively(tmp_path, capsys):
     _csv(tmp_path / "tickets.csv", ROWS)
     recipe = _recipe(tmp_path)
     with pytest.raises(
-        RecipeError, match=r"'LoRA' is not one of: full, lora, qlora \(did you mean 'lora'\?\)"
+        RecipeError,
+        match=r"'LoRA' is not one of: full, lora, qlora, ia3, prefix, prompt, ptuning, vera \(did you mean 'lora'\?\)",
     ):
         load_recipe(recipe, ["method.kind=LoRA"])
     doc = yaml.safe_load(recipe.read_text())
