@@ -113,6 +113,10 @@ def data_table(prepared, tokenized, max_length: int) -> list[tuple]:
         rows.append(
             ("dropped", ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in dropped.items()))
         )
+    aug = prepared.stats.get("augmented")
+    if aug:
+        ops = ", ".join(f"{n} {op}" for op, n in aug["by_op"].items() if n)
+        rows.append(("augmented", f"{aug['added']} train copies ({ops or 'none'})"))
     if prepared.labels:
         rows.append(("labels", ", ".join(prepared.labels)))
     return rows
@@ -152,12 +156,20 @@ def run_fields(
 
 
 def train_run(
-    recipe: Recipe, ui: UI, resume: bool = False, force: bool = False, memory_check: bool = True
+    recipe: Recipe,
+    ui: UI,
+    resume: bool = False,
+    force: bool = False,
+    memory_check: bool = True,
+    score_split: str = "test",
+    pruning=None,
 ) -> dict:
     """Run the whole pipeline for ``recipe``; return run.json's contents.
 
     Data and model are loaded before anything is written, so a bad dataset or model name leaves
-    no run folder behind.
+    no run folder behind. A study's trial (``ftcli tune``) scores ``score_split="validation"``
+    instead of the sealed test split, skips the merge (it reads test inputs), and passes its
+    ``train.Pruning`` record to the loop.
     """
     _check_run_dir(recipe, resume, force)
     acc, device = make_accelerator(recipe)
@@ -173,6 +185,10 @@ def train_run(
     with acc.main_process_first():
         tokenizer, _, model_dir = load_tokenizer(recipe.model)
     prepared = prepare(recipe)
+    if recipe.data.augment and recipe.data.augment.paraphrase:
+        from ftcli.data.paraphrase import add_paraphrases
+
+        prepared = add_paraphrases(prepared, recipe, ui)
     tokenized = {
         s: tokenize(prepared.splits[s], recipe, tokenizer, prepared.label2id) for s in SPLITS
     }
@@ -213,24 +229,33 @@ def train_run(
         )
         with log.stage("train"):
             trained = train(
-                recipe, acc, adapted, tokenized, run_dir, resume=resume, progress=ui.progress()
+                recipe,
+                acc,
+                adapted,
+                tokenized,
+                run_dir,
+                resume=resume,
+                progress=ui.progress(),
+                pruning=pruning,
             )
         log.update(train=trained.as_dict())
 
-        ui.step("evaluate on the sealed test split")
+        sealed = score_split == "test"
+        ui.step("evaluate on the sealed test split" if sealed else f"evaluate on {score_split}")
         with log.stage("evaluate"):
             if main:
                 report = evaluate(
                     recipe.task,
                     adapted.model,
                     tokenizer,
-                    tokenized["test"].features,
+                    tokenized[score_split].features,
                     prepared.labels,
                     recipe.eval.batch_size,
                     acc.device,
+                    score_split,
                 )
                 ui.table(
-                    "test",
+                    score_split,
                     [
                         (k, f"{v:.4f}" if isinstance(v, float) else v)
                         for k, v in report.metrics.items()
@@ -239,7 +264,7 @@ def train_run(
                 )
                 log.update(eval=report.as_dict())
 
-        if recipe.merge.enabled and recipe.method.kind != "full":
+        if sealed and recipe.merge.enabled and recipe.method.kind != "full":
             ui.step("merge    adapter into the base, verified")
             test_feats = tokenized["test"].features[:16]
             del adapted
@@ -268,10 +293,11 @@ def train_run(
         )
         raise
     log.update(status="completed", finished=now())
+    merged_dir = sealed and recipe.merge.enabled and recipe.method.kind != "full"
     ui.info(
         f"[green]done[/] {run_dir}/  (run.json, metrics.jsonl, "
         f"{'model/' if recipe.method.kind == 'full' else 'adapter/'}"
-        f"{', merged/' if recipe.merge.enabled and recipe.method.kind != 'full' else ''})"
+        f"{', merged/' if merged_dir else ''})"
     )
     return log.data
 
