@@ -49,18 +49,19 @@ def main() -> None:
     ap.add_argument("--ops", default="synonym,swap,delete,insert,typo")
     ap.add_argument("--p", type=float, default=0.1)
     ap.add_argument("--test", type=int, default=600, help="sealed test reviews (same for all)")
+    ap.add_argument("--val", type=int, default=200, help="validation reviews (loss only)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-augment"))
     ap.add_argument("--resamples", type=int, default=999)
     args = ap.parse_args()
 
     results = []
-    for n in args.sizes:
-        for seed in range(1, args.seeds + 1):
+    for seed in range(1, args.seeds + 1):  # seed-major: a cut-short run still covers every size
+        for n in args.sizes:
             common = [
                 "--set", f"output_dir={args.out}",
                 "--set", f"data.max_train_examples={n}",
                 "--set", f"data.max_test_examples={args.test}",
-                "--set", "data.max_validation_examples=200",
+                "--set", f"data.max_validation_examples={args.val}",
                 "--set", f"train.epochs={args.epochs}",
                 "--set", f"train.seed={seed}",
                 "--set", "train.eval_every=1000000",

@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--train", type=int, default=800)
     ap.add_argument("--test", type=int, default=600)
+    ap.add_argument("--val", type=int, default=200)
     ap.add_argument("--sampler", default="tpe")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-tune"))
     args = ap.parse_args()
@@ -56,9 +57,9 @@ def main() -> None:
     recipe["name"] = "qs-tune"
     recipe["output_dir"] = str(out)
     recipe["data"].update(
-        max_train_examples=args.train, max_validation_examples=200, max_test_examples=args.test
+        max_train_examples=args.train, max_validation_examples=args.val, max_test_examples=args.test
     )
-    recipe["train"].update(max_steps=args.steps, eval_every=max(1, args.steps // 4))
+    recipe["train"].update(max_steps=args.steps, eval_every=max(1, args.steps // 3))
     recipe["merge"] = {"enabled": False}
     recipe["tune"] = {
         "trials": args.trials,

@@ -394,7 +394,7 @@ def tune(
 
     [bold]Examples[/]
 
-      ftcli tune recipes/quickstart-tune.yaml
+      ftcli tune study.yaml   [dim]# a recipe with a tune: section[/]
 
       ftcli tune my.yaml --trials 12 --timeout 3600 --json
 

@@ -72,15 +72,24 @@ def make_storage(recipe: Recipe):
 
 
 def make_sampler(recipe: Recipe, seed: int):
+    """TPE or random. The grid is enqueued into the study instead (``enqueue_grid``): Optuna's
+    GridSampler stops the study from ``tell`` when its grid is done, which ask-and-tell refuses."""
     optuna = _optuna()
-    spec = recipe.tune
-    if spec.sampler == "grid":
-        return optuna.samplers.GridSampler(
-            {k: space_values(v)[1] for k, v in spec.space.items()}, seed=spec.seed
-        )
-    if spec.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
+    if recipe.tune.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def enqueue_grid(study, recipe: Recipe) -> int:
+    """Queue every point of a grid space once (skipped where the study already holds it, so
+    processes that start together queue it once); returns the grid's size."""
+    import itertools
+
+    keys = list(recipe.tune.space)
+    grid = list(itertools.product(*(space_values(recipe.tune.space[k])[1] for k in keys)))
+    for point in grid:
+        study.enqueue_trial(dict(zip(keys, point, strict=True)), skip_if_exists=True)
+    return len(grid)
 
 
 def make_pruner(recipe: Recipe):
@@ -195,8 +204,8 @@ def _fmt(v) -> str:
 def _counts(study) -> tuple[int, int]:
     """(finished trials, running trials) in the storage, all processes together."""
     states = [t.state.name for t in study.get_trials(deepcopy=False)]
-    running = states.count("RUNNING") + states.count("WAITING")
-    return len(states) - running, running
+    running = states.count("RUNNING")
+    return len(states) - running - states.count("WAITING"), running
 
 
 def tune(
@@ -215,6 +224,8 @@ def tune(
     optuna = _optuna()
     target = trials or recipe.tune.trials
     study = open_study(recipe)
+    if recipe.tune.sampler == "grid":
+        target = min(target, enqueue_grid(study, recipe))
     root = tune_dir(recipe)
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
