@@ -44,6 +44,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[200, 800])
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=1, help="run seeds FIRST..SEEDS only")
     ap.add_argument("--epochs", type=float, default=2)
     ap.add_argument("--copies", type=int, default=1)
     ap.add_argument("--ops", default="synonym,swap,delete,insert,typo")
@@ -55,7 +56,9 @@ def main() -> None:
     args = ap.parse_args()
 
     results = []
-    for seed in range(1, args.seeds + 1):  # seed-major: a cut-short run still covers every size
+    for seed in range(
+        args.first_seed, args.seeds + 1
+    ):  # seed-major: a cut-short run still covers every size
         for n in args.sizes:
             common = [
                 "--set", f"output_dir={args.out}",

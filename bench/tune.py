@@ -48,6 +48,7 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=600)
     ap.add_argument("--val", type=int, default=200)
     ap.add_argument("--sampler", default="tpe")
+    ap.add_argument("--resume", action="store_true", help="continue a study stopped by Ctrl-C")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-tune"))
     args = ap.parse_args()
     out = Path(args.out)
@@ -70,7 +71,7 @@ def main() -> None:
     }
     path = out / "qs-tune.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    study = ftcli("tune", str(path))
+    study = ftcli("tune", str(path), *(["--resume"] if args.resume else []))
     best = study["best"]
     print(f"study: {len(study['trials'])} trials, {study['sampler']}, median pruner")
     for t in study["trials"]:

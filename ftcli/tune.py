@@ -201,11 +201,19 @@ def _fmt(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def _counts(study) -> tuple[int, int]:
-    """(finished trials, running trials) in the storage, all processes together."""
-    states = [t.state.name for t in study.get_trials(deepcopy=False)]
-    running = states.count("RUNNING")
-    return len(states) - running - states.count("WAITING"), running
+def _counts(study) -> tuple[int, int, int]:
+    """(finished, running, paused) trials in the storage, all processes together; paused ones
+    were stopped by Ctrl-C and wait for ``--resume`` (they hold their place in the budget)."""
+    finished = running = paused = 0
+    for t in study.get_trials(deepcopy=False):
+        if t.state.name == "RUNNING":
+            if t.user_attrs.get("interrupted"):
+                paused += 1
+            else:
+                running += 1
+        elif t.state.is_finished():
+            finished += 1
+    return finished, running, paused
 
 
 def tune(
@@ -248,8 +256,7 @@ def tune(
                 "--resume continues them"
             )
         while True:
-            done, running = _counts(study)
-            if done + running >= target:
+            if sum(_counts(study)) >= target:
                 break
             if timeout is not None and time.monotonic() - t0 >= timeout:
                 ui.info(f"--timeout {timeout:g}s reached: no new trial started")
@@ -307,7 +314,7 @@ def finish(study, recipe: Recipe, ui: UI) -> dict:
     root = tune_dir(recipe)
     rows = trial_rows(study)
     _table(ui, recipe, rows)
-    done, running = _counts(study)
+    done, running, paused = _counts(study)
     complete = [r for r in rows if r["state"] == "complete"]
     result: dict = {
         "name": recipe.name,
@@ -318,6 +325,7 @@ def finish(study, recipe: Recipe, ui: UI) -> dict:
         "trials": rows,
         "finished": done,
         "running": running,
+        "paused": paused,
         "tune_dir": str(root),
     }
     if not complete:

@@ -41,7 +41,7 @@ def test_grid_is_queued_once_and_caps_the_study(tmp_path):
     assert enqueue_grid(open_study(r), r) == 6  # a second process: nothing queued twice
     trials = study.get_trials()
     assert len(trials) == 6 and {t.state.name for t in trials} == {"WAITING"}
-    assert _counts(study) == (0, 0)
+    assert _counts(study) == (0, 0, 0)
     seen = set()
     for _ in range(6):
         t = study.ask()
