@@ -298,8 +298,11 @@ def importances(study) -> dict[str, float]:
     """optuna.importance (fANOVA) over the completed trials; empty when too few to say."""
     optuna = _optuna()
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
-    if len(complete) < 2 or len({tuple(sorted(t.params.items())) for t in complete}) < 2:
-        return {}
+    if (
+        len({tuple(sorted(t.params.items())) for t in complete}) < 2
+        or len({t.value for t in complete}) < 2
+    ):
+        return {}  # nothing varied, or every trial scored the same: no share of variance to give
     try:
         return dict(optuna.importance.get_param_importances(study))
     except (RuntimeError, ValueError, ZeroDivisionError):
