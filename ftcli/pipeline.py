@@ -124,6 +124,10 @@ def data_table(prepared, tokenized, max_length: int) -> list[tuple]:
         rows.append(
             ("dropped", ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in dropped.items()))
         )
+    aug = prepared.stats.get("augmented")
+    if aug:
+        ops = ", ".join(f"{n} {op}" for op, n in aug["by_op"].items() if n)
+        rows.append(("augmented", f"{aug['added']} train copies ({ops or 'none'})"))
     if prepared.labels:
         rows.append(("labels", ", ".join(prepared.labels)))
     return rows
@@ -165,12 +169,21 @@ def run_fields(
 
 
 def train_run(
-    recipe: Recipe, ui: UI, resume: bool = False, force: bool = False, memory_check: bool = True
+    recipe: Recipe,
+    ui: UI,
+    resume: bool = False,
+    force: bool = False,
+    memory_check: bool = True,
+    score_split: str = "test",
+    pruning=None,
 ) -> dict:
     """Run the whole pipeline for ``recipe``; return run.json's contents.
 
     Data and model are loaded before anything is written, so a bad dataset or model name leaves
     no run folder behind. The output folder is checked writable and the run folder locked first.
+    A study's trial (``ftcli tune``) scores ``score_split="validation"`` instead of the sealed test
+    split, skips the merge (it reads test inputs), and passes its ``train.Pruning`` record to the
+    loop.
     """
     for w in recipe.warnings:
         ui.warn(w.render())
@@ -181,7 +194,7 @@ def train_run(
                 f"took over the lock of {recipe.run_dir} from a run that is gone "
                 f"({held.took_over}): it was killed or crashed"
             )
-        return _train_run(recipe, ui, resume, force, memory_check)
+        return _train_run(recipe, ui, resume, force, memory_check, score_split, pruning)
 
 
 def _how_it_stopped(status: str) -> str:
@@ -192,7 +205,15 @@ def _how_it_stopped(status: str) -> str:
     }.get(status, status)
 
 
-def _train_run(recipe: Recipe, ui: UI, resume: bool, force: bool, memory_check: bool) -> dict:
+def _train_run(
+    recipe: Recipe,
+    ui: UI,
+    resume: bool,
+    force: bool,
+    memory_check: bool,
+    score_split: str,
+    pruning,
+) -> dict:
     _check_run_dir(recipe, resume, force)
     acc, device = make_accelerator(recipe)
     ui.step("memory   estimate before loading anything")
@@ -207,6 +228,10 @@ def _train_run(recipe: Recipe, ui: UI, resume: bool, force: bool, memory_check: 
     with acc.main_process_first():
         tokenizer, _, model_dir = load_tokenizer(recipe.model)
     prepared = prepare(recipe)
+    if recipe.data.augment and recipe.data.augment.paraphrase:
+        from ftcli.data.paraphrase import add_paraphrases
+
+        prepared = add_paraphrases(prepared, recipe, ui)
     tokenized = {
         s: tokenize(prepared.splits[s], recipe, tokenizer, prepared.label2id) for s in SPLITS
     }
@@ -279,11 +304,19 @@ def _train_run(recipe: Recipe, ui: UI, resume: bool, force: bool, memory_check: 
         )
         with log.stage("train"):
             trained = train(
-                recipe, acc, adapted, tokenized, run_dir, resume=resume, progress=ui.progress()
+                recipe,
+                acc,
+                adapted,
+                tokenized,
+                run_dir,
+                resume=resume,
+                progress=ui.progress(),
+                pruning=pruning,
             )
         log.update(train=trained.as_dict())
 
-        ui.step("evaluate on the sealed test split")
+        sealed = score_split == "test"
+        ui.step("evaluate on the sealed test split" if sealed else f"evaluate on {score_split}")
         with log.stage("evaluate"):
             if main:
                 model = adapted.model
@@ -293,13 +326,14 @@ def _train_run(recipe: Recipe, ui: UI, resume: bool, force: bool, memory_check: 
                     recipe.task,
                     model,
                     tokenizer,
-                    tokenized["test"].features,
+                    tokenized[score_split].features,
                     prepared.labels,
                     recipe.eval.batch_size,
                     acc.device,
+                    score_split,
                 )
                 ui.table(
-                    "test",
+                    score_split,
                     [
                         (k, f"{v:.4f}" if isinstance(v, float) else v)
                         for k, v in report.metrics.items()
@@ -314,7 +348,7 @@ def _train_run(recipe: Recipe, ui: UI, resume: bool, force: bool, memory_check: 
                 f"  no merge: {recipe.method.kind} tuning learns virtual tokens, no weights to "
                 f"fold; the adapter is used as it is (ftcli predict {run_dir})"
             )
-        elif recipe.merge.enabled and recipe.method.kind != "full":
+        elif sealed and recipe.merge.enabled and recipe.method.kind != "full":
             ui.step("merge    adapter into the base, verified")
             test_feats = tokenized["test"].features[:16]
             del adapted
@@ -363,10 +397,13 @@ def _train_run(recipe: Recipe, ui: UI, resume: bool, force: bool, memory_check: 
     log.data.pop("error", None)  # an earlier attempt's, now resumed to completion
     log.update(status="completed", finished=now())
     finish_tracking(acc, recipe, trained.steps, test_metrics)
+    merged_dir = (
+        sealed and recipe.merge.enabled and recipe.method.kind not in ("full", *PROMPT_KINDS)
+    )
     ui.info(
         f"[green]done[/] {run_dir}/  (run.json, metrics.jsonl, "
         f"{'model/' if recipe.method.kind == 'full' else 'adapter/'}"
-        f"{', merged/' if recipe.merge.enabled and recipe.method.kind not in ('full', *PROMPT_KINDS) else ''})"
+        f"{', merged/' if merged_dir else ''})"
     )
     return log.data
 

@@ -67,6 +67,39 @@ class CleanSpec(_Section):
     dedupe: bool = True
 
 
+# --- data.augment (issue 12): kept together; the ops live in data/augment.py, paraphrases in
+# data/paraphrase.py.
+
+AugmentOp = Literal["synonym", "swap", "delete", "insert", "typo"]
+
+
+class ParaphraseSpec(_Section):
+    model: str = Field(description="causal LM that writes the paraphrases: path, hub id or pkg:")
+    max_new_tokens: int = Field(64, gt=0)
+    filter_model: str | None = Field(
+        None,
+        description="classification: a trained classifier (run folder or model); copies it "
+        "labels differently from their source are dropped",
+    )
+
+
+class AugmentSpec(_Section):
+    """Augmented copies of the training split (validation and test are never augmented)."""
+
+    copies: int = Field(1, gt=0, description="augmented copies per training example")
+    ops: list[AugmentOp] = Field(
+        ["synonym", "swap", "delete", "insert", "typo"],
+        description="EDA-style ops and keyboard typos; each copy applies one, drawn per copy",
+    )
+    p: float = Field(0.1, gt=0, le=1, description="share of words each op touches")
+    paraphrase: ParaphraseSpec | None = None
+    seed: int = 0
+    completions: bool = Field(
+        False,
+        description="causal_lm: also rewrite completions / assistant turns (default: prompts only)",
+    )
+
+
 class DataSpec(_Section):
     """Where the examples come from and how their columns map onto the task."""
 
@@ -127,6 +160,8 @@ class DataSpec(_Section):
     def label_col(self) -> str:
         """The label column: ``label_column``, or ``label`` (what a ``<label>/*.txt`` folder has)."""
         return self.label_column or "label"
+
+    augment: AugmentSpec | None = Field(None, description="augmented copies of the training split")
 
     @property
     def style(self) -> str:
@@ -338,6 +373,31 @@ class MergeSpec(_Section):
     )
 
 
+# --- tune (issue 12): the search `ftcli tune` runs (ftcli/tune.py); kept together.
+
+SPACE_KINDS = ("choice", "uniform", "log_uniform", "int")
+
+
+class TuneSpec(_Section):
+    """A hyperparameter study on Optuna: each trial is the base recipe with ``space`` values set."""
+
+    trials: int = Field(20, gt=0, description="trials this study should reach in all")
+    sampler: Literal["tpe", "random", "grid"] = "tpe"
+    metric: Literal["validation_loss", "accuracy", "macro_f1"] = Field(
+        "validation_loss", description="selection metric, on the validation split only"
+    )
+    space: dict[str, dict[str, Any]] = Field(
+        description="dotted recipe key (as --set takes it) -> {choice: [...]} | "
+        "{uniform: [lo, hi]} | {log_uniform: [lo, hi]} | {int: [lo, hi]}"
+    )
+    pruner: Literal["none", "median", "hyperband"] = "median"
+    storage: str | None = Field(
+        None,
+        description="Optuna storage URL, or a .log journal file; default: SQLite in the run folder",
+    )
+    seed: int = Field(0, description="the sampler's seed")
+
+
 class Recipe(_Section):
     """A whole fine-tuning run. Frozen: nothing writes back into it."""
 
@@ -352,6 +412,7 @@ class Recipe(_Section):
     train: TrainSpec = TrainSpec()
     eval: EvalSpec = EvalSpec()
     merge: MergeSpec = MergeSpec()
+    tune: TuneSpec | None = None
     output_dir: str = "runs"
 
     _origin: RecipeOrigin | None = PrivateAttr(default=None)
@@ -399,6 +460,10 @@ class Recipe(_Section):
                 for part in parents:
                     node = node.get(part) or {}
                 node.pop(leaf, None)
+        if self.data.augment is None:
+            d["data"].pop("augment")
+        if self.tune is None:
+            d.pop("tune")
         return yaml.safe_dump(d, sort_keys=False, allow_unicode=True)
 
 
@@ -485,6 +550,17 @@ APPLIES: dict[str, Applies | None] = {
     "data.loss_on": Applies(lambda r: r.task == "causal_lm", "task causal_lm", warn=True),
     "data.add_eos": Applies(lambda r: r.task == "causal_lm", "task causal_lm", warn=True),
     "data.encoding": ALWAYS,
+    # augmentation: combinations that add nothing are recipe errors of their own (_augment_problems)
+    "data.augment": ALWAYS,
+    "data.augment.copies": ALWAYS,
+    "data.augment.ops": ALWAYS,
+    "data.augment.p": ALWAYS,
+    "data.augment.seed": ALWAYS,
+    "data.augment.completions": ALWAYS,
+    "data.augment.paraphrase": ALWAYS,
+    "data.augment.paraphrase.model": ALWAYS,
+    "data.augment.paraphrase.max_new_tokens": ALWAYS,
+    "data.augment.paraphrase.filter_model": ALWAYS,
     # method
     "method": ALWAYS,
     "method.kind": ALWAYS,
@@ -563,6 +639,16 @@ APPLIES: dict[str, Applies | None] = {
     "eval.benchmarks": ALWAYS,
     "eval.benchmarks_path": ALWAYS,
     "eval.benchmark_limit": ALWAYS,
+    # tune: read by `ftcli tune` only (`ftcli train` runs the base recipe); its space is checked
+    # before any trial (_tune_problems)
+    "tune": ALWAYS,
+    "tune.trials": ALWAYS,
+    "tune.sampler": ALWAYS,
+    "tune.metric": ALWAYS,
+    "tune.pruner": ALWAYS,
+    "tune.storage": ALWAYS,
+    "tune.seed": ALWAYS,
+    "tune.space": ALWAYS,
     # merge
     "merge": ALWAYS,
     "merge.enabled": Applies(
@@ -1012,6 +1098,7 @@ def _semantic_problems(r: Recipe) -> list[Problem]:
     for key in ("benchmarks_path", "benchmark_limit"):
         if getattr(e, key) is not None and not e.benchmarks:
             p.append(r.problem(f"eval.{key}", "only applies with eval.benchmarks"))
+    p += _augment_problems(r) + _tune_problems(r)
     return p
 
 
@@ -1142,6 +1229,145 @@ def _strategy_problems(r: Recipe) -> list[Problem]:
                 "train.early_stopping",
                 "early stopping watches validation loss, but there is no validation split",
                 "set data.split.validation above 0, or data.validation_path",
+            )
+        )
+    return p
+
+
+# --- data.augment and tune checks (issue 12)
+
+
+def _augment_problems(r: Recipe) -> list[Problem]:
+    a = r.data.augment
+    if a is None:
+        return []
+    p = []
+    if not a.ops and a.paraphrase is None:
+        p.append(
+            r.problem(
+                "data.augment.ops",
+                "no op and no paraphrase: augmentation would add nothing",
+                "name ops (synonym, swap, delete, insert, typo) or a paraphrase model",
+            )
+        )
+    if r.task == "causal_lm" and r.data.style == "text" and not a.completions:
+        p.append(
+            r.problem(
+                "data.augment",
+                "plain-text data has no prompt to rewrite, and completions are never rewritten "
+                "unless asked",
+                "set data.augment.completions: true to rewrite the text itself",
+            )
+        )
+    if a.completions and r.task == "classification":
+        p.append(r.problem("data.augment.completions", "only applies to task causal_lm"))
+    if a.paraphrase and a.paraphrase.filter_model and r.task != "classification":
+        p.append(
+            r.problem("data.augment.paraphrase.filter_model", "only applies to task classification")
+        )
+    return p
+
+
+def space_values(spec: dict) -> tuple[str, list]:
+    """(kind, the values that bound it) of one ``tune.space`` entry: every choice, or lo and hi."""
+    kind = next(iter(spec))
+    values = spec[kind]
+    return kind, list(values) if isinstance(values, list) else [values]
+
+
+def _tune_problems(r: Recipe) -> list[Problem]:
+    """A space that could produce an invalid recipe is reported now, before any trial runs: every
+    choice and both bounds go through the same override path as ``--set``."""
+    tune = r.tune
+    if tune is None:
+        return []
+    origin = r._origin
+
+    def at(key: str, message: str, hint: str | None = None) -> Problem:
+        path = ("tune", "space", key)
+        if origin is None:
+            return Problem(message, key=".".join(path), hint=hint)
+        line = origin.lines.get(path) or origin.lines.get(path[:2])
+        return Problem(message, key=".".join(path), file=origin.file, line=line, hint=hint)
+
+    p = []
+    if not tune.space:
+        p.append(r.problem("tune.space", "the search space is empty", "name at least one key"))
+    base = yaml.safe_load(r.to_yaml())
+    base.pop("tune", None)
+    for key, spec in tune.space.items():
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
+            p.append(
+                at(
+                    key,
+                    f"expected one of {{{': ..., '.join(SPACE_KINDS)}: ...}}, got {spec!r}",
+                    "e.g. {choice: [4, 8, 16]} or {log_uniform: [1.0e-5, 1.0e-2]}",
+                )
+            )
+            continue
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*", key):
+            p.append(at(key, "not a dotted recipe key", "for example method.r"))
+            continue
+        if key.split(".")[0] in ("tune", "name", "output_dir"):
+            p.append(at(key, "the study itself sets this key; it cannot be searched"))
+            continue
+        kind, values = space_values(spec)
+        if kind == "choice":
+            if not values:
+                p.append(at(key, "empty choice: nothing to pick from", "list at least one value"))
+                continue
+        else:
+            nums = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+            if len(values) != 2 or len(nums) != 2:
+                p.append(at(key, f"{kind} takes [low, high] numbers, got {values!r}"))
+                continue
+            lo, hi = values
+            if lo > hi:
+                p.append(at(key, f"low {lo!r} > high {hi!r}", "swap the bounds"))
+                continue
+            if kind == "log_uniform" and lo <= 0:
+                p.append(at(key, f"log_uniform needs low > 0, got {lo!r}"))
+                continue
+            if kind == "int" and not all(isinstance(v, int) for v in values):
+                p.append(at(key, f"int takes whole-number bounds, got {values!r}"))
+                continue
+            if tune.sampler == "grid":
+                p.append(
+                    at(
+                        key,
+                        "the grid sampler needs a finite space",
+                        "use {choice: [...]} for every key, or sampler tpe/random",
+                    )
+                )
+                continue
+        for value in values:
+            data = yaml.safe_load(yaml.safe_dump(base))
+            apply_overrides(data, [(tuple(key.split(".")), value)])
+            try:
+                recipe_from_mapping(data, file="<trial>")
+            except RecipeError as exc:
+                inner = exc.problems[0]
+                where = f"{inner.key}: " if inner.key and inner.key != key else ""
+                p.append(
+                    at(
+                        key,
+                        f"the value {value!r} makes an invalid recipe: {where}{inner.message}",
+                        inner.hint,
+                    )
+                )
+                break
+    if tune.metric != "validation_loss" and r.task != "classification":
+        p.append(
+            r.problem(
+                "tune.metric", f"{tune.metric} needs task classification", "use validation_loss"
+            )
+        )
+    if r.data.split.validation <= 0 and not r.data.validation_path:
+        p.append(
+            r.problem(
+                "tune",
+                "a study selects on the validation split, and this recipe has none",
+                "set data.split.validation above 0 (the test split stays sealed)",
             )
         )
     return p

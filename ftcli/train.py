@@ -55,6 +55,7 @@ class Trained:
     mixed_precision: str
     stopped_at: int | None = None  # early stopping: the step it stopped at (None: ran to the end)
     best_step: int | None = None  # early stopping: the step whose weights were kept
+    pruned_at: int | None = None  # the step a study's pruner stopped this run at (ftcli tune)
 
     @property
     def tokens_per_s(self) -> float:
@@ -75,6 +76,7 @@ class Trained:
             "mixed_precision": self.mixed_precision,
             "stopped_at": self.stopped_at,
             "best_step": self.best_step,
+            "pruned_at": self.pruned_at,
         }
 
 
@@ -295,6 +297,27 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict:
 # --------------------------------------------------------------------------- the loop
 
 
+@dataclass(frozen=True)
+class Pruning:
+    """A study trial watching this run's validation curve (``ftcli tune``). A plain record that
+    one ``if`` in the loop reads, not a callback: the loop stays one visible function. ``trial``
+    is an ``optuna.Trial``; ``metric`` is what it is told at each validation."""
+
+    trial: object
+    metric: str = "validation_loss"  # or a classification metric: accuracy, macro_f1
+
+
+def validation_score(model, features: list[dict], pad_id: int, batch_size: int, device, p: Pruning):
+    """The pruning metric on the validation features (the test split is never read here)."""
+    from ftcli.evaluation.forward import class_probabilities
+    from ftcli.evaluation.metrics import classification_summary
+
+    probs = class_probabilities(model, features, pad_id, batch_size, device)
+    model.train()
+    names = [str(i) for i in range(len(probs[0]))]
+    return classification_summary([f["labels"] for f in features], probs, names)[p.metric]
+
+
 def save_sharded_checkpoint(accelerator, ckpt_root: Path, scheduler, state: dict, keep: int):
     """FSDP / DeepSpeed: every rank writes its shards with ``accelerator.save_state`` (model,
     optimizer, RNG); ``--resume`` restores them under the same world size."""
@@ -420,8 +443,12 @@ def train(
     run_dir: Path,
     resume: bool = False,
     progress=None,
+    pruning: Pruning | None = None,
 ) -> Trained:
-    """Train ``adapted.model`` on ``tokenized['train']``; validate on ``tokenized['validation']``."""
+    """Train ``adapted.model`` on ``tokenized['train']``; validate on ``tokenized['validation']``.
+
+    With ``pruning``, each validation is reported to the study's trial, and the run stops early
+    (saved as it stands) when the pruner says the trial is weak."""
     t = recipe.train
     model, tok = adapted.model, adapted.tokenizer
     train_feats = tokenized["train"].features
@@ -500,7 +527,7 @@ def train(
     window = LogWindow(step=state.global_step)
     t_start = time.perf_counter() - state.seconds
     skip = state.micro_in_epoch
-    last_loss = grad_norm = None
+    last_loss = grad_norm = pruned_at = None
 
     def finite_weights() -> None:
         """Never write NaN/Inf weights: stop instead, keeping the last good checkpoint."""
@@ -542,7 +569,7 @@ def train(
     if progress:
         progress.start(total_steps, state.global_step)
     try:
-        while state.global_step < total_steps and state.stopped_at is None:
+        while state.global_step < total_steps and state.stopped_at is None and pruned_at is None:
             order = epoch_order(len(train_feats), t.seed, state.epoch)
             loader = accelerator.prepare(
                 make_loader(train_feats, t.batch_size, tok.pad_token_id, order)
@@ -647,6 +674,21 @@ def train(
                         )
                     if progress:
                         progress.note(f"step {step}/{total_steps}  validation loss {v:.4f}")
+                    if pruning is not None:
+                        score = v
+                        if pruning.metric != "validation_loss":
+                            score = validation_score(
+                                model,
+                                val_feats,
+                                tok.pad_token_id,
+                                recipe.eval.batch_size,
+                                accelerator.device,
+                                pruning,
+                            )
+                        pruning.trial.report(score, step)
+                        if step < total_steps and pruning.trial.should_prune():
+                            pruned_at = step
+                            break
                 if step % ckpt_every == 0 and step < total_steps and state.stopped_at is None:
                     checkpoint()
                 if step >= total_steps or state.stopped_at is not None:
@@ -702,4 +744,5 @@ def train(
         accelerator.mixed_precision,
         state.stopped_at,
         best_step,
+        pruned_at,
     )

@@ -404,6 +404,11 @@ def prepare(recipe: Recipe) -> PreparedData:
                 hint="add examples of them, or drop them with data.labels",
             )
 
+    augmented = None
+    if d.augment is not None:  # after the split, on train only: validation and test stay as read
+        from ftcli.data.augment import augment_train
+
+        splits["train"], augmented = augment_train(splits["train"], d.augment, recipe.task)
     stats = {
         "source": d.path,
         "read": counts.read,
@@ -417,6 +422,8 @@ def prepare(recipe: Recipe) -> PreparedData:
     }
     if counts.notes:
         stats["notes"] = counts.notes
+    if augmented is not None:
+        stats["augmented"] = augmented
     if labels:
         stats["label_counts"] = {
             k: dict(collections.Counter(e["label"] for e in v)) for k, v in splits.items()
