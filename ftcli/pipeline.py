@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 
 from ftcli.adapt import adapt
 from ftcli.data.examples import SPLITS, prepare, save_prepared
@@ -73,10 +73,12 @@ def make_accelerator(recipe: Recipe):
     # that would refuse a second precision. Forget the per-run part; the process group stays.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
+    # no gradient_accumulation_steps: train() groups micro-batches itself, to normalise each
+    # step's loss over its real targets; non-blocking copies pair with the pinned CUDA loader
     acc = Accelerator(
         mixed_precision=mp,
-        gradient_accumulation_steps=recipe.train.gradient_accumulation,
         cpu=device == "cpu",
+        dataloader_config=DataLoaderConfiguration(non_blocking=device == "cuda"),
     )
     return acc, device
 

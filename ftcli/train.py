@@ -8,6 +8,7 @@ and Ctrl-C that saves one. The same function runs under ``torchrun`` / ``acceler
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
@@ -19,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from ftcli.data.tokenize import Tokenized, collate
+from ftcli.data.tokenize import IGNORE_INDEX, Tokenized, collate, pack
 from ftcli.errors import FtcliError, Interrupted
 from ftcli.evaluation.forward import loss_sums
 from ftcli.recipe import Recipe
@@ -41,10 +42,18 @@ class Trained:
     tokens: int
     resumed_from: int | None
     mixed_precision: str
+    processed_tokens: int = 0  # positions the model ran on, padding included
+    packed: bool = False
 
     @property
     def tokens_per_s(self) -> float:
+        """Real (non-pad) tokens per second of training."""
         return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def padding_efficiency(self) -> float | None:
+        """Real tokens / processed tokens: 1.0 means no compute went to padding."""
+        return self.tokens / self.processed_tokens if self.processed_tokens else None
 
     def as_dict(self) -> dict:
         return {
@@ -57,6 +66,10 @@ class Trained:
             "seconds": round(self.seconds, 2),
             "tokens": self.tokens,
             "tokens_per_s": round(self.tokens_per_s, 1),
+            "padding_efficiency": (
+                round(self.padding_efficiency, 4) if self.padding_efficiency is not None else None
+            ),
+            "packed": self.packed,
             "resumed_from": self.resumed_from,
             "mixed_precision": self.mixed_precision,
         }
@@ -65,16 +78,26 @@ class Trained:
 # --------------------------------------------------------------------------- building blocks
 
 
-def make_loader(features: list[dict], batch_size: int, pad_id: int, order: list[int] | None = None):
+def make_loader(
+    features: list[dict],
+    batch_size: int,
+    pad_id: int,
+    order: list[int] | None = None,
+    batches: list[list[int]] | None = None,
+    collate_fn=None,
+):
+    """A loader over ``features``: in ``order`` by ``batch_size``, or exactly the index ``batches``."""
     data = [features[i] for i in order] if order is not None else features
+    by = {"batch_sampler": batches} if batches is not None else {"batch_size": batch_size}
     # An explicit generator: starting an iterator must not draw from the global RNG, or a resumed
     # run's dropout masks would drift from the uninterrupted run's.
     return DataLoader(
         data,
-        batch_size=batch_size,
         shuffle=False,
-        collate_fn=lambda b: collate(b, pad_id),
+        collate_fn=collate_fn or (lambda b: collate(b, pad_id)),
         generator=torch.Generator().manual_seed(0),
+        pin_memory=torch.cuda.is_available(),
+        **by,
     )
 
 
@@ -83,6 +106,78 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     sees exactly the batches the uninterrupted run would have seen."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(n, generator=g).tolist()
+
+
+MEGA_BATCHES = 50  # length grouping sorts within windows of this many batches
+
+
+def batch_plan(
+    lengths: list[int],
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    group: bool = True,
+    batch_tokens: int | None = None,
+    packed: bool = False,
+) -> list[list[int]]:
+    """The micro-batches (example indices) of epoch ``epoch``, a pure function of its arguments so
+    ``--resume`` replays them exactly. Every example appears once per epoch.
+
+    ``group``: the epoch's shuffled order cut into windows of ~50 batches, each sorted by length
+    (long first) and cut into batches, then the batch order shuffled: batches of similar lengths,
+    little padding. ``batch_tokens``: a micro-batch takes examples while the tokens the model runs
+    on (packed: their sum; padded: count x longest) stay within the budget.
+    """
+    order = epoch_order(len(lengths), seed, epoch)
+    if not group and batch_tokens is None:
+        return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    window = batch_size * MEGA_BATCHES
+    if batch_tokens is not None:
+        window = max(window, MEGA_BATCHES * batch_tokens // max(1, max(lengths)))
+    batches: list[list[int]] = []
+    for s in range(0, len(order), window):
+        part = order[s : s + window]
+        if group:
+            part = sorted(part, key=lambda i: -lengths[i])
+        if batch_tokens is None:
+            batches += [part[b : b + batch_size] for b in range(0, len(part), batch_size)]
+            continue
+        cur: list[int] = []
+        longest = used = 0
+        for i in part:
+            k = lengths[i]
+            cost = used + k if packed else (len(cur) + 1) * max(longest, k)
+            if cur and cost > batch_tokens:
+                batches.append(cur)
+                cur, longest, used = [], 0, 0
+            cur.append(i)
+            longest, used = max(longest, k), used + k
+        if cur:
+            batches.append(cur)
+    if group:
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch + 7_919)
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+    return batches
+
+
+def targets_in(batch: dict, task: str):
+    """What the loss averages over in a micro-batch: examples, or supervised next-token positions."""
+    labels = batch["labels"]
+    if task == "classification":
+        return torch.tensor(labels.shape[0], device=labels.device)
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+def optimizer_steps(loader, k: int):
+    """The loader's micro-batches in groups of ``k`` (the last may be shorter): one optimizer step each."""
+    group: list = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == k:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def build_optimizer(recipe: Recipe, model):
@@ -110,8 +205,9 @@ def build_optimizer(recipe: Recipe, model):
             "paged_adamw8bit": bnb.optim.PagedAdamW8bit,
         }[name]
         return cls(groups, lr=o.lr, betas=o.betas, eps=o.eps)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+    if name == "adamw":  # fused: one kernel for all parameters on CUDA
+        fused = params[0].is_cuda or None
+        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=fused)
     if name == "adam":
         return torch.optim.Adam(groups, lr=o.lr, betas=o.betas, eps=o.eps)
     if name == "sgd":
@@ -150,6 +246,26 @@ def evaluate_loss(accelerator, model, loader, task: str) -> float:
     if was_training:
         model.train()
     return (total / count).item() if count.item() else float("nan")
+
+
+def speed_up(recipe: Recipe, model):
+    """The opt-in kernels: Liger's (CUDA; the loss stays ftcli's chunked one) and torch.compile."""
+    t = recipe.train
+    if t.kernels == "liger":
+        try:
+            from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        except ImportError:
+            raise FtcliError(
+                "train.kernels is 'liger' but liger-kernel is not installed",
+                hint="pip install 'ftcli[liger]', or set train.kernels to none",
+            ) from None
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        _apply_liger_kernel_to_instance(
+            model=inner, cross_entropy=False, fused_linear_cross_entropy=False
+        )
+    if t.compile:
+        model = torch.compile(model)
+    return model
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -224,12 +340,13 @@ class LoopState:
     epoch: int = 0
     micro_in_epoch: int = 0
     tokens: int = 0
+    processed_tokens: int = 0
     best_val_loss: float | None = None
     best_val_step: int | None = None
     seconds: float = 0.0
     log_window: list = field(
         default_factory=lambda: [0.0, 0]
-    )  # loss sum, micro-batches since the last log
+    )  # loss sum, optimizer steps since the last log
 
     def snapshot(self, seconds: float) -> dict:
         return {**asdict(self), "seconds": seconds}
@@ -253,7 +370,8 @@ def log_row(
     steps_per_epoch: int,
     t_start: float,
 ) -> dict:
-    """One metrics.jsonl row: the loss averaged over the window's micro-batches and processes."""
+    """One metrics.jsonl row: the loss averaged over the window's steps (each already the mean over
+    its real targets on all processes); tokens/s counts real tokens."""
     loss_sum, micro = state.log_window
     mean = accelerator.reduce(
         torch.tensor(loss_sum / micro, device=accelerator.device), "mean"
@@ -295,9 +413,18 @@ def train(
             hint="set data.split.validation above 0, or use another train.scheduler.name",
         )
 
+    model = speed_up(recipe, model)
     optimizer = build_optimizer(recipe, model)
     world = accelerator.num_processes
-    micro_per_epoch = math.ceil(math.ceil(len(train_feats) / t.batch_size) / world)
+    packed = recipe.data.packs(recipe.task)
+    lengths = [len(f["input_ids"]) for f in train_feats]
+
+    def plan(epoch: int) -> list[list[int]]:
+        return batch_plan(
+            lengths, t.batch_size, t.seed, epoch, t.group_by_length, t.batch_tokens, packed
+        )
+
+    micro_per_epoch = math.ceil(len(plan(0)) / world)
     steps_per_epoch = max(1, math.ceil(micro_per_epoch / t.gradient_accumulation))
     # max_steps 0 is a real choice (a control run: save the starting point untrained), not "unset"
     total_steps = (
@@ -357,38 +484,54 @@ def train(
         accelerator.wait_for_everyone()
         return path
 
+    pad = tok.pad_token_id
+    varlen = str(getattr(accelerator.unwrap_model(model).config, "_attn_implementation", ""))
+    varlen = varlen.startswith("flash_attention")  # varlen kernels isolate packed examples
+    rows = recipe.data.max_length
+
+    def fn(b):
+        return pack(b, pad, rows, varlen) if packed else collate(b, pad)
+
     model.train()
     if progress:
         progress.start(total_steps, state.global_step)
     try:
         while state.global_step < total_steps:
-            order = epoch_order(len(train_feats), t.seed, state.epoch)
             loader = accelerator.prepare(
-                make_loader(train_feats, t.batch_size, tok.pad_token_id, order)
+                make_loader(
+                    train_feats, t.batch_size, pad, batches=plan(state.epoch), collate_fn=fn
+                )
             )
             if skip:
                 loader = accelerator.skip_first_batches(loader, skip)
             state.micro_in_epoch, skip = skip, 0
-            for batch in loader:
-                with accelerator.accumulate(model):
-                    loss = model(**batch).loss
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and t.max_grad_norm:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                    optimizer.step()
-                    if accelerator.sync_gradients and not plateau:
-                        scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                state.micro_in_epoch += 1
-                n_tok = accelerator.reduce(batch["attention_mask"].sum().detach(), "sum").item()
-                state.tokens += n_tok
-                window.tokens += n_tok
-                state.log_window = [
-                    state.log_window[0] + loss.detach().float().item(),
-                    state.log_window[1] + 1,
-                ]
-                if not accelerator.sync_gradients:
-                    continue
+            for group in optimizer_steps(loader, t.gradient_accumulation):
+                # The step's loss is the mean over its real targets on all processes, whatever the
+                # micro-batch sizes: equal with and without grouping, and for k x b vs 1 x kb.
+                local = torch.stack([targets_in(b, recipe.task) for b in group]).sum()
+                denom = accelerator.reduce(local.double(), "sum").clamp(min=1)
+                step_loss = 0.0
+                for j, batch in enumerate(group):
+                    last = j == len(group) - 1
+                    with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                        s, _ = loss_sums(model, batch, recipe.task)
+                        loss = s * (world / denom).to(s.dtype)  # DDP averages over processes
+                        accelerator.backward(loss)
+                    step_loss += loss.detach().float().item()
+                if t.max_grad_norm:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                optimizer.step()
+                if not plateau:
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.micro_in_epoch += len(group)
+                real = sum(b.get("real_mask", b.get("attention_mask")).sum() for b in group)
+                seen = sum(b["input_ids"].numel() for b in group)
+                counts = accelerator.reduce(torch.stack([real, torch.tensor(seen).to(real)]), "sum")
+                state.tokens += int(counts[0])
+                state.processed_tokens += int(counts[1])
+                window.tokens += int(counts[0])
+                state.log_window = [state.log_window[0] + step_loss, state.log_window[1] + 1]
                 state.global_step += 1
                 step = state.global_step
                 if step % t.log_every == 0 or step == total_steps:
@@ -472,4 +615,6 @@ def train(
         state.tokens,
         resumed_from,
         accelerator.mixed_precision,
+        state.processed_tokens,
+        packed,
     )
