@@ -4,11 +4,9 @@ whatever the micro-batch sizes (grouped or not, packed or not, k x b or 1 x kb).
 
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from ftcli.pipeline import train_run
