@@ -238,7 +238,8 @@ def evaluate_loss(accelerator, model, loader, task: str) -> float:
     count = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     with torch.no_grad():
         for batch in loader:
-            s, c = loss_sums(model, batch, task)
+            with accelerator.autocast():
+                s, c = loss_sums(model, batch, task)
             total += s.double()
             count += c.double()
     total = accelerator.reduce(total, "sum")
@@ -263,8 +264,8 @@ def speed_up(recipe: Recipe, model):
         _apply_liger_kernel_to_instance(
             model=inner, cross_entropy=False, fused_linear_cross_entropy=False
         )
-    if t.compile:
-        model = torch.compile(model)
+    if t.compile:  # in place: the module keeps its type, so saving and peft see the same model
+        model.compile()
     return model
 
 
@@ -514,7 +515,8 @@ def train(
                 for j, batch in enumerate(group):
                     last = j == len(group) - 1
                     with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                        s, _ = loss_sums(model, batch, recipe.task)
+                        with accelerator.autocast():  # the LM head too runs outside forward
+                            s, _ = loss_sums(model, batch, recipe.task)
                         loss = s * (world / denom).to(s.dtype)  # DDP averages over processes
                         accelerator.backward(loss)
                     step_loss += loss.detach().float().item()

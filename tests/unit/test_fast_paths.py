@@ -115,3 +115,30 @@ def test_pack_rows_respects_the_budget_and_keeps_every_example():
     assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in r) <= 40 for r in rows)
     assert len(rows) == 3  # 120 tokens: 40 | 30+10 | 25+12+3, rows filled exactly
+
+
+def test_speed_keys_that_do_nothing_are_errors(tmp_path):
+    from ftcli.errors import RecipeError
+    from ftcli.recipe import load_recipe
+
+    p = tmp_path / "r.yaml"
+    p.write_text(
+        "name: x\ntask: classification\nmodel: {name: m}\ndata: {path: d.csv, label_column: y,"
+        " packing: true, max_length: 64}\nmethod: {kind: lora}\n"
+        "train: {device: cpu, kernels: liger, batch_tokens: 32}\n"
+    )
+    with pytest.raises(RecipeError) as info:
+        load_recipe(p)
+    text = "\n".join(x.render() for x in info.value.problems)
+    assert "data.packing" in text and "only applies to task causal_lm" in text
+    assert "train.kernels" in text and "train.batch_tokens" in text
+    r = load_recipe(p, ["data.packing=null", "train.kernels=none", "train.batch_tokens=64"])
+    assert not r.data.packs(r.task) and r.train.group_by_length
+
+
+def test_native_bf16_is_read_from_the_cpu_flags():
+    from ftcli.models import cpu_has_native_bf16
+
+    assert cpu_has_native_bf16("processor: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n")
+    assert cpu_has_native_bf16("flags : fpu amx_bf16 amx_tile\n")
+    assert not cpu_has_native_bf16("flags : fpu sse avx2 fma\n")  # emulated bf16: stay fp32
