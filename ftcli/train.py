@@ -488,10 +488,9 @@ def train(
     pad = tok.pad_token_id
     varlen = str(getattr(accelerator.unwrap_model(model).config, "_attn_implementation", ""))
     varlen = varlen.startswith("flash_attention")  # varlen kernels isolate packed examples
-    rows = recipe.data.max_length
 
     def fn(b):
-        return pack(b, pad, rows, varlen) if packed else collate(b, pad)
+        return pack(b, pad, None, varlen) if packed else collate(b, pad)
 
     model.train()
     if progress:

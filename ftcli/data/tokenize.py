@@ -166,18 +166,19 @@ def pack(features: list[dict], pad_id: int, row_tokens: int | None = None, varle
     position ids restarting per example, and attention isolated per example.
 
     ``varlen`` (flash-attention): one row, no mask; transformers reads the example boundaries from
-    the position ids. Otherwise rows of at most ``row_tokens`` with an explicit 4D block-diagonal
-    causal mask (additive float, 0 = attend): position ids alone leak attention across examples
+    the position ids. Otherwise rows of at most ``row_tokens`` (default: the longest example, so
+    the rows never run more positions, or longer attention, than the padded batch would) with an
+    explicit 4D block-diagonal causal mask (additive float, 0 = attend): position ids alone leak attention across examples
     under eager and SDPA attention (TRAPS.md #11). Each example's first label is ignored, so no
     prediction crosses an example boundary: the loss equals the unpacked batch's.
     """
     import torch
 
     lengths = [len(f["input_ids"]) for f in features]
-    if varlen or row_tokens is None:
+    if varlen:
         rows = [list(range(len(features)))]
     else:
-        rows = pack_rows(lengths, max(row_tokens, max(lengths)))
+        rows = pack_rows(lengths, max(row_tokens or 0, max(lengths)))
     width = max(sum(lengths[i] for i in row) for row in rows)
     n = len(rows)
     ids = torch.full((n, width), pad_id, dtype=torch.long)

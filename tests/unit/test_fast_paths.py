@@ -80,7 +80,8 @@ def test_packed_batch_equals_unpacked(tiny_models, arch, attn):
     model.eval()
     feats = _features(model.config.vocab_size, n=7, seed=1)
     loss_u, grads_u = _loss_and_grads(model, collate(feats, pad_id=0))
-    for row_tokens in (None, 40):  # one row; rows of at most 40 tokens (several examples each)
+    # rows as long as the longest example; rows of 40 tokens; one row of everything
+    for row_tokens in (None, 40, 10_000):
         packed = pack(feats, pad_id=0, row_tokens=row_tokens)
         assert packed["real_mask"].sum() == sum(len(f["input_ids"]) for f in feats)
         loss_p, grads_p = _loss_and_grads(model, packed)
@@ -92,8 +93,10 @@ def test_packed_batch_equals_unpacked(tiny_models, arch, attn):
 def test_position_ids_alone_leak_and_the_block_mask_isolates(tiny_models):
     """Why pack() builds a mask (TRAPS.md #11): without it the second example sees the first."""
     model = _model(tiny_models, "llama", "sdpa").eval()
-    feats = _features(model.config.vocab_size, n=2, seed=2)
-    packed = pack(feats, pad_id=0)
+    feats = sorted(
+        _features(model.config.vocab_size, n=2, seed=2), key=lambda f: -len(f["input_ids"])
+    )
+    packed = pack(feats, pad_id=0, row_tokens=10_000)  # one row, the longer example first
     k0 = len(feats[0]["input_ids"])
     with torch.no_grad():
         alone = model(input_ids=torch.tensor([feats[1]["input_ids"]])).logits[0]
