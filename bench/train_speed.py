@@ -1,16 +1,30 @@
-"""Training speed and memory: ftcli's loop vs the plain transformers + peft way (Trainer), same work.
+"""Training speed and memory: ftcli's loop (defaults) vs the plain transformers + peft way (Trainer)
+and TRL's SFTTrainer, on the same examples.
 
-Both sides train the same model with the same LoRA (or full) set-up on the same tokenized examples,
-batch size, optimizer, schedule and thread count, for the same number of steps; each run happens in
-a fresh subprocess (peak RSS is a per-process high-water mark), and the two alternate so drift in a
-shared machine's load hits both. Reported: median seconds per step and peak RSS, as ratios.
+Every side trains the same model with the same LoRA set-up on the same tokenized examples (ftcli's
+tokenization of the recipe's first steps x batch training examples: one pass), batch size,
+optimizer, learning rate and schedule, each in a fresh subprocess (peak RSS is a per-process
+high-water mark); sides alternate within a round, and rounds reverse the order, so drift in a
+shared machine's load hits all of them. Reported per side (median over rounds):
 
-    python bench/train_speed.py                       # MiniLM-L6 LoRA (quickstart set-up) and SmolLM2 LoRA
-    python bench/train_speed.py --rounds 3 --steps 40 --json
-    python bench/train_speed.py --pinned      # glibc's mmap threshold pinned: resident = live tensors
+- real tokens/s: non-pad tokens of the examples / wall time of the training call;
+- peak RSS (MiB) of the process;
+- the final training loss on equal examples: the trained model's mean loss over the same training
+  examples, computed by the same code for every side (fp32, no dropout);
+- the ratio of real tokens/s to the Trainer default, and the share of the machine's measured
+  matmul peak (bench/peak.py at these shapes): LoRA ~ 4 FLOPs per linear weight per real token.
 
-Peak RSS under glibc's default heap also measures how much freed memory the heap keeps, which
-depends on allocation order more than on what is live; --pinned compares the live tensors.
+    python bench/train_speed.py                      # all cases, 2 rounds
+    python bench/train_speed.py --cases chat --steps 20 --rounds 2 --json
+
+Cases and sides:
+  quickstart   MiniLM-L6 LoRA classification: ftcli | trainer (DataCollatorWithPadding) |
+               trainer-grouped (train_sampling_strategy="group_by_length", TRAPS.md #13)
+  smollm2-cls  SmolLM2-135M LoRA sentiment: the same three
+  chat         SmolLM2-135M chat SFT on chatterbot: ftcli | trainer (completion-only labels,
+               DataCollatorForSeq2Seq pads them with -100) | trl | trl-padding-free | trl-packing
+               (TRL's padding-free/packing pass position ids without a mask: on CPU/SDPA that
+               leaks attention across examples, TRAPS.md #11; timed anyway, marked in the table)
 """
 
 from __future__ import annotations
@@ -22,18 +36,29 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+CLS_SIDES = ["ftcli", "trainer", "trainer-grouped"]
 CASES = {
-    "minilm-lora": ("recipes/quickstart.yaml", 32),
-    "smollm2-lora": ("recipes/smollm2-sentiment-lora.yaml", 16),
+    "quickstart": ("recipes/quickstart.yaml", 32, CLS_SIDES),
+    "smollm2-cls": ("recipes/smollm2-sentiment-lora.yaml", 16, CLS_SIDES),
+    "chat": (
+        "recipes/smollm2-chat-lora.yaml",
+        8,
+        ["ftcli", "trainer", "trl", "trl-padding-free", "trl-packing"],
+    ),
 }
+LEAKY = {"trl-padding-free", "trl-packing"}  # position ids without a mask on SDPA
+
+
+DEVICE = os.environ.get("BENCH_DEVICE", "cpu")  # cuda: bench/gpu_check.sh
 
 
 def _prepare(recipe_path: str, steps: int, batch: int):
-    """The recipe's tokenizer, tokenized training examples (exactly what ftcli trains on) and recipe."""
+    """The recipe (bounded to one pass over steps x batch examples), its tokenizer and features."""
     from ftcli.data.examples import prepare
     from ftcli.data.tokenize import tokenize
     from ftcli.models import load_tokenizer
@@ -47,6 +72,8 @@ def _prepare(recipe_path: str, steps: int, batch: int):
             "train.eval_every=100000",
             "train.log_every=1",
             "merge.enabled=false",
+            f"train.device={DEVICE}",
+            *(["method.quantization.compute_dtype=bfloat16"] if DEVICE == "cuda" else []),
         ],
     )
     tok, _, model_dir = load_tokenizer(recipe.model)
@@ -57,114 +84,212 @@ def _prepare(recipe_path: str, steps: int, batch: int):
     return recipe, tok, model_dir, prepared, feats
 
 
-def run_ftcli(recipe_path: str, steps: int, batch: int) -> dict:
-    import tempfile
+def _linear_weights(model) -> int:
+    """Weights of the linear layers a token passes through (the causal LM head excluded)."""
+    import torch
 
-    from accelerate import Accelerator
+    return sum(
+        m.weight.numel()
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")
+    )
 
+
+def _equal_examples_loss(model, feats, pad_id: int, task: str) -> float:
+    """Mean loss of the trained model over the training examples: the same code for every side."""
+    import torch
+
+    from ftcli.data.tokenize import collate
+    from ftcli.evaluation.forward import loss_sums
+
+    model.eval()
+    total = count = 0.0
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for s in range(0, len(feats), 32):
+            batch = {k: v.to(device) for k, v in collate(feats[s : s + 32], pad_id).items()}
+            s_, c = loss_sums(model, batch, task)
+            total, count = total + float(s_), count + float(c)
+    return total / count
+
+
+def run_ftcli(recipe, tok, model_dir, prepared, feats) -> dict:
     from ftcli.adapt import adapt
     from ftcli.data.tokenize import Tokenized
+    from ftcli.pipeline import make_accelerator
     from ftcli.train import train
 
-    recipe, tok, model_dir, prepared, feats = _prepare(recipe_path, steps, batch)
-    adapted = adapt(recipe, tok, model_dir, prepared.labels, "cpu")
+    acc, device = make_accelerator(recipe)
+    adapted = adapt(recipe, tok, model_dir, prepared.labels, device)
     tokenized = {"train": Tokenized(feats, 0, 0, 0), "validation": Tokenized([], 0, 0, 0)}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        train(recipe, Accelerator(cpu=True), adapted, tokenized, Path(tmp))
+        out = train(recipe, acc, adapted, tokenized, Path(tmp))
         seconds = time.perf_counter() - t0
-        rows = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
-    per_step = [r["s_per_step"] for r in rows if "s_per_step" in r][1:]  # the first step warms up
-    return {"s_per_step": statistics.median(per_step), "seconds": seconds}
+    return {
+        "seconds": seconds,
+        "model": adapted.model,
+        "mixed_precision": out.mixed_precision,
+        "padding_efficiency": out.padding_efficiency,
+    }
 
 
-def run_plain(recipe_path: str, steps: int, batch: int) -> dict:
-    """What a user writes with transformers + peft alone: Trainer, a LoraConfig, a data collator."""
-    import tempfile
-
-    import torch
+def _peft(model, recipe, task_type: str):
     from peft import LoraConfig, get_peft_model
-    from transformers import (
-        AutoModelForSequenceClassification,
-        DataCollatorWithPadding,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-    )
 
-    recipe, tok, model_dir, prepared, feats = _prepare(recipe_path, steps, batch)
-    labels = prepared.labels
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_dir,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={lab: i for i, lab in enumerate(labels)},
-        pad_token_id=tok.pad_token_id,
-        dtype=torch.float32,
-    )
     m = recipe.method
-    model = get_peft_model(
+    return get_peft_model(
         model,
         LoraConfig(
             r=m.r,
             lora_alpha=m.alpha,
             lora_dropout=m.dropout,
             target_modules=m.target_modules,
-            task_type="SEQ_CLS",
+            task_type=task_type,
         ),
     )
-    times: list[float] = []
 
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            self.t = time.perf_counter()
 
-        def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter() - self.t)
+def _args(recipe, tmp: str, batch: int, steps: int, **kw) -> dict:
+    o, s = recipe.train.optimizer, recipe.train.scheduler
+    return dict(
+        output_dir=tmp,
+        per_device_train_batch_size=batch,
+        max_steps=steps,
+        learning_rate=o.lr,
+        weight_decay=o.weight_decay,
+        lr_scheduler_type={"constant": "constant_with_warmup"}.get(s.name, s.name),
+        warmup_steps=s.warmup_ratio,  # transformers 5: a float < 1 is a ratio
+        max_grad_norm=recipe.train.max_grad_norm or 0.0,
+        logging_steps=10,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=DEVICE == "cpu",
+        bf16=DEVICE == "cuda",  # what a GPU user sets; on CPU the Trainer default (fp32)
+        seed=recipe.train.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        **kw,
+    )
 
-    data = [
-        {"input_ids": f["input_ids"], "attention_mask": f["attention_mask"], "labels": f["labels"]}
-        for f in feats
-    ]
-    o = recipe.train.optimizer
+
+def run_trainer(side: str, recipe, tok, model_dir, prepared, feats, steps: int, batch: int):
+    """What a user writes with transformers + peft (and TRL) alone."""
+    import torch
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        DataCollatorForSeq2Seq,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
+
+    causal = recipe.task == "causal_lm"
+    if causal:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model.to(DEVICE)
+        model = _peft(model, recipe, "CAUSAL_LM")
+    else:
+        labels = prepared.labels
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={lab: i for i, lab in enumerate(labels)},
+            pad_token_id=tok.pad_token_id,
+            dtype=torch.float32,
+        ).to(DEVICE)
+        model = _peft(model, recipe, "SEQ_CLS")
+    data = [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in feats]
     with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(
-            output_dir=tmp,
-            per_device_train_batch_size=batch,
-            max_steps=steps,
-            learning_rate=o.lr,
-            weight_decay=o.weight_decay,
-            lr_scheduler_type="linear",
-            warmup_steps=recipe.train.scheduler.warmup_ratio,  # transformers 5: a float < 1 is a ratio
-            logging_steps=10,
-            save_strategy="no",
-            report_to=[],
-            use_cpu=True,
-            seed=recipe.train.seed,
-            dataloader_num_workers=0,
-            disable_tqdm=True,
-        )
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=data,
-            data_collator=DataCollatorWithPadding(tok),
-            callbacks=[StepTimer()],
-        )
+        if side.startswith("trl"):
+            from datasets import Dataset
+            from trl import SFTConfig, SFTTrainer
+
+            cfg = SFTConfig(
+                **_args(recipe, tmp, batch, steps),
+                max_length=recipe.data.max_length,
+                padding_free=side == "trl-padding-free",
+                packing=side == "trl-packing",
+                dataset_num_proc=None,
+            )
+            trainer = SFTTrainer(
+                model=model, args=cfg, train_dataset=Dataset.from_list(data), processing_class=tok
+            )
+        else:
+            extra = (
+                {"train_sampling_strategy": "group_by_length"} if side.endswith("grouped") else {}
+            )
+            collator = (
+                DataCollatorForSeq2Seq(tok, label_pad_token_id=-100)
+                if causal
+                else DataCollatorWithPadding(tok)
+            )
+            for row, f in zip(data, feats, strict=True):
+                row["attention_mask"] = f["attention_mask"]
+            trainer = Trainer(
+                model=model,
+                args=TrainingArguments(**_args(recipe, tmp, batch, steps, **extra)),
+                train_dataset=data,
+                data_collator=collator,
+            )
         t0 = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - t0
-    return {"s_per_step": statistics.median(times[1:]), "seconds": seconds}
+    return {
+        "seconds": seconds,
+        "model": trainer.model,
+        "mixed_precision": "bf16" if DEVICE == "cuda" else "no",
+    }
 
 
 def child(side: str, case: str, steps: int) -> None:
     from ftcli.ui import quiet_libraries
 
     quiet_libraries()
-    recipe_path, batch = CASES[case]
-    out = (run_ftcli if side == "ftcli" else run_plain)(recipe_path, steps, batch)
-    out["peak_rss_MiB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    recipe_path, batch, _ = CASES[case]
+    recipe, tok, model_dir, prepared, feats = _prepare(recipe_path, steps, batch)
+    if side == "ftcli":
+        out = run_ftcli(recipe, tok, model_dir, prepared, feats)
+    else:
+        out = run_trainer(side, recipe, tok, model_dir, prepared, feats, steps, batch)
+    if DEVICE == "cuda":
+        import torch
+
+        peak = torch.cuda.max_memory_allocated() / 2**20  # the GPU's high-water mark
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    model = out.pop("model")
+    real = sum(len(f["input_ids"]) for f in feats)
+    out.update(
+        real_tokens=real,
+        tokens_per_s=real / out["seconds"],
+        peak_rss_MiB=peak,
+        final_loss=_equal_examples_loss(model, feats, tok.pad_token_id, recipe.task),
+        linear_weights=_linear_weights(model),
+        mean_tokens=real / len(feats),
+        # the GEMM that dominates a step: real tokens of a batch x hidden -> feed-forward width
+        gemm=[
+            batch * round(real / len(feats)),
+            model.config.hidden_size,
+            getattr(model.config, "intermediate_size", 4 * model.config.hidden_size),
+        ],
+    )
     print(json.dumps(out))
+
+
+def _peak(shapes: list[list[int]]) -> dict:
+    """GEMM GFLOP/s of this machine at the benchmark's shapes (bench/peak.py), fp32 and bf16."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "peak.py"), "--json", "--shapes", json.dumps(shapes)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    if proc.returncode:
+        sys.exit(f"peak.py failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout)
 
 
 def main() -> None:
@@ -172,24 +297,22 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--sides", nargs="+", help="only these sides (default: each case's)")
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--json", action="store_true")
-    ap.add_argument(
-        "--pinned", action="store_true", help="pin glibc's mmap threshold (64 KiB) in both sides"
-    )
     ap.add_argument("--child", nargs=2, metavar=("SIDE", "CASE"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         return child(a.child[0], a.child[1], a.steps)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    if a.pinned:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     results = []
+    load = [os.getloadavg()]
     for case in a.cases:
-        got: dict[str, list[dict]] = {"ftcli": [], "plain": []}
+        sides = [s for s in CASES[case][2] if not a.sides or s in a.sides]
+        got: dict[str, list[dict]] = {s: [] for s in sides}
         for i in range(a.rounds):
-            for side in ("ftcli", "plain") if i % 2 == 0 else ("plain", "ftcli"):
+            for side in sides if i % 2 == 0 else sides[::-1]:
                 proc = subprocess.run(
                     [sys.executable, __file__, "--child", side, case, "--steps", str(a.steps)],
                     capture_output=True,
@@ -198,36 +321,71 @@ def main() -> None:
                     cwd=ROOT,
                 )
                 if proc.returncode:
-                    sys.exit(f"{side} {case} failed:\n{proc.stderr[-3000:]}")
-                got[side].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                    err = proc.stderr.strip().splitlines()[-1:] or ["?"]
+                    got[side].append({"error": err[0][:200]})
+                else:
+                    got[side].append(json.loads(proc.stdout.strip().splitlines()[-1]))
                 print(f"{case} {side} round {i + 1}: {got[side][-1]}", file=sys.stderr, flush=True)
-        med = {
-            s: {k: statistics.median(r[k] for r in rows) for k in ("s_per_step", "peak_rss_MiB")}
-            for s, rows in got.items()
-        }
-        results.append(
-            {
-                "case": case,
-                "steps": a.steps,
-                "rounds": a.rounds,
-                "malloc_pinned": a.pinned,
-                "ftcli": med["ftcli"],
-                "plain": med["plain"],
-                "time_ratio": med["ftcli"]["s_per_step"] / med["plain"]["s_per_step"],
-                "memory_ratio": med["ftcli"]["peak_rss_MiB"] / med["plain"]["peak_rss_MiB"],
+        for side, rows in got.items():
+            ok = [r for r in rows if "error" not in r]
+            if not ok:
+                results.append({"case": case, "side": side, "error": rows[0]["error"]})
+                continue
+            med = {
+                k: statistics.median(r[k] for r in ok)
+                for k in ("tokens_per_s", "peak_rss_MiB", "final_loss", "seconds")
             }
-        )
+            results.append(
+                {
+                    "case": case,
+                    "side": side,
+                    **med,
+                    "mixed_precision": ok[0]["mixed_precision"],
+                    "padding_efficiency": ok[0].get("padding_efficiency"),
+                    "linear_weights": ok[0]["linear_weights"],
+                    "gemm": ok[0]["gemm"],
+                    "runs": len(ok),
+                    "leaks_attention": side in LEAKY,
+                }
+            )
+        load.append(os.getloadavg())
+    # the share of the machine's matmul peak: GEMMs of (batch x mean length) tokens by each layer
+    shapes = sorted({tuple(r["gemm"]) for r in results if "error" not in r})
+    peak = _peak([list(s) for s in shapes]) if DEVICE == "cpu" else None
+    for r in results:
+        if "error" in r:
+            continue
+        base = next(x for x in results if x["case"] == r["case"] and x["side"] == "trainer")
+        r["ratio_vs_trainer"] = r["tokens_per_s"] / base["tokens_per_s"]
+        r["memory_vs_trainer"] = r["peak_rss_MiB"] / base["peak_rss_MiB"]
+        r["peak_share"] = None
+        if peak:
+            shape = "x".join(map(str, r["gemm"]))
+            gflops = peak[shape]["bf16" if r["mixed_precision"] == "bf16" else "fp32"]
+            r["peak_share"] = 4 * r["linear_weights"] * r["tokens_per_s"] / (gflops * 1e9)
+    summary = {"load_average": [round(x, 2) for x in load[0] + load[-1]], "results": results}
     if a.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(summary, indent=2))
         return
+    print(f"load average (1/5/15 min) at start, end: {summary['load_average']}")
     print(
-        f"{'case':14} {'ftcli s/step':>12} {'plain s/step':>12} {'ratio':>6} {'ftcli MiB':>10} {'plain MiB':>10} {'ratio':>6}"
+        f"{'case':12} {'side':17} {'prec':5} {'real tok/s':>10} {'x trainer':>9} {'peak MiB':>9}"
+        f" {'x mem':>6} {'loss':>7} {'pad eff':>7} {'% peak':>7}"
     )
     for r in results:
+        if "error" in r:
+            print(f"{r['case']:12} {r['side']:17} failed: {r['error']}")
+            continue
+        pe = r["padding_efficiency"]
         print(
-            f"{r['case']:14} {r['ftcli']['s_per_step']:12.3f} {r['plain']['s_per_step']:12.3f} {r['time_ratio']:6.2f} "
-            f"{r['ftcli']['peak_rss_MiB']:10.0f} {r['plain']['peak_rss_MiB']:10.0f} {r['memory_ratio']:6.2f}"
+            f"{r['case']:12} {r['side'] + ('*' if r['leaks_attention'] else ''):17} "
+            f"{r['mixed_precision']:5} {r['tokens_per_s']:10.0f} {r['ratio_vs_trainer']:9.2f} "
+            f"{r['peak_rss_MiB']:9.0f} {r['memory_vs_trainer']:6.2f} {r['final_loss']:7.4f} "
+            f"{pe if pe is None else round(pe, 3)!s:>7} "
+            + (f"{100 * r['peak_share']:6.1f}%" if r["peak_share"] is not None else "      -")
         )
+    if any(r.get("leaks_attention") for r in results):
+        print("* position ids without a mask on SDPA: attention leaks across examples (TRAPS #11)")
 
 
 if __name__ == "__main__":

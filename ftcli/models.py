@@ -36,10 +36,28 @@ def resolve_device(choice: str = "auto") -> str:
     return choice
 
 
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX flags in /proc/cpuinfo). On
+    AVX2-only machines bf16 is emulated and slower than fp32 (TRAPS.md #14)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:  # not Linux: no way to tell, so no
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def resolve_mixed_precision(choice: str, device: str) -> str:
-    """``auto``: bf16 on a CUDA GPU that has it, else none."""
+    """``auto``: bf16 where the hardware has it natively (a CUDA GPU with bf16, a CPU with
+    AVX512-BF16 or AMX), else none."""
     if choice == "auto":
-        return "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "no"
+        if device == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "no"
+        return "bf16" if cpu_has_native_bf16() else "no"
     if choice == "fp16" and device != "cuda":
         raise FtcliError(
             "fp16 mixed precision needs a CUDA GPU", hint="set train.mixed_precision to bf16 or no"

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 
 from ftcli.adapt import adapt, save_initial_adapter
 from ftcli.data.examples import SPLITS, prepare, save_prepared
@@ -81,12 +81,14 @@ def make_accelerator(recipe: Recipe):
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     check_launch(device)
+    # no gradient_accumulation_steps: train() groups micro-batches itself, to normalise each
+    # step's loss over its real targets; non-blocking copies pair with the pinned CUDA loader
     acc = Accelerator(
         mixed_precision=mp,
-        gradient_accumulation_steps=recipe.train.gradient_accumulation,
         cpu=device == "cpu",
         log_with=trackers(recipe) or None,
         kwargs_handlers=[process_group_kwargs(recipe.train.ddp_timeout_s)],
+        dataloader_config=DataLoaderConfiguration(non_blocking=device == "cuda"),
     )
     check_mode(acc)  # the launch got the distributed mode it asked for (TRAPS.md #12)
     return acc, device

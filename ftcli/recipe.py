@@ -162,6 +162,15 @@ class DataSpec(_Section):
         return self.label_column or "label"
 
     augment: AugmentSpec | None = Field(None, description="augmented copies of the training split")
+    packing: bool | None = Field(
+        None,
+        description="causal_lm: concatenate a micro-batch's examples into rows (no padding), "
+        "attention isolated per example; default: on for causal_lm",
+    )
+
+    def packs(self, task: str) -> bool:
+        """Whether training packs examples (the default is on for causal LMs)."""
+        return task == "causal_lm" if self.packing is None else self.packing
 
     @property
     def style(self) -> str:
@@ -311,9 +320,25 @@ class TrainSpec(_Section):
     scheduler: SchedulerSpec = SchedulerSpec()
     max_grad_norm: float | None = Field(1.0, gt=0)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
-        "auto", description="auto = bf16 on a CUDA GPU that supports it, else no"
+        "auto",
+        description="auto = bf16 where the hardware has it natively (a CUDA GPU with bf16, a CPU "
+        "with AVX512-BF16 or AMX), else no",
     )
     gradient_checkpointing: bool = False
+    group_by_length: bool = Field(
+        True,
+        description="micro-batches of similar lengths (shuffled mega-batches sorted by length): "
+        "less padding, same examples per epoch",
+    )
+    batch_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="a token budget per micro-batch instead of batch_size examples (real tokens)",
+    )
+    kernels: Literal["none", "liger"] = Field(
+        "none", description="liger: Liger kernels on CUDA (pip install liger-kernel)"
+    )
+    compile: bool = Field(False, description="torch.compile the model (opt-in; first steps slower)")
     eval_every: int | None = Field(
         None, gt=0, description="validation loss every N steps; default: each epoch"
     )
@@ -550,6 +575,8 @@ APPLIES: dict[str, Applies | None] = {
     "data.loss_on": Applies(lambda r: r.task == "causal_lm", "task causal_lm", warn=True),
     "data.add_eos": Applies(lambda r: r.task == "causal_lm", "task causal_lm", warn=True),
     "data.encoding": ALWAYS,
+    # speed: packing on a classifier, liger on a CPU... are recipe errors of their own
+    "data.packing": ALWAYS,
     # augmentation: combinations that add nothing are recipe errors of their own (_augment_problems)
     "data.augment": ALWAYS,
     "data.augment.copies": ALWAYS,
@@ -617,6 +644,10 @@ APPLIES: dict[str, Applies | None] = {
     "train.device": ALWAYS,
     "train.max_loss_spike": ALWAYS,
     "train.report_to": ALWAYS,
+    "train.group_by_length": ALWAYS,
+    "train.batch_tokens": ALWAYS,
+    "train.kernels": ALWAYS,
+    "train.compile": ALWAYS,
     # without mlflow in report_to it is a recipe error of its own (_semantic_problems)
     "train.mlflow_uri": ALWAYS,
     # a single process has no collectives to time out, but a recipe cannot know its launch
@@ -1012,6 +1043,27 @@ def _semantic_problems(r: Recipe) -> list[Problem]:
         )
     if m.kind == "qlora" and m.quant.bits == 8 and "quant_type" in m.quant.model_fields_set:
         p.append(r.problem("method.quantization.quant_type", "only applies to 4-bit quantization"))
+    if d.packing and r.task != "causal_lm":
+        p.append(
+            r.problem(
+                "data.packing",
+                "packing only applies to task causal_lm",
+                "remove it (classification batches are length-grouped already)",
+            )
+        )
+    if t.batch_tokens is not None and t.batch_tokens < d.max_length:
+        p.append(
+            r.problem(
+                "train.batch_tokens",
+                f"{t.batch_tokens} is below data.max_length ({d.max_length}): a long example "
+                "would not fit a micro-batch",
+                f"set train.batch_tokens to at least {d.max_length}",
+            )
+        )
+    if t.kernels == "liger" and t.device == "cpu":
+        p.append(
+            r.problem("train.kernels", "Liger kernels need a CUDA GPU", "set train.kernels to none")
+        )
     if t.mixed_precision == "fp16" and t.device == "cpu":
         p.append(
             r.problem(

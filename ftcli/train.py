@@ -8,6 +8,7 @@ and Ctrl-C that saves one. The same function runs under ``torchrun`` / ``acceler
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
 from ftcli.adapt import INIT_ADAPTER
-from ftcli.data.tokenize import Tokenized, collate
+from ftcli.data.tokenize import IGNORE_INDEX, Tokenized, collate, pack
 from ftcli.distributed import is_sharded
 from ftcli.errors import FtcliError, Interrupted, TrainingStopped
 from ftcli.evaluation.forward import loss_sums
@@ -56,10 +57,18 @@ class Trained:
     stopped_at: int | None = None  # early stopping: the step it stopped at (None: ran to the end)
     best_step: int | None = None  # early stopping: the step whose weights were kept
     pruned_at: int | None = None  # the step a study's pruner stopped this run at (ftcli tune)
+    processed_tokens: int = 0  # positions the model ran on, padding included
+    packed: bool = False
 
     @property
     def tokens_per_s(self) -> float:
+        """Real (non-pad) tokens per second of training."""
         return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def padding_efficiency(self) -> float | None:
+        """Real tokens / processed tokens: 1.0 means no compute went to padding."""
+        return self.tokens / self.processed_tokens if self.processed_tokens else None
 
     def as_dict(self) -> dict:
         return {
@@ -72,6 +81,10 @@ class Trained:
             "seconds": round(self.seconds, 2),
             "tokens": self.tokens,
             "tokens_per_s": round(self.tokens_per_s, 1),
+            "padding_efficiency": (
+                round(self.padding_efficiency, 4) if self.padding_efficiency is not None else None
+            ),
+            "packed": self.packed,
             "resumed_from": self.resumed_from,
             "mixed_precision": self.mixed_precision,
             "stopped_at": self.stopped_at,
@@ -83,16 +96,26 @@ class Trained:
 # --------------------------------------------------------------------------- building blocks
 
 
-def make_loader(features: list[dict], batch_size: int, pad_id: int, order: list[int] | None = None):
+def make_loader(
+    features: list[dict],
+    batch_size: int,
+    pad_id: int,
+    order: list[int] | None = None,
+    batches: list[list[int]] | None = None,
+    collate_fn=None,
+):
+    """A loader over ``features``: in ``order`` by ``batch_size``, or exactly the index ``batches``."""
     data = [features[i] for i in order] if order is not None else features
+    by = {"batch_sampler": batches} if batches is not None else {"batch_size": batch_size}
     # An explicit generator: starting an iterator must not draw from the global RNG, or a resumed
     # run's dropout masks would drift from the uninterrupted run's.
     return DataLoader(
         data,
-        batch_size=batch_size,
         shuffle=False,
-        collate_fn=lambda b: collate(b, pad_id),
+        collate_fn=collate_fn or (lambda b: collate(b, pad_id)),
         generator=torch.Generator().manual_seed(0),
+        pin_memory=torch.cuda.is_available(),
+        **by,
     )
 
 
@@ -101,6 +124,78 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     sees exactly the batches the uninterrupted run would have seen."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(n, generator=g).tolist()
+
+
+MEGA_BATCHES = 50  # length grouping sorts within windows of this many batches
+
+
+def batch_plan(
+    lengths: list[int],
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    group: bool = True,
+    batch_tokens: int | None = None,
+    packed: bool = False,
+) -> list[list[int]]:
+    """The micro-batches (example indices) of epoch ``epoch``, a pure function of its arguments so
+    ``--resume`` replays them exactly. Every example appears once per epoch.
+
+    ``group``: the epoch's shuffled order cut into windows of ~50 batches, each sorted by length
+    (long first) and cut into batches, then the batch order shuffled: batches of similar lengths,
+    little padding. ``batch_tokens``: a micro-batch takes examples while the tokens the model runs
+    on (packed: their sum; padded: count x longest) stay within the budget.
+    """
+    order = epoch_order(len(lengths), seed, epoch)
+    if not group and batch_tokens is None:
+        return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    window = batch_size * MEGA_BATCHES
+    if batch_tokens is not None:
+        window = max(window, MEGA_BATCHES * batch_tokens // max(1, max(lengths)))
+    batches: list[list[int]] = []
+    for s in range(0, len(order), window):
+        part = order[s : s + window]
+        if group:
+            part = sorted(part, key=lambda i: -lengths[i])
+        if batch_tokens is None:
+            batches += [part[b : b + batch_size] for b in range(0, len(part), batch_size)]
+            continue
+        cur: list[int] = []
+        longest = used = 0
+        for i in part:
+            k = lengths[i]
+            cost = used + k if packed else (len(cur) + 1) * max(longest, k)
+            if cur and cost > batch_tokens:
+                batches.append(cur)
+                cur, longest, used = [], 0, 0
+            cur.append(i)
+            longest, used = max(longest, k), used + k
+        if cur:
+            batches.append(cur)
+    if group:
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch + 7_919)
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+    return batches
+
+
+def targets_in(batch: dict, task: str):
+    """What the loss averages over in a micro-batch: examples, or supervised next-token positions."""
+    labels = batch["labels"]
+    if task == "classification":
+        return torch.tensor(labels.shape[0], device=labels.device)
+    return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+def optimizer_steps(loader, k: int):
+    """The loader's micro-batches in groups of ``k`` (the last may be shorter): one optimizer step each."""
+    group: list = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == k:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def build_optimizer(recipe: Recipe, model):
@@ -125,8 +220,9 @@ def build_optimizer(recipe: Recipe, model):
             "paged_adamw8bit": bnb.optim.PagedAdamW8bit,
         }[name]
         return cls(groups, lr=lr, betas=o.betas, eps=o.eps)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=o.betas, eps=o.eps)
+    if name == "adamw":  # fused: one kernel for all parameters on CUDA
+        fused = next(model.parameters()).is_cuda or None
+        return torch.optim.AdamW(groups, lr=lr, betas=o.betas, eps=o.eps, fused=fused)
     if name == "adam":
         return torch.optim.Adam(groups, lr=lr, betas=o.betas, eps=o.eps)
     if name == "sgd":
@@ -157,7 +253,8 @@ def evaluate_loss(accelerator, model, loader, task: str) -> float:
     count = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     with torch.no_grad():
         for batch in loader:
-            s, c = loss_sums(model, batch, task)
+            with accelerator.autocast():
+                s, c = loss_sums(model, batch, task)
             total += s.double()
             count += c.double()
     total = accelerator.reduce(total, "sum")
@@ -187,7 +284,7 @@ def stopped(
     why: str,
     state,
     recipe: Recipe,
-    order: list[int],
+    rows: list[int],
     world: int,
     last_ckpt,
     run_dir: Path,
@@ -196,9 +293,8 @@ def stopped(
     """One message: the step, the likely causes (with the rows of the batch), what was kept."""
     t = recipe.train
     rows = ""
-    if world == 1 and not applied and order:
-        m = state.micro_in_epoch
-        idx = sorted(i + 1 for i in order[m * t.batch_size : (m + 1) * t.batch_size])
+    if world == 1 and not applied and rows:
+        idx = sorted(i + 1 for i in rows)
         rows = f" (lines {', '.join(map(str, idx[:8]))}{'...' if len(idx) > 8 else ''} of "
         rows += f"{run_dir / 'data' / 'train.jsonl'})"
     kept = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved"
@@ -210,6 +306,26 @@ def stopped(
         "fp16 overflow (train.mixed_precision: bf16 or no), or a bad data row in this batch"
         f"{rows}",
     )
+
+
+def speed_up(recipe: Recipe, model):
+    """The opt-in kernels: Liger's (CUDA; the loss stays ftcli's chunked one) and torch.compile."""
+    t = recipe.train
+    if t.kernels == "liger":
+        try:
+            from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        except ImportError:
+            raise FtcliError(
+                "train.kernels is 'liger' but liger-kernel is not installed",
+                hint="pip install 'ftcli[liger]', or set train.kernels to none",
+            ) from None
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        _apply_liger_kernel_to_instance(
+            model=inner, cross_entropy=False, fused_linear_cross_entropy=False
+        )
+    if t.compile:  # in place: the module keeps its type, so saving and peft see the same model
+        model.compile()
+    return model
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -383,6 +499,7 @@ class LoopState:
     epoch: int = 0
     micro_in_epoch: int = 0
     tokens: int = 0
+    processed_tokens: int = 0
     best_val_loss: float | None = None
     best_val_step: int | None = None
     lowest_loss: float | None = None  # lowest micro-batch loss so far (train.max_loss_spike)
@@ -391,7 +508,7 @@ class LoopState:
     seconds: float = 0.0
     log_window: list = field(
         default_factory=lambda: [0.0, 0]
-    )  # loss sum, micro-batches since the last log
+    )  # loss sum, optimizer steps since the last log
 
     def snapshot(self, seconds: float) -> dict:
         return {**asdict(self), "seconds": seconds}
@@ -415,7 +532,8 @@ def log_row(
     steps_per_epoch: int,
     t_start: float,
 ) -> dict:
-    """One metrics.jsonl row: the loss averaged over the window's micro-batches and processes."""
+    """One metrics.jsonl row: the loss averaged over the window's steps (each already the mean over
+    its real targets on all processes); tokens/s counts real tokens."""
     loss_sum, micro = state.log_window
     mean = accelerator.reduce(
         torch.tensor(loss_sum / micro, device=accelerator.device), "mean"
@@ -461,11 +579,20 @@ def train(
             hint="set data.split.validation above 0, or use another train.scheduler.name",
         )
 
+    model = speed_up(recipe, model)
     optimizer = build_optimizer(recipe, model)
     schedule = unfreezing(recipe, model)  # gradual unfreezing: a pure function of the step
     early = t.early_stopping
     world = accelerator.num_processes
-    micro_per_epoch = math.ceil(math.ceil(len(train_feats) / t.batch_size) / world)
+    packed = recipe.data.packs(recipe.task)
+    lengths = [len(f["input_ids"]) for f in train_feats]
+
+    def plan(epoch: int) -> list[list[int]]:
+        return batch_plan(
+            lengths, t.batch_size, t.seed, epoch, t.group_by_length, t.batch_tokens, packed
+        )
+
+    micro_per_epoch = math.ceil(len(plan(0)) / world)
     steps_per_epoch = max(1, math.ceil(micro_per_epoch / t.gradient_accumulation))
     # max_steps 0 is a real choice (a control run: save the starting point untrained), not "unset"
     total_steps = (
@@ -537,7 +664,7 @@ def train(
                     f"the weights are not finite after it ({n})",
                     state,
                     recipe,
-                    order,
+                    [],
                     world,
                     latest_checkpoint(ckpt_root),
                     run_dir,
@@ -564,61 +691,86 @@ def train(
         accelerator.wait_for_everyone()
         return path
 
-    order: list[int] = []
+    batches: list[list[int]] = []  # this epoch's plan: the rows a stopped step names
+    pad = tok.pad_token_id
+    varlen = str(getattr(accelerator.unwrap_model(model).config, "_attn_implementation", ""))
+    varlen = varlen.startswith("flash_attention")  # varlen kernels isolate packed examples
+
+    def fn(b):
+        return pack(b, pad, None, varlen) if packed else collate(b, pad)
+
     model.train()
     if progress:
         progress.start(total_steps, state.global_step)
     try:
         while state.global_step < total_steps and state.stopped_at is None and pruned_at is None:
-            order = epoch_order(len(train_feats), t.seed, state.epoch)
+            batches = plan(state.epoch)
             loader = accelerator.prepare(
-                make_loader(train_feats, t.batch_size, tok.pad_token_id, order)
+                make_loader(train_feats, t.batch_size, pad, batches=batches, collate_fn=fn)
             )
             if skip:
                 loader = accelerator.skip_first_batches(loader, skip)
             state.micro_in_epoch, skip = skip, 0
-            for batch in loader:
+            for group in optimizer_steps(loader, t.gradient_accumulation):
                 if schedule is not None:
                     schedule.apply(model, state.global_step)
-                with accelerator.accumulate(model):
-                    loss = model(**batch).loss
-                    value, why = loss_trouble(
-                        accelerator, loss, state.lowest_loss, t.max_loss_spike
-                    )
-                    if why:  # before backward: a NaN never reaches the weights
-                        raise stopped(
-                            why, state, recipe, order, world, latest_checkpoint(ckpt_root), run_dir
+                # The step's loss is the mean over its real targets on all processes, whatever the
+                # micro-batch sizes: equal with and without grouping, and for k x b vs 1 x kb.
+                local = torch.stack([targets_in(b, recipe.task) for b in group]).sum()
+                denom = accelerator.reduce(local.double(), "sum").clamp(min=1)
+                step_loss = 0.0
+                for j, batch in enumerate(group):
+                    last = j == len(group) - 1
+                    with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                        with accelerator.autocast():  # the LM head too runs outside forward
+                            s, n = loss_sums(model, batch, recipe.task)
+                        value, why = loss_trouble(
+                            accelerator, s / n.clamp(min=1), state.lowest_loss, t.max_loss_spike
                         )
-                    if state.lowest_loss is None or value < state.lowest_loss:
-                        state.lowest_loss = value
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and t.max_grad_norm:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                        if (
-                            not math.isfinite(float(grad_norm))
-                            and accelerator.mixed_precision != "fp16"
-                        ):
+                        if why:  # before backward: a NaN never reaches the weights
+                            at = state.micro_in_epoch + j
+                            rows = batches[at] if at < len(batches) else []
                             raise stopped(
-                                f"the gradient norm is {float(grad_norm)}",
+                                why,
                                 state,
                                 recipe,
-                                order,
+                                rows,
                                 world,
                                 latest_checkpoint(ckpt_root),
                                 run_dir,
                             )
-                    optimizer.step()
-                    if accelerator.sync_gradients and not plateau:
-                        scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                state.micro_in_epoch += 1
-                n_tok = accelerator.reduce(batch["attention_mask"].sum().detach(), "sum").item()
-                state.tokens += n_tok
-                window.tokens += n_tok
-                local = value if world == 1 else loss.detach().float().item()
-                state.log_window = [state.log_window[0] + local, state.log_window[1] + 1]
-                if not accelerator.sync_gradients:
-                    continue
+                        if state.lowest_loss is None or value < state.lowest_loss:
+                            state.lowest_loss = value
+                        loss = s * (world / denom).to(s.dtype)  # DDP averages over processes
+                        accelerator.backward(loss)
+                    step_loss += loss.detach().float().item()
+                if t.max_grad_norm:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                    if (
+                        not math.isfinite(float(grad_norm))
+                        and accelerator.mixed_precision != "fp16"
+                    ):
+                        raise stopped(
+                            f"the gradient norm is {float(grad_norm)}",
+                            state,
+                            recipe,
+                            [],
+                            world,
+                            latest_checkpoint(ckpt_root),
+                            run_dir,
+                        )
+                optimizer.step()
+                if not plateau:
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.micro_in_epoch += len(group)
+                real = sum(b.get("real_mask", b.get("attention_mask")).sum() for b in group)
+                seen = sum(b["input_ids"].numel() for b in group)
+                counts = accelerator.reduce(torch.stack([real, torch.tensor(seen).to(real)]), "sum")
+                state.tokens += int(counts[0])
+                state.processed_tokens += int(counts[1])
+                window.tokens += int(counts[0])
+                state.log_window = [state.log_window[0] + step_loss, state.log_window[1] + 1]
                 state.global_step += 1
                 step = state.global_step
                 if step % t.log_every == 0 or step == total_steps:
@@ -745,4 +897,6 @@ def train(
         state.stopped_at,
         best_step,
         pruned_at,
+        state.processed_tokens,
+        packed,
     )

@@ -143,3 +143,63 @@ def collate(features: list[dict], pad_id: int) -> dict:
     if not seq_labels:
         labels = torch.tensor([f["labels"] for f in features], dtype=torch.long)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def pack_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
+    """First-fit-decreasing: example indices per row, each row at most ``row_tokens`` long."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, left in enumerate(room):
+            if lengths[i] <= left:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(row_tokens - lengths[i])
+    return rows
+
+
+def pack(features: list[dict], pad_id: int, row_tokens: int | None = None, varlen: bool = False):
+    """A causal-LM micro-batch without padding between examples: examples concatenated into rows,
+    position ids restarting per example, and attention isolated per example.
+
+    ``varlen`` (flash-attention): one row, no mask; transformers reads the example boundaries from
+    the position ids. Otherwise rows of at most ``row_tokens`` (default: the longest example, so
+    the rows never run more positions, or longer attention, than the padded batch would) with an
+    explicit 4D block-diagonal causal mask (additive float, 0 = attend): position ids alone leak attention across examples
+    under eager and SDPA attention (TRAPS.md #11). Each example's first label is ignored, so no
+    prediction crosses an example boundary: the loss equals the unpacked batch's.
+    """
+    import torch
+
+    lengths = [len(f["input_ids"]) for f in features]
+    if varlen:
+        rows = [list(range(len(features)))]
+    else:
+        rows = pack_rows(lengths, max(row_tokens or 0, max(lengths)))
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    n = len(rows)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    pos = torch.zeros((n, width), dtype=torch.long)
+    seg = torch.full((n, width), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for s, i in enumerate(row):
+            f, k = features[i], lengths[i]
+            ids[r, at : at + k] = torch.tensor(f["input_ids"])
+            labels[r, at + 1 : at + k] = torch.tensor(f["labels"][1:])
+            pos[r, at : at + k] = torch.arange(k)
+            seg[r, at : at + k] = s
+            at += k
+    out = {"input_ids": ids, "position_ids": pos, "labels": labels, "real_mask": (seg >= 0).long()}
+    if not varlen:
+        idx = torch.arange(width)
+        same = seg[:, :, None] == seg[:, None, :]
+        causal = idx[None, :, None] >= idx[None, None, :]
+        allowed = (same & causal & (seg[:, :, None] >= 0)) | torch.eye(width, dtype=torch.bool)
+        mask = torch.zeros((n, 1, width, width))
+        out["attention_mask"] = mask.masked_fill_(~allowed[:, None], torch.finfo(mask.dtype).min)
+    return out

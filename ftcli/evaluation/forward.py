@@ -19,6 +19,10 @@ def length_batches(features: list[dict], batch_size: int):
         yield order[start : start + batch_size]
 
 
+CE_CHUNK = 1024  # supervised positions per cross-entropy chunk: bounds the fp32 logits held
+SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
+
+
 def token_cross_entropy(logits, labels):
     """Cross-entropy of each next-token prediction, [batch, positions - 1], 0 where the label is
     ignored; and the mask of supervised positions. Logits are upcast to float32. Prompt and
@@ -34,14 +38,68 @@ def token_cross_entropy(logits, labels):
     return ce, shifted != IGNORE_INDEX
 
 
+def _lm_head(model):
+    """(the transformers causal LM inside any peft / DDP / compile wrapping, its head's attribute
+    name) when the head is the model's last operation, else None (then the plain path runs)."""
+    inner = getattr(model, "module", model)  # DDP
+    inner = getattr(inner, "_orig_mod", inner)  # torch.compile
+    if hasattr(inner, "get_base_model"):  # peft
+        inner = inner.get_base_model()
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    cfg = getattr(inner, "config", None)
+    if head is None or any(getattr(cfg, a, None) not in (None, 1, 1.0) for a in SCALED_LOGITS):
+        return None
+    name = next((n for n, m in inner.named_children() if m is head), None)
+    return (inner, name) if name else None
+
+
+def _chunk_ce(head, hidden, targets):
+    return F.cross_entropy(head(hidden).float(), targets, reduction="none")
+
+
+def supervised_cross_entropy(model, batch: dict, chunk: int = CE_CHUNK):
+    """``token_cross_entropy`` computed only where the loss is: the LM head runs on the hidden
+    states of supervised positions alone, in chunks (recomputed in backward), so the full
+    [batch, positions, vocabulary] fp32 logits never exist. Same result as the plain path."""
+    labels = batch["labels"]
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    found = _lm_head(model)
+    if found is None:
+        return token_cross_entropy(model(**inputs).logits, labels)
+    inner, name = found
+    head = getattr(inner, name)
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    setattr(inner, name, torch.nn.Identity())
+    try:  # through the model's own forward (peft, DDP hooks); logits_to_keep gathers the rows
+        hidden = model(**inputs, logits_to_keep=keep).logits
+    finally:
+        setattr(inner, name, head)
+    targets = labels[:, 1:][keep[:, :-1]]
+    grad = torch.is_grad_enabled()
+    parts = []
+    for s in range(0, targets.numel(), chunk):
+        h, y = hidden[s : s + chunk], targets[s : s + chunk]
+        if grad:
+            parts.append(
+                torch.utils.checkpoint.checkpoint(_chunk_ce, head, h, y, use_reentrant=False)
+            )
+        else:
+            parts.append(_chunk_ce(head, h, y))
+    flat = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    ce = torch.zeros(keep[:, :-1].shape, dtype=flat.dtype, device=flat.device)
+    ce = ce.masked_scatter(keep[:, :-1], flat)
+    return ce, keep[:, :-1]
+
+
 def loss_sums(model, batch: dict, task: str):
     """(summed loss, count) of a batch: per example for classification, per target token for LMs."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     labels = batch["labels"]
     if task == "classification":
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         loss = F.cross_entropy(out.logits.float(), labels, reduction="sum")
         return loss, torch.tensor(labels.numel(), device=labels.device)
-    ce, mask = token_cross_entropy(out.logits, labels)
+    ce, mask = supervised_cross_entropy(model, batch)
     return ce.sum(), mask.sum()
 
 
@@ -51,6 +109,11 @@ def _forward(model, features: list[dict], idx: list[int], pad_id: int, device):
         input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
     )
     return out.logits, batch["labels"].to(device)
+
+
+def _token_ce(model, features: list[dict], idx: list[int], pad_id: int, device):
+    batch = collate([features[i] for i in idx], pad_id)
+    return supervised_cross_entropy(model, {k: v.to(device) for k, v in batch.items()})
 
 
 def class_probabilities(
@@ -77,7 +140,7 @@ def token_losses(
     model.eval()
     with torch.no_grad():
         for idx in length_batches(features, batch_size):
-            ce, mask = token_cross_entropy(*_forward(model, features, idx, pad_id, device))
+            ce, mask = _token_ce(model, features, idx, pad_id, device)
             sums, counts = ce.sum(dim=1).cpu().tolist(), mask.sum(dim=1).cpu().tolist()
             for i, s, c in zip(idx, sums, counts, strict=True):
                 rows[i] = (s, c)
@@ -92,7 +155,7 @@ def token_logprobs(
     model.eval()
     with torch.no_grad():
         for idx in length_batches(features, batch_size):
-            ce, mask = token_cross_entropy(*_forward(model, features, idx, pad_id, device))
+            ce, mask = _token_ce(model, features, idx, pad_id, device)
             for r, i in enumerate(idx):
                 out[i] = (-ce[r][mask[r]]).cpu().tolist()
     return out

@@ -59,12 +59,15 @@ def default_device(choice: str = "auto") -> str:
 
 
 def setup_from_recipe(recipe, device: str | None = None) -> Setup:
-    """The Setup a recipe trains with (dtype auto = float32; mixed precision auto = bf16 on CUDA)."""
+    """The Setup a recipe trains with (dtype auto = float32; mixed precision auto = bf16 on CUDA
+    and on CPUs with native bf16, as train resolves it)."""
     dev = default_device(device or recipe.train.device)
     m, t = recipe.method, recipe.train
     mp = t.mixed_precision
     if mp == "auto":
-        mp = "bf16" if dev == "cuda" else "no"
+        from ftcli.models import cpu_has_native_bf16
+
+        mp = "bf16" if dev == "cuda" or cpu_has_native_bf16() else "no"
     q = m.quant
     targets = m.target_modules
     return Setup(
