@@ -331,8 +331,9 @@ def check_supported(recipe: Recipe, model_dir: str) -> None:
     (BERT, MiniLM) take none. Said before the weights load."""
     if recipe.method.kind != "prefix":
         return
+    # transformers 5 decoders name it ``cache``; older ones and remote code ``past_key_values``
     name, ok = forward_takes(
-        model_dir, recipe.task, "past_key_values", recipe.model.trust_remote_code
+        model_dir, recipe.task, ("past_key_values", "cache"), recipe.model.trust_remote_code
     )
     if not ok:
         raise RecipeError(

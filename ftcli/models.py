@@ -90,8 +90,9 @@ def model_class(task: str):
     return getattr(transformers, model_class_name(task))
 
 
-def forward_takes(model_dir: str, task: str, argument: str, trust_remote_code: bool = False):
-    """(class name, whether its forward takes ``argument``), from the config alone: no weights load."""
+def forward_takes(model_dir: str, task: str, arguments: tuple[str, ...], trust_remote_code=False):
+    """(class name, whether its forward takes one of ``arguments``), from the config alone: no
+    weights load."""
     import inspect
 
     from transformers import AutoConfig
@@ -101,7 +102,8 @@ def forward_takes(model_dir: str, task: str, argument: str, trust_remote_code: b
         cls = model_class(task)._model_mapping[type(cfg)]
     except KeyError:
         return type(cfg).__name__, True  # remote code or unknown: let peft decide
-    return cls.__name__, argument in inspect.signature(cls.forward).parameters
+    params = inspect.signature(cls.forward).parameters
+    return cls.__name__, any(a in params for a in arguments)
 
 
 # --------------------------------------------------------------------------- tokenizers

@@ -168,9 +168,12 @@ class DataSpec(_Section):
         "attention isolated per example; default: on for causal_lm",
     )
 
-    def packs(self, task: str) -> bool:
-        """Whether training packs examples (the default is on for causal LMs)."""
-        return task == "causal_lm" if self.packing is None else self.packing
+    def packs(self, task: str, kind: str = "lora") -> bool:
+        """Whether training packs examples: by default on for causal LMs, except with prompt-style
+        methods (peft prepends virtual tokens to a 2D mask; a packed batch's mask is 4D)."""
+        if self.packing is None:
+            return task == "causal_lm" and kind not in PROMPT_KINDS
+        return self.packing
 
     @property
     def style(self) -> str:
@@ -1049,6 +1052,15 @@ def _semantic_problems(r: Recipe) -> list[Problem]:
                 "data.packing",
                 "packing only applies to task causal_lm",
                 "remove it (classification batches are length-grouped already)",
+            )
+        )
+    if d.packing and m.kind in PROMPT_KINDS:
+        p.append(
+            r.problem(
+                "data.packing",
+                f"{m.kind} tuning prepends virtual tokens to each row's mask, which a packed "
+                "batch's per-example mask cannot take",
+                "remove it: batches are length-grouped instead",
             )
         )
     if t.batch_tokens is not None and t.batch_tokens < d.max_length:

@@ -185,7 +185,9 @@ def cross_validate(recipe: Recipe, k: int, ui: UI, force: bool = False) -> dict:
                 "data.split.test": None,
                 "data.subset": None,
                 "data.max_test_examples": None,
-                "merge.enabled": False,
+                "merge.enabled": False,  # and its settings, which would then do nothing
+                "merge.dtype": None,
+                "merge.into": None,
             }
         )
         r = variant(recipe, f"{recipe.name}-fold{i}", **changes)

@@ -292,11 +292,11 @@ def stopped(
 ) -> TrainingStopped:
     """One message: the step, the likely causes (with the rows of the batch), what was kept."""
     t = recipe.train
-    rows = ""
+    where = ""
     if world == 1 and not applied and rows:
         idx = sorted(i + 1 for i in rows)
-        rows = f" (lines {', '.join(map(str, idx[:8]))}{'...' if len(idx) > 8 else ''} of "
-        rows += f"{run_dir / 'data' / 'train.jsonl'})"
+        where = f" (lines {', '.join(map(str, idx[:8]))}{'...' if len(idx) > 8 else ''} of "
+        where += f"{run_dir / 'data' / 'train.jsonl'})"
     kept = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved"
     step = state.global_step if applied else state.global_step + 1
     nothing = "nothing was saved" if applied else "nothing from this step was applied or saved"
@@ -304,7 +304,7 @@ def stopped(
         f"training stopped at step {step}: {why}; {nothing}, {kept}",
         hint=f"likely causes: a learning rate too high (train.optimizer.lr: {t.optimizer.lr:g}), "
         "fp16 overflow (train.mixed_precision: bf16 or no), or a bad data row in this batch"
-        f"{rows}",
+        f"{where}",
     )
 
 
@@ -584,7 +584,7 @@ def train(
     schedule = unfreezing(recipe, model)  # gradual unfreezing: a pure function of the step
     early = t.early_stopping
     world = accelerator.num_processes
-    packed = recipe.data.packs(recipe.task)
+    packed = recipe.data.packs(recipe.task, recipe.method.kind)
     lengths = [len(f["input_ids"]) for f in train_feats]
 
     def plan(epoch: int) -> list[list[int]]:

@@ -64,7 +64,11 @@ def supervised_cross_entropy(model, batch: dict, chunk: int = CE_CHUNK):
     labels = batch["labels"]
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     found = _lm_head(model)
-    if found is None:
+    # prompt-style peft methods prepend virtual tokens: positions no longer line up with labels,
+    # so they take the plain path (token_cross_entropy drops the virtual tokens' logits)
+    if found is None or getattr(
+        getattr(model, "peft_config", {}).get("default"), "is_prompt_learning", False
+    ):
         return token_cross_entropy(model(**inputs).logits, labels)
     inner, name = found
     head = getattr(inner, name)

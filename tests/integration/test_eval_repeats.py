@@ -18,7 +18,7 @@ def test_cross_validation(tmp_path, tiny_models, tiny_data, capsys):
     )
     path = write_recipe(tmp_path / "r.yaml", **m)
     code, out = run_cli(capsys, "cv", str(path), "--folds", "2", "--set", "train.max_steps=2")
-    assert code == 0 and out["folds"] == 2 and len(out["runs"]) == 2
+    assert code == 0 and out["folds"] == 2 and len(out["runs"]) == 2, out
     acc = out["summary"]["accuracy"]
     assert acc["n"] == 2 and acc["values"] == [r["metrics"]["accuracy"] for r in out["runs"]]
     assert abs(acc["mean"] - sum(acc["values"]) / 2) < 1e-12
