@@ -275,8 +275,10 @@ def test_mlp_head_trains_saves_and_merges(tmp_path, tiny_models, tiny_data):
     m["model"]["head"] = {"hidden": 16, "dropout": 0.1}
     r = recipe_from_mapping(m)
     out = train_run(r, UI())
-    losses = [x["loss"] for x in _metrics(r.run_dir) if "loss" in x]
-    assert sum(losses[-3:]) < sum(losses[:3]), losses
+    # The random tiny BERT stays near chance loss whatever its head (0.686 -> 0.689 over 18
+    # steps, and over 48): a falling-loss check here passed or failed by batch order. That the
+    # head trains is checked on its weights below (they left their recorded init).
+    assert len([x for x in _metrics(r.run_dir) if "loss" in x]) == 18
     init = load_file(str(r.run_dir / "init" / "head.safetensors"))
     assert sorted(init) == [
         "classifier.0.bias",
