@@ -15,29 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _ftcli import ROOT, ftcli  # noqa: E402
 
-
-def ftcli(*args: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    p = subprocess.run(
-        [sys.executable, "-m", "ftcli", *args, "--json"], env=env, capture_output=True, text=True
-    )
-    if p.returncode != 0:
-        sys.exit(f"ftcli {' '.join(args)} failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout)
+sys.path.insert(0, str(ROOT))
+from ftcli import sweeps  # noqa: E402
 
 
 def mean_std(xs: list[float]) -> str:
-    m = sum(xs) / len(xs)
-    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return f"{m:.4f} ± {s:.4f}"
+    s = sweeps.mean_std(xs)  # the same sample statistics as `--seeds`
+    return f"{s['mean']:.4f} ± {s['std']:.4f}"
 
 
 def main() -> None:

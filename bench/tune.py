@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _ftcli import ROOT, ftcli  # noqa: E402
 
 SPACE = {
     "train.optimizer.lr": {"log_uniform": [1.0e-4, 1.0e-2]},
@@ -28,16 +27,6 @@ SPACE = {
     "method.dropout": {"uniform": [0.0, 0.2]},
     "train.batch_size": {"choice": [16, 32]},
 }
-
-
-def ftcli(*args: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    p = subprocess.run(
-        [sys.executable, "-m", "ftcli", *args, "--json"], env=env, capture_output=True, text=True
-    )
-    if p.returncode != 0:
-        sys.exit(f"ftcli {' '.join(args)} failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout)
 
 
 def main() -> None:
