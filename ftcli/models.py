@@ -90,6 +90,26 @@ def model_class(task: str):
     return getattr(transformers, model_class_name(task))
 
 
+def pads_left(model) -> bool:
+    """True for a decoder classifier under prompt or p-tuning: peft hands it embeddings, not ids, so
+    transformers cannot find the last real token and pools the last position, which left padding
+    makes a real one (right padding would pool a pad token and the classifier would learn noise)."""
+    model = getattr(model, "module", model)  # under DDP
+    config = getattr(model, "peft_config", None)
+    if not config:
+        return False
+    pc = next(iter(config.values()))
+    kind = getattr(pc.peft_type, "value", pc.peft_type)
+    task = getattr(pc.task_type, "value", pc.task_type)
+    # decoder classifiers (Llama, Qwen, GPT-2, ...) pool the last token through a head named
+    # `score`; encoders pool position 0 (the first virtual token), whatever the padding
+    return (
+        kind in ("PROMPT_TUNING", "P_TUNING")
+        and task == "SEQ_CLS"
+        and hasattr(model.get_base_model(), "score")
+    )
+
+
 def forward_takes(model_dir: str, task: str, arguments: tuple[str, ...], trust_remote_code=False):
     """(class name, whether its forward takes one of ``arguments``), from the config alone: no
     weights load."""

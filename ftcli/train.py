@@ -25,6 +25,7 @@ from ftcli.data.tokenize import IGNORE_INDEX, Tokenized, collate, pack
 from ftcli.distributed import is_sharded
 from ftcli.errors import FtcliError, Interrupted, TrainingStopped
 from ftcli.evaluation.forward import loss_sums
+from ftcli.models import pads_left
 from ftcli.recipe import Recipe
 from ftcli.rundir import model_record_for, write_model_record
 from ftcli.strategies import learning_rate, num_blocks, param_groups, unfreezing
@@ -608,11 +609,17 @@ def train(
             )
     scheduler = build_scheduler(recipe, optimizer, total_steps)
     plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    left = pads_left(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     val_loader = None
     if val_feats:
         val_loader = accelerator.prepare(
-            make_loader(val_feats, recipe.eval.batch_size, tok.pad_token_id)
+            make_loader(
+                val_feats,
+                recipe.eval.batch_size,
+                tok.pad_token_id,
+                collate_fn=lambda b: collate(b, tok.pad_token_id, left),
+            )
         )
     main = accelerator.is_main_process
     sharded = is_sharded(accelerator)
@@ -697,7 +704,7 @@ def train(
     varlen = varlen.startswith("flash_attention")  # varlen kernels isolate packed examples
 
     def fn(b):
-        return pack(b, pad, None, varlen) if packed else collate(b, pad)
+        return pack(b, pad, None, varlen) if packed else collate(b, pad, left)
 
     model.train()
     if progress:

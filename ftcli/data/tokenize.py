@@ -125,8 +125,9 @@ def tokenize(
     return Tokenized(feats, truncated, dropped, sum(len(f["input_ids"]) for f in feats))
 
 
-def collate(features: list[dict], pad_id: int) -> dict:
-    """Pad a micro-batch to its longest example (right padding; pad labels are ignored)."""
+def collate(features: list[dict], pad_id: int, left: bool = False) -> dict:
+    """Pad a micro-batch to its longest example (right padding, or ``left`` for a classifier that
+    reads the last position: models.pads_left; pad labels are ignored)."""
     import torch
 
     n = max(len(f["input_ids"]) for f in features)
@@ -136,10 +137,11 @@ def collate(features: list[dict], pad_id: int) -> dict:
     labels = torch.full((len(features), n), IGNORE_INDEX, dtype=torch.long) if seq_labels else None
     for i, f in enumerate(features):
         k = len(f["input_ids"])
-        ids[i, :k] = torch.tensor(f["input_ids"])
-        mask[i, :k] = 1
+        at = slice(n - k, n) if left else slice(0, k)
+        ids[i, at] = torch.tensor(f["input_ids"])
+        mask[i, at] = 1
         if seq_labels:
-            labels[i, :k] = torch.tensor(f["labels"])
+            labels[i, at] = torch.tensor(f["labels"])
     if not seq_labels:
         labels = torch.tensor([f["labels"] for f in features], dtype=torch.long)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from ftcli.data.tokenize import collate
 from ftcli.errors import FtcliError
-from ftcli.models import HEAD_NAMES, load_recipe_base
+from ftcli.models import HEAD_NAMES, load_recipe_base, pads_left
 from ftcli.recipe import Recipe
 from ftcli.sources import local_model_dir, resolve_model
 from ftcli.util import atomic_dir
@@ -132,7 +132,7 @@ def head_inputs(
     try:
         with torch.no_grad():
             for s in range(0, len(feats), batch_size):
-                batch = collate(feats[s : s + batch_size], pad_id)
+                batch = collate(feats[s : s + batch_size], pad_id, pads_left(model))
                 ids = batch["input_ids"].to(device)
                 logits = model(
                     input_ids=ids, attention_mask=batch["attention_mask"].to(device)

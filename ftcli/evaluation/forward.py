@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ftcli.data.tokenize import IGNORE_INDEX, collate
+from ftcli.models import pads_left
 
 
 def length_batches(features: list[dict], batch_size: int):
@@ -108,7 +109,7 @@ def loss_sums(model, batch: dict, task: str):
 
 
 def _forward(model, features: list[dict], idx: list[int], pad_id: int, device):
-    batch = collate([features[i] for i in idx], pad_id)
+    batch = collate([features[i] for i in idx], pad_id, pads_left(model))
     out = model(
         input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
     )

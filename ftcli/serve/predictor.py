@@ -18,7 +18,13 @@ import yaml
 from ftcli.data.tokenize import collate, render_chat
 from ftcli.errors import FtcliError
 from ftcli.evaluation.forward import generate_answers
-from ftcli.models import load_adapters, load_folder, resolve_device, tokenizer_from
+from ftcli.models import (
+    load_adapters,
+    load_folder,
+    pads_left,
+    resolve_device,
+    tokenizer_from,
+)
 from ftcli.rundir import ModelRecord, find_adapter, read_model_record, run_of
 from ftcli.sources import local_model_dir, resolve_model
 
@@ -63,7 +69,8 @@ class Predictor:
         with torch.no_grad():
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
-                b = collate([{"input_ids": enc[i] or [pad], "labels": 0} for i in idx], pad)
+                rows = [{"input_ids": enc[i] or [pad], "labels": 0} for i in idx]
+                b = collate(rows, pad, pads_left(self.model))
                 logits = self.model(
                     input_ids=b["input_ids"].to(self.device),
                     attention_mask=b["attention_mask"].to(self.device),

@@ -144,3 +144,14 @@ def test_lora_parameter_arithmetic_on_a_768_projection():
     assert counts.adapted_weights == 589_824 and counts.adapted_modules == 1
     assert counts.total == 2 * 589_824 + 12_288
     assert counts.examples["query"] == {"shape": [768, 768], "lora": 12_288, "weights": 589_824}
+
+
+def test_collate_pads_left_when_asked():
+    b = collate(
+        [{"input_ids": [5, 6, 7], "labels": 1}, {"input_ids": [8], "labels": 0}],
+        pad_id=0,
+        left=True,
+    )
+    assert b["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert b["labels"].tolist() == [1, 0]
