@@ -11,14 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
+import openai
 import pytest
 
 from tests.conftest import trained_run
-
-httpx = pytest.importorskip("httpx")
-openai = pytest.importorskip("openai")
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
 
 pytestmark = pytest.mark.slow  # two server processes and four tiny training runs
 

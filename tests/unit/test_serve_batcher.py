@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("fastapi")
-
-from ftcli.serve.server import Batcher, Job, QueueFull, _Rows  # noqa: E402
+from ftcli.serve.server import Batcher, Job, QueueFull, _Rows
 
 
 def test_batches_take_the_oldest_key_and_its_waiting_peers():
