@@ -455,8 +455,9 @@ def local_rows(grid=LOCAL_GRID, steps: int = 3) -> list[dict]:
     rows = []
     for model, kind, batch, seq in grid:
         recipe = recipe_from_mapping(local_recipe(model, kind, batch, seq))
-        est = plan_recipe(recipe, "cpu").estimate()
-        got = measure(recipe, "cpu", steps)
+        plan = plan_recipe(recipe, "cpu")
+        est = plan.estimate()
+        got = measure(recipe, "cpu", steps, loss_path=plan.setup.loss_path)
         rows.append(
             {
                 "row": f"{model} {kind} {batch}x{seq}",
@@ -496,8 +497,9 @@ def calibrate(steps: int = 3) -> dict:
             mapping = local_recipe("SmolLM2-135M", kind, 4, 32)
             mapping["model"]["name"] = str(folder)
             recipe = recipe_from_mapping(mapping)
-            est = plan_recipe(recipe, "cpu").estimate()
-            got = measure(recipe, "cpu", steps)
+            plan = plan_recipe(recipe, "cpu")
+            est = plan.estimate()
+            got = measure(recipe, "cpu", steps, loss_path=plan.setup.loss_path)
             results[kind] = {
                 "measured_MiB": got["peak"] / MiB,
                 "tensors_MiB": est.peak_allocated / MiB,

@@ -738,6 +738,16 @@ def estimate_memory(
         ),
     ] = False,
     steps: Annotated[int, typer.Option(help="Steps for --measure.")] = 3,
+    loss_path: Annotated[
+        Literal["auto", "ftcli", "transformers"],
+        typer.Option(
+            "--loss-path",
+            case_sensitive=False,
+            help="Causal LM: ftcli's loss (LM head on supervised positions, 1,024 at a time; what "
+            "ftcli train runs) or transformers' (full logits; plain Trainer). auto: what ftcli "
+            "would run.",
+        ),
+    ] = "auto",
     json_: JsonOpt = False,
 ):
     """Estimate a training run's peak memory before any weights are downloaded.
@@ -780,6 +790,7 @@ def estimate_memory(
         "attn_implementation": attn,
         "r": r,
         "target_modules": target_modules,
+        "loss_path": loss_path,
     }
     return run_estimate(
         recipe=_load(recipe, set_) if recipe else None,

@@ -94,7 +94,23 @@ def setup_from_recipe(recipe, device: str | None = None) -> Setup:
         modules_to_save=tuple(m.modules_to_save) if m.modules_to_save else None,
         num_labels=len(recipe.data.labels) if recipe.data.labels else 2,
         device=dev,
+        loss_path=loop_loss_path(recipe.task, m.kind),
     )
+
+
+def loop_loss_path(task: str, kind: str, config=None) -> str:
+    """The loss path ftcli's loop takes (evaluation.forward.supervised_cross_entropy): its own
+    for causal LMs, the model's for prompt-style methods and heads that scale their logits."""
+    from ftcli.recipe import PROMPT_KINDS
+
+    if task != "causal_lm" or kind in PROMPT_KINDS:
+        return "transformers"
+    if config is not None:
+        from ftcli.evaluation.forward import SCALED_LOGITS
+
+        if any(getattr(config, a, None) not in (None, 1, 1.0) for a in SCALED_LOGITS):
+            return "transformers"
+    return "ftcli"
 
 
 def checkpoint_bytes(loaded: LoadedConfig, params: int) -> int:
@@ -193,13 +209,20 @@ def plan_recipe(recipe, device: str | None = None, **changes) -> Plan:
     setup = setup_from_recipe(recipe, device)
     # virtual tokens lengthen every sequence the model sees
     setup = replace(setup, seq_len=setup.seq_len + recipe.method.virtual_tokens, **changes)
-    return build_plan(
+    if recipe.train.batch_tokens:  # a token budget: as many full-length rows as it holds
+        setup = replace(setup, batch_size=max(1, -(-recipe.train.batch_tokens // setup.seq_len)))
+    plan = build_plan(
         recipe.model.name,
         setup,
         recipe.model.revision,
         recipe.model.trust_remote_code,
         strategy_on_meta(recipe),
     )
+    if "loss_path" not in changes and setup.loss_path == "ftcli":
+        path = loop_loss_path(recipe.task, recipe.method.kind, plan.loaded.config)
+        if path != setup.loss_path:
+            plan = replace(plan, setup=replace(setup, loss_path=path))
+    return plan
 
 
 def plan_model(name: str, task: str | None = None, **fields) -> Plan:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ftcli.memory.setup import DTYPE_BYTES, Setup
+from ftcli.memory.setup import DTYPE_BYTES, LOSS_CHUNK, Setup
 
 
 @dataclass
@@ -226,12 +226,24 @@ def activations(inv, s: Setup) -> Acts:
         }
         outside_tok = ln + drop_mask
 
-    if s.task == "causal_lm":
-        # logits in the head's dtype (kept by the model output), the loss's fp32 upcast and log-softmax;
-        # backward then adds the fp32 gradient of the log-softmax output and of its input.
-        up = 4 * V if o != 4 else 0
-        loss_forward = T * (o * V + up + 4 * V)
-        loss_peak = T * (o * V + 12 * V)
+    if s.task == "causal_lm" and s.loss_path == "ftcli":
+        # the hidden states of supervised positions are gathered (and get a gradient); each chunk's
+        # logits exist only inside its checkpoint: recomputed in backward, the fp32 log-softmax output,
+        # its gradient and the input's gradient (12 bytes per vocabulary entry) for one chunk at a time
+        sup = min(T, s.supervised_tokens) if s.supervised_tokens else T
+        gathered = sup * h * o
+        loss_forward = gathered
+        loss_peak = 2 * gathered + min(LOSS_CHUNK, sup) * 12 * V
+    elif s.task == "causal_lm":
+        # After forward: the logits in the head's dtype (the model output holds them) and the fp32
+        # log-softmax output; the upcast dies with the loss function's frame. The caller drops the
+        # output before backward (Trainer does; so does --measure), so at the backward peak only the
+        # fp32 log-softmax output, its gradient and the input's gradient remain: 12 bytes per token
+        # per vocabulary entry whatever the head's dtype (an fp32 QLoRA head adds nothing here).
+        # Counted live on the CPU (tests/unit/test_memory_autograd.py): 12.1 at the peak; a caller
+        # that keeps the output holds 14.1 (bf16 head) or 16.25 (fp32).
+        loss_forward = T * (o * V + 4 * V)
+        loss_peak = T * 12 * V
     else:
         loss_forward = loss_peak = T * 4 * (d.hidden + 3 * s.num_labels)
 

@@ -226,9 +226,11 @@ class Estimate:
             (
                 "logits and loss",
                 a.loss_peak,
-                "logits, fp32 upcast, log-softmax and its gradient"
-                if s.task == "causal_lm"
-                else "classifier logits",
+                "classifier logits"
+                if s.task != "causal_lm"
+                else "ftcli's loss: LM head on supervised positions, 1,024 at a time"
+                if s.loss_path == "ftcli"
+                else "full logits, fp32 log-softmax and its gradient (the transformers loss)",
             )
         )
         if self.mapped_checkpoint:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ftcli.adapt import adapt
 from ftcli.errors import FtcliError
+from ftcli.evaluation.forward import loss_sums
 from ftcli.memory import pin_malloc_threshold
 from ftcli.memory.arch import build_meta
 from ftcli.models import load_tokenizer, resolve_mixed_precision
@@ -81,8 +82,12 @@ def _import_everything(model_dir: str, task: str) -> None:
     gc.collect()
 
 
-def run_measurement(recipe_yaml: str, device: str, steps: int = 3) -> dict:
-    """In this process: load, adapt and train ``steps`` full-length micro-batches; return the peaks."""
+def run_measurement(
+    recipe_yaml: str, device: str, steps: int = 3, loss_path: str = "transformers"
+) -> dict:
+    """In this process: load, adapt and train ``steps`` full-length micro-batches; return the peaks.
+    ``loss_path`` ftcli: the loop's own loss (evaluation.forward.loss_sums); transformers: the
+    model's (``out.loss`` over the full logits)."""
     import torch
 
     quiet_libraries()
@@ -146,14 +151,19 @@ def run_measurement(recipe_yaml: str, device: str, steps: int = 3) -> dict:
             t0 = (
                 time.perf_counter()
             )  # the first step warms kernels and creates the optimizer states
-        out = model(**batch)
-        acc.backward(out.loss)
+        if loss_path == "ftcli":
+            with acc.autocast():  # as the loop: the LM head runs outside the model's forward
+                total, count = loss_sums(model, batch, recipe.task)
+            loss = total / count.clamp(min=1)
+        else:
+            loss = model(**batch).loss
+        acc.backward(loss)
         if recipe.train.max_grad_norm:
             acc.clip_grad_norm_(model.parameters(), recipe.train.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(out.loss.detach()))
-        del out
+        losses.append(float(loss.detach()))
+        del loss
     seconds_per_step = (time.perf_counter() - t0) / max(1, steps - 1)
     if cuda:
         torch.cuda.synchronize()
@@ -174,13 +184,16 @@ def run_measurement(recipe_yaml: str, device: str, steps: int = 3) -> dict:
         "baseline": int(base),
         "losses": losses,
         "seconds_per_step": round(seconds_per_step, 3),
+        "loss_path": loss_path,
         "quantity": "torch.cuda.max_memory_allocated"
         if cuda
         else "peak RSS growth over the post-import baseline",
     }
 
 
-def measure(recipe, device: str, steps: int = 3, timeout: float = 1800) -> dict:
+def measure(
+    recipe, device: str, steps: int = 3, timeout: float = 1800, loss_path: str = "transformers"
+) -> dict:
     """Run ``run_measurement`` in a fresh Python process and return its result."""
 
     local_model_dir(
@@ -193,7 +206,7 @@ def measure(recipe, device: str, steps: int = 3, timeout: float = 1800) -> dict:
     env.setdefault("HF_HUB_OFFLINE", "1")
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "ftcli.memory.measure", path, device, str(steps)],
+            [sys.executable, "-m", "ftcli.memory.measure", path, device, str(steps), loss_path],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -214,8 +227,8 @@ def measure(recipe, device: str, steps: int = 3, timeout: float = 1800) -> dict:
 
 
 def _main(argv: list[str]) -> None:
-    path, device, steps = argv[0], argv[1], int(argv[2])
-    result = run_measurement(Path(path).read_text(), device, steps)
+    path, device, steps, loss_path = argv[0], argv[1], int(argv[2]), argv[3]
+    result = run_measurement(Path(path).read_text(), device, steps, loss_path)
     sys.stdout.write(json.dumps(result) + "\n")
 
 

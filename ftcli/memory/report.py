@@ -5,7 +5,14 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ftcli.errors import FtcliError
-from ftcli.memory import Plan, build_plan, default_device, free_device_memory, plan_recipe
+from ftcli.memory import (
+    Plan,
+    build_plan,
+    default_device,
+    free_device_memory,
+    loop_loss_path,
+    plan_recipe,
+)
 from ftcli.memory.arch import infer_task, load_config
 from ftcli.memory.estimate import (
     CARDS_GB,
@@ -31,14 +38,19 @@ def _plan(
     num_devices: int,
     strategy: str,
 ) -> Plan:
+    path = flags.get("loss_path") or "auto"
     if recipe is not None:
+        _check_loss_path(path, recipe.task)
         changes = {"num_devices": num_devices, "strategy": strategy}
         if gpu is not None and recipe.train.mixed_precision == "auto":
             changes["mixed_precision"] = gpu.mixed_precision
+        if path != "auto":
+            changes["loss_path"] = path
         return plan_recipe(recipe, dev, **changes)
     task = flags["task"] or infer_task(load_config(model).config)
     if task not in ("causal_lm", "classification"):
         raise FtcliError(f"--task {task!r} is not one of causal_lm, classification")
+    _check_loss_path(path, task)
     targets = flags["target_modules"]
     if targets and targets != "all-linear":
         targets = tuple(t.strip() for t in targets.split(",") if t.strip())
@@ -59,8 +71,22 @@ def _plan(
         "device": dev,
         "num_devices": num_devices,
         "strategy": strategy,
+        "loss_path": loop_loss_path(task, flags["method"]) if path == "auto" else path,
     }
-    return build_plan(model, Setup(task=task, **fields))
+    plan = build_plan(model, Setup(task=task, **fields))
+    if path == "auto" and plan.setup.loss_path == "ftcli":
+        found = loop_loss_path(task, flags["method"], plan.loaded.config)
+        plan = replace(plan, setup=replace(plan.setup, loss_path=found))
+    return plan
+
+
+def _check_loss_path(path: str, task: str) -> None:
+    if path != "auto" and task != "causal_lm":
+        raise FtcliError(
+            f"--loss-path {path} only applies to task causal_lm (a {task} head has no "
+            "vocabulary-sized logits)",
+            hint="drop --loss-path",
+        )
 
 
 def _check_flags(flags: dict, device: str | None, gpu: Gpu | None) -> None:
@@ -113,7 +139,10 @@ def run_estimate(
     flags = flags or {}
     card = GPUS[gpu] if gpu else None
     if recipe is not None:
-        ignored = [k for k, v in flags.items() if v is not None and k != "method"]
+        # the loss path is not a recipe setting: it says which loss the estimate describes
+        ignored = [
+            k for k, v in flags.items() if v is not None and k not in ("method", "loss_path")
+        ]
         if ignored or flags.get("method") not in (None, "lora"):
             raise FtcliError(
                 f"with a recipe, change settings with --set, not --{(ignored or ['method'])[0].replace('_', '-')}",
@@ -284,7 +313,7 @@ def run_estimate(
         ui.info(
             f"measuring: {steps} training steps of {s.batch_size} x {s.seq_len} tokens in a fresh process ..."
         )
-        got = run_measure(recipe, s.device, steps)
+        got = run_measure(recipe, s.device, steps, loss_path=s.loss_path)
         predicted = est.peak_allocated if s.device == "cuda" else est.total
         ratio = predicted / got["peak"] if got["peak"] else float("nan")
         ui.table(

@@ -15,6 +15,10 @@ SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 CUDA_CONTEXT = (
     512 * 1024**2
 )  # CUDA context + cuBLAS workspace (CUDA 12, lazy module loading); not in max_memory_allocated
+LOSS_PATHS = ("ftcli", "transformers")
+LOSS_CHUNK = (
+    1024  # = evaluation.forward.CE_CHUNK (a test keeps them equal; this module stays torch-free)
+)
 METHODS = ("full", "lora", "qlora", "ia3", "prefix", "prompt", "ptuning", "vera")
 OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "adamw8bit", "paged_adamw", "paged_adamw8bit")
 
@@ -98,6 +102,11 @@ class Setup:
     quantize_targets_only: bool = (
         False  # torchtune's QLoRA quantizes only the LoRA-adapted layers; bitsandbytes all linears
     )
+    # causal LM: "transformers" = the model's own loss over the full [tokens, vocab] logits (what
+    # published peaks measure); "ftcli" = the LM head on supervised positions only, LOSS_CHUNK at
+    # a time, recomputed in backward (what ftcli's loop runs: evaluation.forward)
+    loss_path: str = "transformers"
+    supervised_tokens: int | None = None  # ftcli path: positions with a loss (None: every token)
 
     def check(self) -> None:
         problems = []
@@ -105,6 +114,8 @@ class Setup:
             problems.append(f"method {self.method!r} is not one of {', '.join(METHODS)}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.loss_path not in LOSS_PATHS:
+            problems.append(f"loss path {self.loss_path!r} is not one of {', '.join(LOSS_PATHS)}")
         if self.strategy not in ("ddp", "fsdp"):
             problems.append(f"strategy {self.strategy!r} is not one of ddp, fsdp")
         if self.batch_size < 1 or self.seq_len < 1 or self.num_devices < 1:

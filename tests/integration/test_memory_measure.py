@@ -11,8 +11,12 @@ from ftcli.ui import UI
 from tests.conftest import tiny_recipe
 
 
-def test_measure_runs_real_steps_and_agrees_with_the_estimate(tmp_path, tiny_models, tiny_data):
-    """A tiny Llama with a batch large enough that activations and logits, not the runtime, dominate."""
+@pytest.mark.parametrize("loss_path", ["ftcli", "transformers"])
+def test_measure_runs_real_steps_and_agrees_with_the_estimate(
+    tmp_path, tiny_models, tiny_data, loss_path
+):
+    """A tiny Llama with a batch large enough that activations and logits, not the runtime, dominate:
+    ftcli's own loss (what train runs, the recipe's default) and the plain transformers one."""
     from ftcli.memory import plan_recipe
     from ftcli.memory.measure import measure
 
@@ -20,11 +24,18 @@ def test_measure_runs_real_steps_and_agrees_with_the_estimate(tmp_path, tiny_mod
     mapping["train"].update(batch_size=64, device="cpu")
     mapping["data"]["max_length"] = 128
     recipe = recipe_from_mapping(mapping)
-    got = measure(recipe, "cpu", steps=2)
+    assert plan_recipe(recipe, "cpu").setup.loss_path == "ftcli"  # the loop's path by default
+    plan = plan_recipe(recipe, "cpu", loss_path=loss_path)
+    got = measure(recipe, "cpu", steps=2, loss_path=loss_path)
     assert got["quantity"].startswith("peak RSS growth") and len(got["losses"]) == 2
-    est = plan_recipe(recipe, "cpu").estimate()
-    assert est.acts.loss_peak > 20 * 2**20  # the tensors measured are tens of MiB, not noise
+    assert got["loss_path"] == loss_path
+    est = plan.estimate()
     assert est.total / got["peak"] == pytest.approx(1.0, abs=0.25)
+    if loss_path == "transformers":  # 8,192 tokens x 400 logits: tens of MiB, not noise
+        assert est.acts.loss_peak > 20 * 2**20
+    else:  # one 1,024-position chunk at a time: an eighth of the full logits' buffers
+        full = plan_recipe(recipe, "cpu", loss_path="transformers").estimate().acts.loss_peak
+        assert est.acts.loss_peak < full / 4
 
 
 def test_peak_rss_can_be_reset():

@@ -256,9 +256,17 @@ def test_llama_block_activations_by_hand():
     )
     assert a.per_layer == 2 * 64 * a.detail["per_token_per_layer"]
     V = 49152
-    assert a.loss_peak == 2 * 64 * (
-        4 * V + 12 * V
-    )  # fp32 logits, log-softmax, its gradient in and out
+    # the transformers loss: the output (and its logits) is dropped before backward; the fp32
+    # log-softmax output, its gradient and the input's gradient remain
+    assert a.loss_peak == 2 * 64 * 12 * V
+    assert a.loss_forward == 2 * 64 * (4 * V + 4 * V)  # logits + log-softmax after forward
+    # ftcli's: hidden states gathered at the 128 supervised positions (and their gradient), then
+    # one chunk's buffers (all 128 positions fit one 1,024-position chunk)
+    b = plan.estimate(loss_path="ftcli").acts
+    assert b.loss_forward == 2 * 64 * h * 4
+    assert b.loss_peak == 2 * (2 * 64 * h * 4) + 2 * 64 * 12 * V
+    long = plan.estimate(loss_path="ftcli", seq_len=4096).acts  # 8,192 positions: 8 chunks
+    assert long.loss_peak == 2 * (2 * 4096 * h * 4) + 1024 * 12 * V
 
 
 def test_checkpointing_keeps_block_inputs_only():

@@ -82,3 +82,101 @@ def test_estimated_activations_match_what_autograd_saves(tiny_models, arch, meth
         f"{arch} {method}: estimated {expected:,} saved {measured:,} ratio {expected / measured:.3f}"
     )
     assert expected == pytest.approx(measured, rel=0.10), (expected, measured)
+
+
+class LiveBytes:
+    """Every tensor storage an op creates, alive until collected: the peak of their sum is what an
+    allocator must hold at once (parameters made before entering are not counted)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in out if isinstance(out, (tuple, list)) else [out]:
+                    tracker.track(t)
+                return out
+
+        self.mode, self.live, self.now, self.peak = Mode(), {}, 0, 0
+
+    def track(self, t) -> None:
+        import weakref
+
+        import torch
+
+        if not isinstance(t, torch.Tensor):
+            return
+        storage = t.untyped_storage()
+        key, size = storage.data_ptr(), storage.nbytes()
+        if not size or key in self.live:
+            return
+        self.live[key] = size
+        self.now += size
+        self.peak = max(self.peak, self.now)
+        weakref.finalize(storage, self.free, key)
+
+    def free(self, key) -> None:
+        self.now -= self.live.pop(key, 0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("loss_path", ["ftcli", "transformers"])
+def test_the_loss_term_is_what_the_loss_holds_at_its_peak(tmp_path, loss_path, dtype):
+    """The vocabulary-sized part of the peak, counted live over forward + backward of a real LoRA
+    Llama at two vocabulary sizes: the full-logits transformers loss and ftcli's chunked one (2,048
+    supervised positions, two 1,024-position chunks) each as the estimate models them."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ftcli.evaluation.forward import CE_CHUNK, supervised_cross_entropy
+    from ftcli.memory.setup import LOSS_CHUNK
+
+    assert LOSS_CHUNK == CE_CHUNK
+    tokens, est, got = 2048, {}, {}
+    for vocab in (1024, 9216):
+        cfg = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        )
+        torch.manual_seed(0)
+        folder = tmp_path / f"v{vocab}"
+        LlamaForCausalLM(cfg).save_pretrained(folder)
+        plan = plan_model(
+            str(folder),
+            task="causal_lm",
+            method="lora",
+            dtype=dtype,
+            device="cpu",
+            batch_size=1,
+            seq_len=tokens,
+            r=4,
+            dropout=0.0,
+            target_modules=("q_proj", "v_proj"),
+            loss_path=loss_path,
+        )
+        est[vocab] = plan.estimate().acts.loss_peak
+        model = LlamaForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype))
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+        model = get_peft_model(model, lora)
+        model.train()
+        ids = torch.randint(0, vocab, (1, tokens))
+        live = LiveBytes()
+        with live.mode:
+            if loss_path == "transformers":
+                loss = model(input_ids=ids, labels=ids).loss
+            else:
+                ce, mask = supervised_cross_entropy(model, {"input_ids": ids, "labels": ids})
+                loss = ce.sum() / mask.sum()
+            loss.backward()
+        got[vocab] = live.peak
+    estimated, measured = est[9216] - est[1024], got[9216] - got[1024]
+    assert estimated == pytest.approx(measured, rel=0.05), (estimated, measured)

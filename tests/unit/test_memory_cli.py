@@ -210,3 +210,26 @@ def test_a_file_that_is_not_gguf_is_a_clear_error(tmp_path):
     with pytest.raises(FtcliError) as exc:
         gguf_config(bad)
     assert "not a GGUF file" in str(exc.value)
+
+
+def test_the_loss_path_follows_the_loop_and_can_be_named():
+    """A causal LM is planned with ftcli's chunked loss by default; --loss-path transformers
+    describes the plain full-logits path; a classifier has no such choice."""
+    args = ["--model", "smollm2-135m", "--batch-size", "8", "--seq-len", "1024", "--device", "cpu"]
+    code, auto = run_json(*args)
+    code2, plain = run_json(*args, "--loss-path", "transformers")
+    code3, own = run_json(*args, "--loss-path", "ftcli")
+    assert code == code2 == code3 == 0
+    assert auto["estimate"]["setup"]["loss_path"] == "ftcli"
+    assert plain["estimate"]["setup"]["loss_path"] == "transformers"
+    assert own["estimate"]["activations"] == auto["estimate"]["activations"]
+    # 8,192 tokens x 49,152 vocabulary x 12 bytes vs one 1,024-position chunk (+ gathered states)
+    assert plain["estimate"]["activations"]["loss_peak"] == 8192 * 49152 * 12
+    assert own["estimate"]["activations"]["loss_peak"] == 1024 * 49152 * 12 + 2 * 8192 * 576 * 4
+    assert plain["estimate"]["peak_allocated"] > own["estimate"]["peak_allocated"]
+
+    code, err = run_json("recipes/quickstart.yaml", "--device", "cpu", "--loss-path", "ftcli")
+    assert code == 1 and err["error"] == (
+        "--loss-path ftcli only applies to task causal_lm (a classification head has no "
+        "vocabulary-sized logits)\n  hint: drop --loss-path"
+    )
