@@ -189,3 +189,23 @@ def test_old_run_json_loss_reads_as_completion_loss(tmp_path):
         and rec.status == "completed"
     )
     assert read_run_record(tmp_path / "nowhere") is None
+
+
+def test_no_merge_conflict_markers_are_left_in_the_tree():
+    """A merge once left conflict blocks in the README: every tracked text file is checked."""
+    root = Path(__file__).resolve().parents[2]
+    files = subprocess.run(
+        ["git", "ls-files", "*.py", "*.md", "*.yaml", "*.toml", "*.sh", "*.cfg"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    markers = ("<<<<<<< ", ">>>>>>> ")
+    found = [
+        f"{f}:{n}"
+        for f in files
+        for n, line in enumerate((root / f).read_text(errors="replace").splitlines(), 1)
+        if line.startswith(markers)
+    ]
+    assert not found, found
