@@ -920,6 +920,8 @@ def _all_keys(cls: type[BaseModel] = None, prefix: tuple[str, ...] = ()) -> list
 
 def suggest_key(path: tuple[str, ...]) -> str | None:
     """The valid dotted key a misspelt or misplaced ``path`` most likely meant."""
+    if not path:
+        return None
     parent, leaf = path[:-1], path[-1]
     section = _section_at(parent)
     if section is not None:
@@ -958,11 +960,13 @@ def _literal_choices(path: tuple[str, ...]) -> list[str]:
 
 
 def _problem_from_error(err: dict, origin: RecipeOrigin) -> Problem:
-    loc = tuple(str(p) for p in err["loc"])
+    raw = tuple(str(p) for p in err["loc"])
     # pydantic adds the member type to loc for unions (e.g. 'list[str]'): keep only real keys
     loc = tuple(
-        p for p in loc if not re.search(r"[\[\]'(]", p) and p not in {"str", "int", "float", "bool"}
+        p for p in raw if not re.search(r"[\[\]'(]", p) and p not in {"str", "int", "float", "bool"}
     )
+    if err["type"] == "extra_forbidden" and raw and loc[-1:] != raw[-1:]:
+        loc = (*loc, raw[-1])  # the unknown key itself, whatever characters it holds ("(")
     key = ".".join(loc)
     kind = err["type"]
     if kind == "extra_forbidden":

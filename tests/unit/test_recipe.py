@@ -64,6 +64,14 @@ def test_unknown_key_names_file_line_key_and_suggestion(tmp_path):
     ]
 
 
+def test_an_unknown_key_of_any_characters_is_named(tmp_path):
+    """Found by the fuzzer: a top-level key "(" looked like pydantic's union-member noise, was
+    dropped from the error's path, and the empty path crashed the suggestion with a traceback."""
+    text = GOOD + "(: null\n"
+    n = len(GOOD.splitlines()) + 1
+    assert _messages(tmp_path, text) == [f"{tmp_path}/recipe.yaml:{n}: (: unknown key"]
+
+
 def test_misplaced_key_points_to_its_section(tmp_path):
     text = GOOD.replace("  epochs: 2\n", "  epochs: 2\n  lr: 1.0e-4\n")
     assert _messages(tmp_path, text) == [
