@@ -331,7 +331,26 @@ def check_supported(recipe: Recipe, model_dir: str) -> None:
     (BERT, MiniLM) take none. Said before the weights load."""
     if recipe.method.kind != "prefix":
         return
-    # transformers 5 decoders name it ``cache``; older ones and remote code ``past_key_values``
+    if recipe.task == "classification":
+        # peft's classifier path looks for a parameter named past_key_values and raises at the
+        # first forward otherwise; transformers 5 decoders name theirs ``cache``
+        name, ok = forward_takes(
+            model_dir, recipe.task, ("past_key_values",), recipe.model.trust_remote_code
+        )
+        if not ok:
+            raise RecipeError(
+                [
+                    recipe.problem(
+                        "method.kind",
+                        f"prefix tuning of a classifier needs a forward that takes "
+                        f"past_key_values (peft looks for that name); {name} does not",
+                        "use kind prompt or ptuning (they prepend to the input embeddings), or "
+                        "prefix tuning with task causal_lm",
+                    )
+                ]
+            )
+        return
+    # causal LMs: transformers 5 decoders name it ``cache`` and still accept past_key_values
     name, ok = forward_takes(
         model_dir, recipe.task, ("past_key_values", "cache"), recipe.model.trust_remote_code
     )

@@ -153,19 +153,28 @@ def test_layers_out_of_range_and_freeze_patterns_that_match_nothing(
     ]
 
 
-def test_prefix_tuning_on_an_encoder_is_refused_before_the_weights_load(
-    tmp_path, tiny_models, tiny_data, monkeypatch
+@pytest.mark.parametrize("arch", ["bert", "llama-random"])
+def test_prefix_tuning_of_a_classifier_is_refused_before_the_weights_load(
+    tmp_path, tiny_models, tiny_data, monkeypatch, arch
 ):
+    """An encoder takes no past key values; a transformers 5 decoder calls them `cache`, which
+    peft's classifier path does not accept (it raised at the first training step before)."""
     import ftcli.adapt
 
-    r = recipe_from_mapping(_mapping(tmp_path, tiny_models, tiny_data, {"kind": "prefix"}))
+    m = _mapping(tmp_path, tiny_models, tiny_data, {"kind": "prefix"})
+    m["model"]["name"] = str(tiny_models[arch])
+    r = recipe_from_mapping(m)
     monkeypatch.setattr(ftcli.adapt, "load_recipe_base", lambda *a, **k: pytest.fail("loaded"))
     with pytest.raises(RecipeError) as info:
         _adapt(r)
+    cls = {
+        "bert": "BertForSequenceClassification",
+        "llama-random": "LlamaForSequenceClassification",
+    }
     assert [p.render() for p in info.value.problems] == [
-        "<recipe>: method.kind: prefix tuning needs a model that takes past key values; "
-        "BertForSequenceClassification does not (use kind prompt or ptuning (they prepend to "
-        "the input embeddings), or a decoder model)"
+        "<recipe>: method.kind: prefix tuning of a classifier needs a forward that takes "
+        f"past_key_values (peft looks for that name); {cls[arch]} does not (use kind prompt or "
+        "ptuning (they prepend to the input embeddings), or prefix tuning with task causal_lm)"
     ]
 
 
@@ -342,3 +351,72 @@ def test_memory_estimate_counts_each_strategys_trainable_weights(
     assert plan.inv.trainable == _adapt(r).counts.trainable
     # virtual tokens lengthen every sequence the estimate plans for
     assert plan.setup.seq_len == r.data.max_length + r.method.virtual_tokens
+
+
+def test_gradual_unfreezing_with_lora_keeps_waiting_adapters_frozen(
+    tmp_path, tiny_models, tiny_data
+):
+    """LoRA under the schedule: the bottom block's adapters join at step 3, and until then they
+    do not move (a 2-step run never reaches their turn)."""
+    method = {"kind": "lora", "r": 4, "alpha": 8, "target_modules": ["query", "value"]}
+    weights, counts = {}, None
+    for steps in (2, 4):
+        m = _mapping(
+            tmp_path / str(steps),
+            tiny_models,
+            tiny_data,
+            method,
+            max_steps=steps,
+            log_every=1,
+            unfreeze={"every_steps": 2, "start_layers": 1},
+            optimizer={"name": "adamw", "lr": 1.0e-2},
+        )
+        m["merge"] = {"enabled": False}
+        r = recipe_from_mapping(m)
+        assert train_run(r, UI())["status"] == "completed"
+        weights[steps] = load_file(str(r.run_dir / "adapter" / "adapter_model.safetensors"))
+        counts = [x["trainable"] for x in _metrics(r.run_dir) if "loss" in x]
+    # steps 1-2: head + the top block's adapters; 3-4: + the bottom block's
+    per_block = 2 * (4 * 32 + 32 * 4)  # query and value: A (4 x 32) and B (32 x 4)
+    assert counts[0] == counts[1] and counts[2] == counts[3] == counts[0] + per_block
+    # LoRA B starts at zero, and one AdamW step on a trainable B moves it by about lr
+    top = [k for k in weights[2] if "layer.1." in k and "lora_B" in k]
+    bottom = [k for k in weights[2] if "layer.0." in k and "lora_B" in k]
+    assert top and bottom
+    assert all(weights[2][k].abs().max() > 1e-3 for k in top)
+    assert all(torch.equal(weights[2][k], torch.zeros_like(weights[2][k])) for k in bottom)
+    assert all(weights[4][k].abs().max() > 1e-3 for k in bottom)
+
+
+@pytest.mark.parametrize("kind", ["dora", "ia3", "vera", "prefix", "prompt", "ptuning"])
+def test_predict_and_generate_with_each_kind(tmp_path, tiny_models, tiny_data, kind):
+    """`ftcli predict` / chat's predictor load every kind from its run folder: class probabilities
+    equal the trained model's own, and a causal LM answers."""
+    from ftcli.data.tokenize import tokenize
+    from ftcli.evaluation.forward import class_probabilities
+    from ftcli.serve.predictor import load_predictor
+
+    method = {
+        "dora": {"kind": "lora", "r": 4, "dora": True, "target_modules": ["q_proj", "v_proj"]},
+        "vera": {"kind": "vera", "r": 4, "target_modules": ["q_proj", "v_proj"]},
+    }.get(kind, {"kind": kind})
+    texts = ["the film was really good", "a dull and boring plot", "awful"]
+    # prefix tuning has no classifier path under transformers 5 (the test above): chat only
+    for task in ("causal_lm",) if kind == "prefix" else ("classification", "causal_lm"):
+        arch = "llama-random" if task == "classification" else "llama"
+        m = tiny_recipe(tmp_path / task, tiny_models, tiny_data, task=task, kind="full", arch=arch)
+        m.update(method=dict(method), merge={"enabled": False})
+        m["train"].update(max_steps=3, optimizer={"name": "adamw", "lr": 1.0e-2})
+        r = recipe_from_mapping(m)
+        train_run(r, UI())
+        p = load_predictor(str(r.run_dir))
+        if task == "causal_lm":
+            answers = p.generate([[{"role": "user", "content": "what is 3 plus 4 ?"}]], 8)
+            assert len(answers) == 1 and isinstance(answers[0], str)
+            continue
+        got = [x["probs"]["pos"] for x in p.classify(texts)]
+        model, tok = load_trained(r.run_dir, task)
+        rows = [{"text": t, "label": "pos"} for t in texts]
+        feats = tokenize(rows, r, tok, {"neg": 0, "pos": 1}).features
+        want = [x[1] for x in class_probabilities(model, feats, tok.pad_token_id, 8, "cpu")]
+        assert got == pytest.approx(want, abs=1e-5)
