@@ -20,6 +20,7 @@ that trial from it.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -29,7 +30,8 @@ import yaml
 from ftcli.errors import FtcliError, Interrupted
 from ftcli.pipeline import evaluate_run, train_run
 from ftcli.recipe import Recipe, apply_overrides, recipe_from_mapping, space_values
-from ftcli.train import Pruning
+from ftcli.runlock import lock_path, process_gone
+from ftcli.train import Pruning, latest_checkpoint
 from ftcli.ui import UI
 from ftcli.util import atomic_write_text, read_json, read_jsonl, write_json
 
@@ -160,6 +162,8 @@ def run_trial(study, trial, recipe: Recipe, ui: UI, resume: bool = False) -> Non
     params = dict(trial.params) if resume else suggest(trial, recipe)
     name = f"trial-{trial.number:03d}"
     r = trial_recipe(recipe, params, name, tune_dir(recipe))
+    if resume and latest_checkpoint(r.run_dir / "checkpoints") is None:
+        resume = False  # killed before its first checkpoint: the same parameters, from the start
     trial.set_user_attr("run_dir", str(r.run_dir))
     shown = ", ".join(f"{k}={_fmt(v)}" for k, v in params.items())
     ui.step(f"{'resume ' if resume else ''}trial {trial.number}: {shown}")
@@ -195,6 +199,21 @@ def run_trial(study, trial, recipe: Recipe, ui: UI, resume: bool = False) -> Non
         return
     study.tell(trial, value)
     ui.info(f"  trial {trial.number}: {spec.metric} {value:.4f}")
+
+
+def orphaned(trial) -> bool:
+    """A RUNNING trial whose process is gone without saying so (kill -9, a crash, a reboot): its
+    run folder's lock names a pid on this machine that no longer runs. A trial another live
+    process trains, here or on another host, is never taken for one."""
+    run_dir = trial.user_attrs.get("run_dir")
+    if not run_dir or trial.user_attrs.get("interrupted"):
+        return False
+    held = lock_path(Path(run_dir))
+    try:
+        other = json.loads(held.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return process_gone(other.get("pid"), other.get("host"))
 
 
 def _fmt(v) -> str:
@@ -237,11 +256,12 @@ def tune(
     root = tune_dir(recipe)
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    interrupted = [
-        t
-        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-        if t.user_attrs.get("interrupted")
-    ]
+    states = (optuna.trial.TrialState.RUNNING,)
+    for t in study.get_trials(states=states):
+        if orphaned(t):  # resumable like a Ctrl-C'd trial, from its last checkpoint
+            optuna.trial.Trial(study, t._trial_id).set_user_attr("interrupted", True)
+            ui.warn(f"trial {t.number}'s process is gone (killed?); --resume continues it")
+    interrupted = [t for t in study.get_trials(states=states) if t.user_attrs.get("interrupted")]
     try:
         if resume:
             if not interrupted:

@@ -136,6 +136,43 @@ def test_interrupted_trial_resumes_from_its_checkpoint(tmp_path, tiny_models, ti
     assert run["train"]["steps"] == 8
 
 
+def test_a_killed_trial_is_found_and_resumes_from_its_checkpoint(tmp_path, tiny_models, tiny_data):
+    """kill -9 during a trial leaves it RUNNING in the store with no word of why; the next
+    ``ftcli tune --resume`` sees its run lock's process is gone and continues it from its last
+    checkpoint instead of leaving it open forever."""
+    import signal
+    import time
+
+    from ftcli.recipe import recipe_from_mapping
+    from ftcli.tune import open_study, tune
+    from ftcli.ui import UI
+
+    m = study_recipe(tmp_path, tiny_models, tiny_data, trials=1, pruner="none")
+    m["train"].update(max_steps=400, checkpoint_every=2, eval_every=400, log_every=50)
+    path = write_recipe(tmp_path / "study.yaml", **m)
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ftcli", "tune", str(path)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    recipe = recipe_from_mapping(m)
+    ckpts = Path(recipe.output_dir) / "study" / "tune" / "trial-000" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not list(ckpts.glob("step-*/state.json")) and time.monotonic() < deadline:
+        assert proc.poll() is None, "the study ended before a checkpoint was seen"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    (t,) = open_study(recipe).get_trials()
+    assert t.state.name == "RUNNING" and not t.user_attrs.get("interrupted")
+    out = tune(recipe, UI(), resume=True)
+    assert [r["state"] for r in out["trials"]] == ["complete"]
+    run = json.loads((Path(out["trials"][0]["run_dir"]) / "run.json").read_text())
+    assert run["train"]["resumed_from"] >= 2 and run["train"]["steps"] == 400
+
+
 def test_two_processes_share_one_journal(tmp_path, tiny_models, tiny_data):
     journal = tmp_path / "shared" / "study.log"
     m = study_recipe(
