@@ -37,7 +37,12 @@ STRATEGIES: dict[str, tuple[dict, dict, dict]] = {
     "dora": ({**LORA8, "dora": True}, {}, {}),
     "rslora": ({**LORA8, "rslora": True}, {}, {}),
     "pissa": ({**LORA8, "init": "pissa"}, {}, {}),
-    "lora+": (LORA8, {"optimizer": {"lora_plus_ratio": 16}}, {}),
+    "lora-plus": (
+        LORA8,
+        {"optimizer": {"lora_plus_ratio": 16}},
+        {},
+    ),  # LoRA+ (a name is a run folder)
+    "lora-plus-lr5e-4": (LORA8, {"optimizer": {"lora_plus_ratio": 16, "lr": 5.0e-4}}, {}),
     "lora-top3": ({**LORA8, "layers": "LAST3"}, {}, {}),
     "lora-mlp-head": (LORA8, {}, {"head": {"hidden": 256, "dropout": 0.1}}),
     "ia3": ({"kind": "ia3", **NO_LORA}, LR_DEFAULT, {}),
@@ -45,6 +50,10 @@ STRATEGIES: dict[str, tuple[dict, dict, dict]] = {
     "prefix": ({"kind": "prefix", **NO_LORA}, LR_DEFAULT, {}),
     "prompt": ({"kind": "prompt", **NO_LORA}, LR_DEFAULT, {}),
     "ptuning": ({"kind": "ptuning", **NO_LORA}, LR_DEFAULT, {}),
+    # the same two at 10x their method's default lr: is it the rate or the method?
+    "ia3-lr3e-2": ({"kind": "ia3", **NO_LORA}, {"optimizer": {"lr": 3.0e-2}}, {}),
+    "vera-lr3e-2": ({"kind": "vera", "r": 64, "alpha": None}, {"optimizer": {"lr": 3.0e-2}}, {}),
+    "prompt-lr5e-2": ({"kind": "prompt", **NO_LORA}, {"optimizer": {"lr": 5.0e-2}}, {}),
     "full": ({"kind": "full", **NO_LORA}, {"optimizer": {"lr": 5.0e-5}}, {}),
     "full-unfreeze": (
         {"kind": "full", **NO_LORA},
