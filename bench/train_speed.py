@@ -19,10 +19,13 @@ shared machine's load hits all of them. Reported per side (median over rounds):
 
 Cases and sides:
   quickstart   MiniLM-L6 LoRA classification: ftcli | trainer (DataCollatorWithPadding) |
-               trainer-grouped (train_sampling_strategy="group_by_length", TRAPS.md #13)
-  smollm2-cls  SmolLM2-135M LoRA sentiment: the same three
+               trainer-grouped (train_sampling_strategy="group_by_length", TRAPS.md #13) |
+               trainer-grouped-bf16 (the same with bf16=True: the best Trainer set-up on a
+               CPU with native bf16, where ftcli's auto picks bf16)
+  smollm2-cls  SmolLM2-135M LoRA sentiment: the same four
   chat         SmolLM2-135M chat SFT on chatterbot: ftcli | trainer (completion-only labels,
-               DataCollatorForSeq2Seq pads them with -100) | trl | trl-padding-free | trl-packing
+               DataCollatorForSeq2Seq pads them with -100) | trainer-bf16 | trl |
+               trl-padding-free | trl-packing
                (TRL's padding-free/packing pass position ids without a mask: on CPU/SDPA that
                leaks attention across examples, TRAPS.md #11; timed anyway, marked in the table)
 """
@@ -41,14 +44,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CLS_SIDES = ["ftcli", "trainer", "trainer-grouped"]
+CLS_SIDES = ["ftcli", "trainer", "trainer-grouped", "trainer-grouped-bf16"]
 CASES = {
     "quickstart": ("recipes/quickstart.yaml", 32, CLS_SIDES),
     "smollm2-cls": ("recipes/smollm2-sentiment-lora.yaml", 16, CLS_SIDES),
     "chat": (
         "recipes/smollm2-chat-lora.yaml",
         8,
-        ["ftcli", "trainer", "trl", "trl-padding-free", "trl-packing"],
+        ["ftcli", "trainer", "trainer-bf16", "trl", "trl-padding-free", "trl-packing"],
     ),
 }
 LEAKY = {"trl-padding-free", "trl-packing"}  # position ids without a mask on SDPA
@@ -150,7 +153,7 @@ def _peft(model, recipe, task_type: str):
     )
 
 
-def _args(recipe, tmp: str, batch: int, steps: int, **kw) -> dict:
+def _args(recipe, tmp: str, batch: int, steps: int, bf16: bool = False, **kw) -> dict:
     o, s = recipe.train.optimizer, recipe.train.scheduler
     return dict(
         output_dir=tmp,
@@ -165,7 +168,7 @@ def _args(recipe, tmp: str, batch: int, steps: int, **kw) -> dict:
         save_strategy="no",
         report_to=[],
         use_cpu=DEVICE == "cpu",
-        bf16=DEVICE == "cuda",  # what a GPU user sets; on CPU the Trainer default (fp32)
+        bf16=DEVICE == "cuda" or bf16,  # what a GPU user sets; on CPU the default is fp32
         seed=recipe.train.seed,
         dataloader_num_workers=0,
         disable_tqdm=True,
@@ -202,14 +205,18 @@ def run_trainer(side: str, recipe, tok, model_dir, prepared, feats, steps: int, 
         ).to(DEVICE)
         model = _peft(model, recipe, "SEQ_CLS")
     data = [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in feats]
+    # the bf16 sides: what a user sets on a CPU with native bf16 (ftcli's auto picks it there)
+    bf16 = side.endswith("bf16")
     with tempfile.TemporaryDirectory() as tmp:
         if side.startswith("trl"):
             from datasets import Dataset
             from trl import SFTConfig, SFTTrainer
 
             cfg = SFTConfig(
-                **_args(recipe, tmp, batch, steps),
-                max_length=recipe.data.max_length,
+                **_args(recipe, tmp, batch, steps, bf16),
+                # the examples are ftcli's, already truncated; TRL refuses padding_free with a
+                # max_length it would not enforce
+                max_length=None if side == "trl-padding-free" else recipe.data.max_length,
                 padding_free=side == "trl-padding-free",
                 packing=side == "trl-packing",
                 dataset_num_proc=None,
@@ -218,9 +225,8 @@ def run_trainer(side: str, recipe, tok, model_dir, prepared, feats, steps: int, 
                 model=model, args=cfg, train_dataset=Dataset.from_list(data), processing_class=tok
             )
         else:
-            extra = (
-                {"train_sampling_strategy": "group_by_length"} if side.endswith("grouped") else {}
-            )
+            grouped = "grouped" in side
+            extra = {"train_sampling_strategy": "group_by_length"} if grouped else {}
             collator = (
                 DataCollatorForSeq2Seq(tok, label_pad_token_id=-100)
                 if causal
@@ -230,7 +236,7 @@ def run_trainer(side: str, recipe, tok, model_dir, prepared, feats, steps: int, 
                 row["attention_mask"] = f["attention_mask"]
             trainer = Trainer(
                 model=model,
-                args=TrainingArguments(**_args(recipe, tmp, batch, steps, **extra)),
+                args=TrainingArguments(**_args(recipe, tmp, batch, steps, bf16, **extra)),
                 train_dataset=data,
                 data_collator=collator,
             )
@@ -240,7 +246,7 @@ def run_trainer(side: str, recipe, tok, model_dir, prepared, feats, steps: int, 
     return {
         "seconds": seconds,
         "model": trainer.model,
-        "mixed_precision": "bf16" if DEVICE == "cuda" else "no",
+        "mixed_precision": "bf16" if DEVICE == "cuda" or bf16 else "no",
     }
 
 

@@ -327,6 +327,13 @@ class TrainSpec(_Section):
         description="auto = bf16 where the hardware has it natively (a CUDA GPU with bf16, a CPU "
         "with AVX512-BF16 or AMX), else no",
     )
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v):
+        # YAML 1.1 reads a bare `no` (in a file or --set train.mixed_precision=no) as false
+        return "no" if v is False else v
+
     gradient_checkpointing: bool = False
     group_by_length: bool = Field(
         True,

@@ -107,8 +107,11 @@ def _attention(
     ns = n * seq
     if impl == "sdpa" and s.device == "cpu" and p_drop > 0:
         # CPU SDPA with dropout runs the math kernel: q, k, v in batched form, the softmax output,
-        # the dropout noise and the dropped probabilities, all in the compute dtype
-        return a * 3 * q_dim + 3 * a * ns, 2 * a * ns
+        # the dropout noise and the dropped probabilities, all in the compute dtype, which CPU
+        # autocast keeps float32 for SDPA (counted with saved-tensor hooks: 72 + 87 MiB of fp32
+        # attention tensors on MiniLM-L6 at 32 x 64 under bf16 autocast)
+        c = 4 if s.autocast else a
+        return c * 3 * q_dim + 3 * c * ns, 2 * c * ns
     if impl == "eager":
         saved = a * (q_dim + 2 * kv_dim) + a * q_dim  # q, k, v and the context
         probs = 4 * ns if d.family == "llama" else a * ns  # Llama upcasts the softmax to fp32
@@ -264,6 +267,15 @@ def activations(inv, s: Setup) -> Acts:
         working += inv.largest_linear(quantized_only=True) * (
             DTYPE_BYTES[s.compute_dtype] + (4 if o == 4 else 0)
         )
+
+    # IA3 multiplies activations by learned vectors: each product saves its activation (in the
+    # linear outputs' dtype) for the vector's gradient. Counted with saved-tensor hooks on
+    # MiniLM-L6 (key, value, output.dense): +72 MiB of feed-forward inputs and +36 MiB of key and
+    # value outputs at 32 x 64 in fp32
+    if inv.ia3_saved:
+        ia3 = o * inv.ia3_saved // max(1, d.layers)
+        per_tok += ia3
+        parts["ia3 scaled activations"] = ia3
 
     gc = s.gradient_checkpointing
     if gc:

@@ -303,6 +303,9 @@ class Inventory:
     lora_targets: dict = field(
         default_factory=dict
     )  # leaf -> {"in": n, "out": n, "count": modules, "lora": params}
+    # IA3: the bytes per token per element each scaled activation saves (the scale's gradient
+    # needs it): the input of a feed-forward target, the output of the others
+    ia3_saved: int = 0  # elements per token, all layers together
 
     @property
     def total(self) -> int:
@@ -459,8 +462,23 @@ def inventory(model, config) -> Inventory:
             )
             t["count"] += 1
             t["lora"] += n
+    from peft.tuners.ia3 import IA3Layer
+
+    ia3 = 0
+    for module in model.modules():
+        if isinstance(module, IA3Layer) and hasattr(module, "base_layer"):
+            base = module.base_layer
+            in_f = getattr(base, "in_features", None) or base.weight.shape[0]
+            out_f = getattr(base, "out_features", None) or base.weight.shape[1]
+            ia3 += int(in_f if module.is_feedforward else out_f)
     arch = type(getattr(getattr(model, "base_model", None), "model", model)).__name__
-    return Inventory(params=params, dims=dims_of(config), architecture=arch, lora_targets=targets)
+    return Inventory(
+        params=params,
+        dims=dims_of(config),
+        architecture=arch,
+        lora_targets=targets,
+        ia3_saved=ia3,
+    )
 
 
 def _in_block(name: str) -> str:

@@ -180,3 +180,55 @@ def test_the_loss_term_is_what_the_loss_holds_at_its_peak(tmp_path, loss_path, d
         got[vocab] = live.peak
     estimated, measured = est[9216] - est[1024], got[9216] - got[1024]
     assert estimated == pytest.approx(measured, rel=0.05), (estimated, measured)
+
+
+def test_ia3_activations_match_what_autograd_saves(tmp_path, tiny_models, tiny_data):
+    """IA3's learned vectors multiply activations, and each product saves its activation for the
+    vector's gradient: the estimate counts them (it did not, and read 0.74 of --measure)."""
+    import torch
+    from peft import IA3Config, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from ftcli.memory import plan_recipe
+    from ftcli.recipe import recipe_from_mapping
+    from tests.conftest import tiny_recipe
+
+    m = tiny_recipe(tmp_path, tiny_models, tiny_data, kind="full", arch="bert")
+    m["method"] = {"kind": "ia3"}
+    m["train"].update(batch_size=BATCH, device="cpu")
+    m["data"]["max_length"] = SEQ
+    acts = plan_recipe(recipe_from_mapping(m), "cpu").estimate().acts
+    assert acts.detail["parts_per_token_per_layer"]["ia3 scaled activations"] > 0
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"], num_labels=2)
+    model = get_peft_model(model, IA3Config(task_type="SEQ_CLS"))
+    model.train()
+    ids = torch.randint(5, 200, (BATCH, SEQ))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    measured = saved_bytes(model, {**batch, "labels": torch.randint(0, 2, (BATCH,))})
+    assert acts.stored + acts.outside == pytest.approx(measured, rel=0.10)
+
+
+def test_cpu_autocast_keeps_sdpa_in_float32(tiny_models):
+    """Under bf16 autocast on the CPU, BERT's SDPA (math kernel: it has attention dropout) saves
+    float32 tensors; the estimate once counted them in bf16 and read 0.78 of --measure."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    folder = str(tiny_models["bert"])
+    kw = dict(task="classification", method="lora", dtype="float32", device="cpu", r=4)
+    kw.update(batch_size=BATCH, seq_len=SEQ, dropout=0.05, target_modules=tuple(TARGETS["bert"]))
+    acts = plan_model(folder, mixed_precision="bf16", **kw).estimate().acts
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=TARGETS["bert"])
+    model = get_peft_model(model, lora)
+    model.train()
+    ids = torch.randint(5, 200, (BATCH, SEQ))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    batch["labels"] = torch.randint(0, 2, (BATCH,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        measured = saved_bytes(model, batch)
+    expected = acts.stored + acts.outside + acts.weight_copies
+    assert expected == pytest.approx(measured, rel=0.10), (expected, measured)

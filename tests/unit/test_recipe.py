@@ -79,6 +79,20 @@ def test_misplaced_key_points_to_its_section(tmp_path):
     ]
 
 
+def test_mixed_precision_no_survives_yaml_booleans(tmp_path):
+    """`no` is false to YAML 1.1: in a file and through --set it still means no mixed precision."""
+    (tmp_path / "reviews.csv").write_text("text,category\na,x\nb,y\n")
+    r = load_recipe(_write(tmp_path, GOOD), ["train.mixed_precision=no"])
+    assert r.train.mixed_precision == "no"
+    r = load_recipe(
+        _write(tmp_path, GOOD.replace("  epochs: 2\n", "  epochs: 2\n  mixed_precision: no\n"))
+    )
+    assert r.train.mixed_precision == "no"
+    assert _messages(tmp_path, GOOD, ["train.mixed_precision=yes"]) == [
+        "--set: train.mixed_precision: True is not one of: auto, no, bf16, fp16"
+    ]
+
+
 def test_typo_in_a_value_suggests_the_nearest_choice(tmp_path):
     text = GOOD.replace("kind: lora", "kind: lorra")
     assert _messages(tmp_path, text) == [
