@@ -98,7 +98,7 @@ def pads_left(model) -> bool:
     config = getattr(model, "peft_config", None)
     if not config:
         return False
-    pc = next(iter(config.values()))
+    pc = config.get(getattr(model, "active_adapter", None)) or next(iter(config.values()))
     kind = getattr(pc.peft_type, "value", pc.peft_type)
     task = getattr(pc.task_type, "value", pc.task_type)
     # decoder classifiers (Llama, Qwen, GPT-2, ...) pool the last token through a head named

@@ -108,6 +108,13 @@ def acquire(run_dir: Path) -> Held:
     )
 
 
+def holder_gone(run_dir: Path) -> bool:
+    """True when the run folder's lock names a process on this machine that no longer runs (the
+    run was killed); False when there is no lock, or its holder lives or is on another host."""
+    other = _read(lock_path(run_dir))
+    return process_gone(other.get("pid"), other.get("host"))
+
+
 def release(held: Held) -> None:
     if _read(held.path).get("pid") == os.getpid():
         with contextlib.suppress(FileNotFoundError):

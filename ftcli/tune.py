@@ -20,7 +20,6 @@ that trial from it.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import yaml
 from ftcli.errors import FtcliError, Interrupted
 from ftcli.pipeline import evaluate_run, train_run
 from ftcli.recipe import Recipe, apply_overrides, recipe_from_mapping, space_values
-from ftcli.runlock import lock_path, process_gone
+from ftcli.runlock import holder_gone
 from ftcli.train import Pruning, latest_checkpoint
 from ftcli.ui import UI
 from ftcli.util import atomic_write_text, read_json, read_jsonl, write_json
@@ -208,12 +207,7 @@ def orphaned(trial) -> bool:
     run_dir = trial.user_attrs.get("run_dir")
     if not run_dir or trial.user_attrs.get("interrupted"):
         return False
-    held = lock_path(Path(run_dir))
-    try:
-        other = json.loads(held.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return process_gone(other.get("pid"), other.get("host"))
+    return holder_gone(Path(run_dir))
 
 
 def _fmt(v) -> str:

@@ -232,11 +232,11 @@ def activations(inv, s: Setup) -> Acts:
     if s.task == "causal_lm" and s.loss_path == "ftcli":
         # the hidden states of supervised positions are gathered (and get a gradient); each chunk's
         # logits exist only inside its checkpoint: recomputed in backward, the fp32 log-softmax output,
-        # its gradient and the input's gradient (12 bytes per vocabulary entry) for one chunk at a time
-        sup = min(T, s.supervised_tokens) if s.supervised_tokens else T
-        gathered = sup * h * o
+        # its gradient and the input's gradient (12 bytes per vocabulary entry) for one chunk at a
+        # time. The worst case: every position supervised (as --measure trains)
+        gathered = T * h * o
         loss_forward = gathered
-        loss_peak = 2 * gathered + min(LOSS_CHUNK, sup) * 12 * V
+        loss_peak = 2 * gathered + min(LOSS_CHUNK, T) * 12 * V
     elif s.task == "causal_lm":
         # After forward: the logits in the head's dtype (the model output holds them) and the fp32
         # log-softmax output; the upcast dies with the loss function's frame. The caller drops the

@@ -303,9 +303,9 @@ class Inventory:
     lora_targets: dict = field(
         default_factory=dict
     )  # leaf -> {"in": n, "out": n, "count": modules, "lora": params}
-    # IA3: the bytes per token per element each scaled activation saves (the scale's gradient
-    # needs it): the input of a feed-forward target, the output of the others
-    ia3_saved: int = 0  # elements per token, all layers together
+    # IA3: activation elements per token, all layers together, that its products save for the
+    # learned vectors' gradients (a feed-forward target's input, the other targets' output)
+    ia3_saved: int = 0
 
     @property
     def total(self) -> int:

@@ -106,7 +106,6 @@ class Setup:
     # published peaks measure); "ftcli" = the LM head on supervised positions only, LOSS_CHUNK at
     # a time, recomputed in backward (what ftcli's loop runs: evaluation.forward)
     loss_path: str = "transformers"
-    supervised_tokens: int | None = None  # ftcli path: positions with a loss (None: every token)
 
     def check(self) -> None:
         problems = []
