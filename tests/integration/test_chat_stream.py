@@ -181,7 +181,9 @@ def test_chat_in_a_pseudo_terminal(tmp_path_factory, tiny_models, tiny_data, tmp
         for _ in range(10):  # Ctrl-C at the prompt: a hint, the session goes on
             os.write(master, b"\x03")  # (re-sent if it reached readline before its handler)
             try:
-                at = _expect(master, hint, seen, at, timeout=15)
+                # long enough that a loaded machine's slow answer is not taken for a lost ^C
+                # (a re-sent one is "Ctrl-C again" and ends the session)
+                at = _expect(master, hint, seen, at, timeout=45)
                 break
             except AssertionError:
                 continue

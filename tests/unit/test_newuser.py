@@ -267,9 +267,15 @@ def test_estimate_names_a_gpu_by_card():
     assert code == 0, out
     assert "planned for the NVIDIA A100 80 GB" in out
     assert "qlora on cuda" in out and "mixed precision bf16" in out
-    assert "on the NVIDIA A100 80 GB: 27.91 GiB of 79.20 GiB -> fits" in out
-    assert "largest micro-batch on it: 14 x 2048 tokens" in out
+    # ftcli's chunked loss on supervised positions (what train runs): one chunk's logits at a time
+    assert "on the NVIDIA A100 80 GB: 15.20 GiB of 79.20 GiB -> fits" in out
+    assert "largest micro-batch on it: 45 x 2048 tokens" in out
     assert "free on this" not in out  # this machine's memory is not the question
+    code, out = _estimate(
+        *QLORA_8B, "--gradient-checkpointing", "--gpu", "A100-80GB", "--loss-path", "transformers"
+    )  # the plain full-logits loss holds 12 B per token per vocabulary entry at its peak
+    assert code == 0 and "on the NVIDIA A100 80 GB: 25.86 GiB of 79.20 GiB -> fits" in out
+    assert "largest micro-batch on it: 16 x 2048 tokens" in out
     code, out = _estimate(*QLORA_8B, "--gpu", "t4")  # no bf16 there: fp16 mixed precision
     assert code == 0 and "mixed precision fp16" in out and "-> does NOT fit" in out
     code, out = _estimate(*QLORA_8B, "--gpu", "t4", "--mixed-precision", "bf16")
