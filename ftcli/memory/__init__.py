@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ftcli.data.tokenize import padded_width
 from ftcli.errors import FtcliError
 from ftcli.memory.arch import (
     Inventory,
@@ -74,7 +75,7 @@ def setup_from_recipe(recipe, device: str | None = None) -> Setup:
         task=recipe.task,
         method=m.kind,
         batch_size=t.batch_size,
-        seq_len=recipe.data.max_length,
+        seq_len=padded_width(recipe.data.max_length),  # the loop pads to PAD_MULTIPLE
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_accumulation=t.gradient_accumulation,
         optimizer=t.optimizer.name,

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from ftcli.adapt import adapt
+from ftcli.data.tokenize import padded_width
 from ftcli.errors import FtcliError
 from ftcli.evaluation.forward import loss_sums
 from ftcli.memory import pin_malloc_threshold
@@ -127,7 +128,7 @@ def run_measurement(
             reset_peak_rss()
     optimizer = build_optimizer(recipe, model)
     model, optimizer = acc.prepare(model, optimizer)
-    b, n = recipe.train.batch_size, recipe.data.max_length
+    b, n = recipe.train.batch_size, padded_width(recipe.data.max_length)  # as collate pads
     vocab = (
         model.get_input_embeddings().num_embeddings
         if hasattr(model, "get_input_embeddings")

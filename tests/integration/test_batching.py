@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from ftcli.pipeline import train_run
 from ftcli.recipe import recipe_from_mapping
-from ftcli.train import batch_plan
+from ftcli.train import batch_cost, batch_plan
 from ftcli.ui import UI
 from tests.conftest import tiny_recipe
 
@@ -29,14 +29,11 @@ def test_plan_sees_every_example_once_per_epoch_and_is_reproducible(kw):
         assert sorted(i for b in plan for i in b) == list(range(len(lengths)))
         assert plan == batch_plan(lengths, 16, seed=5, epoch=epoch, **kw)  # what --resume replays
     assert batch_plan(lengths, 16, 5, 0, **kw) != batch_plan(lengths, 16, 5, 1, **kw)
+    # the heaviest micro-batch runs first, so the allocator's largest blocks are taken at step 1
+    costs = [batch_cost(b, lengths, kw.get("packed", False)) for b in plan]
+    assert costs[0] == max(costs) and costs[1:] != sorted(costs[1:], reverse=True)
     if "batch_tokens" in kw:
-        for b in plan:
-            cost = (
-                sum(lengths[i] for i in b)
-                if kw.get("packed")
-                else len(b) * max(lengths[i] for i in b)
-            )
-            assert cost <= 400 or len(b) == 1
+        assert all(c <= 400 or len(b) == 1 for b, c in zip(plan, costs, strict=True))
 
 
 def test_grouping_cuts_padding():

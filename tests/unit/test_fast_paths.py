@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from ftcli.data.tokenize import IGNORE_INDEX, collate, pack, pack_rows
+from ftcli.data.tokenize import IGNORE_INDEX, PAD_MULTIPLE, collate, pack, pack_rows
 from ftcli.evaluation.forward import loss_sums, supervised_cross_entropy, token_cross_entropy
 
 
@@ -97,19 +97,37 @@ def test_position_ids_alone_leak_and_the_block_mask_isolates(tiny_models):
         _features(model.config.vocab_size, n=2, seed=2), key=lambda f: -len(f["input_ids"])
     )
     packed = pack(feats, pad_id=0, row_tokens=10_000)  # one row, the longer example first
-    k0 = len(feats[0]["input_ids"])
+    k0, k1 = len(feats[0]["input_ids"]), len(feats[1]["input_ids"])
     with torch.no_grad():
         alone = model(input_ids=torch.tensor([feats[1]["input_ids"]])).logits[0]
         isolated = model(
             input_ids=packed["input_ids"],
             position_ids=packed["position_ids"],
             attention_mask=packed["attention_mask"],
-        ).logits[0, k0:]
+        ).logits[0, k0 : k0 + k1]  # the row's tail past k0 + k1 is padding to PAD_MULTIPLE
         leaky = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"]).logits[
-            0, k0:
+            0, k0 : k0 + k1
         ]
     assert torch.allclose(isolated, alone, atol=1e-5)
     assert (leaky - alone).abs().max() > 1e-3
+
+
+def test_batches_are_padded_to_a_multiple_of_eight_except_varlen():
+    """Widths round up to PAD_MULTIPLE (fewer distinct shapes for the allocator); the extra
+    positions are padding: masked, unsupervised and not counted as real tokens."""
+    feats = _features(100, n=5, seed=3)
+    longest, total = (
+        max(len(f["input_ids"]) for f in feats),
+        sum(len(f["input_ids"]) for f in feats),
+    )
+    for left in (False, True):
+        b = collate(feats, pad_id=0, left=left)
+        assert b["input_ids"].shape[1] % PAD_MULTIPLE == 0 and b["input_ids"].shape[1] >= longest
+        assert b["attention_mask"].sum() == total
+    p = pack(feats, pad_id=0, row_tokens=10_000)
+    assert p["input_ids"].shape[1] % PAD_MULTIPLE == 0 and p["real_mask"].sum() == total
+    assert (p["labels"][p["real_mask"] == 0] == IGNORE_INDEX).all()
+    assert pack(feats, pad_id=0, varlen=True)["input_ids"].shape == (1, total)
 
 
 def test_pack_rows_respects_the_budget_and_keeps_every_example():

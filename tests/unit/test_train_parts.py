@@ -112,9 +112,11 @@ def test_collate_pads_right_and_ignores_pad_labels():
         [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}],
         pad_id=0,
     )
-    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert b["labels"].tolist() == [[-100, 6, 7], [8, IGNORE_INDEX, IGNORE_INDEX]]
+    pad = [0] * 5  # the width rounds up to PAD_MULTIPLE (8)
+    assert b["input_ids"].tolist() == [[5, 6, 7, *pad], [8, 0, 0, *pad]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, *pad], [1, 0, 0, *pad]]
+    no = [IGNORE_INDEX] * 5
+    assert b["labels"].tolist() == [[-100, 6, 7, *no], [8, IGNORE_INDEX, IGNORE_INDEX, *no]]
     c = collate([{"input_ids": [1], "labels": 1}, {"input_ids": [2, 3], "labels": 0}], pad_id=0)
     assert c["labels"].tolist() == [1, 0]
 
@@ -152,6 +154,7 @@ def test_collate_pads_left_when_asked():
         pad_id=0,
         left=True,
     )
-    assert b["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
-    assert b["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    pad = [0] * 5  # to PAD_MULTIPLE, on the left too
+    assert b["input_ids"].tolist() == [[*pad, 5, 6, 7], [*pad, 0, 0, 8]]
+    assert b["attention_mask"].tolist() == [[*pad, 1, 1, 1], [*pad, 0, 0, 1]]
     assert b["labels"].tolist() == [1, 0]
