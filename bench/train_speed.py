@@ -8,7 +8,9 @@ high-water mark); sides alternate within a round, and rounds reverse the order, 
 shared machine's load hits all of them. Reported per side (median over rounds):
 
 - real tokens/s: non-pad tokens of the examples / wall time of the training call;
-- peak RSS (MiB) of the process;
+- peak RSS (MiB) of the process; with --tensor-peak instead the peak of live tensor bytes during
+  the training call plus the model's weights, counted op by op (ftcli.memory.live): the same
+  figure whatever the C library's heap keeps resident;
 - the final training loss on equal examples: the trained model's mean loss over the same training
   examples, computed by the same code for every side (fp32, no dropout);
 - the ratio of real tokens/s to the Trainer default, and the share of the machine's measured
@@ -16,6 +18,7 @@ shared machine's load hits all of them. Reported per side (median over rounds):
 
     python bench/train_speed.py                      # all cases, 2 rounds
     python bench/train_speed.py --cases chat --steps 20 --rounds 2 --json
+    python bench/train_speed.py --tensor-peak --rounds 1   # memory only: tokens/s runs slower
 
 Cases and sides:
   quickstart   MiniLM-L6 LoRA classification: ftcli | trainer (DataCollatorWithPadding) |
@@ -58,6 +61,7 @@ LEAKY = {"trl-padding-free", "trl-packing"}  # position ids without a mask on SD
 
 
 DEVICE = os.environ.get("BENCH_DEVICE", "cpu")  # cuda: bench/gpu_check.sh
+TENSOR_PEAK = os.environ.get("BENCH_TENSOR_PEAK") == "1"  # set by --tensor-peak for its children
 
 
 def _prepare(recipe_path: str, steps: int, batch: int):
@@ -125,16 +129,41 @@ def run_ftcli(recipe, tok, model_dir, prepared, feats) -> dict:
     acc, device = make_accelerator(recipe)
     adapted = adapt(recipe, tok, model_dir, prepared.labels, device)
     tokenized = {"train": Tokenized(feats, 0, 0, 0), "validation": Tokenized([], 0, 0, 0)}
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp, Timed(adapted.model) as timed:
         out = train(recipe, acc, adapted, tokenized, Path(tmp))
-        seconds = time.perf_counter() - t0
     return {
-        "seconds": seconds,
+        **timed.result,
         "model": adapted.model,
         "mixed_precision": out.mixed_precision,
         "padding_efficiency": out.padding_efficiency,
     }
+
+
+class Timed:
+    """The wall time of a training call and, with --tensor-peak, the peak of live tensor bytes in
+    it plus the model's own weights (allocator-independent; the op-by-op count slows the call)."""
+
+    def __init__(self, model):
+        self.model, self.live = model, None
+
+    def __enter__(self):
+        if TENSOR_PEAK:
+            from ftcli.memory.live import LiveTensors
+
+            self.live = LiveTensors(exclude=[*self.model.parameters(), *self.model.buffers()])
+            self.live.__enter__()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.result = {"seconds": time.perf_counter() - self.t0}
+        if self.live is not None:
+            self.live.__exit__(*exc)
+            own = {
+                t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in [*self.model.parameters(), *self.model.buffers()]
+            }
+            self.result["tensor_peak_MiB"] = (sum(own.values()) + self.live.peak) / 2**20
 
 
 def _peft(model, recipe, task_type: str):
@@ -240,11 +269,10 @@ def run_trainer(side: str, recipe, tok, model_dir, prepared, feats, steps: int, 
                 train_dataset=data,
                 data_collator=collator,
             )
-        t0 = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - t0
+        with Timed(trainer.model) as timed:
+            trainer.train()
     return {
-        "seconds": seconds,
+        **timed.result,
         "model": trainer.model,
         "mixed_precision": "bf16" if DEVICE == "cuda" or bf16 else "no",
     }
@@ -307,11 +335,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument(
+        "--tensor-peak",
+        action="store_true",
+        help="compare peak live tensor bytes (counted op by op: slower, so tokens/s is not "
+        "comparable with a plain run) instead of peak RSS",
+    )
     ap.add_argument("--child", nargs=2, metavar=("SIDE", "CASE"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         return child(a.child[0], a.child[1], a.steps)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env["BENCH_TENSOR_PEAK"] = "1" if a.tensor_peak else "0"
+    mem = "tensor_peak_MiB" if a.tensor_peak else "peak_rss_MiB"
     results = []
     load = [os.getloadavg()]
     for case in a.cases:
@@ -339,7 +375,7 @@ def main() -> None:
                 continue
             med = {
                 k: statistics.median(r[k] for r in ok)
-                for k in ("tokens_per_s", "peak_rss_MiB", "final_loss", "seconds")
+                for k in ("tokens_per_s", "peak_rss_MiB", "final_loss", "seconds", mem)
             }
             results.append(
                 {
@@ -363,7 +399,7 @@ def main() -> None:
             continue
         base = next(x for x in results if x["case"] == r["case"] and x["side"] == "trainer")
         r["ratio_vs_trainer"] = r["tokens_per_s"] / base["tokens_per_s"]
-        r["memory_vs_trainer"] = r["peak_rss_MiB"] / base["peak_rss_MiB"]
+        r["memory_vs_trainer"] = r[mem] / base[mem]
         r["peak_share"] = None
         if peak:
             shape = "x".join(map(str, r["gemm"]))
@@ -375,7 +411,8 @@ def main() -> None:
         return
     print(f"load average (1/5/15 min) at start, end: {summary['load_average']}")
     print(
-        f"{'case':12} {'side':17} {'prec':5} {'real tok/s':>10} {'x trainer':>9} {'peak MiB':>9}"
+        f"{'case':12} {'side':17} {'prec':5} {'real tok/s':>10} {'x trainer':>9} "
+        f"{'tensor MiB' if a.tensor_peak else 'peak MiB':>9}"
         f" {'x mem':>6} {'loss':>7} {'pad eff':>7} {'% peak':>7}"
     )
     for r in results:
@@ -386,7 +423,7 @@ def main() -> None:
         print(
             f"{r['case']:12} {r['side'] + ('*' if r['leaks_attention'] else ''):17} "
             f"{r['mixed_precision']:5} {r['tokens_per_s']:10.0f} {r['ratio_vs_trainer']:9.2f} "
-            f"{r['peak_rss_MiB']:9.0f} {r['memory_vs_trainer']:6.2f} {r['final_loss']:7.4f} "
+            f"{r[mem]:9.0f} {r['memory_vs_trainer']:6.2f} {r['final_loss']:7.4f} "
             f"{pe if pe is None else round(pe, 3)!s:>7} "
             + (f"{100 * r['peak_share']:6.1f}%" if r["peak_share"] is not None else "      -")
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from ftcli.memory import plan_model
+from ftcli.memory.live import LiveTensors
 
 TARGETS = {"llama": ["q_proj", "v_proj"], "bert": ["query", "value"], "gpt2": ["c_attn"]}
 BATCH, SEQ = 4, 48
@@ -84,42 +85,19 @@ def test_estimated_activations_match_what_autograd_saves(tiny_models, arch, meth
     assert expected == pytest.approx(measured, rel=0.10), (expected, measured)
 
 
-class LiveBytes:
-    """Every tensor storage an op creates, alive until collected: the peak of their sum is what an
-    allocator must hold at once (parameters made before entering are not counted)."""
+def test_live_tensors_counts_what_is_alive_at_once():
+    """The tracker the loss-term test and bench/train_speed.py --tensor-peak rely on."""
+    import torch
 
-    def __init__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        tracker = self
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                for t in out if isinstance(out, (tuple, list)) else [out]:
-                    tracker.track(t)
-                return out
-
-        self.mode, self.live, self.now, self.peak = Mode(), {}, 0, 0
-
-    def track(self, t) -> None:
-        import weakref
-
-        import torch
-
-        if not isinstance(t, torch.Tensor):
-            return
-        storage = t.untyped_storage()
-        key, size = storage.data_ptr(), storage.nbytes()
-        if not size or key in self.live:
-            return
-        self.live[key] = size
-        self.now += size
-        self.peak = max(self.peak, self.now)
-        weakref.finalize(storage, self.free, key)
-
-    def free(self, key) -> None:
-        self.now -= self.live.pop(key, 0)
+    w = torch.zeros(1024, 256)  # 1 MiB made before the block
+    with LiveTensors(exclude=[w]) as live:
+        a = torch.ones(1024, 256)  # 1 MiB
+        b = a * 2  # 2 MiB alive
+        del a  # 1 MiB
+        c = torch.ones(1024, 512)  # 3 MiB alive: the peak
+        v = w.view(-1)  # a view of an excluded storage is not new memory
+        del b, c
+    assert live.peak == 3 * 2**20 and live.now == 0 and v.numel() == w.numel()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -169,8 +147,7 @@ def test_the_loss_term_is_what_the_loss_holds_at_its_peak(tmp_path, loss_path, d
         model = get_peft_model(model, lora)
         model.train()
         ids = torch.randint(0, vocab, (1, tokens))
-        live = LiveBytes()
-        with live.mode:
+        with LiveTensors() as live:
             if loss_path == "transformers":
                 loss = model(input_ids=ids, labels=ids).loss
             else:
