@@ -321,7 +321,9 @@ def _train_run(
         ui.step("evaluate on the sealed test split" if sealed else f"evaluate on {score_split}")
         with log.stage("evaluate"):
             if main:
-                model = adapted.model
+                # without the autocast accelerate wrapped around forward for training: the scores
+                # are those `ftcli eval` recomputes in float32 from the saved run
+                model = acc.unwrap_model(adapted.model, keep_fp32_wrapper=False)
                 if is_sharded(acc):  # the sharded model runs only with every rank: reload it whole
                     model = to_device(load_trained(run_dir, recipe.task)[0], acc.device)
                 report = evaluate(

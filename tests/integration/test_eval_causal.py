@@ -95,3 +95,23 @@ def test_ensemble_loss_by_hand():
     # two members, one example of two tokens: p = (0.5, 0.25) and (0.25, 0.25)
     members = [[[math.log(0.5), math.log(0.25)]], [[math.log(0.25), math.log(0.25)]]]
     assert ensemble_loss_sums(members) == pytest.approx([-(math.log(0.375) + math.log(0.25))])
+
+
+def test_run_json_scores_what_ftcli_eval_scores_after_bf16_training(
+    tmp_path, tiny_models, tiny_data, capsys
+):
+    """The test metrics a run writes are those `ftcli eval` recomputes from its folder: training's
+    bf16 autocast (accelerate wraps the model's forward in it) must not leak into the evaluation."""
+    m = tiny_recipe(tmp_path, tiny_models, tiny_data, task="causal_lm", kind="lora", arch="llama")
+    m["train"].update(mixed_precision="bf16", max_steps=2)
+    m["eval"] = {"batch_size": 32, "generate_examples": 0}
+    m["merge"] = {"enabled": False}
+    r = recipe_from_mapping(m)
+    train_run(r, UI())
+    written = json.loads((r.run_dir / "run.json").read_text())["eval"]["metrics"]
+    capsys.readouterr()  # the training's own output
+    code, rep = run_cli(capsys, "eval", str(r.run_dir), "--baseline", "--no-robustness", *FAST)
+    assert code == 0
+    assert rep["metrics"]["tuned"]["completion_loss"] == pytest.approx(
+        written["completion_loss"], abs=1e-6
+    )
