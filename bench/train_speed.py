@@ -26,7 +26,8 @@ Cases and sides:
                trainer-grouped-bf16 (the same with bf16=True: the best Trainer set-up on a
                CPU with native bf16, where ftcli's auto picks bf16)
   smollm2-cls  SmolLM2-135M LoRA sentiment: the same four
-  chat         SmolLM2-135M chat SFT on chatterbot: ftcli | trainer (completion-only labels,
+  chat         SmolLM2-135M chat SFT on chatterbot: ftcli | ftcli-gc (gradient checkpointing,
+               as TRL's SFTConfig defaults to) | trainer (completion-only labels,
                DataCollatorForSeq2Seq pads them with -100) | trainer-bf16 | trl |
                trl-padding-free | trl-packing
                (TRL's padding-free/packing pass position ids without a mask: on CPU/SDPA that
@@ -54,7 +55,7 @@ CASES = {
     "chat": (
         "recipes/smollm2-chat-lora.yaml",
         8,
-        ["ftcli", "trainer", "trainer-bf16", "trl", "trl-padding-free", "trl-packing"],
+        ["ftcli", "ftcli-gc", "trainer", "trainer-bf16", "trl", "trl-padding-free", "trl-packing"],
     ),
 }
 LEAKY = {"trl-padding-free", "trl-packing"}  # position ids without a mask on SDPA
@@ -284,7 +285,11 @@ def child(side: str, case: str, steps: int) -> None:
     quiet_libraries()
     recipe_path, batch, _ = CASES[case]
     recipe, tok, model_dir, prepared, feats = _prepare(recipe_path, steps, batch)
-    if side == "ftcli":
+    if side.startswith("ftcli"):
+        if side == "ftcli-gc":  # TRL's SFTConfig checkpoints by default: the like-for-like side
+            recipe = recipe.model_copy(
+                update={"train": recipe.train.model_copy(update={"gradient_checkpointing": True})}
+            )
         out = run_ftcli(recipe, tok, model_dir, prepared, feats)
     else:
         out = run_trainer(side, recipe, tok, model_dir, prepared, feats, steps, batch)
