@@ -144,8 +144,9 @@ def batch_plan(
 
     ``group``: the epoch's shuffled order cut into windows of ~50 batches, each sorted by length
     (long first) and cut into batches, then the batch order shuffled with the heaviest batch first:
-    batches of similar lengths, little padding. ``batch_tokens``: a micro-batch takes examples while the tokens the model runs
-    on (packed: their sum; padded: count x longest, rounded up to PAD_MULTIPLE) stay within it.
+    batches of similar lengths, little padding. ``batch_tokens``: a micro-batch takes examples
+    while the tokens the model runs on (packed: their sum; padded: count x longest, rounded up to
+    PAD_MULTIPLE) stay within the budget.
     """
     order = epoch_order(len(lengths), seed, epoch)
     if not group and batch_tokens is None:

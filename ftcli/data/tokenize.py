@@ -127,8 +127,8 @@ def tokenize(
 
 # Micro-batch widths are rounded up to a multiple of this many positions. Fewer distinct tensor
 # shapes let the allocator reuse freed blocks instead of growing: peak RSS of 20 bench steps fell
-# 10-14% on the CPU (quickstart 1,320 -> 1,185 MiB, SmolLM2-135M classification 2,760 -> 2,340
-# MiB) at the same step time; on CUDA, 8 is also the tensor-core granule for bf16/fp16.
+# 7-15% on the CPU (quickstart 1,320 -> 1,185 MiB, SmolLM2-135M classification 2,760 -> 2,340,
+# chat SFT 3,730 -> 3,450) at the same step time; on CUDA 8 is also the tensor-core granule.
 PAD_MULTIPLE = 8
 
 
@@ -183,9 +183,9 @@ def pack(features: list[dict], pad_id: int, row_tokens: int | None = None, varle
     ``varlen`` (flash-attention): one row, no mask; transformers reads the example boundaries from
     the position ids. Otherwise rows of at most ``row_tokens`` (default: the longest example, so
     the rows never run more positions, or longer attention, than the padded batch would), their
-    width rounded up to PAD_MULTIPLE, with an
-    explicit 4D block-diagonal causal mask (additive float, 0 = attend): position ids alone leak attention across examples
-    under eager and SDPA attention (TRAPS.md #11). Each example's first label is ignored, so no
+    width rounded up to PAD_MULTIPLE, with an explicit 4D block-diagonal causal mask (additive
+    float, 0 = attend): position ids alone leak attention across examples under eager and SDPA
+    attention (TRAPS.md #11). Each example's first label is ignored, so no
     prediction crosses an example boundary: the loss equals the unpacked batch's.
     """
     import torch
