@@ -246,6 +246,12 @@ def chat_loop(
                     f"(cut at {max_new_tokens} tokens: --max-new-tokens {2 * max_new_tokens} "
                     "allows longer answers)"
                 )
+    except KeyboardInterrupt:
+        # the second Ctrl-C landed after the hint was printed but before the prompt read again
+        # (a fast double press, or a loaded machine): it leaves as one at the prompt does
+        if not armed:
+            raise
+        say("")
     finally:
         save_history()
     return {

@@ -15,6 +15,7 @@ import termios
 import threading
 import time
 
+import pytest
 import yaml
 
 from ftcli.serve.chat import chat_loop, chat_run, run_system_prompt
@@ -58,6 +59,30 @@ class _CtrlC:
         if line == "^C":
             raise KeyboardInterrupt
         return line + "\n"
+
+
+class _InterruptOnHint(io.StringIO):
+    """stdout that gets the second Ctrl-C while the first one's hint is being printed."""
+
+    def write(self, s):
+        if "Ctrl-C again" in s and not getattr(self, "fired", False):
+            self.fired = True
+            raise KeyboardInterrupt
+        return super().write(s)
+
+
+def test_a_second_ctrl_c_before_the_prompt_is_back_still_leaves_cleanly(
+    tmp_path_factory, tiny_models, tiny_data
+):
+    """A double press (or a loaded machine) can put the second Ctrl-C between the hint and the
+    next prompt, outside the read: it leaves normally (exit 0), not as an interrupted command."""
+    run = trained_run(tmp_path_factory, tiny_models, tiny_data, "causal_lm", "lora")
+    stdin = _CtrlC(["^C", "never read"])
+    try:
+        res = chat_loop(load_predictor(str(run)), stdin, _InterruptOnHint(), None, max_new_tokens=2)
+    except KeyboardInterrupt:  # what the CLI turned into exit 130 (and would stop pytest)
+        pytest.fail("the second Ctrl-C escaped chat_loop")
+    assert res["turns"] == [] and stdin.lines == ["never read"]
 
 
 class _InterruptOnPiece(io.StringIO):
