@@ -145,13 +145,13 @@ class Timed:
     it plus the model's own weights (allocator-independent; the op-by-op count slows the call)."""
 
     def __init__(self, model):
-        self.model, self.live = model, None
+        self.own, self.live = [*model.parameters(), *model.buffers()], None
 
     def __enter__(self):
         if TENSOR_PEAK:
             from ftcli.memory.live import LiveTensors
 
-            self.live = LiveTensors(exclude=[*self.model.parameters(), *self.model.buffers()])
+            self.live = LiveTensors(exclude=self.own)
             self.live.__enter__()
         self.t0 = time.perf_counter()
         return self
@@ -160,10 +160,7 @@ class Timed:
         self.result = {"seconds": time.perf_counter() - self.t0}
         if self.live is not None:
             self.live.__exit__(*exc)
-            own = {
-                t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for t in [*self.model.parameters(), *self.model.buffers()]
-            }
+            own = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.own}
             self.result["tensor_peak_MiB"] = (sum(own.values()) + self.live.peak) / 2**20
 
 

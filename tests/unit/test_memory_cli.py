@@ -233,3 +233,12 @@ def test_the_loss_path_follows_the_loop_and_can_be_named():
         "--loss-path ftcli only applies to task causal_lm (a classification head has no "
         "vocabulary-sized logits)\n  hint: drop --loss-path"
     )
+
+
+def test_the_estimate_plans_the_padded_width_the_loop_runs():
+    """collate rounds widths up to PAD_MULTIPLE, so a max_length of 60 trains 64 positions."""
+    from ftcli.memory import setup_from_recipe
+    from ftcli.recipe import load_recipe
+
+    recipe = load_recipe("recipes/quickstart.yaml", ["data.max_length=60"])
+    assert setup_from_recipe(recipe, "cpu").seq_len == 64
