@@ -46,6 +46,26 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+@app.callback()
+def _options(
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            help="Show the libraries' own warnings and log lines as they come (otherwise they are "
+            "kept in the run folder's libraries.log).",
+        ),
+    ] = False,
+) -> None:
+    """Fine-tune pre-trained models from a YAML recipe."""
+    if verbose:
+        import os
+
+        os.environ["FTCLI_VERBOSE"] = "1"  # launched ranks and subprocesses see it too
+
+
 JsonOpt = Annotated[
     bool,
     typer.Option("--json", help="Print one JSON object on stdout (human output goes to stderr)."),
@@ -55,6 +75,15 @@ SetOpt = Annotated[
     typer.Option(
         "--set",
         help="Override a recipe key before validation, e.g. --set train.optimizer.lr=1.0e-4 (repeatable).",
+    ),
+]
+
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        help="Let the model run its own Python code (transformers' trust_remote_code). Never "
+        "taken from a folder's record: only this flag or your own recipe turns it on.",
     ),
 ]
 
@@ -86,7 +115,10 @@ def command(fn):
         quiet_libraries()
         as_json = kwargs.get("json_", False)
         try:
-            result = fn(*args, **kwargs)
+            from ftcli.sources import trusting
+
+            with trusting(kwargs.get("trust_remote_code", False)):
+                result = fn(*args, **kwargs)
         except FtcliError as exc:
             from ftcli.ui import is_main_process
 
@@ -367,6 +399,7 @@ def eval_(
         ),
     ] = Path("runs"),
     json_: JsonOpt = False,
+    trust_remote_code: TrustOpt = False,
 ):
     """Score a finished run on its sealed test split; with --baseline, prove whether fine-tuning helped.
 
@@ -555,6 +588,7 @@ def merge(
     ] = "dequantized",
     force: Annotated[bool, typer.Option("--force", help="Replace OUT_DIR if it exists.")] = False,
     json_: JsonOpt = False,
+    trust_remote_code: TrustOpt = False,
 ):
     """Fold a LoRA adapter into its base model, verify the result, write a plain transformers folder.
 
@@ -872,6 +906,7 @@ def predict(
     ] = False,
     feedback: FeedbackOpt = None,
     json_: JsonOpt = False,
+    trust_remote_code: TrustOpt = False,
 ):
     """Label texts (with probabilities) or generate answers with a fine-tuned model, batched.
 
@@ -973,6 +1008,7 @@ def chat(
         ),
     ] = None,
     json_: JsonOpt = False,
+    trust_remote_code: TrustOpt = False,
 ):
     """Talk to a causal LM in the terminal, with its chat template; answers stream as they are made.
 
@@ -1052,6 +1088,7 @@ def serve(
         ),
     ] = Path("feedback.jsonl"),
     json_: JsonOpt = False,
+    trust_remote_code: TrustOpt = False,
 ):
     """Serve a fine-tuned model over an OpenAI-compatible HTTP API, adapters picked per request.
 

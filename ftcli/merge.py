@@ -52,7 +52,7 @@ from ftcli.rundir import (
     read_model_record,
     read_run_record,
 )
-from ftcli.util import atomic_dir, human_bytes, write_json
+from ftcli.util import atomic_dir, file_hashes, human_bytes, write_json
 
 # Largest |saved - reference| logit difference, relative to max(1, largest |reference| logit).
 # float32: the fold is exact up to summation order (measured 5e-7 relative on the quickstart, 2e-6 on
@@ -388,6 +388,7 @@ def merge(
             labels=rec.labels if task == "classification" else None,
             bytes_written=written,
             seconds=round(time.perf_counter() - t0, 3),
+            sha256=file_hashes(tmp, "*.safetensors"),
         )
         write_json(tmp / "merge.json", summary.as_dict())
         card = model_card(rec, summary, run_info, base_params, recipe_text)

@@ -16,7 +16,7 @@ from ftcli.distributed import fsdp_requested
 from ftcli.errors import FtcliError
 from ftcli.recipe import QuantSpec
 from ftcli.rundir import ModelRecord, read_model_record
-from ftcli.sources import local_model_dir, resolve_model
+from ftcli.sources import local_model_dir, remote_code, resolve_model
 
 HEAD_NAMES = ("classifier", "score")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -117,7 +117,8 @@ def forward_takes(model_dir: str, task: str, arguments: tuple[str, ...], trust_r
 
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    trust = remote_code(trust_remote_code, f"model {model_dir!r}")
+    cfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust)
     try:
         cls = model_class(task)._model_mapping[type(cfg)]
     except KeyError:
@@ -156,7 +157,7 @@ def load_tokenizer(model_spec):
         model_dir,
         what=repr(model_spec.name),
         revision=model_spec.revision,
-        trust_remote_code=model_spec.trust_remote_code,
+        trust_remote_code=remote_code(model_spec.trust_remote_code, repr(model_spec.name)),
     )
     return tok, source, model_dir
 
@@ -297,7 +298,8 @@ def load_base_model(
     pooler, say) are kept in full precision."""
     if task == "classification" and labels is None:
         raise FtcliError("a classification model needs its labels")
-    kwargs: dict = {"revision": revision, "trust_remote_code": trust_remote_code}
+    trust = remote_code(trust_remote_code, f"model {what or model_dir!r}")
+    kwargs: dict = {"revision": revision, "trust_remote_code": trust}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     qc = None
@@ -416,14 +418,29 @@ def load_base_for(rec: ModelRecord, model_dir: str, into: str, tokenizer, device
 
 
 def verify_trained(folder: Path, rec: ModelRecord | None = None) -> None:
-    """A trained folder ftcli wrote is loaded only if its weights hash as recorded (ftcli.json)."""
+    """A folder ftcli wrote (adapter/ or model/ with ftcli.json, merged/ with merge.json) is loaded
+    only if its weights hash as recorded there; a record that leaves the hashes out is refused
+    (it was edited, or is not ftcli's), not trusted by default."""
+    from ftcli.rundir import read_merge_record
     from ftcli.util import check_hashes
 
     folder = Path(folder)
-    if rec is None and (folder / "ftcli.json").exists():
-        rec = read_model_record(folder)
-    if rec is not None and rec.sha256:
-        check_hashes(folder, rec.sha256, "trained folder")
+    if (folder / "merge.json").exists():
+        record, hashes, what = "merge.json", read_merge_record(folder).sha256, "merged folder"
+    elif rec is not None or (folder / "ftcli.json").exists():
+        rec = rec or read_model_record(folder)
+        if not (folder / "ftcli.json").exists():
+            return  # a folder ftcli did not write: its record was completed from peft's own
+        record, hashes, what = "ftcli.json", rec.sha256, "trained folder"
+    else:
+        return
+    if not hashes:
+        raise FtcliError(
+            f"{folder}/{record} records no sha256 of the weights, so they cannot be checked "
+            "before loading",
+            hint="use a folder as ftcli wrote it (rerun `ftcli merge` or the training run)",
+        )
+    check_hashes(folder, hashes, what)
 
 
 def load_folder(folder: Path, task: str, dtype: str = "float32"):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime as dt
 import gc
 import os
-import shutil
 import socket
 import sys
 import time
@@ -37,13 +36,22 @@ from ftcli.models import (
     to_device,
 )
 from ftcli.recipe import PROMPT_KINDS, Recipe
-from ftcli.rundir import check_same_data, open_run, read_run_record, write_run_json
+from ftcli.rundir import (
+    STUDY,
+    check_same_data,
+    clear_run,
+    foreign_entries,
+    open_run,
+    read_run_record,
+    write_run_json,
+)
 from ftcli.runlock import check_writable, run_lock
+from ftcli.sources import trusting
 from ftcli.tracking import finish as finish_tracking
 from ftcli.tracking import start as start_tracking
 from ftcli.tracking import trackers
 from ftcli.train import train
-from ftcli.ui import UI, is_main_process
+from ftcli.ui import UI, is_main_process, keep_library_log
 from ftcli.util import atomic_write_text, remove_leftovers, versions
 
 
@@ -109,12 +117,30 @@ def _check_run_dir(recipe: Recipe, resume: bool, force: bool) -> None:
                 hint=f"resume with the saved one: ftcli train {saved} --resume",
             )
         return
+    foreign = foreign_entries(run_dir)
+    if foreign:  # ftcli deletes only what it wrote: not even --force overrides this
+        shown = ", ".join(foreign[:5]) + (
+            f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        )
+        raise FtcliError(
+            f"{run_dir} holds files ftcli did not write ({shown}); a run there could mix with "
+            "or replace them",
+            hint="--set name=NEW (or --set output_dir=DIR) to train into a new folder",
+        )
     if record is not None and not force:
         if record.status == "failed" and not any((run_dir / "checkpoints").glob("step-*")):
             return  # a run that failed before saving anything holds nothing to lose
         raise FtcliError(
             f"{run_dir} already holds a run (status: {record.status}); it would be overwritten",
             hint="--resume continues it, --force starts it over, --set name=NEW makes a new run",
+        )
+    leftovers = sorted(e.name for e in run_dir.iterdir()) if run_dir.is_dir() else []
+    if record is None and not force and [e for e in leftovers if e != STUDY]:
+        raise FtcliError(
+            f"{run_dir} holds the start of a run that never recorded itself "
+            f"({', '.join(leftovers[:5])}); it would be overwritten",
+            hint="--force starts it over (only ftcli's own files there are removed; a tune "
+            "study is kept), --set name=NEW makes a new run",
         )
 
 
@@ -190,7 +216,11 @@ def train_run(
     for w in recipe.warnings:
         ui.warn(w.render())
     check_writable(Path(recipe.output_dir))
-    with run_lock(recipe.run_dir, enabled=is_main_process()) as held:
+    # the user's own recipe is what may allow a model's code to run (trust_remote_code)
+    with (
+        trusting(recipe.model.trust_remote_code),
+        run_lock(recipe.run_dir, enabled=is_main_process()) as held,
+    ):
         if held is not None and held.took_over:
             ui.warn(
                 f"took over the lock of {recipe.run_dir} from a run that is gone "
@@ -262,10 +292,11 @@ def _train_run(
     if main:
         if resume:
             check_same_data(prepared, run_dir / "data")
-            remove_leftovers(run_dir)  # temporary folders of the process that stopped
+            remove_leftovers(run_dir, skip=(STUDY,))  # temp folders of the process that stopped
         elif run_dir.exists():
-            shutil.rmtree(run_dir)
+            clear_run(run_dir)  # the run's own entries; a tune study beside them stays
         run_dir.mkdir(parents=True, exist_ok=True)
+        keep_library_log(run_dir / "libraries.log")  # the libraries' warnings, off the screen
         atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
         prepared = save_prepared(prepared, run_dir / "data")
         if recipe.task == "classification" and not resume:

@@ -155,6 +155,7 @@ class MergeRecord:
     labels: list | None
     bytes_written: int
     seconds: float
+    sha256: dict | None = None  # of the folder's *.safetensors, checked before loading it
 
     @property
     def max_logit_diff(self) -> float:
@@ -239,6 +240,59 @@ def write_run_json(run_dir: Path, data: dict) -> None:
 
 
 # --------------------------------------------------------------------------- the folder
+
+
+# What ``ftcli train`` writes inside a run folder: the only entries a fresh start removes.
+RUN_ENTRIES = frozenset(
+    {
+        "recipe.yaml",
+        "run.json",
+        "metrics.jsonl",
+        "libraries.log",
+        "data",
+        "init",
+        "adapter",
+        "model",
+        "merged",
+        "checkpoints",
+        "eval",
+        "eval-ensemble",
+        "tb",
+        "wandb",
+    }
+)
+STUDY = "tune"  # a tune study (study.db, trials, best.yaml): never removed by train
+
+
+def _owner(entry: str) -> str:
+    """The run entry a temporary name belongs to (``.adapter.tmp-1234`` -> ``adapter``)."""
+    if entry.startswith(".") and (".tmp" in entry or ".old-" in entry):
+        return entry[1:].split(".tmp")[0].split(".old-")[0]
+    return entry
+
+
+def foreign_entries(run_dir: Path) -> list[str]:
+    """What a run folder holds that ftcli did not write there (a study aside)."""
+    if not Path(run_dir).is_dir():
+        return []
+    return sorted(
+        e.name
+        for e in Path(run_dir).iterdir()
+        if _owner(e.name) not in RUN_ENTRIES and e.name != STUDY
+    )
+
+
+def clear_run(run_dir: Path) -> None:
+    """Remove a run's own entries for a fresh start: never a study, never anything ftcli did not
+    write (``_check_run_dir`` refused those before anything loaded)."""
+    import shutil
+
+    for e in Path(run_dir).iterdir():
+        if e.name != STUDY and _owner(e.name) in RUN_ENTRIES:
+            if e.is_dir() and not e.is_symlink():
+                shutil.rmtree(e)
+            else:
+                e.unlink()
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ what to do instead.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import glob
 import hashlib
 import importlib.util
@@ -37,6 +39,34 @@ _LOCAL_SUFFIXES = (
     ".gz",
     ".bz2",
 )
+
+
+# Whether a model's own Python code (trust_remote_code) may run: the user's own recipe (train,
+# tune) or an explicit --trust-remote-code says so, never a record inside a folder ftcli is given.
+_REMOTE_CODE = contextvars.ContextVar("ftcli_remote_code", default=False)
+
+
+@contextlib.contextmanager
+def trusting(allowed: bool):
+    """Within this block, models may run their own code only if ``allowed``."""
+    token = _REMOTE_CODE.set(bool(allowed))
+    try:
+        yield
+    finally:
+        _REMOTE_CODE.reset(token)
+
+
+def remote_code(asked: bool, what: str) -> bool:
+    """The ``trust_remote_code`` to load ``what`` with. A folder's record that asks for it while
+    the user did not is refused: loading would run code nobody chose to run."""
+    allowed = _REMOTE_CODE.get()
+    if asked and not allowed:
+        raise SourceError(
+            f"{what} asks to run its own Python code (trust_remote_code in its record); ftcli "
+            "runs a model's code only when you ask for it",
+            hint="if you trust that model's code, add --trust-remote-code",
+        )
+    return allowed
 
 
 def cache_dir() -> Path:

@@ -3,7 +3,9 @@ so stdout carries exactly one JSON object. Only the main process of a multi-proc
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import logging
 import os
 import sys
 import time
@@ -20,28 +22,82 @@ from rich.progress import (
 )
 from rich.table import Table
 
+# libraries that attach a stderr handler of their own (they never reach the root logger): kept
+# at ERROR unless --verbose; everything else propagates to the root and is captured below
+_OWN_HANDLERS = ("transformers", "datasets", "huggingface_hub")
+_LIBRARIES = (*_OWN_HANDLERS, "peft", "accelerate", "bitsandbytes", "kernels", "torch.distributed")
 
-def quiet_libraries() -> None:
-    """Keep library chatter (load reports, per-call warnings, their own progress bars) off the
-    user's screen: ftcli prints what matters itself."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+class LibraryLog(logging.Handler):
+    """Third-party log records and Python warnings, held instead of printed: ftcli owns the
+    terminal, so an ``error:`` line is the first line a user sees and ``--json`` stdout is one
+    object. ``--verbose`` (or FTCLI_VERBOSE=1) shows them as they come; a run keeps them in its
+    folder (``libraries.log``)."""
+
+    def __init__(self, keep: int = 2000):
+        super().__init__(level=logging.WARNING)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.lines: collections.deque[str] = collections.deque(maxlen=keep)
+        self.verbose = False
+        self.file = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:  # a library's bad format string must not break the run
+            line = f"{record.levelname} {record.name}: {record.msg!r}"
+        self.lines.append(line)
+        if self.file is not None:
+            self.file.write(line + "\n")
+            self.file.flush()
+        if self.verbose:
+            sys.stderr.write(f"  [{record.name}] {record.getMessage()}\n")
+
+    def keep_in(self, path) -> None:
+        """Write what was captured so far to ``path`` (appending: a resumed run keeps its log) and
+        every later record too."""
+        if self.file is not None:
+            self.file.close()
+        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (open for the process' life)
+        for line in self.lines:
+            self.file.write(line + "\n")
+        self.file.flush()
+
+
+_LOG: LibraryLog | None = None
+
+
+def verbose_requested() -> bool:
+    return os.environ.get("FTCLI_VERBOSE", "") not in ("", "0")
+
+
+def quiet_libraries(verbose: bool | None = None) -> LibraryLog:
+    """Capture library chatter (load reports, warnings, their own progress bars) instead of
+    printing it: ftcli prints what matters itself. Idempotent; returns the capture."""
+    global _LOG
+    verbose = verbose_requested() if verbose is None else verbose
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "warning" if verbose else "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    import logging
+    if _LOG is None:
+        _LOG = LibraryLog()
+        root = logging.getLogger()
+        root.addHandler(_LOG)
+        if root.level > logging.WARNING or root.level == logging.NOTSET:
+            root.setLevel(logging.WARNING)
+        logging.captureWarnings(True)  # warnings.warn -> the "py.warnings" logger -> captured
+        warnings.simplefilter("default")  # each warning once per place, as Python shows them
+    _LOG.verbose = verbose
+    for name in _LIBRARIES:
+        own = name in _OWN_HANDLERS and not verbose
+        logging.getLogger(name).setLevel(logging.ERROR if own else logging.WARNING)
+    return _LOG
 
-    for name in (
-        "transformers",
-        "peft",
-        "accelerate",
-        "bitsandbytes",
-        "datasets",
-        "torch.distributed",
-    ):
-        logging.getLogger(name).setLevel(logging.ERROR)
+
+def keep_library_log(path) -> None:
+    """Keep the captured library output in a run folder's file from now on."""
+    quiet_libraries().keep_in(path)
 
 
 def is_main_process() -> bool:

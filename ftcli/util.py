@@ -151,12 +151,16 @@ def atomic_dir(target: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def remove_leftovers(folder: Path) -> list[Path]:
+def remove_leftovers(folder: Path, skip: tuple[str, ...] = ()) -> list[Path]:
     """Delete the temporary files and folders (``.NAME.tmp-*``, ``.NAME.*.tmp``, ``.NAME.old-*``)
-    that atomic writes of a process that died left in ``folder`` and its subfolders."""
+    that atomic writes of a process that died left in ``folder`` and its subfolders; never under
+    the top-level entries named in ``skip`` (another process may be writing there: a tune study)."""
     gone = []
+    folder = Path(folder)
     for pattern in (".*.tmp-*", ".*.tmp", ".*.old-*"):
-        for p in Path(folder).rglob(pattern):
+        for p in folder.rglob(pattern):
+            if p.relative_to(folder).parts[0] in skip:
+                continue
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
             else:

@@ -28,7 +28,7 @@ from ftcli.memory import pin_malloc_threshold
 from ftcli.memory.arch import build_meta
 from ftcli.models import load_tokenizer, resolve_mixed_precision
 from ftcli.recipe import recipe_from_mapping
-from ftcli.sources import local_model_dir, resolve_model
+from ftcli.sources import local_model_dir, resolve_model, trusting
 from ftcli.train import build_optimizer
 from ftcli.ui import quiet_libraries
 
@@ -89,12 +89,17 @@ def run_measurement(
     """In this process: load, adapt and train ``steps`` full-length micro-batches; return the peaks.
     ``loss_path`` ftcli: the loop's own loss (evaluation.forward.loss_sums); transformers: the
     model's (``out.loss`` over the full logits)."""
-    import torch
 
     quiet_libraries()
     import yaml
 
     recipe = recipe_from_mapping(yaml.safe_load(recipe_yaml))
+    with trusting(recipe.model.trust_remote_code):  # the user's own recipe decides
+        return _measure(recipe, device, steps, loss_path)
+
+
+def _measure(recipe, device: str, steps: int, loss_path: str) -> dict:
+    import torch
     from accelerate import Accelerator
 
     mp = resolve_mixed_precision(recipe.train.mixed_precision, device)

@@ -8,6 +8,7 @@ merged/, model/ or base + adapter/, in that order), an adapter folder, or a mode
 
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -249,8 +250,10 @@ def _plain(folder: Path, run_dir: Path | None) -> Predictor:
 
 
 def adapter_name(path: Path) -> str:
-    """A short name for an adapter: its run's name, else its folder's name."""
-    return path.parent.name if path.name == "adapter" else path.name
+    """A short name for an adapter: its run's name, else its folder's name, with what peft
+    refuses in a name (a dot: it names a module) made an underscore (``v1.2`` -> ``v1_2``)."""
+    name = path.parent.name if path.name == "adapter" else path.name
+    return re.sub(r"[^\w-]", "_", name) or "adapter"
 
 
 def _parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
@@ -261,6 +264,11 @@ def _parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
             name, path = "", spec
         folder = find_adapter(path)
         name = name or adapter_name(folder)
+        if not re.fullmatch(r"[\w-]+", name):
+            raise FtcliError(
+                f"adapter name {name!r} holds characters an adapter name cannot have",
+                hint="use letters, digits, '-' and '_': --adapter NAME=PATH",
+            )
         if any(n == name for n, _ in out):
             raise FtcliError(
                 f"two adapters are named {name!r}", hint="name them: --adapter NAME=PATH"
