@@ -16,6 +16,7 @@ from ftcli.errors import FtcliError
 from ftcli.merge import compare, logits_on, merge, run_test_features, sample_batches
 from ftcli.models import load_base_for
 from ftcli.rundir import find_source
+from ftcli.util import file_hashes
 
 LABELS = ["neg", "pos"]
 
@@ -60,6 +61,7 @@ def make_adapter(
                 "task": task,
                 "method": {"kind": "lora", "r": 4, "alpha": 8.0},
                 "labels": LABELS if task == "classification" else None,
+                "sha256": file_hashes(out, "*.safetensors"),  # as ftcli writes it
             }
         )
     )
