@@ -22,7 +22,8 @@ shared machine's load hits all of them. Reported per side (median over rounds):
 
 Cases and sides:
   quickstart   MiniLM-L6 LoRA classification: ftcli | trainer (DataCollatorWithPadding) |
-               trainer-grouped (train_sampling_strategy="group_by_length", TRAPS.md #13) |
+               trainer-grouped (train_sampling_strategy="group_by_length": see
+               docs/traps.md#length-grouping-in-trainer) |
                trainer-grouped-bf16 (the same with bf16=True: the best Trainer set-up on a
                CPU with native bf16, where ftcli's auto picks bf16)
   smollm2-cls  SmolLM2-135M LoRA sentiment: the same four
@@ -31,7 +32,8 @@ Cases and sides:
                DataCollatorForSeq2Seq pads them with -100) | trainer-bf16 | trl |
                trl-padding-free | trl-packing
                (TRL's padding-free/packing pass position ids without a mask: on CPU/SDPA that
-               leaks attention across examples, TRAPS.md #11; timed anyway, marked in the table)
+               leaks attention across examples: docs/traps.md#packing-needs-a-mask; timed anyway,
+               marked in the table)
 """
 
 from __future__ import annotations
@@ -432,7 +434,7 @@ def main() -> None:
             + (f"{100 * r['peak_share']:6.1f}%" if r["peak_share"] is not None else "      -")
         )
     if any(r.get("leaks_attention") for r in results):
-        print("* position ids without a mask on SDPA: attention leaks across examples (TRAPS #11)")
+        print("* position ids without a mask leak attention (docs/traps.md#packing-needs-a-mask)")
 
 
 if __name__ == "__main__":

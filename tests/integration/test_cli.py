@@ -181,7 +181,8 @@ def test_unreachable_hub_id_fails_fast_with_a_fix(tmp_path, tiny_models, tiny_da
         "'some-org/not-cached-model' is not a local path and is not in the Hugging Face cache",
         "hint: point it at a local folder",
     )
-    assert proc.seconds < 20, proc.seconds  # not a 47 s network timeout (TRAPS.md #4)
+    # not a 47 s network timeout (docs/traps.md#a-missing-network-is-slow-to-fail)
+    assert proc.seconds < 20, proc.seconds
     assert not run_dir.exists()
 
 

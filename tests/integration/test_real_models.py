@@ -1,5 +1,6 @@
 """The bundled recipes on the real small models of ASSETS.md, cut short: MiniLM-L6 learns sentiment
-with LoRA, and SmolLM2-135M keeps learning under QLoRA after an evaluation pass (TRAPS.md #1)."""
+with LoRA, and SmolLM2-135M keeps learning under QLoRA after an evaluation pass
+(docs/traps.md#cpu-qlora-repacking)."""
 
 from __future__ import annotations
 
