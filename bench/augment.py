@@ -1,5 +1,5 @@
-"""Does data.augment help in a low-data case? Rotten Tomatoes on MiniLM-L6 (recipes/quickstart.yaml
-with overrides): N training reviews with and without augmentation, several seeds each, compared
+"""Does data.augment help in a low-data case? Rotten Tomatoes on MiniLM-L6 (the bundled
+quickstart recipe with overrides): N training reviews with and without augmentation, several seeds each, compared
 on the same sealed test split with ``ftcli eval AUG_RUN --baseline PLAIN_RUN`` (paired: McNemar
 on accuracy, per seed), and reported as mean ± std over seeds with each seed's verdict.
 

@@ -24,9 +24,9 @@ from transformers import AutoModelForCausalLM
 from ftcli.data.tokenize import IGNORE_INDEX, collate, pack
 from ftcli.evaluation.forward import loss_sums, supervised_cross_entropy, token_cross_entropy
 from ftcli.models import load_tokenizer
-from ftcli.recipe import load_recipe
+from ftcli.recipe import load_recipe, resolve_recipe_path
 
-r = load_recipe("recipes/smollm2-chat-lora.yaml", [])
+r = load_recipe(resolve_recipe_path("smollm2-chat-lora"), [])
 tok, _, model_dir = load_tokenizer(r.model)
 rng = random.Random(0)
 feats = []
@@ -65,6 +65,6 @@ BENCH_DEVICE=cuda timeout 300 $PY bench/train_speed.py --cases quickstart chat -
   --sides ftcli trainer trainer-grouped trl
 
 echo "== 3. estimate vs measured peak on CUDA (LoRA, QLoRA bf16)"
-timeout 60 $PY -m ftcli estimate-memory recipes/smollm2-sentiment-lora.yaml --device cuda --measure
-timeout 60 $PY -m ftcli estimate-memory recipes/smollm2-sentiment-qlora.yaml --device cuda --measure \
+timeout 60 $PY -m ftcli estimate-memory smollm2-sentiment-lora --device cuda --measure
+timeout 60 $PY -m ftcli estimate-memory smollm2-sentiment-qlora --device cuda --measure \
   --set method.quantization.compute_dtype=bfloat16

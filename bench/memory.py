@@ -1,6 +1,6 @@
 """Check ftcli's memory estimate against measurements.
 
-    python bench/memory.py                    # the published rows of ../shared/MEMORY-REFERENCE.md
+    python bench/memory.py                    # the published rows (REFERENCE below, with sources)
     python bench/memory.py --measure-local    # + MiniLM-L6 and SmolLM2-135M x full/LoRA/QLoRA x 2 batch sizes, measured here
     python bench/memory.py --calibrate        # the CPU runtime constant: a model too small to matter, measured
 
@@ -595,7 +595,7 @@ def main() -> None:
         return
     if "reference" in out:
         print_table(
-            "published measurements (../shared/MEMORY-REFERENCE.md) vs ftcli's estimate",
+            "published measurements vs ftcli's estimate",
             out["reference"],
         )
     if "local" in out:

@@ -8,6 +8,7 @@ ftcli's length-grouped (and, for causal LMs, packed) batches, with and without w
 from __future__ import annotations
 
 import ftcli.data.tokenize as tokenize_mod
+from ftcli.bundled import recipe_path
 from ftcli.data.examples import prepare
 from ftcli.data.tokenize import collate, pack, tokenize
 from ftcli.models import load_tokenizer
@@ -15,15 +16,15 @@ from ftcli.recipe import load_recipe
 from ftcli.train import batch_plan
 
 CASES = [
-    ("recipes/quickstart.yaml", 32),
-    ("recipes/smollm2-sentiment-lora.yaml", 16),
-    ("recipes/smollm2-chat-lora.yaml", 8),
+    ("quickstart", 32),
+    ("smollm2-sentiment-lora", 16),
+    ("smollm2-chat-lora", 8),
 ]
 
 
 def main() -> None:
     for path, batch in CASES:
-        recipe = load_recipe(path)
+        recipe = load_recipe(recipe_path(path))
         tok, _, _ = load_tokenizer(recipe.model)
         prepared = prepare(recipe)
         feats = tokenize(prepared.splits["train"], recipe, tok, prepared.label2id).features

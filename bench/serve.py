@@ -193,12 +193,13 @@ def main() -> None:
     if not args.classifier and not args.chat:
         ap.error(
             "name what to serve: --classifier RUN and/or --chat RUN "
-            "(train them with: ftcli train recipes/quickstart.yaml; "
-            "ftcli train recipes/smollm2-chat-lora.yaml)"
+            "(train them with: ftcli train quickstart; ftcli train smollm2-chat-lora)"
         )
     for m in (args.classifier, args.chat):
         if m and not m.startswith("pkg:") and not Path(m).exists():
-            sys.exit(f"{m} does not exist: train it first (ftcli train recipes/<name>.yaml)")
+            sys.exit(
+                f"{m} does not exist: train it first (ftcli train RECIPE; ftcli recipes lists the bundled ones)"
+            )
     log_dir = Path(os.environ.get("TMPDIR", "/tmp"))
     results = []
     batch = ["--max-batch-size", str(args.clients), "--max-queue", str(4 * args.clients)]

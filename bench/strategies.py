@@ -9,7 +9,7 @@ against LoRA r=8 (McNemar exact), each strategy's own learning rate as the recip
 
     python bench/strategies.py                                   # MiniLM-L6 + Rotten Tomatoes
     python bench/strategies.py --train-examples 1600 --steps 100 --only lora-r8,dora,ia3
-    python bench/strategies.py --recipe recipes/smollm2-sentiment-lora.yaml --batch-size 16
+    python bench/strategies.py --recipe smollm2-sentiment-lora --batch-size 16
 """
 
 from __future__ import annotations
@@ -106,7 +106,9 @@ def overlay(name: str, base: Path, n_blocks: int, steps: int, prompt_kinds) -> d
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--recipe", default="recipes/quickstart.yaml")
+    ap.add_argument(
+        "--recipe", default="quickstart", help="a recipe file, or a bundled recipe's name"
+    )
     ap.add_argument("--train-examples", type=int, default=1600)
     ap.add_argument("--test-examples", type=int, default=1000)
     ap.add_argument("--steps", type=int, default=100)
@@ -119,10 +121,11 @@ def main() -> None:
 
     sys.path.insert(0, str(ROOT))
     from ftcli.memory.arch import load_config
-    from ftcli.recipe import PROMPT_KINDS, load_recipe
+    from ftcli.recipe import PROMPT_KINDS, load_recipe, resolve_recipe_path
     from ftcli.strategies import num_blocks
 
-    base = load_recipe(ROOT / a.recipe)
+    recipe_src = resolve_recipe_path(a.recipe).resolve()
+    base = load_recipe(recipe_src)
     n_blocks = num_blocks(load_config(base.model.name).config)
     names = [n for n in (a.only.split(",") if a.only else STRATEGIES) if n]
     if "lora-r8" not in names:
@@ -146,7 +149,7 @@ def main() -> None:
     out_root = (ROOT / a.out).resolve()
     out_root.mkdir(parents=True, exist_ok=True)
     for name in names:
-        doc = overlay(name, (ROOT / a.recipe).resolve(), n_blocks, a.steps, PROMPT_KINDS)
+        doc = overlay(name, recipe_src, n_blocks, a.steps, PROMPT_KINDS)
         recipe_file = out_root / f"{name}.yaml"
         recipe_file.write_text(yaml.safe_dump(doc, sort_keys=False))
         args = ["train", str(recipe_file), "--force", "--json", "--no-memory-check"]

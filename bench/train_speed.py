@@ -22,7 +22,8 @@ shared machine's load hits all of them. Reported per side (median over rounds):
 
 Cases and sides:
   quickstart   MiniLM-L6 LoRA classification: ftcli | trainer (DataCollatorWithPadding) |
-               trainer-grouped (train_sampling_strategy="group_by_length", TRAPS.md #13) |
+               trainer-grouped (train_sampling_strategy="group_by_length": see
+               docs/traps.md#length-grouping-in-trainer) |
                trainer-grouped-bf16 (the same with bf16=True: the best Trainer set-up on a
                CPU with native bf16, where ftcli's auto picks bf16)
   smollm2-cls  SmolLM2-135M LoRA sentiment: the same four
@@ -31,7 +32,8 @@ Cases and sides:
                DataCollatorForSeq2Seq pads them with -100) | trainer-bf16 | trl |
                trl-padding-free | trl-packing
                (TRL's padding-free/packing pass position ids without a mask: on CPU/SDPA that
-               leaks attention across examples, TRAPS.md #11; timed anyway, marked in the table)
+               leaks attention across examples: docs/traps.md#packing-needs-a-mask; timed anyway,
+               marked in the table)
 """
 
 from __future__ import annotations
@@ -50,10 +52,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CLS_SIDES = ["ftcli", "trainer", "trainer-grouped", "trainer-grouped-bf16"]
 CASES = {
-    "quickstart": ("recipes/quickstart.yaml", 32, CLS_SIDES),
-    "smollm2-cls": ("recipes/smollm2-sentiment-lora.yaml", 16, CLS_SIDES),
+    "quickstart": ("quickstart", 32, CLS_SIDES),
+    "smollm2-cls": ("smollm2-sentiment-lora", 16, CLS_SIDES),
     "chat": (
-        "recipes/smollm2-chat-lora.yaml",
+        "smollm2-chat-lora",
         8,
         ["ftcli", "ftcli-gc", "trainer", "trainer-bf16", "trl", "trl-padding-free", "trl-packing"],
     ),
@@ -65,15 +67,17 @@ DEVICE = os.environ.get("BENCH_DEVICE", "cpu")  # cuda: bench/gpu_check.sh
 TENSOR_PEAK = os.environ.get("BENCH_TENSOR_PEAK") == "1"  # set by --tensor-peak for its children
 
 
-def _prepare(recipe_path: str, steps: int, batch: int):
-    """The recipe (bounded to one pass over steps x batch examples), its tokenizer and features."""
+def _prepare(recipe_name: str, steps: int, batch: int):
+    """The bundled recipe (bounded to one pass over steps x batch examples), its tokenizer and
+    features."""
+    from ftcli.bundled import recipe_path
     from ftcli.data.examples import prepare
     from ftcli.data.tokenize import tokenize
     from ftcli.models import load_tokenizer
     from ftcli.recipe import load_recipe
 
     recipe = load_recipe(
-        ROOT / recipe_path,
+        recipe_path(recipe_name),
         [
             f"train.max_steps={steps}",
             f"train.batch_size={batch}",
@@ -280,8 +284,8 @@ def child(side: str, case: str, steps: int) -> None:
     from ftcli.ui import quiet_libraries
 
     quiet_libraries()
-    recipe_path, batch, _ = CASES[case]
-    recipe, tok, model_dir, prepared, feats = _prepare(recipe_path, steps, batch)
+    recipe_name, batch, _ = CASES[case]
+    recipe, tok, model_dir, prepared, feats = _prepare(recipe_name, steps, batch)
     if side.startswith("ftcli"):
         if side == "ftcli-gc":  # TRL's SFTConfig checkpoints by default: the like-for-like side
             recipe = recipe.model_copy(
@@ -430,7 +434,7 @@ def main() -> None:
             + (f"{100 * r['peak_share']:6.1f}%" if r["peak_share"] is not None else "      -")
         )
     if any(r.get("leaks_attention") for r in results):
-        print("* position ids without a mask on SDPA: attention leaks across examples (TRAPS #11)")
+        print("* position ids without a mask leak attention (docs/traps.md#packing-needs-a-mask)")
 
 
 if __name__ == "__main__":

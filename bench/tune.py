@@ -21,6 +21,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _ftcli import ROOT, ftcli  # noqa: E402
 
+sys.path.insert(0, str(ROOT))
+from ftcli.bundled import recipe_path  # noqa: E402
+
 SPACE = {
     "train.optimizer.lr": {"log_uniform": [1.0e-4, 1.0e-2]},
     "method.r": {"choice": [4, 8, 16]},
@@ -43,7 +46,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    recipe = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())
+    recipe = yaml.safe_load(recipe_path("quickstart").read_text())
     recipe["name"] = "qs-tune"
     recipe["output_dir"] = str(out)
     recipe["data"].update(

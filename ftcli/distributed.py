@@ -1,9 +1,9 @@
 """Several processes: the guard that the launch got the mode it asked for, the process-group
 timeout, and full (gathered) state dicts that work the same unwrapped, under DDP and under FSDP2.
 
-The guard exists because the failure is silent (TRAPS.md #12): ``accelerate launch --use_fsdp`` on
-a host without GPUs gives every process ``DistributedType.NO``, so N unsynchronised copies train
-and race on the same run folder.
+The guard exists because the failure is silent (docs/traps.md#fsdp-on-a-cpu-host): ``accelerate
+launch --use_fsdp`` on a host without GPUs gives every process ``DistributedType.NO``, so N
+unsynchronised copies train and race on the same run folder.
 """
 
 from __future__ import annotations

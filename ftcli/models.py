@@ -38,7 +38,7 @@ def resolve_device(choice: str = "auto") -> str:
 
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX flags in /proc/cpuinfo). On
-    AVX2-only machines bf16 is emulated and slower than fp32 (TRAPS.md #14)."""
+    AVX2-only machines bf16 is emulated and slower than fp32 (docs/traps.md#bf16-on-cpus)."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
@@ -176,7 +176,7 @@ def quantization_config(q: QuantSpec, compute_dtype: str | None = None):
     extra = {}
     if fsdp_requested():
         # FSDP flattens the 4-bit weights with the float ones: stored as uint8 (the default) they
-        # silently corrupt training (loss 0.0, grad_norm NaN; TRAPS.md #15)
+        # silently corrupt training (loss 0.0, grad_norm NaN; docs/traps.md#qlora-under-fsdp)
         extra["bnb_4bit_quant_storage"] = dtype
     return BitsAndBytesConfig(
         load_in_4bit=True,
@@ -199,9 +199,10 @@ def unquantized_layers(model) -> list[str]:
 
 
 def keep_4bit_trainable_on_cpu(model) -> int:
-    """TRAPS.md #1: on CPUs with AVX512-BF16, the first no-grad forward makes bitsandbytes repack
+    """On CPUs with AVX512-BF16, the first no-grad forward makes bitsandbytes repack
     every Linear4bit into an inference-only layout, after which LoRA gradients are silently None.
-    Turning the repacking off keeps the layer trainable. Returns how many layers were changed."""
+    Turning the repacking off keeps the layer trainable (docs/traps.md#cpu-qlora-repacking).
+    Returns how many layers were changed."""
     import bitsandbytes as bnb
 
     n = 0

@@ -98,7 +98,7 @@ def make_accelerator(recipe: Recipe):
         kwargs_handlers=[process_group_kwargs(recipe.train.ddp_timeout_s)],
         dataloader_config=DataLoaderConfiguration(non_blocking=device == "cuda"),
     )
-    check_mode(acc)  # the launch got the distributed mode it asked for (TRAPS.md #12)
+    check_mode(acc)  # the launch got the mode it asked for (docs/traps.md#fsdp-on-a-cpu-host)
     return acc, device
 
 

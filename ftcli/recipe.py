@@ -1736,16 +1736,17 @@ def labels_as_strings(data: dict) -> None:
 
 
 def bundled_recipes_dir() -> Path:
-    """``recipes/`` beside the package (a source checkout or an editable install)."""
-    return Path(__file__).resolve().parent.parent / "recipes"
+    """The bundled recipes' folder, inside the package (ftcli/bundled/recipes/)."""
+    from ftcli.bundled import recipes_dir
+
+    return recipes_dir()
 
 
 def resolve_recipe_path(name: str) -> Path:
     """A path as given, or the name of a bundled recipe (``quickstart`` -> recipes/quickstart.yaml)."""
+    from ftcli.bundled import recipe_path
+
     p = Path(name)
     if p.exists():
         return p
-    for candidate in (bundled_recipes_dir() / name, bundled_recipes_dir() / f"{name}.yaml"):
-        if candidate.is_file():
-            return candidate
-    return p
+    return recipe_path(name) or p

@@ -330,7 +330,7 @@ def latest_run(output_dir: str | Path = "runs") -> Path:
     runs = [p.parent for p in Path(output_dir).glob("*/run.json")]
     if not runs:
         raise FtcliError(
-            f"no runs in {output_dir}/", hint="train one first: ftcli train recipes/quickstart.yaml"
+            f"no runs in {output_dir}/", hint="train one first: ftcli train quickstart"
         )
     return max(runs, key=lambda p: os.path.getmtime(p / "run.json"))
 

@@ -1,9 +1,10 @@
 """Where models and data come from: a hub id, a local folder or file, a .gguf file, or
 ``pkg:PACKAGE/PATH`` for files shipped inside an installed Python package.
 
-Resolution never waits on a network that is not there (TRAPS.md #4): a hub id that is not in the
-local cache is checked with a 3-second connection probe first, and fails with a message that says
-what to do instead.
+Resolution never waits on a network that is not there
+(docs/traps.md#a-missing-network-is-slow-to-fail): a hub id that is not in the local cache is
+checked with a 3-second connection probe first, and fails with a message that says what to do
+instead.
 """
 
 from __future__ import annotations
@@ -226,7 +227,8 @@ def materialize_gguf(source: ModelSource) -> Path:
                 hint="check that it is a complete GGUF model file of an architecture transformers "
                 "reads (llama, mistral, qwen2, gemma, ...)",
             ) from None
-        # GGUF quantization settings block save_pretrained (TRAPS.md #10): the weights are plain fp32 now.
+        # GGUF quantization settings block save_pretrained; the weights are plain fp32 now
+        # (docs/traps.md#saving-a-model-loaded-from-gguf)
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.hf_quantizer = None

@@ -174,7 +174,7 @@ def build_tiny_model(kind: str, out: Path) -> Path:
         )
         model = AutoModelForCausalLM.from_config(cfg)
     elif kind == "gpt2":
-        # GPT2Config defaults bos/eos to 50256: set them for a small vocabulary (TRAPS.md #8)
+        # GPT2Config defaults bos/eos to 50256: set them (docs/traps.md#gpt-2-config-token-ids)
         cfg = GPT2Config(
             vocab_size=v,
             n_embd=32,

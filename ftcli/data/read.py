@@ -156,7 +156,8 @@ def read_file(
         if kind in ("csv", "tsv"):
             import pandas as pd
 
-            # dtype=str + no NA parsing: an empty text cell stays "" (not float NaN; TRAPS.md #9)
+            # dtype=str + no NA parsing: an empty text cell stays "", not float NaN
+            # (docs/traps.md#empty-text-cells-read-as-numbers)
             df = pd.read_csv(
                 _open_text(path),
                 sep="\t" if kind == "tsv" else ",",

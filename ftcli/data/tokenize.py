@@ -185,7 +185,7 @@ def pack(features: list[dict], pad_id: int, row_tokens: int | None = None, varle
     the rows never run more positions, or longer attention, than the padded batch would), their
     width rounded up to PAD_MULTIPLE, with an explicit 4D block-diagonal causal mask (additive
     float, 0 = attend): position ids alone leak attention across examples under eager and SDPA
-    attention (TRAPS.md #11). Each example's first label is ignored, so no
+    attention (docs/traps.md#packing-needs-a-mask). Each example's first label is ignored, so no
     prediction crosses an example boundary: the loss equals the unpacked batch's.
     """
     import torch

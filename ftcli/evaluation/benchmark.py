@@ -5,7 +5,7 @@ The harness does the prompting and the per-document scoring (``HFLM`` takes the 
 ``log_samples`` keeps every document's outcome); ftcli pairs the two models' outcomes by document
 and applies the same statistics as ``--baseline`` (paired bootstrap interval, McNemar's exact test
 for 0/1 outcomes, else a paired permutation test), with a verdict about general ability: kept,
-gained or lost. Bundled tasks (configs/benchmarks/) run offline; their ``data_files`` are relative
+gained or lost. Bundled tasks (ftcli/bundled/benchmarks/) run offline; their ``data_files`` are relative
 to the YAML and resolved here, so they work from any folder.
 """
 
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ftcli.bundled import benchmarks_dir
 from ftcli.errors import FtcliError
 from ftcli.evaluation import stats
 from ftcli.evaluation.metrics import Headline
 
-BUNDLED = Path(__file__).resolve().parent.parent.parent / "configs" / "benchmarks"
 LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas"}
 WORDS = {
     stats.IMPROVED: "gained",
@@ -32,13 +32,14 @@ WORDS = {
 }
 OFFLINE_HINT = (
     "point --tasks-path at a folder of lm-eval task YAMLs that read local files (dataset_path: "
-    "json, dataset_kwargs: {data_files: {test: FILE}}; see configs/benchmarks/rt_sentiment.yaml), "
+    "json, dataset_kwargs: {data_files: {test: FILE}}; see ftcli/bundled/benchmarks/rt_sentiment.yaml), "
     "or run once where the hub is reachable so datasets caches the data. Bundled offline tasks: "
 )
 
 
 def bundled_tasks() -> list[str]:
-    return sorted(p.stem for p in BUNDLED.glob("*.yaml"))
+    """The bundled offline tasks' names (ftcli/bundled/benchmarks/*.yaml)."""
+    return sorted(p.stem for p in benchmarks_dir().glob("*.yaml"))
 
 
 def _require_lm_eval():
@@ -128,7 +129,7 @@ def resolve_tasks(names: list[str], tasks_path: Path | None):
     from lm_eval.tasks._index import Kind
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    paths = [BUNDLED]
+    paths = [benchmarks_dir()]
     if tasks_path is not None:
         if not Path(tasks_path).is_dir():
             raise FtcliError(

@@ -1,7 +1,7 @@
 """The model's architecture, from its config alone: no weights are read or downloaded.
 
 A config comes from a local folder (config.json), a GGUF file's metadata, an architecture card
-bundled in ``configs/cards/`` (popular models, offline), or the Hugging Face hub (cached, or online).
+bundled in ``ftcli/bundled/cards/`` (popular models, offline), or the Hugging Face hub (cached, or online).
 The model is then built on the meta device, so every parameter's shape is exact while no memory is
 allocated, and LoRA is attached there by peft itself, so adapter counts are peft's own.
 """
@@ -20,8 +20,10 @@ HEAD_LEAVES = ("lm_head", "classifier", "score", "qa_outputs")
 
 
 def cards_dir() -> Path:
-    """``configs/cards/`` beside the package (a source checkout or an editable install)."""
-    return Path(__file__).resolve().parents[2] / "configs" / "cards"
+    """The bundled cards' folder, inside the package (ftcli/bundled/cards/)."""
+    from ftcli.bundled import cards_dir as bundled_cards
+
+    return bundled_cards()
 
 
 def load_cards() -> dict[str, dict]:

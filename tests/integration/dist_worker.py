@@ -3,7 +3,8 @@
 ``timeout``: rank 0 waits in a collective rank 1 never joins; ``train.ddp_timeout_s`` ends it.
 ``ddp``: one step of ftcli's DDP path (make_accelerator, adapt, the prepared loader) against the
 full-batch gradient of one process. ``fsdp-lora`` / ``fsdp-full``: ftcli's model sharded with raw
-FSDP2 ``fully_shard`` on an explicit CPU mesh (TRAPS.md #12), trained a few AdamW steps from
+FSDP2 ``fully_shard`` on an explicit CPU mesh (docs/traps.md#fsdp-on-a-cpu-host), trained a few
+AdamW steps from
 ftcli's build_optimizer, gathered with ftcli.distributed.full_state_dict, against one process.
 Rank 0 writes the figures as JSON to the path given.
 """

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ftcli.bundled import recipes_dir
 from ftcli.recipe import load_recipe
 from tests.conftest import tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+RECIPES = sorted(recipes_dir().glob("*.yaml"))
 
 
 def ftcli(*args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
@@ -62,6 +63,17 @@ def test_recipes_lists_every_bundled_recipe():
     assert len(RECIPES) >= 8
 
 
+def test_bundled_recipes_resolve_by_name_from_any_folder(tmp_path):
+    """The name, and the form `ftcli recipes` lists, find the recipe inside the package from a
+    folder that holds no recipes; an overlay's relative ``extends:`` resolves beside it."""
+    for given in ("quickstart", "recipes/quickstart.yaml", "quickstart-dora"):
+        proc = ftcli("validate", given, "--json", "--no-data", cwd=tmp_path)
+        assert proc.returncode == 0, (given, proc.stderr)
+        assert json.loads(proc.stdout)["ok"], given
+    proc = ftcli("validate", "recipes/../recipes/quickstart.yaml", cwd=tmp_path)
+    assert_user_error(proc, "recipe not found")
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
 def test_every_bundled_recipe_validates(recipe):
     """Local-data recipes are checked against their data's columns; hub ones by schema."""
@@ -75,7 +87,7 @@ def test_every_bundled_recipe_validates(recipe):
 def test_bad_recipe_lists_every_problem_without_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(
-        (ROOT / "recipes" / "quickstart.yaml")
+        (recipes_dir() / "quickstart.yaml")
         .read_text()
         .replace("  r: 8\n", "  rank: 8\n")
         .replace("kind: lora", "kind: lorra")
@@ -169,7 +181,8 @@ def test_unreachable_hub_id_fails_fast_with_a_fix(tmp_path, tiny_models, tiny_da
         "'some-org/not-cached-model' is not a local path and is not in the Hugging Face cache",
         "hint: point it at a local folder",
     )
-    assert proc.seconds < 20, proc.seconds  # not a 47 s network timeout (TRAPS.md #4)
+    # not a 47 s network timeout (docs/traps.md#a-missing-network-is-slow-to-fail)
+    assert proc.seconds < 20, proc.seconds
     assert not run_dir.exists()
 
 

@@ -88,7 +88,8 @@ def test_fsdp2_fully_shard_on_a_cpu_mesh_matches_one_process(
 
 @pytest.mark.slow
 def test_fsdp_launch_on_a_cpu_host_is_stopped_by_the_guard(tmp_path, tiny_models, tiny_data):
-    """TRAPS.md #12: `accelerate launch --use_fsdp` on a CPU host cannot shard (accelerate 1.15
+    """docs/traps.md#fsdp-on-a-cpu-host: `accelerate launch --use_fsdp` on a CPU host cannot shard
+    (accelerate 1.15
     raises a bare RuntimeError traceback; older ones ran DistributedType.NO in every rank)."""
     recipe = _recipe_file(tmp_path, tiny_models, tiny_data, "lora")
     launcher = Path(sys.executable).with_name("accelerate")

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest, bootstrap
 
-from ftcli.evaluation.benchmark import BUNDLED
+from ftcli.bundled import benchmarks_dir, recipe_path
+from ftcli.evaluation.benchmark import bundled_tasks
 from tests.conftest import FAST, run_cli, tiny_recipe, trained_run, write_recipe
 
 
@@ -155,9 +156,10 @@ def test_unknown_task_and_stray_options(chat_run, capsys, tmp_path):
 
 
 def test_bundled_tasks_ship_their_data():
+    assert bundled_tasks() == ["chatterbot_qa", "rt_sentiment"]
     for name in ("rt_sentiment", "chatterbot_qa"):
-        assert (BUNDLED / f"{name}.yaml").is_file()
-        rows = (BUNDLED / f"{name}.jsonl").read_text().splitlines()
+        assert (benchmarks_dir() / f"{name}.yaml").is_file()
+        rows = (benchmarks_dir() / f"{name}.jsonl").read_text().splitlines()
         assert len(rows) == 200 and {"label"} <= set(json.loads(rows[0]))
 
 
@@ -207,9 +209,8 @@ def test_bundled_task_on_a_smollm2_chat_run(tmp_path, capsys):
     from ftcli.recipe import load_recipe
     from ftcli.ui import UI
 
-    root = Path(__file__).resolve().parents[2]
     r = load_recipe(
-        root / "recipes" / "smollm2-chat-lora.yaml",
+        recipe_path("smollm2-chat-lora"),
         [
             f"output_dir={tmp_path}",
             "train.max_steps=4",

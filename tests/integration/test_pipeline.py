@@ -143,7 +143,8 @@ def test_gpt2_conv1d_lora(tmp_path, tiny_models, tiny_data):
 
 
 def test_qlora_keeps_learning_after_an_evaluation_pass(tiny_models, tiny_data, tmp_path):
-    """TRAPS.md #1: an eval-mode forward must not freeze QLoRA's gradients on AVX512-BF16 CPUs."""
+    """An eval-mode forward must not freeze QLoRA's gradients on AVX512-BF16 CPUs
+    (docs/traps.md#cpu-qlora-repacking)."""
     # 64 wide: bitsandbytes' CPU repacking (the trap) needs rows of at least one 64-weight block
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -314,7 +315,8 @@ def test_same_seed_same_run(tmp_path, tiny_models, tiny_data):
 
 
 def test_two_processes_on_cpu(tmp_path, tiny_models, tiny_data):
-    """torchrun starts two gloo processes (accelerate launch --cpu would start one: TRAPS.md #3)."""
+    """torchrun starts two gloo processes (accelerate launch --cpu would start one:
+    docs/traps.md#two-cpu-processes-need-torchrun)."""
     import yaml
 
     mapping = tiny_recipe(

@@ -1,5 +1,6 @@
 """The bundled recipes on the real small models of ASSETS.md, cut short: MiniLM-L6 learns sentiment
-with LoRA, and SmolLM2-135M keeps learning under QLoRA after an evaluation pass (TRAPS.md #1)."""
+with LoRA, and SmolLM2-135M keeps learning under QLoRA after an evaluation pass
+(docs/traps.md#cpu-qlora-repacking)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ftcli.bundled import recipe_path
 from ftcli.pipeline import train_run
 from ftcli.recipe import load_recipe
 from ftcli.ui import UI
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
@@ -24,7 +25,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 def test_minilm_lora_learns_sentiment(tmp_path):
     r = load_recipe(
-        ROOT / "recipes" / "quickstart.yaml",
+        recipe_path("quickstart"),
         [
             f"output_dir={tmp_path}",
             "data.max_train_examples=2048",
@@ -47,7 +48,7 @@ def test_smollm2_qlora_keeps_learning_after_evaluation(tmp_path):
     """The QLoRA recipe on the real 4-bit SmolLM2: loss falls, and the adapter keeps moving after the
     validation pass at step 4 (on AVX512-BF16 CPUs bitsandbytes would otherwise freeze it)."""
     r = load_recipe(
-        ROOT / "recipes" / "smollm2-sentiment-qlora.yaml",
+        recipe_path("smollm2-sentiment-qlora"),
         [
             # 4 epochs over 32 reviews: the training loss on them must fall (8 steps, a validation pass at 4)
             f"output_dir={tmp_path}",

@@ -57,7 +57,8 @@ def test_fsdp2_config_gives_fsdp2_with_full_state_dict(monkeypatch):
     assert str(plugin.state_dict_type).endswith("FULL_STATE_DICT")
     assert plugin.cpu_ram_efficient_loading is True
     assert plugin.auto_wrap_policy == "transformer_based_wrap" or callable(plugin.auto_wrap_policy)
-    # and ftcli's QLoRA loader sees it: 4-bit weights stored in the compute dtype (TRAPS.md #15)
+    # and ftcli's QLoRA loader sees it: 4-bit weights stored in the compute dtype
+    # (docs/traps.md#qlora-under-fsdp)
     import torch
 
     from ftcli.models import quantization_config

@@ -88,7 +88,7 @@ def test_txt_file_is_one_example_per_line(tmp_path):
 
 def test_empty_csv_cell_stays_text_not_float(tmp_path):
     p = write_csv(tmp_path / "d.csv", [{"text": "", "label": "a"}, {"text": "x", "label": "b"}])
-    assert read_file(str(p))[0]["text"] == ""  # TRAPS #9
+    assert read_file(str(p))[0]["text"] == ""  # docs/traps.md#empty-text-cells-read-as-numbers
 
 
 def test_label_folder(tmp_path):
@@ -137,7 +137,8 @@ def test_hub_id_offline_fails_fast(tmp_path, monkeypatch):
     t0 = time.perf_counter()
     with pytest.raises(SourceError, match="offline mode"):
         prepare(cls_recipe("someone/some-dataset"))
-    assert time.perf_counter() - t0 < 10  # not the ~23-47 s of a network timeout (TRAPS #4)
+    # not the ~23-47 s of a network timeout (docs/traps.md#a-missing-network-is-slow-to-fail)
+    assert time.perf_counter() - t0 < 10
 
 
 def test_unknown_label_column_is_located_with_a_suggestion(tmp_path):

@@ -91,7 +91,8 @@ def test_packed_batch_equals_unpacked(tiny_models, arch, attn):
 
 
 def test_position_ids_alone_leak_and_the_block_mask_isolates(tiny_models):
-    """Why pack() builds a mask (TRAPS.md #11): without it the second example sees the first."""
+    """Why pack() builds a mask: without it the second example sees the first
+    (docs/traps.md#packing-needs-a-mask)."""
     model = _model(tiny_models, "llama", "sdpa").eval()
     feats = sorted(
         _features(model.config.vocab_size, n=2, seed=2), key=lambda f: -len(f["input_ids"])

@@ -95,12 +95,12 @@ def test_bad_budget_exits_1_with_one_message():
 
 
 def test_recipe_and_model_together_is_an_error(tmp_path):
-    result = runner.invoke(app, ["estimate-memory", "recipes/quickstart.yaml", "--model", "gpt2"])
+    result = runner.invoke(app, ["estimate-memory", "quickstart", "--model", "gpt2"])
     assert result.exit_code == 1 and "not both" in result.output
 
 
 def test_recipe_flags_must_go_through_set():
-    result = runner.invoke(app, ["estimate-memory", "recipes/quickstart.yaml", "--batch-size", "4"])
+    result = runner.invoke(app, ["estimate-memory", "quickstart", "--batch-size", "4"])
     assert result.exit_code == 1 and "--set" in result.output
 
 
@@ -111,10 +111,8 @@ def test_unknown_model_offline_fails_fast():
 
 def test_recipe_estimate_reads_the_config_only(tmp_path):
     """The bundled quickstart (a local folder): planned from config.json; --set reaches the estimate."""
-    code, small = run_json("recipes/quickstart.yaml", "--device", "cpu")
-    code2, big = run_json(
-        "recipes/quickstart.yaml", "--device", "cpu", "--set", "train.batch_size=64"
-    )
+    code, small = run_json("quickstart", "--device", "cpu")
+    code2, big = run_json("quickstart", "--device", "cpu", "--set", "train.batch_size=64")
     assert code == code2 == 0
     assert (
         small["model"]["source"] == "folder"
@@ -228,7 +226,7 @@ def test_the_loss_path_follows_the_loop_and_can_be_named():
     assert own["estimate"]["activations"]["loss_peak"] == 1024 * 49152 * 12 + 2 * 8192 * 576 * 4
     assert plain["estimate"]["peak_allocated"] > own["estimate"]["peak_allocated"]
 
-    code, err = run_json("recipes/quickstart.yaml", "--device", "cpu", "--loss-path", "ftcli")
+    code, err = run_json("quickstart", "--device", "cpu", "--loss-path", "ftcli")
     assert code == 1 and err["error"] == (
         "--loss-path ftcli only applies to task causal_lm (a classification head has no "
         "vocabulary-sized logits)\n  hint: drop --loss-path"
@@ -237,8 +235,9 @@ def test_the_loss_path_follows_the_loop_and_can_be_named():
 
 def test_the_estimate_plans_the_padded_width_the_loop_runs():
     """collate rounds widths up to PAD_MULTIPLE, so a max_length of 60 trains 64 positions."""
+    from ftcli.bundled import recipe_path
     from ftcli.memory import setup_from_recipe
     from ftcli.recipe import load_recipe
 
-    recipe = load_recipe("recipes/quickstart.yaml", ["data.max_length=60"])
+    recipe = load_recipe(recipe_path("quickstart"), ["data.max_length=60"])
     assert setup_from_recipe(recipe, "cpu").seq_len == 64

