@@ -31,6 +31,7 @@ from ftcli.pipeline import evaluate_run, train_run
 from ftcli.recipe import Recipe, apply_overrides, recipe_from_mapping, space_values
 from ftcli.runlock import holder_gone
 from ftcli.train import Pruning, latest_checkpoint
+from ftcli.tune.report import fmt, print_table, trial_rows, write_tune_report
 from ftcli.ui import UI
 from ftcli.util import atomic_write_text, read_json, read_jsonl, write_json
 
@@ -164,7 +165,7 @@ def run_trial(study, trial, recipe: Recipe, ui: UI, resume: bool = False) -> Non
     if resume and latest_checkpoint(r.run_dir / "checkpoints") is None:
         resume = False  # killed before its first checkpoint: the same parameters, from the start
     trial.set_user_attr("run_dir", str(r.run_dir))
-    shown = ", ".join(f"{k}={_fmt(v)}" for k, v in params.items())
+    shown = ", ".join(f"{k}={fmt(v)}" for k, v in params.items())
     ui.step(f"{'resume ' if resume else ''}trial {trial.number}: {shown}")
     try:
         out = train_run(
@@ -208,10 +209,6 @@ def orphaned(trial) -> bool:
     if not run_dir or trial.user_attrs.get("interrupted"):
         return False
     return holder_gone(Path(run_dir))
-
-
-def _fmt(v) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 def _counts(study) -> tuple[int, int, int]:
@@ -287,27 +284,6 @@ def tune(
     return finish(study, recipe, ui)
 
 
-def trial_rows(study) -> list[dict]:
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        rows.append(
-            {
-                "number": t.number,
-                "state": t.state.name.lower(),
-                "value": t.value,
-                "params": t.params,
-                "pruned_at": t.user_attrs.get("pruned_at"),
-                "steps": t.user_attrs.get("steps"),
-                "run_dir": t.user_attrs.get("run_dir"),
-                "curve": {int(k): v for k, v in sorted(t.intermediate_values.items())},
-                "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
-                if t.datetime_complete and t.datetime_start
-                else None,
-            }
-        )
-    return rows
-
-
 def importances(study) -> dict[str, float]:
     """optuna.importance (fANOVA) over the completed trials; empty when too few to say."""
     optuna = _optuna()
@@ -325,12 +301,10 @@ def importances(study) -> dict[str, float]:
 
 def finish(study, recipe: Recipe, ui: UI) -> dict:
     """The table, the best trial (scored once on test when the study is done), best.yaml, report."""
-    from ftcli.tune_report import write_tune_report
-
     spec = recipe.tune
     root = tune_dir(recipe)
     rows = trial_rows(study)
-    _table(ui, recipe, rows)
+    print_table(ui, recipe, rows)
     done, running, paused = _counts(study)
     complete = [r for r in rows if r["state"] == "complete"]
     result: dict = {
@@ -382,25 +356,3 @@ def finish(study, recipe: Recipe, ui: UI) -> dict:
     result["report"] = str(write_tune_report(result, root))
     ui.info(f"report: {result['report']}")
     return result
-
-
-def _table(ui: UI, recipe: Recipe, rows: list[dict]) -> None:
-    keys = list(recipe.tune.space)
-    table = []
-    for r in rows:
-        value = f"{r['value']:.4f}" if r["value"] is not None else "-"
-        where = f"pruned at step {r['pruned_at']}" if r["pruned_at"] is not None else ""
-        table.append(
-            (
-                r["number"],
-                r["state"],
-                value,
-                where or (r["steps"] if r["steps"] is not None else ""),
-                *[_fmt(r["params"].get(k, "-")) for k in keys],
-            )
-        )
-    ui.table(
-        f"{recipe.name}: {len(rows)} trials (validation {recipe.tune.metric})",
-        table,
-        headers=("trial", "state", recipe.tune.metric, "steps", *keys),
-    )
