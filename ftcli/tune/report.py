@@ -19,10 +19,12 @@ def fmt(v) -> str:
 
 
 def trial_rows(study) -> list[dict]:
-    """One plain row per stored trial, all processes' together: what the table, the report and
-    ``--json`` show."""
+    """One plain row per stored trial, all processes' together (trials given back unrun past the
+    budget aside): what the table, the report and ``--json`` show."""
     rows = []
     for t in study.get_trials(deepcopy=False):
+        if t.state.name == "WAITING" and "fixed_params" not in t.system_attrs:
+            continue  # asked past the budget and given back unrun: not a trial yet
         rows.append(
             {
                 "number": t.number,

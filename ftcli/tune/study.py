@@ -12,16 +12,20 @@ runs as is.
 The study lives in Optuna storage: by default a SQLite file in tune/, or any Optuna URL
 (PostgreSQL/MySQL across machines), or a journal file (a path ending in .log/.journal; on shared
 disk). Running ``ftcli tune`` again continues the study; several processes on one storage draw
-distinct trials from it. A sampler is re-seeded per trial from (tune.seed, trial number), so
-processes started together do not propose the same values and a one-process study is
-reproducible. Ctrl-C stops during the current trial after its checkpoint; ``--resume`` continues
+distinct trials from it, run at most ``tune.trials`` together, leave a trial another live process
+trains to it, and score the best trial on the test split once. A sampler is re-seeded per trial
+from (tune.seed, trial number), so processes started together do not propose the same values and
+a one-process study is reproducible. Ctrl-C stops during the current trial after its checkpoint; ``--resume`` continues
 that trial from it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -29,7 +33,7 @@ import yaml
 from ftcli.errors import FtcliError, Interrupted
 from ftcli.pipeline import evaluate_run, train_run
 from ftcli.recipe import Recipe, apply_overrides, recipe_from_mapping, space_values
-from ftcli.runlock import holder_gone
+from ftcli.runlock import holder_gone, lock_path
 from ftcli.train import Pruning, latest_checkpoint
 from ftcli.tune.report import fmt, print_table, trial_rows, write_tune_report
 from ftcli.ui import UI
@@ -179,7 +183,12 @@ def run_trial(study, trial, recipe: Recipe, ui: UI, resume: bool = False) -> Non
     except Interrupted:
         trial.set_user_attr("interrupted", True)  # stays RUNNING: --resume continues it
         raise
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, Exception) and trained_elsewhere(r.run_dir):
+            # the run lock refused us: another live process trains this trial, so its state is
+            # that process's to tell, not a failure of ours
+            ui.warn(f"trial {trial.number} is being trained by another process: left to it")
+            return
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         raise
     pruned_at = out["train"].get("pruned_at")
@@ -199,6 +208,48 @@ def run_trial(study, trial, recipe: Recipe, ui: UI, resume: bool = False) -> Non
         return
     study.tell(trial, value)
     ui.info(f"  trial {trial.number}: {spec.metric} {value:.4f}")
+
+
+def trained_elsewhere(run_dir: Path) -> bool:
+    """The run folder's lock is held by a process that still runs (or one on another host, which
+    cannot be checked): some other worker is training that trial right now."""
+    return lock_path(run_dir).exists() and not holder_gone(run_dir)
+
+
+def over_budget(study, trial, target: int) -> bool:
+    """Whether ``trial``, just asked for, is past the study's budget: ``target`` trials numbered
+    before it already count (running, paused or finished, in any process). Trial numbers come from
+    the storage in one atomic step, so workers that checked the count together and all asked
+    agree on which of them are extra, whatever the storage."""
+    before = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.number < trial.number and t.state.name != "WAITING"
+    ]
+    return len(before) >= target
+
+
+def give_back(study, trial) -> None:
+    """Return a trial asked past the budget to the queue, unrun (WAITING, no values): the next
+    study with room for it takes it instead of asking for a new one."""
+    optuna = _optuna()
+    study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.WAITING)
+
+
+@contextlib.contextmanager
+def scoring_lock(root: Path, ui: UI, number: int) -> Iterator[None]:
+    """One worker at a time scores the best trial on the test split (an exclusive ``flock`` on
+    tune/.best.lock, let go when the process ends however it ends)."""
+    with open(root / ".best.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            ui.info(f"another process is scoring trial {number} on the test split: waiting for it")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def orphaned(trial) -> bool:
@@ -258,6 +309,10 @@ def tune(
             if not interrupted:
                 ui.info("nothing interrupted to resume; continuing the study")
             for frozen in interrupted:
+                run_dir = frozen.user_attrs.get("run_dir")
+                if run_dir and trained_elsewhere(Path(run_dir)):
+                    ui.info(f"trial {frozen.number} is being resumed by another process")
+                    continue
                 trial = optuna.trial.Trial(study, frozen._trial_id)
                 trial.set_user_attr("interrupted", False)
                 run_trial(study, trial, recipe, ui, resume=True)
@@ -273,6 +328,9 @@ def tune(
                 ui.info(f"--timeout {timeout:g}s reached: no new trial started")
                 break
             trial = study.ask()
+            if over_budget(study, trial, target):
+                give_back(study, trial)  # other processes took the last places meanwhile
+                break
             study.sampler = make_sampler(recipe, recipe.tune.seed * 100_003 + trial.number)
             run_trial(study, trial, recipe, ui)
     except Interrupted as exc:
@@ -344,13 +402,15 @@ def finish(study, recipe: Recipe, ui: UI) -> dict:
             "scores the best trial on the sealed test split"
         )
     else:
-        previous = read_json(best_json) if best_json.exists() else {}
-        if previous.get("number") == best.number:
-            test = previous["test"]
-        else:
-            ui.step(f"evaluate trial {best.number} once on the sealed test split")
-            test = evaluate_run(best_dir, ui, split="test")
-            write_json(best_json, {"number": best.number, "test": test})
+        # workers that end together both get here: under the lock the second finds best.json
+        with scoring_lock(root, ui, best.number):
+            previous = read_json(best_json) if best_json.exists() else {}
+            if previous.get("number") == best.number:
+                test = previous["test"]
+            else:
+                ui.step(f"evaluate trial {best.number} once on the sealed test split")
+                test = evaluate_run(best_dir, ui, split="test")
+                write_json(best_json, {"number": best.number, "test": test})
         result["best"]["test"] = test
     result["importances"] = importances(study)
     result["report"] = str(write_tune_report(result, root))
