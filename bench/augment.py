@@ -22,11 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _ftcli import ROOT, ftcli  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
-from ftcli import sweeps  # noqa: E402
+from ftcli.tune import repeats  # noqa: E402
 
 
 def mean_std(xs: list[float]) -> str:
-    s = sweeps.mean_std(xs)  # the same sample statistics as `--seeds`
+    s = repeats.mean_std(xs)  # the same sample statistics as `--seeds`
     return f"{s['mean']:.4f} ± {s['std']:.4f}"
 
 

@@ -208,7 +208,7 @@ def train(
 
     r = _load(recipe, set_)
     if seeds is not None:
-        from ftcli.sweeps import train_seeds
+        from ftcli.tune.repeats import train_seeds
 
         return train_seeds(r, seeds, UI(json_), resume=resume, force=force)
     return train_run(r, UI(json_), resume=resume, force=force, memory_check=not no_memory_check)
@@ -506,7 +506,7 @@ def cv(
 
       ftcli cv quickstart --folds 3 --set train.epochs=1 --json
     """
-    from ftcli.sweeps import cross_validate
+    from ftcli.tune.repeats import cross_validate
     from ftcli.ui import UI
 
     return cross_validate(_load(recipe, set_), folds, UI(json_), force=force)

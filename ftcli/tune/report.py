@@ -1,5 +1,6 @@
-"""tune/report.html: the study's optimisation history, parameter importances and each trial's
-validation curve, self-contained (PNG plots inlined), in the style of eval's report."""
+"""What ``ftcli tune`` shows of a study: the trials table it prints, and tune/report.html (the
+optimisation history, parameter importances and each trial's validation curve, self-contained
+with PNG plots inlined, in the style of eval's report)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,62 @@ import html
 from pathlib import Path
 
 from ftcli.evaluation.report import CSS, _html_table, _img, _png
+from ftcli.recipe import Recipe
+from ftcli.ui import UI
 from ftcli.util import atomic_write_text
+
+
+def fmt(v) -> str:
+    """A parameter value as the table shows it (floats to 3 significant digits)."""
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def trial_rows(study) -> list[dict]:
+    """One plain row per stored trial, all processes' together (trials given back unrun past the
+    budget aside): what the table, the report and ``--json`` show."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        if t.state.name == "WAITING" and "fixed_params" not in t.system_attrs:
+            continue  # asked past the budget and given back unrun: not a trial yet
+        rows.append(
+            {
+                "number": t.number,
+                "state": t.state.name.lower(),
+                "value": t.value,
+                "params": t.params,
+                "pruned_at": t.user_attrs.get("pruned_at"),
+                "steps": t.user_attrs.get("steps"),
+                "run_dir": t.user_attrs.get("run_dir"),
+                "curve": {int(k): v for k, v in sorted(t.intermediate_values.items())},
+                "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
+                if t.datetime_complete and t.datetime_start
+                else None,
+            }
+        )
+    return rows
+
+
+def print_table(ui: UI, recipe: Recipe, rows: list[dict]) -> None:
+    """The trials table on the terminal: state, validation value, steps and the space's values."""
+    keys = list(recipe.tune.space)
+    table = []
+    for r in rows:
+        value = f"{r['value']:.4f}" if r["value"] is not None else "-"
+        where = f"pruned at step {r['pruned_at']}" if r["pruned_at"] is not None else ""
+        table.append(
+            (
+                r["number"],
+                r["state"],
+                value,
+                where or (r["steps"] if r["steps"] is not None else ""),
+                *[fmt(r["params"].get(k, "-")) for k in keys],
+            )
+        )
+    ui.table(
+        f"{recipe.name}: {len(rows)} trials (validation {recipe.tune.metric})",
+        table,
+        headers=("trial", "state", recipe.tune.metric, "steps", *keys),
+    )
 
 
 def plots(result: dict) -> dict[str, str]:

@@ -10,7 +10,7 @@ import pytest
 from ftcli.data.examples import _key, prepare
 from ftcli.errors import FtcliError
 from ftcli.recipe import recipe_from_mapping
-from ftcli.sweeps import canonical_columns, fold_indices, mean_std, pool, variant
+from ftcli.tune.repeats import canonical_columns, fold_indices, mean_std, pool, variant
 from tests.conftest import tiny_recipe
 
 

@@ -12,16 +12,20 @@ runs as is.
 The study lives in Optuna storage: by default a SQLite file in tune/, or any Optuna URL
 (PostgreSQL/MySQL across machines), or a journal file (a path ending in .log/.journal; on shared
 disk). Running ``ftcli tune`` again continues the study; several processes on one storage draw
-distinct trials from it. A sampler is re-seeded per trial from (tune.seed, trial number), so
-processes started together do not propose the same values and a one-process study is
-reproducible. Ctrl-C stops during the current trial after its checkpoint; ``--resume`` continues
+distinct trials from it, run at most ``tune.trials`` together, leave a trial another live process
+trains to it, and score the best trial on the test split once. A sampler is re-seeded per trial
+from (tune.seed, trial number), so processes started together do not propose the same values and
+a one-process study is reproducible. Ctrl-C stops during the current trial after its checkpoint; ``--resume`` continues
 that trial from it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -29,8 +33,9 @@ import yaml
 from ftcli.errors import FtcliError, Interrupted
 from ftcli.pipeline import evaluate_run, train_run
 from ftcli.recipe import Recipe, apply_overrides, recipe_from_mapping, space_values
-from ftcli.runlock import holder_gone
+from ftcli.runlock import holder_gone, lock_path
 from ftcli.train import Pruning, latest_checkpoint
+from ftcli.tune.report import fmt, print_table, trial_rows, write_tune_report
 from ftcli.ui import UI
 from ftcli.util import atomic_write_text, read_json, read_jsonl, write_json
 
@@ -164,7 +169,7 @@ def run_trial(study, trial, recipe: Recipe, ui: UI, resume: bool = False) -> Non
     if resume and latest_checkpoint(r.run_dir / "checkpoints") is None:
         resume = False  # killed before its first checkpoint: the same parameters, from the start
     trial.set_user_attr("run_dir", str(r.run_dir))
-    shown = ", ".join(f"{k}={_fmt(v)}" for k, v in params.items())
+    shown = ", ".join(f"{k}={fmt(v)}" for k, v in params.items())
     ui.step(f"{'resume ' if resume else ''}trial {trial.number}: {shown}")
     try:
         out = train_run(
@@ -178,7 +183,12 @@ def run_trial(study, trial, recipe: Recipe, ui: UI, resume: bool = False) -> Non
     except Interrupted:
         trial.set_user_attr("interrupted", True)  # stays RUNNING: --resume continues it
         raise
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, Exception) and trained_elsewhere(r.run_dir):
+            # the run lock refused us: another live process trains this trial, so its state is
+            # that process's to tell, not a failure of ours
+            ui.warn(f"trial {trial.number} is being trained by another process: left to it")
+            return
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         raise
     pruned_at = out["train"].get("pruned_at")
@@ -200,6 +210,48 @@ def run_trial(study, trial, recipe: Recipe, ui: UI, resume: bool = False) -> Non
     ui.info(f"  trial {trial.number}: {spec.metric} {value:.4f}")
 
 
+def trained_elsewhere(run_dir: Path) -> bool:
+    """The run folder's lock is held by a process that still runs (or one on another host, which
+    cannot be checked): some other worker is training that trial right now."""
+    return lock_path(run_dir).exists() and not holder_gone(run_dir)
+
+
+def over_budget(study, trial, target: int) -> bool:
+    """Whether ``trial``, just asked for, is past the study's budget: ``target`` trials numbered
+    before it already count (running, paused or finished, in any process). Trial numbers come from
+    the storage in one atomic step, so workers that checked the count together and all asked
+    agree on which of them are extra, whatever the storage."""
+    before = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.number < trial.number and t.state.name != "WAITING"
+    ]
+    return len(before) >= target
+
+
+def give_back(study, trial) -> None:
+    """Return a trial asked past the budget to the queue, unrun (WAITING, no values): the next
+    study with room for it takes it instead of asking for a new one."""
+    optuna = _optuna()
+    study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.WAITING)
+
+
+@contextlib.contextmanager
+def scoring_lock(root: Path, ui: UI, number: int) -> Iterator[None]:
+    """One worker at a time scores the best trial on the test split (an exclusive ``flock`` on
+    tune/.best.lock, let go when the process ends however it ends)."""
+    with open(root / ".best.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            ui.info(f"another process is scoring trial {number} on the test split: waiting for it")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def orphaned(trial) -> bool:
     """A RUNNING trial whose process is gone without saying so (kill -9, a crash, a reboot): its
     run folder's lock names a pid on this machine that no longer runs. A trial another live
@@ -208,10 +260,6 @@ def orphaned(trial) -> bool:
     if not run_dir or trial.user_attrs.get("interrupted"):
         return False
     return holder_gone(Path(run_dir))
-
-
-def _fmt(v) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 def _counts(study) -> tuple[int, int, int]:
@@ -261,6 +309,10 @@ def tune(
             if not interrupted:
                 ui.info("nothing interrupted to resume; continuing the study")
             for frozen in interrupted:
+                run_dir = frozen.user_attrs.get("run_dir")
+                if run_dir and trained_elsewhere(Path(run_dir)):
+                    ui.info(f"trial {frozen.number} is being resumed by another process")
+                    continue
                 trial = optuna.trial.Trial(study, frozen._trial_id)
                 trial.set_user_attr("interrupted", False)
                 run_trial(study, trial, recipe, ui, resume=True)
@@ -276,6 +328,9 @@ def tune(
                 ui.info(f"--timeout {timeout:g}s reached: no new trial started")
                 break
             trial = study.ask()
+            if over_budget(study, trial, target):
+                give_back(study, trial)  # other processes took the last places meanwhile
+                break
             study.sampler = make_sampler(recipe, recipe.tune.seed * 100_003 + trial.number)
             run_trial(study, trial, recipe, ui)
     except Interrupted as exc:
@@ -285,27 +340,6 @@ def tune(
         )
         raise KeyboardInterrupt from None
     return finish(study, recipe, ui)
-
-
-def trial_rows(study) -> list[dict]:
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        rows.append(
-            {
-                "number": t.number,
-                "state": t.state.name.lower(),
-                "value": t.value,
-                "params": t.params,
-                "pruned_at": t.user_attrs.get("pruned_at"),
-                "steps": t.user_attrs.get("steps"),
-                "run_dir": t.user_attrs.get("run_dir"),
-                "curve": {int(k): v for k, v in sorted(t.intermediate_values.items())},
-                "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
-                if t.datetime_complete and t.datetime_start
-                else None,
-            }
-        )
-    return rows
 
 
 def importances(study) -> dict[str, float]:
@@ -325,12 +359,10 @@ def importances(study) -> dict[str, float]:
 
 def finish(study, recipe: Recipe, ui: UI) -> dict:
     """The table, the best trial (scored once on test when the study is done), best.yaml, report."""
-    from ftcli.tune_report import write_tune_report
-
     spec = recipe.tune
     root = tune_dir(recipe)
     rows = trial_rows(study)
-    _table(ui, recipe, rows)
+    print_table(ui, recipe, rows)
     done, running, paused = _counts(study)
     complete = [r for r in rows if r["state"] == "complete"]
     result: dict = {
@@ -370,37 +402,17 @@ def finish(study, recipe: Recipe, ui: UI) -> dict:
             "scores the best trial on the sealed test split"
         )
     else:
-        previous = read_json(best_json) if best_json.exists() else {}
-        if previous.get("number") == best.number:
-            test = previous["test"]
-        else:
-            ui.step(f"evaluate trial {best.number} once on the sealed test split")
-            test = evaluate_run(best_dir, ui, split="test")
-            write_json(best_json, {"number": best.number, "test": test})
+        # workers that end together both get here: under the lock the second finds best.json
+        with scoring_lock(root, ui, best.number):
+            previous = read_json(best_json) if best_json.exists() else {}
+            if previous.get("number") == best.number:
+                test = previous["test"]
+            else:
+                ui.step(f"evaluate trial {best.number} once on the sealed test split")
+                test = evaluate_run(best_dir, ui, split="test")
+                write_json(best_json, {"number": best.number, "test": test})
         result["best"]["test"] = test
     result["importances"] = importances(study)
     result["report"] = str(write_tune_report(result, root))
     ui.info(f"report: {result['report']}")
     return result
-
-
-def _table(ui: UI, recipe: Recipe, rows: list[dict]) -> None:
-    keys = list(recipe.tune.space)
-    table = []
-    for r in rows:
-        value = f"{r['value']:.4f}" if r["value"] is not None else "-"
-        where = f"pruned at step {r['pruned_at']}" if r["pruned_at"] is not None else ""
-        table.append(
-            (
-                r["number"],
-                r["state"],
-                value,
-                where or (r["steps"] if r["steps"] is not None else ""),
-                *[_fmt(r["params"].get(k, "-")) for k in keys],
-            )
-        )
-    ui.table(
-        f"{recipe.name}: {len(rows)} trials (validation {recipe.tune.metric})",
-        table,
-        headers=("trial", "state", recipe.tune.metric, "steps", *keys),
-    )
