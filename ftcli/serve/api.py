@@ -4,6 +4,8 @@ client."""
 
 from __future__ import annotations
 
+import logging
+import uuid
 from typing import Literal
 
 from fastapi import FastAPI
@@ -11,6 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("ftcli.serve")
 
 
 class ApiError(Exception):
@@ -122,13 +126,30 @@ async def _http(request, exc: StarletteHTTPException):
     return error_body(exc.status_code, str(exc.detail), code)
 
 
-async def _crash(request, exc: Exception):  # never a traceback on the wire
-    return error_body(
+def internal_error(rid: str, what: str = "the request") -> ApiError:
+    """A 500 that names the server log's entry but none of what it says (paths, data)."""
+    return ApiError(
         500,
-        f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+        f"{what} failed on the server (request id {rid}); the server's log has the details",
         "internal_error",
         "server_error",
     )
+
+
+async def _crash(
+    request, exc: Exception
+):  # never a traceback, nor the exception's text, on the wire
+    rid = uuid.uuid4().hex[:12]
+    log.error(
+        "request id %s: %s %s failed: %s: %s",
+        rid,
+        request.method,
+        request.url.path,
+        type(exc).__name__,
+        exc,
+    )
+    err = internal_error(rid)
+    return error_body(err.status, err.message, err.code, err.type)
 
 
 def install_error_handlers(app: FastAPI) -> None:

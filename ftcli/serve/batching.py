@@ -5,9 +5,11 @@ batch size) and running them as one batch, streaming each row back to its reques
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+import uuid
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,6 +19,7 @@ from transformers.generation.streamers import BaseStreamer
 from ftcli.serve.predictor import Predictor
 
 BASE = object()  # the key of requests for the base model with every adapter switched off
+log = logging.getLogger("ftcli.serve")
 
 
 @dataclass(eq=False)
@@ -30,6 +33,7 @@ class Job:
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
     cancelled: bool = False
+    rid: str = field(default_factory=lambda: uuid.uuid4().hex[:12])  # names it in the server log
 
     def emit(self, *event) -> None:
         """Hand an event to the request's event loop without ever waiting on it."""
@@ -164,9 +168,10 @@ class Worker:
             self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
             try:
                 self.run(jobs)
-            except Exception as exc:  # the model failed: every job in the batch hears why
+            except Exception:  # the model failed: the log says why, each job only where to look
+                log.exception("request ids %s: the model failed", ", ".join(j.rid for j in jobs))
                 for j in jobs:
-                    j.emit("error", f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+                    j.emit("error", j.rid)
 
     def run(self, jobs: list[Job]) -> None:
         adapter, kind = jobs[0].key[:2]

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
 from ftcli.errors import FtcliError
-from ftcli.serve.api import ApiError, ClassifyBody, FeedbackBody
+from ftcli.serve.api import ApiError, ClassifyBody, FeedbackBody, internal_error
 from ftcli.serve.batching import Job
+from ftcli.serve.feedback import FeedbackLog
 from ftcli.serve.state import Served, served
 
 router = APIRouter()
@@ -17,7 +18,9 @@ State = Annotated[Served, Depends(served)]
 
 
 @router.get("/health")
-async def health(s: State):
+async def health(request: Request, s: State):
+    if not s.authorized(request):  # with a key set, a caller without it learns only that it is up
+        return {"status": "ok"}
     return {
         "status": "ok",
         "task": s.pred.task,
@@ -27,15 +30,34 @@ async def health(s: State):
     }
 
 
+def token_counts(tok, texts: list[str]) -> list[int]:
+    """Each text's length in tokens; runs on the tokenizer thread."""
+    return [len(tok(t)["input_ids"]) for t in texts]
+
+
+async def classified(jobs: list[Job]) -> list[dict]:
+    """Each job's labels and probabilities, in order."""
+    out = []
+    for i, j in enumerate(jobs):
+        ev = await j.events.get()
+        if ev[0] == "error":
+            raise internal_error(ev[1], "classification")
+        out.append({"index": i, **ev[1]})
+    return out
+
+
 @router.post("/v1/classify")
-async def classify(body: ClassifyBody, s: State):
+async def classify(body: ClassifyBody, request: Request, s: State):
+    deadline = s.deadline()
     key = s.key_of(body.model)
     s.need("classification", "classify")
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not texts:
         raise ApiError(400, "input is empty", "invalid_input")
-    for i, t in enumerate(texts):
-        n = len(s.tok(t)["input_ids"])
+    s.check_prompts(texts, "input")
+    s.check_room(len(texts))
+    counts = await s.within(deadline, s.off_loop(token_counts, s.tok, texts))
+    for i, n in enumerate(counts):
         if n > s.context:
             raise ApiError(
                 400,
@@ -45,16 +67,11 @@ async def classify(body: ClassifyBody, s: State):
             )
     jobs = [Job((key, "classify"), t) for t in texts]
     await s.submit(jobs)
-    out = []
-    for i, j in enumerate(jobs):
-        ev = await j.events.get()
-        if ev[0] == "error":
-            raise ApiError(500, f"classification failed: {ev[1]}", "internal_error", "server_error")
-        out.append({"index": i, **ev[1]})
+    out = await s.answer(request, jobs, classified(jobs), deadline)
     return {"object": "list", "model": body.model, "data": out}
 
 
-def _write_feedback(s: Served, body: FeedbackBody, adapter: str | None) -> None:
+def _write_feedback(s: Served, log: FeedbackLog, body: FeedbackBody, adapter: str | None) -> None:
     """One verdict to the feedback log, in the row layout of the served task."""
     if s.pred.task == "classification":
         if body.text is None or body.predicted is None:
@@ -62,7 +79,7 @@ def _write_feedback(s: Served, body: FeedbackBody, adapter: str | None) -> None:
                 400, "classification feedback needs text and predicted", "invalid_feedback"
             )
         labels = s.pred.labels.get(adapter) or s.pred.labels.get(None) or []
-        s.log.classification(body.text, body.predicted, body.verdict, labels, body.correct, adapter)
+        log.classification(body.text, body.predicted, body.verdict, labels, body.correct, adapter)
         return
     if body.messages is None or body.answer is None:
         raise ApiError(
@@ -73,15 +90,17 @@ def _write_feedback(s: Served, body: FeedbackBody, adapter: str | None) -> None:
     if body.verdict == "fixed" and not body.correct:
         raise ApiError(400, "a fixed verdict needs correct (the right answer)", "invalid_feedback")
     ctx = [{"role": m.role, "content": m.text()} for m in body.messages]
-    s.log.chat(ctx, body.answer, body.verdict, body.correct, adapter)
+    log.chat(ctx, body.answer, body.verdict, body.correct, adapter)
 
 
 @router.post("/v1/feedback")
 async def feedback(body: FeedbackBody, s: State):
+    log = s.feedback_log()
     key = s.key_of(body.model)
     try:
-        _write_feedback(s, body, key if isinstance(key, str) else None)
+        _write_feedback(s, log, body, key if isinstance(key, str) else None)
     except FtcliError as exc:
         raise ApiError(400, exc.render(), "invalid_feedback") from None
-    path = s.log.rejected_path if body.verdict == "bad" else s.log.path
+    s.feedback_rows += 1
+    path = log.rejected_path if body.verdict == "bad" else log.path
     return {"ok": True, "verdict": body.verdict, "file": str(path)}

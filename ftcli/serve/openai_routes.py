@@ -10,11 +10,18 @@ from collections.abc import Callable
 from functools import partial
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from ftcli.data.tokenize import render_chat
-from ftcli.serve.api import ApiError, ChatBody, CompletionBody, _Sampling, usage_of
+from ftcli.serve.api import (
+    ApiError,
+    ChatBody,
+    CompletionBody,
+    _Sampling,
+    internal_error,
+    usage_of,
+)
 from ftcli.serve.batching import BASE, Job
 from ftcli.serve.state import Served, served
 
@@ -22,11 +29,9 @@ router = APIRouter()
 State = Annotated[Served, Depends(served)]
 
 
-def generation_jobs(
-    s: Served, body: _Sampling, prompts: list[str], special: bool, key
-) -> list[Job]:
-    """One job per prompt, tokenized; 400 for unsupported settings or a prompt with no room left
-    in the model's context for an answer."""
+def limits(s: Served, body: _Sampling) -> tuple[tuple[str, ...], int | None]:
+    """The request's stop strings and asked max_tokens; 400 for unsupported settings or
+    max_tokens above the server's."""
     body.check_supported()
     stops = body.stops()
     asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
@@ -37,11 +42,37 @@ def generation_jobs(
             "(its --max-tokens)",
             "max_tokens_too_large",
         )
-    tok, context = s.tok, s.context
-    jobs = []
+    return stops, asked
+
+
+def encode(tok, prompts: list[str], special: bool) -> list[list[int]]:
+    """Each prompt's token ids (one token, BOS or EOS, for an empty one); runs on the tokenizer
+    thread."""
+    out = []
     for p in prompts:
-        ids_ = tok(p, add_special_tokens=special)["input_ids"] if p else []
-        ids_ = ids_ or [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
+        ids = tok(p, add_special_tokens=special)["input_ids"] if p else []
+        out.append(ids or [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id])
+    return out
+
+
+def encode_chat(tok, msgs: list[dict]) -> list[int]:
+    """A conversation rendered by the chat template and tokenized; runs on the tokenizer thread."""
+    try:
+        prompt = render_chat(tok, msgs, add_generation_prompt=True)
+    except Exception as exc:  # a template that refuses this conversation (roles, order)
+        raise ApiError(
+            400, f"the chat template refused the messages: {exc}", "invalid_messages"
+        ) from None
+    return encode(tok, [prompt], not getattr(tok, "chat_template", None))[0]
+
+
+def generation_jobs(s: Served, body: _Sampling, encoded: list[list[int]], key) -> list[Job]:
+    """One job per tokenized prompt; 400 for a prompt with no room left in the model's context
+    for an answer."""
+    stops, asked = limits(s, body)
+    context = s.context
+    jobs = []
+    for ids_ in encoded:
         room = context - len(ids_)
         want = asked if asked is not None else min(s.cfg.max_tokens, room)
         if want < 1 or len(ids_) + want > context:
@@ -67,37 +98,49 @@ async def collect(job: Job) -> tuple[str, str, int, int]:
         elif ev[0] == "done":
             return "".join(parts), ev[1], ev[2], ev[3]
         elif ev[0] == "error":
-            raise ApiError(500, f"generation failed: {ev[1]}", "internal_error", "server_error")
+            raise internal_error(ev[1], "generation")
 
 
-def stream(job: Job, chunk: Callable[..., dict | None], usage: bool) -> StreamingResponse:
-    """A job's answer as server-sent events, one ``chunk`` per delta; a client that leaves
-    cancels its row."""
+async def collect_all(jobs: list[Job]) -> list[tuple[str, str, int, int]]:
+    return [await collect(j) for j in jobs]
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def stream(
+    s: Served, job: Job, chunk: Callable[..., dict | None], usage: bool, deadline: float
+) -> StreamingResponse:
+    """A job's answer as server-sent events, one ``chunk`` per delta, cut by an error event at
+    the request's deadline; a client that leaves cancels its row."""
 
     async def events():
         try:
             first = chunk(None, None)
             if first:
-                yield f"data: {json.dumps(first)}\n\n"
+                yield _sse(first)
             while True:
-                ev = await job.events.get()
+                try:
+                    ev = await s.within(deadline, job.events.get())
+                except ApiError as exc:  # the deadline passed: say so in the stream
+                    ev = ("error", exc)
                 if ev[0] == "delta":
-                    yield f"data: {json.dumps(chunk(ev[1], None))}\n\n"
+                    yield _sse(chunk(ev[1], None))
                 elif ev[0] == "done":
-                    yield f"data: {json.dumps(chunk(None, ev[1]))}\n\n"
+                    yield _sse(chunk(None, ev[1]))
                     if usage:
-                        u = chunk(None, None, usage=(ev[2], ev[3])) or {}
-                        yield f"data: {json.dumps(u)}\n\n"
+                        yield _sse(chunk(None, None, usage=(ev[2], ev[3])) or {})
                     break
                 else:
-                    err = {
-                        "error": {
-                            "message": ev[1],
-                            "type": "server_error",
-                            "code": "internal_error",
-                        }
-                    }
-                    yield f"data: {json.dumps(err)}\n\n"
+                    err = (
+                        ev[1]
+                        if isinstance(ev[1], ApiError)
+                        else internal_error(ev[1], "generation")
+                    )
+                    yield _sse(
+                        {"error": {"message": err.message, "type": err.type, "code": err.code}}
+                    )
                     break
             yield "data: [DONE]\n\n"
         finally:
@@ -156,30 +199,26 @@ async def models(s: State):
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatBody, s: State):
+async def chat_completions(body: ChatBody, request: Request, s: State):
+    deadline = s.deadline()
     key = s.key_of(body.model)
     s.need("causal_lm", "chat")
     msgs = [
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
         for m in body.messages
     ]
-    try:
-        prompt = render_chat(s.tok, msgs, add_generation_prompt=True)
-    except Exception as exc:  # a template that refuses this conversation (roles, order)
-        raise ApiError(
-            400, f"the chat template refused the messages: {exc}", "invalid_messages"
-        ) from None
-    special = not getattr(s.tok, "chat_template", None)
-    (job,) = generation_jobs(s, body, [prompt], special, key)
+    limits(s, body)
+    s.check_prompts(["".join(m["content"] for m in msgs)], "conversation")
+    s.check_room(1)
+    encoded = await s.within(deadline, s.off_loop(encode_chat, s.tok, msgs))
+    (job,) = generation_jobs(s, body, [encoded], key)
     await s.submit([job])
     rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     if body.stream:
         chunk = partial(chat_chunk, rid, now, body.model)
-        return stream(job, chunk, bool((body.stream_options or {}).get("include_usage")))
-    try:
-        text, finish, p, c = await collect(job)
-    finally:
-        job.cancelled = True
+        usage = bool((body.stream_options or {}).get("include_usage"))
+        return stream(s, job, chunk, usage, deadline)
+    text, finish, p, c = await s.answer(request, [job], collect(job), deadline)
     return {
         "id": rid,
         "object": "chat.completion",
@@ -198,7 +237,8 @@ async def chat_completions(body: ChatBody, s: State):
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionBody, s: State):
+async def completions(body: CompletionBody, request: Request, s: State):
+    deadline = s.deadline()
     key = s.key_of(body.model)
     s.need("causal_lm", "completions")
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
@@ -206,17 +246,18 @@ async def completions(body: CompletionBody, s: State):
         raise ApiError(400, "prompt must be a string or a list of strings", "invalid_prompt")
     if body.stream and len(prompts) != 1:
         raise ApiError(400, "streaming takes one prompt", "unsupported_parameter")
-    jobs = generation_jobs(s, body, prompts, True, key)
+    limits(s, body)
+    s.check_prompts(prompts)
+    s.check_room(len(prompts))
+    encoded = await s.within(deadline, s.off_loop(encode, s.tok, prompts, True))
+    jobs = generation_jobs(s, body, encoded, key)
     await s.submit(jobs)
     rid, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     if body.stream:
         chunk = partial(completion_chunk, rid, now, body.model)
-        return stream(jobs[0], chunk, bool((body.stream_options or {}).get("include_usage")))
-    try:
-        results = [await collect(j) for j in jobs]
-    finally:
-        for j in jobs:
-            j.cancelled = True
+        usage = bool((body.stream_options or {}).get("include_usage"))
+        return stream(s, jobs[0], chunk, usage, deadline)
+    results = await s.answer(request, jobs, collect_all(jobs), deadline)
     return {
         "id": rid,
         "object": "text_completion",

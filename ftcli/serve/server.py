@@ -9,7 +9,6 @@ routes (``openai_routes``, ``ftcli_routes``) read what they share from ``app.sta
 
 from __future__ import annotations
 
-import hmac
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -18,34 +17,50 @@ from ftcli.errors import FtcliError
 from ftcli.serve import ftcli_routes, openai_routes
 from ftcli.serve.api import error_body, install_error_handlers
 from ftcli.serve.predictor import Predictor
-from ftcli.serve.state import ServeConfig, Served, model_ids
+from ftcli.serve.state import ServeConfig, Served, allowed_hosts, key_ok, model_ids
 
 __all__ = ["ServeConfig", "create_app", "serve"]
 
 
 class _Guard:
-    """ASGI middleware: bearer-token check on /v1/ (constant-time compare) and a body-size limit,
-    both before the app reads a byte of the body."""
+    """ASGI middleware, before the app reads a byte of the body: the Host allow-list (on
+    loopback), the bearer key on everything but /health (constant-time compare) and a body-size
+    limit."""
 
-    def __init__(self, app, api_key: str | None, max_body: int):
-        self.app, self.api_key, self.max_body = app, api_key, max_body
+    def __init__(self, app, cfg: ServeConfig):
+        self.app, self.api_key, self.max_body = app, cfg.api_key, cfg.max_body_bytes
+        self.port, self.hosts = cfg.port, allowed_hosts(cfg.host, cfg.port)
+
+    def refusal(self, path: str, headers: dict[bytes, bytes]):
+        """The error response for a request from a foreign Host or without the key, or None."""
+        host = headers.get(b"host", b"").decode("latin-1").lower()
+        if self.hosts is not None and host and host not in self.hosts:
+            return error_body(
+                403,
+                f"this server answers only requests to localhost, 127.0.0.1 or [::1] on port "
+                f"{self.port}, not to {host!r} (a web page reaching it by DNS rebinding); to "
+                "serve other names, listen on them with --host (and set --api-key)",
+                "host_not_allowed",
+            )
+        if not self.api_key or path == "/health":
+            return None
+        auth = headers.get(b"authorization", b"").decode("latin-1")
+        if key_ok(auth, self.api_key):
+            return None
+        msg = "missing API key" if not auth else "incorrect API key"
+        return error_body(
+            401,
+            f"{msg}: send 'Authorization: Bearer <key>' (the server's --api-key)",
+            "invalid_api_key",
+        )
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        if self.api_key and scope["path"].startswith("/v1"):
-            auth = headers.get(b"authorization", b"").decode("latin-1")
-            scheme, _, token = auth.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token.strip().encode("utf-8"), self.api_key.encode("utf-8")
-            ):
-                msg = "missing API key" if not auth else "incorrect API key"
-                return await error_body(
-                    401,
-                    f"{msg}: send 'Authorization: Bearer <key>' (the server's --api-key)",
-                    "invalid_api_key",
-                )(scope, receive, send)
+        refused = self.refusal(scope["path"], headers)
+        if refused is not None:
+            return await refused(scope, receive, send)
         too_big = error_body(413, f"request body over {self.max_body:,} bytes", "request_too_large")
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
@@ -75,6 +90,7 @@ async def _lifespan(app: FastAPI):
     served.worker.start()
     yield
     served.batcher.close()
+    served.tokenizer_thread.shutdown(wait=False)
 
 
 def create_app(pred: Predictor, cfg: ServeConfig) -> _Guard:
@@ -86,7 +102,7 @@ def create_app(pred: Predictor, cfg: ServeConfig) -> _Guard:
     install_error_handlers(app)
     app.include_router(ftcli_routes.router)
     app.include_router(openai_routes.router)
-    return _Guard(app, cfg.api_key, cfg.max_body_bytes)
+    return _Guard(app, cfg)
 
 
 def serve(model: str | None, adapters: list[str] | None, cfg: ServeConfig, say=print) -> dict:
@@ -102,6 +118,8 @@ def serve(model: str | None, adapters: list[str] | None, cfg: ServeConfig, say=p
         f"serving {pred.task} on http://{cfg.host}:{cfg.port}/v1 ({pred.device}); "
         f"models: {', '.join(ids)}"
     )
+    if cfg.feedback:
+        say(f"POST /v1/feedback appends to {cfg.feedback} (at most {cfg.feedback_max_rows:,} rows)")
     if not cfg.api_key and cfg.host not in ("127.0.0.1", "localhost", "::1"):
         say(f"warning: listening on {cfg.host} with no API key: anyone who reaches it can use it")
     server = uvicorn.Server(
