@@ -1080,13 +1080,25 @@ def serve(
         int, typer.Option(min=1, help="Largest request body in bytes; more get 413.")
     ] = 1_000_000,
     feedback: Annotated[
-        Path,
+        Path | None,
         typer.Option(
             "--feedback",
-            help="Where POST /v1/feedback writes (the rows chat writes; "
-            "bad answers go to <stem>-rejected.jsonl).",
+            help="Turn on POST /v1/feedback, writing to this file (the rows chat writes; "
+            "bad answers go to <stem>-rejected.jsonl). Off by default.",
         ),
-    ] = Path("feedback.jsonl"),
+    ] = None,
+    feedback_max_rows: Annotated[
+        int, typer.Option(min=1, help="Most rows in the feedback files; more get 507.")
+    ] = 10_000,
+    max_prompts: Annotated[
+        int, typer.Option(min=1, help="Most prompts (or inputs) in one request.")
+    ] = 16,
+    max_prompt_chars: Annotated[
+        int, typer.Option(min=1, help="Longest prompt in characters; longer get 413.")
+    ] = 100_000,
+    timeout: Annotated[
+        float, typer.Option(min=1, help="Seconds a request may wait and run; then 504.")
+    ] = 300.0,
     json_: JsonOpt = False,
     trust_remote_code: TrustOpt = False,
 ):
@@ -1113,8 +1125,9 @@ def serve(
     from ftcli.ui import UI
 
     ui = UI(json_)
+    limits = (feedback_max_rows, max_prompts, max_prompt_chars, timeout)
     cfg = ServeConfig(
-        host, port, api_key, max_batch_size, max_queue, max_tokens, max_body, feedback
+        host, port, api_key, max_batch_size, max_queue, max_tokens, max_body, feedback, *limits
     )
     return run_server(model, adapter, cfg, say=ui.info)
 

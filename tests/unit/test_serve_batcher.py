@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from ftcli.serve.server import Batcher, Job, QueueFull, _Rows
+from ftcli.serve.batching import Batcher, Job, QueueFull, _Rows
 
 
 def test_batches_take_the_oldest_key_and_its_waiting_peers():
