@@ -16,7 +16,7 @@ import yaml
 from ftcli.recipe import load_recipe
 from tests.conftest import tiny_recipe
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
 
