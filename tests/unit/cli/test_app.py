@@ -20,3 +20,40 @@ def test_merge_names_what_it_takes_and_completion_is_offered(cli, monkeypatch):
     assert "RUN_OR_TRAINED_DIR" in out and "ADAPTER_DIR" not in out.replace("RUN_OR_TRAINED", "")
     _, out, _ = cli("--help")
     assert "--install-completion" in out
+
+
+def test_help_lists_the_commands_in_their_order(cli, monkeypatch):
+    """The command modules register on import; ftcli/cli/__init__.py imports them in this order."""
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, _ = cli("--help")
+    assert code == 0
+    listed = [
+        line.strip("│ ").split()[0]
+        for line in out.split("Commands")[1].splitlines()
+        if line.startswith("│ ")
+    ]
+    assert listed == [
+        "train",
+        "validate",
+        "recipes",
+        "eval",
+        "cv",
+        "tune",
+        "merge",
+        "estimate-memory",
+        "predict",
+        "chat",
+        "serve",
+    ]
+
+
+def test_python_dash_m_runs_the_same_app():
+    import subprocess
+    import sys
+
+    for module in ("ftcli", "ftcli.cli"):
+        proc = subprocess.run(
+            [sys.executable, "-m", module, "recipes", "--json"], capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert '"ok": true' in proc.stdout

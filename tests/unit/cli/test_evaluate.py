@@ -3,6 +3,7 @@ nothing (issue 11)."""
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 
@@ -38,3 +39,31 @@ def test_eval_takes_a_recipe_for_its_run_folder(tmp_path, cli):
     )
     code, _, err = cli("eval", str(path))
     assert code == 1 and str(tmp_path / "elsewhere" / "mine") in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["A", "B"], "2 run folders given: evaluate one, or several with --ensemble"),
+        (["A", "--ensemble"], "--ensemble needs at least two run folders"),
+        (["A", "B", "--ensemble", "--baseline", "probe"], "it takes no --baseline or --benchmark"),
+        (["A", "--baseline", "probe", "--split", "validation"], "on the sealed test split only"),
+        (["A", "--limit", "5"], "--limit applies to --benchmark only"),
+    ],
+)
+def test_flag_combinations_that_mean_nothing_fail_before_any_run_is_read(
+    tmp_path, cli, args, message
+):
+    folders = [str(tmp_path / a) if a in ("A", "B") else a for a in args]  # neither exists
+    code, out, err = cli("eval", *folders)
+    assert code == 1 and message in err and "Traceback" not in err
+
+
+def test_eval_mode_says_which_evaluation_the_flags_ask_for():
+    from ftcli.evaluation.modes import eval_mode
+
+    none = {"--limit": None}
+    assert eval_mode(1, None, None, False, "validation", none) == "split"
+    assert eval_mode(1, ["default"], None, False, "test", none) == "compare"
+    assert eval_mode(1, None, ["rt_sentiment"], False, "test", {"--limit": 5}) == "compare"
+    assert eval_mode(3, None, None, True, "test", none) == "ensemble"

@@ -309,3 +309,9 @@ def test_gpu_names_in_the_cli_are_the_table():
     from ftcli.memory.gpus import GPUS
 
     assert tuple(GPUS) == GPU_NAMES
+
+
+def test_neither_recipe_nor_model_is_an_error():
+    result = runner.invoke(app, ["estimate-memory"])
+    assert result.exit_code == 1
+    assert "give a recipe, or --model NAME" in result.output and "Traceback" not in result.output
