@@ -68,6 +68,14 @@ TOLERANCE = {"float32": 1e-4, "bfloat16": 0.1, "float16": 0.025}
 FOLD_TOLERANCE = 1e-4  # the merge itself, always checked in float32
 DTYPES = tuple(TOLERANCE)
 INTO = ("dequantized", "original")
+BUILTIN_SAMPLES = [
+    "The film was a delight from start to finish.",
+    "I would not recommend this to anyone.",
+    "What is the capital of France?",
+    "Explain in one sentence why the sky is blue.",
+    "A slow, muddled story with flat characters.",
+    "Hello! How are you today?",
+]
 
 
 def check_choices(dtype: str, into: str, flag: str = "") -> None:
@@ -77,16 +85,6 @@ def check_choices(dtype: str, into: str, flag: str = "") -> None:
         raise FtcliError(f"{flag}dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
     if into not in INTO:
         raise FtcliError(f"{flag}into {into!r} is not one of: {', '.join(INTO)}")
-
-
-BUILTIN_SAMPLES = [
-    "The film was a delight from start to finish.",
-    "I would not recommend this to anyone.",
-    "What is the capital of France?",
-    "Explain in one sentence why the sky is blue.",
-    "A slow, muddled story with flat characters.",
-    "Hello! How are you today?",
-]
 
 
 def run_test_features(run_dir: Path | None, tokenizer, limit: int = 16) -> list[dict] | None:
