@@ -1,8 +1,8 @@
 """User-facing errors.
 
 Every problem a user can fix (a typo in a recipe, a missing file, a hub id with no network) is
-raised as an ``FtcliError``. Only ``cli.py`` catches them: it prints the message and exits with
-code 1, without a traceback. Anything else is a bug and keeps its traceback.
+raised as an ``FtcliError``. Only ``cli/app.py``'s ``command`` catches them: it prints the message
+and exits with code 1, without a traceback. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations

@@ -78,6 +78,15 @@ BUILTIN_SAMPLES = [
 ]
 
 
+def check_choices(dtype: str, into: str, flag: str = "") -> None:
+    """One FtcliError for a saved dtype or a QLoRA target merge does not know; ``flag`` is the prefix
+    the message names them with (``--`` for the command line)."""
+    if dtype not in DTYPES:
+        raise FtcliError(f"{flag}dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
+    if into not in INTO:
+        raise FtcliError(f"{flag}into {into!r} is not one of: {', '.join(INTO)}")
+
+
 def run_test_features(run_dir: Path | None, tokenizer, limit: int = 16) -> list[dict] | None:
     """Tokenized test examples of the run a model came from, to verify the merge on."""
     if (
@@ -251,10 +260,7 @@ def merge(
 ) -> MergeRecord:
     """Merge the adapter in ``source`` (an adapter or run folder) into its base, verify, write ``out_dir``.
     A full fine-tuning run is exported in ``dtype`` and verified the same way."""
-    if dtype not in TOLERANCE:
-        raise FtcliError(f"dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
-    if into not in INTO:
-        raise FtcliError(f"into {into!r} is not one of: {', '.join(INTO)}")
+    check_choices(dtype, into)
     t0 = time.perf_counter()
     src = find_source(source)
     out_dir = Path(out_dir)
@@ -394,3 +400,45 @@ def merge(
         card = model_card(rec, summary, run_info, base_params, recipe_text)
         (tmp / "README.md").write_text(card, encoding="utf-8")
     return summary
+
+
+def summary_rows(m: MergeRecord) -> list[tuple[str, object]]:
+    """``ftcli merge``'s table: what was merged, both checks' figures, what was written."""
+    rows: list[tuple[str, object]] = [
+        ("base", m.base_model),
+        ("method", m.method),
+        ("merged into", f"{m.into} weights, saved {m.dtype}"),
+        ("parameters", f"{m.parameters:,}"),
+        ("LoRA modules folded", m.lora_modules_merged),
+    ]
+    if m.saved_modules:
+        rows.append(("saved modules", ", ".join(m.saved_modules)))
+    if m.fold_check:
+        fc = m.fold_check
+        rows.append(
+            (
+                "merge check (float32)",
+                f"max logit difference {fc['max_logit_diff']:.3e} "
+                f"({fc['relative_diff']:.2e} relative, tolerance {fc['tolerance']:g}), "
+                f"predictions agree {fc['prediction_agreement']:.1%}",
+            )
+        )
+    rows.append(
+        (
+            f"saved folder ({m.dtype})",
+            f"max logit difference {m.max_logit_diff:.3e} "
+            f"({m.relative_diff:.2e} relative, tolerance {m.tolerance:g}), "
+            f"predictions agree {m.prediction_agreement:.1%} on {m.samples} {m.sample_source}",
+        )
+    )
+    if m.dequantized_vs_original:
+        d = m.dequantized_vs_original
+        rows.append(
+            (
+                f"vs merging into {d['other']}",
+                f"max logit difference {d['max_logit_diff']:.3e} "
+                f"({d['relative_diff']:.2e} relative), predictions agree {d['prediction_agreement']:.1%}",
+            )
+        )
+    rows.append(("written", f"{m.bytes_written / 2**20:.1f} MiB in {m.seconds:.1f} s"))
+    return rows

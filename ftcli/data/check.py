@@ -4,6 +4,8 @@ every problem found at once, each located at its recipe key."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ftcli.data.examples import (
     CleanCounts,
     load_examples,
@@ -96,3 +98,25 @@ def data_problems(recipe: Recipe) -> tuple[list[Problem], list[str], list[str]]:
         except FtcliError as exc:
             problems += _as_problems(exc, recipe, "data")
     return problems, checked, unchecked
+
+
+def check_recipe(
+    load: Callable[[], Recipe], data: bool = True
+) -> tuple[Recipe, list[str], list[str]]:
+    """What ``ftcli validate`` checks: the recipe ``load`` returns, then (with ``data``) its data.
+    Returns (recipe, what was checked, warnings); a RecipeError lists every problem, the data's too
+    when the schema failed but the data section itself is valid."""
+    try:
+        r = load()
+    except RecipeError as exc:
+        if not data or exc.partial is None:
+            raise
+        raise RecipeError(exc.problems + data_problems(exc.partial)[0]) from None
+    checked, notes = ["schema"], [w.render() for w in r.warnings]
+    if data:
+        problems, done, unchecked = data_problems(r)
+        if problems:
+            raise RecipeError(problems)
+        checked += done
+        notes += unchecked
+    return r, checked, notes

@@ -121,6 +121,20 @@ def _check_flags(flags: dict, device: str | None, gpu: Gpu | None) -> None:
         )
 
 
+def check_recipe_or_model(recipe: str | None, model: str | None) -> None:
+    """The estimate plans either a recipe or a --model, exactly one of them."""
+    if recipe is None and model is None:
+        raise FtcliError(
+            "give a recipe, or --model NAME",
+            hint="ftcli estimate-memory --model mistral-7b --method qlora",
+        )
+    if recipe is not None and model is not None:
+        raise FtcliError(
+            "give a recipe or --model, not both",
+            hint="change a recipe's model with --set model.name=...",
+        )
+
+
 def run_estimate(
     recipe=None,
     model: str | None = None,

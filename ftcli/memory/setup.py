@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import get_args
 
 from ftcli.errors import FtcliError
+from ftcli.recipe import OptimizerName
 
 GiB = 1024**3
 GB = 1000**3
@@ -20,7 +22,7 @@ LOSS_CHUNK = (
     1024  # = evaluation.forward.CE_CHUNK (a test keeps them equal; this module stays torch-free)
 )
 METHODS = ("full", "lora", "qlora", "ia3", "prefix", "prompt", "ptuning", "vera")
-OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "adamw8bit", "paged_adamw", "paged_adamw8bit")
+OPTIMIZERS = get_args(OptimizerName)  # the recipe's train.optimizer.name
 
 
 def parse_budget(text: str) -> int:

@@ -108,6 +108,14 @@ def write_predictions(rows: list[dict], path: Path) -> None:
         write_jsonl(path, rows)
 
 
+def progress_total(requests: list[dict], pred: Predictor) -> int:
+    """The progress bar's total for ``predict``: each request once per loaded adapter, or once when
+    every request names its own adapter."""
+    return len(requests) * (
+        1 if all(r.get("adapter") for r in requests) else max(1, len(pred.adapters))
+    )
+
+
 def progress_bar(console, total: int, what: str):
     """A rich progress bar over requests (off when the console is not a terminal)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -123,3 +131,32 @@ def progress_bar(console, total: int, what: str):
     )
     task = bar.add_task(what, total=total)
     return bar, lambda n: bar.advance(task, n)
+
+
+def show_predictions(ui, pred: Predictor, rows: list[dict], output: Path | None) -> None:
+    """``ftcli predict``'s table: the first 50 labels with their probability, or prompts with their
+    answers (an adapter column when several adapters answered), and how many more there are."""
+    lead = ("adapter",) if pred.adapters else ()
+    if pred.task == "classification":
+        table = [
+            (*((r["adapter"],) if lead else ()), r["text"][:60], r["label"], f"{r['score']:.3f}")
+            for r in rows[:50]
+        ]
+        ui.table(
+            f"predictions ({pred.source})", table, headers=(*lead, "text", "label", "probability")
+        )
+    else:
+        table = [
+            (
+                *((r["adapter"],) if lead else ()),
+                (r.get("text") or r["messages"][-1]["content"])[:50],
+                r["generation"][:200],
+            )
+            for r in rows[:50]
+        ]
+        ui.table(f"generations ({pred.source})", table, headers=(*lead, "prompt", "answer"))
+    if len(rows) > 50:
+        ui.info(
+            f"... {len(rows) - 50} more"
+            + ("" if output else " (use --output FILE or --json for all)")
+        )

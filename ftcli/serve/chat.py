@@ -337,3 +337,17 @@ def review_loop(
             except FtcliError as exc:
                 stdout.write(f"  ! {exc.render()}\n")
     return dict(feedback.counts)
+
+
+def review_predictions(
+    pred: Predictor, rows: list[dict], path: Path | None, stdin: TextIO, stdout: TextIO, ui
+) -> dict:
+    """``ftcli predict --review``: a verdict on each prediction, written to ``path`` (default
+    feedback.jsonl here); returns the record's ``feedback`` (counts) and ``feedback_file``."""
+    log = FeedbackLog(path or Path("feedback.jsonl"), pred.source)
+    result = {
+        "feedback": review_loop(pred, rows, stdin, stdout, log),
+        "feedback_file": str(log.path),
+    }
+    ui.info(f"feedback: {result['feedback']} -> {log.path}")
+    return result

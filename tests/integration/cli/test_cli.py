@@ -17,7 +17,7 @@ from ftcli.bundled import recipes_dir
 from ftcli.recipe import load_recipe
 from tests.conftest import tiny_recipe
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 RECIPES = sorted(recipes_dir().glob("*.yaml"))
 
 

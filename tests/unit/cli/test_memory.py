@@ -1,4 +1,5 @@
-"""``ftcli estimate-memory``: the --json schema, config-only planning, and its errors."""
+"""``ftcli estimate-memory`` (ftcli/cli/memory.py): the --json schema, config-only planning, its
+errors, and planning for a GPU named by card (issue 16)."""
 
 from __future__ import annotations
 
@@ -241,3 +242,75 @@ def test_the_estimate_plans_the_padded_width_the_loop_runs():
 
     recipe = load_recipe(recipe_path("quickstart"), ["data.max_length=60"])
     assert setup_from_recipe(recipe, "cpu").seq_len == 64
+
+
+# --------------------------------------------------------------------------- a GPU by card (issue 16)
+
+
+def _estimate(*args):
+    from typer.testing import CliRunner
+
+    from ftcli.cli import app
+
+    result = CliRunner().invoke(app, ["estimate-memory", *args])
+    return result.exit_code, " ".join(result.output.replace("│", " ").split())
+
+
+QLORA_8B = ["--model", "llama-3-8b", "--method", "qlora", "--batch-size", "4", "--seq-len", "2048"]
+
+
+def test_estimate_names_a_gpu_by_card():
+    code, out = _estimate(*QLORA_8B, "--gradient-checkpointing", "--gpu", "A100-80GB")
+    assert code == 0, out
+    assert "planned for the NVIDIA A100 80 GB" in out
+    assert "qlora on cuda" in out and "mixed precision bf16" in out
+    # ftcli's chunked loss on supervised positions (what train runs): one chunk's logits at a time
+    assert "on the NVIDIA A100 80 GB: 15.20 GiB of 79.20 GiB -> fits" in out
+    assert "largest micro-batch on it: 45 x 2048 tokens" in out
+    assert "free on this" not in out  # this machine's memory is not the question
+    code, out = _estimate(
+        *QLORA_8B, "--gradient-checkpointing", "--gpu", "A100-80GB", "--loss-path", "transformers"
+    )  # the plain full-logits loss holds 12 B per token per vocabulary entry at its peak
+    assert code == 0 and "on the NVIDIA A100 80 GB: 25.86 GiB of 79.20 GiB -> fits" in out
+    assert "largest micro-batch on it: 16 x 2048 tokens" in out
+    code, out = _estimate(*QLORA_8B, "--gpu", "t4")  # no bf16 there: fp16 mixed precision
+    assert code == 0 and "mixed precision fp16" in out and "-> does NOT fit" in out
+    code, out = _estimate(*QLORA_8B, "--gpu", "t4", "--mixed-precision", "bf16")
+    assert code == 1 and "the NVIDIA T4 16 GB (no bf16) has no bf16" in out
+    code, out = _estimate(*QLORA_8B, "--gpu", "h100", "--device", "cpu")
+    assert code == 1 and "--gpu h100 plans for a CUDA GPU, not --device cpu" in out
+
+
+def test_estimate_says_it_planned_for_this_cpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, out = _estimate(*QLORA_8B)
+    assert code == 0
+    assert (
+        "planned for this machine's CPU (no GPU here) to plan for a GPU, name it: --gpu a100-80gb"
+        in out
+    )
+    code, out = _estimate(*QLORA_8B, "--device", "cpu")
+    assert "planned for cpu" in out and "to plan for a GPU" not in out
+
+
+def test_estimate_flags_that_do_not_apply_say_so():
+    code, out = _estimate(*QLORA_8B, "--dtype", "bfloat16")
+    assert code == 1
+    assert "error: --dtype bfloat16 does not apply to --method qlora" in out
+    code, out = _estimate("--model", "gpt2", "--method", "full", "--r", "16")
+    assert code == 1 and "--r does not apply to --method full" in out
+
+
+def test_gpu_names_in_the_cli_are_the_table():
+    from ftcli.cli.memory import GPU_NAMES
+    from ftcli.memory.gpus import GPUS
+
+    assert tuple(GPUS) == GPU_NAMES
+
+
+def test_neither_recipe_nor_model_is_an_error():
+    result = runner.invoke(app, ["estimate-memory"])
+    assert result.exit_code == 1
+    assert "give a recipe, or --model NAME" in result.output and "Traceback" not in result.output
