@@ -38,7 +38,7 @@ def _is_float_string(value: Any) -> bool:
 
 
 def _fix_yaml_floats(node: Any) -> Any:
-    """PyYAML reads ``1e-4`` (no dot) as a string; users mean a number (TRAPS.md #6)."""
+    """PyYAML reads ``1e-4`` (no dot) as a string; users mean a number."""
     if isinstance(node, dict):
         return {k: _fix_yaml_floats(v) for k, v in node.items()}
     if isinstance(node, list):
