@@ -20,7 +20,7 @@ PAGE = "reference.md"
 INTRO = """# Recipe reference
 
 Every key a recipe accepts, generated from the schema the loader validates with
-(`ftcli/recipe.py`: the pydantic models and the `APPLIES` table), so this page lists exactly
+(`ftcli/recipe/`: the pydantic models in schema.py and the `APPLIES` table in applies.py), so this page lists exactly
 what `ftcli validate` accepts. A key set where it does nothing is an error ("only applies to
 ..."), or a warning where the table says so; how recipes are read, layered and overridden is in
 [Recipes](recipes.md).

@@ -9,7 +9,8 @@ import itertools
 import pytest
 
 from ftcli.errors import RecipeError
-from ftcli.recipe import APPLIES, _all_keys, apply_overrides, recipe_from_mapping
+from ftcli.recipe import APPLIES, apply_overrides, recipe_from_mapping
+from ftcli.recipe.suggest import _all_keys
 
 BASE = {
     "name": "walk",
@@ -86,7 +87,7 @@ CONTEXTS = list(_contexts())
 
 
 def _default(key: str):
-    from ftcli.recipe import _section_at
+    from ftcli.recipe.suggest import _section_at
 
     *parent, leaf = key.split(".")
     field = _section_at(tuple(parent)).model_fields[leaf]

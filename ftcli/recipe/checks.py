@@ -1,0 +1,465 @@
+"""Semantic checks: combinations of recipe values that type-check but make no sense, each reported
+at the key to change.
+
+They read a validated Recipe and return problems; they never validate a mapping themselves. Whether
+each tune.space value makes a valid recipe needs the loader (the ``--set`` path and the whole
+validation), so load.py tries the values that ``_space_entries`` hands it: the arrows point from
+load to checks only.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ftcli.errors import Problem
+from ftcli.recipe.applies import LORA_KINDS, METHOD_KEYS, PROMPT_KINDS
+from ftcli.recipe.schema import SPACE_KINDS, Recipe
+
+
+def _semantic_problems(r: Recipe) -> list[Problem]:
+    """Combinations that type-check but make no sense. Each names the key to change. (tune's
+    checks come after these, from load.py: ``_space_problems`` then ``_tune_problems``.)"""
+    p = _strategy_problems(r) + _quantization_problems(r) + _speed_problems(r) + _data_problems(r)
+    t = r.train
+    if t.scheduler.name == "plateau" and "warmup_ratio" in t.scheduler.model_fields_set:
+        p.append(r.problem("train.scheduler.warmup_ratio", "the plateau scheduler has no warmup"))
+    return p + _tracking_problems(r) + _eval_problems(r) + _augment_problems(r)
+
+
+def _quantization_problems(r: Recipe) -> list[Problem]:
+    """method.quantization: set on a method that does not quantize, or settings that undo it."""
+    p = []
+    m, t = r.method, r.train
+    if m.quantization is not None and m.kind != "qlora":
+        p.append(
+            r.problem(
+                "method.quantization",
+                "only applies to method.kind 'qlora'",
+                "remove it, or set method.kind to qlora",
+            )
+        )
+    if (
+        m.kind == "qlora"
+        and t.device == "cuda"
+        and m.quant.compute_dtype == "float32"
+        and m.quant.bits == 4
+    ):
+        p.append(
+            r.problem(
+                "method.quantization.compute_dtype",
+                "float32 compute on CUDA throws away QLoRA's speed and memory gains",
+                "use bfloat16 (or float16 on GPUs without bf16)",
+            )
+        )
+    if m.kind == "qlora" and m.quant.bits == 8 and "quant_type" in m.quant.model_fields_set:
+        p.append(r.problem("method.quantization.quant_type", "only applies to 4-bit quantization"))
+    return p
+
+
+def _speed_problems(r: Recipe) -> list[Problem]:
+    """Packing, token budgets, kernels and precisions that the task, method or device cannot use."""
+    p = []
+    m, d, t = r.method, r.data, r.train
+    if d.packing and r.task != "causal_lm":
+        p.append(
+            r.problem(
+                "data.packing",
+                "packing only applies to task causal_lm",
+                "remove it (classification batches are length-grouped already)",
+            )
+        )
+    if d.packing and m.kind in PROMPT_KINDS:
+        p.append(
+            r.problem(
+                "data.packing",
+                f"{m.kind} tuning prepends virtual tokens to each row's mask, which a packed "
+                "batch's per-example mask cannot take",
+                "remove it: batches are length-grouped instead",
+            )
+        )
+    if t.batch_tokens is not None and t.batch_tokens < d.max_length:
+        p.append(
+            r.problem(
+                "train.batch_tokens",
+                f"{t.batch_tokens} is below data.max_length ({d.max_length}): a long example "
+                "would not fit a micro-batch",
+                f"set train.batch_tokens to at least {d.max_length}",
+            )
+        )
+    if t.kernels == "liger" and t.device == "cpu":
+        p.append(
+            r.problem("train.kernels", "Liger kernels need a CUDA GPU", "set train.kernels to none")
+        )
+    if t.mixed_precision == "fp16" and t.device == "cpu":
+        p.append(
+            r.problem(
+                "train.mixed_precision",
+                "fp16 mixed precision needs a CUDA GPU",
+                "use bf16 or no on the CPU",
+            )
+        )
+    return p
+
+
+def _data_problems(r: Recipe) -> list[Problem]:
+    """The splits, and the columns the task reads: one layout, complete, for the right task."""
+    p = []
+    d = r.data
+    if d.split.validation + d.split.test >= 0.9:
+        p.append(
+            r.problem(
+                "data.split",
+                f"validation + test = {d.split.validation + d.split.test:g} "
+                "leaves too little to train on",
+                "keep the two under 0.9 together",
+            )
+        )
+    if r.task == "classification":
+        for key in (
+            "prompt_column",
+            "completion_column",
+            "instruction_column",
+            "input_column",
+            "output_column",
+            "messages_column",
+            "system_prompt",
+        ):
+            if getattr(d, key):
+                p.append(r.problem(f"data.{key}", "only applies to task causal_lm"))
+    else:
+        if d.label_column or d.labels:
+            key = "data.label_column" if d.label_column else "data.labels"
+            p.append(
+                r.problem(
+                    key,
+                    "only applies to task classification",
+                    "for causal_lm name the text, prompt/completion, instruction or messages columns",
+                )
+            )
+        styles = [
+            s
+            for s, cols in {
+                "messages_column": [d.messages_column],
+                "instruction_column": [d.instruction_column],
+                "prompt_column": [d.prompt_column, d.completion_column],
+            }.items()
+            if any(cols)
+        ]
+        if len(styles) > 1:
+            p.append(
+                r.problem(
+                    f"data.{styles[1]}",
+                    f"conflicts with data.{styles[0]}: name one layout",
+                    "chat (messages_column), instruction, or prompt/completion",
+                )
+            )
+        if bool(d.prompt_column) != bool(d.completion_column):
+            missing = "completion_column" if d.prompt_column else "prompt_column"
+            p.append(
+                r.problem(f"data.{missing}", "prompt_column and completion_column go together")
+            )
+        if d.instruction_column and not d.output_column:
+            p.append(
+                r.problem("data.output_column", "an instruction layout needs the answer's column")
+            )
+        if d.system_prompt and d.style not in ("chat", "instruction"):
+            p.append(r.problem("data.system_prompt", "only applies to chat or instruction data"))
+    if d.validation_path and "validation" in d.split.model_fields_set:
+        p.append(r.problem("data.split.validation", "conflicts with data.validation_path: set one"))
+    if d.test_path and "test" in d.split.model_fields_set:
+        p.append(r.problem("data.split.test", "conflicts with data.test_path: set one"))
+    return p
+
+
+def _eval_problems(r: Recipe) -> list[Problem]:
+    """eval.benchmarks: a causal LM's, and their options only with them."""
+    p = []
+    e = r.eval
+    if e.benchmarks and r.task != "causal_lm":
+        p.append(
+            r.problem(
+                "eval.benchmarks",
+                "benchmarks need a causal language model; this recipe trains a classifier",
+                "compare classifiers with `ftcli eval RUN --baseline probe --baseline tfidf`",
+            )
+        )
+    for key in ("benchmarks_path", "benchmark_limit"):
+        if getattr(e, key) is not None and not e.benchmarks:
+            p.append(r.problem(f"eval.{key}", "only applies with eval.benchmarks"))
+    return p
+
+
+def _tracking_problems(r: Recipe) -> list[Problem]:
+    """train.report_to: each tracker once, its package installed; mlflow_uri only with mlflow."""
+    import importlib.util
+
+    t, p = r.train, []
+    if len(set(t.report_to)) != len(t.report_to):
+        p.append(r.problem("train.report_to", "names a tracker twice", "list each once"))
+    for name in dict.fromkeys(t.report_to):
+        if importlib.util.find_spec(name) is None:
+            p.append(
+                r.problem(
+                    "train.report_to",
+                    f"{name} is not installed",
+                    "pip install wandb"
+                    if name == "wandb"
+                    else f"pip install ftcli[tracking] (or pip install {name})",
+                )
+            )
+    if t.mlflow_uri and "mlflow" not in t.report_to:
+        p.append(
+            r.problem("train.mlflow_uri", "only applies with mlflow in train.report_to", "add it")
+        )
+    return p
+
+
+def _kinds_text(kinds: tuple[str, ...]) -> str:
+    return " and ".join(kinds) if len(kinds) <= 2 else f"{', '.join(kinds[:-1])} and {kinds[-1]}"
+
+
+def _method_problems(r: Recipe) -> list[Problem]:
+    """Method keys the kind does not read, and inits, DoRA, layers and freeze that cannot work."""
+    p = []
+    m = r.method
+    for key, kinds in METHOD_KEYS.items():
+        if key in m.model_fields_set and m.kind not in kinds:
+            p.append(
+                r.problem(
+                    f"method.{key}",
+                    f"only applies to {_kinds_text(kinds)}, not to method.kind '{m.kind}'",
+                    f"remove it, or set method.kind to {kinds[0]}",
+                )
+            )
+    if m.init == "loftq" and m.kind == "lora":
+        p.append(
+            r.problem(
+                "method.init",
+                "loftq initialises LoRA to offset the quantization error of a 4-bit base: "
+                "it only applies to method.kind 'qlora'",
+                "set method.kind to qlora, or use init pissa/olora",
+            )
+        )
+    if m.init == "loftq" and m.kind == "qlora" and m.quant.bits != 4:
+        p.append(r.problem("method.init", "loftq needs 4-bit quantization"))
+    if m.kind == "qlora" and m.init in ("pissa", "olora"):
+        p.append(
+            r.problem(
+                "method.init",
+                f"{m.init} rewrites the base weights it starts from, which a 4-bit base cannot hold",
+                "use method.kind lora, or init loftq for a quantized base",
+            )
+        )
+    if m.dora and m.init in ("pissa", "olora", "loftq", "eva"):
+        p.append(r.problem("method.dora", f"peft cannot combine DoRA with init {m.init}"))
+    if m.layers is not None:
+        if not m.layers:
+            p.append(r.problem("method.layers", "must name at least one block"))
+        if any(i < 0 for i in m.layers):
+            p.append(r.problem("method.layers", "block numbers start at 0"))
+        if len(set(m.layers)) != len(m.layers):
+            p.append(r.problem("method.layers", "names a block twice"))
+    if m.freeze is not None and not m.freeze:
+        p.append(r.problem("method.freeze", "must name at least one parameter pattern"))
+    return p
+
+
+def _strategy_problems(r: Recipe) -> list[Problem]:
+    """Adaptation-strategy combinations that would do nothing (issue 9)."""
+    p = _method_problems(r)
+    m, t, o = r.method, r.train, r.train.optimizer
+    if r.model.head is not None and r.task != "classification":
+        p.append(
+            r.problem(
+                "model.head", "only applies to task classification (a causal LM keeps its lm_head)"
+            )
+        )
+    if m.kind in PROMPT_KINDS and "enabled" in r.merge.model_fields_set and r.merge.enabled:
+        p.append(
+            r.problem(
+                "merge.enabled",
+                f"method.kind '{m.kind}' learns virtual tokens: there are no weights to fold",
+                "remove it (the adapter is used as it is: ftcli predict RUN)",
+            )
+        )
+    if o.lora_plus_ratio is not None and m.kind not in LORA_KINDS:
+        p.append(
+            r.problem(
+                "train.optimizer.lora_plus_ratio",
+                f"only applies to lora and qlora (LoRA+ speeds up the B matrices), not to "
+                f"method.kind '{m.kind}'",
+                "remove it, or set method.kind to lora",
+            )
+        )
+    if o.layer_decay is not None and m.kind in PROMPT_KINDS:
+        p.append(
+            r.problem(
+                "train.optimizer.layer_decay",
+                f"method.kind '{m.kind}' trains no transformer blocks, so there is no per-block rate",
+                "remove it, or choose full, lora, qlora, ia3 or vera",
+            )
+        )
+    if t.unfreeze is not None:
+        if m.kind in PROMPT_KINDS:
+            p.append(
+                r.problem(
+                    "train.unfreeze",
+                    f"gradual unfreezing needs transformer blocks to unfreeze; method.kind "
+                    f"'{m.kind}' trains only virtual tokens",
+                    "remove it, or choose full, lora, qlora, ia3 or vera",
+                )
+            )
+        elif t.unfreeze.start_layers == 0 and r.task != "classification":
+            p.append(
+                r.problem(
+                    "train.unfreeze.start_layers",
+                    "a causal LM has no task head to train alone: start with at least one block",
+                    "set start_layers to 1 or more",
+                )
+            )
+    if t.early_stopping is not None and not r.data.validation_path and not r.data.split.validation:
+        p.append(
+            r.problem(
+                "train.early_stopping",
+                "early stopping watches validation loss, but there is no validation split",
+                "set data.split.validation above 0, or data.validation_path",
+            )
+        )
+    return p
+
+
+# --- data.augment and tune checks (issue 12)
+
+
+def _augment_problems(r: Recipe) -> list[Problem]:
+    a = r.data.augment
+    if a is None:
+        return []
+    p = []
+    if not a.ops and a.paraphrase is None:
+        p.append(
+            r.problem(
+                "data.augment.ops",
+                "no op and no paraphrase: augmentation would add nothing",
+                "name ops (synonym, swap, delete, insert, typo) or a paraphrase model",
+            )
+        )
+    if r.task == "causal_lm" and r.data.style == "text" and not a.completions:
+        p.append(
+            r.problem(
+                "data.augment",
+                "plain-text data has no prompt to rewrite, and completions are never rewritten "
+                "unless asked",
+                "set data.augment.completions: true to rewrite the text itself",
+            )
+        )
+    if a.completions and r.task == "classification":
+        p.append(r.problem("data.augment.completions", "only applies to task causal_lm"))
+    if a.paraphrase and a.paraphrase.filter_model and r.task != "classification":
+        p.append(
+            r.problem("data.augment.paraphrase.filter_model", "only applies to task classification")
+        )
+    return p
+
+
+def space_values(spec: dict) -> tuple[str, list]:
+    """(kind, the values that bound it) of one ``tune.space`` entry: every choice, or lo and hi."""
+    kind = next(iter(spec))
+    values = spec[kind]
+    return kind, list(values) if isinstance(values, list) else [values]
+
+
+def _space_problem(r: Recipe, key: str, message: str, hint: str | None = None) -> Problem:
+    """A problem at ``tune.space.KEY``: the entry's line in the file, else the space's."""
+    path = ("tune", "space", key)
+    origin = r._origin
+    if origin is None:
+        return Problem(message, key=".".join(path), hint=hint)
+    line = origin.lines.get(path) or origin.lines.get(path[:2])
+    return Problem(message, key=".".join(path), file=origin.file, line=line, hint=hint)
+
+
+def _space_entries(r: Recipe) -> list[tuple[str, Problem | list]]:
+    """Each tune.space entry in order, with the problem of its shape, or where it has none the
+    values (every choice, both bounds) that load.py then tries as recipes."""
+    tune = r.tune
+    if tune is None:
+        return []
+
+    def at(key: str, message: str, hint: str | None = None) -> tuple[str, Problem]:
+        return key, _space_problem(r, key, message, hint)
+
+    p: list[tuple[str, Problem | list]] = []
+    for key, spec in tune.space.items():
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SPACE_KINDS:
+            p.append(
+                at(
+                    key,
+                    f"expected one of {{{': ..., '.join(SPACE_KINDS)}: ...}}, got {spec!r}",
+                    "e.g. {choice: [4, 8, 16]} or {log_uniform: [1.0e-5, 1.0e-2]}",
+                )
+            )
+            continue
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*", key):
+            p.append(at(key, "not a dotted recipe key", "for example method.r"))
+            continue
+        if key.split(".")[0] in ("tune", "name", "output_dir"):
+            p.append(at(key, "the study itself sets this key; it cannot be searched"))
+            continue
+        kind, values = space_values(spec)
+        if kind == "choice":
+            if not values:
+                p.append(at(key, "empty choice: nothing to pick from", "list at least one value"))
+                continue
+        else:
+            nums = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+            if len(values) != 2 or len(nums) != 2:
+                p.append(at(key, f"{kind} takes [low, high] numbers, got {values!r}"))
+                continue
+            lo, hi = values
+            if lo > hi:
+                p.append(at(key, f"low {lo!r} > high {hi!r}", "swap the bounds"))
+                continue
+            if kind == "log_uniform" and lo <= 0:
+                p.append(at(key, f"log_uniform needs low > 0, got {lo!r}"))
+                continue
+            if kind == "int" and not all(isinstance(v, int) for v in values):
+                p.append(at(key, f"int takes whole-number bounds, got {values!r}"))
+                continue
+            if tune.sampler == "grid":
+                p.append(
+                    at(
+                        key,
+                        "the grid sampler needs a finite space",
+                        "use {choice: [...]} for every key, or sampler tpe/random",
+                    )
+                )
+                continue
+        p.append((key, values))
+    return p
+
+
+def _tune_problems(r: Recipe) -> list[Problem]:
+    """The study's own checks: a space to search, a metric the task has, a validation split to
+    select on. They follow the space's problems (an empty space has none), as they always did."""
+    tune = r.tune
+    if tune is None:
+        return []
+    p = []
+    if not tune.space:
+        p.append(r.problem("tune.space", "the search space is empty", "name at least one key"))
+    if tune.metric != "validation_loss" and r.task != "classification":
+        p.append(
+            r.problem(
+                "tune.metric", f"{tune.metric} needs task classification", "use validation_loss"
+            )
+        )
+    if r.data.split.validation <= 0 and not r.data.validation_path:
+        p.append(
+            r.problem(
+                "tune",
+                "a study selects on the validation split, and this recipe has none",
+                "set data.split.validation above 0 (the test split stays sealed)",
+            )
+        )
+    return p

@@ -1,0 +1,472 @@
+"""The recipe's schema: strict, frozen pydantic models, one per section, and ``Recipe`` itself.
+
+``Recipe.to_yaml`` writes the resolved recipe without the keys that do nothing in it, which
+``applies.py`` decides; that module names no class of this one, so the import points one way.
+Where each key came from is ``origin.py``'s; validating a mapping into a Recipe is ``load.py``'s.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+
+from ftcli.errors import Problem
+from ftcli.recipe.applies import METHOD_KEYS, PROMPT_KINDS, drop_unapplied
+from ftcli.recipe.origin import RecipeOrigin
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HeadSpec(_Section):
+    """An MLP task head: Linear(hidden) -> GELU -> Dropout -> Linear(labels)."""
+
+    hidden: int = Field(gt=0, description="width of the head's hidden layer")
+    dropout: float = Field(0.1, ge=0, lt=1)
+
+
+class ModelSpec(_Section):
+    """Which pre-trained model to start from."""
+
+    name: str = Field(description="hub id | local folder | file.gguf | pkg:PACKAGE/PATH")
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="weight dtype to load; auto = float32 (bf16 compute comes from mixed_precision)",
+    )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
+    head: HeadSpec | None = Field(
+        None, description="classification: an MLP head instead of the linear one (issue 9)"
+    )
+
+
+class SplitSpec(_Section):
+    validation: float = Field(0.1, ge=0, lt=1, description="fraction held out for validation loss")
+    test: float = Field(0.1, ge=0, lt=1, description="fraction sealed for the final evaluation")
+    seed: int = 0
+    stratify: bool = Field(
+        True, description="keep label proportions in every split (classification)"
+    )
+
+
+class CleanSpec(_Section):
+    strip: bool = True
+    drop_empty: bool = True
+    dedupe: bool = True
+
+
+# --- data.augment (issue 12): kept together; the ops live in data/augment.py, paraphrases in
+# data/paraphrase.py.
+
+AugmentOp = Literal["synonym", "swap", "delete", "insert", "typo"]
+
+
+class ParaphraseSpec(_Section):
+    model: str = Field(description="causal LM that writes the paraphrases: path, hub id or pkg:")
+    max_new_tokens: int = Field(64, gt=0)
+    filter_model: str | None = Field(
+        None,
+        description="classification: a trained classifier (run folder or model); copies it "
+        "labels differently from their source are dropped",
+    )
+
+
+class AugmentSpec(_Section):
+    """Augmented copies of the training split (validation and test are never augmented)."""
+
+    copies: int = Field(1, gt=0, description="augmented copies per training example")
+    ops: list[AugmentOp] = Field(
+        ["synonym", "swap", "delete", "insert", "typo"],
+        description="EDA-style ops and keyboard typos; each copy applies one, drawn per copy",
+    )
+    p: float = Field(0.1, gt=0, le=1, description="share of words each op touches")
+    paraphrase: ParaphraseSpec | None = None
+    seed: int = 0
+    completions: bool = Field(
+        False,
+        description="causal_lm: also rewrite completions / assistant turns (default: prompts only)",
+    )
+
+
+class DataSpec(_Section):
+    """Where the examples come from and how their columns map onto the task."""
+
+    path: str = Field(description="hub dataset id | file | folder | glob | pkg:PACKAGE/PATH")
+    format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet", "txt", "folder", "yaml"] = (
+        "auto"
+    )
+    subset: str | None = Field(None, description="hub dataset configuration name")
+    hub_split: str = Field("train", description="which split of a hub dataset to read")
+    text_column: str = "text"
+    label_column: str | None = Field(
+        None, description="default: label (a folder of <label>/*.txt files implies it)"
+    )
+    labels: list[str] | None = Field(None, description="keep only these labels, in this order")
+    prompt_column: str | None = None
+    completion_column: str | None = None
+    instruction_column: str | None = None
+    input_column: str | None = None
+    output_column: str | None = None
+    messages_column: str | None = None
+    system_prompt: str | None = None
+    split: SplitSpec = SplitSpec()
+    validation_path: str | None = None
+    test_path: str | None = None
+    max_length: int = Field(128, gt=0, description="tokens per example; longer ones are truncated")
+    max_train_examples: int | None = Field(None, gt=0)
+    max_validation_examples: int | None = Field(None, gt=0)
+    max_test_examples: int | None = Field(None, gt=0)
+    clean: CleanSpec = CleanSpec()
+    loss_on: Literal["completion", "all"] = Field(
+        "completion", description="causal_lm: train on completion tokens only, or on every token"
+    )
+    add_eos: bool = Field(
+        True, description="causal_lm: end every example with EOS so the model learns to stop"
+    )
+    encoding: str = Field(
+        "utf-8",
+        description="text encoding of local files; 'auto' detects it (charset-normalizer) and "
+        "says what it chose; utf-8 files that fail to decode are detected too, and reported",
+    )
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, v: str) -> str:
+        import codecs
+
+        if v != "auto":
+            try:
+                codecs.lookup(v)
+            except (LookupError, ValueError):
+                raise ValueError(
+                    f"unknown text encoding {v[:40]!r}: use a Python codec name "
+                    "(utf-8, latin-1, cp1252, utf-16...) or auto"
+                ) from None
+        return v
+
+    @property
+    def label_col(self) -> str:
+        """The label column: ``label_column``, or ``label`` (what a ``<label>/*.txt`` folder has)."""
+        return self.label_column or "label"
+
+    augment: AugmentSpec | None = Field(None, description="augmented copies of the training split")
+    packing: bool | None = Field(
+        None,
+        description="causal_lm: concatenate a micro-batch's examples into rows (no padding), "
+        "attention isolated per example; default: on for causal_lm",
+    )
+
+    def packs(self, task: str, kind: str = "lora") -> bool:
+        """Whether training packs examples: by default on for causal LMs, except with prompt-style
+        methods (peft prepends virtual tokens to a 2D mask; a packed batch's mask is 4D)."""
+        if self.packing is None:
+            return task == "causal_lm" and kind not in PROMPT_KINDS
+        return self.packing
+
+    @property
+    def style(self) -> str:
+        """How a causal-LM example is laid out, derived from which columns are named."""
+        if self.messages_column:
+            return "chat"
+        if self.instruction_column:
+            return "instruction"
+        if self.prompt_column or self.completion_column:
+            return "completion"
+        return "text"
+
+
+class QuantSpec(_Section):
+    bits: Literal[4, 8] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Dtype = "bfloat16"
+
+
+class MethodSpec(_Section):
+    """How the model is adapted: full fine-tuning, LoRA (and variants), QLoRA, or another peft method."""
+
+    kind: Literal["full", "lora", "qlora", "ia3", "prefix", "prompt", "ptuning", "vera"]
+    r: int = Field(8, gt=0, description="LoRA rank")
+    alpha: float = Field(
+        16.0, gt=0, description="LoRA scale numerator: the update is (alpha/r) B A"
+    )
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None, description="module names to adapt; None = peft's default for the architecture"
+    )
+    modules_to_save: list[str] | None = Field(
+        None, description="extra modules trained in full and saved with the adapter"
+    )
+    init: Literal["gaussian", "kaiming", "pissa", "olora", "loftq", "eva"] = Field(
+        "gaussian",
+        description="LoRA init: gaussian/kaiming A with B zero (training starts at W0), or peft's "
+        "pissa | olora | loftq (qlora) | eva (data-driven)",
+    )
+    quantization: QuantSpec | None = None
+    # issue 9: the rest of the adaptation strategies
+    dora: bool = Field(False, description="lora/qlora: weight-decomposed LoRA (peft use_dora)")
+    rslora: bool = Field(False, description="lora/qlora: scale alpha/sqrt(r) instead of alpha/r")
+    layers: list[int] | None = Field(
+        None, description="only these transformer blocks are adapted (lora/ia3/vera) or trained"
+    )
+    freeze: list[str] | None = Field(
+        None, description="full: parameter-name patterns (fnmatch or substring) that stay frozen"
+    )
+    num_virtual_tokens: int | None = Field(
+        None, gt=0, description="prefix | prompt | ptuning: learned tokens (default 20)"
+    )
+
+    @property
+    def virtual_tokens(self) -> int:
+        return (self.num_virtual_tokens or 20) if self.kind in PROMPT_KINDS else 0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (self.r**0.5 if self.rslora else self.r)
+
+    @property
+    def quant(self) -> QuantSpec:
+        return self.quantization or QuantSpec()
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("must name at least one module, or be 'all-linear'")
+        return v
+
+
+OptimizerName = Literal[
+    "adamw", "adam", "sgd", "rmsprop", "adamw8bit", "paged_adamw", "paged_adamw8bit"
+]
+
+
+class OptimizerSpec(_Section):
+    name: OptimizerName = "adamw"
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd and rmsprop")
+    lora_plus_ratio: float | None = Field(
+        None, gt=0, description="LoRA+: the B matrices learn this many times faster than A"
+    )
+    layer_decay: float | None = Field(
+        None, gt=0, le=1, description="block i from the top gets lr * layer_decay**i"
+    )
+
+
+class SchedulerSpec(_Section):
+    name: Literal["constant", "linear", "cosine", "plateau"] = "linear"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    warmup_steps: int | None = Field(None, ge=0, description="overrides warmup_ratio")
+    factor: float = Field(0.5, gt=0, lt=1, description="plateau: multiply lr by this")
+    patience: int = Field(1, ge=0, description="plateau: evaluations without improvement")
+
+
+class UnfreezeSpec(_Section):
+    """Gradual unfreezing: the head (plus start_layers top blocks) first, one more every N steps."""
+
+    every_steps: int = Field(gt=0, description="optimizer steps between two unfreezings")
+    start_layers: int = Field(1, ge=0, description="top blocks trainable from the start")
+
+
+class EarlyStoppingSpec(_Section):
+    """Stop when validation loss has not improved by min_delta for patience validations."""
+
+    patience: int = Field(3, gt=0)
+    min_delta: float = Field(0.0, ge=0)
+
+
+class TrainSpec(_Section):
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(
+        None,
+        ge=0,
+        description="stop after this many optimizer steps; 0 = no training: the model is saved "
+        "as it starts (base + untouched adapter/head), a control run for `ftcli eval --baseline`",
+    )
+    batch_size: int = Field(8, gt=0, description="micro-batch per process")
+    gradient_accumulation: int = Field(1, gt=0)
+    optimizer: OptimizerSpec = OptimizerSpec()
+    scheduler: SchedulerSpec = SchedulerSpec()
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto",
+        description="auto = bf16 where the hardware has it natively (a CUDA GPU with bf16, a CPU "
+        "with AVX512-BF16 or AMX), else no",
+    )
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v):
+        # YAML 1.1 reads a bare `no` (in a file or --set train.mixed_precision=no) as false
+        return "no" if v is False else v
+
+    gradient_checkpointing: bool = False
+    group_by_length: bool = Field(
+        True,
+        description="micro-batches of similar lengths (shuffled mega-batches sorted by length): "
+        "less padding, same examples per epoch",
+    )
+    batch_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="a token budget per micro-batch instead of batch_size examples (real tokens)",
+    )
+    kernels: Literal["none", "liger"] = Field(
+        "none", description="liger: Liger kernels on CUDA (pip install liger-kernel)"
+    )
+    compile: bool = Field(False, description="torch.compile the model (opt-in; first steps slower)")
+    eval_every: int | None = Field(
+        None, gt=0, description="validation loss every N steps; default: each epoch"
+    )
+    log_every: int = Field(10, gt=0)
+    checkpoint_every: int | None = Field(
+        None, gt=0, description="default: at the end of each epoch"
+    )
+    keep_checkpoints: int = Field(1, ge=1)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list,
+        description="experiment trackers (accelerate's): tensorboard -> <run>/tb/, mlflow, wandb",
+    )
+    mlflow_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI; default MLFLOW_TRACKING_URI, else <output_dir>/mlflow.db",
+    )
+    ddp_timeout_s: int = Field(
+        1800, gt=0, description="collective timeout of the process group (a hung rank fails after)"
+    )
+    max_loss_spike: float | None = Field(
+        None,
+        gt=1,
+        description="stop when a logged loss exceeds this many times the lowest logged so far "
+        "(NaN/Inf always stop)",
+    )
+    unfreeze: UnfreezeSpec | None = None
+    early_stopping: EarlyStoppingSpec | None = None
+
+
+class EvalSpec(_Section):
+    batch_size: int = Field(32, gt=0)
+    max_new_tokens: int = Field(
+        64, gt=0, description="causal_lm: length bound for generated answers"
+    )
+    generate_examples: int = Field(
+        64, ge=0, description="causal_lm: how many test examples to answer by generation"
+    )
+    benchmarks: list[str] = Field(
+        default_factory=list,
+        description="causal_lm: lm-eval tasks run after training, base vs fine-tuned (eval/benchmarks/)",
+    )
+    benchmarks_path: str | None = Field(
+        None, description="folder of your own lm-eval task YAMLs for eval.benchmarks"
+    )
+    benchmark_limit: int | None = Field(
+        None, gt=0, description="eval.benchmarks: score the first N documents of each task"
+    )
+
+
+class MergeSpec(_Section):
+    enabled: bool = True
+    dtype: Dtype = "float32"
+    into: Literal["dequantized", "original"] = Field(
+        "dequantized", description="qlora: fold into the NF4-dequantized weights the adapter saw"
+    )
+
+
+# --- tune (issue 12): the search `ftcli tune` runs (ftcli/tune.py); kept together.
+
+SPACE_KINDS = ("choice", "uniform", "log_uniform", "int")
+
+
+class TuneSpec(_Section):
+    """A hyperparameter study on Optuna: each trial is the base recipe with ``space`` values set."""
+
+    trials: int = Field(20, gt=0, description="trials this study should reach in all")
+    sampler: Literal["tpe", "random", "grid"] = "tpe"
+    metric: Literal["validation_loss", "accuracy", "macro_f1"] = Field(
+        "validation_loss", description="selection metric, on the validation split only"
+    )
+    space: dict[str, dict[str, Any]] = Field(
+        description="dotted recipe key (as --set takes it) -> {choice: [...]} | "
+        "{uniform: [lo, hi]} | {log_uniform: [lo, hi]} | {int: [lo, hi]}"
+    )
+    pruner: Literal["none", "median", "hyperband"] = "median"
+    storage: str | None = Field(
+        None,
+        description="Optuna storage URL, or a .log journal file; default: SQLite in the run folder",
+    )
+    seed: int = Field(0, description="the sampler's seed")
+
+
+class Recipe(_Section):
+    """A whole fine-tuning run. Frozen: nothing writes back into it."""
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run folder: <output_dir>/<name>"
+    )
+    task: Literal["classification", "causal_lm"]
+    description: str | None = None
+    model: ModelSpec
+    data: DataSpec
+    method: MethodSpec
+    train: TrainSpec = TrainSpec()
+    eval: EvalSpec = EvalSpec()
+    merge: MergeSpec = MergeSpec()
+    tune: TuneSpec | None = None
+    output_dir: str = "runs"
+
+    _origin: RecipeOrigin | None = PrivateAttr(default=None)
+    _warnings: list = PrivateAttr(default_factory=list)
+
+    @property
+    def warnings(self) -> list[Problem]:
+        """Keys set that do nothing here, where a shared base recipe may set them on purpose."""
+        return list(self._warnings)
+
+    _notes: list[str] = PrivateAttr(default_factory=list)
+    # dotted key -> (the relative path as written, the folder it was read from)
+    _anchored: dict[str, tuple[str, str]] = PrivateAttr(default_factory=dict)
+
+    @property
+    def notes(self) -> list[str]:
+        """One-line notes from loading (keys a --set dropped); the CLI prints them."""
+        return list(self._notes)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def problem(self, key: str, message: str, hint: str | None = None) -> Problem:
+        """A Problem located at ``key`` in the file this recipe came from."""
+        origin = self._origin
+        if origin is None:
+            return Problem(message, key=key, hint=hint)
+        return origin.problem(key, message, hint)
+
+    def to_yaml(self) -> str:
+        """The resolved recipe, every default that applies written out, loadable by ``load_recipe``."""
+        d = self.model_dump(mode="json")
+        for key, kinds in METHOD_KEYS.items():  # the method's own keys: METHOD_KEYS owns them
+            if self.method.kind not in kinds:
+                d["method"].pop(key, None)
+        if self.method.kind in PROMPT_KINDS:
+            d["merge"].pop("enabled")  # nothing to fold: the pipeline skips the merge
+        if self.method.kind == "qlora":
+            d["method"]["quantization"] = self.method.quant.model_dump(mode="json")
+        drop_unapplied(d, self)  # a key that does nothing here is not written
+        if self.data.augment is None:
+            d["data"].pop("augment")
+        if self.tune is None:
+            d.pop("tune")
+        return yaml.safe_dump(d, sort_keys=False, allow_unicode=True)
