@@ -12,7 +12,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from ftcli.errors import FtcliError
@@ -26,9 +26,10 @@ _FULL_TEXT = (
     f"(os error {errno.ENOSPC})",
     f"(os error {errno.EDQUOT})",
 )
-# torch.save's zip writer after a short write says only "unexpected pos N vs M": any write error
-# reads so, and it counts as a full disk only when the filesystem written to has no room left.
-_TORCH_SHORT_WRITE = "unexpected pos"
+# torch.save's zip writer gives no errno: "unexpected pos N vs M" after a short write, "file
+# write failed", or the C++ stream's "basic_ios::clear: iostream error", whichever step noticed.
+# Any write error reads so; it counts as a full disk only when the filesystem has no room left.
+_WRITE_FAILED = ("unexpected pos", "file write failed", "iostream error")
 _NO_ROOM = 1 << 20
 
 
@@ -56,8 +57,8 @@ def free_bytes(where: Path) -> int | None:
 
 def is_disk_full(exc: BaseException, where: Path | None = None) -> bool:
     """True when ``exc`` (or what it was raised from) means the disk is full: ENOSPC/EDQUOT as an
-    errno, or as the text safetensors and tokenizers give; torch.save's "unexpected pos" only when
-    ``where``'s filesystem is out of space. A user error other than ``DiskFull`` never is."""
+    errno, or as the text safetensors and tokenizers give; torch.save's errors without either only
+    when ``where``'s filesystem is out of space. A user error other than ``DiskFull`` never is."""
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
@@ -71,7 +72,11 @@ def is_disk_full(exc: BaseException, where: Path | None = None) -> bool:
         text = str(e)
         if any(t in text for t in _FULL_TEXT):
             return True
-        if where is not None and isinstance(e, RuntimeError) and _TORCH_SHORT_WRITE in text:
+        if (
+            where is not None
+            and isinstance(e, RuntimeError)
+            and any(t in text for t in _WRITE_FAILED)
+        ):
             free = free_bytes(where)
             if free is not None and free < _NO_ROOM:
                 return True
@@ -438,14 +443,19 @@ def shards_dir(target: Path) -> Path:
     return target.with_name(f".{target.name}.tmp-shards")
 
 
-def seal_dir(tmp: Path, target: Path, record: str, data: dict) -> Path:
-    """Finish a folder other processes wrote into ``tmp`` (a sharded checkpoint): write the JSON
-    ``record`` beside its files (``data`` plus the sha256 of each, so a truncated shard is named
-    on load, not loaded), flush it all to disk and put it at ``target`` (``replace_dir``: an old
-    ``target`` is never missing). On any error ``tmp`` is removed and ``target`` kept; a full
-    disk is one message naming the file that did not fit."""
+def seal_dir(
+    tmp: Path, target: Path, record: str, data: dict, write: Callable[[Path], None] | None = None
+) -> Path:
+    """Finish a folder other processes wrote into ``tmp`` (a sharded checkpoint): ``write(tmp)``
+    adds this process's own files (the scheduler's state), then the JSON ``record`` goes beside
+    them all (``data`` plus the sha256 of each file, so a truncated shard is named on load, not
+    loaded); it is flushed to disk and put at ``target`` (``replace_dir``: an old ``target`` is
+    never missing). On any error ``tmp`` is removed and ``target`` kept; a full disk is one
+    message naming the file that did not fit."""
     tmp, target = Path(tmp), Path(target)
     try:
+        if write is not None:
+            write(tmp)
         write_json(tmp / record, {**data, "sha256": tree_hashes(tmp)})
         follow_umask(tmp)
         _fsync_tree(tmp)

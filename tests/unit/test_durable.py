@@ -75,6 +75,22 @@ def test_the_libraries_full_disk_errors_are_recognised(fs, tmp_path):
     assert not util.is_disk_full(FtcliError("No space left on device, says the user"))
 
 
+def test_every_way_torch_save_fails_on_a_full_disk_is_recognised(fs, tmp_path):
+    """torch.save says "unexpected pos" or "basic_ios::clear: iostream error" depending on which
+    write the space ran out in: a sweep of sizes meets both."""
+    fill(fs, leave=4096)
+    said = set()
+    for n in range(600, 1100, 8):
+        try:
+            torch.save({"w": torch.zeros(n)}, fs / "x.pt")
+        except RuntimeError as exc:
+            said.add("unexpected pos" if "unexpected pos" in str(exc) else str(exc))
+            assert util.is_disk_full(exc, fs / "x.pt"), repr(exc)
+            assert not util.is_disk_full(exc, tmp_path)
+        (fs / "x.pt").unlink(missing_ok=True)
+    assert said == {"unexpected pos", "basic_ios::clear: iostream error"}
+
+
 # --------------------------------------------------------------------------- atomic files and folders
 
 
@@ -290,7 +306,11 @@ def test_a_sharded_checkpoint_is_sealed_with_the_hash_of_every_shard(tmp_path):
     assert tmp.parent == target.parent and tmp.name.startswith(".step-0000004.tmp-")
     tmp.mkdir(parents=True)
     _ranks_write(tmp)
-    assert util.seal_dir(tmp, target, "state.json", {"global_step": 4}) == target
+    sched = {"last_epoch": 4}
+    sealed = util.seal_dir(
+        tmp, target, "state.json", {"global_step": 4}, write=lambda d: torch.save(sched, d / "s.pt")
+    )
+    assert sealed == target and torch.load(target / "s.pt") == sched
     state = json.loads((target / "state.json").read_text())
     assert state["global_step"] == 4
     assert sorted(state["sha256"]) == [
@@ -298,6 +318,7 @@ def test_a_sharded_checkpoint_is_sealed_with_the_hash_of_every_shard(tmp_path):
         "pytorch_model_fsdp_0/__1_0.distcp",
         "random_states_0.pkl",
         "random_states_1.pkl",
+        "s.pt",
     ]
     util.check_hashes(target, state["sha256"], "checkpoint")
     assert _names(target.parent)[0] == "step-0000004"  # the temporary folder is gone
@@ -332,4 +353,10 @@ def test_sealing_on_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint
     assert exc.value.message.startswith(
         f"the disk is full: {target / 'state.json'} could not be written, so {target} was not saved"
     )
+    assert not tmp.exists() and _contents(target) == {"state.json": '{"global_step": 4}'}
+    tmp.mkdir()
+    _ranks_write(tmp)
+    with pytest.raises(FtcliError) as exc:  # the main process's own file (the scheduler's)
+        util.seal_dir(tmp, target, "state.json", {}, write=lambda d: torch.save(BIG, d / "s.pt"))
+    assert exc.value.message.startswith(f"the disk is full: {target / 's.pt'} could not be")
     assert not tmp.exists() and _contents(target) == {"state.json": '{"global_step": 4}'}
