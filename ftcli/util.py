@@ -292,12 +292,14 @@ def replace_dir(new: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def restore_replaced(folder: Path) -> list[Path]:
+def restore_replaced(folder: Path, skip: tuple[str, ...] = ()) -> list[Path]:
     """Put back each folder under ``folder`` that a replace cut short by a crash left set aside
     (``.NAME.old-PID`` with no ``NAME`` beside it): it is the last complete version, not a
-    leftover to delete. Returns the folders put back."""
+    leftover to delete. Returns the folders put back; nothing under the entries in ``skip``."""
     back = []
     for old in sorted(Path(folder).rglob(".*.old-*")):
+        if old.relative_to(folder).parts[0] in skip:
+            continue
         target = old.with_name(old.name[1:].rsplit(".old-", 1)[0])
         if old.is_dir() and not target.exists():
             os.rename(old, target)
@@ -390,8 +392,9 @@ def remove_leftovers(folder: Path, skip: tuple[str, ...] = ()) -> list[Path]:
     """Delete the temporary files and folders (``.NAME.tmp-*``, ``.NAME.*.tmp``, ``.NAME.old-*``)
     that atomic writes of a process that died left in ``folder`` and its subfolders; never under
     the top-level entries named in ``skip`` (another process may be writing there: a tune study)."""
-    gone = []
     folder = Path(folder)
+    restore_replaced(folder, skip)  # a set-aside folder whose replacement never landed is kept
+    gone = []
     for pattern in (".*.tmp-*", ".*.tmp", ".*.old-*"):
         for p in folder.rglob(pattern):
             if p.relative_to(folder).parts[0] in skip:
