@@ -8,6 +8,8 @@ the encoding and the choice is reported (``notes``), never replaced silently.
 from __future__ import annotations
 
 import bz2
+import collections
+import csv
 import gzip
 import io
 import json
@@ -142,6 +144,47 @@ def _read_yaml_records(path: str, text: io.StringIO) -> list[dict]:
     raise DataError(f"{path}: expected a YAML list of records or a 'conversations:' mapping")
 
 
+def _check_csv_shape(path: str, text: str, sep: str) -> None:
+    """Refuse what pandas would quietly repair: a header naming a column twice (read as
+    ``text``, ``text.1``) and rows with more or fewer fields than the header (read as a shifted
+    or missing label, reported later as the wrong problem). Blank lines are skipped, as pandas
+    does."""
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))  # one huge cell is fine
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep)
+    header: list[str] | None = None
+    ragged: list[tuple[int, int]] = []
+    start = 1
+    try:
+        for row in reader:
+            line, start = start, reader.line_num + 1  # a quoted cell may span lines
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue
+            if header is None:
+                header = row
+                counts = collections.Counter(header)
+                twice = [c for c, n in counts.items() if n > 1]
+                if twice:
+                    raise DataError(
+                        f"{path}: the header names column(s) {', '.join(map(repr, twice))} more "
+                        f"than once (read as {twice[0]!r}, '{twice[0]}.1', ...: one of them would "
+                        "be used and the others ignored)",
+                        hint="give every column in the first line its own name",
+                    )
+            elif len(row) != len(header):
+                ragged.append((line, len(row)))
+    except csv.Error as exc:
+        raise DataError(f"{path}:{reader.line_num}: cannot read as CSV ({exc})") from None
+    if ragged:
+        shown = ", ".join(f"line {n} has {k}" for n, k in ragged[:5])
+        more = f" and {len(ragged) - 5} more" if len(ragged) > 5 else ""
+        raise DataError(
+            f"{path}: {len(ragged)} row(s) do not have the header's {len(header)} fields: "
+            f"{shown}{more}",
+            hint='quote cells that contain the separator ("a, b"), and give every row one '
+            "cell per column",
+        )
+
+
 def read_file(
     path: str, fmt: str = "auto", encoding: str = "utf-8", explicit: bool = True, notes=None
 ) -> list[dict]:
@@ -158,8 +201,10 @@ def read_file(
 
             # dtype=str + no NA parsing: an empty text cell stays "", not float NaN
             # (docs/traps.md#empty-text-cells-read-as-numbers)
+            text = _open_text(path)
+            _check_csv_shape(path, text.getvalue(), "\t" if kind == "tsv" else ",")
             df = pd.read_csv(
-                _open_text(path),
+                text,
                 sep="\t" if kind == "tsv" else ",",
                 dtype=str,
                 keep_default_na=False,

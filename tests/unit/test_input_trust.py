@@ -6,8 +6,10 @@ that ``train`` printed but ``validate`` hid. Each ends in one clear error that n
 from __future__ import annotations
 
 import pytest
+import yaml
 
-from ftcli.errors import SourceError
+from ftcli.data.read import read_file
+from ftcli.errors import DataError, SourceError
 from ftcli.sources import resolve_pkg
 
 
@@ -24,3 +26,75 @@ def test_a_pkg_path_that_leaves_its_package_is_refused(spec):
 
 def test_a_pkg_path_inside_its_package_still_resolves():
     assert resolve_pkg("pkg:ftcli/bundled").is_dir()
+
+
+# --------------------------------------------------------------------------- CSV shape
+
+
+def _recipe_file(tmp_path, data_path, task="classification", **data):
+    """A recipe file next to the data (relative paths resolve against it)."""
+    d = {"path": str(data_path), **data}
+    if task == "classification":
+        d.setdefault("label_column", "label")
+    doc = {"name": "t", "task": task, "model": {"name": "m"}, "data": d, "method": {"kind": "full"}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def _cli(capsys, *args) -> tuple[int, str]:
+    from ftcli.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    out = capsys.readouterr()
+    return exc.value.code, out.err
+
+
+def _rows(n=30):
+    return "".join(f"row {i},{'ab'[i % 2]}\n" for i in range(n))
+
+
+def test_a_csv_header_naming_a_column_twice_is_refused(tmp_path, capsys):
+    path = tmp_path / "d.csv"
+    path.write_text("text,text,label\n" + "".join(f"a {i},b {i},x\n" for i in range(30)))
+    with pytest.raises(DataError) as exc:
+        read_file(str(path))
+    assert exc.value.message.startswith(
+        f"{path}: the header names column(s) 'text' more than once (read as 'text', 'text.1'"
+    )
+    assert "its own name" in exc.value.hint
+    code, err = _cli(capsys, "validate", str(_recipe_file(tmp_path, path)))
+    assert code == 1 and "Traceback" not in err
+    assert "the header names column(s) 'text' more than once" in err
+
+
+@pytest.mark.parametrize("ext,sep", [("csv", ","), ("tsv", "\t")])
+def test_ragged_csv_rows_are_reported_with_their_line_numbers(tmp_path, capsys, ext, sep):
+    path = tmp_path / f"d.{ext}"
+    body = _rows().replace(",", sep).splitlines(keepends=True)
+    body[3] = f"a{sep}b{sep}extra\n"  # line 5 (header is line 1)
+    body[9] = "no label here\n"  # line 11
+    path.write_text(f"text{sep}label\n" + "".join(body))
+    with pytest.raises(DataError) as exc:
+        read_file(str(path))
+    assert exc.value.message == (
+        f"{path}: 2 row(s) do not have the header's 2 fields: line 5 has 3, line 11 has 1"
+    )
+    code, err = _cli(capsys, "validate", str(_recipe_file(tmp_path, path)))
+    assert code == 1 and "Traceback" not in err
+    assert "line 5 has 3, line 11 has 1" in err
+    assert "label" not in err.split("line 5")[0].split("data.path")[-1]  # not a label problem
+
+
+def test_well_formed_csv_quirks_still_read(tmp_path):
+    """A quoted cell spanning lines counts as one row; blank lines are skipped; CRLF is fine."""
+    path = tmp_path / "d.csv"
+    path.write_bytes(b'text,label\r\n"a, with comma\r\nand a line",x\r\n\r\n   \r\nc,y\r\n')
+    assert read_file(str(path)) == [
+        {"text": "a, with comma\nand a line", "label": "x"},
+        {"text": "c", "label": "y"},
+    ]
+    path.write_text("text,label\nok,x\n" + "many words here,y\n" * 8 + 'late,"ragged",z\n')
+    with pytest.raises(DataError, match="line 11 has 3"):
+        read_file(str(path))
