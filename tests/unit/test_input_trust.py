@@ -5,6 +5,10 @@ that ``train`` printed but ``validate`` hid. Each ends in one clear error that n
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import time
+
 import pytest
 import yaml
 
@@ -98,3 +102,78 @@ def test_well_formed_csv_quirks_still_read(tmp_path):
     path.write_text("text,label\nok,x\n" + "many words here,y\n" * 8 + 'late,"ragged",z\n')
     with pytest.raises(DataError, match="line 11 has 3"):
         read_file(str(path))
+
+
+# --------------------------------------------------------------------------- YAML aliases
+
+
+def _laughs(depth: int, width: int = 10) -> str:
+    """Aliases of aliases: ``width ** depth`` records from a few hundred bytes."""
+    lines = ["a0: &a0 {text: lol, label: x}"]
+    for i in range(1, depth + 1):
+        lines.append(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * width)}]")
+    return "\n".join(lines) + f"\nconversations: [*a{depth}]\n"
+
+
+def test_a_yaml_alias_bomb_in_data_is_refused_quickly(tmp_path, capsys):
+    path = tmp_path / "d.yml"
+    path.write_text(_laughs(7))  # ~400 bytes; 10^7 records, 13 s and hundreds of MB when built
+    t0 = time.perf_counter()
+    with pytest.raises(DataError) as exc:
+        read_file(str(path))
+    assert time.perf_counter() - t0 < 1.0
+    assert exc.value.message.startswith(f"{path}: YAML aliases expand its 23 written values to ")
+    assert "reads at most 100,000 values added by aliases" in exc.value.message
+    assert "write the records out" in exc.value.hint
+    code, err = _cli(capsys, "validate", str(_recipe_file(tmp_path, path, task="causal_lm")))
+    assert code == 1 and "Traceback" not in err and "YAML aliases expand" in err
+
+
+def test_yaml_data_that_contains_itself_is_refused(tmp_path):
+    path = tmp_path / "d.yml"
+    path.write_text("- {text: ok}\n- &a {text: x, more: *a}\n")
+    with pytest.raises(DataError, match=r"alias refers to a value that contains it \(line 2\)"):
+        read_file(str(path))
+
+
+def test_modest_yaml_aliases_still_read(tmp_path):
+    path = tmp_path / "d.yml"
+    path.write_text("- &a {text: hi, label: x}\n- *a\n- {text: yo, label: *x}\n".replace("*x", "y"))
+    assert read_file(str(path)) == [{"text": "hi", "label": "x"}] * 2 + [
+        {"text": "yo", "label": "y"}
+    ]
+    path.write_text(_laughs(3))  # 1,000 values added: far under the bound
+    assert len(read_file(str(path))) == 1
+
+
+# --------------------------------------------------------------------------- compressed data
+
+
+def test_the_decompression_cap_scales_with_the_archive_within_bounds():
+    from ftcli.data import read
+
+    assert read.decompress_cap(1) == 256 * 2**20
+    assert read.decompress_cap(2 * 2**20) == 400 * 2**20
+    assert read.decompress_cap(100 * 2**30) == 4 * 2**30
+
+
+@pytest.mark.parametrize("comp", ["gz", "bz2"])
+def test_compressed_data_past_the_cap_is_refused(tmp_path, monkeypatch, capsys, comp):
+    from ftcli.data import read
+
+    monkeypatch.setattr(read, "DECOMPRESS_FLOOR", 2**20, raising=False)  # 1 MiB: test-sized
+    pack = gzip.compress if comp == "gz" else bz2.compress
+    path = tmp_path / f"d.jsonl.{comp}"
+    path.write_bytes(pack(b'{"text": "' + b"a" * 3 * 2**20 + b'"}\n'))
+    assert path.stat().st_size * 200 < 2**20  # the floor is the cap here
+    with pytest.raises(DataError) as exc:
+        read_file(str(path))
+    assert exc.value.message == (
+        f"{path}: decompresses to more than 1 MiB, the cap for a {path.stat().st_size:,}-byte "
+        "archive (200x its size, at least 1 MiB, at most 4 GiB)"
+    )
+    assert "decompress it yourself" in exc.value.hint
+    code, err = _cli(capsys, "validate", str(_recipe_file(tmp_path, path, task="causal_lm")))
+    assert code == 1 and "Traceback" not in err and "decompresses to more than 1 MiB" in err
+    path.write_bytes(pack(b'{"text": "' + b"a" * (2**20 - 20) + b'"}\n'))  # under: reads
+    assert len(read_file(str(path))[0]["text"]) == 2**20 - 20
