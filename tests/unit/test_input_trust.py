@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import json
 import time
 
 import pytest
@@ -177,3 +178,30 @@ def test_compressed_data_past_the_cap_is_refused(tmp_path, monkeypatch, capsys, 
     assert code == 1 and "Traceback" not in err and "decompresses to more than 1 MiB" in err
     path.write_bytes(pack(b'{"text": "' + b"a" * (2**20 - 20) + b'"}\n'))  # under: reads
     assert len(read_file(str(path))[0]["text"]) == 2**20 - 20
+
+
+# --------------------------------------------------------------------------- encoding notes
+
+
+def test_validate_prints_the_encoding_note_train_prints(tmp_path, capsys):
+    from ftcli.data.examples import prepare
+    from ftcli.recipe import load_recipe
+
+    path = tmp_path / "d.csv"
+    rows = "".join(f"caf\u00e9 cr\u00e8me num\u00e9ro {i},{'ab'[i % 2]}\n" for i in range(40))
+    path.write_bytes(("text,label\n" + rows).encode("cp1252"))
+    recipe = _recipe_file(tmp_path, path)
+    (note,) = prepare(load_recipe(str(recipe))).stats["notes"]  # what `train` warns about
+    assert note.startswith(f"{path}: not utf-8 (byte 0xe9 at offset ")
+    code, err = _cli(capsys, "validate", str(recipe))
+    assert code == 0 and note in err
+    from ftcli.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["validate", str(recipe), "--json"])
+    assert note in json.loads(capsys.readouterr().out)["warnings"]
+    code, err = _cli(capsys, "validate", str(recipe), "--strict")
+    assert code == 1 and note in err and "warning(s) with --strict" in err
+    encoding = note.rsplit("data.encoding: ", 1)[1].split()[0]
+    code, err = _cli(capsys, "validate", str(recipe), "--set", f"data.encoding={encoding}")
+    assert code == 0 and "charset-normalizer" not in err  # saying so silences it
