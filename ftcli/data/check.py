@@ -54,13 +54,14 @@ def _column_types(recipe: Recipe, records: list[dict]) -> list[Problem]:
 
 
 def data_problems(recipe: Recipe) -> tuple[list[Problem], list[str], list[str]]:
-    """(problems, what was checked, what could not be checked and why): every source, its columns
-    and their types, then the labels and split sizes (``prepare`` without writing). Hub datasets
-    are not downloaded here; one that is neither cached nor reachable is a note, not a problem."""
+    """(problems, what was checked, notes): every source, its columns and their types, then the
+    labels and split sizes (``prepare`` without writing). The notes say what could not be checked
+    and why, and which encoding was detected for a file that is not utf-8 (the note ``train``
+    prints). Hub datasets are not downloaded here; one neither cached nor reachable is a note."""
     d = recipe.data
     problems: list[Problem] = []
     checked: list[str] = []
-    unchecked: list[str] = []
+    notes: list[str] = []
     readable = True
     for key, spec in (
         ("data.path", d.path),
@@ -75,15 +76,17 @@ def data_problems(recipe: Recipe) -> tuple[list[Problem], list[str], list[str]]:
             except SourceError as exc:
                 if not is_hub_spec(spec):
                     raise
-                unchecked.append(f"data columns not checked: {exc.message}")
+                notes.append(f"data columns not checked: {exc.message}")
                 readable = False
                 continue
             if source.kind == "hub":
-                unchecked.append(f"data columns not checked: {spec} is a hub dataset")
+                notes.append(f"data columns not checked: {spec} is a hub dataset")
                 readable = False
                 continue
             records = read_source(source, d)
-            load_examples(recipe, spec, CleanCounts())
+            counts = CleanCounts()
+            load_examples(recipe, spec, counts)
+            notes += [n for n in counts.notes if n not in notes]  # what `train` prints too
             problems += _column_types(recipe, records)
         except FtcliError as exc:
             problems += _as_problems(exc, recipe, key)
@@ -97,7 +100,7 @@ def data_problems(recipe: Recipe) -> tuple[list[Problem], list[str], list[str]]:
             checked.append(", ".join(f"{k} {v}" for k, v in sizes.items()))
         except FtcliError as exc:
             problems += _as_problems(exc, recipe, "data")
-    return problems, checked, unchecked
+    return problems, checked, notes
 
 
 def check_recipe(
@@ -114,9 +117,9 @@ def check_recipe(
         raise RecipeError(exc.problems + data_problems(exc.partial)[0]) from None
     checked, notes = ["schema"], [w.render() for w in r.warnings]
     if data:
-        problems, done, unchecked = data_problems(r)
+        problems, done, data_notes = data_problems(r)
         if problems:
             raise RecipeError(problems)
         checked += done
-        notes += unchecked
+        notes += data_notes
     return r, checked, notes

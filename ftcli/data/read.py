@@ -8,6 +8,8 @@ the encoding and the choice is reported (``notes``), never replaced silently.
 from __future__ import annotations
 
 import bz2
+import collections
+import csv
 import gzip
 import io
 import json
@@ -20,16 +22,47 @@ from ftcli.errors import DataError
 from ftcli.recipe import DataSpec
 from ftcli.sources import DataSource
 
+# What a .gz/.bz2 data file may decompress to: RATIO times its own size, at least FLOOR, never
+# more than CEILING. Text compresses 3-10x; a "zip bomb" thousands of times. A bigger file that
+# is honest data can be decompressed by hand: plain files have no cap.
+DECOMPRESS_RATIO = 200
+DECOMPRESS_FLOOR = 256 * 2**20
+DECOMPRESS_CEILING = 4 * 2**30
+_CHUNK = 2**20
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**30:g} GiB" if n >= 2**30 else f"{n / 2**20:g} MiB"
+
+
+def decompress_cap(compressed_size: int) -> int:
+    """The most bytes a compressed data file of ``compressed_size`` bytes may decompress to."""
+    return min(DECOMPRESS_CEILING, max(DECOMPRESS_FLOOR, DECOMPRESS_RATIO * compressed_size))
+
 
 def _read_bytes(path: str) -> bytes:
-    """The file's bytes, decompressed (.gz/.bz2); a truncated or damaged archive is a DataError."""
+    """The file's bytes, decompressed (.gz/.bz2) in chunks up to ``decompress_cap``; a truncated
+    or damaged archive, or one that expands past the cap, is a DataError."""
     try:
-        raw = Path(path).read_bytes()
-        if path.endswith(".gz"):
-            return gzip.decompress(raw)
-        if path.endswith(".bz2"):
-            return bz2.decompress(raw)
-        return raw
+        opener = gzip.open if path.endswith(".gz") else bz2.open if path.endswith(".bz2") else None
+        if opener is None:
+            return Path(path).read_bytes()
+        size = Path(path).stat().st_size
+        cap = decompress_cap(size)
+        out, total = [], 0
+        with opener(path, "rb") as f:
+            while chunk := f.read(min(_CHUNK, cap + 1 - total)):
+                total += len(chunk)
+                if total > cap:
+                    raise DataError(
+                        f"{path}: decompresses to more than {_mib(cap)}, the cap for a "
+                        f"{size:,}-byte archive ({DECOMPRESS_RATIO}x its size, at least "
+                        f"{_mib(DECOMPRESS_FLOOR)}, at most {_mib(DECOMPRESS_CEILING)})",
+                        hint="if it is real data, decompress it yourself and point data.path at "
+                        "the plain file (plain files have no cap)",
+                    )
+                out.append(chunk)
+        return b"".join(out)
     except (OSError, EOFError, zlib.error, ValueError) as exc:
         raise DataError(
             f"{path}: cannot read or decompress it ({exc or type(exc).__name__})",
@@ -121,9 +154,68 @@ def _format_of(path: str, declared: str) -> str:
     return known[suffix]
 
 
+# How many values YAML aliases (``*name``) may add to a data file beyond the ones written out:
+# this many, or as many as are written, whichever is more. Aliases of aliases ("billion laughs")
+# turn a few hundred bytes into billions of values, and ftcli walks every one of them.
+MAX_ALIAS_VALUES = 100_000
+
+
+def _yaml_children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for kv in node.value for n in kv]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_yaml_expansion(path: str, root: yaml.Node) -> None:
+    """Refuse a YAML document whose aliases expand it far past what is written, or that contains
+    itself, before it is built: the expanded size of each shared node is counted once."""
+    expanded: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            on_path.discard(key)
+            expanded[key] = 1 + sum(expanded[id(c)] for c in _yaml_children(node))
+        elif key in on_path:
+            raise DataError(
+                f"{path}: a YAML alias refers to a value that contains it (line "
+                f"{node.start_mark.line + 1}); data cannot contain itself",
+                hint="write the records out instead of using &anchors / *aliases",
+            )
+        elif key not in expanded:
+            on_path.add(key)
+            stack.append((node, True))
+            stack.extend((c, False) for c in _yaml_children(node))
+    written, total = len(expanded), expanded[id(root)]
+    if total - written > max(MAX_ALIAS_VALUES, written):
+        raise DataError(
+            f"{path}: YAML aliases expand its {written:,} written values to {total:,}; ftcli "
+            f"reads at most {max(MAX_ALIAS_VALUES, written):,} values added by aliases "
+            "(aliases nested in aliases?)",
+            hint="write the records out instead of using &anchors / *aliases",
+        )
+
+
+def _load_yaml(path: str, text: io.StringIO):
+    """``yaml.safe_load``, but a document that aliases blow up is refused before it is built."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_yaml_expansion(path, node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def _read_yaml_records(path: str, text: io.StringIO) -> list[dict]:
     """A YAML list of mappings, or chatterbot-corpus's ``conversations:`` lists (-> chat messages)."""
-    doc = yaml.safe_load(text)
+    doc = _load_yaml(path, text)
     if isinstance(doc, list):
         return [r if isinstance(r, dict) else {"text": r} for r in doc]
     if isinstance(doc, dict) and isinstance(doc.get("conversations"), list):
@@ -142,6 +234,47 @@ def _read_yaml_records(path: str, text: io.StringIO) -> list[dict]:
     raise DataError(f"{path}: expected a YAML list of records or a 'conversations:' mapping")
 
 
+def _check_csv_shape(path: str, text: str, sep: str) -> None:
+    """Refuse what pandas would quietly repair: a header naming a column twice (read as
+    ``text``, ``text.1``) and rows with more or fewer fields than the header (read as a shifted
+    or missing label, reported later as the wrong problem). Blank lines are skipped, as pandas
+    does."""
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))  # one huge cell is fine
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep)
+    header: list[str] | None = None
+    ragged: list[tuple[int, int]] = []
+    start = 1
+    try:
+        for row in reader:
+            line, start = start, reader.line_num + 1  # a quoted cell may span lines
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue
+            if header is None:
+                header = row
+                counts = collections.Counter(header)
+                twice = [c for c, n in counts.items() if n > 1]
+                if twice:
+                    raise DataError(
+                        f"{path}: the header names column(s) {', '.join(map(repr, twice))} more "
+                        f"than once (read as {twice[0]!r}, '{twice[0]}.1', ...: one of them would "
+                        "be used and the others ignored)",
+                        hint="give every column in the first line its own name",
+                    )
+            elif len(row) != len(header):
+                ragged.append((line, len(row)))
+    except csv.Error as exc:
+        raise DataError(f"{path}:{reader.line_num}: cannot read as CSV ({exc})") from None
+    if ragged:
+        shown = ", ".join(f"line {n} has {k}" for n, k in ragged[:5])
+        more = f" and {len(ragged) - 5} more" if len(ragged) > 5 else ""
+        raise DataError(
+            f"{path}: {len(ragged)} row(s) do not have the header's {len(header)} fields: "
+            f"{shown}{more}",
+            hint='quote cells that contain the separator ("a, b"), and give every row one '
+            "cell per column",
+        )
+
+
 def read_file(
     path: str, fmt: str = "auto", encoding: str = "utf-8", explicit: bool = True, notes=None
 ) -> list[dict]:
@@ -158,8 +291,10 @@ def read_file(
 
             # dtype=str + no NA parsing: an empty text cell stays "", not float NaN
             # (docs/traps.md#empty-text-cells-read-as-numbers)
+            text = _open_text(path)
+            _check_csv_shape(path, text.getvalue(), "\t" if kind == "tsv" else ",")
             df = pd.read_csv(
-                _open_text(path),
+                text,
                 sep="\t" if kind == "tsv" else ",",
                 dtype=str,
                 keep_default_na=False,

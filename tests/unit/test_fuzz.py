@@ -10,6 +10,7 @@ import collections
 import gzip
 import json
 import re
+import time
 
 import pytest
 import yaml
@@ -218,6 +219,69 @@ def test_truncated_archives_are_data_errors(tmp_path_factory, comp, cut):
     OUTCOMES[f"data truncated {comp}: {outcome}"] += 1
 
 
+@fuzz(20)
+@given(comp=st.sampled_from(["gz", "bz2"]), kib=st.integers(1, 400), noise=st.booleans())
+def test_compressed_data_past_the_cap_is_refused_naming_it(tmp_path_factory, comp, kib, noise):
+    """Data that decompresses past the cap (lowered to 128 KiB here) is refused, naming the
+    file and the cap; data under it reads."""
+    import random
+
+    from ftcli.data import read
+
+    old, read.DECOMPRESS_FLOOR = read.DECOMPRESS_FLOOR, 128 * 2**10
+    try:
+        words = [random.Random(kib).choice(["alpha", "beta", "gamma"]) for _ in range(kib * 40)]
+        body = (" ".join(words) if noise else "word " * kib * 200)[: kib * 2**10 - 1] + "\n"
+        path = tmp_path_factory.mktemp("fz") / f"d.txt.{comp}"
+        path.write_bytes((gzip.compress if comp == "gz" else bz2.compress)(body.encode()))
+        cap = read.decompress_cap(path.stat().st_size)
+        exc = _data_error(_recipe(path, task="causal_lm"))
+    finally:
+        read.DECOMPRESS_FLOOR = old
+    if len(body) > cap:
+        assert exc is not None and exc.message.startswith(
+            f"{path}: decompresses to more than {cap / 2**20:g} MiB, the cap for a "
+            f"{path.stat().st_size:,}-byte archive"
+        ), exc
+        OUTCOMES[f"data over-cap {comp}: refused"] += 1
+    else:
+        assert exc is None, exc
+        OUTCOMES[f"data over-cap {comp}: loaded"] += 1
+
+
+PARTS = st.sampled_from(["..", ".", "bundled", "recipes", "", "x.csv", "/"])
+
+
+@fuzz(40)
+@given(parts=st.lists(PARTS, min_size=1, max_size=5))
+def test_pkg_paths_that_leave_the_package_are_refused(parts):
+    """``pkg:ftcli/...`` with a '..' or an absolute part is refused by name, whatever follows;
+    one that stays inside resolves inside the package or is 'not found' inside it."""
+    from ftcli.errors import SourceError
+    from ftcli.sources import resolve_pkg
+
+    spec = "pkg:ftcli/" + "/".join(parts)
+    inner = spec[len("pkg:") :].strip("/").partition("/")[2]
+    escapes = inner.startswith("/") or ".." in inner.split("/")
+    try:
+        path = resolve_pkg(spec)
+    except SourceError as exc:
+        assert "\n" not in exc.message
+        if escapes:
+            assert exc.message == (
+                f"{spec}: the path inside package 'ftcli' must stay inside it ('..' or an "
+                "absolute path would leave the package)"
+            )
+        else:
+            assert exc.message.startswith(f"{spec}: no "), exc.message
+        OUTCOMES[f"pkg path: {'escape refused' if escapes else 'not found'}"] += 1
+        return
+    assert not escapes, (spec, path)
+    base = resolve_pkg("pkg:ftcli").resolve()
+    assert path.resolve().is_relative_to(base), (spec, path)
+    OUTCOMES["pkg path: resolved inside"] += 1
+
+
 CELL = st.text(alphabet=st.characters(codec="utf-8"), max_size=8) | st.just("\x00")
 
 
@@ -228,6 +292,83 @@ def test_ragged_csv_with_nuls(tmp_path_factory, rows):
     text = "text,label\n" + "\n".join(",".join(r) for r in rows) + "\n"
     path.write_bytes(text.encode("utf-8"))
     OUTCOMES[f"data ragged csv: {_load(_recipe(path), path)}"] += 1
+
+
+def _data_error(recipe) -> FtcliError | None:
+    """The one user error loading ``recipe``'s data ends in, else None; a data or source error
+    is one line (a recipe error lists its problems one a line)."""
+    from ftcli.data.examples import CleanCounts, load_examples
+    from ftcli.errors import RecipeError
+
+    try:
+        load_examples(recipe, recipe.data.path, CleanCounts())
+    except FtcliError as exc:
+        assert isinstance(exc, RecipeError) or "\n" not in exc.message, exc.message
+        return exc
+    return None
+
+
+NAMES = st.sampled_from(["text", "label", "note", "text "])
+PLAIN = st.text(alphabet="ab é\x00\t", max_size=5)
+
+
+@fuzz(60)
+@given(
+    header=st.lists(NAMES, min_size=1, max_size=4),
+    rows=st.lists(st.lists(PLAIN, max_size=5), min_size=1, max_size=8),
+)
+def test_csv_headers_and_row_shapes_are_named_exactly(tmp_path_factory, header, rows):
+    """A header naming a column twice, or rows of the wrong length, are refused as that, with
+    the duplicated names or the line numbers; anything else reads as before."""
+    path = tmp_path_factory.mktemp("fz") / "d.csv"
+    path.write_bytes((",".join(header) + "\n" + "".join(",".join(r) + "\n" for r in rows)).encode())
+    exc = _data_error(_recipe(path, task="causal_lm"))
+    twice = [c for c in dict.fromkeys(header) if header.count(c) > 1]
+    kept = [(i + 2, r) for i, r in enumerate(rows) if r and not (len(r) == 1 and not r[0].strip())]
+    ragged = [(line, len(r)) for line, r in kept if len(r) != len(header)]
+    if twice:
+        assert exc is not None and exc.message.startswith(
+            f"{path}: the header names column(s) {', '.join(map(repr, twice))} more than once"
+        ), exc
+        OUTCOMES["data csv shape: duplicate header"] += 1
+    elif ragged:
+        shown = ", ".join(f"line {n} has {k}" for n, k in ragged[:5])
+        assert exc is not None and exc.message.startswith(
+            f"{path}: {len(ragged)} row(s) do not have the header's {len(header)} fields: {shown}"
+        ), exc
+        OUTCOMES["data csv shape: ragged rows"] += 1
+    else:
+        assert exc is None or "fields" not in exc.message and "header" not in exc.message, exc
+        OUTCOMES[f"data csv shape: {'loaded' if exc is None else 'other error'}"] += 1
+
+
+@fuzz(30)
+@given(depth=st.integers(1, 9), width=st.integers(1, 12), wrap=st.booleans())
+def test_deep_data_aliases_are_refused_past_the_bound(tmp_path_factory, depth, width, wrap):
+    """Aliases of aliases in a YAML data file: refused, fast and by name, once they add more
+    values than the bound; read when they add fewer."""
+    lines = ["a0: &a0 {text: lol}"]
+    for i in range(1, depth + 1):
+        lines.append(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * width)}]")
+    text = "\n".join(lines) + f"\nconversations: [*a{depth}]\n"
+    if wrap:  # the same aliases inside a plain list of records
+        text = "- " + "\n  ".join(text.splitlines()) + "\n"
+    path = tmp_path_factory.mktemp("fz") / "d.yml"
+    path.write_text(text)
+    from ftcli.data.read import MAX_ALIAS_VALUES
+
+    t0 = time.perf_counter()
+    exc = _data_error(_recipe(path, task="causal_lm", messages_column="messages"))
+    assert time.perf_counter() - t0 < 5  # a hang would be the bomb being built
+    # each leaf is 3 values; the whole is at most ~20x the deepest level's leaves
+    if width**depth * 3 > MAX_ALIAS_VALUES + 1000:
+        assert exc is not None and exc.message.startswith(f"{path}: YAML aliases expand its "), exc
+        assert f"reads at most {MAX_ALIAS_VALUES:,} values added by aliases" in exc.message
+    if width**depth * 20 + 1000 < MAX_ALIAS_VALUES:
+        assert exc is None or "YAML aliases" not in exc.message, exc
+    OUTCOMES[
+        f"data yaml aliases: {'refused' if exc and 'YAML aliases' in exc.message else 'read'}"
+    ] += 1
 
 
 JSONISH = st.recursive(
