@@ -221,6 +221,7 @@ def test_bundled_task_on_a_smollm2_chat_run(tmp_path, capsys):
         recipe_path("smollm2-chat-lora"),
         [
             f"output_dir={tmp_path}",
+            "train.mixed_precision=no",  # not `auto`: bf16 or fp32 by the CPU's flags
             "train.max_steps=4",
             "train.eval_every=100",
             "data.max_validation_examples=8",
