@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import glob
 import hashlib
 import importlib.util
 import os
 import shutil
 import socket
+import ssl
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -127,17 +130,39 @@ def hub_offline() -> bool:
 
 
 def _hub_reachable(timeout: float = 3.0) -> str | None:
-    """None when the hub endpoint answers a TCP connection, else why not."""
+    """None when the hub endpoint answers within ``timeout`` seconds in all, else why not; probed
+    once per endpoint and process (a run asks for the model more than once)."""
     from huggingface_hub import constants
 
-    url = urlparse(constants.ENDPOINT)
+    return _probe(constants.ENDPOINT, timeout)
+
+
+@functools.cache
+def _probe(endpoint: str, timeout: float) -> str | None:
+    """A TCP connection alone proves little: a proxy or firewall that accepts and then stays silent
+    passes it and leaves the download to hang for its own ~47 s, so wait for the first answer too
+    (the TLS handshake for https, a response's first byte for http)."""
+    url = urlparse(endpoint)
     host, port = (
         url.hostname or "huggingface.co",
         url.port or (443 if url.scheme == "https" else 80),
     )
+    deadline = time.monotonic() + timeout
     try:
-        with socket.create_connection((host, port), timeout=timeout):
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.settimeout(max(deadline - time.monotonic(), 0.05))
+            if url.scheme == "https":
+                ctx = ssl.create_default_context()
+                # only "does it answer" here; the download itself verifies the certificate
+                ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+                with ctx.wrap_socket(sock, server_hostname=host):
+                    return None
+            sock.sendall(f"HEAD / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            if not sock.recv(1):
+                return f"{host}:{port} closed the connection without answering"
             return None
+    except TimeoutError:
+        return f"{host}:{port} did not answer within {timeout:g} s"
     except OSError as exc:
         return f"cannot reach {host}:{port} ({exc.__class__.__name__}: {exc})"
 

@@ -4,7 +4,6 @@ Ctrl-C, QLoRA that keeps learning after an evaluation pass, and two processes.""
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -316,12 +315,18 @@ def test_same_seed_same_run(tmp_path, tiny_models, tiny_data):
 
 def test_two_processes_on_cpu(tmp_path, tiny_models, tiny_data):
     """torchrun starts two gloo processes (accelerate launch --cpu would start one:
-    docs/traps.md#two-cpu-processes-need-torchrun)."""
+    docs/traps.md#two-cpu-processes-need-torchrun), and they train what one process trains on the
+    same global batch: 2 x 16 examples a step there, 32 here, the same final adapter weights."""
     import yaml
 
     mapping = tiny_recipe(
         tmp_path, tiny_models, tiny_data, task="classification", kind="lora", arch="llama"
     )
+    # 64 training examples in 2 steps an epoch, batches cut in order (no length grouping), so the
+    # two ranks' batches 2k and 2k+1 are exactly the single process's batch k of 32
+    mapping["data"]["max_train_examples"] = 64
+    mapping["train"].update(group_by_length=False, epochs=2)
+    mapping["merge"] = {"enabled": False}
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(mapping))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -350,15 +355,21 @@ def test_two_processes_on_cpu(tmp_path, tiny_models, tiny_data):
     out = json.loads(proc.stdout)
     assert out["num_processes"] == 2 and out["status"] == "completed"
     run_dir = Path(mapping["output_dir"]) / mapping["name"]
-    single = _recipe(
-        tmp_path / "one", tiny_models, tiny_data, task="classification", kind="lora", arch="llama"
-    )
-    steps_two = max(x["step"] for x in _metrics(run_dir))
+    one = {**mapping, "output_dir": str(tmp_path / "one" / "runs")}
+    one["train"] = {**mapping["train"], "batch_size": 2 * mapping["train"]["batch_size"]}
+    single = recipe_from_mapping(one)
     train_run(single, UI())
+    steps_two = max(x["step"] for x in _metrics(run_dir))
     steps_one = max(x["step"] for x in _metrics(single.run_dir))
-    epochs = mapping["train"]["epochs"]
-    batches = steps_one // epochs  # each process takes every other batch of an epoch
-    assert steps_two == epochs * math.ceil(batches / 2), (steps_one, steps_two)
+    assert steps_two == steps_one == 2 * 2, (steps_one, steps_two)
+    two_w = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    one_w = load_file(str(single.run_dir / "adapter" / "adapter_model.safetensors"))
+    lora_b = {k: v for k, v in one_w.items() if "lora_B" in k}
+    assert two_w.keys() == one_w.keys() and lora_b, sorted(two_w)
+    # the weights moved (LoRA B starts at zero), and both runs moved them alike
+    assert max(v.abs().max().item() for v in lora_b.values()) > 1e-4
+    diff = max((two_w[k] - one_w[k]).abs().max().item() for k in one_w)
+    assert diff < 1e-5, diff
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ def test_minilm_lora_learns_sentiment(tmp_path):
         recipe_path("quickstart"),
         [
             f"output_dir={tmp_path}",
+            "train.mixed_precision=no",  # not `auto`: bf16 or fp32 by the CPU's flags
             "data.max_train_examples=2048",
             "data.max_validation_examples=64",
             "data.max_test_examples=400",
@@ -36,6 +37,7 @@ def test_minilm_lora_learns_sentiment(tmp_path):
         ],
     )
     out = train_run(r, UI())
+    assert out["mixed_precision"] == "no"
     losses = [x["loss"] for x in _metrics(r.run_dir) if "loss" in x]
     assert losses[-1] < losses[0]
     acc = out["eval"]["metrics"]["accuracy"]
@@ -52,6 +54,7 @@ def test_smollm2_qlora_keeps_learning_after_evaluation(tmp_path):
         [
             # 4 epochs over 32 reviews: the training loss on them must fall (8 steps, a validation pass at 4)
             f"output_dir={tmp_path}",
+            "train.mixed_precision=no",  # not `auto`: bf16 or fp32 by the CPU's flags
             "train.epochs=4",
             "train.eval_every=4",
             "train.checkpoint_every=4",
@@ -64,6 +67,7 @@ def test_smollm2_qlora_keeps_learning_after_evaluation(tmp_path):
         ],
     )
     out = train_run(r, UI())
+    assert out["mixed_precision"] == "no"
     rows = _metrics(r.run_dir)
     assert [x["step"] for x in rows if "val_loss" in x] == [4, 8]
     losses = [x["loss"] for x in rows if "loss" in x]
