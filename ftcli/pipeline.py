@@ -246,15 +246,73 @@ def _train_run(
     score_split: str,
     pruning,
 ) -> dict:
+    """The stages in order: check, load (data, model), write the run's start, train, evaluate,
+    merge, benchmarks; run.json records each as it ends."""
     _check_run_dir(recipe, resume, force)
     acc, device = make_accelerator(recipe)
     ui.step("memory   estimate before loading anything")
     memory = preflight(recipe, device, ui, enforce=memory_check, processes=acc.num_processes)
-    main = acc.is_main_process
-    run_dir = recipe.run_dir
-    timings: dict[str, float] = {}
     set_seed(recipe.train.seed)
+    timings: dict[str, float] = {}
+    tokenizer, model_dir, prepared, tokenized = _prepare_stage(recipe, acc, ui, timings)
+    adapted = _adapt_stage(
+        recipe, acc, device, model_dir, tokenizer, prepared, tokenized, ui, timings
+    )
+    # Everything loaded: now the run folder is written.
+    previous = read_run_record(recipe.run_dir).model_dump() if resume else {}
+    if acc.is_main_process:
+        prepared = _write_start(recipe, resume, prepared, adapted)
+    acc.wait_for_everyone()
+    log = _start_log(recipe, acc, device, prepared, tokenized, adapted, previous, timings, ui)
+    if memory:
+        log.update(memory=memory)
+    sealed = score_split == "test"
+    test_metrics: dict = {}
+    try:
+        tracked = start_tracking(acc, recipe, adapted.counts.trainable)
+        if tracked:
+            log.update(tracking=tracked)
+        trained = _train_stage(recipe, acc, device, adapted, tokenized, resume, pruning, log, ui)
+        test_metrics = _evaluate_stage(
+            recipe, acc, adapted, tokenizer, prepared, tokenized, score_split, log, ui
+        )
+        if recipe.method.kind in PROMPT_KINDS:
+            ui.info(
+                f"  no merge: {recipe.method.kind} tuning learns virtual tokens, no weights to "
+                f"fold; the adapter is used as it is (ftcli predict {recipe.run_dir})"
+            )
+        elif sealed and recipe.merge.enabled and recipe.method.kind != "full":
+            test_feats = tokenized["test"].features[:16]
+            del adapted
+            gc.collect()
+            acc.free_memory()
+            _merge_stage(recipe, acc, test_feats, log, ui)
+        if recipe.eval.benchmarks:
+            _benchmark_stage(recipe, acc, log, ui)
+    except BaseException as exc:
+        status = "interrupted" if isinstance(exc, Interrupted | KeyboardInterrupt) else "failed"
+        log.update(
+            status=status, error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        )
+        finish_tracking(acc, recipe, log.data.get("train", {}).get("steps", 0), {}, failed=True)
+        raise
+    log.data.pop("error", None)  # an earlier attempt's, now resumed to completion
+    log.update(status="completed", finished=now())
+    finish_tracking(acc, recipe, trained.steps, test_metrics)
+    merged_dir = (
+        sealed and recipe.merge.enabled and recipe.method.kind not in ("full", *PROMPT_KINDS)
+    )
+    ui.info(
+        f"[green]done[/] {recipe.run_dir}/  (run.json, metrics.jsonl, "
+        f"{'model/' if recipe.method.kind == 'full' else 'adapter/'}"
+        f"{', merged/' if merged_dir else ''})"
+    )
+    return log.data
 
+
+def _prepare_stage(recipe: Recipe, acc, ui: UI, timings: dict):
+    """The data: read, split and cleaned (prepare), then tokenized split by split; with the
+    tokenizer and the local folder the model loads from."""
     ui.step(f"prepare  {recipe.data.path}")
     t0 = time.perf_counter()
     with acc.main_process_first():
@@ -271,7 +329,13 @@ def _train_run(
     ui.table("data", data_table(prepared, tokenized, recipe.data.max_length))
     for note in prepared.stats.get("notes", []):
         ui.warn(note)
+    return tokenizer, model_dir, prepared, tokenized
 
+
+def _adapt_stage(
+    recipe: Recipe, acc, device, model_dir, tokenizer, prepared, tokenized, ui, timings
+):
+    """The model with the recipe's method attached, and what it trains."""
     ui.step(f"adapt    {recipe.model.name} ({recipe.method.kind})")
     t0 = time.perf_counter()
     adapted = adapt(
@@ -286,33 +350,37 @@ def _train_run(
     timings["adapt"] = round(time.perf_counter() - t0, 2)
     for line in adapted.counts.lines(recipe):
         ui.info("  " + line)
+    return adapted
 
-    # Everything loaded: now the run folder is written.
-    previous = read_run_record(run_dir).model_dump() if resume else {}
-    if main:
-        if resume:
-            check_same_data(prepared, run_dir / "data")
-            remove_leftovers(run_dir, skip=(STUDY,))  # temp folders of the process that stopped
-        elif run_dir.exists():
-            clear_run(run_dir)  # the run's own entries; a tune study beside them stays
-        run_dir.mkdir(parents=True, exist_ok=True)
-        keep_library_log(run_dir / "libraries.log")  # the libraries' warnings, off the screen
-        atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
-        prepared = save_prepared(prepared, run_dir / "data")
-        if recipe.task == "classification" and not resume:
-            # the fresh head as training found it: `ftcli eval --baseline` compares against this start
-            save_initial_head(adapted.model, run_dir)
-        save_initial_adapter(adapted.model, recipe, run_dir)  # PiSSA/OLoRA: converted at save
-    acc.wait_for_everyone()
-    log = RunLog(run_dir, main, previous)
+
+def _write_start(recipe: Recipe, resume: bool, prepared, adapted):
+    """The run folder as training starts it (main process): a fresh start clears the run's own
+    entries, a resume checks the data and clears the stopped process' temporary files."""
+    run_dir = recipe.run_dir
+    if resume:
+        check_same_data(prepared, run_dir / "data")
+        remove_leftovers(run_dir, skip=(STUDY,))  # temp folders of the process that stopped
+    elif run_dir.exists():
+        clear_run(run_dir)  # the run's own entries; a tune study beside them stays
+    run_dir.mkdir(parents=True, exist_ok=True)
+    keep_library_log(run_dir / "libraries.log")  # the libraries' warnings, off the screen
+    atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
+    prepared = save_prepared(prepared, run_dir / "data")
+    if recipe.task == "classification" and not resume:
+        # the fresh head as training found it: `ftcli eval --baseline` compares against this start
+        save_initial_head(adapted.model, run_dir)
+    save_initial_adapter(adapted.model, recipe, run_dir)  # PiSSA/OLoRA: converted at save
+    return prepared
+
+
+def _start_log(recipe, acc, device, prepared, tokenized, adapted, previous, timings, ui) -> RunLog:
+    """run.json at the start: the run's fields, the load timings, and a resume's record."""
+    log = RunLog(recipe.run_dir, acc.is_main_process, previous)
     log.data["timings_s"].update(timings)
     log.update(
         **run_fields(recipe, acc, device, prepared, tokenized, adapted, previous.get("started"))
     )
-    if memory:
-        log.update(memory=memory)
-    test_metrics: dict = {}
-    if resume:
+    if previous:
         found = previous.get("status", "unknown")
         log.update(
             resumes=[
@@ -322,125 +390,101 @@ def _train_run(
         )
         ui.info(f"  resuming a run that was {_how_it_stopped(found)}")
     t = recipe.train
-    effective = t.batch_size * t.gradient_accumulation * acc.num_processes
-    log.update(effective_batch_size=effective)
-    try:
-        tracked = start_tracking(acc, recipe, adapted.counts.trainable)
-        if tracked:
-            log.update(tracking=tracked)
-        ui.step(
-            f"train    on {acc.num_processes} process(es), {device}, mixed precision {acc.mixed_precision}"
-        )
-        ui.info(
-            f"  effective batch size {effective} = {t.batch_size} per process x "
-            f"{t.gradient_accumulation} accumulation x {acc.num_processes} process(es)"
-        )
-        with log.stage("train"):
-            trained = train(
-                recipe,
-                acc,
-                adapted,
-                tokenized,
-                run_dir,
-                resume=resume,
-                progress=ui.progress(),
-                pruning=pruning,
-            )
-        log.update(train=trained.as_dict())
+    log.update(effective_batch_size=t.batch_size * t.gradient_accumulation * acc.num_processes)
+    return log
 
-        sealed = score_split == "test"
-        ui.step("evaluate on the sealed test split" if sealed else f"evaluate on {score_split}")
-        with log.stage("evaluate"):
-            if main:
-                # without the autocast accelerate wrapped around forward for training: the scores
-                # are those `ftcli eval` recomputes in float32 from the saved run
-                model = acc.unwrap_model(adapted.model, keep_fp32_wrapper=False)
-                if is_sharded(acc):  # the sharded model runs only with every rank: reload it whole
-                    model = to_device(load_trained(run_dir, recipe.task)[0], acc.device)
-                report = evaluate(
-                    recipe.task,
-                    model,
-                    tokenizer,
-                    tokenized[score_split].features,
-                    prepared.labels,
-                    recipe.eval.batch_size,
-                    acc.device,
-                    score_split,
-                )
-                ui.table(
-                    score_split,
-                    [
-                        (k, f"{v:.4f}" if isinstance(v, float) else v)
-                        for k, v in report.metrics.items()
-                    ]
-                    + [("examples", report.n)],
-                )
-                log.update(eval=report.as_dict())
-                test_metrics = report.metrics
 
-        if recipe.method.kind in PROMPT_KINDS:
-            ui.info(
-                f"  no merge: {recipe.method.kind} tuning learns virtual tokens, no weights to "
-                f"fold; the adapter is used as it is (ftcli predict {run_dir})"
-            )
-        elif sealed and recipe.merge.enabled and recipe.method.kind != "full":
-            ui.step("merge    adapter into the base, verified")
-            test_feats = tokenized["test"].features[:16]
-            del adapted
-            gc.collect()
-            acc.free_memory()
-            with log.stage("merge"):
-                if main:
-                    merged = merge(
-                        run_dir / "adapter",
-                        run_dir / "merged",
-                        dtype=recipe.merge.dtype,
-                        into=recipe.merge.into,
-                        samples=test_feats,
-                        force=True,
-                    )
-                    ui.info(
-                        f"  merged/: max logit difference {merged.max_logit_diff:.1e} on {merged.samples} "
-                        f"test inputs; predictions agree {merged.prediction_agreement:.0%}"
-                    )
-                    log.update(merge=merged.as_dict())
-            acc.wait_for_everyone()
-
-        if recipe.eval.benchmarks:
-            ui.step(f"benchmarks {', '.join(recipe.eval.benchmarks)}: base vs fine-tuned")
-            with log.stage("benchmarks"):
-                if main:
-                    from ftcli.evaluation.benchmark import benchmark_run
-
-                    bench = benchmark_run(
-                        run_dir,
-                        recipe.eval.benchmarks,
-                        ui,
-                        tasks_path=recipe.eval.benchmarks_path
-                        and Path(recipe.eval.benchmarks_path),
-                        limit=recipe.eval.benchmark_limit,
-                    )
-                    log.update(benchmarks=bench["significance"])
-            acc.wait_for_everyone()
-    except BaseException as exc:
-        status = "interrupted" if isinstance(exc, Interrupted | KeyboardInterrupt) else "failed"
-        log.update(
-            status=status, error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        )
-        finish_tracking(acc, recipe, log.data.get("train", {}).get("steps", 0), {}, failed=True)
-        raise
-    log.data.pop("error", None)  # an earlier attempt's, now resumed to completion
-    log.update(status="completed", finished=now())
-    finish_tracking(acc, recipe, trained.steps, test_metrics)
-    merged_dir = (
-        sealed and recipe.merge.enabled and recipe.method.kind not in ("full", *PROMPT_KINDS)
+def _train_stage(recipe, acc, device, adapted, tokenized, resume, pruning, log, ui):
+    t = recipe.train
+    ui.step(
+        f"train    on {acc.num_processes} process(es), {device}, mixed precision {acc.mixed_precision}"
     )
     ui.info(
-        f"[green]done[/] {run_dir}/  (run.json, metrics.jsonl, "
-        f"{'model/' if recipe.method.kind == 'full' else 'adapter/'}"
-        f"{', merged/' if merged_dir else ''})"
+        f"  effective batch size {log.data['effective_batch_size']} = {t.batch_size} per process x "
+        f"{t.gradient_accumulation} accumulation x {acc.num_processes} process(es)"
     )
-    return log.data
+    with log.stage("train"):
+        trained = train(
+            recipe,
+            acc,
+            adapted,
+            tokenized,
+            recipe.run_dir,
+            resume=resume,
+            progress=ui.progress(),
+            pruning=pruning,
+        )
+    log.update(train=trained.as_dict())
+    return trained
+
+
+def _evaluate_stage(recipe, acc, adapted, tokenizer, prepared, tokenized, split, log, ui) -> dict:
+    """Score the trained model on ``split`` (main process); returns its metrics."""
+    ui.step("evaluate on the sealed test split" if split == "test" else f"evaluate on {split}")
+    metrics: dict = {}
+    with log.stage("evaluate"):
+        if acc.is_main_process:
+            # without the autocast accelerate wrapped around forward for training: the scores
+            # are those `ftcli eval` recomputes in float32 from the saved run
+            model = acc.unwrap_model(adapted.model, keep_fp32_wrapper=False)
+            if is_sharded(acc):  # the sharded model runs only with every rank: reload it whole
+                model = to_device(load_trained(recipe.run_dir, recipe.task)[0], acc.device)
+            report = evaluate(
+                recipe.task,
+                model,
+                tokenizer,
+                tokenized[split].features,
+                prepared.labels,
+                recipe.eval.batch_size,
+                acc.device,
+                split,
+            )
+            ui.table(
+                split,
+                [(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in report.metrics.items()]
+                + [("examples", report.n)],
+            )
+            log.update(eval=report.as_dict())
+            metrics = report.metrics
+    return metrics
+
+
+def _merge_stage(recipe: Recipe, acc, test_feats, log: RunLog, ui: UI) -> None:
+    ui.step("merge    adapter into the base, verified")
+    run_dir = recipe.run_dir
+    with log.stage("merge"):
+        if acc.is_main_process:
+            merged = merge(
+                run_dir / "adapter",
+                run_dir / "merged",
+                dtype=recipe.merge.dtype,
+                into=recipe.merge.into,
+                samples=test_feats,
+                force=True,
+            )
+            ui.info(
+                f"  merged/: max logit difference {merged.max_logit_diff:.1e} on {merged.samples} "
+                f"test inputs; predictions agree {merged.prediction_agreement:.0%}"
+            )
+            log.update(merge=merged.as_dict())
+    acc.wait_for_everyone()
+
+
+def _benchmark_stage(recipe: Recipe, acc, log: RunLog, ui: UI) -> None:
+    ui.step(f"benchmarks {', '.join(recipe.eval.benchmarks)}: base vs fine-tuned")
+    with log.stage("benchmarks"):
+        if acc.is_main_process:
+            from ftcli.evaluation.benchmark import benchmark_run
+
+            bench = benchmark_run(
+                recipe.run_dir,
+                recipe.eval.benchmarks,
+                ui,
+                tasks_path=recipe.eval.benchmarks_path and Path(recipe.eval.benchmarks_path),
+                limit=recipe.eval.benchmark_limit,
+            )
+            log.update(benchmarks=bench["significance"])
+    acc.wait_for_everyone()
 
 
 def evaluate_run(run_dir: Path, ui: UI, split: str = "test") -> dict:
