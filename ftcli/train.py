@@ -24,7 +24,7 @@ from ftcli.adapt import INIT_ADAPTER
 from ftcli.data.tokenize import IGNORE_INDEX, Tokenized, collate, pack, padded_width
 from ftcli.distributed import is_sharded
 from ftcli.errors import FtcliError, Interrupted, TrainingStopped
-from ftcli.evaluation.forward import loss_sums
+from ftcli.forward import loss_sums
 from ftcli.models import pads_left
 from ftcli.recipe import Recipe
 from ftcli.rundir import model_record_for, write_model_record
@@ -439,8 +439,8 @@ class Pruning:
 
 def validation_score(model, features: list[dict], pad_id: int, batch_size: int, device, p: Pruning):
     """The pruning metric on the validation features (the test split is never read here)."""
-    from ftcli.evaluation.forward import class_probabilities
     from ftcli.evaluation.metrics import classification_summary
+    from ftcli.forward import class_probabilities
 
     probs = class_probabilities(model, features, pad_id, batch_size, device)
     model.train()

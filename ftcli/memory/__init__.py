@@ -100,14 +100,14 @@ def setup_from_recipe(recipe, device: str | None = None) -> Setup:
 
 
 def loop_loss_path(task: str, kind: str, config=None) -> str:
-    """The loss path ftcli's loop takes (evaluation.forward.supervised_cross_entropy): its own
+    """The loss path ftcli's loop takes (ftcli.forward.supervised_cross_entropy): its own
     for causal LMs, the model's for prompt-style methods and heads that scale their logits."""
     from ftcli.recipe import PROMPT_KINDS
 
     if task != "causal_lm" or kind in PROMPT_KINDS:
         return "transformers"
     if config is not None:
-        from ftcli.evaluation.forward import SCALED_LOGITS
+        from ftcli.forward import SCALED_LOGITS
 
         if any(getattr(config, a, None) not in (None, 1, 1.0) for a in SCALED_LOGITS):
             return "transformers"
