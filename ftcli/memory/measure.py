@@ -24,8 +24,8 @@ from ftcli.adapt import adapt
 from ftcli.data.tokenize import padded_width
 from ftcli.errors import FtcliError
 from ftcli.forward import loss_sums
-from ftcli.memory import pin_malloc_threshold
 from ftcli.memory.arch import build_meta
+from ftcli.memory.preflight import pin_malloc_threshold
 from ftcli.models import load_tokenizer, resolve_mixed_precision
 from ftcli.recipe import recipe_from_mapping
 from ftcli.sources import local_model_dir, resolve_model
