@@ -135,9 +135,9 @@ def test_max_loss_spike_stops_training_naming_the_rows(tmp_path, tiny_models, ti
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(
     tmp_path, tiny_models, tiny_data, monkeypatch
 ):
-    import ftcli.train
+    import ftcli.train.checkpoints
 
-    real = ftcli.train.save_file
+    real = ftcli.train.checkpoints.save_file
     calls = []
 
     def full_disk(tensors, path, *a, **k):
@@ -148,7 +148,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(tensors, path, *a, **k)
 
-    monkeypatch.setattr(ftcli.train, "save_file", full_disk)
+    monkeypatch.setattr(ftcli.train.checkpoints, "save_file", full_disk)
     r = recipe_from_mapping(_recipe(tmp_path, tiny_models, tiny_data))
     with pytest.raises(FtcliError) as exc:
         train_run(r, UI())
@@ -157,7 +157,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(
     assert msg.startswith(f"the disk is full: {ckpt_root / 'step-0000004'} was not written")
     assert [p.name for p in ckpt_root.iterdir()] == ["step-0000002"]  # nothing half-written
     assert _finite(ckpt_root / "step-0000002")
-    monkeypatch.setattr(ftcli.train, "save_file", real)
+    monkeypatch.setattr(ftcli.train.checkpoints, "save_file", real)
     out = train_run(r, UI(), resume=True)  # the previous checkpoint is valid: resume from it
     assert out["status"] == "completed" and out["train"]["resumed_from"] == 2
 
