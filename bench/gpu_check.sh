@@ -22,7 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ftcli.data.tokenize import IGNORE_INDEX, collate, pack
-from ftcli.evaluation.forward import loss_sums, supervised_cross_entropy, token_cross_entropy
+from ftcli.forward import loss_sums, supervised_cross_entropy, token_cross_entropy
 from ftcli.models import load_tokenizer
 from ftcli.recipe import load_recipe, resolve_recipe_path
 

@@ -112,7 +112,7 @@ def _equal_examples_loss(model, feats, pad_id: int, task: str) -> float:
     import torch
 
     from ftcli.data.tokenize import collate
-    from ftcli.evaluation.forward import loss_sums
+    from ftcli.forward import loss_sums
 
     model.eval()
     total = count = 0.0

@@ -18,11 +18,11 @@ from scipy.special import logsumexp
 from ftcli.errors import FtcliError
 from ftcli.evaluation import stats
 from ftcli.evaluation.compare import RESAMPLES, analyse
-from ftcli.evaluation.forward import class_probabilities, token_logprobs
 from ftcli.evaluation.metrics import classification_report, lm_summary
 from ftcli.evaluation.overfit import detect_overfitting
 from ftcli.evaluation.report import jsonable, print_report, write_report
 from ftcli.evaluation.score import Scored, tokenize_aligned
+from ftcli.forward import class_probabilities, token_logprobs
 from ftcli.models import load_trained, resolve_device, to_device
 from ftcli.rundir import check_same_test, open_run
 from ftcli.ui import UI

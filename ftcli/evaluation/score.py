@@ -7,8 +7,8 @@ import math
 from dataclasses import dataclass, field
 
 from ftcli.data.tokenize import prompt_and_target, tokenize
-from ftcli.evaluation.forward import class_probabilities, generate_answers, token_losses
 from ftcli.evaluation.metrics import answer_scores, classification_summary, lm_summary
+from ftcli.forward import class_probabilities, generate_answers, token_losses
 from ftcli.recipe import Recipe
 
 

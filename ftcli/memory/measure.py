@@ -23,9 +23,9 @@ from pathlib import Path
 from ftcli.adapt import adapt
 from ftcli.data.tokenize import padded_width
 from ftcli.errors import FtcliError
-from ftcli.evaluation.forward import loss_sums
-from ftcli.memory import pin_malloc_threshold
+from ftcli.forward import loss_sums
 from ftcli.memory.arch import build_meta
+from ftcli.memory.preflight import pin_malloc_threshold
 from ftcli.models import load_tokenizer, resolve_mixed_precision
 from ftcli.recipe import recipe_from_mapping
 from ftcli.sources import local_model_dir, resolve_model, trusting
@@ -87,7 +87,7 @@ def run_measurement(
     recipe_yaml: str, device: str, steps: int = 3, loss_path: str = "transformers"
 ) -> dict:
     """In this process: load, adapt and train ``steps`` full-length micro-batches; return the peaks.
-    ``loss_path`` ftcli: the loop's own loss (evaluation.forward.loss_sums); transformers: the
+    ``loss_path`` ftcli: the loop's own loss (ftcli.forward.loss_sums); transformers: the
     model's (``out.loss`` over the full logits)."""
 
     quiet_libraries()

@@ -5,14 +5,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ftcli.errors import FtcliError
-from ftcli.memory import (
-    Plan,
-    build_plan,
-    default_device,
-    free_device_memory,
-    loop_loss_path,
-    plan_recipe,
-)
 from ftcli.memory.arch import infer_task, load_config
 from ftcli.memory.estimate import (
     CARDS_GB,
@@ -23,6 +15,8 @@ from ftcli.memory.estimate import (
     precision_table,
 )
 from ftcli.memory.gpus import GPUS, Gpu
+from ftcli.memory.plan import Plan, build_plan, default_device, loop_loss_path, plan_recipe
+from ftcli.memory.preflight import free_device_memory
 from ftcli.memory.setup import GiB, Setup, human, parse_budget
 from ftcli.ui import UI
 

@@ -19,7 +19,7 @@ CUDA_CONTEXT = (
 )  # CUDA context + cuBLAS workspace (CUDA 12, lazy module loading); not in max_memory_allocated
 LOSS_PATHS = ("ftcli", "transformers")
 LOSS_CHUNK = (
-    1024  # = evaluation.forward.CE_CHUNK (a test keeps them equal; this module stays torch-free)
+    1024  # = ftcli.forward.CE_CHUNK (a test keeps them equal; this module stays torch-free)
 )
 METHODS = ("full", "lora", "qlora", "ia3", "prefix", "prompt", "ptuning", "vera")
 OPTIMIZERS = get_args(OptimizerName)  # the recipe's train.optimizer.name
@@ -106,7 +106,7 @@ class Setup:
     )
     # causal LM: "transformers" = the model's own loss over the full [tokens, vocab] logits (what
     # published peaks measure); "ftcli" = the LM head on supervised positions only, LOSS_CHUNK at
-    # a time, recomputed in backward (what ftcli's loop runs: evaluation.forward)
+    # a time, recomputed in backward (what ftcli's loop runs: ftcli.forward)
     loss_path: str = "transformers"
 
     def check(self) -> None:

@@ -18,7 +18,7 @@ import yaml
 
 from ftcli.data.tokenize import collate, render_chat
 from ftcli.errors import FtcliError
-from ftcli.evaluation.forward import generate_answers
+from ftcli.forward import generate_answers
 from ftcli.models import (
     load_adapters,
     load_folder,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 
 from ftcli.errors import FtcliError
@@ -53,9 +55,10 @@ def test_peak_rss_can_be_reset():
 def test_train_stops_when_the_estimate_exceeds_free_memory(
     tmp_path, tiny_models, tiny_data, monkeypatch
 ):
-    import ftcli.memory as memory
+    # the module, not the function ftcli.memory re-exports under the same name
+    checks = importlib.import_module("ftcli.memory.preflight")
 
-    monkeypatch.setattr(memory, "free_device_memory", lambda device: 1024**2)  # 1 MiB free
+    monkeypatch.setattr(checks, "free_device_memory", lambda device: 1024**2)  # 1 MiB free
     recipe = recipe_from_mapping(tiny_recipe(tmp_path, tiny_models, tiny_data, kind="lora"))
     with pytest.raises(FtcliError) as exc:
         train_run(recipe, UI())
@@ -93,6 +96,7 @@ def test_heap_headroom_warns_but_only_live_tensors_refuse(
     """Free memory between the live-tensor estimate and glibc's resident bound: a warning, not a stop."""
     import ftcli.memory as memory
 
+    checks = importlib.import_module("ftcli.memory.preflight")  # where preflight looks it up
     monkeypatch.delenv("FTCLI_PIN_MALLOC", raising=False)
     recipe = recipe_from_mapping(tiny_recipe(tmp_path, tiny_models, tiny_data, kind="lora"))
     est = memory.plan_recipe(recipe, "cpu").estimate().total
@@ -102,16 +106,16 @@ def test_heap_headroom_warns_but_only_live_tensors_refuse(
         def info(self, message: str = "") -> None:
             said.append(message)
 
-    monkeypatch.setattr(memory, "free_device_memory", lambda device: int(est * 1.5))
+    monkeypatch.setattr(checks, "free_device_memory", lambda device: int(est * 1.5))
     record = memory.preflight(recipe, "cpu", Recorder())
     assert record["estimated_peak"] == est and not record["malloc_pinned"]
     assert any("FTCLI_PIN_MALLOC=1" in line for line in said)
 
     said.clear()
-    monkeypatch.setattr(memory, "free_device_memory", lambda device: est * 10)
+    monkeypatch.setattr(checks, "free_device_memory", lambda device: est * 10)
     memory.preflight(recipe, "cpu", Recorder())
     assert not any("warning" in line for line in said)
 
-    monkeypatch.setattr(memory, "free_device_memory", lambda device: est // 2)
+    monkeypatch.setattr(checks, "free_device_memory", lambda device: est // 2)
     with pytest.raises(FtcliError, match="free"):
         memory.preflight(recipe, "cpu", Recorder())

@@ -210,7 +210,7 @@ def test_a_prompt_tuned_decoder_classifier_ignores_its_batch_padding(
     from peft import get_peft_model
 
     from ftcli.adapt import peft_config
-    from ftcli.evaluation.forward import class_probabilities
+    from ftcli.forward import class_probabilities
     from ftcli.models import model_class
 
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from ftcli.adapt import adapt
 from ftcli.errors import RecipeError
-from ftcli.evaluation.forward import loss_sums
+from ftcli.forward import loss_sums
 from ftcli.models import load_recipe_base, load_tokenizer, load_trained
 from ftcli.pipeline import train_run
 from ftcli.recipe import recipe_from_mapping
@@ -393,7 +393,7 @@ def test_predict_and_generate_with_each_kind(tmp_path, tiny_models, tiny_data, k
     """`ftcli predict` / chat's predictor load every kind from its run folder: class probabilities
     equal the trained model's own, and a causal LM answers."""
     from ftcli.data.tokenize import tokenize
-    from ftcli.evaluation.forward import class_probabilities
+    from ftcli.forward import class_probabilities
     from ftcli.serve.predictor import load_predictor
 
     method = {

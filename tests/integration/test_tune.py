@@ -105,7 +105,7 @@ def test_study_runs_prunes_writes_best_and_scores_test_once(
 
 def test_interrupted_trial_resumes_from_its_checkpoint(tmp_path, tiny_models, tiny_data, capsys):
     """Ctrl-C inside a trial: the checkpoint is kept and the trial stays open; --resume ends it."""
-    import ftcli.train as train_mod
+    import ftcli.train.loop as train_mod  # where the loop looks evaluate_loss up
     from ftcli.recipe import recipe_from_mapping
     from ftcli.tune import open_study, tune
     from ftcli.ui import UI

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ftcli.data.tokenize import IGNORE_INDEX, PAD_MULTIPLE, collate, pack, pack_rows
-from ftcli.evaluation.forward import loss_sums, supervised_cross_entropy, token_cross_entropy
+from ftcli.forward import loss_sums, supervised_cross_entropy, token_cross_entropy
 
 
 def _features(vocab: int, n: int = 6, seed: int = 0) -> list[dict]:

@@ -110,7 +110,7 @@ def test_the_loss_term_is_what_the_loss_holds_at_its_peak(tmp_path, loss_path, d
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ftcli.evaluation.forward import CE_CHUNK, supervised_cross_entropy
+    from ftcli.forward import CE_CHUNK, supervised_cross_entropy
     from ftcli.memory.setup import LOSS_CHUNK
 
     assert LOSS_CHUNK == CE_CHUNK

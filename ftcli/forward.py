@@ -1,7 +1,8 @@
-"""Forward passes for scoring: class probabilities, per-token losses (the one shifted
-cross-entropy that training, evaluation and ensembles share) and bounded generation.
+"""The forward passes training, evaluation and serving share: the loss (the one shifted
+cross-entropy, chunked so the full logits never exist), class probabilities, per-token losses and
+bounded generation. A base module: it imports nothing from evaluation/ or train/.
 
-Batches are sorted by length so padding stays small; results come back in the caller's order.
+Scoring batches are sorted by length so padding stays small; results come back in the caller's order.
 """
 
 from __future__ import annotations
