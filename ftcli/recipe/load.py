@@ -31,6 +31,35 @@ from ftcli.recipe.schema import DataSpec, Recipe
 from ftcli.recipe.suggest import _problem_from_error
 
 
+class _HugeInt(yaml.constructor.ConstructorError):
+    """Valid YAML whose integer Python will not read: reported without "not valid YAML"."""
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` whose integers past Python's int-string limit (4300 digits) are a YAML
+    error at their line, instead of the ValueError that ``int()`` raises from inside PyYAML."""
+
+    def construct_yaml_int(self, node):
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:
+            digits = sum(c.isdigit() for c in str(node.value))
+            raise _HugeInt(
+                None,
+                None,
+                f"an integer of {digits} digits (more than Python reads, and more than any recipe "
+                "value needs)",
+                node.start_mark,
+            ) from None
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+
+
+def _safe_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _is_float_string(value: Any) -> bool:
     return isinstance(value, str) and bool(
         re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value)
@@ -129,7 +158,12 @@ def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
             f"--set {text!r}: {key!r} is not a dotted key", hint="for example method.r=16"
         )
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _safe_load(raw) if raw.strip() else ""
+    except _HugeInt as exc:
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        raise FtcliError(
+            f"--set {shown}: {exc.problem}", hint="check the value; no recipe key takes it"
+        ) from None
     except yaml.YAMLError:
         value = raw
     return tuple(key.split(".")), value
@@ -166,13 +200,49 @@ def apply_overrides(data: dict, overrides: list[tuple[tuple[str, ...], Any]]) ->
 
 def _read_yaml(path: Path) -> tuple[Any, dict[tuple[str, ...], int], list[Problem]]:
     """One file's mapping, the line of each key, and its duplicate-key problems."""
-    text = path.read_text(encoding="utf-8")
     file = str(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:  # PermissionError, IsADirectoryError, a vanished file...
+        raise RecipeError(
+            [
+                Problem(
+                    f"cannot read the recipe: {exc.strerror or exc}",
+                    file=file,
+                    hint="check the path and its permissions",
+                )
+            ]
+        ) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise RecipeError(
+            [
+                Problem(
+                    f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})",
+                    file=file,
+                    line=line,
+                    hint="save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)",
+                )
+            ]
+        ) from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         if node is not None:
             _check_size(node, file)
-        data = yaml.safe_load(text)
+        data = _safe_load(text)
+    except _HugeInt as exc:
+        raise RecipeError(
+            [
+                Problem(
+                    exc.problem,
+                    file=file,
+                    line=exc.problem_mark.line + 1,
+                    hint="write the number you mean; no recipe key takes one this long",
+                )
+            ]
+        ) from None
     except RecursionError:
         raise RecipeError(
             [Problem("not valid YAML: nested too deeply", file=file, hint="flatten it")]
@@ -274,6 +344,11 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     path = Path(path)
     if path.is_dir() and (path / "recipe.yaml").is_file():
         path = path / "recipe.yaml"  # a run folder: its resolved recipe
+    if path.is_dir():
+        raise FtcliError(
+            f"{path} is a folder without a recipe.yaml",
+            hint="give the recipe's YAML file, or a run folder (it holds recipe.yaml)",
+        )
     if not path.is_file():
         names = {p.stem.lower(): p.stem for p in bundled_recipes_dir().glob("*.yaml")}
         close = difflib.get_close_matches(path.stem.lower(), list(names), n=1, cutoff=0.6)
