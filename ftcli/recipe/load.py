@@ -24,7 +24,7 @@ import yaml
 from pydantic import ValidationError
 
 from ftcli.errors import FtcliError, Problem, RecipeError
-from ftcli.recipe.applies import _inapplicable
+from ftcli.recipe.applies import METHOD_KEYS, _inapplicable
 from ftcli.recipe.checks import _semantic_problems, _space_entries, _space_problem, _tune_problems
 from ftcli.recipe.origin import RecipeOrigin, _check_size, _node_lines
 from ftcli.recipe.schema import DataSpec, Recipe
@@ -426,15 +426,16 @@ def anchor_paths(
 
 
 def drop_inapplicable(data: dict, overrides: list[tuple[tuple[str, ...], Any]]) -> list[str]:
-    """``--set method.kind=full`` on a LoRA recipe: drop the file's LoRA (and quantization) keys, with
-    a note. Keys given with ``--set`` stay, so an explicit inapplicable value is still an error."""
+    """``--set method.kind=X``: drop the file's method keys that kind X does not read (METHOD_KEYS,
+    the table APPLIES defers to for them; quantization outside qlora), with one note listing
+    them. Keys given with ``--set`` stay, so an explicit inapplicable value is still an error."""
     kind = next((v for p, v in reversed(overrides) if p == ("method", "kind")), None)
     method = data.get("method")
     if not isinstance(kind, str) or not isinstance(method, dict):
         return []
-    gone = (*LORA_KEYS, "quantization") if kind == "full" else ("quantization",)
-    if kind == "qlora":
-        gone = ()
+    gone = [k for k, kinds in METHOD_KEYS.items() if kind not in kinds]
+    if kind != "qlora":
+        gone.append("quantization")
     explicit = {p[1] for p, _ in overrides if len(p) > 1 and p[0] == "method"}
     dropped = [k for k in gone if k in method and k not in explicit]
     for k in dropped:
