@@ -16,6 +16,7 @@ from ftcli.data.examples import (
 from ftcli.data.read import read_source
 from ftcli.errors import FtcliError, Problem, RecipeError, SourceError
 from ftcli.recipe import Recipe
+from ftcli.recipe.checks import model_path_problems
 from ftcli.sources import is_hub_spec
 
 
@@ -116,10 +117,12 @@ def check_recipe(
             raise
         raise RecipeError(exc.problems + data_problems(exc.partial)[0]) from None
     checked, notes = ["schema"], [w.render() for w in r.warnings]
+    problems = model_path_problems(r)  # a local model path that is not there
     if data:
-        problems, done, data_notes = data_problems(r)
-        if problems:
-            raise RecipeError(problems)
+        found, done, data_notes = data_problems(r)
+        problems += found
         checked += done
         notes += data_notes
+    if problems:
+        raise RecipeError(problems)
     return r, checked, notes

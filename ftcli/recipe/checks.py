@@ -463,3 +463,33 @@ def _tune_problems(r: Recipe) -> list[Problem]:
             )
         )
     return p
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def model_path_problems(r: Recipe) -> list[Problem]:
+    """``model.name`` that can only be a local path (``/x``, ``./x``, ``~/x``, ``x.gguf``, ``a/b/c``)
+    and is not there. ``ftcli validate`` runs it; loading does not, so a run folder whose base model
+    has moved still opens."""
+    import os
+    from pathlib import Path
+
+    from ftcli.sources import PKG, looks_local
+
+    name = r.model.name
+    if name.startswith(PKG):
+        return []
+    local = looks_local(name) or (os.sep in name and not _HUB_ID.fullmatch(name))
+    if not local or Path(os.path.expanduser(name)).exists():
+        return []
+    written = r._anchored.get("model.name")
+    where = f" ({written[0]!r} read from {written[1]})" if written else ""
+    return [
+        r.problem(
+            "model.name",
+            f"no such file or folder: {name}{where}",
+            "name a model folder (config.json and weights) or a .gguf file that exists, or a hub "
+            "id such as org/name",
+        )
+    ]

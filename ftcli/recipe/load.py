@@ -24,11 +24,40 @@ import yaml
 from pydantic import ValidationError
 
 from ftcli.errors import FtcliError, Problem, RecipeError
-from ftcli.recipe.applies import _inapplicable
+from ftcli.recipe.applies import METHOD_KEYS, _inapplicable
 from ftcli.recipe.checks import _semantic_problems, _space_entries, _space_problem, _tune_problems
 from ftcli.recipe.origin import RecipeOrigin, _check_size, _node_lines
 from ftcli.recipe.schema import DataSpec, Recipe
 from ftcli.recipe.suggest import _problem_from_error
+
+
+class _HugeInt(yaml.constructor.ConstructorError):
+    """Valid YAML whose integer Python will not read: reported without "not valid YAML"."""
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` whose integers past Python's int-string limit (4300 digits) are a YAML
+    error at their line, instead of the ValueError that ``int()`` raises from inside PyYAML."""
+
+    def construct_yaml_int(self, node):
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:
+            digits = sum(c.isdigit() for c in str(node.value))
+            raise _HugeInt(
+                None,
+                None,
+                f"an integer of {digits} digits (more than Python reads, and more than any recipe "
+                "value needs)",
+                node.start_mark,
+            ) from None
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+
+
+def _safe_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _is_float_string(value: Any) -> bool:
@@ -129,7 +158,12 @@ def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
             f"--set {text!r}: {key!r} is not a dotted key", hint="for example method.r=16"
         )
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _safe_load(raw) if raw.strip() else ""
+    except _HugeInt as exc:
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        raise FtcliError(
+            f"--set {shown}: {exc.problem}", hint="check the value; no recipe key takes it"
+        ) from None
     except yaml.YAMLError:
         value = raw
     return tuple(key.split(".")), value
@@ -166,13 +200,49 @@ def apply_overrides(data: dict, overrides: list[tuple[tuple[str, ...], Any]]) ->
 
 def _read_yaml(path: Path) -> tuple[Any, dict[tuple[str, ...], int], list[Problem]]:
     """One file's mapping, the line of each key, and its duplicate-key problems."""
-    text = path.read_text(encoding="utf-8")
     file = str(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:  # PermissionError, IsADirectoryError, a vanished file...
+        raise RecipeError(
+            [
+                Problem(
+                    f"cannot read the recipe: {exc.strerror or exc}",
+                    file=file,
+                    hint="check the path and its permissions",
+                )
+            ]
+        ) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise RecipeError(
+            [
+                Problem(
+                    f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})",
+                    file=file,
+                    line=line,
+                    hint="save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)",
+                )
+            ]
+        ) from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         if node is not None:
             _check_size(node, file)
-        data = yaml.safe_load(text)
+        data = _safe_load(text)
+    except _HugeInt as exc:
+        raise RecipeError(
+            [
+                Problem(
+                    exc.problem,
+                    file=file,
+                    line=exc.problem_mark.line + 1,
+                    hint="write the number you mean; no recipe key takes one this long",
+                )
+            ]
+        ) from None
     except RecursionError:
         raise RecipeError(
             [Problem("not valid YAML: nested too deeply", file=file, hint="flatten it")]
@@ -274,6 +344,11 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     path = Path(path)
     if path.is_dir() and (path / "recipe.yaml").is_file():
         path = path / "recipe.yaml"  # a run folder: its resolved recipe
+    if path.is_dir():
+        raise FtcliError(
+            f"{path} is a folder without a recipe.yaml",
+            hint="give the recipe's YAML file, or a run folder (it holds recipe.yaml)",
+        )
     if not path.is_file():
         names = {p.stem.lower(): p.stem for p in bundled_recipes_dir().glob("*.yaml")}
         close = difflib.get_close_matches(path.stem.lower(), list(names), n=1, cutoff=0.6)
@@ -351,15 +426,16 @@ def anchor_paths(
 
 
 def drop_inapplicable(data: dict, overrides: list[tuple[tuple[str, ...], Any]]) -> list[str]:
-    """``--set method.kind=full`` on a LoRA recipe: drop the file's LoRA (and quantization) keys, with
-    a note. Keys given with ``--set`` stay, so an explicit inapplicable value is still an error."""
+    """``--set method.kind=X``: drop the file's method keys that kind X does not read (METHOD_KEYS,
+    the table APPLIES defers to for them; quantization outside qlora), with one note listing
+    them. Keys given with ``--set`` stay, so an explicit inapplicable value is still an error."""
     kind = next((v for p, v in reversed(overrides) if p == ("method", "kind")), None)
     method = data.get("method")
     if not isinstance(kind, str) or not isinstance(method, dict):
         return []
-    gone = (*LORA_KEYS, "quantization") if kind == "full" else ("quantization",)
-    if kind == "qlora":
-        gone = ()
+    gone = [k for k, kinds in METHOD_KEYS.items() if kind not in kinds]
+    if kind != "qlora":
+        gone.append("quantization")
     explicit = {p[1] for p, _ in overrides if len(p) > 1 and p[0] == "method"}
     dropped = [k for k in gone if k in method and k not in explicit]
     for k in dropped:

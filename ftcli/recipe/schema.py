@@ -7,6 +7,7 @@ Where each key came from is ``origin.py``'s; validating a mapping into a Recipe 
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,8 +21,33 @@ from ftcli.recipe.origin import RecipeOrigin
 Dtype = Literal["float32", "bfloat16", "float16"]
 
 
+def _numeric(annotation: Any) -> bool:
+    """Whether a field takes numbers only (int, float, optional or in a list/tuple): no bool."""
+    if annotation in (int, float):
+        return True
+    args = [a for a in typing.get_args(annotation) if a is not type(None) and a is not Ellipsis]
+    return bool(args) and typing.get_origin(annotation) is not Literal and all(map(_numeric, args))
+
+
+def _has_bool(value: Any) -> bool:
+    if isinstance(value, list | tuple):
+        return any(map(_has_bool, value))
+    return isinstance(value, bool)
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and nan pass every bound (nan compares false) and fail later, inside training
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, v: Any, info: Any) -> Any:
+        """YAML reads true/yes/on as a boolean, which pydantic would take as the number 1."""
+        if _has_bool(v) and _numeric(cls.model_fields[info.field_name].annotation):
+            raise ValueError(
+                "expects a number, not true/false (YAML reads yes/no/on/off/true/false as booleans)"
+            )
+        return v
 
 
 class HeadSpec(_Section):
@@ -119,7 +145,9 @@ class DataSpec(_Section):
     split: SplitSpec = SplitSpec()
     validation_path: str | None = None
     test_path: str | None = None
-    max_length: int = Field(128, gt=0, description="tokens per example; longer ones are truncated")
+    max_length: int = Field(
+        128, gt=0, le=1_048_576, description="tokens per example; longer ones are truncated"
+    )
     max_train_examples: int | None = Field(None, gt=0)
     max_validation_examples: int | None = Field(None, gt=0)
     max_test_examples: int | None = Field(None, gt=0)
@@ -193,7 +221,7 @@ class MethodSpec(_Section):
     """How the model is adapted: full fine-tuning, LoRA (and variants), QLoRA, or another peft method."""
 
     kind: Literal["full", "lora", "qlora", "ia3", "prefix", "prompt", "ptuning", "vera"]
-    r: int = Field(8, gt=0, description="LoRA rank")
+    r: int = Field(8, gt=0, le=4096, description="LoRA rank")
     alpha: float = Field(
         16.0, gt=0, description="LoRA scale numerator: the update is (alpha/r) B A"
     )
@@ -286,7 +314,7 @@ class EarlyStoppingSpec(_Section):
 
 
 class TrainSpec(_Section):
-    epochs: float = Field(1.0, gt=0)
+    epochs: float = Field(1.0, gt=0, le=10_000)
     max_steps: int | None = Field(
         None,
         ge=0,

@@ -134,6 +134,11 @@ def _problem_from_error(err: dict, origin: RecipeOrigin) -> Problem:
         )
     if kind == "model_type" and _section_at(loc) is not None:
         return _section_given_a_value(loc, err.get("input"), origin)
+    hint = None
+    if kind == "finite_number":
+        hint = "write a finite number (.inf and .nan are YAML's infinity and not-a-number)"
+    elif kind == "less_than_equal":
+        hint = f"{err.get('ctx', {}).get('le')} is beyond any real run: is there an extra digit?"
     message = err["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
@@ -141,7 +146,7 @@ def _problem_from_error(err: dict, origin: RecipeOrigin) -> Problem:
     if not isinstance(got, dict | list) and got is not None:
         shown = repr(got)
         message = f"{message} (got {shown if len(shown) <= 80 else shown[:77] + '...'})"
-    return origin.problem(key, message[0].lower() + message[1:])
+    return origin.problem(key, message[0].lower() + message[1:], hint)
 
 
 def _did_you_mean(got: Any, choices: list[str]) -> str | None:

@@ -163,6 +163,100 @@ def test_yaml_shapes_validate_or_fail_cleanly(tmp_path, shape, capsys):
         assert "expands to more than" in err
 
 
+def _leaf_keys(doc) -> list[tuple]:
+    """Dotted keys whose value is a number (not a bool) in a bundled recipe: where the faults go."""
+    return [
+        k
+        for k in _paths(doc)
+        if isinstance(v := _get_parent(doc, k)[k[-1]], int | float) and not isinstance(v, bool)
+    ]
+
+
+NUMBER_FAULTS = st.sampled_from(
+    [
+        ("inf", ".inf", "finite number"),
+        ("-inf", "-.inf", "finite number"),
+        ("nan", ".nan", "finite number"),
+        ("bool", "true", "not true/false"),
+        ("yes", "yes", "not true/false"),
+        ("huge-int", "9" * 4400, "an integer of 4400 digits"),
+    ]
+)
+
+
+@fuzz(60)
+@given(data=st.data(), fault=NUMBER_FAULTS)
+def test_number_faults_are_one_error_naming_the_key(tmp_path_factory, data, fault, capsys):
+    """inf/nan, YAML booleans and integers past Python's digit limit where a bundled recipe has a
+    number: exit 1 and one problem line that names the key (or, for the huge integer, the line)."""
+    name, literal, says = fault
+    path = data.draw(st.sampled_from(RECIPES))
+    doc = yaml.safe_load(path.read_text())
+    keys = [k for k in _leaf_keys(doc) if k[0] != "tune"]
+    if not keys:
+        return
+    key = data.draw(st.sampled_from(keys))
+    _get_parent(doc, key)[key[-1]] = "__FAULT__"
+    text = yaml.safe_dump(doc, sort_keys=False).replace("'__FAULT__'", "__FAULT__")
+    text = text.replace("__FAULT__", literal)
+    code, err = _validate(tmp_path_factory.mktemp("fz"), text, capsys)
+    _check_outcome(code, err, f"{name} at {'.'.join(key)}")
+    assert code == 1, f"{name} at {'.'.join(key)} was accepted"
+    assert err.startswith("error: 1 problem in the recipe:\n"), err[:2000]
+    line = err.splitlines()[1]
+    assert says in line or "is not one of" in line, err[:2000]  # a Literal lists its choices
+    if name != "huge-int":  # a YAML-level fault is located by its line only
+        assert f": {'.'.join(key)}: " in line, err[:2000]
+    assert len(err) < 2000  # the value itself is not echoed in full
+    OUTCOMES[f"recipe number fault {name}: exit 1"] += 1
+
+
+@fuzz(40)
+@given(
+    raw=st.binary(min_size=1, max_size=200).filter(lambda b: not _utf8(b)),
+    where=st.sampled_from(["start", "name"]),
+)
+def test_non_utf8_recipes_are_one_located_error(tmp_path_factory, raw, where, capsys):
+    text = RECIPES[0].read_bytes()
+    blob = raw + text if where == "start" else text.replace(b"name: ", b"name: " + raw, 1)
+    path = tmp_path_factory.mktemp("fz") / "r.yaml"
+    path.write_bytes(blob)
+    from ftcli.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["validate", str(path), "--no-data"])
+    err = capsys.readouterr().err
+    _check_outcome(exc.value.code, err, f"non-utf8 {raw[:20]!r}")
+    assert exc.value.code == 1
+    assert re.search(rf"^  {re.escape(str(path))}:\d+: not UTF-8 text \(byte 0x", err, re.M), err
+    OUTCOMES["recipe non-utf8 bytes: exit 1"] += 1
+
+
+def _utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+@fuzz(20)
+@given(
+    key=st.sampled_from(["method.r", "train.batch_size", "train.epochs", "data.max_length"]),
+    literal=st.sampled_from(["9" * 4400, ".inf", ".nan", "true", "off"]),
+)
+def test_set_number_faults_are_one_error(tmp_path_factory, key, literal, capsys):
+    from ftcli.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["validate", "quickstart", "--no-data", "--set", f"{key}={literal}"])
+    err = capsys.readouterr().err
+    _check_outcome(exc.value.code, err, f"--set {key}={literal[:10]}")
+    assert exc.value.code == 1 and len(err) < 2000, err[:2000]
+    assert key in err
+    OUTCOMES["recipe --set number fault: exit 1"] += 1
+
+
 # --------------------------------------------------------------------------- data files
 
 
