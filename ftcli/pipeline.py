@@ -320,8 +320,9 @@ def _prepare_stage(recipe: Recipe, acc, ui: UI, timings: dict):
     prepared = prepare(recipe)
     if recipe.data.augment and recipe.data.augment.paraphrase:
         from ftcli.data.paraphrase import add_paraphrases
+        from ftcli.serve.predictor import load_predictor
 
-        prepared = add_paraphrases(prepared, recipe, ui)
+        prepared = add_paraphrases(prepared, recipe, load_predictor, ui)
     tokenized = {
         s: tokenize(prepared.splits[s], recipe, tokenizer, prepared.label2id) for s in SPLITS
     }

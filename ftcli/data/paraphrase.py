@@ -9,6 +9,7 @@ pipeline calls this right after ``prepare`` (it needs a model, which data/ does 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 from ftcli.data.augment import get_field, rewritable, with_field
@@ -34,11 +35,13 @@ def _same(a: str, b: str) -> bool:
     return " ".join(a.casefold().split()) == " ".join(b.casefold().split())
 
 
-def add_paraphrases(prepared: PreparedData, recipe: Recipe, ui=None) -> PreparedData:
+def add_paraphrases(
+    prepared: PreparedData, recipe: Recipe, load_predictor: Callable, ui=None
+) -> PreparedData:
     """``prepared`` with paraphrased copies of its original training examples appended (marked
-    ``{"augmented": {"op": "paraphrase", "of": i}}``) and counted in ``stats["augmented"]``."""
-    from ftcli.serve.predictor import load_predictor
-
+    ``{"augmented": {"op": "paraphrase", "of": i}}``) and counted in ``stats["augmented"]``.
+    ``load_predictor`` (serve's, passed in by the pipeline: data/ does not reach up into serve/)
+    loads the paraphrasing and filtering models by name."""
     spec = recipe.data.augment
     para = spec.paraphrase
     train = prepared.splits["train"]

@@ -53,7 +53,7 @@ def test_paraphrases_come_from_the_causal_lm_and_are_filtered(
     }
     recipe = recipe_from_mapping(m)
     prepared = prepare(recipe)
-    out = add_paraphrases(prepared, recipe)
+    out = add_paraphrases(prepared, recipe, load_predictor)
     train = prepared.splits["train"]
     assert out.splits["validation"] == prepared.splits["validation"]
     assert out.splits["test"] == prepared.splits["test"]

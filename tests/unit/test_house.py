@@ -76,6 +76,23 @@ def test_no_import_cycles():
     assert cycle is None, " -> ".join(cycle)
 
 
+def test_the_lower_rooms_never_import_the_upper_ones():
+    """data/, forward.py and recipe/ serve training, evaluation and serving; none of them may
+    reach up into serve/, train/, evaluation/ or the pipeline (data/paraphrase.py once loaded its
+    model through serve/: the pipeline now passes the loader in)."""
+    upper = ("ftcli.serve", "ftcli.train", "ftcli.evaluation", "ftcli.pipeline", "ftcli.cli")
+    lower = ("ftcli.data", "ftcli.forward", "ftcli.recipe")
+    graph = import_graph()
+    wrong = sorted(
+        (m, t)
+        for m, targets in graph.items()
+        if m.startswith(lower)
+        for t in targets
+        if t.startswith(upper)
+    )
+    assert not wrong, wrong
+
+
 def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
