@@ -372,9 +372,17 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         if is_disk_full(exc, target.parent):
             raise disk_full_error(target) from None
         raise
+    with _completing(tmp, target):
+        yield tmp
+
+
+@contextlib.contextmanager
+def _completing(tmp: Path, target: Path) -> Iterator[None]:
+    """Around the writing of ``tmp``: then flush it and put it at ``target`` in one step. On any
+    error ``tmp`` is removed and ``target`` kept; a full disk is one message naming the file."""
     try:
         try:
-            yield tmp
+            yield
             follow_umask(tmp)
             _fsync_tree(tmp)
             _fsync_folders(tmp)
@@ -460,21 +468,10 @@ def seal_dir(
     never missing). On any error ``tmp`` is removed and ``target`` kept; a full disk is one
     message naming the file that did not fit."""
     tmp, target = Path(tmp), Path(target)
-    try:
+    with _completing(tmp, target):
         if write is not None:
             write(tmp)
         write_json(tmp / record, {**data, "sha256": tree_hashes(tmp)})
-        follow_umask(tmp)
-        _fsync_tree(tmp)
-        _fsync_folders(tmp)
-        replace_dir(tmp, target)
-    except BaseException as exc:
-        if is_disk_full(exc, tmp):
-            raise disk_full_error(target, _unwritten(exc, tmp, target)) from None
-        raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
