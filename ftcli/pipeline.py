@@ -47,6 +47,7 @@ from ftcli.rundir import (
 )
 from ftcli.runlock import check_writable, run_lock
 from ftcli.sources import trusting
+from ftcli.testpoints import PAUSE, pause
 from ftcli.tracking import finish as finish_tracking
 from ftcli.tracking import start as start_tracking
 from ftcli.tracking import trackers
@@ -454,6 +455,8 @@ def _merge_stage(recipe: Recipe, acc, test_feats, log: RunLog, ui: UI) -> None:
     ui.step("merge    adapter into the base, verified")
     run_dir = recipe.run_dir
     with log.stage("merge"):
+        if PAUSE:
+            pause("merge")
         if acc.is_main_process:
             merged = merge(
                 run_dir / "adapter",

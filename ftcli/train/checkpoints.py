@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from ftcli.distributed import is_sharded
 from ftcli.errors import FtcliError
 from ftcli.rundir import write_model_record
+from ftcli.testpoints import PAUSE, pause
 from ftcli.util import (
     atomic_dir,
     check_hashes,
@@ -40,6 +41,8 @@ def save_checkpoint(ckpt_root: Path, model, optimizer, scheduler, state: dict, k
     """Trainable weights (safetensors), optimizer, scheduler and RNG states, and the loop position."""
     target = ckpt_root / f"step-{state['global_step']:07d}"
     with atomic_dir(target) as tmp:
+        if PAUSE:
+            pause("checkpoint")
         save_file(trainable_state(model, optimizer), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")

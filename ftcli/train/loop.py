@@ -26,6 +26,7 @@ from ftcli.models import pads_left
 from ftcli.recipe import Recipe, TrainSpec
 from ftcli.rundir import model_record_for
 from ftcli.strategies import unfreezing
+from ftcli.testpoints import PAUSE, pause
 from ftcli.train.batching import (
     collator,
     epoch_batches,
@@ -575,6 +576,8 @@ def train(
                         metrics_path=metrics_path,
                         progress=progress,
                     )
+                    if PAUSE:
+                        pause(f"step:{step}")
                 elif progress:
                     progress.update(step)
                 if val_loader is not None and (step % eval_every == 0 or step == total_steps):

@@ -11,6 +11,7 @@ import torch
 
 from ftcli.forward import loss_sums
 from ftcli.recipe import Recipe
+from ftcli.testpoints import PAUSE, pause
 from ftcli.util import append_jsonl
 
 
@@ -26,6 +27,8 @@ def evaluate_loss(accelerator, model, loader, task: str) -> float:
                 s, c = loss_sums(model, batch, task)
             total += s.double()
             count += c.double()
+            if PAUSE:
+                pause("validation")
     total = accelerator.reduce(total, "sum")
     count = accelerator.reduce(count, "sum")
     if was_training:

@@ -1,8 +1,9 @@
 """kill -9 at several points of a run (mid-step, mid-checkpoint-write, mid-validation, mid-merge),
 then --resume: the final weights, metrics and test scores equal an uninterrupted run's bit for bit
 (CPU, one thread on both sides), no half-written checkpoint is ever used, and run.json says what
-happened. The points are observed from outside (a metrics row, a temporary checkpoint folder, a
-line on stderr), as a user's kill would land: nothing in ftcli knows it is being tested."""
+happened. Each kill lands at its point deterministically: the run is started with a test-only
+pause point (``ftcli.testpoints``) and killed while it waits there, as a user's kill could land.
+"""
 
 from __future__ import annotations
 
@@ -39,11 +40,18 @@ def _env() -> dict:
     return env
 
 
-def _start(recipe: Path, *extra: str, log: Path) -> subprocess.Popen:
+def _start(
+    recipe: Path, *extra: str, log: Path, pause: str | None = None, marker: Path | None = None
+) -> subprocess.Popen:
+    """``ftcli train recipe`` in a child process; with ``pause``, it waits at that test point
+    (``ftcli.testpoints``) after writing ``marker``."""
     cmd = [sys.executable, "-m", "ftcli", "train", str(recipe), "--json", *extra]
+    env = _env()
+    if pause:
+        env.update(FTCLI_TEST_PAUSE=pause, FTCLI_TEST_PAUSE_FILE=str(marker))
     return subprocess.Popen(
         cmd,
-        env=_env(),
+        env=env,
         stdout=subprocess.DEVNULL,
         stderr=open(log, "w"),  # noqa: SIM115 (the child owns it)
         cwd=recipe.parent,
@@ -57,59 +65,31 @@ def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
-def _kill_when(proc: subprocess.Popen, seen, timeout: float = 240) -> str | None:
-    """SIGKILL ``proc`` the moment ``seen()`` returns a description; None if it ended first."""
+def _paused(proc: subprocess.Popen, marker: Path, log: Path, timeout: float = 240) -> str:
+    """Wait until ``proc`` waits at its pause point; the point's name (as it wrote it)."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
-        what = seen()
-        if what:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return what
+        if marker.exists():
+            return marker.read_text()
         if proc.poll() is not None:
-            return None
-        time.sleep(0.001)
+            raise AssertionError(
+                f"the run ended before its pause point:\n{log.read_text()[-3000:]}"
+            )
+        time.sleep(0.01)
     proc.kill()
-    raise AssertionError("the run neither reached the kill point nor ended")
+    raise AssertionError("the run did not reach its pause point")
 
 
-def _mid_step(run_dir: Path):
-    def seen():
-        steps = [r["step"] for r in _rows(run_dir) if "loss" in r]
-        return f"training, after step {steps[-1]}" if steps and steps[-1] >= 3 else None
-
-    return seen
-
-
-def _mid_checkpoint(run_dir: Path):
-    root = run_dir / "checkpoints"
-    before = set(root.glob(".step-*.tmp-*"))  # a killed process's leftovers are not this write
-
-    def seen():
-        tmp = sorted(set(root.glob(".step-*.tmp-*")) - before) if root.exists() else []
-        return f"writing checkpoint {tmp[0].name}" if tmp else None
-
-    return seen
+def same_files(a_dir: Path, b_dir: Path, sub: str) -> None:
+    """The safetensors file ``sub`` holds the same tensors, bit for bit, under both folders."""
+    a, b = load_file(str(a_dir / sub)), load_file(str(b_dir / sub))
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not (a[k].dtype == b[k].dtype and (a[k] == b[k]).all())]
+    assert not differ, f"{sub}: {differ[:5]} differ"
 
 
-def _mid_validation(run_dir: Path, eval_every: int):
-    def seen():
-        rows = _rows(run_dir)
-        if rows and "loss" in rows[-1] and rows[-1]["step"] % eval_every == 0:
-            return f"validating at step {rows[-1]['step']}"
-        return None
-
-    return seen
-
-
-def _mid_merge(log: Path, run_dir: Path):
-    def seen():
-        if (run_dir / "merged").exists():
-            return None
-        text = log.read_text() if log.exists() else ""
-        return "merging" if "merge    adapter" in text else None
-
-    return seen
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
 
 def test_kill_9_anywhere_then_resume_equals_the_uninterrupted_run(
@@ -134,22 +114,15 @@ def test_kill_9_anywhere_then_resume_equals_the_uninterrupted_run(
 
     run_dir = broken_dir / "runs" / "crash"
     recipe = broken_dir / "recipe.yaml"
-    points = [
-        ("mid-step", lambda log: _mid_step(run_dir)),
-        ("mid-checkpoint-write", lambda log: _mid_checkpoint(run_dir)),
-        ("mid-validation", lambda log: _mid_validation(run_dir, eval_every)),
-        ("mid-merge", lambda log: _mid_merge(log, run_dir)),
-    ]
-    kills = []
-    for i, (name, when) in enumerate(points):
-        log = tmp_path / f"broken-{i}.log"
-        proc = _start(recipe, *(["--resume"] if i else []), log=log)
+    # each run resumes the last one: step 3's row; the step-4 checkpoint (step 2 resumed); the
+    # validation at step 6 (step 2 resumed again); the merge (step 4 resumed, trained to the end)
+    points = ["step:3", "checkpoint", "validation", "merge"]
+    for i, point in enumerate(points):
+        log, marker = tmp_path / f"broken-{i}.log", tmp_path / f"pause-{i}"
+        proc = _start(recipe, *(["--resume"] if i else []), log=log, pause=point, marker=marker)
+        assert _paused(proc, marker, log) == point
         if i == 0:
             # two runs, one folder: while this one holds it, a second refuses in one line
-            lock = run_dir.parent / ".crash.lock"
-            t0 = time.monotonic()
-            while not lock.exists() and time.monotonic() - t0 < 120:
-                time.sleep(0.01)
             from ftcli.cli import main
 
             with pytest.raises(SystemExit) as exc:
@@ -157,24 +130,22 @@ def test_kill_9_anywhere_then_resume_equals_the_uninterrupted_run(
             err = capsys.readouterr().err
             assert exc.value.code == 1
             assert f"is in use by another ftcli train (pid {proc.pid}" in err, err
-        what = _kill_when(proc, when(log))
-        kills.append((name, what))
-        if what is None:
-            continue  # the run got past this point before it was seen: the next one is tried
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
         rec = json.loads((run_dir / "run.json").read_text())
         assert rec["status"] == "running"  # a killed process cannot write; the reader knows:
         from ftcli.rundir import read_run_record
 
         assert read_run_record(run_dir).status == "killed"
-        if name == "mid-checkpoint-write":  # the half-written one is left behind, never used
-            assert list((run_dir / "checkpoints").glob(".step-*.tmp-*"))
-        if name == "mid-validation":
-            step = int(what.rsplit(" ", 1)[1])
-            assert not any(
-                r.get("val_loss") is not None and r["step"] == step for r in _rows(run_dir)
-            )
-    print("kill points:", kills)
-    assert sum(1 for _, w in kills if w) >= 3, kills  # the kills really landed
+        if point == "step:3":
+            assert [r["step"] for r in _rows(run_dir) if "loss" in r][-1] == 3
+        if point == "checkpoint":  # the half-written one is left behind, never used
+            assert list((run_dir / "checkpoints").glob(".step-0000004.tmp-*"))
+        if point == "validation":
+            assert _rows(run_dir)[-1]["step"] == eval_every
+            assert not any(r.get("val_loss") is not None for r in _rows(run_dir))
+        if point == "merge":
+            assert (run_dir / "adapter").exists() and not (run_dir / "merged").exists()
     final = _start(recipe, "--resume", log=tmp_path / "final.log")
     assert final.wait(timeout=300) == 0, (tmp_path / "final.log").read_text()[-3000:]
     assert "took over the lock" in (tmp_path / "final.log").read_text()
@@ -182,21 +153,14 @@ def test_kill_9_anywhere_then_resume_equals_the_uninterrupted_run(
     s_dir = straight_dir / "runs" / "crash"
 
     for sub in ("adapter/adapter_model.safetensors", "merged/model.safetensors"):
-        a, b = load_file(str(s_dir / sub)), load_file(str(run_dir / sub))
-        assert a.keys() == b.keys()
-        differ = [k for k in a if not (a[k].dtype == b[k].dtype and (a[k] == b[k]).all())]
-        assert not differ, f"{sub}: {differ[:5]} differ"
-
-    def strip(rows):
-        return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
-
-    assert strip(_rows(run_dir)) == strip(_rows(s_dir))  # every loss, lr and val_loss, exactly
+        same_files(s_dir, run_dir, sub)
+    # every loss, lr and val_loss, exactly
+    assert without_timing(_rows(run_dir)) == without_timing(_rows(s_dir))
     rs = json.loads((s_dir / "run.json").read_text())
     rb = json.loads((run_dir / "run.json").read_text())
     assert rb["eval"]["metrics"] == rs["eval"]["metrics"]
     assert rb["status"] == "completed" and "error" not in rb
-    landed = [w for _, w in kills if w]
-    assert len(rb["resumes"]) == len(landed)
+    assert len(rb["resumes"]) == len(points)
     assert all(r["found_status"] == "killed" for r in rb["resumes"])
     assert "resumes" not in rs and rs["effective_batch_size"] == 4
     assert not list(run_dir.rglob(".*.tmp-*")) and not (run_dir.parent / ".crash.lock").exists()
