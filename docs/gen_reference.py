@@ -20,24 +20,13 @@ PAGE = "reference.md"
 INTRO = """# Recipe reference
 
 Every key a recipe accepts, generated from the schema the loader validates with
-(`ftcli/recipe/`: the pydantic models in schema.py and the `APPLIES` table in applies.py), so this page lists exactly
-what `ftcli validate` accepts. A key set where it does nothing is an error ("only applies to
+(`ftcli/recipe/`: the pydantic models in schema.py, the `APPLIES` table in applies.py), so this
+page lists exactly what `ftcli validate` accepts. A key set where it does nothing is an error ("only applies to
 ..."), or a warning where the table says so; how recipes are read, layered and overridden is in
 [Recipes](recipes.md).
 
 Sections: {sections}.
 """
-
-
-def _model(annotation) -> type[BaseModel] | None:
-    """The section model inside an annotation (``X``, ``X | None``), else None."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _model(arg)
-        if found is not None:
-            return found
-    return None
 
 
 def _type(annotation) -> str:
@@ -97,9 +86,11 @@ def _cell(text: str) -> str:
 
 def _sections(cls: type[BaseModel], prefix: str = ""):
     """(dotted section name, model) for the recipe and every nested section, depth first."""
+    from ftcli.recipe.suggest import section_model
+
     yield prefix, cls
     for name, field in cls.model_fields.items():
-        sub = _model(field.annotation)
+        sub = section_model(field.annotation)
         if sub is not None:
             yield from _sections(sub, f"{prefix}.{name}" if prefix else name)
 

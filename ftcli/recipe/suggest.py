@@ -37,11 +37,12 @@ ALIASES = {
 }
 
 
-def _unwrap(annotation: Any) -> type[BaseModel] | None:
+def section_model(annotation: Any) -> type[BaseModel] | None:
+    """The section model inside an annotation (``X``, ``X | None``), else None."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in typing.get_args(annotation):
-        found = _unwrap(arg)
+        found = section_model(arg)
         if found is not None:
             return found
     return None
@@ -52,7 +53,7 @@ def _section_at(path: tuple[str, ...]) -> type[BaseModel] | None:
     for part in path:
         if cls is None or part not in cls.model_fields:
             return None
-        cls = _unwrap(cls.model_fields[part].annotation)
+        cls = section_model(cls.model_fields[part].annotation)
     return cls
 
 
@@ -61,7 +62,7 @@ def _all_keys(cls: type[BaseModel] = None, prefix: tuple[str, ...] = ()) -> list
     keys = []
     for name, field in cls.model_fields.items():
         keys.append((*prefix, name))
-        sub = _unwrap(field.annotation)
+        sub = section_model(field.annotation)
         if sub is not None:
             keys.extend(_all_keys(sub, (*prefix, name)))
     return keys
