@@ -10,13 +10,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ftcli.data.rows import lengths_of, take
 from ftcli.data.tokenize import IGNORE_INDEX, collate
 from ftcli.models import pads_left
 
 
 def length_batches(features: list[dict], batch_size: int):
     """Index groups of ``batch_size``, shortest examples first."""
-    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+    lengths = lengths_of(features)  # the length column when Arrow-backed: no row is decoded
+    order = sorted(range(len(features)), key=lambda i: lengths[i])
     for start in range(0, len(order), batch_size):
         yield order[start : start + batch_size]
 
@@ -110,7 +112,7 @@ def loss_sums(model, batch: dict, task: str):
 
 
 def _forward(model, features: list[dict], idx: list[int], pad_id: int, device):
-    batch = collate([features[i] for i in idx], pad_id, pads_left(model))
+    batch = collate(take(features, idx), pad_id, pads_left(model))
     out = model(
         input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
     )
@@ -118,7 +120,7 @@ def _forward(model, features: list[dict], idx: list[int], pad_id: int, device):
 
 
 def _token_ce(model, features: list[dict], idx: list[int], pad_id: int, device):
-    batch = collate([features[i] for i in idx], pad_id)
+    batch = collate(take(features, idx), pad_id)
     return supervised_cross_entropy(model, {k: v.to(device) for k, v in batch.items()})
 
 

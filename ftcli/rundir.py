@@ -15,8 +15,6 @@ of a method's settings come from the recipe schema, never restated here.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from ftcli.data.examples import PreparedData, load_prepared
+from ftcli.data.rows import jsonl_digest
 from ftcli.errors import FtcliError
 from ftcli.recipe import MethodSpec, ModelSpec, QuantSpec, Recipe, load_recipe
 from ftcli.util import read_json, write_json
@@ -396,8 +395,7 @@ def check_same_data(prepared: PreparedData, data_dir: Path) -> None:
         else {}
     )
     for name, rows in prepared.splits.items():
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        if saved.get(name) and hashlib.sha256(text.encode()).hexdigest() != saved[name]:
+        if saved.get(name) and jsonl_digest(rows) != saved[name]:
             raise FtcliError(
                 f"the {name} split differs from the one this run started with: the data changed",
                 hint="restore the original data, or start a new run (--force or --set name=NEW)",

@@ -8,15 +8,19 @@ import difflib
 import hashlib
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ftcli.data.read import read_source
+from ftcli.data.rows import Rows, Scratch, TableWriter, jsonl_digest
 from ftcli.errors import DataError, RecipeError, SourceError
 from ftcli.recipe import DataSpec, Recipe
 from ftcli.sources import resolve_data
-from ftcli.util import atomic_write_text, read_json, read_jsonl, write_jsonl
+from ftcli.util import atomic_file, atomic_write_text, read_json, read_jsonl
 
 SPLITS = ("train", "validation", "test")
 
@@ -81,8 +85,9 @@ def check_columns(recipe: Recipe, records: list[dict], source: str) -> None:
         raise RecipeError(problems)
 
 
-def to_examples(recipe: Recipe, records: list[dict]) -> list[dict]:
-    """Records -> canonical examples: {"text","label"} | {"text"} | {"prompt","completion"} | {"messages"}."""
+def to_examples(recipe: Recipe, records: list[dict], start: int = 0) -> list[dict]:
+    """Records -> canonical examples: {"text","label"} | {"text"} | {"prompt","completion"} | {"messages"}.
+    ``start``: how many records of the source came before these (for the record number in errors)."""
     d = recipe.data
     if recipe.task == "classification":
         return [
@@ -125,7 +130,7 @@ def to_examples(recipe: Recipe, records: list[dict]) -> list[dict]:
             isinstance(m, dict) and "role" in m and "content" in m for m in msgs
         ):
             raise DataError(
-                f"record {i + 1}: {d.messages_column!r} must be a list of {{role, content}} messages",
+                f"record {start + i + 1}: {d.messages_column!r} must be a list of {{role, content}} messages",
                 hint='for example [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]',
             )
         out.append(
@@ -232,15 +237,23 @@ def _filter_labels(
 
 
 def _split_off(
-    examples: list[dict], fraction: float, seed: int, stratify: bool, name: str, asked: float
-) -> tuple[list[dict], list[dict]]:
-    """(rest, held) with ``fraction`` of the examples held out, stratified by label when possible.
-    ``name`` and ``asked`` (the recipe's data.split.<name>) word the error."""
-    if fraction <= 0 or not examples:
-        return examples, []
-    n_held = max(1, round(len(examples) * fraction))
-    if n_held >= len(examples):
-        n = len(examples)
+    idx: np.ndarray,
+    labels: list | None,
+    fraction: float,
+    seed: int,
+    stratify: bool,
+    name: str,
+    asked: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rest, held): row indices, with ``fraction`` of ``idx`` held out, stratified by ``labels``
+    (one per index) when possible. The same draw as splitting the examples themselves:
+    train_test_split's choice depends only on their number and labels. ``name`` and ``asked`` (the
+    recipe's data.split.<name>) word the error."""
+    if fraction <= 0 or not len(idx):
+        return idx, idx[:0]
+    n_held = max(1, round(len(idx) * fraction))
+    if n_held >= len(idx):
+        n = len(idx)
         raise DataError(
             f"only {n} example{'' if n == 1 else 's'} left to split: too few to hold out a "
             f"{name} split (data.split.{name}: {asked:g}) and still train on something",
@@ -248,33 +261,35 @@ def _split_off(
         )
     from sklearn.model_selection import train_test_split
 
-    labels = [e.get("label") for e in examples]
-    counts = collections.Counter(labels)
+    counts = collections.Counter(labels) if labels is not None else {}
     can_stratify = (
         stratify
-        and labels[0] is not None
+        and labels is not None
         and min(counts.values()) >= 2
         and n_held >= len(counts)
-        and len(examples) - n_held >= len(counts)
+        and len(idx) - n_held >= len(counts)
     )
     rest, held = train_test_split(
-        examples, test_size=n_held, random_state=seed, stratify=labels if can_stratify else None
+        idx, test_size=n_held, random_state=seed, stratify=labels if can_stratify else None
     )
-    return list(rest), list(held)
+    return rest, held
 
 
-def _cap(examples: list[dict], limit: int | None, seed: int) -> list[dict]:
-    if limit is None or len(examples) <= limit:
-        return examples
-    idx = sorted(random.Random(seed).sample(range(len(examples)), limit))
-    return [examples[i] for i in idx]
+def _cap(idx, limit: int | None, seed: int):
+    """At most ``limit`` of ``idx`` (a seeded sample, in their order)."""
+    if limit is None or len(idx) <= limit:
+        return idx
+    keep = sorted(random.Random(seed).sample(range(len(idx)), limit))
+    if isinstance(idx, np.ndarray):
+        return idx[keep]
+    return [idx[i] for i in keep]
 
 
 @dataclass(frozen=True)
 class PreparedData:
     """The splits (canonical examples), the label map and what happened on the way."""
 
-    splits: dict[str, list[dict]]
+    splits: dict[str, Sequence[dict]]  # Rows (Arrow) or lists of example dicts
     labels: list[str] | None
     stats: dict = field(default_factory=dict)
 
@@ -324,22 +339,196 @@ def load_examples(recipe: Recipe, spec: str, counts: CleanCounts) -> list[dict]:
     return clean(examples, recipe.data, counts)
 
 
-def prepare(recipe: Recipe) -> PreparedData:
-    """Read, clean and split the data (``save_prepared`` writes it to the run's data/ folder)."""
+# --------------------------------------------------------------------------- prepare, on Arrow
+
+# A 16-byte hash of each canonical example (its ``_key``) stands for it in deduplication, the
+# cross-split overlap checks and the splitting: the examples themselves stay on disk.
+HASH = np.dtype([("a", "<u8"), ("b", "<u8")])
+
+
+def _hashes(examples: list[dict]) -> np.ndarray:
+    digests = b"".join(hashlib.blake2b(_key(e).encode(), digest_size=16).digest() for e in examples)
+    return np.frombuffer(digests, dtype=HASH).copy()
+
+
+def schema_of(recipe: Recipe):
+    """The Arrow schema of the recipe's canonical examples (``to_examples``' keys, in order)."""
+    import pyarrow as pa
+
+    s = pa.string()
+    if recipe.task == "classification":
+        return pa.schema([("text", s), ("label", s)])
+    if recipe.data.style == "text":
+        return pa.schema([("text", s)])
+    if recipe.data.style == "completion":
+        return pa.schema([("prompt", s), ("completion", s)])
+    return pa.schema([("messages", pa.list_(pa.struct([("role", s), ("content", s)])))])
+
+
+@dataclass
+class _Source:
+    """One source's examples after strip/drop_empty, on disk, and what splitting needs of them."""
+
+    rows: Rows  # every example that survived strip and drop_empty
+    kept: np.ndarray  # row indices still in play (dedupe, labels, overlap remove the others)
+    hashes: np.ndarray  # HASH per row
+    codes: np.ndarray | None  # label code per row (classification)
+
+
+def _load_source(
+    recipe: Recipe, spec: str, counts: CleanCounts, path: Path, names: dict[str, int], keep
+) -> _Source:
+    """``load_examples`` streamed: records are read, mapped and cleaned chunk by chunk into an
+    Arrow file at ``path``; dedupe works on the hashes, keeping each example's first copy."""
+    from ftcli.data.read import iter_source
+
     d = recipe.data
+    source = source_of(recipe, spec)
+    hashes, codes, n = [], [], 0
+    classify = recipe.task == "classification"
+    with TableWriter(path, schema_of(recipe)) as out:
+        for records in iter_source(source, d, counts.notes):
+            if not records:
+                continue
+            if not n:
+                check_columns(recipe, records, spec)
+            try:
+                examples = to_examples(recipe, records, start=n)
+            except DataError as exc:  # "record 7: ..." needs the file it is in
+                raise DataError(f"{spec}: {exc.message}", hint=exc.hint) from None
+            n += len(examples)
+            if d.clean.strip:
+                examples = [_strip(e) for e in examples]
+            if d.clean.drop_empty:
+                kept = [e for e in examples if not _is_empty(e)]
+                counts.empty += len(examples) - len(kept)
+                examples = kept
+            hashes.append(_hashes(examples))
+            if classify:
+                codes.append(
+                    np.array([names.setdefault(e["label"], len(names)) for e in examples], np.int32)
+                )
+            out.rows(examples)
+    if not n:
+        check_columns(recipe, [], spec)
+    counts.read += n
+    h = np.concatenate(hashes) if hashes else np.zeros(0, HASH)
+    idx = np.arange(len(h))
+    if d.clean.dedupe and len(h):
+        idx = np.sort(np.unique(h, return_index=True)[1])
+        counts.duplicate += len(h) - len(idx)
+    counts.kept += len(idx)
+    c = (np.concatenate(codes) if codes else np.zeros(0, np.int32)) if classify else None
+    return _Source(Rows.open(path, keep), idx, h, c)
+
+
+def _filter_label_codes(
+    recipe: Recipe, src: _Source, names: dict[str, int], counts: CleanCounts
+) -> list[str]:
+    """``_filter_labels`` on label codes: the labels to keep, and ``src.kept`` narrowed to them."""
+    by_code = list(names)
+    tally = np.bincount(src.codes[src.kept], minlength=len(by_code))
+    present = collections.Counter({by_code[c]: int(k) for c, k in enumerate(tally) if k})
+    wanted = recipe.data.labels
+    if wanted:
+        missing = [lab for lab in wanted if lab not in present]
+        if missing:
+            hint = ", ".join(f"{lab!r} ({n})" for lab, n in present.most_common(20))
+            raise RecipeError(
+                [
+                    recipe.problem(
+                        "data.labels",
+                        f"label(s) {', '.join(map(repr, missing))} never occur in the data",
+                        f"labels found: {hint}",
+                    )
+                ]
+            )
+        before = len(src.kept)
+        src.kept = _with_labels(src, wanted, names)
+        counts.unlisted_label += before - len(src.kept)
+        return list(wanted)
+    labels = sorted(present)
+    if len(labels) < 2:
+        raise DataError(
+            f"classification needs at least 2 labels; the data has {len(labels)}: {labels}",
+            hint="check data.label_column",
+        )
+    if len(labels) > 1000:
+        raise DataError(
+            f"{len(labels)} distinct labels: {recipe.data.label_col!r} does not look like a label column",
+            hint="check data.label_column, or list the labels to keep in data.labels",
+        )
+    return labels
+
+
+def _with_labels(src: _Source, labels: list[str], names: dict[str, int]) -> np.ndarray:
+    wanted = np.array([names[lab] for lab in labels if lab in names], np.int32)
+    return src.kept[np.isin(src.codes[src.kept], wanted)]
+
+
+def _without(src: _Source, idx: np.ndarray, held: np.ndarray) -> np.ndarray:
+    """``idx`` less the rows whose example is among the ``held`` hashes."""
+    if not len(held) or not len(idx):
+        return idx
+    return idx[~np.isin(src.hashes[idx], held)]
+
+
+def _write_split(src: _Source, idx, path: Path, keep) -> Rows:
+    """The rows ``idx`` of ``src``, in that order, into their own Arrow file, a chunk at a time."""
+    idx = np.asarray(idx, dtype=np.int64)
+    with TableWriter(path, src.rows.table.schema) as out:
+        for s in range(0, len(idx), 10_000):
+            out.table(src.rows.table.take(idx[s : s + 10_000]))
+    return Rows.open(path, keep)
+
+
+def _label_counts(rows) -> dict[str, int]:
+    """label -> count, in the order labels first occur (what Counter over the rows gives)."""
+    if isinstance(rows, Rows):
+        import pyarrow.compute as pc
+
+        vc = pc.value_counts(rows.table.column("label")).to_pylist()
+        return {v["values"]: v["counts"] for v in vc}
+    return dict(collections.Counter(e["label"] for e in rows))
+
+
+def prepare(recipe: Recipe, folder: Path | None = None) -> PreparedData:
+    """Read, clean and split the data (``save_prepared`` writes it to the run's data/ folder).
+
+    Records stream through in chunks into Arrow files (in ``folder`` as ``<split>.examples.arrow``,
+    else a temporary folder that lives as long as the splits); cleaning, label filtering, overlap
+    removal and splitting work on row indices, labels and example hashes, never on the whole
+    corpus as Python objects. The splits are exactly those of the list-based implementation."""
+    d = recipe.data
+    keep = None
+    if folder is None:
+        keep = Scratch()
+        folder = keep.path
+    work = Path(folder) / ".sources"
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        return _prepare(recipe, d, Path(folder), work, keep)
+    finally:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)  # mapped files stay readable until unmapped
+
+
+def _prepare(recipe: Recipe, d: DataSpec, folder: Path, work: Path, keep) -> PreparedData:
     counts = CleanCounts()
-    examples = load_examples(recipe, d.path, counts)
+    names: dict[str, int] = {}  # label -> code, in the order labels first occur
+    main = _load_source(recipe, d.path, counts, work / "path.arrow", names, keep)
     explicit = {
-        name: load_examples(recipe, p, counts)
+        name: _load_source(recipe, p, counts, work / f"{name}.arrow", names, keep)
         for name, p in (("validation", d.validation_path), ("test", d.test_path))
         if p
     }
     labels = None
     if recipe.task == "classification":
-        examples, labels = _filter_labels(recipe, examples, counts)
-        for name in list(explicit):
-            explicit[name] = [e for e in explicit[name] if e["label"] in labels]
-    if not examples:
+        labels = _filter_label_codes(recipe, main, names, counts)
+        for src in explicit.values():
+            src.kept = _with_labels(src, labels, names)
+    if not len(main.kept):
         raise DataError(
             f"no examples left in {d.path} after cleaning "
             f"({counts.read} read, {counts.empty} empty, {counts.duplicate} duplicates)"
@@ -347,68 +536,90 @@ def prepare(recipe: Recipe) -> PreparedData:
 
     # No example may sit in two splits: explicit files win over the training pool.
     overlap = 0
-    held_keys: set[str] = set()
+    held = np.zeros(0, HASH)
     for name in ("test", "validation"):
         if name in explicit:
-            before = len(explicit[name])
-            explicit[name] = [e for e in explicit[name] if _key(e) not in held_keys]
-            overlap += before - len(explicit[name])
-            held_keys |= {_key(e) for e in explicit[name]}
-    before = len(examples)
-    examples = [e for e in examples if _key(e) not in held_keys]
-    overlap += before - len(examples)
+            src = explicit[name]
+            before = len(src.kept)
+            src.kept = _without(src, src.kept, held)
+            overlap += before - len(src.kept)
+            held = np.concatenate([held, src.hashes[src.kept]])
+    before = len(main.kept)
+    main.kept = _without(main, main.kept, held)
+    overlap += before - len(main.kept)
+
+    def labels_of(idx):
+        if labels is None:
+            return None
+        by_code = list(names)
+        return [by_code[c] for c in main.codes[idx]]
 
     seed, strat = d.split.seed, d.split.stratify
-    pool = examples
+    pool = main.kept
     if "test" in explicit:
-        test = explicit["test"]
+        test_src, test = explicit["test"], explicit["test"].kept
     else:
-        pool, test = _split_off(pool, d.split.test, seed, strat, "test", d.split.test)
+        pool, test = _split_off(
+            pool, labels_of(pool), d.split.test, seed, strat, "test", d.split.test
+        )
+        test_src = main
     if "validation" in explicit:
-        validation = explicit["validation"]
+        val_src, validation = explicit["validation"], explicit["validation"].kept
     else:
         # fraction of the whole, not of what is left after the test split
         frac = d.split.validation / max(1e-9, 1 - (0 if "test" in explicit else d.split.test))
         pool, validation = _split_off(
-            pool, min(frac, 0.95), seed + 1, strat, "validation", d.split.validation
+            pool,
+            labels_of(pool),
+            min(frac, 0.95),
+            seed + 1,
+            strat,
+            "validation",
+            d.split.validation,
         )
+        val_src = main
     # Whatever clean.dedupe says, the sealed test split shares no example with train or
     # validation, nor validation with train: copies left in the pool are dropped and counted.
-    test_keys = {_key(e) for e in test}
+    test_keys = test_src.hashes[test]
     before = len(validation)
-    validation = [e for e in validation if _key(e) not in test_keys]
+    validation = _without(val_src, validation, test_keys)
     overlap += before - len(validation)
-    held_keys = test_keys | {_key(e) for e in validation}
+    held = np.concatenate([test_keys, val_src.hashes[validation]])
     before = len(pool)
-    pool = [e for e in pool if _key(e) not in held_keys]
+    pool = _without(main, pool, held)
     overlap += before - len(pool)
-    splits = {
-        "train": _cap(pool, d.max_train_examples, seed),
-        "validation": _cap(validation, d.max_validation_examples, seed),
-        "test": _cap(test, d.max_test_examples, seed),
+    chosen = {
+        "train": (main, _cap(pool, d.max_train_examples, seed)),
+        "validation": (val_src, _cap(validation, d.max_validation_examples, seed)),
+        "test": (test_src, _cap(test, d.max_test_examples, seed)),
     }
-    if not splits["train"]:
+    if not len(chosen["train"][1]):
         raise DataError(
             "the training split is empty", hint="add data, or lower data.split fractions"
         )
-    if not splits["test"]:
+    if not len(chosen["test"][1]):
         raise DataError(
             "the test split is empty: there is nothing to evaluate on",
             hint="set data.split.test above 0, or data.test_path",
         )
     if labels:
-        missing = [lab for lab in labels if not any(e["label"] == lab for e in splits["train"])]
+        have = set(main.codes[chosen["train"][1]].tolist())
+        missing = [lab for lab in labels if names[lab] not in have]
         if missing:
             raise DataError(
                 f"label(s) {missing} have no training example after splitting",
                 hint="add examples of them, or drop them with data.labels",
             )
+    splits: dict = {
+        name: _write_split(src, idx, folder / f"{name}.examples.arrow", keep)
+        for name, (src, idx) in chosen.items()
+    }
 
     augmented = None
     if d.augment is not None:  # after the split, on train only: validation and test stay as read
         from ftcli.data.augment import augment_train
 
-        splits["train"], augmented = augment_train(splits["train"], d.augment, recipe.task)
+        splits["train"], augmented = augment_train(list(splits["train"]), d.augment, recipe.task)
     stats = {
         "source": d.path,
         "read": counts.read,
@@ -425,22 +636,56 @@ def prepare(recipe: Recipe) -> PreparedData:
     if augmented is not None:
         stats["augmented"] = augmented
     if labels:
-        stats["label_counts"] = {
-            k: dict(collections.Counter(e["label"] for e in v)) for k, v in splits.items()
-        }
+        stats["label_counts"] = {k: _label_counts(v) for k, v in splits.items()}
     if d.style != "text" and recipe.task == "causal_lm":
         stats["layout"] = d.style
     return PreparedData(splits, labels, stats)
 
 
+# --------------------------------------------------------------------------- the run's data/ folder
+
+# A training split up to this many examples is written as train.jsonl, as every split used to be
+# (a file to open and grep); a bigger one stays Arrow (train.arrow), read memory-mapped.
+TRAIN_JSONL_MAX = 50_000
+
+
+def split_digest(rows) -> str:
+    """sha256 of a split as the JSON-lines text ftcli writes, whatever holds it (data.json's
+    ``sha256``: a resumed run checks its splits against these)."""
+    return jsonl_digest(rows)
+
+
+def _write_jsonl_stream(path: Path, rows) -> None:
+    """``write_jsonl`` a row at a time: never half-written, never the whole text in memory."""
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
 def save_prepared(prepared: PreparedData, data_dir: Path) -> PreparedData:
-    """Write the splits, labels and data.json; returns the record with the files' digests added."""
+    """Write the splits, labels and data.json; returns the record with the splits' digests added.
+
+    validation.jsonl and test.jsonl are always text; the training split is train.jsonl up to
+    TRAIN_JSONL_MAX examples, else train.arrow (an Arrow IPC stream: ``datasets.Dataset.from_file``
+    or ``pyarrow.ipc.open_stream`` reads it)."""
+    import shutil
+
     data_dir.mkdir(parents=True, exist_ok=True)
     digests = {}
     for name, rows in prepared.splits.items():
-        path = data_dir / f"{name}.jsonl"
-        write_jsonl(path, rows)
-        digests[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+        digests[name] = split_digest(rows)
+        arrow = data_dir / f"{name}.arrow"
+        if name == "train" and isinstance(rows, Rows) and len(rows) > TRAIN_JSONL_MAX:
+            with atomic_file(arrow) as tmp:
+                if rows.path is not None:
+                    shutil.copyfile(rows.path, tmp)
+                else:
+                    with TableWriter(tmp, rows.table.schema) as out:
+                        out.table(rows.table)
+            (data_dir / f"{name}.jsonl").unlink(missing_ok=True)
+        else:
+            _write_jsonl_stream(data_dir / f"{name}.jsonl", rows)
+            arrow.unlink(missing_ok=True)
     if prepared.labels is not None:
         atomic_write_text(data_dir / "labels.json", json.dumps(prepared.labels, indent=2) + "\n")
     stats = {**prepared.stats, "sha256": digests}
@@ -449,15 +694,26 @@ def save_prepared(prepared: PreparedData, data_dir: Path) -> PreparedData:
 
 
 def load_prepared(data_dir: Path) -> PreparedData:
-    """The splits a run wrote, so evaluation uses exactly the same examples."""
+    """The splits a run wrote, so evaluation uses exactly the same examples: validation and test
+    from their jsonl files, train from train.arrow (memory-mapped) or train.jsonl (every run
+    folder written before Arrow, and small runs since)."""
     if not (data_dir / "test.jsonl").is_file():
         raise DataError(
             f"{data_dir} holds no prepared splits (test.jsonl)", hint="run `ftcli train` first"
         )
-    splits = {}
+    splits: dict = {}
     for name in SPLITS:
-        path = data_dir / f"{name}.jsonl"
-        splits[name] = read_jsonl(path)
+        arrow = data_dir / f"{name}.arrow"
+        if arrow.is_file():
+            try:
+                splits[name] = Rows.open(arrow)
+            except (OSError, ValueError) as exc:  # pyarrow's errors derive from these
+                raise DataError(
+                    f"{arrow}: cannot read it as Arrow ({exc})",
+                    hint="the file is damaged: start the run again (--force)",
+                ) from None
+        else:
+            splits[name] = read_jsonl(data_dir / f"{name}.jsonl")
     labels = read_json(data_dir / "labels.json") if (data_dir / "labels.json").exists() else None
     stats = read_json(data_dir / "data.json") if (data_dir / "data.json").exists() else {}
     return PreparedData(splits, labels, stats)

@@ -415,13 +415,199 @@ def read_source(source: DataSource, spec: DataSpec, notes: list | None = None) -
     return records
 
 
-def _read_hub(hub_id: str, spec: DataSpec) -> list[dict]:
+# Records handed on at a time by ``iter_source``: big jsonl/parquet files and hub datasets stream
+# through in chunks this size, never as one list.
+CHUNK = 10_000
+
+
+def _open_stream(path: str):
+    """The file's bytes as a binary stream, decompressed (.gz/.bz2) with ``decompress_cap``."""
+    opener = gzip.open if path.endswith(".gz") else bz2.open if path.endswith(".bz2") else None
+    if opener is None:
+        return open(path, "rb")
+    return _Capped(opener(path, "rb"), path, decompress_cap(Path(path).stat().st_size))
+
+
+class _Capped(io.RawIOBase):
+    """A decompressing stream that refuses to expand past ``cap`` bytes (as ``_read_bytes``)."""
+
+    def __init__(self, inner, path: str, cap: int):
+        self.inner, self.path, self.cap, self.total = inner, path, cap, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        chunk = self.inner.read(min(len(b), _CHUNK))
+        self.total += len(chunk)
+        if self.total > self.cap:
+            size = Path(self.path).stat().st_size
+            raise DataError(
+                f"{self.path}: decompresses to more than {_mib(self.cap)}, the cap for a "
+                f"{size:,}-byte archive ({DECOMPRESS_RATIO}x its size, at least "
+                f"{_mib(DECOMPRESS_FLOOR)}, at most {_mib(DECOMPRESS_CEILING)})",
+                hint="if it is real data, decompress it yourself and point data.path at "
+                "the plain file (plain files have no cap)",
+            )
+        b[: len(chunk)] = chunk
+        return len(chunk)
+
+    def close(self) -> None:
+        self.inner.close()
+        super().close()
+
+
+def _first_bad_byte(path: str, codec: str) -> tuple[int, int] | None:
+    """(offset, byte) of the first byte ``codec`` cannot decode, reading in chunks; None: clean."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder(codec)()
+    done = 0
+    with _open_stream(path) as f:
+        while True:
+            chunk = f.read(_CHUNK)
+            pending = len(decoder.getstate()[0])
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:
+                at = done - pending + exc.start
+                return at, (exc.object[exc.start] if exc.object else 0)
+            done += len(chunk)
+            if not chunk:
+                return None
+
+
+def _stream_jsonl(path: str, spec: DataSpec, explicit: bool, notes):
+    """A jsonl file's records in chunks, decoded as it streams. A file that is not in the
+    encoding asked for goes the whole-file way (detection needs all of it); reading errors are
+    those of ``read_file``."""
+    encoding = spec.encoding
+    codec = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
+    try:
+        bad = None if encoding == "auto" else _first_bad_byte(path, codec)
+    except DataError:
+        raise
+    except (OSError, EOFError, zlib.error, ValueError) as exc:
+        raise DataError(
+            f"{path}: cannot read or decompress it ({exc or type(exc).__name__})",
+            hint="the file is damaged or truncated: copy or download it again",
+        ) from None
+    if encoding == "auto" or bad is not None:
+        records = read_file(path, spec.format, encoding, explicit, notes)
+        for s in range(0, len(records), CHUNK):
+            yield records[s : s + CHUNK]
+        return
+    chunk: list[dict] = []
+    try:
+        with (
+            _open_stream(path) as raw,
+            io.TextIOWrapper(io.BufferedReader(raw), encoding=codec, newline=None) as f,
+        ):
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        r = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                    chunk.append(r if isinstance(r, dict) else {"text": r})
+                    if len(chunk) >= CHUNK:
+                        yield chunk
+                        chunk = []
+    except DataError:
+        raise
+    except RecursionError:
+        raise DataError(f"{path}: cannot read as jsonl: nested too deeply") from None
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read as jsonl: {exc}") from None
+    if chunk:
+        yield chunk
+
+
+def _stream_parquet(path: str):
+    """A parquet file's records in chunks, as pandas would read the whole file: an integer column
+    with a missing value anywhere in the file reads as floats in every chunk."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+        meta, to_float = pf.metadata, set()
+        for i, f in enumerate(pf.schema_arrow):
+            if not pa.types.is_integer(f.type):
+                continue
+            stats = [meta.row_group(g).column(i).statistics for g in range(meta.num_row_groups)]
+            if all(st is not None and st.has_null_count for st in stats):
+                nulls = sum(st.null_count for st in stats)
+            else:
+                nulls = pf.read(columns=[f.name]).column(0).null_count
+            if nulls:
+                to_float.add(f.name)
+        for batch in pf.iter_batches(batch_size=CHUNK):
+            for name in to_float:
+                i = batch.schema.get_field_index(name)
+                batch = batch.set_column(i, name, batch.column(i).cast(pa.float64()))
+            yield batch.to_pandas().to_dict(orient="records")
+    except DataError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read as parquet: {exc}") from None
+
+
+def iter_source(source: DataSource, spec: DataSpec, notes: list | None = None):
+    """The records of a resolved data source in chunks (lists of at most ``CHUNK``): hub datasets,
+    jsonl and parquet files stream through; smaller formats (csv, yaml, json, txt, folders) are
+    read whole, as ``read_source`` does, then handed on in chunks."""
+    if source.kind == "hub":
+        ds = _load_hub(source.hub_id, spec)
+        for batch in ds.iter(batch_size=CHUNK):
+            cols = list(batch)
+            yield [dict(zip(cols, vals, strict=True)) for vals in zip(*batch.values(), strict=True)]
+        return
+    explicit = "encoding" in spec.model_fields_set
+    stream = source.kind != "folder" or not (
+        spec.format in ("auto", "folder")
+        and any(p.is_dir() for p in Path(source.paths[0]).iterdir())
+    )
+    if not stream:
+        records = read_source(source, spec, notes)
+        for s in range(0, len(records), CHUNK):
+            yield records[s : s + CHUNK]
+        return
+    if source.kind == "folder":
+        folder = Path(source.paths[0])
+        files = sorted(
+            str(p) for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+        )
+        if not files:
+            raise DataError(
+                f"data folder {folder} holds no files",
+                hint="a folder of <label>/*.txt files, or data files",
+            )
+    else:
+        files = list(source.paths)
+    for f in files:
+        kind = _format_of(f, spec.format)
+        if kind == "jsonl":
+            yield from _stream_jsonl(f, spec, explicit, notes)
+        elif kind == "parquet":
+            yield from _stream_parquet(f)
+        else:
+            records = read_file(f, spec.format, spec.encoding, explicit, notes)
+            for s in range(0, len(records), CHUNK):
+                yield records[s : s + CHUNK]
+
+
+def _load_hub(hub_id: str, spec: DataSpec):
+    """The hub dataset as a ``datasets.Dataset`` (Arrow, memory-mapped from the hub cache)."""
     import datasets
 
     try:
-        ds = datasets.load_dataset(hub_id, spec.subset, split=spec.hub_split)
+        return datasets.load_dataset(hub_id, spec.subset, split=spec.hub_split)
     except Exception as exc:  # datasets raises many types; the message is what the user needs
         raise DataError(
             f"cannot load hub dataset {hub_id!r} (split {spec.hub_split!r}): {exc}"
         ) from None
-    return ds.to_list()
+
+
+def _read_hub(hub_id: str, spec: DataSpec) -> list[dict]:
+    return _load_hub(hub_id, spec).to_list()

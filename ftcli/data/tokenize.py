@@ -3,8 +3,13 @@ LMs), chat rendering, and the collate that pads a micro-batch."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 
+from ftcli.data.rows import Features, Scratch, TableWriter
 from ftcli.recipe import Recipe
 
 IGNORE_INDEX = -100
@@ -53,9 +58,10 @@ def prompt_and_target(tokenizer, example: dict) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class Tokenized:
-    """Model-ready features of one split, and what tokenization had to cut."""
+    """Model-ready features of one split, and what tokenization had to cut. ``features``: a
+    ``rows.Features`` sequence (Arrow-backed; ``.lengths`` per example) or a list of dicts."""
 
-    features: list[dict]
+    features: Sequence[dict]
     truncated: int
     dropped_no_target: int
     tokens: int
@@ -69,60 +75,251 @@ class Tokenized:
         return s
 
 
-def tokenize(
-    examples: list[dict], recipe: Recipe, tokenizer, label2id: dict[str, int] | None
-) -> Tokenized:
-    """Tokenize canonical examples; labels mask everything but the completion for causal LMs."""
-    d = recipe.data
-    L = d.max_length
-    if recipe.task == "classification":
-        texts = [e["text"] for e in examples]
-        full = tokenizer(texts, truncation=False, add_special_tokens=True)["input_ids"]
-        enc = tokenizer(texts, truncation=True, max_length=L, add_special_tokens=True)
-        feats = [
-            {"input_ids": ids, "attention_mask": m, "labels": label2id[e["label"]]}
-            for ids, m, e in zip(enc["input_ids"], enc["attention_mask"], examples, strict=True)
-        ]
-        return Tokenized(
-            feats, sum(len(f) > L for f in full), 0, sum(len(f["input_ids"]) for f in feats)
-        )
+# Below this many examples tokenization runs in this process: starting worker processes would
+# cost more than it saves (tests, the quickstart).
+PARALLEL_FROM = 1_000
+BATCH = 1_000  # examples per tokenizer call
 
+
+def feature_schema(task: str):
+    """The Arrow schema of tokenized features: ids, labels (a class id, or one per token) and
+    each example's length; ``truncated``/``keep`` only while tokenizing."""
+    import pyarrow as pa
+
+    ids = pa.list_(pa.int32())
+    labels = pa.int64() if task == "classification" else ids
+    return pa.schema([("input_ids", ids), ("labels", labels), ("length", pa.int32())])
+
+
+def work_schema(schema):
+    """``schema`` and the columns tokenization adds while it runs (``truncated``, ``keep``)."""
+    import pyarrow as pa
+
+    return schema.append(pa.field("truncated", pa.bool_())).append(pa.field("keep", pa.bool_()))
+
+
+def _classification_batch(examples: list[dict], *, tokenizer, L: int, label2id) -> dict:
+    """Classification features of a batch: the text truncated to ``L`` tokens, the class id."""
+    texts = [e["text"] for e in examples]
+    full = tokenizer(texts, truncation=False, add_special_tokens=True)["input_ids"]
+    cut = [i for i, f in enumerate(full) if len(f) > L]
+    ids = [list(f) for f in full]
+    if cut:  # only the long ones are encoded again, truncated (special tokens kept)
+        enc = tokenizer([texts[i] for i in cut], truncation=True, max_length=L)["input_ids"]
+        for i, f in zip(cut, enc, strict=True):
+            ids[i] = list(f)
+    return {
+        "input_ids": ids,
+        "labels": [label2id[e["label"]] for e in examples],
+        "length": [len(f) for f in ids],
+        "truncated": [len(f) > L for f in full],
+        "keep": [True] * len(ids),
+    }
+
+
+def _causal_batch(examples: list[dict], *, tokenizer, L: int, loss_on: str, add_eos: bool) -> dict:
+    """Causal-LM features of a batch: labels mask everything but the completion (``loss_on``),
+    EOS appended (``add_eos``), truncated to ``L``; ``keep`` False when no target token is left."""
     eos_id, eos = tokenizer.eos_token_id, tokenizer.eos_token
-    feats, truncated, dropped = [], 0, 0
+    texts, spans, special = [], [], []
     for e in examples:
         if "messages" in e:
-            text, spans = _chat_segments(tokenizer, e["messages"])
-            special = False
+            text, sp = _chat_segments(tokenizer, e["messages"])
+            special.append(False)
         elif "prompt" in e:
-            text, spans = (
-                e["prompt"] + e["completion"],
-                [(len(e["prompt"]), len(e["prompt"]) + len(e["completion"]))],
-            )
-            special = True
+            text = e["prompt"] + e["completion"]
+            sp = [(len(e["prompt"]), len(e["prompt"]) + len(e["completion"]))]
+            special.append(True)
         else:
-            text, spans = e["text"], [(0, len(e["text"]))]
-            special = True
-        enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
-        if d.loss_on == "all":
+            text, sp = e["text"], [(0, len(e["text"]))]
+            special.append(True)
+        texts.append(text)
+        spans.append(sp)
+    encoded: list = [None] * len(texts)
+    for flag in (True, False):
+        at = [i for i, s in enumerate(special) if s is flag]
+        if not at:
+            continue
+        enc = tokenizer(
+            [texts[i] for i in at], add_special_tokens=flag, return_offsets_mapping=True
+        )
+        for k, i in enumerate(at):
+            encoded[i] = (enc["input_ids"][k], enc["offset_mapping"][k])
+    out: dict = {"input_ids": [], "labels": [], "length": [], "truncated": [], "keep": []}
+    for text, sp, (ids, offsets) in zip(texts, spans, encoded, strict=True):
+        ids = list(ids)
+        if loss_on == "all":
             mask = [True] * len(ids)
         else:
-            mask = [
-                any(s < b and a < t for s, t in spans) if b > a else False
-                for a, b in enc["offset_mapping"]
-            ]
-        if d.add_eos and eos_id is not None and not (eos and text.rstrip().endswith(eos)):
+            mask = [any(s < b and a < t for s, t in sp) if b > a else False for a, b in offsets]
+        if add_eos and eos_id is not None and not (eos and text.rstrip().endswith(eos)):
             ids.append(eos_id)
             mask.append(True)
-        if len(ids) > L:
-            truncated += 1
+        truncated = len(ids) > L
+        if truncated:
             ids, mask = ids[:L], mask[:L]
-        if not any(mask):
-            dropped += 1
-            continue
-        labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
-        feats.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
-    return Tokenized(feats, truncated, dropped, sum(len(f["input_ids"]) for f in feats))
+        keep = any(mask)
+        out["truncated"].append(truncated)
+        out["keep"].append(keep)
+        out["input_ids"].append(ids if keep else [])
+        out["labels"].append(
+            [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)] if keep else []
+        )
+        out["length"].append(len(ids) if keep else 0)
+    return out
+
+
+def features_batch(batch: dict, *, task: str, tokenizer, params: dict) -> dict:
+    """One batch of examples (columns, as ``datasets.map(batched=True)`` passes them) -> feature
+    columns plus ``truncated`` and ``keep``. Module-level, so worker processes can unpickle it."""
+    cols = list(batch)
+    examples = [dict(zip(cols, vals, strict=True)) for vals in zip(*batch.values(), strict=True)]
+    if task == "classification":
+        return _classification_batch(examples, tokenizer=tokenizer, **params)
+    return _causal_batch(examples, tokenizer=tokenizer, **params)
+
+
+def _columns(rows: list[dict]) -> dict:
+    cols = list(rows[0]) if rows else []
+    return {c: [r[c] for r in rows] for c in cols}
+
+
+def num_procs(recipe: Recipe) -> int:
+    """data.num_proc, or the cores this process may run on."""
+    if recipe.data.num_proc:
+        return recipe.data.num_proc
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def tokenize(
+    examples: Sequence[dict],
+    recipe: Recipe,
+    tokenizer,
+    label2id: dict[str, int] | None,
+    folder: Path | None = None,
+    name: str = "features",
+) -> Tokenized:
+    """Tokenize canonical examples (a list or ``rows.Rows``) in batches; labels mask everything
+    but the completion for causal LMs. The features go to ``folder/<name>.arrow`` (else a
+    temporary file, or memory for small splits) and come back as a memory-mapped ``Features``.
+    From PARALLEL_FROM examples on, ``data.num_proc`` processes tokenize (``datasets.map``)."""
+    d = recipe.data
+    task = recipe.task
+    if task == "classification":
+        params = {"L": d.max_length, "label2id": label2id}
+    else:
+        params = {"L": d.max_length, "loss_on": d.loss_on, "add_eos": d.add_eos}
+    fn = partial(features_batch, task=task, tokenizer=tokenizer, params=params)
+    schema = feature_schema(task)
+    n = len(examples)
+    keep = None
+    if folder is None and n >= PARALLEL_FROM:
+        keep = Scratch()
+        folder = keep.path
+    procs = min(num_procs(recipe), -(-n // BATCH)) if n >= PARALLEL_FROM else 1
+    if folder is None:  # small: in memory
+        parts = [fn(_columns(list(examples[s : s + BATCH]))) for s in range(0, n, BATCH)]
+        return _collect(parts, schema, None, None)
+    path = Path(folder) / f"{name}.arrow"
+    if procs > 1:
+        parts = _map_parallel(examples, fn, procs, Path(folder), name, schema)
+    else:
+        parts = (fn(_columns(list(examples[s : s + BATCH]))) for s in range(0, n, BATCH))
+    return _collect(parts, schema, path, keep)
+
+
+def _collect(parts, schema, path: Path | None, keep) -> Tokenized:
+    """Feature batches (dicts of columns, or Arrow tables) -> a Tokenized, counting what was cut;
+    written to ``path`` (memory-mapped back) or held in memory."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    truncated = dropped = tokens = 0
+    tables = []
+    full = work_schema(schema)
+    writer = TableWriter(path, schema) if path is not None else None
+    try:
+        for part in parts:
+            t = part if isinstance(part, pa.Table) else pa.Table.from_pydict(part, schema=full)
+            if not t.num_rows:
+                continue
+            truncated += int(pc.sum(t["truncated"]).as_py() or 0)
+            kept = t["keep"]
+            dropped += t.num_rows - int(pc.sum(kept).as_py() or 0)
+            t = t.filter(kept).select(schema.names).cast(schema)
+            if not t.num_rows:
+                continue
+            tokens += int(pc.sum(t["length"]).as_py() or 0)
+            if writer is not None:
+                writer.table(t)
+            else:
+                tables.append(t)
+    finally:
+        if writer is not None:
+            writer.close()
+    if path is not None:
+        feats = Features.open(path, keep)
+    else:
+        feats = Features(pa.concat_tables(tables) if tables else schema.empty_table())
+    return Tokenized(feats, truncated, dropped, tokens)
+
+
+def _map_parallel(examples, fn, procs: int, folder: Path, name: str, schema):
+    """``datasets.map(batched=True, num_proc=procs)`` over the examples, from an Arrow file the
+    workers map (not pickle); yields the result's batches, then removes its files."""
+    import shutil
+
+    import datasets
+    from datasets.utils.logging import disable_progress_bar, enable_progress_bar
+    from datasets.utils.logging import is_progress_bar_enabled as bars
+
+    work = folder / f".{name}.map"
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        src = getattr(examples, "path", None)
+        if src is None:  # a list: written once for the workers to map
+            src = work / "examples.arrow"
+            import pyarrow as pa
+
+            table = pa.Table.from_pylist(list(examples))
+            with TableWriter(src, table.schema) as out:
+                out.table(table)
+        ds = datasets.Dataset.from_file(str(src))
+        was_on = bars()
+        disable_progress_bar()
+        # the workers tokenize one batch at a time each: the tokenizer's own threads would fight
+        # them for the cores (and warn after the fork)
+        before = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        try:
+            out = ds.map(
+                fn,
+                batched=True,
+                batch_size=BATCH,
+                num_proc=procs,
+                remove_columns=ds.column_names,
+                features=datasets.Features.from_arrow_schema(work_schema(schema)),
+                cache_file_name=str(work / "features.arrow"),
+                load_from_cache_file=False,
+                new_fingerprint=f"ftcli-{name}-{os.getpid()}",
+            )
+        finally:
+            if before is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = before
+            if was_on:
+                enable_progress_bar()
+        import pyarrow as pa
+
+        for batch in out.data.table.to_batches(max_chunksize=10 * BATCH):
+            yield pa.Table.from_batches([batch])
+        del out, ds
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 # Micro-batch widths are rounded up to a multiple of this many positions. Fewer distinct tensor

@@ -148,6 +148,13 @@ class DataSpec(_Section):
     max_length: int = Field(
         128, gt=0, le=1_048_576, description="tokens per example; longer ones are truncated"
     )
+    num_proc: int | None = Field(
+        None,
+        ge=1,
+        description="processes that tokenize the data (batched, in parallel); null: the cores "
+        "available to this process (os.sched_getaffinity); splits under 1,000 examples are "
+        "tokenized in the main process",
+    )
     max_train_examples: int | None = Field(None, gt=0)
     max_validation_examples: int | None = Field(None, gt=0)
     max_test_examples: int | None = Field(None, gt=0)

@@ -5,25 +5,28 @@ or packed rows for varlen attention).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 
 import torch
 from torch.utils.data import DataLoader
 
+from ftcli.data.rows import Reordered
 from ftcli.data.tokenize import IGNORE_INDEX, collate, pack, padded_width
 from ftcli.recipe import TrainSpec
 
 
 def make_loader(
-    features: list[dict],
+    features: Sequence[dict],
     batch_size: int,
     pad_id: int,
     order: list[int] | None = None,
     batches: list[list[int]] | None = None,
     collate_fn=None,
 ):
-    """A loader over ``features``: in ``order`` by ``batch_size``, or exactly the index ``batches``."""
-    data = [features[i] for i in order] if order is not None else features
+    """A loader over ``features``: in ``order`` by ``batch_size``, or exactly the index ``batches``.
+    Rows are read only when a batch is fetched (a rank reads only its own batches)."""
+    data = Reordered(features, order) if order is not None else features
     by = {"batch_sampler": batches} if batches is not None else {"batch_size": batch_size}
     # An explicit generator: starting an iterator must not draw from the global RNG, or a resumed
     # run's dropout masks would drift from the uninterrupted run's.

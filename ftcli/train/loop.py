@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ftcli.adapt import INIT_ADAPTER
+from ftcli.data.rows import lengths_of
 from ftcli.data.tokenize import Tokenized
 from ftcli.errors import FtcliError, Interrupted, TrainingStopped
 from ftcli.forward import loss_sums
@@ -497,7 +498,7 @@ def train(
     schedule = unfreezing(recipe, model)  # gradual unfreezing: a pure function of the step
     world = accelerator.num_processes
     packed = recipe.data.packs(recipe.task, recipe.method.kind)
-    lengths = [len(f["input_ids"]) for f in train_feats]
+    lengths = lengths_of(train_feats)
     steps_per_epoch, total_steps = step_counts(
         t,
         micro_batches=len(epoch_batches(t, lengths=lengths, epoch=0, packed=packed)),

@@ -1,0 +1,101 @@
+"""The data stage's output as files: ``write_data`` prepares and tokenizes every split into a
+folder (Arrow files and one JSON), ``read_data`` maps them back without decoding them into Python
+lists. The cache (``ftcli.data.store``) keeps such folders; a run reads one.
+
+A folder holds, per split: ``<split>.examples.arrow`` (the canonical examples; ``.jsonl`` when the
+split is an augmented list whose rows differ in keys) and ``<split>.features.arrow`` (input_ids,
+labels, length); and ``data.json``: the format version, labels, stats and per-split token counts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ftcli.data.examples import SPLITS, PreparedData, prepare
+from ftcli.data.rows import Features, Rows
+from ftcli.data.tokenize import Tokenized, tokenize
+from ftcli.errors import DataError, FtcliError
+from ftcli.util import atomic_write_text, read_json, read_jsonl
+
+FORMAT = 1  # bumped whenever what these files hold, or how, changes
+DATA_JSON = "data.json"
+
+
+def write_data(recipe, tokenizer, folder: Path, ui=None) -> None:
+    """Prepare (read, clean, split) and tokenize every split, writing everything the run needs
+    into ``folder`` (which exists and is empty): the splits and the tokenized features as Arrow
+    files, plus one small JSON with labels, stats (data.json content) and per-split token
+    summaries. Writes nothing outside ``folder``."""
+    from ftcli.data.examples import _write_jsonl_stream
+
+    folder = Path(folder)
+    prepared = prepare(recipe, folder=folder)
+    if recipe.data.augment and recipe.data.augment.paraphrase:
+        from ftcli.data.paraphrase import add_paraphrases
+        from ftcli.serve.predictor import load_predictor
+
+        prepared = add_paraphrases(prepared, recipe, load_predictor, ui)
+    tokenized = {}
+    for s in SPLITS:
+        rows = prepared.splits[s]
+        if not isinstance(rows, Rows):  # an augmented list: its rows differ in keys
+            (folder / f"{s}.examples.arrow").unlink(missing_ok=True)
+            _write_jsonl_stream(folder / f"{s}.examples.jsonl", rows)
+        tokenized[s] = tokenize(
+            rows, recipe, tokenizer, prepared.label2id, folder=folder, name=f"{s}.features"
+        )
+    record = {
+        "format": FORMAT,
+        "labels": prepared.labels,
+        "stats": prepared.stats,
+        "tokenized": {
+            s: {
+                "examples": len(t.features),
+                "tokens": t.tokens,
+                "truncated": t.truncated,
+                "dropped_no_target": t.dropped_no_target,
+            }
+            for s, t in tokenized.items()
+        },
+    }
+    atomic_write_text(folder / DATA_JSON, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_data(folder: Path) -> tuple[PreparedData, dict[str, Tokenized]]:
+    """Open what write_data wrote, memory-mapped (no full decode into Python lists).
+    Raises DataError if a file is missing or unreadable."""
+    folder = Path(folder)
+    path = folder / DATA_JSON
+    if not path.is_file():
+        raise DataError(f"{folder}: no {DATA_JSON}: not a prepared data folder")
+    try:
+        record = read_json(path)
+    except FtcliError as exc:
+        raise DataError(exc.message, hint=exc.hint) from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise DataError(f"{path}: written by another version of ftcli (format {FORMAT} expected)")
+    splits, tokenized = {}, {}
+    for s in SPLITS:
+        try:
+            counts = record["tokenized"][s]
+            examples = folder / f"{s}.examples.arrow"
+            if examples.is_file():
+                splits[s] = Rows.open(examples)
+            else:
+                listed = folder / f"{s}.examples.jsonl"
+                if not listed.is_file():
+                    raise FileNotFoundError(str(examples))
+                splits[s] = read_jsonl(listed)
+            feats = Features.open(folder / f"{s}.features.arrow")
+            if len(feats) != counts["examples"] or len(splits[s]) != record["stats"]["sizes"][s]:
+                raise ValueError(f"{s}: fewer rows than data.json records")
+            tokenized[s] = Tokenized(
+                feats, counts["truncated"], counts["dropped_no_target"], counts["tokens"]
+            )
+        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
+            raise DataError(
+                f"{folder}: the {s} split cannot be read ({type(exc).__name__}: {exc})",
+                hint="the prepared data is damaged or incomplete: prepare it again",
+            ) from None
+    return PreparedData(splits, record.get("labels"), record.get("stats") or {}), tokenized

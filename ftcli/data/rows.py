@@ -1,0 +1,183 @@
+"""Sequences of row dicts over Arrow tables: the prepared splits and tokenized features live in
+Arrow files, memory-mapped, and are decoded into Python only a row (or a batch) at a time.
+
+``Rows`` is what ``PreparedData.splits[name]`` holds for data ftcli prepared; ``Features`` is
+``Tokenized.features`` (with ``.lengths`` read from a column). Both behave as read-only lists:
+``len``, ``[i]``, ``[a:b]`` (a list), iteration, ``==`` against a list.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import operator
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import pyarrow as pa
+
+BATCH = 1024  # rows decoded at a time when iterating
+
+
+class Scratch:
+    """A temporary folder that lives as long as the views over its files (then it is removed)."""
+
+    def __init__(self, prefix: str = "ftcli-data-"):
+        self.path = Path(tempfile.mkdtemp(prefix=prefix))
+        self._done = weakref.finalize(self, shutil.rmtree, str(self.path), True)
+
+
+def open_table(path: Path) -> pa.Table:
+    """An Arrow IPC stream file, memory-mapped (no copy into memory)."""
+    return pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+
+
+class TableWriter:
+    """Record batches into an Arrow IPC stream file (the format ``datasets`` caches in, so
+    ``datasets.Dataset.from_file`` opens it too)."""
+
+    def __init__(self, path: Path, schema: pa.Schema):
+        self.path, self.schema = Path(path), schema
+        self._sink = pa.OSFile(str(self.path), "wb")
+        self._writer = pa.ipc.new_stream(self._sink, schema)
+
+    def rows(self, rows: list[dict]) -> None:
+        if rows:
+            self._writer.write_batch(pa.RecordBatch.from_pylist(rows, schema=self.schema))
+
+    def table(self, table: pa.Table | pa.RecordBatch) -> None:
+        if table.num_rows:
+            self._writer.write(table)
+
+    def close(self) -> None:
+        self._writer.close()
+        self._sink.close()
+
+    def __enter__(self) -> TableWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Rows(Sequence):
+    """Read-only list of row dicts over an Arrow table; ``path``: the file it is mapped from."""
+
+    def __init__(self, table: pa.Table, path: Path | None = None, keep=None):
+        self.table = table
+        self.path = Path(path) if path is not None else None
+        self._keep = keep  # a Scratch folder holding ``path``: alive as long as this view
+
+    @classmethod
+    def open(cls, path: Path, keep=None):
+        return cls(open_table(path), path, keep)
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def _decode(self, table) -> list[dict]:
+        return table.to_pylist()
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step == 1:
+                return self._decode(self.table.slice(start, max(0, stop - start)))
+            return self.__getitems__(list(range(start, stop, step)))
+        i = operator.index(i)
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"row {i} of {n}")
+        return self._decode(self.table.slice(i, 1))[0]
+
+    def __getitems__(self, indices) -> list[dict]:
+        """Several rows in one read (torch's DataLoader fetches a batch through this)."""
+        if len(indices) == 0:
+            return []
+        return self._decode(self.table.take(pa.array(indices, type=pa.int64())))
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.table.to_batches(max_chunksize=BATCH):
+            yield from self._decode(batch)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __add__(self, other) -> list[dict]:
+        return [*self, *other]
+
+    def __radd__(self, other) -> list[dict]:
+        return [*other, *self]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self)} rows{f', {self.path}' if self.path else ''})"
+
+
+class Features(Rows):
+    """Tokenized features: rows {"input_ids", "attention_mask", "labels"} (the mask, all ones, is
+    not stored), and ``lengths``: each example's number of tokens, from the ``length`` column."""
+
+    def _decode(self, table) -> list[dict]:
+        ids = table.column("input_ids").to_pylist()
+        labels = table.column("labels").to_pylist()
+        return [
+            {"input_ids": x, "attention_mask": [1] * len(x), "labels": y}
+            for x, y in zip(ids, labels, strict=True)
+        ]
+
+    @property
+    def lengths(self):
+        """numpy array of len(input_ids) per example (read from a column, no row decoding)."""
+        cached = getattr(self, "_lengths", None)
+        if cached is None:
+            cached = self._lengths = self.table.column("length").to_numpy()
+        return cached
+
+
+class Reordered(Sequence):
+    """``base`` seen through an index list, lazily (nothing is decoded until a row is asked for)."""
+
+    def __init__(self, base: Sequence, order: Sequence[int]):
+        self.base, self.order = base, order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return take(self.base, list(self.order[i]))
+        return self.base[self.order[i]]
+
+    def __getitems__(self, indices) -> list:
+        return take(self.base, [self.order[i] for i in indices])
+
+
+def take(seq: Sequence, indices: Sequence[int]) -> list:
+    """``[seq[i] for i in indices]``, in one read when ``seq`` is Arrow-backed."""
+    getitems = getattr(seq, "__getitems__", None)
+    return getitems(list(indices)) if getitems else [seq[i] for i in indices]
+
+
+def lengths_of(features: Sequence) -> list[int]:
+    """Each feature's number of tokens: the ``lengths`` column when there is one."""
+    lengths = getattr(features, "lengths", None)
+    if lengths is not None:
+        return lengths.tolist() if hasattr(lengths, "tolist") else list(lengths)
+    return [len(f["input_ids"]) for f in features]
+
+
+def jsonl_digest(rows: Iterable[dict]) -> str:
+    """sha256 of the rows as the JSON-lines text ftcli writes (``util.write_jsonl``), streamed."""
+    h = hashlib.sha256()
+    for r in rows:
+        h.update((json.dumps(r, ensure_ascii=False) + "\n").encode())
+    return h.hexdigest()

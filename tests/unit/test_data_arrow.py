@@ -1,0 +1,337 @@
+"""Arrow underneath the data stage: prepare() and tokenize() give exactly what the list-based
+implementation gave (kept in tests/unit/legacy_data.py), split for split and token for token, on
+every layout; the features are a memory-mapped sequence with lengths; write_data/read_data round
+trip; run folders of the old layout (train.jsonl) and the new one (train.arrow) open."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from ftcli.data import examples as ex
+from ftcli.data import tokenize as tk
+from ftcli.data.prepared import read_data, write_data
+from ftcli.data.rows import Features, Rows
+from ftcli.errors import DataError
+from ftcli.recipe import recipe_from_mapping
+from tests.conftest import _train_tokenizer, chat_rows, sentiment_rows
+from tests.unit import legacy_data as old
+
+
+def _recipe(path, task="classification", **data):
+    m = {
+        "name": "t",
+        "task": task,
+        "model": {"name": "m"},
+        "data": {"path": str(path), **data},
+        "method": {"kind": "full"},
+    }
+    return recipe_from_mapping(m)
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _noisy_sentiment(n, seed=0):
+    """Sentiment rows with duplicates, blanks, padding spaces and an odd third label."""
+    rng = random.Random(seed)
+    rows = sentiment_rows(n, seed)
+    rows += [dict(r) for r in rng.sample(rows, n // 10)]  # duplicates
+    rows += [{"text": "  ", "label": "pos"}, {"text": f"  {rows[3]['text']}  ", "label": "neg"}]
+    rows += [{"text": f"meh {i}", "label": "meh"} for i in range(12)]
+    rng.shuffle(rows)
+    return rows
+
+
+def _chat(n, seed=0):
+    rows = chat_rows(n, seed)
+    for i, r in enumerate(rows):  # some longer conversations, some repeated
+        if i % 3 == 0:
+            r["messages"] = r["messages"] + [
+                {"role": "user", "content": " and then ? "},
+                {"role": "assistant", "content": "nothing more ."},
+            ]
+    return rows + rows[:7]
+
+
+def _layouts(tmp_path):
+    """(name, recipe) for every layout and the split options that change the split logic."""
+    cls_rows = _noisy_sentiment(300)
+    p = _jsonl(tmp_path / "cls.jsonl", cls_rows)
+    val = _jsonl(tmp_path / "val.jsonl", cls_rows[:40] + sentiment_rows(30, seed=5))
+    test = _jsonl(tmp_path / "test.jsonl", cls_rows[20:60] + sentiment_rows(30, seed=6))
+    pq.write_table(pa.Table.from_pylist(cls_rows), tmp_path / "cls.parquet")
+    csv = tmp_path / "cls.csv"
+    csv.write_text("text,label\n" + "".join(f'"{r["text"]}",{r["label"]}\n' for r in cls_rows))
+    folder = tmp_path / "folder"
+    for i, r in enumerate(cls_rows[:80]):
+        (folder / r["label"]).mkdir(parents=True, exist_ok=True)
+        (folder / r["label"] / f"{i:03d}.txt").write_text(r["text"])
+    text = _jsonl(tmp_path / "text.jsonl", [{"text": r["text"]} for r in cls_rows])
+    comp = _jsonl(
+        tmp_path / "comp.jsonl",
+        [{"q": f"say {r['text']}", "a": f" {r['label']}"} for r in cls_rows],
+    )
+    inst = _jsonl(
+        tmp_path / "inst.jsonl",
+        [
+            {"ins": "label it", "inp": r["text"] if i % 2 else "", "out": r["label"]}
+            for i, r in enumerate(cls_rows)
+        ],
+    )
+    chat = _jsonl(tmp_path / "chat.jsonl", _chat(200))
+    lm = "causal_lm"
+    return [
+        ("cls-jsonl", _recipe(p)),
+        ("cls-no-stratify", _recipe(p, split={"stratify": False, "seed": 3})),
+        ("cls-parquet", _recipe(tmp_path / "cls.parquet")),
+        ("cls-csv", _recipe(csv)),
+        ("cls-folder", _recipe(folder)),
+        ("cls-labels", _recipe(p, labels=["pos", "neg"])),
+        ("cls-explicit", _recipe(p, validation_path=str(val), test_path=str(test))),
+        ("cls-explicit-test", _recipe(p, test_path=str(test), split={"validation": 0.2})),
+        (
+            "cls-caps",
+            _recipe(p, max_train_examples=50, max_validation_examples=7, max_test_examples=9),
+        ),
+        ("cls-caps-lose-a-label", _recipe(p, max_train_examples=3)),
+        ("cls-missing-label", _recipe(p, labels=["pos", "nope"])),
+        ("cls-raw", _recipe(p, clean={"strip": False, "drop_empty": False, "dedupe": False})),
+        ("cls-no-dedupe", _recipe(p, clean={"dedupe": False}, test_path=str(test))),
+        ("text", _recipe(text, lm)),
+        ("completion", _recipe(comp, lm, prompt_column="q", completion_column="a")),
+        (
+            "instruction",
+            _recipe(
+                inst,
+                lm,
+                instruction_column="ins",
+                input_column="inp",
+                output_column="out",
+                system_prompt="be brief",
+            ),
+        ),
+        ("chat", _recipe(chat, lm, messages_column="messages")),
+        ("chat-system", _recipe(chat, lm, messages_column="messages", system_prompt="hi")),
+    ]
+
+
+def test_prepare_gives_exactly_the_list_based_splits_on_every_layout(tmp_path):
+    from ftcli.errors import FtcliError
+
+    for name, recipe in _layouts(tmp_path):
+        try:
+            want = old.prepare(recipe)
+        except FtcliError as exc:  # then the same error, word for word
+            with pytest.raises(type(exc)) as new:
+                ex.prepare(recipe)
+            assert str(new.value) == str(exc), name
+            continue
+        got = ex.prepare(recipe)
+        for s in ex.SPLITS:
+            assert isinstance(got.splits[s], Rows), name
+            assert list(got.splits[s]) == want.splits[s], f"{name}: {s} differs"
+        assert got.labels == want.labels, name
+        # the stats as data.json writes them: same values, same key order
+        assert json.dumps(got.stats) == json.dumps(want.stats), name
+
+
+def test_prepare_streams_big_jsonl_in_chunks_with_the_same_splits(tmp_path, monkeypatch):
+    from ftcli.data import read
+
+    monkeypatch.setattr(read, "CHUNK", 37)  # many chunks, one boundary inside each check
+    rows = _noisy_sentiment(400, seed=2)
+    p = _jsonl(tmp_path / "big.jsonl", rows)
+    recipe = _recipe(p)
+    got, want = ex.prepare(recipe), old.prepare(recipe)
+    assert all(list(got.splits[s]) == want.splits[s] for s in ex.SPLITS)
+    assert got.stats == want.stats
+
+
+def test_a_bad_chat_record_is_numbered_across_chunks(tmp_path, monkeypatch):
+    from ftcli.data import read
+
+    monkeypatch.setattr(read, "CHUNK", 10)
+    rows = chat_rows(30)
+    rows[24] = {"messages": "not a list"}
+    recipe = _recipe(_jsonl(tmp_path / "c.jsonl", rows), "causal_lm", messages_column="messages")
+    with pytest.raises(DataError, match="record 25:"):
+        ex.prepare(recipe)
+
+
+@pytest.fixture(scope="module")
+def toks(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toks")
+    return {k: _train_tokenizer(k, root / k) for k in ("bert", "bpe")}
+
+
+def _examples(recipe):
+    return old.prepare(recipe)
+
+
+TOKENIZE_CASES = [
+    # (layout name, tokenizer, data options)
+    ("cls-jsonl", "bert", {"max_length": 8}),
+    ("cls-jsonl", "bert", {"max_length": 64}),
+    ("cls-jsonl", "bpe", {"max_length": 6}),
+    ("text", "bpe", {"max_length": 7}),
+    ("text", "bpe", {"max_length": 64, "add_eos": False}),
+    ("completion", "bpe", {"max_length": 6}),
+    ("completion", "bpe", {"max_length": 64, "loss_on": "all"}),
+    ("instruction", "bpe", {"max_length": 12}),
+    ("chat", "bpe", {"max_length": 20}),
+    ("chat", "bpe", {"max_length": 64, "add_eos": False}),
+    ("chat-system", "bpe", {"max_length": 9, "loss_on": "all"}),
+    ("chat-system", "bpe", {"max_length": 64}),
+]
+
+
+@pytest.mark.parametrize(("layout", "tok", "opts"), TOKENIZE_CASES)
+def test_tokenize_gives_exactly_todays_features(tmp_path, toks, layout, tok, opts):
+    recipe = dict(_layouts(tmp_path))[layout]
+    raw = recipe.to_mapping() if hasattr(recipe, "to_mapping") else None
+    recipe = _with_data(recipe, opts)
+    prepared = old.prepare(recipe)
+    tokenizer = toks[tok]
+    for s in ex.SPLITS:
+        want = old.tokenize(prepared.splits[s], recipe, tokenizer, prepared.label2id)
+        got = tk.tokenize(prepared.splits[s], recipe, tokenizer, prepared.label2id)
+        assert isinstance(got.features, Features)
+        assert list(got.features) == want.features, f"{layout} {opts} {s}"
+        assert (got.truncated, got.dropped_no_target, got.tokens) == (
+            want.truncated,
+            want.dropped_no_target,
+            want.tokens,
+        )
+        assert got.features.lengths.tolist() == [len(f["input_ids"]) for f in want.features]
+    del raw
+
+
+def _with_data(recipe, opts):
+    import yaml
+
+    m = yaml.safe_load(recipe.to_yaml())
+    m["data"].update(opts)
+    return recipe_from_mapping(m)
+
+
+def test_tokenize_cuts_and_drops_are_counted_like_today(tmp_path, toks):
+    """Prompts longer than max_length leave no target: dropped, and counted the same."""
+    rows = [{"q": "what is " * (i % 9 + 1), "a": f" {i}"} for i in range(60)]
+    r = _recipe(
+        _jsonl(tmp_path / "c.jsonl", rows),
+        "causal_lm",
+        prompt_column="q",
+        completion_column="a",
+        max_length=8,
+    )
+    examples = old.prepare(r).splits["train"]
+    want = old.tokenize(examples, r, toks["bpe"], None)
+    got = tk.tokenize(examples, r, toks["bpe"], None)
+    assert want.dropped_no_target > 0 and want.truncated > 0
+    assert list(got.features) == want.features
+    assert (got.truncated, got.dropped_no_target, got.tokens) == (
+        want.truncated,
+        want.dropped_no_target,
+        want.tokens,
+    )
+
+
+def test_parallel_tokenization_matches_and_writes_arrow(tmp_path, toks):
+    """From 1,000 examples on, datasets.map with num_proc workers (the tokenizer is pickled)."""
+    rows = _chat(1_100, seed=4)
+    for i, r in enumerate(rows):  # all distinct, so none is dropped as shared between splits
+        r["messages"][0]["content"] += f" ({i})"
+    r = _recipe(
+        _jsonl(tmp_path / "c.jsonl", rows),
+        "causal_lm",
+        messages_column="messages",
+        num_proc=2,
+        max_length=24,
+        clean={"dedupe": False},
+        split={"test": 0.05, "validation": 0.0},
+    )
+    prepared = ex.prepare(r)
+    train = prepared.splits["train"]
+    assert len(train) >= tk.PARALLEL_FROM
+    want = old.tokenize(list(train), r, toks["bpe"], None)
+    got = tk.tokenize(train, r, toks["bpe"], None, folder=tmp_path, name="train.features")
+    assert (tmp_path / "train.features.arrow").is_file()
+    assert not list(tmp_path.glob(".train.features.map"))  # the map's own files are gone
+    assert list(got.features) == want.features
+    assert (got.truncated, got.tokens) == (want.truncated, want.tokens)
+
+
+def test_feature_view_is_a_read_only_list_with_lengths(tmp_path, toks):
+    r = _recipe(_jsonl(tmp_path / "t.jsonl", sentiment_rows(40)), max_length=16)
+    p = ex.prepare(r)
+    t = tk.tokenize(p.splits["train"], r, toks["bert"], p.label2id)
+    f = t.features
+    rows = list(f)
+    assert f[0] == rows[0] and f[-1] == rows[-1] and f[2:5] == rows[2:5]
+    assert f.__getitems__([3, 1]) == [rows[3], rows[1]]
+    assert rows[0]["attention_mask"] == [1] * len(rows[0]["input_ids"])
+    assert isinstance(rows[0]["labels"], int)
+    with pytest.raises(IndexError):
+        f[len(f)]
+    assert f == rows and len(f) == len(rows)
+
+
+def test_write_data_and_read_data_round_trip(tmp_path, toks):
+    r = _recipe(_jsonl(tmp_path / "t.jsonl", _noisy_sentiment(120)), max_length=10)
+    folder = tmp_path / "prepared"
+    folder.mkdir()
+    write_data(r, toks["bert"], folder)
+    outside = sorted(p.name for p in tmp_path.iterdir())
+    assert outside == ["prepared", "t.jsonl"]  # nothing written beside the folder
+    prepared, tokenized = read_data(folder)
+    want = old.prepare(r)
+    for s in ex.SPLITS:
+        assert list(prepared.splits[s]) == want.splits[s]
+        w = old.tokenize(want.splits[s], r, toks["bert"], want.label2id)
+        assert list(tokenized[s].features) == w.features
+        assert tokenized[s].truncated == w.truncated and tokenized[s].tokens == w.tokens
+    assert prepared.labels == want.labels and prepared.stats == want.stats
+    (folder / "test.features.arrow").write_bytes(b"ARROW1 truncated")
+    with pytest.raises(DataError, match="test split cannot be read"):
+        read_data(folder)
+    with pytest.raises(DataError, match="not a prepared data folder"):
+        read_data(tmp_path)
+
+
+def test_run_folder_train_split_as_arrow_when_big(tmp_path, monkeypatch):
+    """Small training splits stay train.jsonl; big ones train.arrow; the digests are those of
+    the jsonl text either way, so --resume's check reads old and new run folders alike."""
+    from ftcli.rundir import check_same_data
+
+    r = _recipe(_jsonl(tmp_path / "t.jsonl", sentiment_rows(100)))
+    p = ex.prepare(r)
+    small = tmp_path / "small"
+    ex.save_prepared(p, small)
+    assert sorted(x.name for x in small.iterdir()) == [
+        "data.json",
+        "labels.json",
+        "test.jsonl",
+        "train.jsonl",
+        "validation.jsonl",
+    ]
+    monkeypatch.setattr(ex, "TRAIN_JSONL_MAX", 10)
+    big = tmp_path / "big"
+    saved = ex.save_prepared(p, big)
+    assert (big / "train.arrow").is_file() and not (big / "train.jsonl").exists()
+    assert (big / "test.jsonl").is_file() and (big / "validation.jsonl").is_file()
+    assert saved.stats["sha256"] == json.loads((small / "data.json").read_text())["sha256"]
+    back = ex.load_prepared(big)
+    assert isinstance(back.splits["train"], Rows)
+    assert list(back.splits["train"]) == list(p.splits["train"])
+    check_same_data(p, big)
+    check_same_data(p, small)
+    other = ex.prepare(_recipe(tmp_path / "t.jsonl", split={"seed": 9}))
+    with pytest.raises(Exception, match="differs from the one this run started with"):
+        check_same_data(other, big)
