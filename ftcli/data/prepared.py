@@ -22,19 +22,22 @@ FORMAT = 1  # bumped whenever what these files hold, or how, changes
 DATA_JSON = "data.json"
 
 
-def write_data(recipe, tokenizer, folder: Path, ui=None) -> None:
+def write_data(recipe, tokenizer, folder: Path, ui=None, *, load_predictor=None) -> None:
     """Prepare (read, clean, split) and tokenize every split, writing everything the run needs
     into ``folder`` (which exists and is empty): the splits and the tokenized features as Arrow
     files, plus one small JSON with labels, stats (data.json content) and per-split token
-    summaries. Writes nothing outside ``folder``."""
+    summaries. Writes nothing outside ``folder``. ``load_predictor``: what paraphrase augmentation
+    loads its model with (``serve.predictor.load_predictor``; data/ may not import serve/), needed
+    only when the recipe asks for paraphrases."""
     from ftcli.data.examples import _write_jsonl_stream
 
     folder = Path(folder)
     prepared = prepare(recipe, folder=folder)
     if recipe.data.augment and recipe.data.augment.paraphrase:
         from ftcli.data.paraphrase import add_paraphrases
-        from ftcli.serve.predictor import load_predictor
 
+        if load_predictor is None:
+            raise FtcliError("data.augment.paraphrase needs a model loader: pass load_predictor")
         prepared = add_paraphrases(prepared, recipe, load_predictor, ui)
     tokenized = {}
     for s in SPLITS:
