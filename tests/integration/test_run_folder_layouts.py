@@ -18,7 +18,7 @@ from ftcli.data.rows import Rows
 from ftcli.merge import merge
 from ftcli.rundir import check_same_data
 from ftcli.util import write_jsonl
-from tests.conftest import FAST, run_cli, trained_run
+from tests.conftest import FAST, trained_run
 
 
 def _relayout(run, copy, layout: str, monkeypatch) -> PreparedData:
@@ -47,7 +47,7 @@ def _relayout(run, copy, layout: str, monkeypatch) -> PreparedData:
 
 @pytest.mark.parametrize("layout", ["main-jsonl", "train-arrow"])
 def test_run_folder_layouts_open_in_eval_predict_merge(
-    tmp_path_factory, tiny_models, tiny_data, tmp_path, capsys, monkeypatch, layout
+    tmp_path_factory, tiny_models, tiny_data, tmp_path, monkeypatch, layout
 ):
     run = trained_run(tmp_path_factory, tiny_models, tiny_data, "classification", "lora")
     copy = tmp_path / "run"
@@ -59,8 +59,9 @@ def test_run_folder_layouts_open_in_eval_predict_merge(
         assert list(back.splits[s]) == splits.splits[s]
     check_same_data(back, copy / "data")  # what --resume checks
 
-    code, rep = run_cli(capsys, "eval", str(copy), "--no-robustness", *FAST)
-    assert code == 0, rep
+    r = CliRunner().invoke(app, ["eval", str(copy), "--no-robustness", *FAST, "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
     saved = json.loads((run / "run.json").read_text())["eval"]["metrics"]
     assert rep["metrics"]["accuracy"] == pytest.approx(saved["accuracy"])
 
