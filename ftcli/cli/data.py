@@ -104,15 +104,16 @@ def cache(
     entries, others = list_entries(root)
     total = sum(e["size"] for e in entries)
     ui.info(f"data cache: {root}")
+    damaged = any(e["damaged"] for e in entries)
     ui.table(
         f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {human_bytes(total)}",
         [
-            (e["key"][:12], e["source"], human_bytes(e["size"]), e["created"])
-            + ((f"damaged: {e['damaged']}",) if e["damaged"] else ("",))
+            (e["key"][:12], human_bytes(e["size"]), e["created"], e["source"])
+            + ((f"damaged: {e['damaged']}" if e["damaged"] else "",) if damaged else ())
             for e in entries
         ],
-        headers=("key", "source", "size", "created", ""),
-        whole=(1,),
+        headers=("key", "size", "created", "source") + (("",) if damaged else ()),
+        whole=(0, 1, 2),
     )
     for name in others:
         ui.info(f"  not ftcli's (left alone): {name}")
