@@ -46,7 +46,10 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 def _recipe_file(tmp_path: Path, model: Path, n: int = 80, name: str = "prep") -> Path:
     data = tmp_path / f"chat-{n}.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(n)))
+    rows = chat_rows(n)
+    for i, r in enumerate(rows):  # each one distinct: cleaning would drop repeats
+        r["messages"][0]["content"] += f" ({i})"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     m = {
         "name": name,
         "task": "causal_lm",
