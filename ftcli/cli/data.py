@@ -36,6 +36,11 @@ def prepare(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False):
     for w in r.warnings:
         ui.warn(w.render())
     ui.step(f"prepare  {r.data.path}")
+    if r.data.augment and r.data.augment.paraphrase:
+        ui.warn(
+            "data.augment.paraphrase is not cached (a model writes those copies on each run): "
+            "this prepares and shows the data without them, and `ftcli train` does not reuse it"
+        )
     with trusting(r.model.trust_remote_code):
         tokenizer, _, model_dir = load_tokenizer(r.model)
         prepared, tokenized, note = load_data(r, tokenizer, model_dir, None, ui)
