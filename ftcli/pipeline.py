@@ -21,6 +21,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 
 from ftcli.adapt import adapt, save_initial_adapter
 from ftcli.data.examples import SPLITS, prepare, save_prepared
+from ftcli.data.store import load_data
 from ftcli.data.tokenize import tokenize
 from ftcli.distributed import check_launch, check_mode, is_sharded, process_group_kwargs
 from ftcli.errors import FtcliError, Interrupted
@@ -312,25 +313,30 @@ def _train_run(
 
 
 def _prepare_stage(recipe: Recipe, acc, ui: UI, timings: dict):
-    """The data: read, split and cleaned (prepare), then tokenized split by split; with the
-    tokenizer and the local folder the model loads from."""
+    """The data: read, split, cleaned and tokenized through the data cache (``data.store``: once
+    per content, by each node's main process; the others open its files); with the tokenizer
+    and the local folder the model loads from. Model-written paraphrases are not cached."""
     ui.step(f"prepare  {recipe.data.path}")
     t0 = time.perf_counter()
     with acc.main_process_first():
         tokenizer, _, model_dir = load_tokenizer(recipe.model)
-    prepared = prepare(recipe)
     if recipe.data.augment and recipe.data.augment.paraphrase:
+        # a model writes them on each run: prepared here, in every process, as before
         from ftcli.data.paraphrase import add_paraphrases
         from ftcli.serve.predictor import load_predictor
 
-        prepared = add_paraphrases(prepared, recipe, load_predictor, ui)
-    tokenized = {
-        s: tokenize(prepared.splits[s], recipe, tokenizer, prepared.label2id) for s in SPLITS
-    }
+        prepared = add_paraphrases(prepare(recipe), recipe, load_predictor, ui)
+        tokenized = {
+            s: tokenize(prepared.splits[s], recipe, tokenizer, prepared.label2id) for s in SPLITS
+        }
+        note = "not cached: data.augment.paraphrase has a model write the training copies"
+    else:
+        prepared, tokenized, note = load_data(recipe, tokenizer, model_dir, acc, ui)
     timings["prepare"] = round(time.perf_counter() - t0, 2)
+    ui.info(f"  {note}")
     ui.table("data", data_table(prepared, tokenized, recipe.data.max_length))
-    for note in prepared.stats.get("notes", []):
-        ui.warn(note)
+    for line in prepared.stats.get("notes", []):
+        ui.warn(line)
     return tokenizer, model_dir, prepared, tokenized
 
 

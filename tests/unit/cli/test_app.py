@@ -36,6 +36,8 @@ def test_help_lists_the_commands_in_their_order(cli, monkeypatch):
         "train",
         "validate",
         "recipes",
+        "prepare",
+        "cache",
         "eval",
         "cv",
         "tune",
