@@ -59,9 +59,15 @@ class Tokenized:
     truncated: int
     dropped_no_target: int
     tokens: int
+    extra_windows: int | None = (
+        None  # long_documents: windows: windows beyond each document's first
+    )
 
     def summary(self, max_length: int) -> str:
         s = f"{len(self.features)} examples, {self.tokens:,} tokens"
+        if self.extra_windows is not None:
+            docs = len({f["doc"] for f in self.features})
+            s = f"{docs} documents as {len(self.features)} windows, {self.tokens:,} tokens"
         if self.truncated:
             s += f"; {self.truncated} truncated to {max_length} tokens"
         if self.dropped_no_target:
@@ -75,6 +81,11 @@ def tokenize(
     """Tokenize canonical examples; labels mask everything but the completion for causal LMs."""
     d = recipe.data
     L = d.max_length
+    if recipe.task == "classification" and d.long_documents == "windows":
+        from ftcli.data.windows import window_features
+
+        feats, extra = window_features(examples, tokenizer, L, label2id)
+        return Tokenized(feats, 0, 0, sum(len(f["input_ids"]) for f in feats), extra)
     if recipe.task == "classification":
         texts = [e["text"] for e in examples]
         full = tokenizer(texts, truncation=False, add_special_tokens=True)["input_ids"]
