@@ -59,6 +59,8 @@ class LengthChoice:
         return s + ")"
 
     def as_dict(self) -> dict:
+        if self.policy != "auto":
+            return {"value": self.value, "policy": self.policy}
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 

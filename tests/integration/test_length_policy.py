@@ -22,8 +22,8 @@ from tests.conftest import sentiment_rows, tiny_recipe
 def test_auto_length_and_windows_end_to_end(tmp_path, tiny_models, tiny_data, capsys):
     rows = sentiment_rows(120)
     rng = random.Random(0)
-    for r in rng.sample(rows, 4):  # a few documents far longer than the rest
-        r["text"] = " ".join([r["text"]] * 12)
+    for r in rng.sample(rows, 12):  # documents longer than the tiny BERT's 128 positions
+        r["text"] = " ".join([r["text"]] * 30)
     data = tmp_path / "long.csv"
     with open(data, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["text", "label"])
@@ -38,6 +38,7 @@ def test_auto_length_and_windows_end_to_end(tmp_path, tiny_models, tiny_data, ca
     record = train_run(recipe, UI())
     out = capsys.readouterr().out
     chosen = record["data"]["max_length"]
+    assert chosen["value"] == 128 and "the model's 128 positions" in chosen["capped_by"]
     assert chosen["policy"] == "auto" and chosen["examples"] == len(
         open_run(recipe.run_dir).prepared.splits["train"]
     )
