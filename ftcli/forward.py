@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ftcli.data.rows import lengths_of, take
 from ftcli.data.tokenize import IGNORE_INDEX, collate
+from ftcli.data.windows import expand, mean_by_owner
 from ftcli.models import pads_left
 
 
@@ -127,7 +128,20 @@ def _token_ce(model, features: list[dict], idx: list[int], pad_id: int, device):
 def class_probabilities(
     model, features: list[dict], pad_id: int, batch_size: int, device
 ) -> list[list[float]]:
-    """Softmax probabilities per example, in the order of ``features``."""
+    """Softmax probabilities per example, in the order of ``features``. A document-level feature
+    with ``more_windows`` (data.long_documents: windows) gets the softmax of its windows' mean
+    logits."""
+    if any("more_windows" in f for f in features):
+        flat, owner = expand(features)
+        rows: list = [None] * len(flat)
+        model.eval()
+        with torch.no_grad():
+            for idx in length_batches(flat, batch_size):
+                logits, _ = _forward(model, flat, idx, pad_id, device)
+                for r, i in enumerate(idx):
+                    rows[i] = logits[r].float().cpu()
+        mean = mean_by_owner(torch.stack(rows), owner, len(features))
+        return torch.softmax(mean, dim=-1).tolist()
     probs: list = [None] * len(features)
     model.eval()
     with torch.no_grad():

@@ -21,6 +21,8 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 
 from ftcli.adapt import adapt, save_initial_adapter
 from ftcli.data.examples import SPLITS, prepare, save_prepared
+from ftcli.data.lengths import LengthChoice, with_max_length
+from ftcli.data.lengths import resolve as resolve_length
 from ftcli.data.store import load_data
 from ftcli.data.tokenize import tokenize
 from ftcli.distributed import check_launch, check_mode, is_sharded, process_group_kwargs
@@ -104,7 +106,20 @@ def make_accelerator(recipe: Recipe):
     return acc, device
 
 
-def _check_run_dir(recipe: Recipe, resume: bool, force: bool) -> None:
+def _with_saved_length(recipe: Recipe, saved: Path) -> Recipe:
+    """A resumed ``max_length: auto`` recipe takes the number its run chose (recipe.yaml holds it)."""
+    if recipe.data.max_length != "auto":
+        return recipe
+    import yaml
+
+    doc = yaml.safe_load(saved.read_text()) or {}
+    ml = (doc.get("data") or {}).get("max_length")
+    return with_max_length(recipe, ml) if isinstance(ml, int) else recipe
+
+
+def _check_run_dir(recipe: Recipe, resume: bool, force: bool) -> Recipe:
+    """Refuse a run folder the run could damage; returns the recipe to run (a resume's keeps the
+    max_length its run chose)."""
     run_dir = recipe.run_dir
     record = read_run_record(run_dir)
     if resume:
@@ -113,12 +128,14 @@ def _check_run_dir(recipe: Recipe, resume: bool, force: bool) -> None:
                 f"nothing to resume: {run_dir} holds no run", hint="start it without --resume"
             )
         saved = run_dir / "recipe.yaml"
-        if saved.exists() and saved.read_text() != recipe.to_yaml():
-            raise FtcliError(
-                f"the recipe differs from the one {run_dir} was started with",
-                hint=f"resume with the saved one: ftcli train {saved} --resume",
-            )
-        return
+        if saved.exists():
+            recipe = _with_saved_length(recipe, saved)
+            if saved.read_text() != recipe.to_yaml():
+                raise FtcliError(
+                    f"the recipe differs from the one {run_dir} was started with",
+                    hint=f"resume with the saved one: ftcli train {saved} --resume",
+                )
+        return recipe
     foreign = foreign_entries(run_dir)
     if foreign:  # ftcli deletes only what it wrote: not even --force overrides this
         shown = ", ".join(foreign[:5]) + (
@@ -131,7 +148,7 @@ def _check_run_dir(recipe: Recipe, resume: bool, force: bool) -> None:
         )
     if record is not None and not force:
         if record.status == "failed" and not any((run_dir / "checkpoints").glob("step-*")):
-            return  # a run that failed before saving anything holds nothing to lose
+            return recipe  # a run that failed before saving anything holds nothing to lose
         raise FtcliError(
             f"{run_dir} already holds a run (status: {record.status}); it would be overwritten",
             hint="--resume continues it, --force starts it over, --set name=NEW makes a new run",
@@ -144,6 +161,7 @@ def _check_run_dir(recipe: Recipe, resume: bool, force: bool) -> None:
             hint="--force starts it over (only ftcli's own files there are removed; a tune "
             "study is kept), --set name=NEW makes a new run",
         )
+    return recipe
 
 
 def data_table(prepared, tokenized, max_length: int) -> list[tuple]:
@@ -250,13 +268,18 @@ def _train_run(
 ) -> dict:
     """The stages in order: check, load (data, model), write the run's start, train, evaluate,
     merge, benchmarks; run.json records each as it ends."""
-    _check_run_dir(recipe, resume, force)
+    recipe = _check_run_dir(recipe, resume, force)
     acc, device = make_accelerator(recipe)
-    ui.step("memory   estimate before loading anything")
-    memory = preflight(recipe, device, ui, enforce=memory_check, processes=acc.num_processes)
+    auto = recipe.data.max_length == "auto"  # the estimate needs the length the data decides
+    if not auto:
+        ui.step("memory   estimate before loading anything")
+        memory = preflight(recipe, device, ui, enforce=memory_check, processes=acc.num_processes)
     set_seed(recipe.train.seed)
     timings: dict[str, float] = {}
-    tokenizer, model_dir, prepared, tokenized = _prepare_stage(recipe, acc, ui, timings)
+    recipe, tokenizer, model_dir, prepared, tokenized = _prepare_stage(recipe, acc, ui, timings)
+    if auto:
+        ui.step("memory   estimate before loading the model")
+        memory = preflight(recipe, device, ui, enforce=memory_check, processes=acc.num_processes)
     adapted = _adapt_stage(
         recipe, acc, device, model_dir, tokenizer, prepared, tokenized, ui, timings
     )
@@ -312,10 +335,21 @@ def _train_run(
     return log.data
 
 
+def with_data_length(recipe: Recipe, prepared, ui: UI) -> Recipe:
+    """``recipe`` with the max_length its data stage chose (data.json's record); the auto choice
+    printed in one line."""
+    length = LengthChoice(**prepared.stats["max_length"])
+    if length.policy == "auto":
+        ui.info("  " + length.line())
+    return with_max_length(recipe, length.value)
+
+
 def _prepare_stage(recipe: Recipe, acc, ui: UI, timings: dict):
-    """The data: read, split, cleaned and tokenized through the data cache (``data.store``: once
-    per content, by each node's main process; the others open its files); with the tokenizer
-    and the local folder the model loads from. Model-written paraphrases are not cached."""
+    """The data: read, split, cleaned, max_length resolved (auto: from the training split,
+    data/lengths.py) and tokenized through the data cache (``data.store``: once per content, by
+    each node's main process; the others open its files); with the recipe holding that int (what
+    recipe.yaml records), the tokenizer and the local folder the model loads from. Model-written
+    paraphrases are not cached."""
     ui.step(f"prepare  {recipe.data.path}")
     t0 = time.perf_counter()
     with acc.main_process_first():
@@ -326,18 +360,23 @@ def _prepare_stage(recipe: Recipe, acc, ui: UI, timings: dict):
         from ftcli.serve.predictor import load_predictor
 
         prepared = add_paraphrases(prepare(recipe), recipe, load_predictor, ui)
+        recipe, length = resolve_length(
+            recipe, prepared.splits["train"], tokenizer, prepared.label2id
+        )
+        prepared.stats["max_length"] = length.as_dict()  # run.json's data section records it
         tokenized = {
             s: tokenize(prepared.splits[s], recipe, tokenizer, prepared.label2id) for s in SPLITS
         }
         note = "not cached: data.augment.paraphrase has a model write the training copies"
     else:
         prepared, tokenized, note = load_data(recipe, tokenizer, model_dir, acc, ui)
+    recipe = with_data_length(recipe, prepared, ui)
     timings["prepare"] = round(time.perf_counter() - t0, 2)
     ui.info(f"  {note}")
     ui.table("data", data_table(prepared, tokenized, recipe.data.max_length))
     for line in prepared.stats.get("notes", []):
         ui.warn(line)
-    return tokenizer, model_dir, prepared, tokenized
+    return recipe, tokenizer, model_dir, prepared, tokenized
 
 
 def _adapt_stage(

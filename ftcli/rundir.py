@@ -322,7 +322,26 @@ def open_run(run_dir: Path) -> RunDir:
             f"{run_dir} is not a run folder (no recipe.yaml)",
             hint="give a folder that `ftcli train` wrote, e.g. runs/quickstart",
         )
-    return RunDir(run_dir, load_recipe(run_dir / "recipe.yaml"), load_prepared(run_dir / "data"))
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    if recipe.data.max_length == "auto":  # ftcli writes the number; a hand edit wrote auto back
+        ml = recorded_max_length(run_dir)
+        if ml is None:
+            raise FtcliError(
+                f"{run_dir}/recipe.yaml says data.max_length: auto and run.json records no number",
+                hint="set data.max_length in that recipe.yaml to the length the run trained with",
+            )
+        recipe = recipe.model_copy(
+            update={"data": recipe.data.model_copy(update={"max_length": ml})}
+        )
+    return RunDir(run_dir, recipe, load_prepared(run_dir / "data"))
+
+
+def recorded_max_length(run_dir: Path) -> int | None:
+    """The max_length a run recorded (run.json's data.max_length.value), None if absent."""
+    try:
+        return int(read_json(Path(run_dir) / "run.json")["data"]["max_length"]["value"])
+    except (OSError, ValueError, KeyError, TypeError, FtcliError):
+        return None
 
 
 def latest_run(output_dir: str | Path = "runs") -> Path:

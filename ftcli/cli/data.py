@@ -27,7 +27,7 @@ def prepare(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False):
     from ftcli.data.examples import SPLITS
     from ftcli.data.store import load_data
     from ftcli.models import load_tokenizer
-    from ftcli.pipeline import data_table
+    from ftcli.pipeline import data_table, with_data_length
     from ftcli.sources import trusting
     from ftcli.ui import UI
 
@@ -41,10 +41,13 @@ def prepare(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False):
             "data.augment.paraphrase is not cached (a model writes those copies on each run): "
             "this prepares and shows the data without them, and `ftcli train` does not reuse it"
         )
+        augment = r.data.augment.model_copy(update={"paraphrase": None})
+        r = r.model_copy(update={"data": r.data.model_copy(update={"augment": augment})})
     with trusting(r.model.trust_remote_code):
         tokenizer, _, model_dir = load_tokenizer(r.model)
         prepared, tokenized, note = load_data(r, tokenizer, model_dir, None, ui)
     ui.info(f"  {note}")
+    r = with_data_length(r, prepared, ui)
     ui.table("data", data_table(prepared, tokenized, r.data.max_length))
     for line in prepared.stats.get("notes", []):
         ui.warn(line)

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from ftcli.data.examples import SPLITS, PreparedData, prepare
+from ftcli.data.lengths import resolve as resolve_length
 from ftcli.data.rows import Features, Rows
 from ftcli.data.tokenize import Tokenized, tokenize
 from ftcli.errors import DataError, FtcliError
@@ -39,6 +40,8 @@ def write_data(recipe, tokenizer, folder: Path, ui=None, *, load_predictor=None)
         if load_predictor is None:
             raise FtcliError("data.augment.paraphrase needs a model loader: pass load_predictor")
         prepared = add_paraphrases(prepared, recipe, load_predictor, ui)
+    recipe, length = resolve_length(recipe, prepared.splits["train"], tokenizer, prepared.label2id)
+    prepared.stats["max_length"] = length.as_dict()  # run.json's data section records it
     tokenized = {}
     for s in SPLITS:
         rows = prepared.splits[s]

@@ -129,10 +129,14 @@ class Features(Rows):
     def _decode(self, table) -> list[dict]:
         ids = table.column("input_ids").to_pylist()
         labels = table.column("labels").to_pylist()
-        return [
+        rows = [
             {"input_ids": x, "attention_mask": [1] * len(x), "labels": y}
             for x, y in zip(ids, labels, strict=True)
         ]
+        if "doc" in table.column_names:  # long_documents windows: the document each reads
+            for r, d in zip(rows, table.column("doc").to_pylist(), strict=True):
+                r["doc"] = d
+        return rows
 
     @property
     def lengths(self):

@@ -299,6 +299,13 @@ def key_parts(
                 if unreusable is not None:
                     unreusable.append(f"the revision of hub dataset {spec!r} cannot be told")
             parts[f"source data.{k}"] = _digest(part)
+    if d.max_length == "auto":  # what else the chosen length depends on (data/lengths.py)
+        from ftcli.data.lengths import model_position_limit
+
+        section["auto_length_bounds"] = [
+            model_position_limit(recipe, tokenizer),
+            recipe.train.batch_tokens,
+        ]
     parts["data"] = _digest(section)
     parts["tokenizer"] = _digest(
         tokenizer_part(tokenizer, tokenizer_dir, index, getattr(recipe.model, "revision", None))

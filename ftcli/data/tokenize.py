@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -65,9 +65,13 @@ class Tokenized:
     truncated: int
     dropped_no_target: int
     tokens: int
+    extra_windows: int | None = None  # long_documents windows: windows beyond each document's first
 
     def summary(self, max_length: int) -> str:
         s = f"{len(self.features)} examples, {self.tokens:,} tokens"
+        if self.extra_windows is not None:
+            docs = len(self.features) - self.extra_windows
+            s = f"{docs} documents as {len(self.features)} windows, {self.tokens:,} tokens"
         if self.truncated:
             s += f"; {self.truncated} truncated to {max_length} tokens"
         if self.dropped_no_target:
@@ -81,14 +85,16 @@ PARALLEL_FROM = 1_000
 BATCH = 1_000  # examples per tokenizer call
 
 
-def feature_schema(task: str):
+def feature_schema(task: str, windows: bool = False):
     """The Arrow schema of tokenized features: ids, labels (a class id, or one per token) and
-    each example's length; ``truncated``/``keep`` only while tokenizing."""
+    each example's length (``windows``: and the document each window reads); ``truncated`` and
+    ``keep`` only while tokenizing."""
     import pyarrow as pa
 
     ids = pa.list_(pa.int32())
     labels = pa.int64() if task == "classification" else ids
-    return pa.schema([("input_ids", ids), ("labels", labels), ("length", pa.int32())])
+    fields = [("input_ids", ids), ("labels", labels), ("length", pa.int32())]
+    return pa.schema(fields + ([("doc", pa.int64())] if windows else []))
 
 
 def work_schema(schema):
@@ -98,9 +104,26 @@ def work_schema(schema):
     return schema.append(pa.field("truncated", pa.bool_())).append(pa.field("keep", pa.bool_()))
 
 
-def _classification_batch(examples: list[dict], *, tokenizer, L: int, label2id) -> dict:
-    """Classification features of a batch: the text truncated to ``L`` tokens, the class id."""
+def _classification_batch(
+    examples: list[dict], *, tokenizer, L: int, label2id, windows: bool = False, offset: int = 0
+) -> dict:
+    """Classification features of a batch: the text truncated to ``L`` tokens, the class id;
+    ``windows``: every window of the text (data/windows.py), each with its document's index
+    (``offset``: the batch's first example's index in the split)."""
     texts = [e["text"] for e in examples]
+    if windows:
+        from ftcli.data.windows import encode
+
+        enc, owner = encode(tokenizer, texts, L)
+        ids = [list(f) for f in enc["input_ids"]]
+        return {
+            "input_ids": ids,
+            "labels": [label2id[examples[d]["label"]] for d in owner],
+            "length": [len(f) for f in ids],
+            "doc": [offset + d for d in owner],
+            "truncated": [False] * len(ids),
+            "keep": [True] * len(ids),
+        }
     full = tokenizer(texts, truncation=False, add_special_tokens=True)["input_ids"]
     cut = [i for i, f in enumerate(full) if len(f) > L]
     ids = [list(f) for f in full]
@@ -169,13 +192,13 @@ def _causal_batch(examples: list[dict], *, tokenizer, L: int, loss_on: str, add_
     return out
 
 
-def features_batch(batch: dict, *, task: str, tokenizer, params: dict) -> dict:
+def features_batch(batch: dict, *, task: str, tokenizer, params: dict, offset: int = 0) -> dict:
     """One batch of examples (columns, as ``datasets.map(batched=True)`` passes them) -> feature
     columns plus ``truncated`` and ``keep``. Module-level, so worker processes can unpickle it."""
     cols = list(batch)
     examples = [dict(zip(cols, vals, strict=True)) for vals in zip(*batch.values(), strict=True)]
     if task == "classification":
-        return _classification_batch(examples, tokenizer=tokenizer, **params)
+        return _classification_batch(examples, tokenizer=tokenizer, offset=offset, **params)
     return _causal_batch(examples, tokenizer=tokenizer, **params)
 
 
@@ -208,27 +231,37 @@ def tokenize(
     From PARALLEL_FROM examples on, ``data.num_proc`` processes tokenize (``datasets.map``)."""
     d = recipe.data
     task = recipe.task
+    windows = task == "classification" and d.long_documents == "windows"
     if task == "classification":
         params = {"L": d.max_length, "label2id": label2id}
+        if windows:
+            params["windows"] = True
     else:
         params = {"L": d.max_length, "loss_on": d.loss_on, "add_eos": d.add_eos}
     fn = partial(features_batch, task=task, tokenizer=tokenizer, params=params)
-    schema = feature_schema(task)
+    schema = feature_schema(task, windows)
     n = len(examples)
     keep = None
     if folder is None and n >= PARALLEL_FROM:
         keep = Scratch()
         folder = keep.path
     procs = min(num_procs(recipe), -(-n // BATCH)) if n >= PARALLEL_FROM else 1
+    if windows:  # a window's document index counts from its batch's offset: one process
+        procs = 1
     if folder is None:  # small: in memory
-        parts = [fn(_columns(list(examples[s : s + BATCH]))) for s in range(0, n, BATCH)]
-        return _collect(parts, schema, None, None)
+        parts = [fn(_columns(list(examples[s : s + BATCH])), offset=s) for s in range(0, n, BATCH)]
+        return _windows_counted(_collect(parts, schema, None, None), n, windows)
     path = Path(folder) / f"{name}.arrow"
     if procs > 1:
         parts = _map_parallel(examples, fn, procs, Path(folder), name, schema)
     else:
-        parts = (fn(_columns(list(examples[s : s + BATCH]))) for s in range(0, n, BATCH))
-    return _collect(parts, schema, path, keep)
+        parts = (fn(_columns(list(examples[s : s + BATCH])), offset=s) for s in range(0, n, BATCH))
+    return _windows_counted(_collect(parts, schema, path, keep), n, windows)
+
+
+def _windows_counted(t: Tokenized, documents: int, windows: bool) -> Tokenized:
+    """``t`` with the windows beyond each document's first counted (long_documents: windows)."""
+    return replace(t, extra_windows=len(t.features) - documents) if windows else t
 
 
 def _collect(parts, schema, path: Path | None, keep) -> Tokenized:

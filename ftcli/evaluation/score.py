@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from ftcli.data.tokenize import prompt_and_target, tokenize
+from ftcli.data.windows import by_document
 from ftcli.evaluation.metrics import answer_scores, classification_summary, lm_summary
 from ftcli.forward import class_probabilities, generate_answers, token_losses
 from ftcli.recipe import Recipe
@@ -35,7 +36,9 @@ def evaluate(
     device,
     split: str = "test",
 ) -> EvalReport:
-    """Score ``model`` on tokenized ``features`` of one split: the pipeline's evaluate stage."""
+    """Score ``model`` on tokenized ``features`` of one split: the pipeline's evaluate stage.
+    Windows of one document (data.long_documents: windows) are scored as that one document."""
+    features = by_document(features)
     if task == "classification":
         probs = class_probabilities(model, features, tokenizer.pad_token_id, batch_size, device)
         metrics = classification_summary([f["labels"] for f in features], probs, labels or [])
@@ -63,7 +66,7 @@ def tokenize_aligned(
 ) -> tuple[list[dict], list[int]]:
     """Features and the indices of the examples they came from (causal-LM tokenization drops
     examples whose answer was cut off entirely; the rest must stay paired with their text)."""
-    feats = tokenize(examples, recipe, tokenizer, label2id).features
+    feats = by_document(tokenize(examples, recipe, tokenizer, label2id).features)
     if recipe.task == "classification":
         # an empty text can tokenize to nothing (tokenizers that add no special tokens): a model
         # cannot read zero tokens, so it reads the start token alone, as for any empty document

@@ -195,6 +195,16 @@ def strategy_on_meta(recipe):
 
 
 def plan_recipe(recipe, device: str | None = None, **changes) -> Plan:
+    """The plan of ``recipe``. ``max_length: auto`` should be resolved first (``ftcli train`` and
+    ``estimate-memory`` do, from the data); left auto, the model's position limit stands in: the
+    most auto can choose, an upper bound."""
+    if recipe.data.max_length == "auto":
+        from ftcli.data.lengths import position_limit, with_max_length
+
+        cfg = load_config(
+            recipe.model.name, recipe.model.revision, recipe.model.trust_remote_code
+        ).config
+        recipe = with_max_length(recipe, position_limit(cfg) or 512)
     setup = setup_from_recipe(recipe, device)
     # virtual tokens lengthen every sequence the model sees
     setup = replace(setup, seq_len=setup.seq_len + recipe.method.virtual_tokens, **changes)

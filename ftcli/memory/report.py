@@ -129,6 +129,31 @@ def check_recipe_or_model(recipe: str | None, model: str | None) -> None:
         )
 
 
+def _resolve_length(recipe, ui):
+    """``max_length: auto`` estimated as training will run it: chosen from the recipe's data and
+    tokenizer the same way (ftcli/data/lengths.py). Where those cannot be read, the model's
+    position limit, the most auto can choose: an upper bound, and said so."""
+    from ftcli.data.lengths import model_position_limit, resolve_from_data, with_max_length
+
+    try:
+        recipe, choice = resolve_from_data(recipe)
+        ui.info(f"  {choice.line()}")
+        return recipe
+    except FtcliError as exc:
+        limit = model_position_limit(recipe)
+        if limit is None:
+            raise FtcliError(
+                f"data.max_length is auto, and neither the data ({exc.message}) nor the model's "
+                "position limit could be read to choose it",
+                hint="set data.max_length, e.g. --set data.max_length=512",
+            ) from None
+        ui.info(
+            f"  max_length auto: the data could not be read ({exc.message}); estimated at the "
+            f"model's position limit, {limit} tokens, the most auto can choose (an upper bound)"
+        )
+        return with_max_length(recipe, limit)
+
+
 def run_estimate(
     recipe=None,
     model: str | None = None,
@@ -165,6 +190,8 @@ def run_estimate(
     ui = UI(json_mode)
     asked = "cuda" if card else (device or "auto")
     dev = default_device(asked if asked != "auto" else (recipe.train.device if recipe else "auto"))
+    if recipe is not None and recipe.data.max_length == "auto":
+        recipe = _resolve_length(recipe, ui)
     plan = _plan(recipe, model, flags, dev, card, num_devices, strategy)
     s = plan.setup
     if card is None and dev == "cpu" and asked == "auto":

@@ -112,6 +112,9 @@ APPLIES: dict[str, Applies | None] = {
     "data.test_path": ALWAYS,
     "data.max_length": ALWAYS,
     "data.num_proc": ALWAYS,
+    "data.long_documents": Applies(
+        lambda r: r.task == "classification", "task classification", warn=True
+    ),
     "data.max_train_examples": ALWAYS,
     "data.max_validation_examples": Applies(_has_validation, "a run with a validation split"),
     "data.max_test_examples": ALWAYS,

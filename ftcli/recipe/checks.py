@@ -77,7 +77,8 @@ def _speed_problems(r: Recipe) -> list[Problem]:
                 "remove it: batches are length-grouped instead",
             )
         )
-    if t.batch_tokens is not None and t.batch_tokens < d.max_length:
+    # max_length auto is capped at batch_tokens when it is resolved (ftcli/data/lengths.py)
+    if t.batch_tokens is not None and d.max_length != "auto" and t.batch_tokens < d.max_length:
         p.append(
             r.problem(
                 "train.batch_tokens",
@@ -112,6 +113,15 @@ def _data_problems(r: Recipe) -> list[Problem]:
                 f"validation + test = {d.split.validation + d.split.test:g} "
                 "leaves too little to train on",
                 "keep the two under 0.9 together",
+            )
+        )
+    if d.long_documents == "windows" and r.task != "classification":
+        p.append(
+            r.problem(
+                "data.long_documents",
+                "windows only applies to task classification (a causal LM's example is one "
+                "sequence: its answer cannot be averaged over windows)",
+                "remove it; long causal-LM examples are truncated to data.max_length",
             )
         )
     if r.task == "classification":

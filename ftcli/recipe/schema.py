@@ -145,8 +145,11 @@ class DataSpec(_Section):
     split: SplitSpec = SplitSpec()
     validation_path: str | None = None
     test_path: str | None = None
-    max_length: int = Field(
-        128, gt=0, le=1_048_576, description="tokens per example; longer ones are truncated"
+    max_length: int | Literal["auto"] = Field(
+        "auto",
+        description="tokens per example; longer ones are truncated (or windowed). auto: the "
+        "99th percentile of the training split's token lengths, rounded up to a multiple of 8, "
+        "capped by the model's positions; the run records the number it chose",
     )
     num_proc: int | None = Field(
         None,
@@ -155,6 +158,32 @@ class DataSpec(_Section):
         "available to this process (os.sched_getaffinity); splits under 1,000 examples are "
         "tokenized in the main process",
     )
+    long_documents: Literal["truncate", "windows"] = Field(
+        "truncate",
+        description="classification: a text longer than max_length is cut (truncate), or read "
+        "whole as windows of max_length overlapping by a quarter; logits averaged per document",
+    )
+
+    @field_validator("max_length", mode="before")
+    @classmethod
+    def _auto_or_tokens(cls, v: Any) -> Any:
+        """One message for every wrong value (a union would list each branch's complaint)."""
+        if v == "auto":
+            return v
+        if isinstance(v, bool):
+            raise ValueError("expects auto or a number, not true/false")
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v)
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if not isinstance(v, int):
+            raise ValueError("must be auto or a whole number of tokens")
+        if v < 1:
+            raise ValueError("must be auto or at least 1 token")
+        if v > 1_048_576:
+            raise ValueError("must be auto or less than or equal to 1048576 tokens")
+        return v
+
     max_train_examples: int | None = Field(None, gt=0)
     max_validation_examples: int | None = Field(None, gt=0)
     max_test_examples: int | None = Field(None, gt=0)

@@ -17,6 +17,8 @@ import torch
 import yaml
 
 from ftcli.data.tokenize import collate, render_chat
+from ftcli.data.windows import encode as encode_windows
+from ftcli.data.windows import mean_by_owner
 from ftcli.errors import FtcliError
 from ftcli.forward import generate_answers
 from ftcli.models import (
@@ -26,7 +28,13 @@ from ftcli.models import (
     resolve_device,
     tokenizer_from,
 )
-from ftcli.rundir import ModelRecord, find_adapter, read_model_record, run_of
+from ftcli.rundir import (
+    ModelRecord,
+    find_adapter,
+    read_model_record,
+    recorded_max_length,
+    run_of,
+)
 from ftcli.sources import local_model_dir, resolve_model
 
 
@@ -43,6 +51,7 @@ class Predictor:
     active: str | None = None
     max_length: int = 512
     device: str = "cpu"
+    windows: bool = False  # data.long_documents: windows: one prediction from a text's windows
 
     def use(self, name: str | None) -> None:
         """Switch to adapter ``name`` (no reload: peft keeps every adapter's weights in memory)."""
@@ -61,11 +70,19 @@ class Predictor:
         return self.labels.get(self.active) or self.labels.get(None) or []
 
     def classify(self, texts: list[str], batch_size: int = 32, progress=None) -> list[dict]:
-        """{"label", "score", "probs": {label: p}} per text, in order; batched by length."""
-        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
-        order = sorted(range(len(texts)), key=lambda i: len(enc[i]))
-        out: list = [None] * len(texts)
-        names = self.label_names
+        """{"label", "score", "probs": {label: p}} per text, in order; batched by length. A
+        windows classifier reads each text as its windows and averages their logits."""
+        if self.windows:
+            enc, owner = encode_windows(self.tokenizer, texts, self.max_length)
+            enc = enc["input_ids"]
+        else:
+            enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+            owner = list(range(len(texts)))
+        left = [0] * len(texts)  # windows of each text not yet read (for progress)
+        for d in owner:
+            left[d] += 1
+        order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
+        rows_out: list = [None] * len(enc)
         pad = self.tokenizer.pad_token_id
         with torch.no_grad():
             for start in range(0, len(order), batch_size):
@@ -76,17 +93,27 @@ class Predictor:
                     input_ids=b["input_ids"].to(self.device),
                     attention_mask=b["attention_mask"].to(self.device),
                 ).logits.float()
-                for i, p in zip(idx, torch.softmax(logits, -1).cpu().tolist(), strict=True):
-                    k = max(range(len(p)), key=p.__getitem__)
-                    out[i] = {
-                        "label": names[k] if k < len(names) else str(k),
-                        "score": p[k],
-                        "probs": {
-                            (names[j] if j < len(names) else str(j)): v for j, v in enumerate(p)
-                        },
-                    }
-                if progress:
-                    progress(len(idx))
+                done = 0
+                for r, i in enumerate(idx):
+                    rows_out[i] = logits[r].cpu()
+                    left[owner[i]] -= 1
+                    done += left[owner[i]] == 0
+                if progress and done:
+                    progress(done)
+        if not texts:
+            return []
+        probs = torch.softmax(mean_by_owner(torch.stack(rows_out), owner, len(texts)), -1)
+        names = self.label_names
+        out = []
+        for p in probs.tolist():
+            k = max(range(len(p)), key=p.__getitem__)
+            out.append(
+                {
+                    "label": names[k] if k < len(names) else str(k),
+                    "score": p[k],
+                    "probs": {(names[j] if j < len(names) else str(j)): v for j, v in enumerate(p)},
+                }
+            )
         return out
 
     def prompt_text(self, messages: list[dict], raw: bool = False) -> str:
@@ -219,14 +246,29 @@ class StreamEnd:
     stopped: bool  # stopped early by the caller (``stop`` was set, e.g. Ctrl-C)
 
 
-def _max_length(run_dir: Path | None, tok) -> int:
+def _recipe_data(run_dir: Path | None) -> dict:
     if run_dir is not None and (run_dir / "recipe.yaml").exists():
         doc = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
-        ml = (doc.get("data") or {}).get("max_length")
-        if isinstance(ml, int):
+        return doc.get("data") or {}
+    return {}
+
+
+def _max_length(run_dir: Path | None, tok) -> int:
+    """The run's resolved data.max_length (recipe.yaml holds the number auto chose)."""
+    ml = _recipe_data(run_dir).get("max_length")
+    if isinstance(ml, int):
+        return ml
+    if run_dir is not None:  # a recipe.yaml edited back to auto: the number the run recorded
+        ml = recorded_max_length(run_dir)
+        if ml:
             return ml
     m = getattr(tok, "model_max_length", 512) or 512
     return int(min(m, 512))
+
+
+def _windows(run_dir: Path | None) -> bool:
+    """Whether the run read long documents as windows (data.long_documents: windows)."""
+    return _recipe_data(run_dir).get("long_documents") == "windows"
 
 
 def _plain(folder: Path, run_dir: Path | None) -> Predictor:
@@ -246,6 +288,7 @@ def _plain(folder: Path, run_dir: Path | None) -> Predictor:
         {None: labels or []},
         max_length=_max_length(run_dir, tok),
         device=device,
+        windows=task == "classification" and _windows(run_dir),
     )
 
 
@@ -330,6 +373,7 @@ def _with_adapters(base: str | None, specs: list[str], run_dir: Path | None = No
         recs[0][0],
         _max_length(run_dir, tok),
         device,
+        first.task == "classification" and _windows(run_dir),
     )
 
 

@@ -91,7 +91,8 @@ def context_of(pred: Predictor) -> int:
     """The most tokens (prompt + answer) a causal LM's positions hold; for a classifier, the
     length it was trained on (what ``ftcli predict`` reads)."""
     if pred.task == "classification":
-        return pred.max_length
+        # a windows classifier reads a text of any length (as windows of max_length)
+        return 1 << 30 if pred.windows else pred.max_length
     cfg = pred.model.config
     positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     return int(positions or pred.max_length)

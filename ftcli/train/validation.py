@@ -48,9 +48,11 @@ class Pruning:
 
 def validation_score(model, features: list[dict], pad_id: int, batch_size: int, device, p: Pruning):
     """The pruning metric on the validation features (the test split is never read here)."""
+    from ftcli.data.windows import by_document
     from ftcli.evaluation.metrics import classification_summary
     from ftcli.forward import class_probabilities
 
+    features = by_document(features)  # windows of one document score as that document
     probs = class_probabilities(model, features, pad_id, batch_size, device)
     model.train()
     names = [str(i) for i in range(len(probs[0]))]

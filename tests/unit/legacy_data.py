@@ -3,7 +3,6 @@ implementation is compared against (tests/unit/test_data_arrow.py). Not imported
 
 # ruff: noqa
 
-
 from __future__ import annotations
 
 import collections
@@ -434,8 +433,6 @@ def prepare(recipe: Recipe) -> PreparedData:
     if d.style != "text" and recipe.task == "causal_lm":
         stats["layout"] = d.style
     return PreparedData(splits, labels, stats)
-
-
 
 
 @dataclass(frozen=True)
