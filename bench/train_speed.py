@@ -407,6 +407,11 @@ def main() -> None:
         help="compare peak live tensor bytes (counted op by op: slower, so tokens/s is not "
         "comparable with a plain run) instead of peak RSS",
     )
+    ap.add_argument(
+        "--no-peak",
+        action="store_true",
+        help="skip measuring this CPU's matmul peak (bench/peak.py): no %% peak column",
+    )
     ap.add_argument("--child", nargs=2, metavar=("SIDE", "CASE"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -465,7 +470,7 @@ def main() -> None:
         load.append(os.getloadavg())
     # the share of the machine's matmul peak: GEMMs of (batch x mean length) tokens by each layer
     shapes = sorted({tuple(r["gemm"]) for r in results if "error" not in r})
-    peak = _peak([list(s) for s in shapes]) if DEVICE == "cpu" else None
+    peak = _peak([list(s) for s in shapes]) if DEVICE == "cpu" and not a.no_peak else None
     for r in results:
         if "error" in r:
             continue
