@@ -21,6 +21,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,10 +219,8 @@ def dry_run(work: Path, cases: list[Case]) -> int:
 def fresh_work(out: Path) -> Path:
     """A new work folder per run (runs/<case> and the tiny model inside): a rerun never meets
     the last run's folders."""
-    work = out / time.strftime("%Y%m%d-%H%M%S")
-    work = work.with_name(f"{work.name}-{os.getpid()}")
-    work.mkdir(parents=True)
-    return work
+    out.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=out))
 
 
 def metrics(run_dir: Path) -> list[dict]:

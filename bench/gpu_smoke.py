@@ -397,6 +397,7 @@ def stage1(st: Stage) -> None:
         m = load_base_model(
             model_dir, "causal_lm", None, tok, dtype=dtype, attn_implementation=attn
         )
+        m.config.use_cache = False  # training's setting (flex_attention packs only without it)
         return m.to(dev).eval()
 
     def run(m, batch, autocast):
@@ -458,13 +459,15 @@ def attention_costs(st: Stage, model_dir: str, tok) -> None:
 
     rows, width = (2, 64) if st.rehearse else (4, 2048)
     rng = random.Random(1)
-    feats = []
+    feats, rows_of = [], []
     for _ in range(rows):  # examples of width/8 to width/2 tokens that fill each row exactly
         left = width
+        rows_of.append([])
         while left:
             e = width // 8  # what is left after k is 0 or at least e
             k = left if left < 2 * e else rng.randrange(e, min(left - e, width // 2) + 1)
             feats.append(_features(tok, 1, k, k + 1, seed=len(feats))[0])
+            rows_of[-1].append(feats[-1])
             left -= k
     cuda = st.device == "cuda"
     dtype = "bfloat16" if cuda else "float32"
@@ -480,11 +483,18 @@ def attention_costs(st: Stage, model_dir: str, tok) -> None:
             m = load_base_model(
                 model_dir, "causal_lm", None, tok, dtype=dtype, attn_implementation=attn
             )
+            m.config.use_cache = False
             m = m.to(st.device).train()
             if varlen is None:
                 batch = collate(feats, tok.pad_token_id)
-            else:
-                batch, _ = _pack(feats, tok.pad_token_id, varlen, getattr(torch, dtype), width)
+            elif varlen:
+                batch, _ = _pack(feats, tok.pad_token_id, True, getattr(torch, dtype))
+            else:  # exactly rows x width: each row's examples packed on their own, stacked
+                parts = [
+                    _pack(row, tok.pad_token_id, False, getattr(torch, dtype), width)[0]
+                    for row in rows_of
+                ]
+                batch = {k: torch.cat([b[k] for b in parts]) for k in parts[0]}
             b = {k: v.to(st.device) for k, v in batch.items()}
             times = []
             for _ in range(4):  # the first is the warm-up

@@ -61,7 +61,7 @@ mkdir -p "$WORK"
 
 #            0   1   2   3   4   5   6
 GPU_LIMIT=( 40  60  70  70  70  90  70)
-CPU_LIMIT=(120 150 240 240 240 240 240)   # the rehearsal: a shared CPU, imports dominate
+CPU_LIMIT=(150 200 300 300 300 300 300)   # the rehearsal: hang guards (2 cores, imports dominate)
 mode=() ; (( REHEARSE )) && mode=(--rehearse)
 echo "gpu_smoke: $([ $REHEARSE = 1 ] && echo 'CPU rehearsal' || echo CUDA), stages $STAGES, work $WORK, python $PY"
 
