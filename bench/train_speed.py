@@ -63,37 +63,46 @@ CASES = {
 LEAKY = {"trl-padding-free", "trl-packing"}  # position ids without a mask on SDPA
 
 
-DEVICE = os.environ.get("BENCH_DEVICE", "cpu")  # cuda: bench/gpu_check.sh
+DEVICE = os.environ.get("BENCH_DEVICE", "cpu")  # cuda: bench/gpu_smoke.sh stage 5
 TENSOR_PEAK = os.environ.get("BENCH_TENSOR_PEAK") == "1"  # set by --tensor-peak for its children
 
 
-def _prepare(recipe_name: str, steps: int, batch: int):
+def bench_overrides(
+    kind: str, device: str, steps: int, batch: int, extra: list[str] | tuple = ()
+) -> list[str]:
+    """The --set overrides a side's recipe gets: one pass over steps x batch examples, no merge,
+    the bench's device; bf16 compute for a QLoRA base on CUDA only (the key is an error for any
+    other method.kind); ``extra`` (--set) last, so it wins."""
+    out = [
+        f"train.max_steps={steps}",
+        f"train.batch_size={batch}",
+        "train.eval_every=100000",
+        "train.log_every=1",
+        "merge.enabled=false",
+        f"train.device={device}",
+    ]
+    if device == "cuda" and kind == "qlora":
+        out.append("method.quantization.compute_dtype=bfloat16")
+    return [*out, *extra]
+
+
+def _prepare(recipe_name: str, steps: int, batch: int, extra: list[str] | tuple = ()):
     """The bundled recipe (bounded to one pass over steps x batch examples), its tokenizer and
-    features."""
+    features (a plain list)."""
     from ftcli.bundled import recipe_path
     from ftcli.data.examples import prepare
     from ftcli.data.tokenize import tokenize
     from ftcli.models import load_tokenizer
     from ftcli.recipe import load_recipe
 
-    recipe = load_recipe(
-        recipe_path(recipe_name),
-        [
-            f"train.max_steps={steps}",
-            f"train.batch_size={batch}",
-            "train.eval_every=100000",
-            "train.log_every=1",
-            "merge.enabled=false",
-            f"train.device={DEVICE}",
-            *(["method.quantization.compute_dtype=bfloat16"] if DEVICE == "cuda" else []),
-        ],
-    )
+    path = recipe_path(recipe_name)
+    kind = load_recipe(path, list(extra)).method.kind  # read first: the overrides depend on it
+    recipe = load_recipe(path, bench_overrides(kind, DEVICE, steps, batch, extra))
     tok, _, model_dir = load_tokenizer(recipe.model)
     prepared = prepare(recipe)
-    feats = tokenize(
-        prepared.splits["train"][: steps * batch], recipe, tok, prepared.label2id
-    ).features
-    return recipe, tok, model_dir, prepared, feats
+    train = prepared.splits["train"]
+    feats = tokenize(train[: steps * batch], recipe, tok, prepared.label2id).features
+    return recipe, tok, model_dir, prepared, feats[: len(feats)]
 
 
 def _linear_weights(model) -> int:
@@ -152,6 +161,11 @@ class Timed:
         self.own, self.live = [*model.parameters(), *model.buffers()], None
 
     def __enter__(self):
+        _sync()  # a CUDA clock starts after the queued work before it has run
+        if DEVICE == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()  # the timed call's own peak, warm-up excluded
         if TENSOR_PEAK:
             from ftcli.memory.live import LiveTensors
 
@@ -161,11 +175,21 @@ class Timed:
         return self
 
     def __exit__(self, *exc):
+        _sync()  # ... and stops when the GPU has finished the call's kernels
         self.result = {"seconds": time.perf_counter() - self.t0}
         if self.live is not None:
             self.live.__exit__(*exc)
             own = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.own}
             self.result["tensor_peak_MiB"] = (sum(own.values()) + self.live.peak) / 2**20
+
+
+def _sync() -> None:
+    """Wait for the GPU's queued kernels (CUDA runs asynchronously: a host clock alone measures
+    the launches, not the work)."""
+    if DEVICE == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
 
 
 def _peft(model, recipe, task_type: str):
@@ -280,20 +304,37 @@ def run_trainer(side: str, recipe, tok, model_dir, prepared, feats, steps: int, 
     }
 
 
-def child(side: str, case: str, steps: int) -> None:
-    from ftcli.ui import quiet_libraries
-
-    quiet_libraries()
-    recipe_name, batch, _ = CASES[case]
-    recipe, tok, model_dir, prepared, feats = _prepare(recipe_name, steps, batch)
+def _run_side(side: str, recipe, tok, model_dir, prepared, feats, steps: int, batch: int):
     if side.startswith("ftcli"):
         if side == "ftcli-gc":  # TRL's SFTConfig checkpoints by default: the like-for-like side
             recipe = recipe.model_copy(
                 update={"train": recipe.train.model_copy(update={"gradient_checkpointing": True})}
             )
-        out = run_ftcli(recipe, tok, model_dir, prepared, feats)
-    else:
-        out = run_trainer(side, recipe, tok, model_dir, prepared, feats, steps, batch)
+        return run_ftcli(recipe, tok, model_dir, prepared, feats)
+    return run_trainer(side, recipe, tok, model_dir, prepared, feats, steps, batch)
+
+
+def child(side: str, case: str, steps: int, warmup: int = 0, extra: list[str] | tuple = ()) -> None:
+    from ftcli.ui import quiet_libraries
+
+    quiet_libraries()
+    recipe_name, batch, _ = CASES[case]
+    recipe, tok, model_dir, prepared, feats = _prepare(recipe_name, steps, batch, extra)
+    if warmup:
+        # steady state: a first call of `warmup` steps on its own model pays for the kernels'
+        # first launches, autotuning and the allocator's growth; only the second call is timed
+        w = recipe.model_copy(
+            update={"train": recipe.train.model_copy(update={"max_steps": warmup})}
+        )
+        _run_side(side, w, tok, model_dir, prepared, feats[: warmup * batch], warmup, batch)
+        import gc
+
+        gc.collect()
+        if DEVICE == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+    out = _run_side(side, recipe, tok, model_dir, prepared, feats, steps, batch)
     if DEVICE == "cuda":
         import torch
 
@@ -332,6 +373,10 @@ def _peak(shapes: list[list[int]]) -> dict:
     return json.loads(proc.stdout)
 
 
+def _num(x: float | None, width: int) -> str:
+    return f"{x:{width}.2f}" if x is not None else f"{'-':>{width}}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -340,6 +385,21 @@ def main() -> None:
     ap.add_argument("--sides", nargs="+", help="only these sides (default: each case's)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        default=3 if DEVICE == "cuda" else 0,
+        help="untimed steps each side runs first in the same process (default: 3 on CUDA, 0 on "
+        "the CPU): the figures are the steady state's",
+    )
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra recipe override for every side (repeatable), e.g. model.name=FOLDER",
+    )
     ap.add_argument("--json", action="store_true")
     ap.add_argument(
         "--tensor-peak",
@@ -347,10 +407,15 @@ def main() -> None:
         help="compare peak live tensor bytes (counted op by op: slower, so tokens/s is not "
         "comparable with a plain run) instead of peak RSS",
     )
+    ap.add_argument(
+        "--no-peak",
+        action="store_true",
+        help="skip measuring this CPU's matmul peak (bench/peak.py): no %% peak column",
+    )
     ap.add_argument("--child", nargs=2, metavar=("SIDE", "CASE"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        return child(a.child[0], a.child[1], a.steps)
+        return child(a.child[0], a.child[1], a.steps, a.warmup, a.overrides)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     env["BENCH_TENSOR_PEAK"] = "1" if a.tensor_peak else "0"
     mem = "tensor_peak_MiB" if a.tensor_peak else "peak_rss_MiB"
@@ -362,7 +427,13 @@ def main() -> None:
         for i in range(a.rounds):
             for side in sides if i % 2 == 0 else sides[::-1]:
                 proc = subprocess.run(
-                    [sys.executable, __file__, "--child", side, case, "--steps", str(a.steps)],
+                    [
+                        sys.executable,
+                        __file__,
+                        *("--child", side, case, "--steps", str(a.steps)),
+                        *("--warmup", str(a.warmup)),
+                        *(f"--set={o}" for o in a.overrides),
+                    ],
                     capture_output=True,
                     text=True,
                     env=env,
@@ -399,13 +470,15 @@ def main() -> None:
         load.append(os.getloadavg())
     # the share of the machine's matmul peak: GEMMs of (batch x mean length) tokens by each layer
     shapes = sorted({tuple(r["gemm"]) for r in results if "error" not in r})
-    peak = _peak([list(s) for s in shapes]) if DEVICE == "cpu" else None
+    peak = _peak([list(s) for s in shapes]) if DEVICE == "cpu" and not a.no_peak else None
     for r in results:
         if "error" in r:
             continue
-        base = next(x for x in results if x["case"] == r["case"] and x["side"] == "trainer")
-        r["ratio_vs_trainer"] = r["tokens_per_s"] / base["tokens_per_s"]
-        r["memory_vs_trainer"] = r[mem] / base[mem]
+        # no ratio without a Trainer figure (side not run, or failed): None, not a crash
+        base = next((x for x in results if x["case"] == r["case"] and x["side"] == "trainer"), {})
+        ok = "tokens_per_s" in base
+        r["ratio_vs_trainer"] = r["tokens_per_s"] / base["tokens_per_s"] if ok else None
+        r["memory_vs_trainer"] = r[mem] / base[mem] if ok else None
         r["peak_share"] = None
         if peak:
             shape = "x".join(map(str, r["gemm"]))
@@ -428,8 +501,8 @@ def main() -> None:
         pe = r["padding_efficiency"]
         print(
             f"{r['case']:12} {r['side'] + ('*' if r['leaks_attention'] else ''):17} "
-            f"{r['mixed_precision']:5} {r['tokens_per_s']:10.0f} {r['ratio_vs_trainer']:9.2f} "
-            f"{r[mem]:9.0f} {r['memory_vs_trainer']:6.2f} {r['final_loss']:7.4f} "
+            f"{r['mixed_precision']:5} {r['tokens_per_s']:10.0f} {_num(r['ratio_vs_trainer'], 9)} "
+            f"{r[mem]:9.0f} {_num(r['memory_vs_trainer'], 6)} {r['final_loss']:7.4f} "
             f"{pe if pe is None else round(pe, 3)!s:>7} "
             + (f"{100 * r['peak_share']:6.1f}%" if r["peak_share"] is not None else "      -")
         )
