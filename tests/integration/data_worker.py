@@ -52,9 +52,20 @@ def main(recipe_path: str, out: str) -> None:
             return _real(self, *a, **k)
 
         setattr(PreTrainedTokenizerBase, name, counted)
-    import datasets  # noqa: F401 - imported before the first reading, on both ranks alike
-    import pyarrow  # noqa: F401
+    # imported before the first reading, on both ranks alike: the modules are not the data
+    import datasets  # noqa: F401
+    import pyarrow.compute  # noqa: F401
+    import pyarrow.ipc  # noqa: F401
 
+    import ftcli.data.lengths  # noqa: F401
+    import ftcli.data.rows  # noqa: F401
+
+    # the process group's first collective sets up its buffers: done before measuring, on
+    # both ranks alike (load_data's own collective then reuses them)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.all_gather_object([None] * acc.num_processes, {"warm": True})
     gc.collect()
     before = rss_bytes()
     prepared, tokenized, note = store.load_data(recipe, tok, model_dir, acc, UI())
