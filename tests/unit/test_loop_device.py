@@ -271,10 +271,9 @@ def test_flex_attention_isolates_packed_examples_from_position_ids(tiny_models, 
 
     if not is_torch_flex_attn_available():
         pytest.skip("this torch has no flex_attention")
+    import transformers.masking_utils as mu
     from torch.nn.attention.flex_attention import flex_attention
     from transformers.integrations.flex_attention import WrappedFlexAttention
-
-    import transformers.masking_utils as mu
 
     real = mu.create_block_mask
     monkeypatch.setattr(WrappedFlexAttention, "__call__", lambda self: flex_attention)  # eager
@@ -358,3 +357,19 @@ def test_host_syncs_are_one_per_logging_window(monkeypatch, tmp_path, tiny_model
     rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in rows] == [3, 6]
     assert all(r["grad_norm"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_qlora_under_zero3_stores_4bit_weights_in_the_compute_dtype(monkeypatch):
+    """ZeRO-3 refuses the device_map a 4-bit base is loaded with, and partitions the 4-bit weights
+    with the float ones: accelerate launch's environment tells the loader before it loads."""
+    from ftcli.distributed import zero3_requested
+    from ftcli.models import quantization_config
+    from ftcli.recipe import QuantSpec
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    assert not zero3_requested()
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert zero3_requested()
+    qc = quantization_config(QuantSpec(compute_dtype="bfloat16"))
+    assert qc.bnb_4bit_quant_storage == torch.bfloat16
