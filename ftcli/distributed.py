@@ -112,3 +112,57 @@ def full_state_dict(model) -> dict:
 
 def trainable_names(model) -> set[str]:
     return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def uses_deepspeed(accelerator) -> bool:
+    """accelerate runs DeepSpeed: its engine steps, clips and scales the loss itself."""
+    from accelerate.utils import DistributedType
+
+    return getattr(accelerator, "distributed_type", None) == DistributedType.DEEPSPEED
+
+
+def zero3_requested() -> bool:
+    """This process was launched for DeepSpeed ZeRO-3 (read before the model loads: a 4-bit base
+    must not get a device_map, and stores its weights in the compute dtype)."""
+    if _env_true("ACCELERATE_USE_DEEPSPEED") and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+        return os.environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"].strip() == "3"
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()  # a config file's stage, once the Accelerator exists
+
+
+def deepspeed_settings(t, world: int) -> dict:
+    """The DeepSpeed config values a recipe's ``train`` section (``t``) decides: ftcli prepares no
+    dataloader, so accelerate cannot fill the micro-batch size's "auto"; the engine must know the
+    accumulation to step once per group; its clipping is train.max_grad_norm (0: none)."""
+    return {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation,
+        "train_batch_size": t.batch_size * t.gradient_accumulation * world,
+        "gradient_clipping": float(t.max_grad_norm or 0.0),
+    }
+
+
+def configure_deepspeed(accelerator, t) -> dict | None:
+    """Before ``accelerator.prepare``: the DeepSpeed plugin's config from the recipe (whatever the
+    accelerate config file said: the recipe wins, so a run means the same under every launcher),
+    and accelerate's accumulation to match (it warns and takes the config's otherwise). Returns
+    the values set; None when DeepSpeed is not running."""
+    if not uses_deepspeed(accelerator):
+        return None
+    plugin = accelerator.state.deepspeed_plugin
+    values = deepspeed_settings(t, accelerator.num_processes)
+    plugin.deepspeed_config.update(values)
+    plugin.gradient_accumulation_steps = values["gradient_accumulation_steps"]
+    plugin.gradient_clipping = values["gradient_clipping"]
+    accelerator.gradient_accumulation_steps = values["gradient_accumulation_steps"]
+    return values
+
+
+def place(model, accelerator):
+    """The model on the accelerator's device before its optimizer is built (fused AdamW needs it
+    there). Sharded launches place their shards in ``prepare``; a quantized base is already where
+    its device_map put it."""
+    if is_sharded(accelerator) or getattr(model, "hf_device_map", None):
+        return model
+    return model.to(accelerator.device)

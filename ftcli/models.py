@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ftcli.distributed import fsdp_requested
+from ftcli.distributed import fsdp_requested, zero3_requested
 from ftcli.errors import FtcliError
 from ftcli.recipe import QuantSpec
 from ftcli.rundir import ModelRecord, read_model_record
@@ -174,7 +174,7 @@ def quantization_config(q: QuantSpec, compute_dtype: str | None = None):
         return BitsAndBytesConfig(load_in_8bit=True)
     dtype = torch_dtype(compute_dtype or q.compute_dtype)
     extra = {}
-    if fsdp_requested():
+    if fsdp_requested() or zero3_requested():  # ZeRO-3 partitions them the same way
         # FSDP flattens the 4-bit weights with the float ones: stored as uint8 (the default) they
         # silently corrupt training (loss 0.0, grad_norm NaN; docs/traps.md#qlora-under-fsdp)
         extra["bnb_4bit_quant_storage"] = dtype
@@ -307,7 +307,8 @@ def load_base_model(
     if quant is not None:
         qc = quantization_config(quant, compute_dtype)
         kwargs["quantization_config"] = qc
-        kwargs["device_map"] = {"": device_index if device == "cuda" else "cpu"}
+        if not zero3_requested():  # ZeRO-3 places the shards itself and refuses a device_map
+            kwargs["device_map"] = {"": device_index if device == "cuda" else "cpu"}
         # modules left unquantized (embeddings, head) are upcast to fp32 by prepare_model_for_kbit_training
         kwargs["dtype"] = torch.float32
     else:

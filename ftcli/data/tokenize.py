@@ -406,17 +406,27 @@ def pack_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
     return rows
 
 
-def pack(features: list[dict], pad_id: int, row_tokens: int | None = None, varlen: bool = False):
+def pack(
+    features: list[dict],
+    pad_id: int,
+    row_tokens: int | None = None,
+    varlen: bool = False,
+    mask_dtype=None,
+    mask: bool = True,
+):
     """A causal-LM micro-batch without padding between examples: examples concatenated into rows,
     position ids restarting per example, and attention isolated per example.
 
     ``varlen`` (flash-attention): one row, no mask; transformers reads the example boundaries from
     the position ids. Otherwise rows of at most ``row_tokens`` (default: the longest example, so
     the rows never run more positions, or longer attention, than the padded batch would), their
-    width rounded up to PAD_MULTIPLE, with an explicit 4D block-diagonal causal mask (additive
-    float, 0 = attend): position ids alone leak attention across examples under eager and SDPA
-    attention (docs/traps.md#packing-needs-a-mask). Each example's first label is ignored, so no
-    prediction crosses an example boundary: the loss equals the unpacked batch's.
+    width rounded up to PAD_MULTIPLE, with an explicit 4D block-diagonal causal mask (additive,
+    0 = attend, the dtype's minimum elsewhere) in ``mask_dtype`` (default float32), which must be
+    the compute dtype: SDPA refuses a float32 mask with bf16 queries. Position ids alone leak
+    attention across examples under eager and SDPA attention (docs/traps.md#packing-needs-a-mask);
+    ``mask=False`` leaves the mask out for flex_attention, which builds its block mask from the
+    position ids. Each example's first label is ignored, so no prediction crosses an example
+    boundary: the loss equals the unpacked batch's.
     """
     import torch
 
@@ -442,11 +452,11 @@ def pack(features: list[dict], pad_id: int, row_tokens: int | None = None, varle
             seg[r, at : at + k] = s
             at += k
     out = {"input_ids": ids, "position_ids": pos, "labels": labels, "real_mask": (seg >= 0).long()}
-    if not varlen:
+    if mask and not varlen:
         idx = torch.arange(width)
         same = seg[:, :, None] == seg[:, None, :]
         causal = idx[None, :, None] >= idx[None, None, :]
         allowed = (same & causal & (seg[:, :, None] >= 0)) | torch.eye(width, dtype=torch.bool)
-        mask = torch.zeros((n, 1, width, width))
-        out["attention_mask"] = mask.masked_fill_(~allowed[:, None], torch.finfo(mask.dtype).min)
+        add = torch.zeros((n, 1, width, width), dtype=mask_dtype or torch.float32)
+        out["attention_mask"] = add.masked_fill_(~allowed[:, None], torch.finfo(add.dtype).min)
     return out

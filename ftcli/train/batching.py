@@ -119,26 +119,58 @@ def epoch_batches(t: TrainSpec, *, lengths: list[int], epoch: int, packed: bool)
     )
 
 
-def _collate(batch: list[dict], *, pad_id: int, left: bool, packed: bool, varlen: bool) -> dict:
-    return pack(batch, pad_id, None, varlen) if packed else collate(batch, pad_id, left)
+def _collate(batch: list[dict], *, pad_id: int, left: bool, packed: bool, path: str, dtype):
+    if not packed:
+        return collate(batch, pad_id, left)
+    return pack(batch, pad_id, None, path == VARLEN, mask_dtype=dtype, mask=path == MASK)
 
 
-def collator(*, pad_id: int, left: bool, packed: bool = False, varlen: bool = False):
-    """The loaders' collate function: rows padded on the model's side (``left``), or packed into
-    one row (``varlen``: the attention kernel keeps the packed examples apart)."""
-    return partial(_collate, pad_id=pad_id, left=left, packed=packed, varlen=varlen)
+def collator(*, pad_id: int, left: bool, packed: bool = False, path: str = "mask", dtype=None):
+    """The loaders' collate function: rows padded on the model's side (``left``), or packed the
+    ``path`` way (``packing_path``; ``dtype``: the 4D mask's, the compute dtype)."""
+    return partial(_collate, pad_id=pad_id, left=left, packed=packed, path=path, dtype=dtype)
 
 
-def varlen_attention(model) -> bool:
-    """Whether the model runs a flash-attention kernel: varlen kernels isolate packed examples."""
-    return str(getattr(model.config, "_attn_implementation", "")).startswith("flash_attention")
+VARLEN, FLEX, MASK = "varlen", "flex", "mask"  # packing_path's answers
+
+
+def packing_path(device_type: str, attn_implementation: str, flash_attn: bool, flex: bool) -> str:
+    """How packed examples are kept apart, the fastest way available: flash-attention's varlen
+    kernel (one row, no mask: it reads the boundaries from the position ids) when the model runs
+    flash-attention and the package imports; else, on CUDA, flex_attention (rows, no mask: its
+    block mask comes from the position ids); else a 4D additive mask in the compute dtype
+    (eager/SDPA, any device)."""
+    if str(attn_implementation).startswith("flash_attention") and flash_attn:
+        return VARLEN
+    if device_type == "cuda" and flex:
+        return FLEX
+    return MASK
+
+
+def choose_packing(model, device) -> str:
+    """``packing_path`` for this model on ``device``, what is installed decides."""
+    from transformers.utils import is_flash_attn_2_available, is_torch_flex_attn_available
+
+    attn = str(getattr(model.config, "_attn_implementation", ""))
+    flex = is_torch_flex_attn_available() and getattr(model, "_supports_flex_attn", False)
+    return packing_path(torch.device(device).type, attn, is_flash_attn_2_available(), flex)
+
+
+def compute_dtype(model, mixed_precision: str):
+    """The dtype the attention computes in: autocast's under bf16/fp16 mixed precision, else the
+    input embeddings' (the hidden states take it)."""
+    if mixed_precision in ("bf16", "fp16"):
+        return torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    return weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
 
 
 def targets_in(batch: dict, task: str):
     """What the loss averages over in a micro-batch: examples, or supervised next-token positions."""
     labels = batch["labels"]
-    if task == "classification":
-        return torch.tensor(labels.shape[0], device=labels.device)
+    if task == "classification":  # a fill on the device: torch.tensor(n, device=) copies, synced
+        return torch.full((), labels.shape[0], device=labels.device, dtype=torch.long)
     return (labels[:, 1:] != IGNORE_INDEX).sum()
 
 

@@ -14,6 +14,7 @@ import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ import torch
 from ftcli.adapt import INIT_ADAPTER
 from ftcli.data.rows import lengths_of
 from ftcli.data.tokenize import Tokenized
+from ftcli.distributed import configure_deepspeed, place, uses_deepspeed
 from ftcli.errors import FtcliError, Interrupted, TrainingStopped
 from ftcli.forward import loss_sums
 from ftcli.models import pads_left
@@ -29,12 +31,14 @@ from ftcli.rundir import model_record_for
 from ftcli.strategies import unfreezing
 from ftcli.testpoints import PAUSE, pause
 from ftcli.train.batching import (
+    FLEX,
+    choose_packing,
     collator,
+    compute_dtype,
     epoch_batches,
     make_loader,
     optimizer_steps,
     targets_in,
-    varlen_attention,
 )
 from ftcli.train.checkpoints import Checkpointer, save_trained
 from ftcli.train.optim import build_optimizer, build_scheduler
@@ -95,20 +99,83 @@ class Trained:
         }
 
 
-def loss_trouble(accelerator, loss, lowest: float | None, spike: float | None):
-    """(the micro-batch loss, the worst over processes; why training must stop, or None)."""
+def loss_trouble(accelerator, loss, lowest, spike: float | None):
+    """On the device, no host sync: (the micro-batch loss, the worst over processes; a 0-d bool,
+    true when training must stop: a NaN/Inf loss, or one over ``spike`` times ``lowest``, the
+    lowest so far, +inf when none). ``Tally.settle`` reads the verdict once per window."""
     v = loss.detach().float().reshape(())
     if accelerator.num_processes > 1:  # every process stops together, or none does
         v = accelerator.reduce(torch.nan_to_num(v, nan=float("inf")), "max")
-    value = v.item()
-    if not math.isfinite(value):
-        return value, f"the loss is {value}"
-    if spike and lowest is not None and lowest > 0 and value > spike * lowest:
-        return value, (
-            f"the loss {value:.4g} is over train.max_loss_spike ({spike:g}) times the lowest "
-            f"so far ({lowest:.4g})"
+    bad = ~torch.isfinite(v)
+    if spike:  # nan and inf compare false: no spike while nothing is known
+        bad = bad | ((lowest > 0) & (v > spike * lowest))
+    return v, bad
+
+
+LOSS, SPIKE, GRAD = 1, 2, 3  # Tally.trouble's codes
+
+
+class Tally:
+    """What the steps since the last read left on the device: the window's summed loss, the real
+    and processed tokens, the lowest micro-batch loss, the last gradient norm and the first
+    trouble (code, micro-batch, value, the lowest loss then). ``settle`` reads them all in one
+    host sync; the loop calls it at each log row, validation, checkpoint and at the end, so a NaN
+    or a spike is caught at most ``log_every`` steps late, and never after a checkpoint that
+    would keep it (docs/run-folder.md)."""
+
+    def __init__(self, device, lowest: float | None, spike: float | None):
+        self.spike = spike
+        z = partial(torch.zeros, dtype=torch.float64, device=device)
+        self.loss, self.counts, self.trouble = z(()), z(2), z(4)
+        self.lowest = torch.tensor(
+            math.inf if lowest is None else lowest, dtype=torch.float64, device=device
         )
-    return value, None
+        self.grad_norm = None
+        self.micro: list[tuple[int, list[int]]] = []  # (its step, its rows) of each micro-batch
+
+    def flag(self, bad, code, value) -> None:
+        """Keep the first trouble: ``bad`` (0-d bool) at the latest micro-batch, as ``code``."""
+        # torch.full: a fill on the device; torch.tensor(x, device=cuda) would copy and synchronise
+        at = torch.full_like(self.lowest, len(self.micro) - 1)
+        code = code.to(at) if torch.is_tensor(code) else torch.full_like(at, code)
+        rec = torch.stack([code, at, value.to(at), self.lowest])
+        self.trouble = torch.where(bad & (self.trouble[0] == 0), rec, self.trouble)
+
+    def settle(self, accelerator, state: LoopState, window: LogWindow):
+        """One host sync: the tallies into ``state`` and ``window``; returns (why, step, rows) of
+        the first trouble since the last settle, else None."""
+        sums = torch.cat([self.loss.reshape(1), self.counts])
+        if accelerator.num_processes > 1:
+            sums = accelerator.reduce(sums, "sum") / torch.tensor(
+                [accelerator.num_processes, 1, 1], dtype=sums.dtype, device=sums.device
+            )
+        norm = (
+            self.grad_norm if self.grad_norm is not None else torch.full_like(self.loss, math.nan)
+        )
+        loss, real, seen, lowest, code, at, value, before, grad_norm = torch.cat(
+            [sums, self.lowest.reshape(1), self.trouble, norm.reshape(1).to(sums)]
+        ).tolist()
+        state.log_window = [state.log_window[0] + loss, state.log_window[1]]
+        state.tokens += int(real)
+        state.processed_tokens += int(seen)
+        window.tokens += int(real)
+        state.lowest_loss = None if math.isinf(lowest) else lowest
+        window.grad_norm = None if self.grad_norm is None else grad_norm
+        micro, self.micro = self.micro, []
+        self.loss, self.counts = torch.zeros_like(self.loss), torch.zeros_like(self.counts)
+        if not code:
+            return None
+        step, rows = micro[int(at)]
+        if code == GRAD:
+            return f"the gradient norm is {value}", step, []
+        if code == LOSS:
+            return f"the loss is {value}", step, rows
+        return (
+            f"the loss {value:.4g} is over train.max_loss_spike ({self.spike:g}) times the lowest "
+            f"so far ({before:.4g})",
+            step,
+            rows,
+        )
 
 
 def stopped(
@@ -119,18 +186,19 @@ def stopped(
     world: int,
     last_ckpt,
     run_dir: Path,
-    applied: bool = False,
+    step: int | None = None,
 ) -> TrainingStopped:
-    """One message: the step, the likely causes (with the rows of the batch), what was kept."""
+    """One message: the step (``step``: found at a later settle, its updates were applied but
+    never saved), the likely causes (with the rows of the batch), what was kept."""
     t = recipe.train
     where = ""
-    if world == 1 and not applied and rows:
+    if world == 1 and rows:
         idx = sorted(i + 1 for i in rows)
         where = f" (lines {', '.join(map(str, idx[:8]))}{'...' if len(idx) > 8 else ''} of "
         where += f"{run_dir / 'data' / 'train.jsonl'})"
     kept = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved"
-    step = state.global_step if applied else state.global_step + 1
-    nothing = "nothing was saved" if applied else "nothing from this step was applied or saved"
+    nothing = "nothing from it on was saved" if step else "nothing was saved"
+    step = step or state.global_step
     return TrainingStopped(
         f"training stopped at step {step}: {why}; {nothing}, {kept}",
         hint=f"likely causes: a learning rate too high (train.optimizer.lr: {t.optimizer.lr:g}), "
@@ -189,23 +257,22 @@ class LogWindow:
     tokens: int = 0
     t0: float = field(default_factory=time.perf_counter)
     step: int = 0
+    grad_norm: float | None = None  # the last step's, as Tally.settle read it
 
 
 def log_row(
-    accelerator,
     state: LoopState,
     window: LogWindow,
     lr: float,
-    grad_norm,
+    grad_norm: float | None,
     steps_per_epoch: int,
     t_start: float,
 ) -> dict:
     """One metrics.jsonl row: the loss averaged over the window's steps (each already the mean over
-    its real targets on all processes); tokens/s counts real tokens."""
+    its real targets on all processes, as ``Tally.settle`` summed them; a float32 value, as it has
+    always been logged); tokens/s counts real tokens. No device access."""
     loss_sum, micro = state.log_window
-    mean = accelerator.reduce(
-        torch.tensor(loss_sum / micro, device=accelerator.device), "mean"
-    ).item()
+    mean = torch.tensor(loss_sum / micro).item()  # a CPU tensor: the float32 rounding, no sync
     now = time.perf_counter()
     row = {
         "step": state.global_step,
@@ -217,7 +284,7 @@ def log_row(
         "elapsed_s": round(now - t_start, 2),
     }
     if grad_norm is not None:
-        row["grad_norm"] = float(grad_norm)
+        row["grad_norm"] = grad_norm
     return row
 
 
@@ -291,66 +358,57 @@ def train_step(
     optimizer,
     scheduler,
     state: LoopState,
-    window: LogWindow,
+    tally: Tally,
     recipe: Recipe,
-    batches: list[list[int]],
-    checkpointer: Checkpointer,
-    run_dir: Path,
-):
-    """One optimizer step over the micro-batches of ``group``: forward and backward each (a NaN or
-    spiking loss stops the run before backward), clip, step, and count the step and its tokens in
-    ``state``. Returns the gradient norm (None without clipping)."""
+    rows: list[list[int]],
+) -> None:
+    """One optimizer step over the micro-batches of ``group`` (``rows``: their examples): forward
+    and backward each, clip, step, and count the step in ``state`` and its loss, tokens and
+    troubles in ``tally``, on the device: no host sync (``Tally.settle`` reads them).
+
+    Under DeepSpeed the engine steps at the group's last backward (told by ``sync_gradients``;
+    its config carries the accumulation and the clipping: ftcli.distributed.configure_deepspeed),
+    and its backward divides by the configured accumulation, which the loss is multiplied back by.
+    """
     t = recipe.train
     world = accelerator.num_processes
-    grad_norm = None
+    deepspeed = uses_deepspeed(accelerator)
     # The step's loss is the mean over its real targets on all processes, whatever the
     # micro-batch sizes: equal with and without grouping, and for k x b vs 1 x kb.
     local = torch.stack([targets_in(b, recipe.task) for b in group]).sum()
     denom = accelerator.reduce(local.double(), "sum").clamp(min=1)
-    step_loss = 0.0
     for j, batch in enumerate(group):
         last = j == len(group) - 1
+        tally.micro.append((state.global_step + 1, rows[j] if j < len(rows) else []))
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             with accelerator.autocast():  # the LM head too runs outside forward
                 s, n = loss_sums(model, batch, recipe.task)
-            value, why = loss_trouble(
-                accelerator, s / n.clamp(min=1), state.lowest_loss, t.max_loss_spike
+            value, bad = loss_trouble(
+                accelerator, s / n.clamp(min=1), tally.lowest, t.max_loss_spike
             )
-            if why:  # before backward: a NaN never reaches the weights
-                at = state.micro_in_epoch + j
-                rows = batches[at] if at < len(batches) else []
-                raise stopped(why, state, recipe, rows, world, checkpointer.latest(), run_dir)
-            if state.lowest_loss is None or value < state.lowest_loss:
-                state.lowest_loss = value
+            tally.flag(bad, torch.where(torch.isfinite(value), SPIKE, LOSS), value)
+            tally.lowest = torch.fmin(tally.lowest, value.double())
             loss = s * (world / denom).to(s.dtype)  # DDP averages over processes
-            accelerator.backward(loss)
-        step_loss += loss.detach().float().item()
-    if t.max_grad_norm:
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-        if not math.isfinite(float(grad_norm)) and accelerator.mixed_precision != "fp16":
-            raise stopped(
-                f"the gradient norm is {float(grad_norm)}",
-                state,
-                recipe,
-                [],
-                world,
-                checkpointer.latest(),
-                run_dir,
-            )
+            if deepspeed:
+                accelerator.sync_gradients = last
+            accelerator.backward(loss * t.gradient_accumulation if deepspeed else loss)
+        tally.loss += loss.detach().float().double()
+    if deepspeed:
+        accelerator.sync_gradients = True
+    elif t.max_grad_norm:  # DeepSpeed's engine clips at its step, to the same train.max_grad_norm
+        tally.grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+        if accelerator.mixed_precision != "fp16":  # fp16: the scaler skips an overflowing step
+            tally.flag(~torch.isfinite(tally.grad_norm), GRAD, tally.grad_norm)
     optimizer.step()
     if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        scheduler.step()
+        scheduler.step()  # once per optimizer step, DeepSpeed's too
     optimizer.zero_grad(set_to_none=True)
     state.micro_in_epoch += len(group)
     real = sum(b.get("real_mask", b.get("attention_mask")).sum() for b in group)
     seen = sum(b["input_ids"].numel() for b in group)
-    counts = accelerator.reduce(torch.stack([real, torch.tensor(seen).to(real)]), "sum")
-    state.tokens += int(counts[0])
-    state.processed_tokens += int(counts[1])
-    window.tokens += int(counts[0])
-    state.log_window = [state.log_window[0] + step_loss, state.log_window[1] + 1]
+    tally.counts += torch.stack([real.double(), torch.full_like(tally.loss, seen)])
+    state.log_window = [state.log_window[0], state.log_window[1] + 1]
     state.global_step += 1
-    return grad_norm
 
 
 def log_step(
@@ -360,7 +418,6 @@ def log_step(
     optimizer,
     state: LoopState,
     window: LogWindow,
-    grad_norm,
     steps_per_epoch: int,
     t_start: float,
     metrics_path: Path,
@@ -369,8 +426,10 @@ def log_step(
     """The log row of the steps since the last one, to metrics.jsonl, the trackers and the progress
     bar; returns its loss and the window the next row counts from."""
     step = state.global_step
+    grad_norm = window.grad_norm
+    if uses_deepspeed(accelerator) and accelerator.deepspeed_engine_wrapped is not None:
+        grad_norm = accelerator.deepspeed_engine_wrapped.get_global_grad_norm()  # its last step's
     row = log_row(
-        accelerator,
         state,
         window,
         optimizer.param_groups[0]["lr"],
@@ -387,6 +446,16 @@ def log_step(
     if progress:
         progress.update(step, loss=row["loss"], lr=row["lr"], tps=row["tokens_per_s"])
     return row["loss"], window
+
+
+def settle(tally: Tally, accelerator, state, window, recipe, checkpointer, run_dir) -> None:
+    """The tallies read (one host sync); the first trouble since the last read stops the run: its
+    updates were applied but nothing from it on is saved, the last checkpoint is the good one."""
+    found = tally.settle(accelerator, state, window)
+    if found:
+        why, step, rows = found
+        world, latest = accelerator.num_processes, checkpointer.latest()
+        raise stopped(why, state, recipe, rows, world, latest, run_dir, step=step)
 
 
 def finite_weights(
@@ -409,7 +478,6 @@ def finite_weights(
                 world,
                 checkpointer.latest(),
                 run_dir,
-                applied=True,
             )
 
 
@@ -493,8 +561,8 @@ def train(
     t = recipe.train
     model, pad = adapted.model, adapted.tokenizer.pad_token_id
     train_feats, val_feats = splits(tokenized, recipe=recipe)
-    model = speed_up(recipe, model)
-    optimizer = build_optimizer(recipe, model)
+    model = place(speed_up(recipe, model), accelerator)  # on its device before the optimizer
+    optimizer = build_optimizer(recipe, model, device=accelerator.device)
     schedule = unfreezing(recipe, model)  # gradual unfreezing: a pure function of the step
     world = accelerator.num_processes
     packed = recipe.data.packs(recipe.task, recipe.method.kind)
@@ -507,6 +575,7 @@ def train(
     )
     scheduler = build_scheduler(recipe, optimizer, total_steps)
     left = pads_left(model)
+    configure_deepspeed(accelerator, t)  # micro-batch, accumulation and clipping from the recipe
     model, optimizer = accelerator.prepare(model, optimizer)
     val_loader = None
     if val_feats:
@@ -531,9 +600,15 @@ def train(
     window = LogWindow(step=state.global_step)
     t_start = time.perf_counter() - state.seconds
     skip = state.micro_in_epoch
-    last_loss = grad_norm = pruned_at = None
-    varlen = varlen_attention(accelerator.unwrap_model(model))
-    collate_fn = collator(pad_id=pad, left=left, packed=packed, varlen=varlen)
+    last_loss = pruned_at = None
+    tally = Tally(accelerator.device, state.lowest_loss, t.max_loss_spike)
+    inner = accelerator.unwrap_model(model)
+    packing = choose_packing(inner, accelerator.device) if packed else None
+    if packing == FLEX:  # flex reads the packing from the position ids only without a cache
+        inner.set_attn_implementation("flex_attention")
+        inner.config.use_cache = False
+    dtype = compute_dtype(inner, accelerator.mixed_precision)
+    collate_fn = collator(pad_id=pad, left=left, packed=packed, path=packing, dtype=dtype)
 
     model.train()
     if progress:
@@ -550,28 +625,30 @@ def train(
             for group in optimizer_steps(loader, t.gradient_accumulation):
                 if schedule is not None:
                     schedule.apply(model, state.global_step)
-                grad_norm = train_step(
+                at = state.micro_in_epoch
+                train_step(
                     group,
                     accelerator=accelerator,
                     model=model,
                     optimizer=optimizer,
                     scheduler=scheduler,
                     state=state,
-                    window=window,
+                    tally=tally,
                     recipe=recipe,
-                    batches=batches,
-                    checkpointer=checkpointer,
-                    run_dir=run_dir,
+                    rows=batches[at : at + len(group)],
                 )
                 step = state.global_step
-                if step % t.log_every == 0 or step == total_steps:
+                log_due = step % t.log_every == 0 or step == total_steps
+                val_due = val_loader is not None and (step % eval_every == 0 or step == total_steps)
+                if log_due or val_due or step % ckpt_every == 0:  # one host sync, at most
+                    settle(tally, accelerator, state, window, recipe, checkpointer, run_dir)
+                if log_due:
                     last_loss, window = log_step(
                         accelerator=accelerator,
                         model=model,
                         optimizer=optimizer,
                         state=state,
                         window=window,
-                        grad_norm=grad_norm,
                         steps_per_epoch=steps_per_epoch,
                         t_start=t_start,
                         metrics_path=metrics_path,
@@ -581,7 +658,7 @@ def train(
                         pause(f"step:{step}")
                 elif progress:
                     progress.update(step)
-                if val_loader is not None and (step % eval_every == 0 or step == total_steps):
+                if val_due:
                     t_eval = time.perf_counter()
                     v = evaluate_loss(accelerator, model, val_loader, recipe.task)
                     window.t0 += time.perf_counter() - t_eval  # tokens/s counts training time only
@@ -622,6 +699,7 @@ def train(
     except KeyboardInterrupt:
         if progress:
             progress.stop()
+        settle(tally, accelerator, state, window, recipe, checkpointer, run_dir)
         path = checkpoint(
             checkpointer=checkpointer,
             model=model,

@@ -14,9 +14,17 @@ from ftcli.recipe import Recipe
 from ftcli.strategies import learning_rate, num_blocks, param_groups
 
 
-def build_optimizer(recipe: Recipe, model):
+def fused_adamw(device) -> bool | None:
+    """AdamW's one-kernel-for-all-parameters form where it pays: CUDA. Elsewhere None, torch's
+    default (foreach): its CPU fused kernel exists but was never measured faster here."""
+    return True if torch.device(device).type == "cuda" else None
+
+
+def build_optimizer(recipe: Recipe, model, device=None):
     """The optimizer over every trainable parameter, in groups with their own lr (weight decay on
-    matrices only; LoRA+ and layer_decay: ftcli.strategies.param_groups)."""
+    matrices only; LoRA+ and layer_decay: ftcli.strategies.param_groups). ``device``: where the
+    parameters train (default: where the first trainable one is; build after placing the model,
+    ftcli.distributed.place, or pass it for a sharded launch whose shards are placed later)."""
     o = recipe.train.optimizer
     if not any(p.requires_grad for p in model.parameters()):
         raise FtcliError(
@@ -36,9 +44,9 @@ def build_optimizer(recipe: Recipe, model):
             "paged_adamw8bit": bnb.optim.PagedAdamW8bit,
         }[name]
         return cls(groups, lr=lr, betas=o.betas, eps=o.eps)
-    if name == "adamw":  # fused: one kernel for all parameters on CUDA
-        fused = next(model.parameters()).is_cuda or None
-        return torch.optim.AdamW(groups, lr=lr, betas=o.betas, eps=o.eps, fused=fused)
+    if name == "adamw":
+        where = device or next(p for p in model.parameters() if p.requires_grad).device
+        return torch.optim.AdamW(groups, lr=lr, betas=o.betas, eps=o.eps, fused=fused_adamw(where))
     if name == "adam":
         return torch.optim.Adam(groups, lr=lr, betas=o.betas, eps=o.eps)
     if name == "sgd":

@@ -107,9 +107,10 @@ def after_validation(
         return None
     score = v
     if pruning.metric != "validation_loss":
-        score = validation_score(
-            model, val_feats, pad_id, recipe.eval.batch_size, accelerator.device, pruning
-        )
+        with accelerator.autocast():  # as training runs: flash-attention refuses float32
+            score = validation_score(
+                model, val_feats, pad_id, recipe.eval.batch_size, accelerator.device, pruning
+            )
     pruning.trial.report(score, step)
     if step < total_steps and pruning.trial.should_prune():
         return step
