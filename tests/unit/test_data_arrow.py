@@ -297,6 +297,8 @@ def test_write_data_and_read_data_round_trip(tmp_path, toks):
         w = old.tokenize(want.splits[s], r, toks["bert"], want.label2id)
         assert list(tokenized[s].features) == w.features
         assert tokenized[s].truncated == w.truncated and tokenized[s].tokens == w.tokens
+    # the length the data stage chose is recorded beside what prepare() counted
+    assert prepared.stats.pop("max_length") == {"policy": "explicit", "value": 10}
     assert prepared.labels == want.labels and prepared.stats == want.stats
     (folder / "test.features.arrow").write_bytes(b"ARROW1 truncated")
     with pytest.raises(DataError, match="test split cannot be read"):
