@@ -28,7 +28,7 @@ from ftcli.data.tokenize import tokenize
 from ftcli.distributed import check_launch, check_mode, is_sharded, process_group_kwargs
 from ftcli.errors import FtcliError, Interrupted
 from ftcli.evaluation.baseline import save_initial_head
-from ftcli.evaluation.score import evaluate
+from ftcli.evaluation.score import evaluate, source_groups, tokenize_aligned
 from ftcli.memory import preflight
 from ftcli.merge import merge
 from ftcli.models import (
@@ -178,6 +178,12 @@ def data_table(prepared, tokenized, max_length: int) -> list[tuple]:
         rows.append(("augmented", f"{aug['added']} train copies ({ops or 'none'})"))
     if prepared.labels:
         rows.append(("labels", ", ".join(prepared.labels)))
+    for name, info in (prepared.stats.get("sources") or {}).items():  # a mixture, per source
+        sizes = info.get("sizes", {})
+        text = " / ".join(f"{sizes.get(s, 0)} {s}" for s in SPLITS)
+        if info.get("repeated"):
+            text += f" ({info['repeated']} train repeats)"
+        rows.append((f"source {name}", text))
     return rows
 
 
@@ -350,7 +356,7 @@ def _prepare_stage(recipe: Recipe, acc, ui: UI, timings: dict):
     each node's main process; the others open its files); with the recipe holding that int (what
     recipe.yaml records), the tokenizer and the local folder the model loads from. Model-written
     paraphrases are not cached."""
-    ui.step(f"prepare  {recipe.data.path}")
+    ui.step(f"prepare  {recipe.data.where}")
     t0 = time.perf_counter()
     with acc.main_process_first():
         tokenizer, _, model_dir = load_tokenizer(recipe.model)
@@ -546,14 +552,38 @@ def evaluate_run(run_dir: Path, ui: UI, split: str = "test") -> dict:
             hint=f"choose one of: {', '.join(k for k, v in prepared.splits.items() if v)}",
         )
     model, tokenizer = load_trained(run_dir, recipe.task)
-    feats = tokenize(prepared.splits[split], recipe, tokenizer, prepared.label2id).features
+    examples = prepared.splits[split]
+    groups = source_groups(examples)  # a mixture's split: the metrics per source too
+    if groups is None:
+        feats = tokenize(examples, recipe, tokenizer, prepared.label2id).features
+    else:
+        feats, kept = tokenize_aligned(list(examples), recipe, tokenizer, prepared.label2id)
+        groups = [groups[i] for i in kept]
     device = resolve_device("auto")
     to_device(model, device)
     report = evaluate(
-        recipe.task, model, tokenizer, feats, prepared.labels, recipe.eval.batch_size, device, split
+        recipe.task,
+        model,
+        tokenizer,
+        feats,
+        prepared.labels,
+        recipe.eval.batch_size,
+        device,
+        split,
+        groups,
     )
     ui.table(
         f"{split} ({run_dir})",
         [(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in report.metrics.items()],
     )
+    if report.by_source:
+        names = [k for k in next(iter(report.by_source.values())) if k != "n"]
+        ui.table(
+            f"{split} by source",
+            [
+                (g, m["n"], *(f"{m[k]:.4f}" if isinstance(m[k], float) else m[k] for k in names))
+                for g, m in report.by_source.items()
+            ],
+            headers=("source", "examples", *names),
+        )
     return report.as_dict()

@@ -35,7 +35,7 @@ def prepare(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False):
     r = load_recipe_arg(recipe, set_)
     for w in r.warnings:
         ui.warn(w.render())
-    ui.step(f"prepare  {r.data.path}")
+    ui.step(f"prepare  {r.data.where}")
     if r.data.augment and r.data.augment.paraphrase:
         ui.warn(
             "data.augment.paraphrase is not cached (a model writes those copies on each run): "

@@ -36,11 +36,11 @@ def _is_number(value) -> bool:
     return True
 
 
-def _column_types(recipe: Recipe, records: list[dict]) -> list[Problem]:
+def _column_types(recipe: Recipe, records: list[dict], at: str = "data") -> list[Problem]:
     """A text column that holds numbers (or lists) is the wrong column, whatever str() makes of it."""
     problems = []
-    for key, col in required_columns(recipe).items():
-        if key in ("data.label_column", "data.messages_column") or col not in records[0]:
+    for key, col in required_columns(recipe, at).items():
+        if key.rsplit(".", 1)[-1] in ("label_column", "messages_column") or col not in records[0]:
             continue
         sample = [r[col] for r in records[:200] if r.get(col) not in (None, "")]
         if sample and all(_is_number(v) for v in sample):
@@ -64,11 +64,19 @@ def data_problems(recipe: Recipe) -> tuple[list[Problem], list[str], list[str]]:
     checked: list[str] = []
     notes: list[str] = []
     readable = True
-    for key, spec in (
-        ("data.path", d.path),
-        ("data.validation_path", d.validation_path),
-        ("data.test_path", d.test_path),
-    ):
+    from ftcli.data.examples import source_views
+
+    each = [
+        (key, spec, recipe, "data")
+        for key, spec in (
+            ("data.path", d.path),
+            ("data.validation_path", d.validation_path),
+            ("data.test_path", d.test_path),
+        )
+    ]
+    if d.sources:  # a mixture: each source with its own columns, located at its entry
+        each += [(f"{at}.path", view.data.path, view, at) for _, view, at in source_views(recipe)]
+    for key, spec, view, at in each:
         if not spec:
             continue
         try:
@@ -84,11 +92,11 @@ def data_problems(recipe: Recipe) -> tuple[list[Problem], list[str], list[str]]:
                 notes.append(f"data columns not checked: {spec} is a hub dataset")
                 readable = False
                 continue
-            records = read_source(source, d)
+            records = read_source(source, view.data)
             counts = CleanCounts()
-            load_examples(recipe, spec, counts)
+            load_examples(view, spec, counts, at, recipe)
             notes += [n for n in counts.notes if n not in notes]  # what `train` prints too
-            problems += _column_types(recipe, records)
+            problems += _column_types(view, records, at)
         except FtcliError as exc:
             problems += _as_problems(exc, recipe, key)
             readable = False

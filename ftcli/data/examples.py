@@ -41,11 +41,12 @@ def _column_problem(recipe: Recipe, key: str, column: str, columns: list[str]):
     )
 
 
-def required_columns(recipe: Recipe) -> dict[str, str]:
-    """dotted recipe key -> column name, for every column the task reads."""
+def required_columns(recipe: Recipe, at: str = "data") -> dict[str, str]:
+    """dotted recipe key -> column name, for every column the task reads (``at``: where the
+    source's keys are: ``data``, or ``data.sources.N`` with ``recipe`` that source's view)."""
     d = recipe.data
     if recipe.task == "classification":
-        return {"data.text_column": d.text_column, "data.label_column": d.label_col}
+        return {f"{at}.text_column": d.text_column, f"{at}.label_column": d.label_col}
     keys = {
         "chat": ["messages_column"],
         "instruction": ["instruction_column", "output_column"]
@@ -53,10 +54,10 @@ def required_columns(recipe: Recipe) -> dict[str, str]:
         "completion": ["prompt_column", "completion_column"],
         "text": ["text_column"],
     }[d.style]
-    return {f"data.{k}": getattr(d, k) for k in keys}
+    return {f"{at}.{k}": getattr(d, k) for k in keys}
 
 
-def check_columns(recipe: Recipe, records: list[dict], source: str) -> None:
+def check_columns(recipe: Recipe, records: list[dict], source: str, at: str = "data") -> None:
     """Raise a located RecipeError when a named column is missing from the data."""
     if not records:
         raise DataError(
@@ -66,18 +67,18 @@ def check_columns(recipe: Recipe, records: list[dict], source: str) -> None:
     columns = list(records[0].keys())
     problems = [
         _column_problem(recipe, key, col, columns)
-        for key, col in required_columns(recipe).items()
+        for key, col in required_columns(recipe, at).items()
         if col not in records[0]
     ]
     if recipe.task == "classification" and not recipe.data.label_column:
         problems = [
             recipe.problem(
-                "data.label_column",
+                f"{at}.label_column",
                 "classification needs a label column: the data has no column 'label' (the "
                 f"default); its columns are: {', '.join(map(str, columns))}",
                 "name the column that holds each example's label",
             )
-            if p.key == "data.label_column"
+            if p.key == f"{at}.label_column"
             else p
             for p in problems
         ]
@@ -305,14 +306,9 @@ def source_of(recipe: Recipe, spec: str):
         return resolve_data(spec)
     except SourceError as exc:
         d = recipe.data
-        key = next(
-            (
-                f"data.{k}"
-                for k in ("path", "validation_path", "test_path")
-                if getattr(d, k) == spec
-            ),
-            None,
-        )
+        keys = [(f"data.{k}", getattr(d, k)) for k in ("path", "validation_path", "test_path")]
+        keys += [(f"data.sources.{i}.path", s.path) for i, s in enumerate(d.sources or ())]
+        key = next((k for k, v in keys if v == spec), None)
         if key is None or "not found" not in exc.message:
             raise
         written, folder = recipe._anchored.get(key, (None, None))
@@ -328,10 +324,13 @@ def source_of(recipe: Recipe, spec: str):
         ) from exc
 
 
-def load_examples(recipe: Recipe, spec: str, counts: CleanCounts) -> list[dict]:
-    source = source_of(recipe, spec)
+def load_examples(
+    recipe: Recipe, spec: str, counts: CleanCounts, at: str = "data", located: Recipe | None = None
+) -> list[dict]:
+    """One source's records as cleaned canonical examples (``at``, ``located``: as ``_read_into``)."""
+    source = source_of(located or recipe, spec)
     records = read_source(source, recipe.data, counts.notes)
-    check_columns(recipe, records, spec)
+    check_columns(recipe, records, spec, at)
     try:
         examples = to_examples(recipe, records)
     except DataError as exc:  # "record 7: ..." needs the file it is in
@@ -375,43 +374,66 @@ class _Source:
     codes: np.ndarray | None  # label code per row (classification)
 
 
+def _read_into(
+    out: TableWriter,
+    recipe: Recipe,
+    spec: str,
+    counts: CleanCounts,
+    names: dict[str, int],
+    at: str = "data",
+    tag: str | None = None,
+    located: Recipe | None = None,
+) -> tuple[int, list, list]:
+    """One source's records, read, mapped and cleaned (strip, drop_empty) chunk by chunk, appended
+    to ``out``: (records read, hash arrays, label-code arrays). ``recipe``: the source's view (its
+    columns); ``at``: where its keys are; ``tag``: its name, put in each example's ``source``
+    after hashing (so an example is the same example whichever source holds it); ``located``:
+    the recipe whose keys locate a missing path."""
+    from ftcli.data.read import iter_source
+
+    d = recipe.data
+    source = source_of(located or recipe, spec)
+    hashes, codes, n = [], [], 0
+    classify = recipe.task == "classification"
+    for records in iter_source(source, d, counts.notes):
+        if not records:
+            continue
+        if not n:
+            check_columns(recipe, records, spec, at)
+        try:
+            examples = to_examples(recipe, records, start=n)
+        except DataError as exc:  # "record 7: ..." needs the file it is in
+            raise DataError(f"{spec}: {exc.message}", hint=exc.hint) from None
+        n += len(examples)
+        if d.clean.strip:
+            examples = [_strip(e) for e in examples]
+        if d.clean.drop_empty:
+            kept = [e for e in examples if not _is_empty(e)]
+            counts.empty += len(examples) - len(kept)
+            examples = kept
+        hashes.append(_hashes(examples))
+        if classify:
+            codes.append(
+                np.array([names.setdefault(e["label"], len(names)) for e in examples], np.int32)
+            )
+        if tag is not None:
+            examples = [{**e, "source": tag} for e in examples]
+        out.rows(examples)
+    if not n:
+        check_columns(recipe, [], spec, at)
+    counts.read += n
+    return n, hashes, codes
+
+
 def _load_source(
     recipe: Recipe, spec: str, counts: CleanCounts, path: Path, names: dict[str, int], keep
 ) -> _Source:
     """``load_examples`` streamed: records are read, mapped and cleaned chunk by chunk into an
     Arrow file at ``path``; dedupe works on the hashes, keeping each example's first copy."""
-    from ftcli.data.read import iter_source
-
     d = recipe.data
-    source = source_of(recipe, spec)
-    hashes, codes, n = [], [], 0
     classify = recipe.task == "classification"
     with TableWriter(path, schema_of(recipe)) as out:
-        for records in iter_source(source, d, counts.notes):
-            if not records:
-                continue
-            if not n:
-                check_columns(recipe, records, spec)
-            try:
-                examples = to_examples(recipe, records, start=n)
-            except DataError as exc:  # "record 7: ..." needs the file it is in
-                raise DataError(f"{spec}: {exc.message}", hint=exc.hint) from None
-            n += len(examples)
-            if d.clean.strip:
-                examples = [_strip(e) for e in examples]
-            if d.clean.drop_empty:
-                kept = [e for e in examples if not _is_empty(e)]
-                counts.empty += len(examples) - len(kept)
-                examples = kept
-            hashes.append(_hashes(examples))
-            if classify:
-                codes.append(
-                    np.array([names.setdefault(e["label"], len(names)) for e in examples], np.int32)
-                )
-            out.rows(examples)
-    if not n:
-        check_columns(recipe, [], spec)
-    counts.read += n
+        _, hashes, codes = _read_into(out, recipe, spec, counts, names)
     h = np.concatenate(hashes) if hashes else np.zeros(0, HASH)
     idx = np.arange(len(h))
     if d.clean.dedupe and len(h):
@@ -507,6 +529,8 @@ def prepare(recipe: Recipe, folder: Path | None = None) -> PreparedData:
     work = Path(folder) / ".sources"
     work.mkdir(parents=True, exist_ok=True)
     try:
+        if d.sources:
+            return _prepare_mixture(recipe, d, Path(folder), work, keep)
         return _prepare(recipe, d, Path(folder), work, keep)
     finally:
         import shutil
@@ -593,6 +617,23 @@ def _prepare(recipe: Recipe, d: DataSpec, folder: Path, work: Path, keep) -> Pre
         "validation": (val_src, _cap(validation, d.max_validation_examples, seed)),
         "test": (test_src, _cap(test, d.max_test_examples, seed)),
     }
+    return _finish(recipe, folder, keep, chosen, labels, names, main, counts, overlap)
+
+
+def _finish(
+    recipe: Recipe,
+    folder: Path,
+    keep,
+    chosen: dict,
+    labels: list[str] | None,
+    names: dict[str, int],
+    main: _Source,
+    counts: CleanCounts,
+    overlap: int,
+    mixture: dict | None = None,
+) -> PreparedData:
+    """The chosen rows of each split checked, written to their Arrow files, augmented, counted."""
+    d = recipe.data
     if not len(chosen["train"][1]):
         raise DataError(
             "the training split is empty", hint="add data, or lower data.split fractions"
@@ -621,7 +662,7 @@ def _prepare(recipe: Recipe, d: DataSpec, folder: Path, work: Path, keep) -> Pre
 
         splits["train"], augmented = augment_train(list(splits["train"]), d.augment, recipe.task)
     stats = {
-        "source": d.path,
+        "source": d.where,
         "read": counts.read,
         "dropped": {
             "unlisted_label": counts.unlisted_label,
@@ -639,7 +680,161 @@ def _prepare(recipe: Recipe, d: DataSpec, folder: Path, work: Path, keep) -> Pre
         stats["label_counts"] = {k: _label_counts(v) for k, v in splits.items()}
     if d.style != "text" and recipe.task == "causal_lm":
         stats["layout"] = d.style
+    if mixture is not None:
+        stats["sources"] = mixture_counts(mixture, splits)
     return PreparedData(splits, labels, stats)
+
+
+# --------------------------------------------------------------------------- mixtures
+
+
+def source_views(recipe: Recipe) -> list[tuple[str, Recipe, str]]:
+    """(name, the recipe as if the source were its one data.path, where its keys are) for each
+    data.sources entry."""
+    from ftcli.recipe.schema import source_names
+
+    d = recipe.data
+    return [
+        (name, recipe.model_copy(update={"data": d.for_source(s)}), f"data.sources.{i}")
+        for i, (s, name) in enumerate(zip(d.sources, source_names(d.sources), strict=True))
+    ]
+
+
+def _source_counts(rows) -> dict[str, int]:
+    """source name -> examples, in a split (the ``source`` column, or each dict's key)."""
+    if isinstance(rows, Rows):
+        import pyarrow.compute as pc
+
+        vc = pc.value_counts(rows.table.column("source")).to_pylist()
+        return {v["values"]: v["counts"] for v in vc}
+    return dict(collections.Counter(e.get("source") for e in rows))
+
+
+def mixture_counts(mixture: dict, splits: dict) -> dict:
+    """data.json's ``sources``: per source what was read and kept, and its examples per split."""
+    per_split = {k: _source_counts(v) for k, v in splits.items()}
+    return {
+        name: {**info, "sizes": {k: per_split[k].get(name, 0) for k in splits}}
+        for name, info in mixture.items()
+    }
+
+
+def _prepare_mixture(recipe: Recipe, d: DataSpec, folder: Path, work: Path, keep) -> PreparedData:
+    """``_prepare`` for data.sources: every source read with its own columns into one Arrow file
+    (a ``source`` column naming each example's), cleaned and deduplicated together (an example
+    two sources hold is kept once, in the first), then each source split on its own (stratified,
+    as one source is), so each has its sealed test slice; the training split sampled by weight
+    (``data.mixture``); validation and test keep every source's held-out examples."""
+    import pyarrow as pa
+
+    from ftcli.data.mixture import interleave, train_rows
+
+    views = source_views(recipe)
+    counts = CleanCounts()
+    names: dict[str, int] = {}
+    schema = schema_of(views[0][1]).append(pa.field("source", pa.string()))
+    mixture: dict[str, dict] = {}
+    hashes, codes, origin = [], [], []
+    path = work / "sources.arrow"
+    with TableWriter(path, schema) as out:
+        for j, ((name, view, at), spec) in enumerate(zip(views, d.sources, strict=True)):
+            mine = CleanCounts(notes=counts.notes)
+            _, h, c = _read_into(out, view, spec.path, mine, names, at, name, recipe)
+            n = sum(len(x) for x in h)
+            hashes += h
+            codes += c
+            origin.append(np.full(n, j, np.int32))
+            counts.read += mine.read
+            counts.empty += mine.empty
+            mixture[name] = {"path": spec.path, "read": mine.read, "empty": mine.empty}
+            if recipe.task == "causal_lm":
+                mixture[name]["layout"] = view.data.style
+            for key in ("weight", "max_examples"):
+                if getattr(spec, key) is not None:
+                    mixture[name][key] = getattr(spec, key)
+    h = np.concatenate(hashes) if hashes else np.zeros(0, HASH)
+    src_of = np.concatenate(origin) if origin else np.zeros(0, np.int32)
+    idx = np.arange(len(h))
+    if d.clean.dedupe and len(h):  # the first copy wins, across sources too
+        idx = np.sort(np.unique(h, return_index=True)[1])
+        counts.duplicate += len(h) - len(idx)
+    counts.kept += len(idx)
+    classify = recipe.task == "classification"
+    c = (np.concatenate(codes) if codes else np.zeros(0, np.int32)) if classify else None
+    main = _Source(Rows.open(path, keep), idx, h, c)
+    for j, name in enumerate(mixture):
+        kept = int(np.count_nonzero(src_of[idx] == j))
+        mixture[name]["duplicate"] = int(np.count_nonzero(src_of == j)) - kept
+        mixture[name]["kept"] = kept
+    labels = _filter_label_codes(recipe, main, names, counts) if classify else None
+
+    def labels_of(rows):
+        if labels is None:
+            return None
+        by_code = list(names)
+        return [by_code[k] for k in main.codes[rows]]
+
+    seed, strat = d.split.seed, d.split.stratify
+    frac = d.split.validation / max(1e-9, 1 - d.split.test)
+    pools, vals, tests = [], [], []
+    for j, name in enumerate(mixture):
+        rows = main.kept[src_of[main.kept] == j]
+        if not len(rows):
+            raise DataError(
+                f"data source {name!r} ({mixture[name]['path']}): no examples left after "
+                f"cleaning ({mixture[name]['read']} read)",
+                hint="check its columns and labels, or remove it from data.sources",
+            )
+        try:
+            pool, test = _split_off(
+                rows, labels_of(rows), d.split.test, seed, strat, "test", d.split.test
+            )
+            pool, val = _split_off(
+                pool,
+                labels_of(pool),
+                min(frac, 0.95),
+                seed + 1,
+                strat,
+                "validation",
+                d.split.validation,
+            )
+        except DataError as exc:
+            raise DataError(f"data source {name!r}: {exc.message}", hint=exc.hint) from None
+        pools.append(pool)
+        vals.append(val)
+        tests.append(test)
+    # no example in two splits, whichever sources hold it (dedupe off): as for one source
+    test = np.concatenate(tests)
+    validation = np.concatenate(vals)
+    overlap = 0
+    before = len(validation)
+    validation = _without(main, validation, main.hashes[test])
+    overlap += before - len(validation)
+    held = np.concatenate([main.hashes[test], main.hashes[validation]])
+    for j in range(len(pools)):
+        before = len(pools[j])
+        pools[j] = _without(main, pools[j], held)
+        overlap += before - len(pools[j])
+    specs = d.sources
+    parts, repeated = train_rows(
+        pools,
+        [s.weight for s in specs],
+        [s.max_examples for s in specs],
+        d.max_train_examples,
+        seed,
+    )
+    for name, r in zip(mixture, repeated, strict=True):
+        if r:
+            mixture[name]["repeated"] = r
+    train = interleave(parts, seed)
+    if not any(s.weight is not None for s in specs):
+        train = _cap(train, d.max_train_examples, seed)
+    chosen = {
+        "train": (main, train),
+        "validation": (main, _cap(validation, d.max_validation_examples, seed)),
+        "test": (main, _cap(test, d.max_test_examples, seed)),
+    }
+    return _finish(recipe, folder, keep, chosen, labels, names, main, counts, overlap, mixture)
 
 
 # --------------------------------------------------------------------------- the run's data/ folder

@@ -289,16 +289,23 @@ def key_parts(
         "libraries": _digest(_libraries()),
         "task": _digest(recipe.task),
     }
-    for k in SOURCES:
-        spec = getattr(d, k)
+    specs = [(f"data.{k}", getattr(d, k), section, k) for k in SOURCES]
+    if d.sources:  # a mixture: each source by content, under the name its examples carry
+        from ftcli.recipe.schema import source_names
+
+        for i, (s, name) in enumerate(zip(d.sources, source_names(d.sources), strict=True)):
+            entry = section["sources"][i]
+            entry["name"] = name
+            specs.append((f"data.sources.{i}.path", s.path, entry, "path"))
+    for key, spec, holder, k in specs:
         if spec:
-            section[k] = "<source>"  # by content below: a moved file still hits
+            holder[k] = "<source>"  # by content below: a moved file still hits
             part = source_part(recipe, spec, index)
             if part.get("hub") and part.get("revision") is None:
                 part["unknown"] = uuid.uuid4().hex  # a revision nobody can tell: never reused
                 if unreusable is not None:
                     unreusable.append(f"the revision of hub dataset {spec!r} cannot be told")
-            parts[f"source data.{k}"] = _digest(part)
+            parts[f"source {key}"] = _digest(part)
     if d.max_length == "auto":  # what else the chosen length depends on (data/lengths.py)
         from ftcli.data.lengths import model_position_limit
 
@@ -448,7 +455,7 @@ def _build(recipe, tokenizer, root: Path, key: str, ui) -> Path:
             (tmp / MARKER).write_text("ftcli data cache entry\n")
             (tmp / DATA).mkdir()
             write_data(recipe, tokenizer, tmp / DATA, ui)
-            manifest = _manifest(tmp, key, recipe.data.path)
+            manifest = _manifest(tmp, key, recipe.data.where)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     except DiskFull as exc:
         raise _cache_disk_full(target, exc) from None
@@ -525,7 +532,15 @@ def _with_source(recipe, prepared):
     """The entry may have been built from the same content at another path: name this run's."""
     stats = dict(prepared.stats or {})
     if "source" in stats:
-        stats["source"] = recipe.data.path
+        stats["source"] = recipe.data.where
+    if isinstance(stats.get("sources"), dict) and recipe.data.sources:
+        from ftcli.recipe.schema import source_names
+
+        paths = dict(zip(source_names(recipe.data.sources), recipe.data.sources, strict=True))
+        stats["sources"] = {
+            name: {**info, "path": paths[name].path} if name in paths else info
+            for name, info in stats["sources"].items()
+        }
     return replace(prepared, stats=stats)
 
 

@@ -21,9 +21,13 @@ class EvalReport:
     split: str
     n: int
     metrics: dict
+    by_source: dict | None = None  # a mixture: source name -> {"n", metrics...}
 
     def as_dict(self) -> dict:
-        return {"task": self.task, "split": self.split, "n": self.n, "metrics": self.metrics}
+        out = {"task": self.task, "split": self.split, "n": self.n, "metrics": self.metrics}
+        if self.by_source is not None:
+            out["by_source"] = self.by_source
+        return out
 
 
 def evaluate(
@@ -35,17 +39,44 @@ def evaluate(
     batch_size: int,
     device,
     split: str = "test",
+    groups: list[str] | None = None,
 ) -> EvalReport:
     """Score ``model`` on tokenized ``features`` of one split: the pipeline's evaluate stage.
-    Windows of one document (data.long_documents: windows) are scored as that one document."""
+    Windows of one document (data.long_documents: windows) are scored as that one document.
+    ``groups``: each feature's source (a mixture); the same metrics per source, from one pass."""
     features = by_document(features)
+
+    def summary(keep: list[int] | None) -> dict:
+        pick = (lambda xs: xs) if keep is None else (lambda xs: [xs[i] for i in keep])
+        if task == "classification":
+            return classification_summary(
+                pick([f["labels"] for f in features]), pick(probs), labels or []
+            )
+        return lm_summary(pick([s for s, _ in rows]), pick([c for _, c in rows]))
+
     if task == "classification":
         probs = class_probabilities(model, features, tokenizer.pad_token_id, batch_size, device)
-        metrics = classification_summary([f["labels"] for f in features], probs, labels or [])
     else:
         rows = token_losses(model, features, tokenizer.pad_token_id, batch_size, device)
-        metrics = lm_summary([s for s, _ in rows], [c for _, c in rows])
-    return EvalReport(task, split, len(features), metrics)
+    by_source = None
+    if groups is not None:
+        members: dict[str, list[int]] = {}
+        for i, g in enumerate(groups):
+            members.setdefault(g, []).append(i)
+        by_source = {g: {"n": len(ix), **summary(ix)} for g, ix in members.items()}
+    return EvalReport(task, split, len(features), summary(None), by_source)
+
+
+def source_groups(examples) -> list[str] | None:
+    """Each example's source, where a split holds examples of more than one (a mixture)."""
+    table = getattr(examples, "table", None)
+    if table is not None:
+        if "source" not in table.column_names:
+            return None
+        names = table.column("source").to_pylist()
+    else:
+        names = [e.get("source") for e in examples]
+    return names if len(set(names) - {None}) > 1 else None
 
 
 @dataclass

@@ -80,7 +80,30 @@ APPLIES: dict[str, Applies | None] = {
     "model.head.dropout": ALWAYS,
     # data
     "data": ALWAYS,
-    "data.path": ALWAYS,
+    "data.path": ALWAYS,  # with data.sources: a recipe error of its own (_mixture_problems)
+    # a mixture's entries: wrong combinations are recipe errors of their own (_mixture_problems)
+    "data.sources": ALWAYS,
+    **{
+        f"data.sources.{k}": ALWAYS
+        for k in (
+            "path",
+            "name",
+            "weight",
+            "max_examples",
+            "format",
+            "subset",
+            "hub_split",
+            "text_column",
+            "label_column",
+            "prompt_column",
+            "completion_column",
+            "instruction_column",
+            "input_column",
+            "output_column",
+            "messages_column",
+            "system_prompt",
+        )
+    },
     "data.format": ALWAYS,
     "data.subset": ALWAYS,
     "data.hub_split": ALWAYS,

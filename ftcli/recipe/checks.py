@@ -13,7 +13,7 @@ import re
 
 from ftcli.errors import Problem
 from ftcli.recipe.applies import LORA_KINDS, METHOD_KEYS, PROMPT_KINDS
-from ftcli.recipe.schema import SPACE_KINDS, Recipe
+from ftcli.recipe.schema import SOURCE_KEYS, SPACE_KINDS, Recipe
 
 
 def _semantic_problems(r: Recipe) -> list[Problem]:
@@ -124,6 +124,37 @@ def _data_problems(r: Recipe) -> list[Problem]:
                 "remove it; long causal-LM examples are truncated to data.max_length",
             )
         )
+    if d.sources is not None:
+        p += _mixture_problems(r)
+    elif not d.path:
+        p.append(
+            r.problem(
+                "data.path",
+                "required key is missing",
+                "name the data: data.path, or several datasets under data.sources",
+            )
+        )
+    else:
+        p += _layout_problems(r, d, "data")
+    if r.task != "classification" and d.labels and (d.sources is not None or not d.label_column):
+        p.append(
+            r.problem(
+                "data.labels",
+                "only applies to task classification",
+                "for causal_lm name the text, prompt/completion, instruction or messages columns",
+            )
+        )
+    if d.validation_path and "validation" in d.split.model_fields_set:
+        p.append(r.problem("data.split.validation", "conflicts with data.validation_path: set one"))
+    if d.test_path and "test" in d.split.model_fields_set:
+        p.append(r.problem("data.split.test", "conflicts with data.test_path: set one"))
+    return p
+
+
+def _layout_problems(r: Recipe, d, at: str) -> list[Problem]:
+    """One source's columns (the data section's, or a data.sources entry's at ``at``): one
+    layout, complete, for the right task."""
+    p = []
     if r.task == "classification":
         for key in (
             "prompt_column",
@@ -135,10 +166,10 @@ def _data_problems(r: Recipe) -> list[Problem]:
             "system_prompt",
         ):
             if getattr(d, key):
-                p.append(r.problem(f"data.{key}", "only applies to task causal_lm"))
+                p.append(r.problem(f"{at}.{key}", "only applies to task causal_lm"))
     else:
-        if d.label_column or d.labels:
-            key = "data.label_column" if d.label_column else "data.labels"
+        if d.label_column:
+            key = f"{at}.label_column"
             p.append(
                 r.problem(
                     key,
@@ -158,26 +189,104 @@ def _data_problems(r: Recipe) -> list[Problem]:
         if len(styles) > 1:
             p.append(
                 r.problem(
-                    f"data.{styles[1]}",
-                    f"conflicts with data.{styles[0]}: name one layout",
+                    f"{at}.{styles[1]}",
+                    f"conflicts with {at}.{styles[0]}: name one layout",
                     "chat (messages_column), instruction, or prompt/completion",
                 )
             )
         if bool(d.prompt_column) != bool(d.completion_column):
             missing = "completion_column" if d.prompt_column else "prompt_column"
             p.append(
-                r.problem(f"data.{missing}", "prompt_column and completion_column go together")
+                r.problem(f"{at}.{missing}", "prompt_column and completion_column go together")
             )
         if d.instruction_column and not d.output_column:
             p.append(
-                r.problem("data.output_column", "an instruction layout needs the answer's column")
+                r.problem(f"{at}.output_column", "an instruction layout needs the answer's column")
             )
         if d.system_prompt and d.style not in ("chat", "instruction"):
-            p.append(r.problem("data.system_prompt", "only applies to chat or instruction data"))
-    if d.validation_path and "validation" in d.split.model_fields_set:
-        p.append(r.problem("data.split.validation", "conflicts with data.validation_path: set one"))
-    if d.test_path and "test" in d.split.model_fields_set:
-        p.append(r.problem("data.split.test", "conflicts with data.test_path: set one"))
+            p.append(r.problem(f"{at}.system_prompt", "only applies to chat or instruction data"))
+    return p
+
+
+def _mixture_problems(r: Recipe) -> list[Problem]:
+    """data.sources: no one-source key beside it, each entry's layout, one kind of example for a
+    causal LM, weights on every source or none, unique names."""
+    d, p = r.data, []
+    if d.path:
+        p.append(
+            r.problem(
+                "data.sources",
+                "conflicts with data.path: set one (data.path is the one-source shorthand)",
+                "move data.path into data.sources as an entry, or remove data.sources",
+            )
+        )
+    for key in SOURCE_KEYS[1:]:
+        if key in d.model_fields_set:
+            p.append(
+                r.problem(
+                    f"data.{key}",
+                    "with data.sources, each source names its own: this key would do nothing",
+                    f"set {key} in the data.sources entries that need it",
+                )
+            )
+    for key in ("validation_path", "test_path"):
+        if getattr(d, key):
+            p.append(
+                r.problem(
+                    f"data.{key}",
+                    "a mixture holds out a slice of each source (data.split): a separate file "
+                    "for the whole mixture is not supported",
+                    "remove it, or use data.path for one source with its own split files",
+                )
+            )
+    if not d.sources:
+        p.append(r.problem("data.sources", "names no source", "list at least one {path: ...}"))
+        return p
+    kinds = {"chat": "messages", "instruction": "messages", "completion": "prompt/completion"}
+    first = None
+    weighted = [s.weight is not None for s in d.sources]
+    taken: dict[str, int] = {}
+    for i, s in enumerate(d.sources):
+        at = f"data.sources.{i}"
+        p += _layout_problems(r, s, at)
+        if s.name:
+            if s.name in taken:
+                p.append(
+                    r.problem(f"{at}.name", f"data.sources.{taken[s.name]} has that name already")
+                )
+            taken.setdefault(s.name, i)
+        if s.weight is not None and s.max_examples is not None:
+            p.append(
+                r.problem(
+                    f"{at}.max_examples",
+                    "conflicts with its weight: a weight sets the source's share of the "
+                    "training split, max_examples its count; set one",
+                )
+            )
+        elif any(weighted) and not weighted[i]:
+            p.append(
+                r.problem(
+                    at,
+                    "has no weight while other sources have one: weights are shares of the "
+                    "training split, so every source needs one",
+                    "give it a weight (e.g. 1.0), or remove the weights and cap sources with "
+                    "max_examples",
+                )
+            )
+        if r.task == "causal_lm":
+            kind = kinds.get(s.style, "plain text")
+            if first is None:
+                first = kind
+            elif kind != first:
+                p.append(
+                    r.problem(
+                        at,
+                        f"its examples are {kind}, data.sources.0's are {first}: a mixture's "
+                        "sources must all become messages (chat or instruction layouts), all "
+                        "prompt/completion, or all plain text",
+                        "map this source's columns onto the same layout, or train it separately",
+                    )
+                )
     return p
 
 

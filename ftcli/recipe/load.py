@@ -409,18 +409,29 @@ def anchor_paths(
     from ftcli.sources import PKG, looks_local
 
     done = {}
-    for key in PATH_KEYS:
-        if only is not None and key not in only:
+    keys = list(PATH_KEYS)
+    d = data.get("data")
+    if isinstance(d, dict) and isinstance(d.get("sources"), list):  # a mixture's paths
+        keys += [("data", "sources", str(i), "path") for i in range(len(d["sources"]))]
+    for key in keys:
+        if only is not None and not any(key[: len(o)] == o for o in only):
             continue
-        section = data.get(key[0])
-        value = section.get(key[1]) if isinstance(section, dict) else None
+        section = data
+        for part in key[:-1]:
+            if isinstance(section, list) and part.isdigit() and int(part) < len(section):
+                section = section[int(part)]
+            elif isinstance(section, dict):
+                section = section.get(part)
+            else:
+                section = None
+        value = section.get(key[-1]) if isinstance(section, dict) else None
         if not isinstance(value, str) or not value or value.startswith(PKG):
             continue
         if value.startswith("~") or Path(value).is_absolute():
             continue
         here = base.absolute() / value
         if here.exists() or glob.glob(str(here)) or looks_local(value):
-            section[key[1]] = os.path.normpath(here)
+            section[key[-1]] = os.path.normpath(here)
             done[".".join(key)] = (value, str(base.absolute()))
     return done
 

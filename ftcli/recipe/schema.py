@@ -7,6 +7,7 @@ Where each key came from is ``origin.py``'s; validating a mapping into a Recipe 
 
 from __future__ import annotations
 
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -121,10 +122,119 @@ class AugmentSpec(_Section):
     )
 
 
+# the keys a data.sources entry reads for itself: where it is, and how its columns map
+SOURCE_KEYS = (
+    "path",
+    "format",
+    "subset",
+    "hub_split",
+    "text_column",
+    "label_column",
+    "prompt_column",
+    "completion_column",
+    "instruction_column",
+    "input_column",
+    "output_column",
+    "messages_column",
+    "system_prompt",
+)
+
+
+class SourceSpec(_Section):
+    """One dataset of a mixture: where it is, its own columns and layout, and its share."""
+
+    path: str = Field(description="hub dataset id | file | folder | glob | pkg:PACKAGE/PATH")
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="what eval and data.json call it; default: from its path (made unique)",
+    )
+    weight: float | None = Field(
+        None,
+        gt=0,
+        description="its share of the training split (relative to the other weights); every "
+        "source has one, or none does",
+    )
+    max_examples: int | None = Field(
+        None,
+        gt=0,
+        description="at most this many of its examples in the training split (a seeded "
+        "sample); only without weights",
+    )
+    format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet", "txt", "folder", "yaml"] = (
+        "auto"
+    )
+    subset: str | None = Field(None, description="hub dataset configuration name")
+    hub_split: str = Field("train", description="which split of a hub dataset to read")
+    text_column: str = "text"
+    label_column: str | None = Field(
+        None, description="default: label (a folder of <label>/*.txt files implies it)"
+    )
+    prompt_column: str | None = None
+    completion_column: str | None = None
+    instruction_column: str | None = None
+    input_column: str | None = None
+    output_column: str | None = None
+    messages_column: str | None = None
+    system_prompt: str | None = None
+
+    @property
+    def style(self) -> str:
+        """How its causal-LM examples are laid out (as ``DataSpec.style``)."""
+        return _style(self)
+
+
+def _derived_name(path: str) -> str:
+    """A source's default name: its file or dataset name without suffixes (``data/chat.jsonl`` ->
+    ``chat``, ``org/ultrachat_200k`` -> ``ultrachat_200k``), in the name's characters."""
+    base = path.rstrip("/").replace("\\", "/").split("/")[-1].split(":")[-1]
+    base = base.split(".")[0] if not base.startswith(".") else base
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._-")
+    return base or "source"
+
+
+def source_names(sources: list[SourceSpec]) -> list[str]:
+    """Each source's name: its own, else derived from its path, made unique with -2, -3..."""
+    taken = {s.name for s in sources if s.name}
+    out = []
+    for s in sources:
+        if s.name:
+            out.append(s.name)
+            continue
+        base = _derived_name(s.path)
+        name, n = base, 1
+        while name in taken:
+            n += 1
+            name = f"{base}-{n}"
+        taken.add(name)
+        out.append(name)
+    return out
+
+
+def _style(spec: Any) -> str:
+    if spec.messages_column:
+        return "chat"
+    if spec.instruction_column:
+        return "instruction"
+    if spec.prompt_column or spec.completion_column:
+        return "completion"
+    return "text"
+
+
 class DataSpec(_Section):
     """Where the examples come from and how their columns map onto the task."""
 
-    path: str = Field(description="hub dataset id | file | folder | glob | pkg:PACKAGE/PATH")
+    path: str | None = Field(
+        None,
+        description="hub dataset id | file | folder | glob | pkg:PACKAGE/PATH (one source; "
+        "required unless data.sources names several)",
+    )
+    sources: list[SourceSpec] | None = Field(
+        None,
+        description="a mixture: several datasets, each with its own path, columns and layout, "
+        "split separately, the training split sampled by weight (instead of data.path and its "
+        "column keys)",
+    )
     format: Literal["auto", "csv", "tsv", "json", "jsonl", "parquet", "txt", "folder", "yaml"] = (
         "auto"
     )
@@ -236,14 +346,28 @@ class DataSpec(_Section):
 
     @property
     def style(self) -> str:
-        """How a causal-LM example is laid out, derived from which columns are named."""
-        if self.messages_column:
-            return "chat"
-        if self.instruction_column:
-            return "instruction"
-        if self.prompt_column or self.completion_column:
-            return "completion"
-        return "text"
+        """How a causal-LM example is laid out, derived from which columns are named (a mixture:
+        its first source's; the checks make every source's examples of one kind)."""
+        return _style(self.sources[0] if self.sources else self)
+
+    def source_specs(self) -> list[SourceSpec]:
+        """The sources as a list: data.sources, or data.path with the section's own keys."""
+        if self.sources:
+            return list(self.sources)
+        return [SourceSpec(**{k: getattr(self, k) for k in SOURCE_KEYS})]
+
+    def for_source(self, source: SourceSpec) -> DataSpec:
+        """This section as if ``source`` were its one data.path (its columns and layout)."""
+        return self.model_copy(
+            update={**{k: getattr(source, k) for k in SOURCE_KEYS}, "sources": None}
+        )
+
+    @property
+    def where(self) -> str:
+        """What the data is, in a few words: its path, or the mixture's source names."""
+        if not self.sources:
+            return str(self.path)
+        return f"{len(self.sources)} sources: " + ", ".join(source_names(self.sources))
 
 
 class QuantSpec(_Section):
@@ -531,6 +655,14 @@ class Recipe(_Section):
         drop_unapplied(d, self)  # a key that does nothing here is not written
         if self.data.augment is None:
             d["data"].pop("augment")
+        if self.data.sources is None:
+            d["data"].pop("sources")
+        else:  # each source names its own: the section's one-source keys are not written
+            for k in SOURCE_KEYS:
+                d["data"].pop(k, None)
+            d["data"]["sources"] = [
+                {k: v for k, v in s.items() if v is not None} for s in d["data"]["sources"]
+            ]
         if self.tune is None:
             d.pop("tune")
         return yaml.safe_dump(d, sort_keys=False, allow_unicode=True)

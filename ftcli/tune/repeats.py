@@ -158,6 +158,12 @@ def pool(recipe: Recipe) -> list[dict]:
         raise FtcliError(
             "cross-validation makes its own test folds: remove data.test_path from the recipe"
         )
+    if recipe.data.sources:
+        raise FtcliError(
+            "cross-validation of a mixture (data.sources) is not supported",
+            hint="cross-validate one source at a time (data.path), or use `ftcli train` and "
+            "`ftcli eval` (a per-source table on the sealed test split)",
+        )
     examples = load_examples(recipe, recipe.data.path, CleanCounts())
     if recipe.task == "classification" and recipe.data.labels:
         examples = [e for e in examples if e["label"] in recipe.data.labels]
