@@ -230,6 +230,8 @@ def tokenize(
     temporary file, or memory for small splits) and come back as a memory-mapped ``Features``.
     From PARALLEL_FROM examples on, ``data.num_proc`` processes tokenize (``datasets.map``)."""
     d = recipe.data
+    if not isinstance(d.max_length, int):  # a caller's bug, not the user's: say where it goes
+        raise TypeError("tokenize() needs data.max_length resolved (ftcli.data.lengths.resolve)")
     task = recipe.task
     windows = task == "classification" and d.long_documents == "windows"
     if task == "classification":

@@ -289,7 +289,7 @@ def test_completion_loss_masks_the_prompt_and_appends_eos(tiny_models):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_models["llama"])
-    r = lm_recipe("x.jsonl", prompt_column="p", completion_column="c")
+    r = lm_recipe("x.jsonl", prompt_column="p", completion_column="c", max_length=128)
     f = tokenize([{"prompt": "what is 1 plus 1 ?", "completion": " 2"}], r, tok, None).features[0]
     assert f["input_ids"][-1] == tok.eos_token_id and f["labels"][-1] == tok.eos_token_id
     assert (
@@ -298,7 +298,9 @@ def test_completion_loss_masks_the_prompt_and_appends_eos(tiny_models):
         )
         == " 2<|im_end|>"
     )
-    r_all = lm_recipe("x.jsonl", prompt_column="p", completion_column="c", loss_on="all")
+    r_all = lm_recipe(
+        "x.jsonl", prompt_column="p", completion_column="c", loss_on="all", max_length=128
+    )
     f_all = tokenize(
         [{"prompt": "what is 1 plus 1 ?", "completion": " 2"}], r_all, tok, None
     ).features[0]
