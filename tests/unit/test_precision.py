@@ -11,6 +11,7 @@ import torch
 
 from ftcli import models, precision
 from ftcli.errors import FtcliError
+from tests.conftest import tiny_recipe
 
 AVX2 = "processor\t: 0\nmodel name\t: AMD EPYC Test\nflags\t\t: fpu sse avx2 fma\n"
 AMX = "processor\t: 0\nmodel name\t: AMD EPYC Test\nflags\t\t: fpu sse avx2 amx_bf16 amx_tile\n"
@@ -296,3 +297,30 @@ def test_no_nvidia_smi_no_warning(tmp_path, monkeypatch, capsys):
 def test_a_failing_nvidia_smi_is_no_gpu(fake_nvidia_smi):
     fake_nvidia_smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
     assert models.listed_gpus() == []
+
+
+def test_a_simulated_bf16_gpu_loads_the_base_in_bf16_and_trains_fp32(
+    monkeypatch, tmp_path, tiny_models, tiny_data
+):
+    """model.dtype auto on a bf16 CUDA GPU: frozen base weights bf16, every trainable parameter
+    (LoRA and the classifier head peft copies) float32; on the CPU all stays float32."""
+    from ftcli.adapt import adapt
+    from ftcli.models import load_tokenizer
+    from ftcli.recipe import recipe_from_mapping
+
+    mapping = tiny_recipe(tmp_path, tiny_models, tiny_data)
+    mapping["train"]["mixed_precision"] = "auto"
+    recipe = recipe_from_mapping(mapping)
+    tok, _, model_dir = load_tokenizer(recipe.model)
+    labels = ["negative", "positive"]
+
+    cpu = adapt(recipe, tok, model_dir, labels, "cpu").model
+    assert {p.dtype for p in cpu.parameters()} == {torch.float32}
+
+    _fake_gpu(monkeypatch)  # adapt loads on the CPU; pipeline moves it: nothing touches CUDA
+    gpu = adapt(recipe, tok, model_dir, labels, "cuda").model
+    frozen = {p.dtype for p in gpu.parameters() if not p.requires_grad}
+    trained = {n: p.dtype for n, p in gpu.named_parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16}
+    assert set(trained.values()) == {torch.float32}
+    assert any("lora_" in n for n in trained) and any("modules_to_save" in n for n in trained)
