@@ -64,14 +64,25 @@ def _warn_once(message: str) -> None:
         UI().warn(message)
 
 
+_LISTED: dict[str, list[str]] = {}
+
+
 def listed_gpus(timeout_s: float = 10.0) -> list[str]:
-    """The GPUs ``nvidia-smi -L`` lists (one line each), or [] when it is absent or fails."""
+    """The GPUs ``nvidia-smi -L`` lists (one line each), or [] when it is absent or fails; asked
+    once per process (and nvidia-smi found)."""
     import shutil
-    import subprocess
 
     exe = shutil.which("nvidia-smi")
     if exe is None:
         return []
+    if exe not in _LISTED:
+        _LISTED[exe] = _ask_nvidia_smi(exe, timeout_s)
+    return _LISTED[exe]
+
+
+def _ask_nvidia_smi(exe: str, timeout_s: float) -> list[str]:
+    import subprocess
+
     try:
         out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=timeout_s)
     except (OSError, subprocess.SubprocessError):

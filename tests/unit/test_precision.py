@@ -263,6 +263,7 @@ def fake_nvidia_smi(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{exe.parent}:/usr/bin:/bin")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(models, "_WARNED", set())
+    monkeypatch.setattr(models, "_LISTED", {})
     return exe
 
 
@@ -294,9 +295,11 @@ def test_no_nvidia_smi_no_warning(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_a_failing_nvidia_smi_is_no_gpu(fake_nvidia_smi):
+def test_a_failing_nvidia_smi_is_no_gpu(fake_nvidia_smi, capsys):
     fake_nvidia_smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
     assert models.listed_gpus() == []
+    assert models.resolve_device("auto") == "cpu"
+    assert capsys.readouterr().err == ""
 
 
 def test_a_simulated_bf16_gpu_loads_the_base_in_bf16_and_trains_fp32(
