@@ -38,6 +38,7 @@ from ftcli.models import (
     forward_takes,
     keep_4bit_trainable_on_cpu,
     load_recipe_base,
+    upcast_trainable,
 )
 from ftcli.recipe import LORA_KINDS, PROMPT_KINDS, Recipe
 from ftcli.strategies import block_of, learning_rate, num_blocks
@@ -552,6 +553,9 @@ def adapt(
         if recipe.method.init == "eva" and kind in LORA_KINDS:
             eva_initialise(model, recipe, train_features or [], tokenizer.pad_token_id)
         extra = prompt_lines(recipe, model)
+    if recipe.model.dtype == "auto":
+        # auto loaded a CUDA base in bf16 (it computes under bf16 autocast): what trains stays fp32
+        upcast_trainable(model)
     if gc:
         model.config.use_cache = False
     return Adapted(model, tokenizer, model_dir, count_params(model, extra))

@@ -7,6 +7,8 @@ Scoring batches are sorted by length so padding stays small; results come back i
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -125,6 +127,19 @@ def _token_ce(model, features: list[dict], idx: list[int], pad_id: int, device):
     return supervised_cross_entropy(model, {k: v.to(device) for k, v in batch.items()})
 
 
+def inference_autocast(model, device):
+    """On CUDA, autocast to the half type the model's weights hold (a base loaded in bf16 beside
+    a float32 head or adapter; flash-attention refuses float32 inputs); elsewhere, and for an
+    all-float32 model, nothing: scores stay float32."""
+    if not str(device).startswith("cuda"):
+        return contextlib.nullcontext()
+    halves = {p.dtype for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)}
+    if not halves:
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.bfloat16 in halves else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
 def class_probabilities(
     model, features: list[dict], pad_id: int, batch_size: int, device
 ) -> list[list[float]]:
@@ -144,7 +159,7 @@ def class_probabilities(
         return torch.softmax(mean, dim=-1).tolist()
     probs: list = [None] * len(features)
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), inference_autocast(model, device):
         for idx in length_batches(features, batch_size):
             logits, _ = _forward(model, features, idx, pad_id, device)
             for i, row in zip(
@@ -160,7 +175,7 @@ def token_losses(
     """(summed loss, number of target tokens) per example, in the order of ``features``."""
     rows: list = [None] * len(features)
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), inference_autocast(model, device):
         for idx in length_batches(features, batch_size):
             ce, mask = _token_ce(model, features, idx, pad_id, device)
             sums, counts = ce.sum(dim=1).cpu().tolist(), mask.sum(dim=1).cpu().tolist()
@@ -175,7 +190,7 @@ def token_logprobs(
     """Log-probability of every target token of each example, in the order of ``features``."""
     out: list = [None] * len(features)
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), inference_autocast(model, device):
         for idx in length_batches(features, batch_size):
             ce, mask = _token_ce(model, features, idx, pad_id, device)
             for r, i in enumerate(idx):
@@ -216,7 +231,7 @@ def generate_answers(
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     out: list = [None] * len(prompts)
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), inference_autocast(model, device):
         for s in range(0, len(order), batch_size):
             idx = order[s : s + batch_size]
             width = max(len(encoded[i]) for i in idx)

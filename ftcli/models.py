@@ -12,8 +12,10 @@ from pathlib import Path
 
 import torch
 
+from ftcli import precision
 from ftcli.distributed import fsdp_requested, zero3_requested
 from ftcli.errors import FtcliError
+from ftcli.precision import cpu_has_native_bf16 as cpu_has_native_bf16
 from ftcli.recipe import QuantSpec
 from ftcli.rundir import ModelRecord, read_model_record
 from ftcli.sources import local_model_dir, remote_code, resolve_model
@@ -26,43 +28,118 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_device(choice: str = "auto") -> str:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise FtcliError(
-            "train.device is 'cuda' but no CUDA GPU is visible",
-            hint="set train.device to auto or cpu, or check CUDA_VISIBLE_DEVICES",
-        )
+    """The device a run uses: ``auto`` = a CUDA GPU when torch sees one, else the CPU, with a
+    warning when ``nvidia-smi`` lists GPUs that this torch cannot use (so it never falls back to
+    the CPU without a word)."""
+    if choice in ("auto", "cuda") and not torch.cuda.is_available():
+        listed = listed_gpus()
+        if choice == "cuda":
+            raise FtcliError(
+                "train.device is 'cuda' but no CUDA GPU is visible"
+                + (f" to torch ({unusable_gpus_reason(listed)})" if listed else ""),
+                hint=unusable_gpus_fix()
+                if listed
+                else "set train.device to auto or cpu, or check CUDA_VISIBLE_DEVICES",
+            )
+        if listed:
+            _warn_once(
+                f"nvidia-smi lists {len(listed)} GPU(s) ({listed[0]}) but "
+                f"{unusable_gpus_reason(listed)}: running on the CPU. {unusable_gpus_fix()}"
+            )
+        return "cpu"
     if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda"
     return choice
 
 
-def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
-    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX flags in /proc/cpuinfo). On
-    AVX2-only machines bf16 is emulated and slower than fp32 (docs/traps.md#bf16-on-cpus)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:  # not Linux: no way to tell, so no
-            return False
-    flags = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+_WARNED: set[str] = set()
 
 
-def resolve_mixed_precision(choice: str, device: str) -> str:
-    """``auto``: bf16 where the hardware has it natively (a CUDA GPU with bf16, a CPU with
-    AVX512-BF16 or AMX), else none."""
-    if choice == "auto":
-        if device == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "no"
-        return "bf16" if cpu_has_native_bf16() else "no"
-    if choice == "fp16" and device != "cuda":
-        raise FtcliError(
-            "fp16 mixed precision needs a CUDA GPU", hint="set train.mixed_precision to bf16 or no"
-        )
-    return choice
+def _warn_once(message: str) -> None:
+    """A warning through ftcli's own UI (stderr, main process), once per process."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        from ftcli.ui import UI
+
+        UI().warn(message)
+
+
+_LISTED: dict[str, list[str]] = {}
+
+
+def listed_gpus(timeout_s: float = 10.0) -> list[str]:
+    """The GPUs ``nvidia-smi -L`` lists (one line each), or [] when it is absent or fails; asked
+    once per process (and nvidia-smi found)."""
+    import shutil
+
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    if exe not in _LISTED:
+        _LISTED[exe] = _ask_nvidia_smi(exe, timeout_s)
+    return _LISTED[exe]
+
+
+def _ask_nvidia_smi(exe: str, timeout_s: float) -> list[str]:
+    import subprocess
+
+    try:
+        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if out.returncode != 0:
+        return []
+    return [ln.strip() for ln in out.stdout.splitlines() if ln.strip().startswith("GPU ")]
+
+
+def unusable_gpus_reason(listed: list[str]) -> str:
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is a CPU-only build"
+    return (
+        f"this torch ({torch.__version__}, built for CUDA {torch.version.cuda}) cannot use them: "
+        "the driver is likely older than that CUDA build needs"
+    )
+
+
+def unusable_gpus_fix() -> str:
+    return (
+        "Fix: rerun scripts/setup.sh (it installs the torch build the driver supports), or "
+        "update the NVIDIA driver; set train.device: cpu to silence this"
+    )
+
+
+def weight_dtype_of(recipe, device: str) -> str:
+    """The dtype a recipe's base loads in on ``device`` (``model.dtype: auto`` resolved): bf16 on a
+    bf16-capable CUDA GPU when mixed precision is auto or bf16 (auto then trains in bf16), else
+    float32 (ftcli.precision.auto_weight_dtype)."""
+    mp = recipe.train.mixed_precision
+    return precision.resolve_weight_dtype(
+        recipe.model.dtype, device, "bf16" if mp == "auto" else mp, recipe.method.kind
+    )
+
+
+def inference_attention(choice: str | None, device: str, dtype) -> str | None:
+    """The attention implementation to load a model with for inference (merge, eval, predict,
+    serve): the recipe's own, except flash-attention 2 where it cannot run (it is CUDA-only and
+    refuses float32): then ``sdpa``."""
+    if choice != "flash_attention_2":
+        return choice
+    dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if str(device).startswith("cuda") and dtype in (torch.bfloat16, torch.float16):
+        return choice
+    return "sdpa"
+
+
+def upcast_trainable(model) -> int:
+    """Trainable half-precision parameters to float32 (a classifier head or unfrozen layers of a
+    base loaded in bf16: the optimizer must step float32 weights, small updates vanish in bf16);
+    peft already keeps LoRA weights in float32. Returns how many were cast."""
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
+            n += 1
+    return n
 
 
 def to_device(model, device):
@@ -345,7 +422,7 @@ def load_recipe_base(recipe, model_dir: str, labels, tokenizer, device: str, dev
         labels,
         tokenizer,
         quant=recipe.method.quant if recipe.method.kind == "qlora" else None,
-        dtype=m.dtype,
+        dtype=weight_dtype_of(recipe, device),
         device=device,
         device_index=device_index,
         revision=m.revision,
@@ -385,14 +462,24 @@ def load_base_for(rec: ModelRecord, model_dir: str, into: str, tokenizer, device
         )
     labels = rec.labels if rec.task == "classification" else None
     spec = rec.model
+    quantized = rec.kind == "qlora" and into != "original"
+    if quantized:
+        loads_as = rec.quant.compute_dtype if into == "as-trained" else "float32"
+    else:
+        # as-trained: the dtype training loaded (auto: bf16 on a CUDA GPU with bf16); else float32
+        loads_as = spec.dtype if spec and into == "as-trained" else "float32"
+        if loads_as == "auto":
+            bf16 = device == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            loads_as = "bfloat16" if bf16 and rec.kind != "full" else "float32"
     common = {
         "revision": rec.revision,
         "trust_remote_code": bool(spec and spec.trust_remote_code),
-        "attn_implementation": spec.attn_implementation if spec else None,
+        "attn_implementation": inference_attention(
+            spec.attn_implementation if spec else None, device, loads_as
+        ),
         "what": rec.base_model,
         "head": spec.head if spec else None,
     }
-    quantized = rec.kind == "qlora" and into != "original"
     if quantized:
         compute = rec.quant.compute_dtype if into == "as-trained" else "float32"
         model = load_base_model(
@@ -411,8 +498,7 @@ def load_base_for(rec: ModelRecord, model_dir: str, into: str, tokenizer, device
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
     else:
-        dtype = spec.dtype if spec and into == "as-trained" else "auto"
-        model = load_base_model(model_dir, rec.task, labels, tokenizer, dtype=dtype, **common)
+        model = load_base_model(model_dir, rec.task, labels, tokenizer, dtype=loads_as, **common)
     return model.eval()
 
 

@@ -11,7 +11,7 @@ import os
 import socket
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -30,14 +30,16 @@ from ftcli.errors import FtcliError, Interrupted
 from ftcli.evaluation.baseline import save_initial_head
 from ftcli.evaluation.score import evaluate, source_groups, tokenize_aligned
 from ftcli.memory import preflight
+from ftcli.memory.arch import layer_dims
 from ftcli.merge import merge
 from ftcli.models import (
     load_tokenizer,
     load_trained,
     resolve_device,
-    resolve_mixed_precision,
     to_device,
+    weight_dtype_of,
 )
+from ftcli.precision import resolve_mixed_precision
 from ftcli.recipe import PROMPT_KINDS, Recipe
 from ftcli.rundir import (
     STUDY,
@@ -85,9 +87,18 @@ class RunLog:
         self.update()
 
 
-def make_accelerator(recipe: Recipe):
+def make_accelerator(recipe: Recipe, ui: UI | None = None):
+    """The run's Accelerator and device; ``auto`` precision is measured here (cached per machine)
+    and ``ui`` is told the choice and the ratio behind it."""
     device = resolve_device(recipe.train.device)
-    mp = resolve_mixed_precision(recipe.train.mixed_precision, device)
+    mp = resolve_mixed_precision(
+        recipe.train.mixed_precision,
+        device,
+        recipe,
+        layer_dims(recipe) if recipe.train.mixed_precision == "auto" else None,
+        weight_dtype_of(recipe, device),
+        ui.info if ui is not None else None,
+    )
     # One process may run several recipes (--seeds, cv, tests): accelerate keeps a singleton state
     # that would refuse a second precision. Forget the per-run part; the process group stays.
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -275,7 +286,7 @@ def _train_run(
     """The stages in order: check, load (data, model), write the run's start, train, evaluate,
     merge, benchmarks; run.json records each as it ends."""
     recipe = _check_run_dir(recipe, resume, force)
-    acc, device = make_accelerator(recipe)
+    acc, device = make_accelerator(recipe, ui)
     auto = recipe.data.max_length == "auto"  # the estimate needs the length the data decides
     if not auto:
         ui.step("memory   estimate before loading anything")
@@ -477,21 +488,22 @@ def _evaluate_stage(recipe, acc, adapted, tokenizer, prepared, tokenized, split,
     metrics: dict = {}
     with log.stage("evaluate"):
         if acc.is_main_process:
-            # without the autocast accelerate wrapped around forward for training: the scores
-            # are those `ftcli eval` recomputes in float32 from the saved run
+            # on CUDA, scored under the autocast it trained in (flash-attention refuses float32;
+            # bf16 base weights meet a float32 head); on the CPU in float32, as `ftcli eval` does
             model = acc.unwrap_model(adapted.model, keep_fp32_wrapper=False)
             if is_sharded(acc):  # the sharded model runs only with every rank: reload it whole
                 model = to_device(load_trained(recipe.run_dir, recipe.task)[0], acc.device)
-            report = evaluate(
-                recipe.task,
-                model,
-                tokenizer,
-                tokenized[split].features,
-                prepared.labels,
-                recipe.eval.batch_size,
-                acc.device,
-                split,
-            )
+            with acc.autocast() if acc.device.type == "cuda" else nullcontext():
+                report = evaluate(
+                    recipe.task,
+                    model,
+                    tokenizer,
+                    tokenized[split].features,
+                    prepared.labels,
+                    recipe.eval.batch_size,
+                    acc.device,
+                    split,
+                )
             ui.table(
                 split,
                 [(k, f"{v:.4f}" if isinstance(v, float) else v) for k, v in report.metrics.items()]

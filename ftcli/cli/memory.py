@@ -71,7 +71,8 @@ def estimate_memory(
         typer.Option(
             "--mixed-precision",
             case_sensitive=False,
-            help="Default: bf16 on CUDA (fp16 on a --gpu without bf16), no on the CPU.",
+            help="Default: bf16 on CUDA (fp16 on a --gpu without bf16); on the CPU what "
+            "train's auto measures here (cached).",
         ),
     ] = None,
     attn: Annotated[

@@ -396,6 +396,18 @@ def dims_of(config) -> Dims:
     )
 
 
+def layer_dims(recipe) -> tuple[int, int] | None:
+    """(hidden, intermediate) of a recipe's model, from its config alone: the shapes
+    ``mixed_precision: auto`` times. None when the config cannot be read (the run's own load
+    then says why)."""
+    m = recipe.model
+    try:
+        d = dims_of(load_config(m.name, m.revision, m.trust_remote_code).config)
+    except (FtcliError, OSError, ValueError, TypeError):
+        return None
+    return int(d.hidden), int(d.intermediate)
+
+
 def inventory(model, config) -> Inventory:
     """Walk the (meta) model: each parameter once, with what it is and whether it trains."""
     import torch

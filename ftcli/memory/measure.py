@@ -24,9 +24,10 @@ from ftcli.adapt import adapt
 from ftcli.data.tokenize import padded_width
 from ftcli.errors import FtcliError
 from ftcli.forward import loss_sums
-from ftcli.memory.arch import build_meta
+from ftcli.memory.arch import build_meta, layer_dims
 from ftcli.memory.preflight import pin_malloc_threshold
-from ftcli.models import load_tokenizer, resolve_mixed_precision
+from ftcli.models import load_tokenizer, weight_dtype_of
+from ftcli.precision import resolve_mixed_precision
 from ftcli.recipe import recipe_from_mapping
 from ftcli.sources import local_model_dir, resolve_model, trusting
 from ftcli.train import build_optimizer
@@ -102,7 +103,13 @@ def _measure(recipe, device: str, steps: int, loss_path: str) -> dict:
     import torch
     from accelerate import Accelerator
 
-    mp = resolve_mixed_precision(recipe.train.mixed_precision, device)
+    mp = resolve_mixed_precision(
+        recipe.train.mixed_precision,
+        device,
+        recipe,
+        layer_dims(recipe),
+        weight_dtype_of(recipe, device),
+    )
     acc = Accelerator(mixed_precision=mp, cpu=device == "cpu")
     tokenizer, _, model_dir = load_tokenizer(recipe.model)
     labels = None

@@ -19,6 +19,7 @@ from ftcli.memory.arch import (
     build_meta,
     infer_task,
     inventory,
+    layer_dims,
     load_config,
 )
 from ftcli.memory.estimate import Estimate, estimate
@@ -48,15 +49,24 @@ def default_device(choice: str = "auto") -> str:
 
 
 def setup_from_recipe(recipe, device: str | None = None) -> Setup:
-    """The Setup a recipe trains with (dtype auto = float32; mixed precision auto = bf16 on CUDA
-    and on CPUs with native bf16, as train resolves it)."""
+    """The Setup a recipe trains with, its ``auto`` values resolved as train resolves them:
+    mixed precision measured on this machine (cached; bf16 assumed when planning for a CUDA GPU
+    that is not here), dtype bf16 on a CUDA GPU computing in bf16, else float32."""
+    import torch
+
+    from ftcli.precision import auto_weight_dtype, resolve_mixed_precision
+
     dev = default_device(device or recipe.train.device)
     m, t = recipe.method, recipe.train
-    mp = t.mixed_precision
+    mp, bf16_gpu = t.mixed_precision, True
+    here = dev == "cpu" or torch.cuda.is_available()
+    if here and dev == "cuda":
+        bf16_gpu = torch.cuda.is_bf16_supported()
+    dtype = recipe.model.dtype
+    if dtype == "auto":  # as models.weight_dtype_of: an auto precision trains bf16 weights in bf16
+        dtype = auto_weight_dtype(dev, "bf16" if mp == "auto" else mp, m.kind, bf16_gpu)
     if mp == "auto":
-        from ftcli.models import cpu_has_native_bf16
-
-        mp = "bf16" if dev == "cuda" or cpu_has_native_bf16() else "no"
+        mp = resolve_mixed_precision(mp, dev, recipe, layer_dims(recipe), dtype) if here else "bf16"
     q = m.quant
     targets = m.target_modules
     return Setup(
@@ -69,7 +79,7 @@ def setup_from_recipe(recipe, device: str | None = None) -> Setup:
         optimizer=t.optimizer.name,
         momentum=t.optimizer.momentum,
         weight_decay=t.optimizer.weight_decay,
-        dtype="float32" if recipe.model.dtype == "auto" else recipe.model.dtype,
+        dtype=dtype,
         mixed_precision=mp,
         attn_implementation=recipe.model.attn_implementation or "sdpa",
         quant_bits=q.bits,

@@ -18,6 +18,7 @@ from ftcli.memory.gpus import GPUS, Gpu
 from ftcli.memory.plan import Plan, build_plan, default_device, loop_loss_path, plan_recipe
 from ftcli.memory.preflight import free_device_memory
 from ftcli.memory.setup import GiB, Setup, human, parse_budget
+from ftcli.precision import auto_weight_dtype, measure_choice
 from ftcli.ui import UI
 
 SCHEMA_VERSION = 1
@@ -38,6 +39,9 @@ def _plan(
         changes = {"num_devices": num_devices, "strategy": strategy}
         if gpu is not None and recipe.train.mixed_precision == "auto":
             changes["mixed_precision"] = gpu.mixed_precision
+        if gpu is not None and recipe.model.dtype == "auto":  # as train resolves it on that card
+            mp = changes.get("mixed_precision", recipe.train.mixed_precision)
+            changes["dtype"] = auto_weight_dtype("cuda", mp, recipe.method.kind, gpu.bf16)
         if path != "auto":
             changes["loss_path"] = path
         return plan_recipe(recipe, dev, **changes)
@@ -49,7 +53,7 @@ def _plan(
     if targets and targets != "all-linear":
         targets = tuple(t.strip() for t in targets.split(",") if t.strip())
     mp = flags["mixed_precision"] or (
-        (gpu.mixed_precision if gpu else "bf16") if dev == "cuda" else "no"
+        (gpu.mixed_precision if gpu else "bf16") if dev == "cuda" else _cpu_auto(model)
     )
     fields = {
         "method": flags["method"],
@@ -72,6 +76,15 @@ def _plan(
         found = loop_loss_path(task, flags["method"], plan.loaded.config)
         plan = replace(plan, setup=replace(plan.setup, loss_path=found))
     return plan
+
+
+def _cpu_auto(model: str) -> str:
+    """``mixed_precision: auto`` on this CPU for ``model``'s layer shapes (measured once, cached),
+    as train resolves it."""
+    from ftcli.memory.arch import dims_of
+
+    d = dims_of(load_config(model).config)
+    return measure_choice("cpu", None, (int(d.hidden), int(d.intermediate))).mixed_precision
 
 
 def _check_loss_path(path: str, task: str) -> None:

@@ -66,7 +66,8 @@ class ModelSpec(_Section):
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
-        description="weight dtype to load; auto = float32 (bf16 compute comes from mixed_precision)",
+        description="weight dtype to load; auto = bf16 on a bf16 CUDA GPU computing in bf16 "
+        "(LoRA-style methods; what trains stays float32), float32 elsewhere and for full",
     )
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = None
     head: HeadSpec | None = Field(
@@ -488,8 +489,9 @@ class TrainSpec(_Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto",
-        description="auto = bf16 where the hardware has it natively (a CUDA GPU with bf16, a CPU "
-        "with AVX512-BF16 or AMX), else no",
+        description="auto = timed on this machine (float32 vs bf16, fp16 on a CUDA GPU without "
+        "bf16, at the model's layer shapes; cached per machine): the half type only when it is "
+        ">= 1.1x as fast",
     )
 
     @field_validator("mixed_precision", mode="before")
