@@ -57,12 +57,12 @@ def main(recipe_path: str, out: str) -> None:
     import pyarrow.compute  # noqa: F401
     import pyarrow.ipc  # noqa: F401
 
-    import ftcli.data.lengths  # noqa: F401
-    import ftcli.data.rows  # noqa: F401
-
     # the process group's first collective sets up its buffers: done before measuring, on
     # both ranks alike (load_data's own collective then reuses them)
     import torch.distributed as dist
+
+    import ftcli.data.lengths  # noqa: F401
+    import ftcli.data.rows  # noqa: F401
 
     if dist.is_initialized():
         dist.all_gather_object([None] * acc.num_processes, {"warm": True})
