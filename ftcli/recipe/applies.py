@@ -106,7 +106,9 @@ APPLIES: dict[str, Applies | None] = {
     "data.split.test": Applies(lambda r: not r.data.test_path, "no test_path"),
     "data.split.seed": ALWAYS,
     "data.split.stratify": Applies(
-        lambda r: r.task == "classification", "task classification", warn=True
+        lambda r: r.task == "classification" and not r.data.streaming,
+        "task classification without data.streaming (a streamed split is by hash)",
+        warn=True,
     ),
     "data.validation_path": ALWAYS,
     "data.test_path": ALWAYS,
@@ -127,6 +129,10 @@ APPLIES: dict[str, Applies | None] = {
     "data.encoding": ALWAYS,
     # speed: packing on a classifier, liger on a CPU... are recipe errors of their own
     "data.packing": ALWAYS,
+    # data.streaming: what it cannot do (epochs, augment, encoding auto) are recipe errors of
+    # their own (_streaming_problems)
+    "data.streaming": ALWAYS,
+    "data.shuffle_buffer": Applies(lambda r: r.data.streaming, "data.streaming: true"),
     # augmentation: combinations that add nothing are recipe errors of their own (_augment_problems)
     "data.augment": ALWAYS,
     "data.augment.copies": ALWAYS,
