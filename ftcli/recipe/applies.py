@@ -158,7 +158,11 @@ APPLIES: dict[str, Applies | None] = {
     "train": ALWAYS,
     # a documented override is not a key ignored in silence: max_steps overrides epochs, and
     # warmup_steps overrides warmup_ratio (their descriptions say so), as a shared base intends
-    "train.epochs": ALWAYS,
+    "train.epochs": Applies(
+        lambda r: not r.data.streaming,
+        "runs without data.streaming (a stream has no epoch length: train.max_steps decides)",
+        warn=True,
+    ),
     "train.max_steps": ALWAYS,
     "train.batch_size": ALWAYS,
     "train.gradient_accumulation": ALWAYS,

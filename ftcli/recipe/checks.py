@@ -47,14 +47,6 @@ def _streaming_problems(r: Recipe) -> list[Problem]:
                 "set train.max_steps (e.g. --set train.max_steps=1000)",
             )
         )
-    elif "epochs" in t.model_fields_set:
-        p.append(
-            r.problem(
-                "train.epochs",
-                "does nothing with data.streaming: train.max_steps decides the length",
-                "remove it",
-            )
-        )
     if d.augment is not None:
         p.append(
             r.problem(

@@ -25,7 +25,7 @@ from ftcli.errors import FtcliError, Interrupted, RecipeError
 from ftcli.pipeline import evaluate_run, train_run
 from ftcli.recipe import recipe_from_mapping
 from ftcli.ui import UI
-from tests.conftest import chat_rows, sentiment_rows, tiny_recipe
+from tests.conftest import chat_rows, run_cli, sentiment_rows, tiny_recipe
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:
@@ -44,7 +44,7 @@ def _streamed(tmp_path, tiny_models, tiny_data, task="classification", rows=None
     if rows is None:
         rows = sentiment_rows(600) if task == "classification" else _distinct_chat(400)
     m["data"]["path"] = str(_jsonl(tmp_path / f"{task}.jsonl", rows))
-    m["data"].update(streaming=True, shuffle_buffer=64, **data)
+    m["data"].update({"streaming": True, "shuffle_buffer": 64, **data})
     m["train"].pop("epochs")
     m["train"].update(max_steps=6, batch_size=8)
     m["merge"] = {"enabled": False}
@@ -100,7 +100,9 @@ def test_streaming_needs_max_steps_and_a_streamable_format(tmp_path, tiny_models
 
 
 @pytest.mark.parametrize("task", ["classification", "causal_lm"])
-def test_streamed_run_writes_test_jsonl_that_eval_reads(tmp_path, tiny_models, tiny_data, task):
+def test_streamed_run_writes_test_jsonl_that_eval_reads(
+    tmp_path, tiny_models, tiny_data, task, capsys
+):
     m = _streamed(tmp_path, tiny_models, tiny_data, task=task)
     if task == "classification":
         m["train"]["optimizer"] = {"name": "adamw", "lr": 1.0e-2}
@@ -118,6 +120,8 @@ def test_streamed_run_writes_test_jsonl_that_eval_reads(tmp_path, tiny_models, t
     assert test and len(test) == out["data"]["sizes"]["test"]
     again = evaluate_run(r.run_dir, UI())
     assert again["n"] == len(test)
+    code, shown = run_cli(capsys, "eval", str(r.run_dir))  # the command, from the folder alone
+    assert code == 0, shown
     if task == "classification":
         assert again["metrics"]["accuracy"] >= 0.7, again["metrics"]
 
