@@ -56,7 +56,9 @@ def write_corpus(path: Path, n: int, seed: int = 0) -> None:
         for i in range(n):
             msgs = []
             for _ in range(rng.randint(1, 3)):
-                msgs.append({"role": "user", "content": f"what do you think of this? {rng.choice(texts)}"})
+                msgs.append(
+                    {"role": "user", "content": f"what do you think of this? {rng.choice(texts)}"}
+                )
                 msgs.append({"role": "assistant", "content": rng.choice(texts)})
             msgs[0]["content"] += f" (#{i})"
             f.write(json.dumps({"messages": msgs}) + "\n")
@@ -79,8 +81,10 @@ def main() -> None:
     corpus = args.keep or Path(tmp.name) / "chat.jsonl"
     t0 = time.perf_counter()
     write_corpus(corpus, args.examples)
-    print(f"corpus: {args.examples:,} conversations, {corpus.stat().st_size / MiB:,.0f} MiB "
-          f"({time.perf_counter() - t0:.0f} s)")
+    print(
+        f"corpus: {args.examples:,} conversations, {corpus.stat().st_size / MiB:,.0f} MiB "
+        f"({time.perf_counter() - t0:.0f} s)"
+    )
     recipe = load_recipe(
         bundled_recipes_dir() / "smollm2-chat-lora.yaml",
         [
@@ -120,8 +124,10 @@ def main() -> None:
     thread.join()
     marks[100] = rss()
     wall = time.perf_counter() - t1
-    print(f"streamed {seen:,} training examples in {wall:.0f} s ({seen / wall:,.0f}/s); "
-          f"RSS before the stream {base / MiB:,.0f} MiB")
+    print(
+        f"streamed {seen:,} training examples in {wall:.0f} s ({seen / wall:,.0f}/s); "
+        f"RSS before the stream {base / MiB:,.0f} MiB"
+    )
     print("| progress | RSS MiB |")
     print("|---:|---:|")
     for q in (0, 25, 50, 75, 100):

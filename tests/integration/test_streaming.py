@@ -120,6 +120,7 @@ def test_streamed_run_writes_test_jsonl_that_eval_reads(
     assert test and len(test) == out["data"]["sizes"]["test"]
     again = evaluate_run(r.run_dir, UI())
     assert again["n"] == len(test)
+    capsys.readouterr()  # what training printed
     code, shown = run_cli(capsys, "eval", str(r.run_dir))  # the command, from the folder alone
     assert code == 0, shown
     if task == "classification":
@@ -127,8 +128,8 @@ def test_streamed_run_writes_test_jsonl_that_eval_reads(
 
 
 def test_the_stream_iterator_keeps_memory_flat(tmp_path, tiny_models, tiny_data):
-    """50k tiny examples through the batch generator: what it holds after 10k examples is what
-    it holds after 50k (bounded buffers; no list grows with the stream)."""
+    """50k tiny examples through the batch generator: what it holds after 5k training examples is what
+    it holds after 34k (bounded buffers; no list grows with the stream)."""
     rows = [
         {"text": f"the film was good {i}", "label": "pos" if i % 2 else "neg"}
         for i in range(50_000)
@@ -146,16 +147,16 @@ def test_the_stream_iterator_keeps_memory_flat(tmp_path, tiny_models, tiny_data)
         seen, marks = 0, {}
         for b in stream.global_batches():
             seen += len(b)
-            for mark in (10_000, 25_000, 38_000):
+            for mark in (5_000, 20_000, 34_000):
                 if mark not in marks and seen >= mark:
                     marks[mark] = tracemalloc.get_traced_memory()[0]
             if stream.passes > 1:
                 break
     finally:
         tracemalloc.stop()
-    assert seen > 38_000
-    growth = marks[38_000] - marks[10_000]
-    assert growth < 4 * 2**20, f"{growth / 2**20:.1f} MiB more after 38k examples than after 10k"
+    assert seen > 34_000
+    growth = marks[34_000] - marks[5_000]
+    assert growth < 4 * 2**20, f"{growth / 2**20:.1f} MiB more after 34k examples than after 5k"
 
 
 def test_resume_replays_the_stream_to_the_same_next_batch(tmp_path, tiny_models, tiny_data):
