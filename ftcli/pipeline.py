@@ -212,6 +212,8 @@ def run_fields(
         }
         for s in SPLITS
     }
+    if getattr(tokenized["train"], "streamed", False):  # data.streaming: no count is known
+        counts["train"] = tokenized["train"].record()
     return dict(
         ftcli_version=vers["ftcli"],
         name=recipe.name,

@@ -63,6 +63,8 @@ def data_problems(recipe: Recipe) -> tuple[list[Problem], list[str], list[str]]:
     problems: list[Problem] = []
     checked: list[str] = []
     notes: list[str] = []
+    if d.streaming:  # never the whole corpus: the scan a streamed run starts with
+        return _stream_problems(recipe)
     readable = True
     from ftcli.data.examples import source_views
 
@@ -134,3 +136,18 @@ def check_recipe(
     if problems:
         raise RecipeError(problems)
     return r, checked, notes
+
+
+def _stream_problems(recipe: Recipe) -> tuple[list[Problem], list[str], list[str]]:
+    """``data_problems`` of a streamed recipe: its formats, columns, labels and splits, checked
+    on the scan of the stream's start that training begins with (data/stream.py)."""
+    from ftcli.data.stream import scan
+
+    if recipe.data.path and is_hub_spec(recipe.data.path):
+        return [], [], [f"data columns not checked: {recipe.data.path} is a hub dataset (streamed)"]
+    try:
+        s = scan(recipe)
+    except FtcliError as exc:
+        return _as_problems(exc, recipe, "data"), [], []
+    sizes = f"test {len(s.test)}, validation {len(s.validation)}"
+    return [], ["data columns", "labels and splits (the stream's start)", sizes], []

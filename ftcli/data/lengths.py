@@ -38,6 +38,7 @@ class LengthChoice:
     truncates: float | None = None  # share of the measured examples longer than value
     position_limit: int | None = None
     capped_by: str | None = None  # "the model's positions" | "train.batch_tokens"
+    streamed: bool = False  # data.streaming: measured on the stream's first training examples
 
     def line(self) -> str:
         """The one line the data stage prints."""
@@ -50,6 +51,8 @@ class LengthChoice:
             if self.sampled
             else (f"all {self.examples:,} training examples")
         )
+        if self.streamed:
+            which = f"the stream's first {self.examples:,} training examples"
         s = f"max_length auto: {self.value} (p{self.percentile} of {which}"
         if self.sampled:
             s += ", a seeded sample"
@@ -61,7 +64,10 @@ class LengthChoice:
     def as_dict(self) -> dict:
         if self.policy != "auto":
             return {"value": self.value, "policy": self.policy}
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        out = {k: v for k, v in asdict(self).items() if v is not None}
+        if not self.streamed:  # data.json's record as before streaming existed
+            out.pop("streamed")
+        return out
 
 
 def position_limit(config, tokenizer=None) -> int | None:

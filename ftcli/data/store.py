@@ -561,6 +561,10 @@ def load_data(recipe, tokenizer, tokenizer_dir, acc=None, ui=None):
     contiguously per node (torchrun and accelerate do), so a node's main is its rank minus its
     local index.
     """
+    if recipe.data.streaming:  # read as it trains, nothing to cache (every rank scans alike)
+        from ftcli.data.stream import load_streamed
+
+        return load_streamed(recipe, tokenizer, ui)
     world = getattr(acc, "num_processes", 1) if acc is not None else 1
     if world <= 1:
         _, prepared, tokenized, note = ensure(recipe, tokenizer, tokenizer_dir, ui)

@@ -148,6 +148,8 @@ def _resolve_length(recipe, ui):
     position limit, the most auto can choose: an upper bound, and said so."""
     from ftcli.data.lengths import model_position_limit, resolve_from_data, with_max_length
 
+    if recipe.data.streaming:  # the stream's first training examples, never the whole corpus
+        from ftcli.data.stream import resolve_from_stream as resolve_from_data
     try:
         recipe, choice = resolve_from_data(recipe)
         ui.info(f"  {choice.line()}")

@@ -129,7 +129,9 @@ APPLIES: dict[str, Applies | None] = {
     "data.split.test": Applies(lambda r: not r.data.test_path, "no test_path"),
     "data.split.seed": ALWAYS,
     "data.split.stratify": Applies(
-        lambda r: r.task == "classification", "task classification", warn=True
+        lambda r: r.task == "classification" and not r.data.streaming,
+        "task classification without data.streaming (a streamed split is by hash)",
+        warn=True,
     ),
     "data.validation_path": ALWAYS,
     "data.test_path": ALWAYS,
@@ -150,6 +152,10 @@ APPLIES: dict[str, Applies | None] = {
     "data.encoding": ALWAYS,
     # speed: packing on a classifier, liger on a CPU... are recipe errors of their own
     "data.packing": ALWAYS,
+    # data.streaming: what it cannot do (epochs, augment, encoding auto) are recipe errors of
+    # their own (_streaming_problems)
+    "data.streaming": ALWAYS,
+    "data.shuffle_buffer": Applies(lambda r: r.data.streaming, "data.streaming: true"),
     # augmentation: combinations that add nothing are recipe errors of their own (_augment_problems)
     "data.augment": ALWAYS,
     "data.augment.copies": ALWAYS,
@@ -175,7 +181,11 @@ APPLIES: dict[str, Applies | None] = {
     "train": ALWAYS,
     # a documented override is not a key ignored in silence: max_steps overrides epochs, and
     # warmup_steps overrides warmup_ratio (their descriptions say so), as a shared base intends
-    "train.epochs": ALWAYS,
+    "train.epochs": Applies(
+        lambda r: not r.data.streaming,
+        "runs without data.streaming (a stream has no epoch length: train.max_steps decides)",
+        warn=True,
+    ),
     "train.max_steps": ALWAYS,
     "train.batch_size": ALWAYS,
     "train.gradient_accumulation": ALWAYS,

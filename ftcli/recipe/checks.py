@@ -23,7 +23,55 @@ def _semantic_problems(r: Recipe) -> list[Problem]:
     t = r.train
     if t.scheduler.name == "plateau" and "warmup_ratio" in t.scheduler.model_fields_set:
         p.append(r.problem("train.scheduler.warmup_ratio", "the plateau scheduler has no warmup"))
-    return p + _tracking_problems(r) + _eval_problems(r) + _augment_problems(r)
+    return (
+        p
+        + _tracking_problems(r)
+        + _eval_problems(r)
+        + _augment_problems(r)
+        + _streaming_problems(r)
+    )
+
+
+def _streaming_problems(r: Recipe) -> list[Problem]:
+    """data.streaming: what a stream read once from its start cannot do (docs/data-cache.md)."""
+    d, t = r.data, r.train
+    if not d.streaming:
+        return []
+    p = []
+    if t.max_steps is None:
+        p.append(
+            r.problem(
+                "data.streaming",
+                "a streamed run needs train.max_steps: no epoch length is known before the "
+                "stream is read",
+                "set train.max_steps (e.g. --set train.max_steps=1000)",
+            )
+        )
+    if d.augment is not None:
+        p.append(
+            r.problem(
+                "data.augment",
+                "augmentation copies the training split, which a streamed run never holds",
+                "remove it, or data.streaming",
+            )
+        )
+    if d.encoding == "auto":
+        p.append(
+            r.problem(
+                "data.encoding",
+                "auto detection reads a whole file first, which streaming does not",
+                "name the files' encoding (e.g. utf-8, latin-1)",
+            )
+        )
+    if d.long_documents == "windows":
+        p.append(
+            r.problem(
+                "data.long_documents",
+                "windows are not available with data.streaming",
+                "remove it (long texts are truncated), or data.streaming",
+            )
+        )
+    return p
 
 
 def _quantization_problems(r: Recipe) -> list[Problem]:

@@ -338,6 +338,20 @@ class DataSpec(_Section):
         "attention isolated per example; default: on for causal_lm",
     )
 
+    streaming: bool = Field(
+        False,
+        description="read the training split from the source as it trains (local jsonl/parquet "
+        "files or globs, hub datasets), never whole and never cached: splits by a hash of each "
+        "example, test/validation = the first max_test_examples / max_validation_examples "
+        "(default 1000) of their buckets; needs train.max_steps (docs: data-cache.md#streaming)",
+    )
+    shuffle_buffer: int = Field(
+        10_000,
+        ge=2,
+        description="data.streaming: examples held (tokenized) to shuffle and group by length; "
+        "a seeded random half is drawn into micro-batches each time it fills",
+    )
+
     def packs(self, task: str, kind: str = "lora") -> bool:
         """Whether training packs examples: by default on for causal LMs, except with prompt-style
         methods (peft prepends virtual tokens to a 2D mask; a packed batch's mask is 4D)."""

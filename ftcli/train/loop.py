@@ -21,6 +21,7 @@ import torch
 
 from ftcli.adapt import INIT_ADAPTER
 from ftcli.data.rows import lengths_of
+from ftcli.data.stream import steps as streamed_steps
 from ftcli.data.tokenize import Tokenized
 from ftcli.distributed import configure_deepspeed, place, uses_deepspeed
 from ftcli.errors import FtcliError, Interrupted, TrainingStopped
@@ -566,13 +567,17 @@ def train(
     schedule = unfreezing(recipe, model)  # gradual unfreezing: a pure function of the step
     world = accelerator.num_processes
     packed = recipe.data.packs(recipe.task, recipe.method.kind)
-    lengths = lengths_of(train_feats)
-    steps_per_epoch, total_steps = step_counts(
-        t,
-        micro_batches=len(epoch_batches(t, lengths=lengths, epoch=0, packed=packed)),
-        world=world,
-        progress=progress,
-    )
+    stream = getattr(tokenized["train"], "stream", None)  # data.streaming (data/stream.py)
+    if stream is not None:
+        steps_per_epoch, total_steps = streamed_steps(t)
+    else:
+        lengths = lengths_of(train_feats)
+        steps_per_epoch, total_steps = step_counts(
+            t,
+            micro_batches=len(epoch_batches(t, lengths=lengths, epoch=0, packed=packed)),
+            world=world,
+            progress=progress,
+        )
     scheduler = build_scheduler(recipe, optimizer, total_steps)
     left = pads_left(model)
     configure_deepspeed(accelerator, t)  # micro-batch, accumulation and clipping from the recipe
@@ -615,12 +620,18 @@ def train(
         progress.start(total_steps, state.global_step)
     try:
         while state.global_step < total_steps and state.stopped_at is None and pruned_at is None:
-            batches = epoch_batches(t, lengths=lengths, epoch=state.epoch, packed=packed)
-            loader = accelerator.prepare(
-                make_loader(train_feats, t.batch_size, pad, batches=batches, collate_fn=collate_fn)
-            )
-            if skip:
-                loader = accelerator.skip_first_batches(loader, skip)
+            if stream is not None:  # endless; --resume reads and skips the batches it trained
+                batches = []
+                loader = stream.loader(accelerator, collate_fn, skip)
+            else:
+                batches = epoch_batches(t, lengths=lengths, epoch=state.epoch, packed=packed)
+                loader = accelerator.prepare(
+                    make_loader(
+                        train_feats, t.batch_size, pad, batches=batches, collate_fn=collate_fn
+                    )
+                )
+                if skip:
+                    loader = accelerator.skip_first_batches(loader, skip)
             state.micro_in_epoch, skip = skip, 0
             for group in optimizer_steps(loader, t.gradient_accumulation):
                 if schedule is not None:

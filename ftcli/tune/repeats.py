@@ -172,6 +172,19 @@ def pool(recipe: Recipe) -> list[dict]:
 
 def cross_validate(recipe: Recipe, k: int, ui: UI, force: bool = False) -> dict:
 
+    if recipe.data.streaming:
+        from ftcli.errors import RecipeError
+
+        raise RecipeError(
+            [
+                recipe.problem(
+                    "data.streaming",
+                    "cross-validation puts every example in one of K folds; a stream is never "
+                    "held whole",
+                    "remove data.streaming for ftcli cv (--set data.streaming=false)",
+                )
+            ]
+        )
     examples = pool(recipe)
     folds = fold_indices(examples, k, recipe.data.split.seed, recipe.data.split.stratify)
     root = Path(recipe.output_dir) / f"{recipe.name}-cv"

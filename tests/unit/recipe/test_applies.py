@@ -38,7 +38,12 @@ TRAINS = [
     {"max_steps": 3, "optimizer": {"name": "sgd"}, "scheduler": {"name": "plateau"}},
     {"optimizer": {"name": "adamw"}, "scheduler": {"name": "linear", "warmup_steps": 2}},
 ]
-SPLITS = [{}, {"split": {"validation": 0.0}}, {"validation_path": "v.csv", "test_path": "t.csv"}]
+SPLITS = [
+    {},
+    {"split": {"validation": 0.0}},
+    {"validation_path": "v.csv", "test_path": "t.csv"},
+    {"streaming": True},  # valid with TRAINS' max_steps only
+]
 MERGES = [{}, {"enabled": False}]
 
 # A value to set for keys whose default is None (a default of None is not a settable value).
