@@ -51,7 +51,8 @@ def prepare(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False):
     ui.table("data", data_table(prepared, tokenized, r.data.max_length))
     for line in prepared.stats.get("notes", []):
         ui.warn(line)
-    key = note.split()[1].rstrip(":")
+    # "cached KEY" / "prepared KEY: why"; a streamed recipe has no entry (nothing is cached)
+    key = note.split()[1].rstrip(":") if note.startswith(("cached ", "prepared ")) else None
     return {
         "name": r.name,
         "key": key,

@@ -360,6 +360,13 @@ def eval_baseline(
     names = resolve_baselines(
         rd.recipe.task, [baselines] if isinstance(baselines, str) else baselines
     )
+    fitted = [n for n in names if n in ("probe", "tfidf", "majority")]
+    if fitted and not rd.prepared.splits.get("train"):
+        raise FtcliError(
+            f"--baseline {', '.join(fitted)} fits on the run's training split, and {rd.run_dir} "
+            "keeps none (data.streaming reads it while training)",
+            hint="compare with --baseline base (the untouched model) or with another run's folder",
+        )
     ui.step(
         f"score the fine-tuned model of {rd.run_dir} on {len(rd.examples)} sealed test examples"
     )
@@ -373,7 +380,7 @@ def eval_baseline(
         ui.step(f"paired statistics vs {info['name']} ({n_resamples} resamples) and failures")
         result = analyse(rd, feats, kept, tuned, base, n_resamples, seed, tok)
         report = assemble(rd, info, result, curves, extra, n_resamples, seed)
-        if rd.recipe.task == "classification":
+        if rd.recipe.task == "classification" and rd.prepared.splits.get("train"):
             report["majority"] = majority_line(rd, feats)
         if info["kind"] == "run":
             report["baseline_overfitting"] = detect_overfitting(

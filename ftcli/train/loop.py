@@ -609,6 +609,7 @@ def train(
     tally = Tally(accelerator.device, state.lowest_loss, t.max_loss_spike)
     inner = accelerator.unwrap_model(model)
     packing = choose_packing(inner, accelerator.device) if packed else None
+    attention = (getattr(inner.config, "_attn_implementation", None), inner.config.use_cache)
     if packing == FLEX:  # flex reads the packing from the position ids only without a cache
         inner.set_attn_implementation("flex_attention")
         inner.config.use_cache = False
@@ -730,6 +731,9 @@ def train(
         best_step = checkpointer.restore_best()
     if schedule is not None:  # the saved model's trainable flags as the full schedule leaves them
         schedule.apply(model, total_steps)
+    if packing == FLEX and attention[0]:  # the saved config keeps its attention and cache
+        inner.set_attn_implementation(attention[0])
+        inner.config.use_cache = attention[1]
     out_dir = save_model(
         accelerator=accelerator,
         model=model,
