@@ -110,10 +110,6 @@ def full_state_dict(model) -> dict:
     return get_model_state_dict(model, options=opts)
 
 
-def trainable_names(model) -> set[str]:
-    return {n for n, p in model.named_parameters() if p.requires_grad}
-
-
 def uses_deepspeed(accelerator) -> bool:
     """accelerate runs DeepSpeed: its engine steps, clips and scales the loss itself."""
     from accelerate.utils import DistributedType

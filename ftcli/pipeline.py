@@ -203,17 +203,7 @@ def run_fields(
 ) -> dict:
     """What run.json records about a run before training starts."""
     vers = versions()
-    counts = {
-        s: {
-            "examples": len(tokenized[s].features),
-            "tokens": tokenized[s].tokens,
-            "truncated": tokenized[s].truncated,
-            "dropped_no_target": tokenized[s].dropped_no_target,
-        }
-        for s in SPLITS
-    }
-    if getattr(tokenized["train"], "streamed", False):  # data.streaming: no count is known
-        counts["train"] = tokenized["train"].record()
+    counts = {s: tokenized[s].record() for s in SPLITS}  # a streamed split: what was measured
     return dict(
         ftcli_version=vers["ftcli"],
         name=recipe.name,

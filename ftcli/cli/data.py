@@ -58,15 +58,7 @@ def prepare(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False):
         "key": key,
         "cached": note.startswith("cached"),
         "note": note,
-        "data": {
-            s: {
-                "examples": len(tokenized[s].features),
-                "tokens": tokenized[s].tokens,
-                "truncated": tokenized[s].truncated,
-                "dropped_no_target": tokenized[s].dropped_no_target,
-            }
-            for s in SPLITS
-        },
+        "data": {s: tokenized[s].record() for s in SPLITS},
         "labels": prepared.labels,
     }
 

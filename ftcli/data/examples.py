@@ -202,41 +202,6 @@ def clean(examples: list[dict], spec: DataSpec, counts: CleanCounts) -> list[dic
     return examples
 
 
-def _filter_labels(
-    recipe: Recipe, examples: list[dict], counts: CleanCounts
-) -> tuple[list[dict], list[str]]:
-    present = collections.Counter(e["label"] for e in examples)
-    wanted = recipe.data.labels
-    if wanted:
-        missing = [lab for lab in wanted if lab not in present]
-        if missing:
-            hint = ", ".join(f"{lab!r} ({n})" for lab, n in present.most_common(20))
-            raise RecipeError(
-                [
-                    recipe.problem(
-                        "data.labels",
-                        f"label(s) {', '.join(map(repr, missing))} never occur in the data",
-                        f"labels found: {hint}",
-                    )
-                ]
-            )
-        kept = [e for e in examples if e["label"] in wanted]
-        counts.unlisted_label += len(examples) - len(kept)
-        return kept, list(wanted)
-    labels = sorted(present)
-    if len(labels) < 2:
-        raise DataError(
-            f"classification needs at least 2 labels; the data has {len(labels)}: {labels}",
-            hint="check data.label_column",
-        )
-    if len(labels) > 1000:
-        raise DataError(
-            f"{len(labels)} distinct labels: {recipe.data.label_col!r} does not look like a label column",
-            hint="check data.label_column, or list the labels to keep in data.labels",
-        )
-    return examples, labels
-
-
 def _split_off(
     idx: np.ndarray,
     labels: list | None,
@@ -447,7 +412,8 @@ def _load_source(
 def _filter_label_codes(
     recipe: Recipe, src: _Source, names: dict[str, int], counts: CleanCounts
 ) -> list[str]:
-    """``_filter_labels`` on label codes: the labels to keep, and ``src.kept`` narrowed to them."""
+    """The labels to keep (data.labels, else every label found; at least 2, at most 1,000), and
+    ``src.kept`` narrowed to them, on label codes."""
     by_code = list(names)
     tally = np.bincount(src.codes[src.kept], minlength=len(by_code))
     present = collections.Counter({by_code[c]: int(k) for c, k in enumerate(tally) if k})

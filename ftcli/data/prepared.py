@@ -55,15 +55,7 @@ def write_data(recipe, tokenizer, folder: Path, ui=None, *, load_predictor=None)
         "format": FORMAT,
         "labels": prepared.labels,
         "stats": prepared.stats,
-        "tokenized": {
-            s: {
-                "examples": len(t.features),
-                "tokens": t.tokens,
-                "truncated": t.truncated,
-                "dropped_no_target": t.dropped_no_target,
-            }
-            for s, t in tokenized.items()
-        },
+        "tokenized": {s: t.record() for s, t in tokenized.items()},
     }
     atomic_write_text(folder / DATA_JSON, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
 

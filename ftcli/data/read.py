@@ -497,27 +497,42 @@ def _stream_jsonl(path: str, spec: DataSpec, explicit: bool, notes):
         for s in range(0, len(records), CHUNK):
             yield records[s : s + CHUNK]
         return
+    yield from jsonl_chunks(path, encoding)
+
+
+def jsonl_chunks(path: str, encoding: str):
+    """A jsonl file's records in chunks of CHUNK, decoded as they stream (no detection: that
+    needs the whole file); a line that is not JSON, or a byte ``encoding`` cannot decode, is a
+    DataError naming the line."""
+    codec = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
     chunk: list[dict] = []
+    lineno = 0
     try:
         with (
             _open_stream(path) as raw,
             io.TextIOWrapper(io.BufferedReader(raw), encoding=codec, newline=None) as f,
         ):
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        r = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-                    chunk.append(r if isinstance(r, dict) else {"text": r})
-                    if len(chunk) >= CHUNK:
-                        yield chunk
-                        chunk = []
+            for lineno, line in enumerate(f, 1):  # noqa: B007 (read after the loop on errors)
+                if not line.strip():
+                    continue
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                chunk.append(r if isinstance(r, dict) else {"text": r})
+                if len(chunk) >= CHUNK:
+                    yield chunk
+                    chunk = []
     except DataError:
         raise
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path}: not {encoding} text near line {lineno + 1} ({exc.reason})",
+            hint="set data.encoding to the file's encoding",
+        ) from None
     except RecursionError:
         raise DataError(f"{path}: cannot read as jsonl: nested too deeply") from None
-    except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, EOFError, zlib.error, ValueError) as exc:
         raise DataError(f"{path}: cannot read as jsonl: {exc}") from None
     if chunk:
         yield chunk

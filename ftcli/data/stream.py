@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import io
-import json
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -41,7 +38,8 @@ from ftcli.data.examples import (
     source_of,
     to_examples,
 )
-from ftcli.data.read import CHUNK, _format_of, _open_stream, _stream_parquet
+from ftcli.data.read import CHUNK, _format_of, _stream_parquet
+from ftcli.data.read import jsonl_chunks as _jsonl
 from ftcli.data.tokenize import BATCH, Tokenized, features_batch, padded_width, tokenize
 from ftcli.errors import DataError, RecipeError
 
@@ -142,43 +140,6 @@ def _files(recipe, key: str, source) -> list[str]:
                 ]
             )
     return files
-
-
-def _jsonl(path: str, encoding: str) -> Iterator[list[dict]]:
-    """A jsonl file's records in chunks, decoded as they stream (no detection: that needs the
-    whole file); a byte the encoding cannot decode is a DataError naming the line."""
-    codec = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
-    chunk: list[dict] = []
-    lineno = 0
-    try:
-        with (
-            _open_stream(path) as raw,
-            io.TextIOWrapper(io.BufferedReader(raw), encoding=codec, newline=None) as f,
-        ):
-            for lineno, line in enumerate(f, 1):  # noqa: B007 (read after the loop on errors)
-                if not line.strip():
-                    continue
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-                chunk.append(r if isinstance(r, dict) else {"text": r})
-                if len(chunk) >= CHUNK:
-                    yield chunk
-                    chunk = []
-    except DataError:
-        raise
-    except UnicodeDecodeError as exc:
-        raise DataError(
-            f"{path}: not {encoding} text near line {lineno + 1} ({exc.reason})",
-            hint="set data.encoding to the file's encoding (streaming cannot detect it)",
-        ) from None
-    except RecursionError:
-        raise DataError(f"{path}: cannot read as jsonl: nested too deeply") from None
-    except (OSError, EOFError, zlib.error, ValueError) as exc:
-        raise DataError(f"{path}: cannot read as jsonl: {exc}") from None
-    if chunk:
-        yield chunk
 
 
 def _hub(hub_id: str, spec) -> Iterator[list[dict]]:

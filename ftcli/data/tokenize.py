@@ -67,6 +67,15 @@ class Tokenized:
     tokens: int
     extra_windows: int | None = None  # long_documents windows: windows beyond each document's first
 
+    def record(self) -> dict:
+        """What run.json, data.json and ``ftcli prepare --json`` say of the split."""
+        return {
+            "examples": len(self.features),
+            "tokens": self.tokens,
+            "truncated": self.truncated,
+            "dropped_no_target": self.dropped_no_target,
+        }
+
     def summary(self, max_length: int) -> str:
         s = f"{len(self.features)} examples, {self.tokens:,} tokens"
         if self.extra_windows is not None:

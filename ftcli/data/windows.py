@@ -49,24 +49,6 @@ def encode(tokenizer, texts: list[str], max_length: int) -> tuple[dict, list[int
     return enc, list(enc["overflow_to_sample_mapping"])
 
 
-def window_features(
-    examples: list[dict], tokenizer, max_length: int, label2id: dict[str, int]
-) -> tuple[list[dict], int]:
-    """Training/eval features, one per window, each with its document's label and ``doc`` index;
-    and how many documents needed more than one window."""
-    enc, owner = encode(tokenizer, [e["text"] for e in examples], max_length)
-    feats = [
-        {
-            "input_ids": ids,
-            "attention_mask": mask,
-            "labels": label2id[examples[d]["label"]],
-            "doc": d,
-        }
-        for ids, mask, d in zip(enc["input_ids"], enc["attention_mask"], owner, strict=True)
-    ]
-    return feats, len(owner) - len(set(owner))  # windows beyond each document's first
-
-
 def by_document(features: list[dict]) -> list[dict]:
     """One feature per document: its first window (so a one-window document is exactly its
     truncated feature), the later windows' input_ids under ``more_windows``. Features without a
