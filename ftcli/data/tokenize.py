@@ -38,7 +38,10 @@ def _chat_segments(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int
         if m["role"] != "assistant":
             continue
         start = len(render_chat(tokenizer, messages[:i], add_generation_prompt=True)) if i else 0
-        end = len(render_chat(tokenizer, messages[: i + 1], add_generation_prompt=False))
+        if i == len(messages) - 1:  # the same call as ``full``: no need to render it again
+            end = len(full)
+        else:
+            end = len(render_chat(tokenizer, messages[: i + 1], add_generation_prompt=False))
         spans.append((start, end))
     return full, spans
 
@@ -177,26 +180,31 @@ def _causal_batch(examples: list[dict], *, tokenizer, L: int, loss_on: str, add_
         )
         for k, i in enumerate(at):
             encoded[i] = (enc["input_ids"][k], enc["offset_mapping"][k])
+    import numpy as np
+
     out: dict = {"input_ids": [], "labels": [], "length": [], "truncated": [], "keep": []}
     for text, sp, (ids, offsets) in zip(texts, spans, encoded, strict=True):
-        ids = list(ids)
+        ids = np.asarray(ids, dtype=np.int64)
         if loss_on == "all":
-            mask = [True] * len(ids)
-        else:
-            mask = [any(s < b and a < t for s, t in sp) if b > a else False for a, b in offsets]
+            mask = np.ones(len(ids), dtype=bool)
+        else:  # a token is a target when its characters overlap a target span (none: not one)
+            off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+            a, b = off[:, 0], off[:, 1]
+            mask = np.zeros(len(ids), dtype=bool)
+            for s, t in sp:
+                mask |= (s < b) & (a < t)
+            mask &= b > a
         if add_eos and eos_id is not None and not (eos and text.rstrip().endswith(eos)):
-            ids.append(eos_id)
-            mask.append(True)
+            ids = np.append(ids, eos_id)
+            mask = np.append(mask, True)
         truncated = len(ids) > L
         if truncated:
             ids, mask = ids[:L], mask[:L]
-        keep = any(mask)
+        keep = bool(mask.any())
         out["truncated"].append(truncated)
         out["keep"].append(keep)
-        out["input_ids"].append(ids if keep else [])
-        out["labels"].append(
-            [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)] if keep else []
-        )
+        out["input_ids"].append(ids.tolist() if keep else [])
+        out["labels"].append(np.where(mask, ids, IGNORE_INDEX).tolist() if keep else [])
         out["length"].append(len(ids) if keep else 0)
     return out
 
