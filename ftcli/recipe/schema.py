@@ -123,24 +123,6 @@ class AugmentSpec(_Section):
     )
 
 
-# the keys a data.sources entry reads for itself: where it is, and how its columns map
-SOURCE_KEYS = (
-    "path",
-    "format",
-    "subset",
-    "hub_split",
-    "text_column",
-    "label_column",
-    "prompt_column",
-    "completion_column",
-    "instruction_column",
-    "input_column",
-    "output_column",
-    "messages_column",
-    "system_prompt",
-)
-
-
 class SourceSpec(_Section):
     """One dataset of a mixture: where it is, its own columns and layout, and its share."""
 
@@ -220,6 +202,13 @@ def _style(spec: Any) -> str:
     if spec.prompt_column or spec.completion_column:
         return "completion"
     return "text"
+
+
+# the keys a data.sources entry reads for itself (where it is, how its columns map), which a
+# one-source data section holds too: the entry's fields but its mixture-only ones
+SOURCE_KEYS = tuple(
+    k for k in SourceSpec.model_fields if k not in ("name", "weight", "max_examples")
+)
 
 
 class DataSpec(_Section):
