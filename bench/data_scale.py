@@ -96,15 +96,22 @@ print(len(out), sum(len(x) for x in out.with_format("numpy")["input_ids"][:10]))
 """
 
 
-def _tree_pss(proc) -> int:
-    """Bytes of proportional set size of ``proc`` and its descendants (0 for those gone)."""
+def _tree_pss(proc) -> tuple[int, int]:
+    """Bytes of proportional set size of ``proc`` and its descendants (0 for those gone): the
+    whole, and its anonymous part (heap: what the process built; the rest is file pages, e.g. the
+    memory-mapped Arrow files and libraries, which the kernel can drop and re-read)."""
     import psutil
 
-    total = 0
+    total = anon = 0
     for p in [proc, *proc.children(recursive=True)]:
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied, OSError):
             total += p.memory_full_info().pss
-    return total
+            rollup = Path(f"/proc/{p.pid}/smaps_rollup")
+            if rollup.exists():
+                for line in rollup.read_text().splitlines():
+                    if line.startswith("Pss_Anon:"):
+                        anon += int(line.split()[1]) * 1024
+    return total, anon
 
 
 def measure(cmd: list[str], env: dict) -> dict:
@@ -114,7 +121,7 @@ def measure(cmd: list[str], env: dict) -> dict:
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     proc = psutil.Process(p.pid)
-    peak = 0
+    peak = peak_anon = 0
     out: list[str] = []
     import threading
 
@@ -122,7 +129,8 @@ def measure(cmd: list[str], env: dict) -> dict:
     reader.start()
     while p.poll() is None:
         try:
-            peak = max(peak, _tree_pss(proc))
+            pss, anon = _tree_pss(proc)
+            peak, peak_anon = max(peak, pss), max(peak_anon, anon)
         except psutil.NoSuchProcess:
             break
         time.sleep(0.2)
@@ -132,6 +140,7 @@ def measure(cmd: list[str], env: dict) -> dict:
         "seconds": round(time.perf_counter() - t0, 1),
         "rc": p.returncode,
         "peak_mib": round(peak / 2**20),
+        "peak_anon_mib": round(peak_anon / 2**20),
         "tail": "".join(out)[-2000:],
     }
 
@@ -221,8 +230,9 @@ def two_ranks(work: Path, recipe: Path, env: dict) -> list[dict]:
 def table(results: list[dict]) -> str:
     """The markdown table of the measured rows, with the ratios."""
     lines = [
-        "| conversations | side | first run s | cached run s | peak PSS first / cached MiB |",
-        "|---:|---|---:|---:|---:|",
+        "| conversations | side | first run s | cached run s | peak PSS first / cached MiB "
+        "| of it anonymous, first / cached MiB |",
+        "|---:|---|---:|---:|---:|---:|",
     ]
     for r in results:
         for side in ("ftcli", "datasets"):
@@ -232,7 +242,8 @@ def table(results: list[dict]) -> str:
             failed = " (FAILED)" if a["rc"] or b["rc"] else ""
             lines.append(
                 f"| {r['conversations']:,} | {side}{failed} | {a['seconds']} | {b['seconds']} | "
-                f"{a['peak_mib']} / {b['peak_mib']} |"
+                f"{a['peak_mib']} / {b['peak_mib']} | "
+                f"{a.get('peak_anon_mib', '?')} / {b.get('peak_anon_mib', '?')} |"
             )
         if "ftcli_first" in r and "datasets_first" in r:
             ratio = r["ftcli_first"]["seconds"] / max(0.1, r["datasets_first"]["seconds"])
@@ -242,7 +253,7 @@ def table(results: list[dict]) -> str:
         for k in r.get("ranks", []):
             lines.append(
                 f"| {r['conversations']:,} | 2 processes: rank {k.get('rank')} "
-                f"({k.get('tokenizer_calls')} tokenizer calls) | | | +{k.get('added_mib')} MiB |"
+                f"({k.get('tokenizer_calls')} tokenizer calls) | | | +{k.get('added_mib')} MiB | |"
             )
     return "\n".join(lines)
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ftcli.data.read import read_source
-from ftcli.data.rows import Rows, Scratch, TableWriter, jsonl_digest
+from ftcli.data.rows import Rows, Scratch, TableWriter, jsonl_digest, take_rows
 from ftcli.errors import DataError, RecipeError, SourceError
 from ftcli.recipe import DataSpec, Recipe
 from ftcli.sources import resolve_data
@@ -466,7 +466,7 @@ def _write_split(src: _Source, idx, path: Path, keep) -> Rows:
     idx = np.asarray(idx, dtype=np.int64)
     with TableWriter(path, src.rows.table.schema) as out:
         for s in range(0, len(idx), 10_000):
-            out.table(src.rows.table.take(idx[s : s + 10_000]))
+            out.table(take_rows(src.rows.table, idx[s : s + 10_000]))
     return Rows.open(path, keep)
 
 

@@ -30,6 +30,35 @@ class Scratch:
         self._done = weakref.finalize(self, shutil.rmtree, str(self.path), True)
 
 
+def take_rows(table: pa.Table, indices) -> pa.Table:
+    """``table.take(indices)`` that reads only the record batches holding those rows.
+
+    Arrow's own ``take`` on a table of many chunks with list or struct columns first joins the
+    chunks: on a memory-mapped file that copies (and pages in) the whole column for every batch
+    of a few rows (0.034 vs 0.004 s for 8 rows of 19,600 tokenized conversations, and a copy the
+    size of the split held while it runs)."""
+    import numpy as np
+
+    idx = np.asarray(indices, dtype=np.int64)
+    batches = table.to_batches()
+    if len(batches) <= 1 or not len(idx):
+        return table.take(pa.array(idx, type=pa.int64()))
+    starts = np.cumsum([0] + [b.num_rows for b in batches])
+    if idx.min() < 0 or idx.max() >= starts[-1]:
+        raise IndexError(f"row index out of range for {starts[-1]} rows")
+    chunk = np.searchsorted(starts, idx, side="right") - 1
+    order = np.argsort(chunk, kind="stable")
+    grouped, of = idx[order], chunk[order]
+    pieces = []
+    for c in np.unique(of):
+        rows = grouped[of == c] - starts[c]
+        pieces.append(batches[c].take(pa.array(rows, type=pa.int64())))
+    joined = pa.Table.from_batches(pieces, schema=table.schema).combine_chunks()
+    back = np.empty(len(idx), dtype=np.int64)
+    back[order] = np.arange(len(idx))  # joined holds the rows grouped by chunk: put them back
+    return joined.take(pa.array(back, type=pa.int64()))
+
+
 def open_table(path: Path) -> pa.Table:
     """An Arrow IPC stream file, memory-mapped (no copy into memory)."""
     return pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
@@ -99,7 +128,7 @@ class Rows(Sequence):
         """Several rows in one read (torch's DataLoader fetches a batch through this)."""
         if len(indices) == 0:
             return []
-        return self._decode(self.table.take(pa.array(indices, type=pa.int64())))
+        return self._decode(take_rows(self.table, indices))
 
     def __iter__(self) -> Iterator[dict]:
         for batch in self.table.to_batches(max_chunksize=BATCH):
