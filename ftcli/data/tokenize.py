@@ -95,6 +95,9 @@ class Tokenized:
 # cost more than it saves (tests, the quickstart).
 PARALLEL_FROM = 1_000
 BATCH = 1_000  # examples per tokenizer call
+# per call in the worker processes: a batch of long conversations with character offsets is
+# hundreds of MiB in Python objects, held once per worker
+MAP_BATCH = 250
 
 
 def feature_schema(task: str, windows: bool = False):
@@ -346,11 +349,16 @@ def _map_parallel(examples, fn, procs: int, folder: Path, name: str, schema):
         # them for the cores (and warn after the fork)
         before = os.environ.get("TOKENIZERS_PARALLELISM")
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        import gc
+
+        gc.collect()
+        gc.freeze()
         try:
             out = ds.map(
                 fn,
                 batched=True,
-                batch_size=BATCH,
+                batch_size=MAP_BATCH,
+                writer_batch_size=MAP_BATCH,
                 num_proc=procs,
                 remove_columns=ds.column_names,
                 features=datasets.Features.from_arrow_schema(work_schema(schema)),
@@ -359,6 +367,7 @@ def _map_parallel(examples, fn, procs: int, folder: Path, name: str, schema):
                 new_fingerprint=f"ftcli-{name}-{os.getpid()}",
             )
         finally:
+            gc.unfreeze()
             if before is None:
                 os.environ.pop("TOKENIZERS_PARALLELISM", None)
             else:
