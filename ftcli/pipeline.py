@@ -21,8 +21,9 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 
 from ftcli.adapt import adapt, save_initial_adapter
 from ftcli.data.examples import SPLITS, prepare, save_prepared
-from ftcli.data.lengths import LengthChoice, with_max_length
 from ftcli.data.lengths import resolve as resolve_length
+from ftcli.data.lengths import with_data_length, with_max_length
+from ftcli.data.prepared import data_table
 from ftcli.data.store import load_data
 from ftcli.data.tokenize import tokenize
 from ftcli.distributed import check_launch, check_mode, is_sharded, process_group_kwargs
@@ -175,29 +176,6 @@ def _check_run_dir(recipe: Recipe, resume: bool, force: bool) -> Recipe:
     return recipe
 
 
-def data_table(prepared, tokenized, max_length: int) -> list[tuple]:
-    """The prepare stage's table: split sizes and tokens, what was dropped, the labels."""
-    rows = [(s, tokenized[s].summary(max_length)) for s in SPLITS]
-    dropped = {k: v for k, v in prepared.stats["dropped"].items() if v}
-    if dropped:
-        rows.append(
-            ("dropped", ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in dropped.items()))
-        )
-    aug = prepared.stats.get("augmented")
-    if aug:
-        ops = ", ".join(f"{n} {op}" for op, n in aug["by_op"].items() if n)
-        rows.append(("augmented", f"{aug['added']} train copies ({ops or 'none'})"))
-    if prepared.labels:
-        rows.append(("labels", ", ".join(prepared.labels)))
-    for name, info in (prepared.stats.get("sources") or {}).items():  # a mixture, per source
-        sizes = info.get("sizes", {})
-        text = " / ".join(f"{sizes.get(s, 0)} {s}" for s in SPLITS)
-        if info.get("repeated"):
-            text += f" ({info['repeated']} train repeats)"
-        rows.append((f"source {name}", text))
-    return rows
-
-
 def run_fields(
     recipe: Recipe, acc, device: str, prepared, tokenized, adapted, started: str | None
 ) -> dict:
@@ -342,15 +320,6 @@ def _train_run(
         f"{', merged/' if merged_dir else ''})"
     )
     return log.data
-
-
-def with_data_length(recipe: Recipe, prepared, ui: UI) -> Recipe:
-    """``recipe`` with the max_length its data stage chose (data.json's record); the auto choice
-    printed in one line."""
-    length = LengthChoice(**prepared.stats["max_length"])
-    if length.policy == "auto":
-        ui.info("  " + length.line())
-    return with_max_length(recipe, length.value)
 
 
 def _prepare_stage(recipe: Recipe, acc, ui: UI, timings: dict):

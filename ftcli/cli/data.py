@@ -25,9 +25,10 @@ def prepare(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False):
       ftcli prepare my.yaml --set data.max_length=512 --json
     """
     from ftcli.data.examples import SPLITS
+    from ftcli.data.lengths import with_data_length
+    from ftcli.data.prepared import data_table
     from ftcli.data.store import load_data
     from ftcli.models import load_tokenizer
-    from ftcli.pipeline import data_table, with_data_length
     from ftcli.sources import trusting
     from ftcli.ui import UI
 

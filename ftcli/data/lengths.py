@@ -170,3 +170,12 @@ def resolve_from_data(recipe, ui=None):
 
 
 __all__ = ["FLOOR", "PAD_MULTIPLE", "PERCENTILE", "SAMPLE", "LengthChoice", "choose", "resolve"]
+
+
+def with_data_length(recipe, prepared, ui):
+    """``recipe`` with the max_length its data stage chose (data.json's record); the auto choice
+    printed in one line."""
+    length = LengthChoice(**prepared.stats["max_length"])
+    if length.policy == "auto":
+        ui.info("  " + length.line())
+    return with_max_length(recipe, length.value)

@@ -97,3 +97,26 @@ def read_data(folder: Path) -> tuple[PreparedData, dict[str, Tokenized]]:
                 hint="the prepared data is damaged or incomplete: prepare it again",
             ) from None
     return PreparedData(splits, record.get("labels"), record.get("stats") or {}), tokenized
+
+
+def data_table(prepared, tokenized, max_length: int) -> list[tuple]:
+    """The prepare stage's table: split sizes and tokens, what was dropped, the labels."""
+    rows = [(s, tokenized[s].summary(max_length)) for s in SPLITS]
+    dropped = {k: v for k, v in prepared.stats["dropped"].items() if v}
+    if dropped:
+        rows.append(
+            ("dropped", ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in dropped.items()))
+        )
+    aug = prepared.stats.get("augmented")
+    if aug:
+        ops = ", ".join(f"{n} {op}" for op, n in aug["by_op"].items() if n)
+        rows.append(("augmented", f"{aug['added']} train copies ({ops or 'none'})"))
+    if prepared.labels:
+        rows.append(("labels", ", ".join(prepared.labels)))
+    for name, info in (prepared.stats.get("sources") or {}).items():  # a mixture, per source
+        sizes = info.get("sizes", {})
+        text = " / ".join(f"{sizes.get(s, 0)} {s}" for s in SPLITS)
+        if info.get("repeated"):
+            text += f" ({info['repeated']} train repeats)"
+        rows.append((f"source {name}", text))
+    return rows
