@@ -22,6 +22,10 @@ from __future__ import annotations
 import re
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
+
+from ftcli.errors import FtcliError
+from ftcli.recipe.schema import CHAT_TEMPLATES
 
 FALLBACK_ROLE = {"system": "System", "user": "User", "assistant": "Assistant"}
 
@@ -44,6 +48,56 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) ->
         for m in messages
     )
     return text + ("### Assistant:\n" if add_generation_prompt else "")
+
+
+# --------------------------------------------------------------------------- choosing a template
+
+
+def templates_dir() -> Path:
+    """The Jinja templates ftcli ships (ftcli/bundled/templates/)."""
+    from ftcli.bundled import _root
+
+    return _root() / "templates"
+
+
+def template_text(choice: str | None) -> str | None:
+    """The Jinja text ``data.chat_template`` names: None for the model's own (None or "model"),
+    a shipped one by name, else the file at that path."""
+    if choice in (None, "model"):
+        return None
+    if choice in CHAT_TEMPLATES:
+        return (templates_dir() / f"{choice}.jinja").read_text(encoding="utf-8")
+    path = Path(choice).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FtcliError(
+            f"data.chat_template: cannot read the template {choice!r} "
+            f"({type(exc).__name__}: {exc.strerror if isinstance(exc, OSError) else exc})",
+            hint=f"name one ftcli ships ({', '.join(CHAT_TEMPLATES)}), model for the model's own, "
+            "or the path of a Jinja file",
+        ) from None
+    if not text.strip():
+        raise FtcliError(f"data.chat_template: the template file {choice} is empty")
+    return text
+
+
+def use_template(tokenizer, recipe):
+    """``tokenizer`` with the recipe's ``data.chat_template`` set on it (unchanged for the model's
+    own), so everything that renders, and everything saved with it, uses that template."""
+    text = template_text(getattr(recipe.data, "chat_template", None))
+    if text is not None:
+        tokenizer.chat_template = text
+    return tokenizer
+
+
+def recipe_tokenizer(recipe):
+    """(tokenizer, source, local folder) of a recipe: its model's tokenizer with the recipe's chat
+    template (``models.load_tokenizer`` and ``use_template``)."""
+    from ftcli.models import load_tokenizer
+
+    tokenizer, source, folder = load_tokenizer(recipe.model)
+    return use_template(tokenizer, recipe), source, folder
 
 
 @dataclass(frozen=True)
@@ -280,3 +334,60 @@ def segments(tokenizer, messages: list[dict]) -> Segments:
     if full != sk.text(contents):  # this template's output depends on the contents
         return exact_segments(tokenizer, messages)
     return Segments(full, [(s.of(contents), e.of(contents)) for s, e in sk.spans])
+
+
+# --------------------------------------------------------------------------- checking a data set
+
+CHECK_ALL_UP_TO = 20_000  # conversations `validate` checks one by one; beyond: a sample this size
+
+
+@dataclass(frozen=True)
+class ChatCheck:
+    """What ``check_conversations`` found: how many conversations it checked of how many, and
+    the failures as (split, index in the split, messages, problem), the first few of ``failed``."""
+
+    checked: int
+    total: int
+    failed: int
+    failures: list[tuple[str, int, list[dict], str]]
+
+
+def check_conversations(
+    tokenizer, splits: dict, limit: int | None = CHECK_ALL_UP_TO, keep: int = 5, seed: int = 0
+) -> ChatCheck:
+    """Run the chat check over the conversations of ``splits`` ({name: examples}): all of them,
+    or an even random sample of ``limit`` when there are more."""
+    import random
+
+    sizes = {s: len(rows) for s, rows in splits.items()}
+    total = sum(sizes.values())
+    picks: dict[str, list[int]] = {}
+    if limit is None or total <= limit:
+        picks = {s: list(range(n)) for s, n in sizes.items()}
+    else:
+        rng = random.Random(seed)
+        chosen = sorted(rng.sample(range(total), limit))
+        at = 0
+        for s, n in sizes.items():
+            picks[s] = [i - at for i in chosen if at <= i < at + n]
+            at += n
+    checked = failed = 0
+    failures = []
+    for s, rows in splits.items():
+        for i in picks[s]:
+            example = rows[i]
+            if "messages" not in example:
+                continue
+            checked += 1
+            problem = segments(tokenizer, example["messages"]).problem
+            if problem is not None:
+                failed += 1
+                if len(failures) < keep:
+                    failures.append((s, i, example["messages"], problem))
+    return ChatCheck(checked, total, failed, failures)
+
+
+def first_user(messages: list[dict]) -> str:
+    """A conversation's first user message, cut short: what names it in a message."""
+    first = next((m["content"] for m in messages if m["role"] == "user"), messages[0]["content"])
+    return repr(str(first)[:40])

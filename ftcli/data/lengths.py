@@ -161,10 +161,10 @@ def resolve_from_data(recipe, ui=None):
     tokenizer as training will, and choose the same way. Returns (recipe, LengthChoice)."""
     if recipe.data.max_length != "auto":
         return recipe, LengthChoice(int(recipe.data.max_length), "explicit")
+    from ftcli.data.chat import recipe_tokenizer
     from ftcli.data.examples import prepare
-    from ftcli.models import load_tokenizer
 
-    tokenizer, _, _ = load_tokenizer(recipe.model)
+    tokenizer, _, _ = recipe_tokenizer(recipe)
     prepared = prepare(recipe)
     return resolve(recipe, prepared.splits["train"], tokenizer, prepared.label2id)
 

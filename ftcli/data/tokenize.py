@@ -10,8 +10,8 @@ from functools import partial
 from pathlib import Path
 
 from ftcli.data.chat import FALLBACK_ROLE as FALLBACK_ROLE
+from ftcli.data.chat import first_user, segments
 from ftcli.data.chat import render_chat as render_chat
-from ftcli.data.chat import segments
 from ftcli.data.rows import Features, Scratch, TableWriter
 from ftcli.errors import DataError
 from ftcli.recipe import Recipe
@@ -29,9 +29,8 @@ def _chat_segments(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int
 def chat_refusal(index: int, messages: list[dict], problem: str) -> DataError:
     """The error that stops tokenizing a conversation the chat template renders in a way its
     assistant spans cannot be found from (data/chat.py's check)."""
-    first = next((m["content"] for m in messages if m["role"] == "user"), messages[0]["content"])
     return DataError(
-        f"example {index + 1} (user: {str(first)[:40]!r}): the chat template cannot be masked "
+        f"example {index + 1} (user: {first_user(messages)}): the chat template cannot be masked "
         f"safely: {problem}",
         hint="pick another template with data.chat_template (e.g. chatml), or fix the model's "
         "own; `ftcli validate RECIPE` lists every example that fails",

