@@ -86,7 +86,9 @@ def token_lengths(examples: list[dict], recipe, tokenizer, label2id) -> list[int
     template, EOS), in the order of ``examples``."""
     data = recipe.data.model_copy(update={"max_length": UNBOUNDED, "long_documents": "truncate"})
     whole = recipe.model_copy(update={"data": data})
-    return [len(f["input_ids"]) for f in tokenize(examples, whole, tokenizer, label2id).features]
+    # the chat check speaks when the splits are tokenized, naming the split's own example
+    feats = tokenize(examples, whole, tokenizer, label2id, check_chat=False).features
+    return [len(f["input_ids"]) for f in feats]
 
 
 def percentile(lengths: list[int], q: int) -> int:

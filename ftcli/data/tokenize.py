@@ -26,11 +26,14 @@ def _chat_segments(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int
     return seg.text, seg.spans
 
 
-def chat_refusal(index: int, messages: list[dict], problem: str) -> DataError:
+def chat_refusal(
+    index: int, messages: list[dict], problem: str, split: str | None = None
+) -> DataError:
     """The error that stops tokenizing a conversation the chat template renders in a way its
     assistant spans cannot be found from (data/chat.py's check)."""
+    where = f"{split} example" if split else "example"
     return DataError(
-        f"example {index + 1} (user: {first_user(messages)}): the chat template cannot be masked "
+        f"{where} {index + 1} (user: {first_user(messages)}): the chat template cannot be masked "
         f"safely: {problem}",
         hint="pick another template with data.chat_template (e.g. chatml), or fix the model's "
         "own; `ftcli validate RECIPE` lists every example that fails",
@@ -144,19 +147,27 @@ def _classification_batch(
 
 
 def _causal_batch(
-    examples: list[dict], *, tokenizer, L: int, loss_on: str, add_eos: bool, offset: int = 0
+    examples: list[dict],
+    *,
+    tokenizer,
+    L: int,
+    loss_on: str,
+    add_eos: bool,
+    offset: int = 0,
+    split: str | None = None,
+    check: bool = True,
 ) -> dict:
     """Causal-LM features of a batch: labels mask everything but the completion (``loss_on``),
     EOS appended (``add_eos``), truncated to ``L``; ``keep`` False when no target token is left.
     A conversation whose assistant spans fail the chat check (data/chat.py) stops it: DataError
-    naming the example (``offset``: the batch's first example's index in the split)."""
+    naming the example (``offset``: the batch's first example's index in ``split``)."""
     eos_id, eos = tokenizer.eos_token_id, tokenizer.eos_token
     texts, spans, special = [], [], []
     for k, e in enumerate(examples):
         if "messages" in e:
             seg = segments(tokenizer, e["messages"])
-            if seg.problem is not None:
-                raise chat_refusal(offset + k, e["messages"], seg.problem)
+            if check and seg.problem is not None:
+                raise chat_refusal(offset + k, e["messages"], seg.problem, split)
             text, sp = seg.text, seg.spans
             special.append(False)
         elif "prompt" in e:
@@ -243,11 +254,14 @@ def tokenize(
     label2id: dict[str, int] | None,
     folder: Path | None = None,
     name: str = "features",
+    check_chat: bool = True,
 ) -> Tokenized:
     """Tokenize canonical examples (a list or ``rows.Rows``) in batches; labels mask everything
     but the completion for causal LMs. The features go to ``folder/<name>.arrow`` (else a
     temporary file, or memory for small splits) and come back as a memory-mapped ``Features``.
-    From PARALLEL_FROM examples on, ``data.num_proc`` processes tokenize (``datasets.map``)."""
+    From PARALLEL_FROM examples on, ``data.num_proc`` processes tokenize (``datasets.map``).
+    ``check_chat``: a conversation that fails the chat check (data/chat.py) is a DataError;
+    False for passes that only measure (the length choice) or re-read a trained run's data."""
     d = recipe.data
     if not isinstance(d.max_length, int):  # a caller's bug, not the user's: say where it goes
         raise TypeError("tokenize() needs data.max_length resolved (ftcli.data.lengths.resolve)")
@@ -259,6 +273,10 @@ def tokenize(
             params["windows"] = True
     else:
         params = {"L": d.max_length, "loss_on": d.loss_on, "add_eos": d.add_eos}
+        if not check_chat:
+            params["check"] = False
+        if name.endswith(".features"):  # write_data's "<split>.features": errors name the split
+            params["split"] = name.removesuffix(".features")
     fn = partial(features_batch, task=task, tokenizer=tokenizer, params=params)
     schema = feature_schema(task, windows)
     n = len(examples)

@@ -202,7 +202,7 @@ def test_the_refusal_names_the_example_from_a_worker_process(bpe, tmp_path):
     examples = [{"messages": good}] * 1_500
     examples[1_234] = {"messages": bad}
     recipe = _recipe(tmp_path / "x.jsonl", max_length=64, num_proc=2)
-    with pytest.raises(DataError, match=r"^example 1235 \(user: 'hi'\)"):
+    with pytest.raises(DataError, match=r"^train example 1235 \(user: 'hi'\)"):
         tk.tokenize(examples, recipe, tok, None, folder=tmp_path, name="train.features")
 
 
