@@ -353,10 +353,16 @@ class ChatCheck:
 
 
 def check_conversations(
-    tokenizer, splits: dict, limit: int | None = CHECK_ALL_UP_TO, keep: int = 5, seed: int = 0
+    tokenizer,
+    splits: dict,
+    limit: int | None = CHECK_ALL_UP_TO,
+    keep: int = 5,
+    seed: int = 0,
+    also=None,
 ) -> ChatCheck:
     """Run the chat check over the conversations of ``splits`` ({name: examples}): all of them,
-    or an even random sample of ``limit`` when there are more."""
+    or an even random sample of ``limit`` when there are more. ``also(messages)``: a further
+    check of a conversation that passes (a problem, or None)."""
     import random
 
     sizes = {s: len(rows) for s, rows in splits.items()}
@@ -380,6 +386,8 @@ def check_conversations(
                 continue
             checked += 1
             problem = segments(tokenizer, example["messages"]).problem
+            if problem is None and also is not None:
+                problem = also(example["messages"])
             if problem is not None:
                 failed += 1
                 if len(failures) < keep:
@@ -391,3 +399,40 @@ def first_user(messages: list[dict]) -> str:
     """A conversation's first user message, cut short: what names it in a message."""
     first = next((m["content"] for m in messages if m["role"] == "user"), messages[0]["content"])
     return repr(str(first)[:40])
+
+
+# --------------------------------------------------------------------------- {% generation %} masks
+
+_GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def marks_generation(tokenizer) -> bool:
+    """Whether the tokenizer's chat template marks the assistant's text with ``{% generation %}``
+    (transformers can then say which tokens are the assistant's)."""
+    template = getattr(tokenizer, "chat_template", None)
+    return isinstance(template, str) and bool(_GENERATION.search(template))
+
+
+def generation_problem(tokenizer, messages: list[dict], ids, mask) -> str | None:
+    """None when transformers' assistant mask (the template's ``{% generation %}`` blocks) marks
+    exactly the tokens ``mask`` (from the character spans) does, over the same ``ids``; else
+    where they first differ."""
+    out = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    theirs = [bool(x) for x in out["assistant_masks"]]
+    if list(out["input_ids"]) != [int(t) for t in ids]:
+        return "the template's own tokenization differs from the rendered text's"
+    ours = [bool(x) for x in mask]
+    if messages and messages[0]["role"] == "assistant":  # its span starts at 0, header and all:
+        lead = next((i for i, x in enumerate(theirs) if x), len(theirs))  # compared from its text
+        ours[:lead] = theirs[:lead]
+    if theirs == ours:
+        return None
+    k = next(i for i, (a, b) in enumerate(zip(theirs, ours, strict=True)) if a != b)
+    piece = tokenizer.decode([int(t) for t in ids[k : k + 8]])
+    return (
+        f"the template's {{% generation %}} blocks and the assistant spans disagree from token {k} "
+        f"({piece!r}): the blocks {'include' if theirs[k] else 'leave out'} what the spans "
+        f"{'include' if ours[k] else 'leave out'}"
+    )

@@ -14,7 +14,7 @@ from ftcli.data.examples import (
     source_of,
 )
 from ftcli.data.read import read_source
-from ftcli.errors import FtcliError, Problem, RecipeError, SourceError
+from ftcli.errors import DataError, FtcliError, Problem, RecipeError, SourceError
 from ftcli.recipe import Recipe
 from ftcli.recipe.checks import model_path_problems
 from ftcli.sources import is_hub_spec
@@ -141,7 +141,13 @@ def chat_template_problems(recipe: Recipe, prepared) -> tuple[list[Problem], lis
     """The chat check (data/chat.py) over the prepared conversations, with the recipe's template:
     every conversation up to chat.CHECK_ALL_UP_TO, else a sample that size (the count said). Needs
     the model's tokenizer (not its weights); one that cannot be loaded here is a note."""
-    from ftcli.data.chat import CHECK_ALL_UP_TO, check_conversations, first_user, recipe_tokenizer
+    from ftcli.data.chat import (
+        CHECK_ALL_UP_TO,
+        check_conversations,
+        first_user,
+        marks_generation,
+        recipe_tokenizer,
+    )
 
     if recipe.task != "causal_lm" or recipe.data.style not in ("chat", "instruction"):
         return [], [], []
@@ -155,7 +161,24 @@ def chat_template_problems(recipe: Recipe, prepared) -> tuple[list[Problem], lis
         if "chat_template" in exc.message:
             return _as_problems(exc, recipe, key), [], []
         return [], [], [f"chat template not checked: {exc.message}"]
-    found = check_conversations(tokenizer, prepared.splits, CHECK_ALL_UP_TO)
+    also = None
+    if marks_generation(tokenizer):  # its assistant masks must agree with the spans too
+        from ftcli.data.tokenize import _causal_batch
+
+        def also(messages):
+            try:
+                _causal_batch(
+                    [{"messages": messages}],
+                    tokenizer=tokenizer,
+                    L=1 << 30,
+                    loss_on="completion",
+                    add_eos=False,
+                )
+            except DataError as exc:
+                return exc.message.split("cannot be masked safely: ", 1)[-1]
+            return None
+
+    found = check_conversations(tokenizer, prepared.splits, CHECK_ALL_UP_TO, also=also)
     what = "the model's own" if not recipe.data.chat_template else recipe.data.chat_template
     if found.checked < found.total:
         done = f"chat template ({what}): a sample of {found.checked:,} of {found.total:,} conversations"

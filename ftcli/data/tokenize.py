@@ -10,7 +10,7 @@ from functools import partial
 from pathlib import Path
 
 from ftcli.data.chat import FALLBACK_ROLE as FALLBACK_ROLE
-from ftcli.data.chat import first_user, segments
+from ftcli.data.chat import first_user, generation_problem, marks_generation, segments
 from ftcli.data.chat import render_chat as render_chat
 from ftcli.data.rows import Features, Scratch, TableWriter
 from ftcli.errors import DataError
@@ -162,6 +162,7 @@ def _causal_batch(
     A conversation whose assistant spans fail the chat check (data/chat.py) stops it: DataError
     naming the example (``offset``: the batch's first example's index in ``split``)."""
     eos_id, eos = tokenizer.eos_token_id, tokenizer.eos_token
+    marked = loss_on != "all" and marks_generation(tokenizer)  # checked against the spans
     texts, spans, special = [], [], []
     for k, e in enumerate(examples):
         if "messages" in e:
@@ -192,7 +193,7 @@ def _causal_batch(
     import numpy as np
 
     out: dict = {"input_ids": [], "labels": [], "length": [], "truncated": [], "keep": []}
-    for text, sp, (ids, offsets) in zip(texts, spans, encoded, strict=True):
+    for k, (text, sp, (ids, offsets)) in enumerate(zip(texts, spans, encoded, strict=True)):
         ids = np.asarray(ids, dtype=np.int64)
         if loss_on == "all":
             mask = np.ones(len(ids), dtype=bool)
@@ -203,6 +204,11 @@ def _causal_batch(
             for s, t in sp:
                 mask |= (s < b) & (a < t)
             mask &= b > a
+        if marked and check and not special[k]:
+            messages = examples[k]["messages"]
+            problem = generation_problem(tokenizer, messages, ids, mask)
+            if problem is not None:
+                raise chat_refusal(offset + k, messages, problem, split)
         if add_eos and eos_id is not None and not (eos and text.rstrip().endswith(eos)):
             ids = np.append(ids, eos_id)
             mask = np.append(mask, True)

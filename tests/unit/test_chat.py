@@ -253,3 +253,47 @@ def test_a_template_file_that_cannot_be_read_is_one_clear_error(tmp_path):
     (tmp_path / "mine.jinja").write_text("{{ messages[0]['content'] }}")
     assert chat.template_text(str(tmp_path / "mine.jinja")) == "{{ messages[0]['content'] }}"
     assert chat.template_text(None) is None and chat.template_text("model") is None
+
+
+# ChatML with the assistant's content and end-of-turn marked as generated
+GENERATION = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}<|im_start|>assistant\n"
+    "{% generation %}{{ m['content'] }}<|im_end|>\n{% endgeneration %}"
+    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_generation_blocks_that_agree_with_the_spans_give_todays_features(bpe, tmp_path):
+    tok = _with_template(bpe, GENERATION)
+    assert chat.marks_generation(tok) and not chat.marks_generation(bpe)
+    examples = [{"messages": m} for m in conversations(60, seed=11)]
+    recipe = _recipe(tmp_path / "x.jsonl", max_length=256)
+    calls = []
+    real = chat.generation_problem
+    import ftcli.data.tokenize as tkm
+
+    def counted(*a):
+        calls.append(1)
+        return real(*a)
+
+    tkm.generation_problem, was = counted, tkm.generation_problem
+    try:
+        got = tk.tokenize(examples, recipe, tok, None)
+    finally:
+        tkm.generation_problem = was
+    assert len(calls) == len(examples)  # every conversation's masks compared
+    assert list(got.features) == old.tokenize(examples, recipe, tok, None).features
+
+
+def test_generation_blocks_that_leave_out_the_end_of_turn_are_refused(bpe, tmp_path):
+    """The spans take the end-of-turn marker as a target (the model learns to stop); blocks around
+    the content alone disagree, and the token where they part is named."""
+    tok = _with_template(
+        bpe,
+        GENERATION.replace("<|im_end|>\n{% endgeneration %}", "{% endgeneration %}<|im_end|>\n"),
+    )
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]
+    assert chat.segments(tok, msgs).problem is None  # the spans alone cannot tell
+    with pytest.raises(DataError, match=r"generation %\} blocks and the assistant spans disagree"):
+        tk.tokenize([{"messages": msgs}], _recipe(tmp_path / "x.jsonl", max_length=64), tok, None)
