@@ -96,7 +96,9 @@ def run_test_features(run_dir: Path | None, tokenizer, limit: int = 16) -> list[
     ):
         return None
     rd = open_run(run_dir)
-    feats = tokenize(rd.examples[:limit], rd.recipe, tokenizer, rd.prepared.label2id).features
+    feats = tokenize(
+        rd.examples[:limit], rd.recipe, tokenizer, rd.prepared.label2id, check_chat=False
+    ).features
     return feats or None
 
 

@@ -20,6 +20,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration, set_seed
 
 from ftcli.adapt import adapt, save_initial_adapter
+from ftcli.data.chat import recipe_tokenizer
 from ftcli.data.examples import SPLITS, prepare, save_prepared
 from ftcli.data.lengths import resolve as resolve_length
 from ftcli.data.lengths import with_data_length, with_max_length
@@ -34,7 +35,6 @@ from ftcli.memory import preflight
 from ftcli.memory.arch import layer_dims
 from ftcli.merge import merge
 from ftcli.models import (
-    load_tokenizer,
     load_trained,
     resolve_device,
     to_device,
@@ -331,7 +331,7 @@ def _prepare_stage(recipe: Recipe, acc, ui: UI, timings: dict):
     ui.step(f"prepare  {recipe.data.where}")
     t0 = time.perf_counter()
     with acc.main_process_first():
-        tokenizer, _, model_dir = load_tokenizer(recipe.model)
+        tokenizer, _, model_dir = recipe_tokenizer(recipe)
     if recipe.data.augment and recipe.data.augment.paraphrase:
         # a model writes them on each run: prepared here, in every process, as before
         from ftcli.data.paraphrase import add_paraphrases

@@ -24,11 +24,11 @@ def prepare(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False):
 
       ftcli prepare my.yaml --set data.max_length=512 --json
     """
+    from ftcli.data.chat import recipe_tokenizer
     from ftcli.data.examples import SPLITS
     from ftcli.data.lengths import with_data_length
     from ftcli.data.prepared import data_table
     from ftcli.data.store import load_data
-    from ftcli.models import load_tokenizer
     from ftcli.sources import trusting
     from ftcli.ui import UI
 
@@ -45,7 +45,7 @@ def prepare(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False):
         augment = r.data.augment.model_copy(update={"paraphrase": None})
         r = r.model_copy(update={"data": r.data.model_copy(update={"augment": augment})})
     with trusting(r.model.trust_remote_code):
-        tokenizer, _, model_dir = load_tokenizer(r.model)
+        tokenizer, _, model_dir = recipe_tokenizer(r)
         prepared, tokenized, note = load_data(r, tokenizer, model_dir, None, ui)
     ui.info(f"  {note}")
     r = with_data_length(r, prepared, ui)

@@ -14,7 +14,7 @@ from ftcli.data.examples import (
     source_of,
 )
 from ftcli.data.read import read_source
-from ftcli.errors import FtcliError, Problem, RecipeError, SourceError
+from ftcli.errors import DataError, FtcliError, Problem, RecipeError, SourceError
 from ftcli.recipe import Recipe
 from ftcli.recipe.checks import model_path_problems
 from ftcli.sources import is_hub_spec
@@ -111,7 +111,100 @@ def data_problems(recipe: Recipe) -> tuple[list[Problem], list[str], list[str]]:
             checked.append(", ".join(f"{k} {v}" for k, v in sizes.items()))
         except FtcliError as exc:
             problems += _as_problems(exc, recipe, "data")
+        else:
+            found, done, said = chat_template_problems(recipe, prepared)
+            problems += found
+            checked += done
+            notes += said
     return problems, checked, notes
+
+
+def _uncached_hub_model(recipe: Recipe) -> str | None:
+    """Why the model's tokenizer is not read here: a hub model not in the cache (validate
+    downloads nothing; train does); None for a local model or a cached one."""
+    from pathlib import Path
+
+    from ftcli.sources import PKG, looks_local
+
+    name = recipe.model.name
+    if name.startswith(PKG) or looks_local(name) or Path(name).expanduser().exists():
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    got = try_to_load_from_cache(name, "tokenizer_config.json", revision=recipe.model.revision)
+    if isinstance(got, str):
+        return None
+    return f"the model {name} is not in the hub cache (train downloads it)"
+
+
+def chat_template_problems(recipe: Recipe, prepared) -> tuple[list[Problem], list[str], list[str]]:
+    """The chat check (data/chat.py) over the prepared conversations, with the recipe's template:
+    every conversation up to chat.CHECK_ALL_UP_TO, else a sample that size (the count said). Needs
+    the model's tokenizer (not its weights); one that cannot be loaded here is a note."""
+    from ftcli.data.chat import (
+        CHECK_ALL_UP_TO,
+        check_conversations,
+        first_user,
+        marks_generation,
+        recipe_tokenizer,
+    )
+
+    if recipe.task != "causal_lm" or recipe.data.style not in ("chat", "instruction"):
+        return [], [], []
+    key = "data.chat_template"
+    uncached = _uncached_hub_model(recipe)
+    if uncached:
+        return [], [], [f"chat template not checked: {uncached}"]
+    try:
+        tokenizer, _, _ = recipe_tokenizer(recipe)
+    except FtcliError as exc:
+        if "chat_template" in exc.message:
+            return _as_problems(exc, recipe, key), [], []
+        return [], [], [f"chat template not checked: {exc.message}"]
+    also = None
+    if marks_generation(tokenizer):  # its assistant masks must agree with the spans too
+        from ftcli.data.tokenize import _causal_batch
+
+        def also(messages):
+            try:
+                _causal_batch(
+                    [{"messages": messages}],
+                    tokenizer=tokenizer,
+                    L=1 << 30,
+                    loss_on="completion",
+                    add_eos=False,
+                )
+            except DataError as exc:
+                return exc.message.split("cannot be masked safely: ", 1)[-1]
+            return None
+
+    found = check_conversations(tokenizer, prepared.splits, CHECK_ALL_UP_TO, also=also)
+    what = "the model's own" if not recipe.data.chat_template else recipe.data.chat_template
+    if found.checked < found.total:
+        done = f"chat template ({what}): a sample of {found.checked:,} of {found.total:,} conversations"
+    else:
+        done = f"chat template ({what}): {found.checked:,} conversations"
+    if not found.failed:
+        return [], [done], []
+    hint = "pick a template that renders every turn the same way: data.chat_template (e.g. chatml)"
+    problems = [
+        recipe.problem(
+            key,
+            f"{split} example {i + 1} (user: {first_user(msgs)}) cannot be masked safely: {why}",
+            hint,
+        )
+        for split, i, msgs, why in found.failures
+    ]
+    if found.failed > len(found.failures):
+        problems.append(
+            recipe.problem(
+                key,
+                f"{found.failed - len(found.failures):,} more of the {found.checked:,} "
+                "conversations checked fail the same way",
+                hint,
+            )
+        )
+    return problems, [done], []
 
 
 def check_recipe(

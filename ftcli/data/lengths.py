@@ -86,7 +86,9 @@ def token_lengths(examples: list[dict], recipe, tokenizer, label2id) -> list[int
     template, EOS), in the order of ``examples``."""
     data = recipe.data.model_copy(update={"max_length": UNBOUNDED, "long_documents": "truncate"})
     whole = recipe.model_copy(update={"data": data})
-    return [len(f["input_ids"]) for f in tokenize(examples, whole, tokenizer, label2id).features]
+    # the chat check speaks when the splits are tokenized, naming the split's own example
+    feats = tokenize(examples, whole, tokenizer, label2id, check_chat=False).features
+    return [len(f["input_ids"]) for f in feats]
 
 
 def percentile(lengths: list[int], q: int) -> int:
@@ -161,10 +163,10 @@ def resolve_from_data(recipe, ui=None):
     tokenizer as training will, and choose the same way. Returns (recipe, LengthChoice)."""
     if recipe.data.max_length != "auto":
         return recipe, LengthChoice(int(recipe.data.max_length), "explicit")
+    from ftcli.data.chat import recipe_tokenizer
     from ftcli.data.examples import prepare
-    from ftcli.models import load_tokenizer
 
-    tokenizer, _, _ = load_tokenizer(recipe.model)
+    tokenizer, _, _ = recipe_tokenizer(recipe)
     prepared = prepare(recipe)
     return resolve(recipe, prepared.splits["train"], tokenizer, prepared.label2id)
 

@@ -588,9 +588,9 @@ def resolve_from_stream(recipe, tokenizer=None, s: Scan | None = None):
     if recipe.data.max_length != "auto":
         return recipe, LengthChoice(int(recipe.data.max_length), "explicit")
     if tokenizer is None:
-        from ftcli.models import load_tokenizer
+        from ftcli.data.chat import recipe_tokenizer
 
-        tokenizer, _, _ = load_tokenizer(recipe.model)
+        tokenizer, _, _ = recipe_tokenizer(recipe)
     s = s or scan(recipe)
     label2id = {lab: i for i, lab in enumerate(s.labels or [])}
     lengths = token_lengths(s.sample, recipe, tokenizer, label2id)

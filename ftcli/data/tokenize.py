@@ -9,41 +9,35 @@ from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
+from ftcli.data.chat import FALLBACK_ROLE as FALLBACK_ROLE
+from ftcli.data.chat import first_user, generation_problem, marks_generation, segments
+from ftcli.data.chat import render_chat as render_chat
 from ftcli.data.rows import Features, Scratch, TableWriter
+from ftcli.errors import DataError
 from ftcli.recipe import Recipe
 
 IGNORE_INDEX = -100
 
-FALLBACK_ROLE = {"system": "System", "user": "User", "assistant": "Assistant"}
-
-
-def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    """The tokenizer's chat template, or a plain '### Role:' layout for base models without one."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-    text = "".join(
-        f"### {FALLBACK_ROLE.get(m['role'], m['role'].title())}:\n{m['content']}\n\n"
-        for m in messages
-    )
-    return text + ("### Assistant:\n" if add_generation_prompt else "")
-
 
 def _chat_segments(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of the assistant turns (the targets)."""
-    full = render_chat(tokenizer, messages, add_generation_prompt=False)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        start = len(render_chat(tokenizer, messages[:i], add_generation_prompt=True)) if i else 0
-        if i == len(messages) - 1:  # the same call as ``full``: no need to render it again
-            end = len(full)
-        else:
-            end = len(render_chat(tokenizer, messages[: i + 1], add_generation_prompt=False))
-        spans.append((start, end))
-    return full, spans
+    """The rendered conversation and the character spans of the assistant turns (the targets),
+    unchecked (``chat.segments`` has the check's verdict too)."""
+    seg = segments(tokenizer, messages)
+    return seg.text, seg.spans
+
+
+def chat_refusal(
+    index: int, messages: list[dict], problem: str, split: str | None = None
+) -> DataError:
+    """The error that stops tokenizing a conversation the chat template renders in a way its
+    assistant spans cannot be found from (data/chat.py's check)."""
+    where = f"{split} example" if split else "example"
+    return DataError(
+        f"{where} {index + 1} (user: {first_user(messages)}): the chat template cannot be masked "
+        f"safely: {problem}",
+        hint="pick another template with data.chat_template (e.g. chatml), or fix the model's "
+        "own; `ftcli validate RECIPE` lists every example that fails",
+    )
 
 
 def prompt_and_target(tokenizer, example: dict) -> tuple[str, str]:
@@ -155,14 +149,30 @@ def _classification_batch(
     }
 
 
-def _causal_batch(examples: list[dict], *, tokenizer, L: int, loss_on: str, add_eos: bool) -> dict:
+def _causal_batch(
+    examples: list[dict],
+    *,
+    tokenizer,
+    L: int,
+    loss_on: str,
+    add_eos: bool,
+    offset: int = 0,
+    split: str | None = None,
+    check: bool = True,
+) -> dict:
     """Causal-LM features of a batch: labels mask everything but the completion (``loss_on``),
-    EOS appended (``add_eos``), truncated to ``L``; ``keep`` False when no target token is left."""
+    EOS appended (``add_eos``), truncated to ``L``; ``keep`` False when no target token is left.
+    A conversation whose assistant spans fail the chat check (data/chat.py) stops it: DataError
+    naming the example (``offset``: the batch's first example's index in ``split``)."""
     eos_id, eos = tokenizer.eos_token_id, tokenizer.eos_token
+    marked = loss_on != "all" and marks_generation(tokenizer)  # checked against the spans
     texts, spans, special = [], [], []
-    for e in examples:
+    for k, e in enumerate(examples):
         if "messages" in e:
-            text, sp = _chat_segments(tokenizer, e["messages"])
+            seg = segments(tokenizer, e["messages"])
+            if check and seg.problem is not None:
+                raise chat_refusal(offset + k, e["messages"], seg.problem, split)
+            text, sp = seg.text, seg.spans
             special.append(False)
         elif "prompt" in e:
             text = e["prompt"] + e["completion"]
@@ -186,7 +196,7 @@ def _causal_batch(examples: list[dict], *, tokenizer, L: int, loss_on: str, add_
     import numpy as np
 
     out: dict = {"input_ids": [], "labels": [], "length": [], "truncated": [], "keep": []}
-    for text, sp, (ids, offsets) in zip(texts, spans, encoded, strict=True):
+    for k, (text, sp, (ids, offsets)) in enumerate(zip(texts, spans, encoded, strict=True)):
         ids = np.asarray(ids, dtype=np.int64)
         if loss_on == "all":
             mask = np.ones(len(ids), dtype=bool)
@@ -197,6 +207,11 @@ def _causal_batch(examples: list[dict], *, tokenizer, L: int, loss_on: str, add_
             for s, t in sp:
                 mask |= (s < b) & (a < t)
             mask &= b > a
+        if marked and check and not special[k]:
+            messages = examples[k]["messages"]
+            problem = generation_problem(tokenizer, messages, ids, mask)
+            if problem is not None:
+                raise chat_refusal(offset + k, messages, problem, split)
         if add_eos and eos_id is not None and not (eos and text.rstrip().endswith(eos)):
             ids = np.append(ids, eos_id)
             mask = np.append(mask, True)
@@ -212,14 +227,18 @@ def _causal_batch(examples: list[dict], *, tokenizer, L: int, loss_on: str, add_
     return out
 
 
-def features_batch(batch: dict, *, task: str, tokenizer, params: dict, offset: int = 0) -> dict:
+def features_batch(
+    batch: dict, indices=None, *, task: str, tokenizer, params: dict, offset: int = 0
+) -> dict:
     """One batch of examples (columns, as ``datasets.map(batched=True)`` passes them) -> feature
     columns plus ``truncated`` and ``keep``. Module-level, so worker processes can unpickle it."""
     cols = list(batch)
     examples = [dict(zip(cols, vals, strict=True)) for vals in zip(*batch.values(), strict=True)]
+    if indices:  # datasets.map(with_indices=True): the batch's place in the split
+        offset = indices[0]
     if task == "classification":
         return _classification_batch(examples, tokenizer=tokenizer, offset=offset, **params)
-    return _causal_batch(examples, tokenizer=tokenizer, **params)
+    return _causal_batch(examples, tokenizer=tokenizer, offset=offset, **params)
 
 
 def _columns(rows: list[dict]) -> dict:
@@ -244,11 +263,14 @@ def tokenize(
     label2id: dict[str, int] | None,
     folder: Path | None = None,
     name: str = "features",
+    check_chat: bool = True,
 ) -> Tokenized:
     """Tokenize canonical examples (a list or ``rows.Rows``) in batches; labels mask everything
     but the completion for causal LMs. The features go to ``folder/<name>.arrow`` (else a
     temporary file, or memory for small splits) and come back as a memory-mapped ``Features``.
-    From PARALLEL_FROM examples on, ``data.num_proc`` processes tokenize (``datasets.map``)."""
+    From PARALLEL_FROM examples on, ``data.num_proc`` processes tokenize (``datasets.map``).
+    ``check_chat``: a conversation that fails the chat check (data/chat.py) is a DataError;
+    False for passes that only measure (the length choice) or re-read a trained run's data."""
     d = recipe.data
     if not isinstance(d.max_length, int):  # a caller's bug, not the user's: say where it goes
         raise TypeError("tokenize() needs data.max_length resolved (ftcli.data.lengths.resolve)")
@@ -260,6 +282,10 @@ def tokenize(
             params["windows"] = True
     else:
         params = {"L": d.max_length, "loss_on": d.loss_on, "add_eos": d.add_eos}
+        if not check_chat:
+            params["check"] = False
+        if name.endswith(".features"):  # write_data's "<split>.features": errors name the split
+            params["split"] = name.removesuffix(".features")
     fn = partial(features_batch, task=task, tokenizer=tokenizer, params=params)
     schema = feature_schema(task, windows)
     n = len(examples)
@@ -357,6 +383,7 @@ def _map_parallel(examples, fn, procs: int, folder: Path, name: str, schema):
             out = ds.map(
                 fn,
                 batched=True,
+                with_indices=True,
                 batch_size=MAP_BATCH,
                 writer_batch_size=MAP_BATCH,
                 num_proc=procs,

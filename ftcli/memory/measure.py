@@ -21,12 +21,13 @@ import tempfile
 from pathlib import Path
 
 from ftcli.adapt import adapt
+from ftcli.data.chat import recipe_tokenizer
 from ftcli.data.tokenize import padded_width
 from ftcli.errors import FtcliError
 from ftcli.forward import loss_sums
 from ftcli.memory.arch import build_meta, layer_dims
 from ftcli.memory.preflight import pin_malloc_threshold
-from ftcli.models import load_tokenizer, weight_dtype_of
+from ftcli.models import weight_dtype_of
 from ftcli.precision import resolve_mixed_precision
 from ftcli.recipe import recipe_from_mapping
 from ftcli.sources import local_model_dir, resolve_model, trusting
@@ -111,7 +112,7 @@ def _measure(recipe, device: str, steps: int, loss_path: str) -> dict:
         weight_dtype_of(recipe, device),
     )
     acc = Accelerator(mixed_precision=mp, cpu=device == "cpu")
-    tokenizer, _, model_dir = load_tokenizer(recipe.model)
+    tokenizer, _, model_dir = recipe_tokenizer(recipe)
     labels = None
     if recipe.task == "classification":
         labels = list(recipe.data.labels) if recipe.data.labels else ["0", "1"]

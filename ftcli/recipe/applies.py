@@ -149,6 +149,10 @@ APPLIES: dict[str, Applies | None] = {
     "data.clean.dedupe": ALWAYS,
     "data.loss_on": Applies(lambda r: r.task == "causal_lm", "task causal_lm", warn=True),
     "data.add_eos": Applies(lambda r: r.task == "causal_lm", "task causal_lm", warn=True),
+    "data.chat_template": Applies(
+        lambda r: r.task == "causal_lm" and r.data.style in ("chat", "instruction"),
+        "chat or instruction data (causal_lm)",
+    ),
     "data.encoding": ALWAYS,
     # speed: packing on a classifier, liger on a CPU... are recipe errors of their own
     "data.packing": ALWAYS,

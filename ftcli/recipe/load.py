@@ -27,7 +27,7 @@ from ftcli.errors import FtcliError, Problem, RecipeError
 from ftcli.recipe.applies import METHOD_KEYS, _inapplicable
 from ftcli.recipe.checks import _semantic_problems, _space_entries, _space_problem, _tune_problems
 from ftcli.recipe.origin import RecipeOrigin, _check_size, _node_lines
-from ftcli.recipe.schema import DataSpec, Recipe
+from ftcli.recipe.schema import CHAT_TEMPLATES, DataSpec, Recipe
 from ftcli.recipe.suggest import _problem_from_error
 
 
@@ -395,6 +395,7 @@ PATH_KEYS = (
     ("data", "validation_path"),
     ("data", "test_path"),
     ("model", "name"),
+    ("data", "chat_template"),  # a Jinja file's path (a template's name is left alone)
 )
 LORA_KEYS = ("r", "alpha", "dropout", "target_modules", "modules_to_save", "init")
 
@@ -426,6 +427,8 @@ def anchor_paths(
                 section = None
         value = section.get(key[-1]) if isinstance(section, dict) else None
         if not isinstance(value, str) or not value or value.startswith(PKG):
+            continue
+        if key == ("data", "chat_template") and value in ("model", *CHAT_TEMPLATES):
             continue
         if value.startswith("~") or Path(value).is_absolute():
             continue

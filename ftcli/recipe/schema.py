@@ -211,6 +211,10 @@ SOURCE_KEYS = tuple(
 )
 
 
+# The chat templates ftcli ships (ftcli/bundled/templates/NAME.jinja), for data.chat_template.
+CHAT_TEMPLATES = ("chatml", "llama-3", "mistral", "gemma", "qwen", "plain")
+
+
 class DataSpec(_Section):
     """Where the examples come from and how their columns map onto the task."""
 
@@ -294,6 +298,22 @@ class DataSpec(_Section):
     add_eos: bool = Field(
         True, description="causal_lm: end every example with EOS so the model learns to stop"
     )
+    chat_template: str | None = Field(
+        None,
+        description="chat or instruction data: the template conversations are rendered with: "
+        "model (the default: the model's own), one shipped with ftcli ("
+        + ", ".join(CHAT_TEMPLATES)
+        + "), or the path of a Jinja file; saved with the adapter and the merged model, so "
+        "predict, chat and serve render what training saw",
+    )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_choice(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError(f"expects model, {', '.join(CHAT_TEMPLATES)} or a Jinja file's path")
+        return None if v == "model" else v
+
     encoding: str = Field(
         "utf-8",
         description="text encoding of local files; 'auto' detects it (charset-normalizer) and "

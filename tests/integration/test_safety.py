@@ -47,7 +47,7 @@ def test_an_unwritable_output_dir_fails_before_anything_loads(
     def must_not_load(*a, **k):
         raise AssertionError("the model was loaded before the output folder was checked")
 
-    monkeypatch.setattr(ftcli.pipeline, "load_tokenizer", must_not_load)
+    monkeypatch.setattr(ftcli.pipeline, "recipe_tokenizer", must_not_load)
     (tmp_path / "FILE").write_text("a file, not a folder")
     out = where.replace("FILE", str(tmp_path / "FILE"))
     m = _recipe(tmp_path, tiny_models, tiny_data)

@@ -18,7 +18,7 @@ from ftcli.data.read import read_source
 from ftcli.errors import DataError, RecipeError, SourceError
 from ftcli.recipe import DataSpec, Recipe
 from ftcli.sources import resolve_data
-from ftcli.data.tokenize import IGNORE_INDEX, _chat_segments
+from ftcli.data.tokenize import IGNORE_INDEX, render_chat
 
 SPLITS = ("train", "validation", "test")
 
@@ -441,6 +441,22 @@ class Tokenized:
     truncated: int
     dropped_no_target: int
     tokens: int
+
+
+def _chat_segments(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The assistant spans as they were always found: every prefix rendered for real."""
+    full = render_chat(tokenizer, messages, add_generation_prompt=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(render_chat(tokenizer, messages[:i], add_generation_prompt=True)) if i else 0
+        if i == len(messages) - 1:
+            end = len(full)
+        else:
+            end = len(render_chat(tokenizer, messages[: i + 1], add_generation_prompt=False))
+        spans.append((start, end))
+    return full, spans
 
 
 def tokenize(

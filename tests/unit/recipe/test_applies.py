@@ -57,6 +57,7 @@ SAMPLES = {
     "data.output_column": "o",
     "data.messages_column": "messages",
     "data.system_prompt": "be brief",
+    "data.chat_template": "chatml",
     "data.max_validation_examples": 10,
     "method.target_modules": ["q_proj"],
     "method.modules_to_save": ["score"],
