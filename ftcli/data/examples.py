@@ -48,8 +48,8 @@ def required_columns(recipe: Recipe, at: str = "data") -> dict[str, str]:
     d = recipe.data
     if recipe.task == "classification":
         return {f"{at}.text_column": d.text_column, f"{at}.label_column": d.label_col}
-    if recipe.task in pairs.PAIR_TASKS:  # the KTO layout reads others: pairs.missing_columns
-        return {f"{at}.chosen_column": d.chosen_column, f"{at}.rejected_column": d.rejected_column}
+    if recipe.task in pairs.PAIR_TASKS:  # which columns depends on the layout (and an answer
+        return {}  # may well be a number): pairs.missing_columns checks them
     keys = {
         "chat": ["messages_column"],
         "instruction": ["instruction_column", "output_column"]

@@ -285,6 +285,8 @@ class DataSpec(_Section):
             v = int(v)
         if isinstance(v, float) and v.is_integer():
             v = int(v)
+        if isinstance(v, float) and (v != v or abs(v) == float("inf")):  # nan, inf
+            raise ValueError("must be auto or a finite number of tokens")
         if not isinstance(v, int):
             raise ValueError("must be auto or a whole number of tokens")
         if v < 1:

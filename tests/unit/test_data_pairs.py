@@ -470,3 +470,43 @@ def test_a_system_prompt_leads_message_prompts(tmp_path):
             assert e["prompt"][0] == {"role": "system", "content": "Be kind."}
         else:
             assert e["prompt"] == "text prompt"
+
+
+def test_prepare_reports_the_drops_and_caches_preference_data(tmp_path, capsys):
+    """`ftcli prepare` on pairs: the bad rows in data.json's dropped, the second run cached, and
+    an answer that is a number is not taken for a wrong column by validate."""
+    from transformers import LlamaConfig
+
+    from tests.conftest import run_cli, write_recipe
+
+    model = tmp_path / "model"
+    _train_tokenizer("bpe", model)
+    LlamaConfig(
+        vocab_size=400,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+    ).save_pretrained(model)
+    rows = [
+        {"prompt": f"what is {i} plus 2 ?", "chosen": f"{i + 2}", "rejected": f"{i + 3}"}
+        for i in range(10)
+    ]
+    rows.append({"prompt": "same", "chosen": "1", "rejected": "1"})
+    data = _jsonl(tmp_path / "pairs.jsonl", rows)
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        name="p",
+        task="preference",
+        model={"name": str(model)},
+        data={"path": str(data), "split": SPLIT},
+        method={"kind": "lora"},
+    )
+    code, out = run_cli(capsys, "validate", str(recipe))
+    assert code == 0 and "data columns" in out["checked"], out
+    code, out = run_cli(capsys, "prepare", str(recipe))
+    assert code == 0 and not out["cached"]
+    assert out["data"]["train"]["examples"] + out["data"]["test"]["examples"] == 10
+    code, again = run_cli(capsys, "prepare", str(recipe))
+    assert again["cached"] and again["key"] == out["key"]
