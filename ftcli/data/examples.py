@@ -559,7 +559,14 @@ def _prepare(recipe: Recipe, d: DataSpec, folder: Path, work: Path, keep) -> Pre
             f"no examples left in {d.path} after cleaning "
             f"({counts.read} read, {counts.empty} empty, {counts.duplicate} duplicates{bad})"
             + first,
-            hint="docs/preference.md describes the pair layouts" if first else None,
+            hint=(
+                "unpaired (KTO) rows train only with task preference and preference.loss: kto "
+                "(--set preference.loss=kto); docs/preference.md describes the layouts"
+                if counts.bad.get("unpaired")
+                else "docs/preference.md describes the pair layouts"
+            )
+            if first
+            else None,
         )
 
     # No example may sit in two splits: explicit files win over the training pool.

@@ -510,3 +510,13 @@ def test_prepare_reports_the_drops_and_caches_preference_data(tmp_path, capsys):
     assert out["data"]["train"]["examples"] + out["data"]["test"]["examples"] == 10
     code, again = run_cli(capsys, "prepare", str(recipe))
     assert again["cached"] and again["key"] == out["key"]
+
+
+def test_unpaired_rows_only_with_a_pair_loss_is_an_error_naming_the_fix(tmp_path):
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}", "label": i % 2 == 0} for i in range(6)]
+    with pytest.raises(DataError) as exc:
+        prepare(_recipe(_jsonl(tmp_path / "k.jsonl", rows)))
+    assert (
+        "6 unpaired" in exc.value.message and "record 1: an unpaired (KTO) row" in exc.value.message
+    )
+    assert "--set preference.loss=kto" in exc.value.hint
