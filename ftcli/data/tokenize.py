@@ -261,12 +261,13 @@ def tokenize(
             params["windows"] = True
     else:
         params = {"L": d.max_length, "loss_on": d.loss_on, "add_eos": d.add_eos}
+    fn = partial(features_batch, task=task, tokenizer=tokenizer, params=params)
     schema = feature_schema(task, windows)
     if task in ("preference", "reward"):  # data/pairs.py: its params, schema and column view
         from ftcli.data.pairs import setup
 
         examples, params, schema = setup(examples, recipe)
-    fn = partial(features_batch, task=task, tokenizer=tokenizer, params=params)
+        fn = partial(features_batch, task=task, tokenizer=tokenizer, params=params)
     n = len(examples)
     keep = None
     if folder is None and n >= PARALLEL_FROM:
