@@ -39,6 +39,7 @@ from ftcli.models import (
     keep_4bit_trainable_on_cpu,
     load_recipe_base,
     new_token_rows,
+    tie_saved_embeddings,
     token_matrices,
     upcast_trainable,
 )
@@ -566,6 +567,8 @@ def adapt(
             raise RecipeError(
                 [recipe.problem(key, f"peft cannot build {kind} here: {str(exc).splitlines()[0]}")]
             ) from None
+        if ids:
+            tie_saved_embeddings(model)
         if kind == "qlora":
             keep_4bit_trainable_on_cpu(model)
             if recipe.method.init == "loftq":

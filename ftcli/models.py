@@ -324,6 +324,21 @@ def grow_for_tokens(model, ids: list[int], base_size: int) -> None:
             w[ids] = w[:keep].float().mean(0).to(w.dtype)
 
 
+def tie_saved_embeddings(model) -> bool:
+    """A tied output head follows the input embeddings when peft trains them as a
+    modules_to_save copy (ia3/vera with model.add_tokens): peft copies the embeddings only, and
+    the head would keep the frozen original. Re-pointed at training and at every load."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base.config, "tie_word_embeddings", False):
+        return False
+    emb, out = base.get_input_embeddings(), base.get_output_embeddings()
+    copies = getattr(emb, "modules_to_save", None)
+    if out is None or not copies:
+        return False
+    out.weight = copies[emb.active_adapters[0]].weight
+    return True
+
+
 def check_token_ids(tokenizer, rows: dict[str, int], what: str) -> None:
     """The tokenizer a model is used with must give the added tokens the rows the model grew."""
     wrong = [c for c, i in rows.items() if tokenizer.convert_tokens_to_ids(c) != i]
@@ -656,7 +671,9 @@ def attach_adapter(base_model, folder: Path, name: str = "default"):
     """A peft model: ``base_model`` with the adapter saved in ``folder``, for inference."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base_model, folder, adapter_name=name).eval()
+    model = PeftModel.from_pretrained(base_model, folder, adapter_name=name)
+    tie_saved_embeddings(model)
+    return model.eval()
 
 
 def load_adapters(
