@@ -639,7 +639,7 @@ def token_lines(recipe: Recipe, model, ids: list[int], names: list[str]) -> tupl
     rows = f"{len(ids)} added token(s), rows {ids[0]}-{ids[-1]} of {where} (mean-initialised)"
     delta = sum(p.numel() for k, p in model.named_parameters() if "trainable_tokens_delta" in k)
     if delta:
-        how = f"trained as peft trainable tokens: {delta:,} parameters ({len(ids)} x {width} each)"
+        how = f"trained as peft trainable tokens: {delta:,} parameters ({len(ids)} x {width} per matrix)"
     elif recipe.method.kind == "full":
         how = "trained with the rest of the model"
     else:
