@@ -150,7 +150,9 @@ def _numel(p) -> int:
     return p.numel()
 
 
-def count_params(model, extra: tuple = ()) -> ParamCounts:
+def count_params(model, extra: tuple = (), token_names=()) -> ParamCounts:
+    """``token_names``: the matrices model.add_tokens grew, which a modules_to_save copy trains
+    for ia3/vera: counted as trainable, not as the task head."""
     total = trainable = lora = head = adapter = 0
     for name, p in model.named_parameters():
         n = _numel(p)
@@ -161,7 +163,9 @@ def count_params(model, extra: tuple = ()) -> ParamCounts:
                 adapter += n
             if "lora_" in name:
                 lora += n
-            elif any(f".{h}." in f".{name}" for h in HEAD_NAMES) or "modules_to_save" in name:
+            elif any(f".{h}." in f".{name}" for h in HEAD_NAMES) or (
+                "modules_to_save" in name and not any(f".{t}." in name for t in token_names)
+            ):
                 head += n
     adapted_modules = adapted_weights = 0
     examples: dict = {}
@@ -595,7 +599,7 @@ def adapt(
         upcast_trainable(model)
     if gc:
         model.config.use_cache = False
-    return Adapted(model, tokenizer, model_dir, count_params(model, extra))
+    return Adapted(model, tokenizer, model_dir, count_params(model, extra, grown if ids else ()))
 
 
 def added_rows(recipe: Recipe, model_dir: str) -> list[int]:
