@@ -672,8 +672,17 @@ def attach_adapter(base_model, folder: Path, name: str = "default"):
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(base_model, folder, adapter_name=name)
-    tie_saved_embeddings(model)
+    if _adds_tokens(folder):  # as training tied them (adapt does the same, for these runs only)
+        tie_saved_embeddings(model)
     return model.eval()
+
+
+def _adds_tokens(folder: Path) -> bool:
+    """Whether ftcli's record of the adapter in ``folder`` names model.add_tokens."""
+    if not (Path(folder) / "ftcli.json").exists():
+        return False
+    spec = read_model_record(Path(folder)).model
+    return bool(spec and spec.add_tokens)
 
 
 def load_adapters(
