@@ -38,6 +38,9 @@ from ftcli.models import (
     forward_takes,
     keep_4bit_trainable_on_cpu,
     load_recipe_base,
+    new_token_rows,
+    tie_saved_embeddings,
+    token_matrices,
     upcast_trainable,
 )
 from ftcli.recipe import LORA_KINDS, PROMPT_KINDS, Recipe
@@ -147,7 +150,9 @@ def _numel(p) -> int:
     return p.numel()
 
 
-def count_params(model, extra: tuple = ()) -> ParamCounts:
+def count_params(model, extra: tuple = (), token_names=()) -> ParamCounts:
+    """``token_names``: the matrices model.add_tokens grew, which a modules_to_save copy trains
+    for ia3/vera: counted as trainable, not as the task head."""
     total = trainable = lora = head = adapter = 0
     for name, p in model.named_parameters():
         n = _numel(p)
@@ -158,7 +163,9 @@ def count_params(model, extra: tuple = ()) -> ParamCounts:
                 adapter += n
             if "lora_" in name:
                 lora += n
-            elif any(f".{h}." in f".{name}" for h in HEAD_NAMES) or "modules_to_save" in name:
+            elif any(f".{h}." in f".{name}" for h in HEAD_NAMES) or (
+                "modules_to_save" in name and not any(f".{t}." in name for t in token_names)
+            ):
                 head += n
     adapted_modules = adapted_weights = 0
     examples: dict = {}
@@ -262,7 +269,30 @@ def _layers(recipe: Recipe) -> dict:
     return {"layers_to_transform": list(recipe.method.layers)} if recipe.method.layers else {}
 
 
-def lora_config(recipe: Recipe):
+def token_modules(model) -> list[str]:
+    """Leaf names of the matrices an added token has a row in: the input embeddings, and an
+    untied output head (a tied one follows the embeddings)."""
+    names = {id(mod): n for n, mod in model.named_modules()}
+    return [names[id(mod)].rsplit(".", 1)[-1] for mod in token_matrices(model)]
+
+
+def trainable_tokens(recipe: Recipe, model, ids: list[int]):
+    """peft's ``trainable_token_indices`` for the added tokens' rows ``ids``: a list (the input
+    embeddings; peft ties an output head that shares them), or {module: ids} with an untied
+    head; None when there is nothing to add or method.modules_to_save trains the matrices whole."""
+    names = token_modules(model)
+    saved = set(recipe.method.modules_to_save or ())
+    wanted = [n for n in names if n not in saved]
+    if not ids or not wanted:
+        return None
+    if wanted == names[:1] and len(names) == 1:
+        return list(ids)
+    return {n: list(ids) for n in wanted}
+
+
+def lora_config(recipe: Recipe, token_indices=None):
+    """The LoraConfig of a lora/qlora recipe; ``token_indices``: the added tokens' rows, trained
+    as peft's trainable tokens (``trainable_tokens``)."""
     m = recipe.method
     init = {"gaussian": "gaussian", "kaiming": True, "loftq": True}.get(m.init, m.init)
     extra: dict = {}
@@ -280,18 +310,23 @@ def lora_config(recipe: Recipe):
         use_rslora=m.rslora,
         task_type=peft_task_type(recipe.task),
         bias="none",
+        trainable_token_indices=token_indices,
         **_layers(recipe),
         **extra,
     )
 
 
-def peft_config(recipe: Recipe, model):
-    """The peft config of the recipe's method (every adapter goes through peft)."""
+def peft_config(recipe: Recipe, model, token_ids: list[int] | None = None):
+    """The peft config of the recipe's method (every adapter goes through peft). ``token_ids``:
+    the rows of tokens model.add_tokens added, trained as peft's trainable tokens (lora, qlora)
+    or, where peft has no trainable tokens (ia3, vera), with the matrices in modules_to_save."""
     m = recipe.method
     task_type = peft_task_type(recipe.task)
     save = list(m.modules_to_save) if m.modules_to_save else None
     if m.kind in LORA_KINDS:
-        return lora_config(recipe)
+        return lora_config(recipe, trainable_tokens(recipe, model, token_ids or []))
+    if token_ids and m.kind in ("ia3", "vera"):
+        save = list(dict.fromkeys([*(save or []), *token_modules(model)]))
     if m.kind == "ia3":
         ff = None
         if isinstance(m.target_modules, list):
@@ -505,6 +540,8 @@ def adapt(
     batches EVA initialises from (only ``init: eva`` reads them)."""
     check_supported(recipe, model_dir)
     model = load_recipe_base(recipe, model_dir, labels, tokenizer, device, device_index)
+    ids = added_rows(recipe, model_dir)
+    grown = token_modules(model)  # before peft wraps them
     gc = recipe.train.gradient_checkpointing
     gc_kwargs = {"use_reentrant": False}
     kind = recipe.method.kind
@@ -512,6 +549,7 @@ def adapt(
     extra: tuple = ()
     if kind == "full":
         extra = freeze_for_full(recipe, model)
+        check_tokens_train(recipe, model, ids)
         if gc:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
     else:
@@ -525,7 +563,7 @@ def adapt(
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
             model.enable_input_require_grads()
         try:
-            model = get_peft_model(model, peft_config(recipe, model))
+            model = get_peft_model(model, peft_config(recipe, model, ids))
         except (ValueError, TypeError) as exc:
             key = "method.layers" if "layer" in str(exc) else "method.target_modules"
             if kind in PROMPT_KINDS:
@@ -533,6 +571,8 @@ def adapt(
             raise RecipeError(
                 [recipe.problem(key, f"peft cannot build {kind} here: {str(exc).splitlines()[0]}")]
             ) from None
+        if ids:
+            tie_saved_embeddings(model)
         if kind == "qlora":
             keep_4bit_trainable_on_cpu(model)
             if recipe.method.init == "loftq":
@@ -553,12 +593,62 @@ def adapt(
         if recipe.method.init == "eva" and kind in LORA_KINDS:
             eva_initialise(model, recipe, train_features or [], tokenizer.pad_token_id)
         extra = prompt_lines(recipe, model)
+    extra = (*extra, *token_lines(recipe, model, ids, grown))
     if recipe.model.dtype == "auto":
         # auto loaded a CUDA base in bf16 (it computes under bf16 autocast): what trains stays fp32
         upcast_trainable(model)
     if gc:
         model.config.use_cache = False
-    return Adapted(model, tokenizer, model_dir, count_params(model, extra))
+    return Adapted(model, tokenizer, model_dir, count_params(model, extra, grown if ids else ()))
+
+
+def added_rows(recipe: Recipe, model_dir: str) -> list[int]:
+    """The embedding rows of the tokens model.add_tokens added to the base (none already there)."""
+    if not recipe.model.add_tokens:
+        return []
+    return sorted(new_token_rows(recipe.model, model_dir)[0].values())
+
+
+def check_tokens_train(recipe: Recipe, model, ids: list[int]) -> None:
+    """Full fine-tuning: the matrices holding the added rows must train (method.freeze may have
+    frozen them), or the new tokens stay the average token forever."""
+    frozen = [
+        name
+        for name, mod in zip(token_modules(model), token_matrices(model), strict=True)
+        if ids and not mod.weight.requires_grad
+    ]
+    if frozen:
+        raise RecipeError(
+            [
+                recipe.problem(
+                    "model.add_tokens",
+                    f"method.freeze freezes {', '.join(frozen)}, which holds the added tokens' "
+                    "rows: they would never train",
+                    "leave the embeddings out of method.freeze, or remove model.add_tokens",
+                )
+            ]
+        )
+
+
+def token_lines(recipe: Recipe, model, ids: list[int], names: list[str]) -> tuple[str, ...]:
+    """What the adapt stage says about the added tokens: their rows in the matrices ``names``
+    and how they train."""
+    if not recipe.model.add_tokens:
+        return ()
+    n = len(recipe.model.add_tokens)
+    if not ids:
+        return (f"model.add_tokens: all {n} already in the vocabulary, no rows added",)
+    width = model.get_input_embeddings().weight.shape[1]
+    where = " and ".join(names)
+    rows = f"{len(ids)} added token(s), rows {ids[0]}-{ids[-1]} of {where} (mean-initialised)"
+    delta = sum(p.numel() for k, p in model.named_parameters() if "trainable_tokens_delta" in k)
+    if delta:
+        how = f"trained as peft trainable tokens: {delta:,} parameters ({len(ids)} x {width} per matrix)"
+    elif recipe.method.kind == "full":
+        how = "trained with the rest of the model"
+    else:
+        how = f"trained with {where} in full (modules_to_save)"
+    return (f"{rows}; {how}",)
 
 
 def _safetensors_file(model_dir: str) -> str:

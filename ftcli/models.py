@@ -227,7 +227,8 @@ def tokenizer_from(folder, what: str | None = None, **kwargs):
 
 
 def load_tokenizer(model_spec):
-    """(tokenizer, source, local folder) of a recipe's ``model`` section."""
+    """(tokenizer, source, local folder) of a recipe's ``model`` section, with the tokens
+    ``model.add_tokens`` names added."""
     source = resolve_model(model_spec.name, model_spec.revision)
     model_dir = local_model_dir(source)
     tok = tokenizer_from(
@@ -236,7 +237,117 @@ def load_tokenizer(model_spec):
         revision=model_spec.revision,
         trust_remote_code=remote_code(model_spec.trust_remote_code, repr(model_spec.name)),
     )
+    if model_spec.add_tokens:
+        add_tokens(tok, model_spec.added_tokens, repr(model_spec.name))
     return tok, source, model_dir
+
+
+# --------------------------------------------------------------------------- added tokens
+
+
+def add_tokens(tokenizer, entries, what: str, warn: bool = True) -> dict[str, int]:
+    """Add ``entries`` (AddedTokenSpec) to ``tokenizer`` in their order; {content: id} of those
+    it gained. A token already in the vocabulary is not added twice: one warning line names it.
+    The tokenizer keeps what was asked in ``ftcli_added_tokens`` (the data cache's key reads it)."""
+    from tokenizers import AddedToken
+
+    vocab = tokenizer.get_vocab()
+    present = [e.content for e in entries if e.content in vocab]
+    if present and warn:
+        _warn_once(
+            f"model.add_tokens: {', '.join(map(repr, present))} "
+            f"{'is' if len(present) == 1 else 'are'} already in the vocabulary of {what}: "
+            "not added again (the existing token and its trained row are used)"
+        )
+    new = [e for e in entries if e.content not in vocab]
+    tokenizer.add_tokens(
+        [AddedToken(e.content, special=e.special, normalized=not e.special) for e in new]
+    )
+    tokenizer.ftcli_added_tokens = [[e.content, e.special] for e in entries]
+    ids = {e.content: tokenizer.convert_tokens_to_ids(e.content) for e in new}
+    if len(set(ids.values())) != len(new) or any(i is None for i in ids.values()):
+        raise FtcliError(f"the tokenizer of {what} did not take the tokens {sorted(ids)}")
+    return ids
+
+
+_NEW_ROWS: dict[tuple, tuple[dict[str, int], int]] = {}
+
+
+def new_token_rows(model_spec, model_dir: str) -> tuple[dict[str, int], int]:
+    """({content: id} of the tokens ``model.add_tokens`` adds to the base's own tokenizer, the
+    base tokenizer's size): what training grew, worked out again from the base so that every
+    later load grows the same rows (the tokenizer saved with an adapter is checked against it)."""
+    entries = model_spec.added_tokens
+    key = (str(model_dir), model_spec.revision, tuple((e.content, e.special) for e in entries))
+    if key not in _NEW_ROWS:
+        tok = tokenizer_from(
+            model_dir,
+            what=repr(model_spec.name),
+            revision=model_spec.revision,
+            trust_remote_code=remote_code(model_spec.trust_remote_code, repr(model_spec.name)),
+        )
+        size = len(tok)
+        _NEW_ROWS[key] = (add_tokens(tok, entries, repr(model_spec.name), warn=False), size)
+    return _NEW_ROWS[key]
+
+
+def token_matrices(model) -> list:
+    """The vocabulary-sized weights a new token needs a row in: the input embeddings, and the
+    output head where it is a separate (untied) matrix."""
+    emb = model.get_input_embeddings()
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    mats = [emb]
+    if (
+        out is not None
+        and getattr(out, "weight", None) is not None
+        and out.weight is not emb.weight
+        and out.weight.shape[0] == emb.weight.shape[0]
+    ):
+        mats.append(out)
+    return mats
+
+
+def grow_for_tokens(model, ids: list[int], base_size: int) -> None:
+    """Resize the embeddings (and an untied output head) to hold rows ``ids`` and set each of
+    those rows to the mean of the base vocabulary's rows: a new token starts as the average
+    token, not as noise that would dominate the first steps (transformers' own mean_resizing
+    samples around the mean at random, so a reload could not rebuild it)."""
+    if not ids:
+        return
+    rows = model.get_input_embeddings().weight.shape[0]
+    if max(ids) + 1 > rows:
+        model.resize_token_embeddings(max(ids) + 1, mean_resizing=False)
+    keep = min(base_size, rows)  # a padded vocabulary's spare rows are not the vocabulary's
+    with torch.no_grad():
+        for layer in token_matrices(model):
+            w = layer.weight
+            w[ids] = w[:keep].float().mean(0).to(w.dtype)
+
+
+def tie_saved_embeddings(model) -> bool:
+    """A tied output head follows the input embeddings when peft trains them as a
+    modules_to_save copy (ia3/vera with model.add_tokens): peft copies the embeddings only, and
+    the head would keep the frozen original. Re-pointed at training and at every load."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base.config, "tie_word_embeddings", False):
+        return False
+    emb, out = base.get_input_embeddings(), base.get_output_embeddings()
+    copies = getattr(emb, "modules_to_save", None)
+    if out is None or not copies:
+        return False
+    out.weight = copies[emb.active_adapters[0]].weight
+    return True
+
+
+def check_token_ids(tokenizer, rows: dict[str, int], what: str) -> None:
+    """The tokenizer a model is used with must give the added tokens the rows the model grew."""
+    wrong = [c for c, i in rows.items() if tokenizer.convert_tokens_to_ids(c) != i]
+    if wrong:
+        raise FtcliError(
+            f"the tokenizer used with {what} does not give the added token(s) "
+            f"{', '.join(map(repr, wrong))} the ids model.add_tokens gave them",
+            hint="use the tokenizer saved beside the adapter (or the run's recipe unchanged)",
+        )
 
 
 # --------------------------------------------------------------------------- quantization
@@ -370,10 +481,12 @@ def load_base_model(
     attn_implementation: str | None = None,
     what: str | None = None,
     head=None,
+    model_spec=None,
 ):
     """The pre-trained model with the task's head (an MLP one when ``head``, a HeadSpec, is given);
     quantized (bitsandbytes) when ``quant`` is given. Layers missing from the checkpoint (a new
-    pooler, say) are kept in full precision."""
+    pooler, say) are kept in full precision. ``model_spec`` (a ModelSpec) with ``add_tokens``:
+    the embeddings grow by the added tokens' rows (``grow_for_tokens``)."""
     if task == "classification" and labels is None:
         raise FtcliError("a classification model needs its labels")
     trust = remote_code(trust_remote_code, f"model {what or model_dir!r}")
@@ -408,6 +521,10 @@ def load_base_model(
         model.config.pad_token_id = tokenizer.pad_token_id
     if qc is not None:
         keep_4bit_trainable_on_cpu(model)
+    if model_spec is not None and model_spec.add_tokens:
+        rows, size = new_token_rows(model_spec, model_dir)
+        check_token_ids(tokenizer, rows, repr(what or model_dir))
+        grow_for_tokens(model, sorted(rows.values()), size)
     if head is not None and task == "classification":
         use_mlp_head(model, head.hidden, head.dropout)
     return model
@@ -430,6 +547,7 @@ def load_recipe_base(recipe, model_dir: str, labels, tokenizer, device: str, dev
         attn_implementation=m.attn_implementation,
         what=m.name,
         head=m.head,
+        model_spec=m,
     )
 
 
@@ -479,6 +597,7 @@ def load_base_for(rec: ModelRecord, model_dir: str, into: str, tokenizer, device
         ),
         "what": rec.base_model,
         "head": spec.head if spec else None,
+        "model_spec": spec,
     }
     if quantized:
         compute = rec.quant.compute_dtype if into == "as-trained" else "float32"
@@ -552,7 +671,18 @@ def attach_adapter(base_model, folder: Path, name: str = "default"):
     """A peft model: ``base_model`` with the adapter saved in ``folder``, for inference."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base_model, folder, adapter_name=name).eval()
+    model = PeftModel.from_pretrained(base_model, folder, adapter_name=name)
+    if _adds_tokens(folder):  # as training tied them (adapt does the same, for these runs only)
+        tie_saved_embeddings(model)
+    return model.eval()
+
+
+def _adds_tokens(folder: Path) -> bool:
+    """Whether ftcli's record of the adapter in ``folder`` names model.add_tokens."""
+    if not (Path(folder) / "ftcli.json").exists():
+        return False
+    spec = read_model_record(Path(folder)).model
+    return bool(spec and spec.add_tokens)
 
 
 def load_adapters(

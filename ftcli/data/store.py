@@ -237,6 +237,9 @@ def tokenizer_part(tokenizer, tokenizer_dir, index: HashIndex, revision: str | N
         "padding_side": getattr(tokenizer, "padding_side", None),
         "size": len(tokenizer) if hasattr(tokenizer, "__len__") else None,
     }
+    added = getattr(tokenizer, "ftcli_added_tokens", None)
+    if added:  # model.add_tokens: which tokens, and which are special (the size alone cannot tell)
+        loaded["added_tokens"] = added
     if not files:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         loaded["serialized"] = (

@@ -340,7 +340,8 @@ class Inventory:
         return per_layer
 
 
-ADAPTER_MARKS = ("lora_", "ia3_", "vera_lambda", "prompt_encoder")
+# trainable_tokens_delta: the rows of model.add_tokens' tokens that peft trains (kept in float32)
+ADAPTER_MARKS = ("lora_", "ia3_", "vera_lambda", "prompt_encoder", "trainable_tokens_delta")
 
 
 def _block_index(name: str) -> int | None:

@@ -167,7 +167,8 @@ def build_plan(
     else:
         for p in model.parameters():
             p.requires_grad_(True)
-    inv = inventory(model, loaded.config)
+    # the model's own config: model.add_tokens grows its vocabulary (the logits' width)
+    inv = inventory(model, getattr(model, "config", None) or loaded.config)
     if setup.device == "cpu" and setup.checkpoint_bytes is None:
         setup = replace(setup, checkpoint_bytes=checkpoint_bytes(loaded, inv.base_total))
     return Plan(name=name, loaded=loaded, inv=inv, setup=setup)
@@ -179,7 +180,8 @@ def strategy_on_meta(recipe):
     for plain LoRA/QLoRA and full fine-tuning, which the estimate builds itself."""
     m = recipe.method
     plain = m.kind in ("lora", "qlora") and not (m.dora or m.layers)
-    if plain or (m.kind == "full" and not (m.layers or m.freeze)):
+    tokens = len(recipe.model.add_tokens or ())
+    if not tokens and (plain or (m.kind == "full" and not (m.layers or m.freeze))):
         return None
 
     def apply(model):
@@ -188,13 +190,14 @@ def strategy_on_meta(recipe):
 
         from ftcli.adapt import freeze_for_full, peft_config
 
+        ids = grow_meta(model, tokens)
         if m.kind == "full":
             for p in model.parameters():
                 p.requires_grad_(True)
             freeze_for_full(recipe, model)
             return model
         method = m.model_copy(update={"init": "gaussian"})
-        cfg = peft_config(recipe.model_copy(update={"method": method}), model)
+        cfg = peft_config(recipe.model_copy(update={"method": method}), model, ids)
         try:
             with torch.device("meta"):
                 return get_peft_model(model, cfg)
@@ -202,6 +205,20 @@ def strategy_on_meta(recipe):
             raise FtcliError(f"{m.kind} cannot be attached: {exc}") from None
 
     return apply
+
+
+def grow_meta(model, tokens: int) -> list[int]:
+    """model.add_tokens on the meta model: the embeddings (and an untied head) one row longer per
+    token, every token counted as new (an upper bound where some are in the vocabulary already);
+    the new rows' ids."""
+    if not tokens:
+        return []
+    import torch
+
+    rows = model.get_input_embeddings().weight.shape[0]
+    with torch.device("meta"):
+        model.resize_token_embeddings(rows + tokens, mean_resizing=False)
+    return list(range(rows, rows + tokens))
 
 
 def plan_recipe(recipe, device: str | None = None, **changes) -> Plan:

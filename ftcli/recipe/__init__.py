@@ -42,6 +42,7 @@ from ftcli.recipe.load import (
 from ftcli.recipe.origin import MAX_NODES, RecipeOrigin
 from ftcli.recipe.schema import (
     SPACE_KINDS,
+    AddedTokenSpec,
     AugmentOp,
     AugmentSpec,
     CleanSpec,
@@ -78,6 +79,7 @@ __all__ = [
     "PATH_KEYS",
     "PROMPT_KINDS",
     "SPACE_KINDS",
+    "AddedTokenSpec",
     "Applies",
     "AugmentOp",
     "AugmentSpec",

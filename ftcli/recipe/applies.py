@@ -73,6 +73,10 @@ APPLIES: dict[str, Applies | None] = {
     "model": ALWAYS,
     "model.name": ALWAYS,
     "model.revision": ALWAYS,
+    # with a prompt-style method or frozen embeddings: a recipe error of its own (checks.py)
+    "model.add_tokens": ALWAYS,
+    "model.add_tokens.content": ALWAYS,
+    "model.add_tokens.special": ALWAYS,
     "model.trust_remote_code": ALWAYS,
     "model.dtype": ALWAYS,
     "model.attn_implementation": ALWAYS,

@@ -477,6 +477,35 @@ def _method_problems(r: Recipe) -> list[Problem]:
     return p
 
 
+def _added_token_problems(r: Recipe) -> list[Problem]:
+    """``model.add_tokens`` where the new embedding rows could not train: they would stay at their
+    initial mean, and the model would read every new token as the same average word."""
+    m = r.method
+    if not r.model.add_tokens:
+        return []
+    if m.kind in PROMPT_KINDS:
+        return [
+            r.problem(
+                "model.add_tokens",
+                f"method.kind '{m.kind}' trains virtual tokens only and keeps the model's "
+                "embeddings frozen: the added tokens' rows would never train",
+                "use method.kind lora or qlora (peft trains the new rows as trainable tokens) "
+                "or full, or remove model.add_tokens",
+            )
+        ]
+    if m.kind == "full" and m.layers:
+        return [
+            r.problem(
+                "model.add_tokens",
+                "method.layers trains only those blocks, so the embeddings that hold the added "
+                "tokens' rows stay frozen",
+                "remove method.layers (full fine-tuning then trains the new rows), or use "
+                "method.kind lora",
+            )
+        ]
+    return []
+
+
 def _strategy_problems(r: Recipe) -> list[Problem]:
     """Adaptation-strategy combinations that would do nothing (issue 9)."""
     p = _method_problems(r)
@@ -487,6 +516,7 @@ def _strategy_problems(r: Recipe) -> list[Problem]:
                 "model.head", "only applies to task classification (a causal LM keeps its lm_head)"
             )
         )
+    p.extend(_added_token_problems(r))
     if m.kind in PROMPT_KINDS and "enabled" in r.merge.model_fields_set and r.merge.enabled:
         p.append(
             r.problem(

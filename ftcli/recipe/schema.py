@@ -58,11 +58,53 @@ class HeadSpec(_Section):
     dropout: float = Field(0.1, ge=0, lt=1)
 
 
+class AddedTokenSpec(_Section):
+    """One token ``model.add_tokens`` adds, written as a mapping to say whether it is special."""
+
+    content: str = Field(min_length=1, description="the token's text, e.g. <|tool|>")
+    special: bool = Field(
+        False,
+        description="a special token (a turn marker): never split or normalised, and dropped "
+        "by decode(skip_special_tokens=True)",
+    )
+
+
 class ModelSpec(_Section):
     """Which pre-trained model to start from."""
 
     name: str = Field(description="hub id | local folder | file.gguf | pkg:PACKAGE/PATH")
     revision: str | None = None
+    add_tokens: list[str | AddedTokenSpec] | None = Field(
+        None,
+        description="tokens the tokenizer gains (a string, or {content: ..., special: true}); "
+        "the embeddings (and an untied output head) grow by their rows, initialised to the mean "
+        "embedding and trained; a token already in the vocabulary is warned about, not added",
+    )
+
+    @field_validator("add_tokens")
+    @classmethod
+    def _distinct_tokens(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("must name at least one token (or leave add_tokens out)")
+        seen: set[str] = set()
+        for entry in v:
+            text = entry if isinstance(entry, str) else entry.content
+            if not text.strip():
+                raise ValueError("a token cannot be empty or only whitespace")
+            if text in seen:
+                raise ValueError(f"lists the token {text!r} twice")
+            seen.add(text)
+        return v
+
+    @property
+    def added_tokens(self) -> list[AddedTokenSpec]:
+        """``add_tokens`` with every entry as a mapping (a plain string: a normal token)."""
+        return [
+            AddedTokenSpec(content=t) if isinstance(t, str) else t for t in self.add_tokens or []
+        ]
+
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
@@ -701,4 +743,6 @@ class Recipe(_Section):
             ]
         if self.tune is None:
             d.pop("tune")
+        if self.model.add_tokens is None:  # written only where a recipe adds tokens
+            d["model"].pop("add_tokens")
         return yaml.safe_dump(d, sort_keys=False, allow_unicode=True)
