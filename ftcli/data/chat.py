@@ -37,11 +37,15 @@ _PAD = "\u2003\u2002"
 _MARK = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
 
 
-def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    """The tokenizer's chat template, or a plain '### Role:' layout for base models without one."""
+def render_chat(
+    tokenizer, messages: list[dict], add_generation_prompt: bool, tools: list | None = None
+) -> str:
+    """The tokenizer's chat template, or a plain '### Role:' layout for base models without one.
+    ``tools``: function definitions for a template that renders them (``renders_tools``)."""
     if getattr(tokenizer, "chat_template", None):
+        extra = {"tools": tools} if tools else {}
         return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
         )
     text = "".join(
         f"### {FALLBACK_ROLE.get(m['role'], m['role'].title())}:\n{m['content']}\n\n"
@@ -98,6 +102,33 @@ def recipe_tokenizer(recipe):
 
     tokenizer, source, folder = load_tokenizer(recipe.model)
     return use_template(tokenizer, recipe), source, folder
+
+
+_PROBE_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "ftcli_probe_tool",
+        "description": "does nothing",
+        "parameters": {"type": "object", "properties": {}},
+    },
+}
+_RENDERS_TOOLS: dict[str, bool] = {}
+
+
+def renders_tools(tokenizer) -> bool:
+    """Whether the tokenizer's chat template writes the tools it is given into the prompt (a
+    template that ignores them would have the model answer without knowing of them)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str):
+        return False
+    if template not in _RENDERS_TOOLS:
+        msgs = [{"role": "user", "content": "hi"}]
+        try:
+            text = render_chat(tokenizer, msgs, True, tools=[_PROBE_TOOL])
+        except Exception:  # a template that refuses tools does not render them
+            text = ""
+        _RENDERS_TOOLS[template] = "ftcli_probe_tool" in text
+    return _RENDERS_TOOLS[template]
 
 
 @dataclass(frozen=True)

@@ -40,8 +40,19 @@ class _Body(BaseModel):
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict] | None = None
+    tool_calls: list[dict] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+    name: str | None = None
+
+    def as_dict(self) -> dict:
+        """The message as a chat template reads it (developer is the system role)."""
+        d = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        for k in ("tool_calls", "tool_call_id", "name"):
+            if getattr(self, k) is not None:
+                d[k] = getattr(self, k)
+        return d
 
     def text(self) -> str:
         if isinstance(self.content, list):  # content parts: only text ones can be read
@@ -62,13 +73,20 @@ class _Sampling(_Body):
     logprobs: bool | int | None = None
     tools: list | None = None
 
-    def check_supported(self) -> None:
+    def check_supported(self, tools_rendered: bool = False) -> None:
+        """400 for what this server does not do; ``tools_rendered``: the model's chat template
+        writes tools into the prompt, so a chat request may give them."""
         if self.n != 1:
             raise ApiError(400, "n must be 1: one answer per request", "unsupported_parameter")
         if self.logprobs:
             raise ApiError(400, "logprobs are not supported", "unsupported_parameter")
-        if self.tools:
-            raise ApiError(400, "tools are not supported", "unsupported_parameter")
+        if self.tools and not tools_rendered:
+            raise ApiError(
+                400,
+                "tools are not supported here: this model's chat template does not render them "
+                "(train with a data.chat_template that does, e.g. qwen)",
+                "unsupported_parameter",
+            )
 
     def stops(self) -> tuple[str, ...]:
         s = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -13,7 +13,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from ftcli.data.tokenize import render_chat
+from ftcli.data.chat import render_chat, renders_tools
 from ftcli.serve.api import (
     ApiError,
     ChatBody,
@@ -29,10 +29,12 @@ router = APIRouter()
 State = Annotated[Served, Depends(served)]
 
 
-def limits(s: Served, body: _Sampling) -> tuple[tuple[str, ...], int | None]:
+def limits(
+    s: Served, body: _Sampling, tools_rendered: bool = False
+) -> tuple[tuple[str, ...], int | None]:
     """The request's stop strings and asked max_tokens; 400 for unsupported settings or
     max_tokens above the server's."""
-    body.check_supported()
+    body.check_supported(tools_rendered)
     stops = body.stops()
     asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
     if asked is not None and asked > s.cfg.max_tokens:
@@ -55,10 +57,11 @@ def encode(tok, prompts: list[str], special: bool) -> list[list[int]]:
     return out
 
 
-def encode_chat(tok, msgs: list[dict]) -> list[int]:
-    """A conversation rendered by the chat template and tokenized; runs on the tokenizer thread."""
+def encode_chat(tok, msgs: list[dict], tools: list | None = None) -> list[int]:
+    """A conversation (and the tools it may call) rendered by the chat template and tokenized;
+    runs on the tokenizer thread."""
     try:
-        prompt = render_chat(tok, msgs, add_generation_prompt=True)
+        prompt = render_chat(tok, msgs, add_generation_prompt=True, tools=tools)
     except Exception as exc:  # a template that refuses this conversation (roles, order)
         raise ApiError(
             400, f"the chat template refused the messages: {exc}", "invalid_messages"
@@ -69,7 +72,7 @@ def encode_chat(tok, msgs: list[dict]) -> list[int]:
 def generation_jobs(s: Served, body: _Sampling, encoded: list[list[int]], key) -> list[Job]:
     """One job per tokenized prompt; 400 for a prompt with no room left in the model's context
     for an answer."""
-    stops, asked = limits(s, body)
+    stops, asked = limits(s, body, tools_rendered=True)  # tools: the route checked them
     context = s.context
     jobs = []
     for ids_ in encoded:
@@ -203,14 +206,11 @@ async def chat_completions(body: ChatBody, request: Request, s: State):
     deadline = s.deadline()
     key = s.key_of(body.model)
     s.need("causal_lm", "chat")
-    msgs = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-        for m in body.messages
-    ]
-    limits(s, body)
+    msgs = [m.as_dict() for m in body.messages]
+    limits(s, body, tools_rendered=bool(body.tools) and renders_tools(s.tok))
     s.check_prompts(["".join(m["content"] for m in msgs)], "conversation")
     s.check_room(1)
-    encoded = await s.within(deadline, s.off_loop(encode_chat, s.tok, msgs))
+    encoded = await s.within(deadline, s.off_loop(encode_chat, s.tok, msgs, body.tools))
     (job,) = generation_jobs(s, body, [encoded], key)
     await s.submit([job])
     rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
