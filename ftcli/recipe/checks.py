@@ -61,6 +61,17 @@ def _preference_problems(r: Recipe) -> list[Problem]:
                     f"only applies to preference.loss {' and '.join(losses)}, not to {pref.loss}"
                 )
             p.append(r.problem(f"preference.{name}", message, "remove it"))
+        uses = pref.uses_reference and pref.reference == "start" and r.method.kind != "full"
+        if uses and r.method.kind in LORA_KINDS and r.method.init in ("pissa", "olora"):
+            p.append(
+                r.problem(
+                    "method.init",
+                    f"{r.method.init} rewrites the base weights, so the model with its adapter "
+                    "disabled is no longer the start: the reference would be wrong",
+                    "use init gaussian, or name the reference (preference.reference: the start "
+                    "model's name)",
+                )
+            )
         if pref.loss == "kto" and r.train.batch_size < 2:
             p.append(
                 r.problem(
