@@ -151,15 +151,23 @@ def tok(tiny_models):
     return tokenizer_from(tiny_models["llama"])
 
 
+@pytest.mark.parametrize("kind", ["lora", "ia3", "vera", "prefix", "prompt", "ptuning"])
 def test_disabled_adapter_reference_equals_the_start_model_loaded_apart(
-    tmp_path, tiny_models, tiny_data, tok
+    tmp_path, tiny_models, tiny_data, tok, kind
 ):
-    recipe = recipe_from_mapping(_recipe(tmp_path, tiny_models, tiny_data))
+    m = _recipe(tmp_path, tiny_models, tiny_data)
+    if kind != "lora":
+        targets = {"ia3": ["q_proj", "v_proj", "down_proj"], "vera": ["q_proj", "v_proj"]}
+        m["method"] = {
+            "kind": kind,
+            **({"target_modules": targets[kind]} if kind in targets else {}),
+        }
+    recipe = recipe_from_mapping(m)
     adapted = adapt(recipe, tok, recipe.model.name, None, "cpu")
     model = adapted.model
-    with torch.no_grad():  # move the adapter away from zero: the policy is no longer the start
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
+    with torch.no_grad():  # move the adapter away from its start: the policy is no longer it
+        for p in model.parameters():
+            if p.requires_grad:
                 p.add_(0.05)
     batch = collate_pairs(arithmetic_pairs(tok, 6), tok.pad_token_id)
     args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
