@@ -12,7 +12,13 @@ from __future__ import annotations
 import re
 
 from ftcli.errors import Problem
-from ftcli.recipe.applies import LORA_KINDS, METHOD_KEYS, PAIR_TASKS, PROMPT_KINDS
+from ftcli.recipe.applies import (
+    LORA_KINDS,
+    METHOD_KEYS,
+    PAIR_TASKS,
+    PREFERENCE_KEYS,
+    PROMPT_KINDS,
+)
 from ftcli.recipe.schema import SOURCE_KEYS, SPACE_KINDS, Recipe
 
 
@@ -29,7 +35,59 @@ def _semantic_problems(r: Recipe) -> list[Problem]:
         + _eval_problems(r)
         + _augment_problems(r)
         + _streaming_problems(r)
+        + _preference_problems(r)
     )
+
+
+def _preference_problems(r: Recipe) -> list[Problem]:
+    """The preference section: keys its loss does not read, a reference for a loss without one,
+    and what pair training cannot do (docs/preference.md); what pair data cannot do is
+    ``_pair_data_problems``'."""
+    p = []
+    if "preference" in r.model_fields_set and r.task != "preference":
+        hint = (
+            "task reward trains a Bradley-Terry reward model: it reads no preference section"
+            if r.task == "reward"
+            else "remove it, or set task to preference"
+        )
+        p.append(r.problem("preference", "only applies to task preference", hint))
+    if r.task == "preference":
+        pref = r.preference
+        for key, losses in PREFERENCE_KEYS.items():
+            if key not in pref.model_fields_set or pref.loss in losses:
+                continue
+            name = key.rstrip("_")
+            if key in ("reference", "precompute_reference"):
+                message = (
+                    f"only applies to preference.loss {' and '.join(losses)}: {pref.loss} uses "
+                    "no reference model"
+                )
+            else:
+                message = (
+                    f"only applies to preference.loss {' and '.join(losses)}, not to {pref.loss}"
+                )
+            p.append(r.problem(f"preference.{name}", message, "remove it"))
+        uses = pref.uses_reference and pref.reference == "start" and r.method.kind != "full"
+        if uses and r.method.kind in LORA_KINDS and r.method.init in ("pissa", "olora"):
+            p.append(
+                r.problem(
+                    "method.init",
+                    f"{r.method.init} rewrites the base weights, so the model with its adapter "
+                    "disabled is no longer the start: the reference would be wrong",
+                    "use init gaussian, or name the reference (preference.reference: the start "
+                    "model's name)",
+                )
+            )
+        if pref.loss == "kto" and r.train.batch_size < 2:
+            p.append(
+                r.problem(
+                    "train.batch_size",
+                    "kto estimates its KL term as a mean over a micro-batch's mismatched "
+                    "pairs: one row is too few",
+                    "set train.batch_size to 2 or more",
+                )
+            )
+    return p
 
 
 def _streaming_problems(r: Recipe) -> list[Problem]:
