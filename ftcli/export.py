@@ -636,7 +636,7 @@ def render_go_template(modelfile: str, messages: list[dict]) -> str:
     branches = dict(
         (role, (s, e))
         for role, s, e in re.findall(
-            r'\{\{ (?:if|else if) eq \.Role "(\w+)" \}\}(.*?)\{\{ \.Content \}\}(.*?)(?=\{\{ else if|$)',
+            r'\{\{ (?:if|else if) eq \.Role "(\w+)" \}\}(.*?)\{\{ \.Content \}\}(.*?)(?=\{\{ else if|\Z)',
             body,
             re.S,
         )
