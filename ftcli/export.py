@@ -748,8 +748,6 @@ def export(
 ):
     """Write RUN's merged model as a GGUF file (and, for ``ollama``, a Modelfile beside it),
     checked with llama.cpp against merged/ in transformers; returns the ExportRecord."""
-    import gguf
-
     from ftcli.models import load_folder, tokenizer_from
     from ftcli.rundir import ExportRecord, read_model_record, write_export_record
     from ftcli.util import atomic_file, read_json, sha256_file
@@ -804,7 +802,8 @@ def export(
             greedy = check_greedy(model, llm, prompts, new_tokens, stop, tol)
             chat = check_template(tok, llm, conversation)
         finally:
-            llm.close() if hasattr(llm, "close") else None
+            if hasattr(llm, "close"):  # llama-cpp-python >= 0.2.80: free the model now
+                llm.close()
             del llm
         if modelfile is not None:
             probe = conversation or BUILTIN_CONVERSATION
@@ -861,8 +860,7 @@ def export(
         if modelfile is not None:
             mtmp = stack.enter_context(atomic_file(modelfile_path))
             mtmp.write_text(modelfile, encoding="utf-8")
-    del gguf
-    write_export_record(run_dir if run_dir is not None else target.parent, record)
+    write_export_record(run_dir if run_dir is not None else folder, record)
     _update_card(folder, run_dir)
     return record
 
