@@ -56,7 +56,7 @@ TOLERANCE = {
 }
 FILE_TYPE = {"f16": 1, "q8_0": 7, "q4_k_m": 15}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
-PRE_TOKENIZERS = ("gpt2", "smollm")
+PRE_TOKENIZERS = ("gpt-2", "smollm")
 SAMPLES = 8  # test examples the check runs on
 NEW_TOKENS = 16  # greedy tokens per prompt
 BUILTIN_CONVERSATION = [
@@ -131,7 +131,7 @@ def _pre_tokenizer(pre: dict | None) -> str | None:
     if not pre:
         return None
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     if pre.get("type") == "Sequence":
         parts = pre.get("pretokenizers") or []
         if (
@@ -400,24 +400,22 @@ def llama_greedy(llm, prompt: list[int], n: int, stop: set[int]) -> list[int]:
 
 
 def torch_greedy(model, prompt: list[int], n: int, stop: set[int]):
-    """transformers' greedy continuation and, at each step, its log-probs (to judge a divergence)."""
+    """transformers' greedy continuation and, at each step, its log-probs (to judge a divergence).
+    The whole sequence is run again at each step (no cache): a few short prompts, and no
+    dependence on the cache API transformers is renaming."""
     import torch
 
     ids = list(prompt)
     out, steps = [], []
-    past = None
-    feed = ids
     with torch.no_grad():
         for _ in range(n):
-            res = model(input_ids=torch.tensor([feed]), past_key_values=past, use_cache=True)
-            past = res.past_key_values
-            lp = _log_softmax(res.logits[0, -1].double().numpy())
+            logits = model(input_ids=torch.tensor([ids + out])).logits[0, -1]
+            lp = _log_softmax(logits.double().numpy())
             tok = int(lp.argmax())
             out.append(tok)
             steps.append(lp)
             if tok in stop:
                 break
-            feed = [tok]
     return out, steps
 
 
@@ -702,20 +700,19 @@ def _samples(run_dir: Path | None, tokenizer, limit: int):
         feats = run_test_features(run_dir, tokenizer, limit) or []
         texts_ids = [f["input_ids"] for f in feats]
     for e in examples:
-        if "messages" in e:
-            texts.append(render_chat(tokenizer, e["messages"], add_generation_prompt=False))
+        prompt, target = prompt_and_target(tokenizer, e)
+        if "messages" in e:  # rendered by the template, which writes its own special tokens
+            texts += [render_chat(tokenizer, e["messages"], add_generation_prompt=False), prompt]
+            prompts.append(tokenizer(prompt, add_special_tokens=False)["input_ids"])
             if conversation is None:
                 last = max(i for i, m in enumerate(e["messages"]) if m["role"] == "assistant")
                 conversation = e["messages"][:last]
-        prompt, _ = prompt_and_target(tokenizer, e)
-        if prompt:
-            special = "messages" not in e
-            if not special:
-                texts.append(prompt)
-            prompts.append(tokenizer(prompt, add_special_tokens=special)["input_ids"])
+        elif prompt:
+            texts.append(prompt + target)
+            prompts.append(tokenizer(prompt, add_special_tokens=True)["input_ids"])
         else:
-            texts.append(e.get("text", ""))
-            ids = tokenizer(e.get("text", ""), add_special_tokens=True)["input_ids"]
+            texts.append(target)
+            ids = tokenizer(target, add_special_tokens=True)["input_ids"]
             prompts.append(ids[: max(1, len(ids) // 2)])
     source = "test examples"
     if not texts_ids:

@@ -80,7 +80,7 @@ def test_the_file_holds_every_weight_in_llama_cpps_layout(llama, tmp_path, quant
     assert fields["llama.block_count"] == cfg.num_hidden_layers
     assert fields["llama.attention.head_count_kv"] == cfg.num_key_value_heads == 2
     assert fields["general.file_type"] == {"f16": 1, "q8_0": 7}[quant]
-    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt2"
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
     assert fields["tokenizer.chat_template"] == CHATML
     assert fields["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
     # tied embeddings: no output.weight, llama.cpp reuses token_embd
@@ -111,7 +111,7 @@ def test_the_vocabulary_is_the_tokenizers(llama):
     assert all(v.tokens[i] == t for t, i in vocab.items())
     assert v.types[tok.convert_tokens_to_ids("<|im_end|>")] == TokenType.CONTROL
     assert v.types[-1] == TokenType.UNUSED and v.tokens[-1] == f"[PAD{len(tok) + 2}]"
-    assert v.pre == "gpt2" and v.merges and " " in v.merges[0]
+    assert v.pre == "gpt-2" and v.merges and " " in v.merges[0]
     assert v.add_bos is False
 
 
