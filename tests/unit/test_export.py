@@ -270,3 +270,17 @@ def test_the_card_section_is_replaced_not_repeated():
     assert once.startswith(card.rstrip("\n")) and "## Use" in twice
     assert twice.count("## GGUF exports") == 1 and "x-q8_0.gguf" in twice
     assert "| x-f16.gguf | f16 | 1.0 MiB | 0.01 / 0.001 nats" in twice
+
+
+def test_pre_tokenizers_are_named_as_llama_cpp_knows_them():
+    from ftcli.export import _pre_tokenizer
+
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+    assert _pre_tokenizer(byte_level) == "gpt-2"
+    smollm = {
+        "type": "Sequence",
+        "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level],
+    }
+    assert _pre_tokenizer(smollm) == "smollm"
+    assert _pre_tokenizer({"type": "Metaspace"}) is None
+    assert _pre_tokenizer({**byte_level, "use_regex": False}) is None
