@@ -408,7 +408,7 @@ def torch_greedy(model, prompt: list[int], n: int, stop: set[int]):
     out, steps = [], []
     with torch.no_grad():
         for _ in range(n):
-            logits = model(input_ids=torch.tensor([ids + out])).logits[0, -1]
+            logits = model(input_ids=torch.tensor([ids + out]), logits_to_keep=1).logits[0, -1]
             lp = _log_softmax(logits.double().numpy())
             tok = int(lp.argmax())
             out.append(tok)
