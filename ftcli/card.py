@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ftcli.models import model_class_name
-from ftcli.rundir import MergeRecord, ModelRecord, RunRecord
+from ftcli.rundir import ExportRecord, MergeRecord, ModelRecord, RunRecord
 
 
 def model_card(
@@ -98,3 +98,46 @@ def model_card(
     if recipe_text:
         lines += ["", "## Recipe", "", "```yaml", recipe_text.rstrip(), "```"]
     return "\n".join(lines) + "\n"
+
+
+EXPORTS_BEGIN = "<!-- ftcli export: begin -->"
+EXPORTS_END = "<!-- ftcli export: end -->"
+
+
+def with_exports(card: str, records: list[ExportRecord]) -> str:
+    """``card`` with its GGUF export section replaced by one that lists ``records``: each file,
+    its quantization and what the llama.cpp check measured against this folder."""
+    if EXPORTS_BEGIN in card and EXPORTS_END in card:
+        head, rest = card.split(EXPORTS_BEGIN, 1)
+        card = head.rstrip("\n") + "\n" + rest.split(EXPORTS_END, 1)[1].lstrip("\n")
+    if not records:
+        return card
+    lines = [
+        EXPORTS_BEGIN,
+        "## GGUF exports (llama.cpp, Ollama)",
+        "",
+        "Written by `ftcli export` and checked with llama.cpp's runtime against this folder in "
+        "transformers (float32): tokenization of the test texts, the log-probability of each "
+        "next token, greedy continuations, and the chat template's rendering.",
+        "",
+        "| file | quant | size | log-prob diff max / mean (tolerance) | greedy agreement "
+        "| tokenization | chat template |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        lp, g, t = r.logprob_check, r.greedy_check, r.template_check
+        name = r.path.replace("\\", "/").rsplit("/", 1)[-1]
+        lines.append(
+            f"| {name}{' + Modelfile' if r.modelfile else ''} | {r.quant} | {r.bytes / 2**20:.1f} MiB "
+            f"| {lp['max_abs_diff']:.3g} / {lp['mean_abs_diff']:.3g} nats "
+            f"({lp['tolerance_max']:g} / {lp['tolerance_mean']:g}) over {lp['positions']} positions "
+            f"| {g['agreement']:.1%} ({g['prompts']} prompts x {g['new_tokens']} tokens) "
+            f"| {'identical' if r.tokenizer_check['passed'] else 'differs'} "
+            f"| {('identical' if t.get('passed') else 'differs') if t.get('template') else 'none'} |"
+        )
+    lines += [
+        "",
+        f"Checked on {records[-1].sample_source} with llama-cpp-python {records[-1].llama_cpp}.",
+        EXPORTS_END,
+    ]
+    return card.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"

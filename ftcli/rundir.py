@@ -7,6 +7,7 @@ runs/<name>/
   run.json        what happened                  -> RunRecord     (read_run_record)
   adapter/|model/ the trained weights + ftcli.json -> ModelRecord (read_model_record)
   merged/         the merged model + merge.json  -> MergeRecord   (read_merge_record)
+  export/         GGUF files + export.json       -> ExportRecord  (read_export_records)
 ```
 
 Old run folders stay readable: every field a record gained later has a default, and the defaults
@@ -193,6 +194,64 @@ def read_merge_record(folder: Path) -> MergeRecord:
         raise FtcliError(f"{Path(folder) / 'merge.json'}: not a merge record ({exc})") from None
 
 
+# --------------------------------------------------------------------------- export.json
+
+
+@dataclass(frozen=True)
+class ExportRecord:
+    """One GGUF file ``ftcli export`` wrote and the figures of its check against merged/ (the
+    run's export/export.json holds one per file, by file name)."""
+
+    path: str
+    format: str  # gguf | ollama
+    quant: str  # f16 | q8_0 | q4_k_m
+    source: str  # the folder exported (merged/, or model/ of a full fine-tuning run)
+    base_model: str
+    architecture: str
+    modelfile: str | None
+    sample_source: str
+    tokenizer_check: dict
+    logprob_check: dict
+    greedy_check: dict
+    template_check: dict
+    bytes: int
+    sha256: str
+    seconds: float
+    llama_cpp: str
+    gguf: str
+    passed: bool
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+EXPORT_RECORD = "export.json"
+
+
+def read_export_records(run_dir: Path) -> list[ExportRecord]:
+    """Every export recorded in RUN/export/export.json (none: an empty list)."""
+    path = Path(run_dir) / "export" / EXPORT_RECORD
+    if not path.exists():
+        return []
+    d = read_json(path)
+    fields = ExportRecord.__dataclass_fields__
+    try:
+        return [
+            ExportRecord(**{k: v for k, v in e.items() if k in fields})
+            for e in (d.get("exports") or {}).values()
+        ]
+    except (TypeError, AttributeError) as exc:
+        raise FtcliError(f"{path}: not an export record ({exc})") from None
+
+
+def write_export_record(run_dir: Path, rec: ExportRecord) -> None:
+    """Add (or replace, by file name) one export in RUN/export/export.json."""
+    path = Path(run_dir) / "export" / EXPORT_RECORD
+    kept = {Path(r.path).name: r.as_dict() for r in read_export_records(run_dir)}
+    kept[Path(rec.path).name] = rec.as_dict()
+    write_json(path, {"exports": kept})
+
+
 # --------------------------------------------------------------------------- run.json
 
 
@@ -255,6 +314,7 @@ RUN_ENTRIES = frozenset(
         "adapter",
         "model",
         "merged",
+        "export",
         "checkpoints",
         "eval",
         "eval-ensemble",

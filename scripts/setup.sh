@@ -27,6 +27,18 @@ if [ "$WITH_BROWSER" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 
+# llama-cpp-python (ftcli export's check, in .[dev]) builds llama.cpp from source: cmake and a C++
+# compiler. The test set-up (root on Debian) installs them when missing, as it does chromium.
+if ! { command -v cmake >/dev/null 2>&1 && command -v c++ >/dev/null 2>&1; }; then
+  if [ "$WITH_BROWSER" = 1 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing cmake and build-essential (llama-cpp-python builds llama.cpp from source)"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake build-essential >/dev/null
+  else
+    echo "note: llama-cpp-python (in .[dev]) builds from source and needs cmake and a C++ compiler"
+  fi
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi

@@ -42,6 +42,7 @@ def test_help_lists_the_commands_in_their_order(cli, monkeypatch):
         "cv",
         "tune",
         "merge",
+        "export",
         "estimate-memory",
         "predict",
         "chat",
