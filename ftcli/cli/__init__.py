@@ -11,7 +11,7 @@ import sys
 
 # Imported for their commands, in the order ``ftcli --help`` lists them.
 # isort: off
-from ftcli.cli import train, data, evaluate, tune, merge, memory, serve  # noqa: F401
+from ftcli.cli import train, data, evaluate, tune, merge, memory, serve, feedback  # noqa: F401
 
 # isort: on
 from ftcli.cli.app import app

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ftcli.data import pairs
 from ftcli.data.read import read_source
 from ftcli.data.rows import Rows, Scratch, TableWriter, jsonl_digest, take_rows
 from ftcli.errors import DataError, RecipeError, SourceError
@@ -47,6 +48,8 @@ def required_columns(recipe: Recipe, at: str = "data") -> dict[str, str]:
     d = recipe.data
     if recipe.task == "classification":
         return {f"{at}.text_column": d.text_column, f"{at}.label_column": d.label_col}
+    if recipe.task in pairs.PAIR_TASKS:  # which columns depends on the layout (and an answer
+        return {}  # may well be a number): pairs.missing_columns checks them
     keys = {
         "chat": ["messages_column"],
         "instruction": ["instruction_column", "output_column"]
@@ -65,11 +68,12 @@ def check_columns(recipe: Recipe, records: list[dict], source: str, at: str = "d
             hint="check data.path; a CSV needs a header row and at least one data row",
         )
     columns = list(records[0].keys())
-    problems = [
-        _column_problem(recipe, key, col, columns)
-        for key, col in required_columns(recipe, at).items()
-        if col not in records[0]
-    ]
+    if recipe.task in pairs.PAIR_TASKS:  # one of several layouts, rows of two kinds in one file
+        columns = list(dict.fromkeys(k for r in records[:1000] for k in r))
+        missing = pairs.missing_columns(recipe, records, at)
+    else:
+        missing = {k: c for k, c in required_columns(recipe, at).items() if c not in records[0]}
+    problems = [_column_problem(recipe, key, col, columns) for key, col in missing.items()]
     if recipe.task == "classification" and not recipe.data.label_column:
         problems = [
             recipe.problem(
@@ -95,6 +99,8 @@ def to_examples(recipe: Recipe, records: list[dict], start: int = 0) -> list[dic
             {"text": _text(r.get(d.text_column)), "label": _text(r.get(d.label_col))}
             for r in records
         ]
+    if recipe.task in pairs.PAIR_TASKS:  # the rows that make no example: pairs.clean_chunk
+        return pairs.to_pair_examples(recipe, records, start)[0]
     if d.style == "text":
         return [{"text": _text(r.get(d.text_column))} for r in records]
     if d.style == "completion":
@@ -179,6 +185,8 @@ class CleanCounts:
     duplicate: int = 0
     kept: int = 0
     notes: list = field(default_factory=list)  # what encoding detection chose, per file
+    bad: dict = field(default_factory=dict)  # preference data: bad rows per kind (pairs.BAD_WORDS)
+    first_bad: str | None = None  # the first of them: "<file>: record N: why"
 
 
 def clean(examples: list[dict], spec: DataSpec, counts: CleanCounts) -> list[dict]:
@@ -297,10 +305,26 @@ def load_examples(
     records = read_source(source, recipe.data, counts.notes)
     check_columns(recipe, records, spec, at)
     try:
+        if recipe.task in pairs.PAIR_TASKS:
+            return _clean_pairs(recipe, records, spec, counts)
         examples = to_examples(recipe, records)
     except DataError as exc:  # "record 7: ..." needs the file it is in
         raise DataError(f"{spec}: {exc.message}", hint=exc.hint) from None
     return clean(examples, recipe.data, counts)
+
+
+def _clean_pairs(recipe: Recipe, records: list[dict], spec: str, counts: CleanCounts) -> list[dict]:
+    """``clean`` for preference data: the bad rows dropped by kind, then empties and duplicates
+    (a duplicate: the whole pair, prompt and both answers, seen before)."""
+    examples = pairs.clean_chunk(recipe, records, 0, counts, spec)
+    counts.read += len(records)
+    if recipe.data.clean.dedupe:
+        unique = {_key(e): e for e in reversed(examples)}  # the first copy of each
+        kept = [e for e in examples if unique.get(_key(e)) is e]
+        counts.duplicate += len(examples) - len(kept)
+        examples = kept
+    counts.kept += len(examples)
+    return examples
 
 
 # --------------------------------------------------------------------------- prepare, on Arrow
@@ -322,6 +346,8 @@ def schema_of(recipe: Recipe):
     s = pa.string()
     if recipe.task == "classification":
         return pa.schema([("text", s), ("label", s)])
+    if recipe.task in pairs.PAIR_TASKS:
+        return pairs.arrow_schema()
     if recipe.data.style == "text":
         return pa.schema([("text", s)])
     if recipe.data.style == "completion":
@@ -366,16 +392,22 @@ def _read_into(
         if not n:
             check_columns(recipe, records, spec, at)
         try:
-            examples = to_examples(recipe, records, start=n)
+            if recipe.task in pairs.PAIR_TASKS:  # mapped, screened and cleaned by pairs.py
+                examples = pairs.clean_chunk(recipe, records, n, counts, spec)
+            else:
+                examples = to_examples(recipe, records, start=n)
         except DataError as exc:  # "record 7: ..." needs the file it is in
             raise DataError(f"{spec}: {exc.message}", hint=exc.hint) from None
-        n += len(examples)
-        if d.clean.strip:
-            examples = [_strip(e) for e in examples]
-        if d.clean.drop_empty:
-            kept = [e for e in examples if not _is_empty(e)]
-            counts.empty += len(examples) - len(kept)
-            examples = kept
+        if recipe.task in pairs.PAIR_TASKS:
+            n += len(records)
+        else:
+            n += len(examples)
+            if d.clean.strip:
+                examples = [_strip(e) for e in examples]
+            if d.clean.drop_empty:
+                kept = [e for e in examples if not _is_empty(e)]
+                counts.empty += len(examples) - len(kept)
+                examples = kept
         hashes.append(_hashes(examples))
         if classify:
             codes.append(
@@ -383,6 +415,8 @@ def _read_into(
             )
         if tag is not None:
             examples = [{**e, "source": tag} for e in examples]
+        if recipe.task in pairs.PAIR_TASKS:  # a message prompt has a column of its own
+            examples = [pairs.to_arrow_row(e) for e in examples]
         out.rows(examples)
     if not n:
         check_columns(recipe, [], spec, at)
@@ -519,9 +553,20 @@ def _prepare(recipe: Recipe, d: DataSpec, folder: Path, work: Path, keep) -> Pre
         for src in explicit.values():
             src.kept = _with_labels(src, labels, names)
     if not len(main.kept):
+        bad = "".join(f", {n} {k.replace('_', ' ')}" for k, n in counts.bad.items() if n)
+        first = f"; the first bad row: {counts.first_bad}" if counts.first_bad else ""
         raise DataError(
             f"no examples left in {d.path} after cleaning "
-            f"({counts.read} read, {counts.empty} empty, {counts.duplicate} duplicates)"
+            f"({counts.read} read, {counts.empty} empty, {counts.duplicate} duplicates{bad})"
+            + first,
+            hint=(
+                "unpaired (KTO) rows train only with task preference and preference.loss: kto "
+                "(--set preference.loss=kto); docs/preference.md describes the layouts"
+                if counts.bad.get("unpaired")
+                else "docs/preference.md describes the pair layouts"
+            )
+            if first
+            else None,
         )
 
     # No example may sit in two splits: explicit files win over the training pool.
@@ -635,6 +680,7 @@ def _finish(
             "empty": counts.empty,
             "duplicate": counts.duplicate,
             "shared_between_splits": overlap,
+            **(pairs.dropped(counts) if recipe.task in pairs.PAIR_TASKS else {}),
         },
         "sizes": {k: len(v) for k, v in splits.items()},
     }
@@ -646,6 +692,8 @@ def _finish(
         stats["label_counts"] = {k: _label_counts(v) for k, v in splits.items()}
     if d.style != "text" and recipe.task == "causal_lm":
         stats["layout"] = d.style
+    if recipe.task in pairs.PAIR_TASKS:
+        stats["layout"] = pairs.layout_of(splits.values())
     if mixture is not None:
         stats["sources"] = mixture_counts(mixture, splits)
     return PreparedData(splits, labels, stats)

@@ -16,6 +16,7 @@ import math
 import random
 from dataclasses import asdict, dataclass
 
+from ftcli.data.rows import lengths_of
 from ftcli.data.tokenize import PAD_MULTIPLE, padded_width, tokenize
 from ftcli.errors import FtcliError
 
@@ -83,10 +84,10 @@ def position_limit(config, tokenizer=None) -> int | None:
 
 def token_lengths(examples: list[dict], recipe, tokenizer, label2id) -> list[int]:
     """Untruncated token lengths, as tokenize() builds each example (special tokens, chat
-    template, EOS), in the order of ``examples``."""
+    template, EOS), in the order of ``examples`` (a preference pair: its longer side)."""
     data = recipe.data.model_copy(update={"max_length": UNBOUNDED, "long_documents": "truncate"})
     whole = recipe.model_copy(update={"data": data})
-    return [len(f["input_ids"]) for f in tokenize(examples, whole, tokenizer, label2id).features]
+    return lengths_of(tokenize(examples, whole, tokenizer, label2id).features)
 
 
 def percentile(lengths: list[int], q: int) -> int:

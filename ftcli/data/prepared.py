@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ftcli.data import pairs
 from ftcli.data.examples import SPLITS, PreparedData, prepare
 from ftcli.data.lengths import resolve as resolve_length
 from ftcli.data.rows import Features, Rows
-from ftcli.data.tokenize import Tokenized, tokenize
+from ftcli.data.tokenize import Tokenized, render_chat, tokenize
 from ftcli.errors import DataError, FtcliError
 from ftcli.util import atomic_write_text, read_json, read_jsonl
 
@@ -51,6 +52,8 @@ def write_data(recipe, tokenizer, folder: Path, ui=None, *, load_predictor=None)
         tokenized[s] = tokenize(
             rows, recipe, tokenizer, prepared.label2id, folder=folder, name=f"{s}.features"
         )
+        if recipe.task in pairs.PAIR_TASKS:  # every pair cut to no answer: name the first
+            pairs.check_left(rows, tokenized[s], s, recipe.data.max_length, tokenizer, render_chat)
     record = {
         "format": FORMAT,
         "labels": prepared.labels,

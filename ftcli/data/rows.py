@@ -21,6 +21,13 @@ import pyarrow as pa
 
 BATCH = 1024  # rows decoded at a time when iterating
 
+# Schema metadata of a table whose rows come in several shapes (preference pairs beside KTO rows,
+# a prompt as text or as messages): each row is decoded without its null columns, and the columns
+# this JSON mapping names are renamed (``{"prompt_messages": "prompt"}``).
+SPARSE = b"ftcli.sparse"
+# the columns of preference features, one row per pair (ftcli/data/pairs.py writes them)
+PAIR_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+
 
 class Scratch:
     """A temporary folder that lives as long as the views over its files (then it is removed)."""
@@ -108,7 +115,12 @@ class Rows(Sequence):
         return self.table.num_rows
 
     def _decode(self, table) -> list[dict]:
-        return table.to_pylist()
+        rows = table.to_pylist()
+        meta = table.schema.metadata
+        if meta and SPARSE in meta:
+            names = json.loads(meta[SPARSE])
+            rows = [{names.get(k, k): v for k, v in r.items() if v is not None} for r in rows]
+        return rows
 
     def __getitem__(self, i):
         if isinstance(i, slice):
@@ -153,9 +165,14 @@ class Rows(Sequence):
 
 class Features(Rows):
     """Tokenized features: rows {"input_ids", "attention_mask", "labels"} (the mask, all ones, is
-    not stored), and ``lengths``: each example's number of tokens, from the ``length`` column."""
+    not stored), and ``lengths``: each example's number of tokens, from the ``length`` column.
+    Preference pairs are rows of PAIR_COLUMNS (``length``: the longer side's); KTO rows add
+    ``desirable``."""
 
     def _decode(self, table) -> list[dict]:
+        if PAIR_COLUMNS[0] in table.column_names:  # preference or reward pairs
+            cols = [table.column(c).to_pylist() for c in PAIR_COLUMNS]
+            return [dict(zip(PAIR_COLUMNS, v, strict=True)) for v in zip(*cols, strict=True)]
         ids = table.column("input_ids").to_pylist()
         labels = table.column("labels").to_pylist()
         rows = [
@@ -165,6 +182,9 @@ class Features(Rows):
         if "doc" in table.column_names:  # long_documents windows: the document each reads
             for r, d in zip(rows, table.column("doc").to_pylist(), strict=True):
                 r["doc"] = d
+        if "desirable" in table.column_names:  # KTO rows: 1 desirable, 0 undesirable
+            for r, d in zip(rows, table.column("desirable").to_pylist(), strict=True):
+                r["desirable"] = d
         return rows
 
     @property

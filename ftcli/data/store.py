@@ -274,6 +274,14 @@ PART_WORDS = {
 SOURCES = ("path", "validation_path", "test_path")
 
 
+def task_part(recipe) -> str:
+    """The task as the key reads it: preference data trained by KTO prepares and tokenizes
+    otherwise (unpaired rows kept, pairs split in two), so it is a task of its own here."""
+    from ftcli.data.pairs import wants_kto
+
+    return "preference:kto" if wants_kto(recipe) else recipe.task
+
+
 def key_parts(
     recipe, tokenizer, tokenizer_dir, index: HashIndex, unreusable: list | None = None
 ) -> dict[str, str]:
@@ -287,7 +295,7 @@ def key_parts(
     parts = {
         "format": _digest(_format()),
         "libraries": _digest(_libraries()),
-        "task": _digest(recipe.task),
+        "task": _digest(task_part(recipe)),
     }
     specs = [(f"data.{k}", getattr(d, k), section, k) for k in SOURCES]
     if d.sources:  # a mixture: each source by content, under the name its examples carry

@@ -215,6 +215,10 @@ def _causal_batch(examples: list[dict], *, tokenizer, L: int, loss_on: str, add_
 def features_batch(batch: dict, *, task: str, tokenizer, params: dict, offset: int = 0) -> dict:
     """One batch of examples (columns, as ``datasets.map(batched=True)`` passes them) -> feature
     columns plus ``truncated`` and ``keep``. Module-level, so worker processes can unpickle it."""
+    if task in ("preference", "reward"):  # chosen/rejected pairs, KTO rows: data/pairs.py
+        from ftcli.data.pairs import pairs_batch
+
+        return pairs_batch(batch, tokenizer=tokenizer, render=render_chat, **params)
     cols = list(batch)
     examples = [dict(zip(cols, vals, strict=True)) for vals in zip(*batch.values(), strict=True)]
     if task == "classification":
@@ -262,6 +266,11 @@ def tokenize(
         params = {"L": d.max_length, "loss_on": d.loss_on, "add_eos": d.add_eos}
     fn = partial(features_batch, task=task, tokenizer=tokenizer, params=params)
     schema = feature_schema(task, windows)
+    if task in ("preference", "reward"):  # data/pairs.py: its params, schema and column view
+        from ftcli.data.pairs import setup
+
+        examples, params, schema = setup(examples, recipe)
+        fn = partial(features_batch, task=task, tokenizer=tokenizer, params=params)
     n = len(examples)
     keep = None
     if folder is None and n >= PARALLEL_FROM:

@@ -57,6 +57,7 @@ class Applies:
 ALWAYS = None  # the key takes effect in every recipe that validates
 
 _ADAM = ("adamw", "adam", "adamw8bit", "paged_adamw", "paged_adamw8bit")
+PAIR_TASKS = ("preference", "reward")  # trained on chosen/rejected answers (ftcli/data/pairs.py)
 
 
 def _has_validation(r: RecipeLike) -> bool:
@@ -108,21 +109,36 @@ APPLIES: dict[str, Applies | None] = {
     "data.subset": ALWAYS,
     "data.hub_split": ALWAYS,
     "data.text_column": Applies(
-        lambda r: r.task == "classification" or r.data.style == "text",
+        lambda r: r.task == "classification" or (r.task == "causal_lm" and r.data.style == "text"),
         "classification or plain-text causal_lm data",
         warn=True,
     ),
-    "data.label_column": Applies(lambda r: r.task == "classification", "task classification"),
+    "data.label_column": Applies(
+        lambda r: r.task in ("classification", "preference"),
+        "task classification, or preference's unpaired (KTO) rows",
+    ),
     "data.labels": Applies(lambda r: r.task == "classification", "task classification"),
-    "data.prompt_column": Applies(lambda r: r.task == "causal_lm", "task causal_lm"),
-    "data.completion_column": Applies(lambda r: r.task == "causal_lm", "task causal_lm"),
+    "data.prompt_column": Applies(
+        lambda r: r.task in ("causal_lm", *PAIR_TASKS), "task causal_lm, preference or reward"
+    ),
+    "data.completion_column": Applies(
+        lambda r: r.task in ("causal_lm", "preference"),
+        "task causal_lm, or preference's unpaired (KTO) rows",
+    ),
     "data.instruction_column": Applies(lambda r: r.task == "causal_lm", "task causal_lm"),
     "data.input_column": Applies(lambda r: r.data.style == "instruction", "instruction data"),
     "data.output_column": Applies(lambda r: r.data.style == "instruction", "instruction data"),
-    "data.messages_column": Applies(lambda r: r.task == "causal_lm", "task causal_lm"),
+    "data.messages_column": Applies(
+        lambda r: r.task in ("causal_lm", *PAIR_TASKS), "task causal_lm, preference or reward"
+    ),
+    "data.chosen_column": Applies(lambda r: r.task in PAIR_TASKS, "task preference or reward"),
+    "data.rejected_column": Applies(lambda r: r.task in PAIR_TASKS, "task preference or reward"),
     "data.system_prompt": Applies(
-        lambda r: r.task == "causal_lm" and r.data.style in ("chat", "instruction"),
-        "chat or instruction data",
+        lambda r: (
+            (r.task == "causal_lm" and r.data.style in ("chat", "instruction"))
+            or r.task in PAIR_TASKS
+        ),
+        "chat or instruction data, or preference and reward pairs (their message prompts)",
     ),
     "data.split": ALWAYS,
     "data.split.validation": Applies(lambda r: not r.data.validation_path, "no validation_path"),
@@ -148,7 +164,11 @@ APPLIES: dict[str, Applies | None] = {
     "data.clean.drop_empty": ALWAYS,
     "data.clean.dedupe": ALWAYS,
     "data.loss_on": Applies(lambda r: r.task == "causal_lm", "task causal_lm", warn=True),
-    "data.add_eos": Applies(lambda r: r.task == "causal_lm", "task causal_lm", warn=True),
+    "data.add_eos": Applies(
+        lambda r: r.task in ("causal_lm", *PAIR_TASKS),
+        "task causal_lm, preference or reward",
+        warn=True,
+    ),
     "data.encoding": ALWAYS,
     # speed: packing on a classifier, liger on a CPU... are recipe errors of their own
     "data.packing": ALWAYS,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from ftcli.errors import Problem
-from ftcli.recipe.applies import LORA_KINDS, METHOD_KEYS, PROMPT_KINDS
+from ftcli.recipe.applies import LORA_KINDS, METHOD_KEYS, PAIR_TASKS, PROMPT_KINDS
 from ftcli.recipe.schema import SOURCE_KEYS, SPACE_KINDS, Recipe
 
 
@@ -172,6 +172,8 @@ def _data_problems(r: Recipe) -> list[Problem]:
                 "remove it; long causal-LM examples are truncated to data.max_length",
             )
         )
+    if r.task in PAIR_TASKS:
+        p += _pair_data_problems(r)
     if d.sources is not None:
         p += _mixture_problems(r)
     elif not d.path:
@@ -202,6 +204,8 @@ def _data_problems(r: Recipe) -> list[Problem]:
 def _layout_problems(r: Recipe, d, at: str) -> list[Problem]:
     """One source's columns (the data section's, or a data.sources entry's at ``at``): one
     layout, complete, for the right task."""
+    if r.task in PAIR_TASKS:
+        return _pair_layout_problems(r, d, at)
     p = []
     if r.task == "classification":
         for key in (
@@ -253,6 +257,48 @@ def _layout_problems(r: Recipe, d, at: str) -> list[Problem]:
             )
         if d.system_prompt and d.style not in ("chat", "instruction"):
             p.append(r.problem(f"{at}.system_prompt", "only applies to chat or instruction data"))
+    return p
+
+
+def _pair_data_problems(r: Recipe) -> list[Problem]:
+    """Preference and reward data: what the pair layouts do not support (yet)."""
+    d, p = r.data, []
+    unsupported = {
+        "sources": "a mixture of preference datasets is not supported: merge them into one file",
+        "streaming": "preference and reward data is prepared whole (pairs are screened and "
+        "deduplicated before splitting), never streamed",
+        "augment": "augmentation rewrites examples; a rewritten pair is no longer the pair "
+        "that was judged",
+    }
+    for key, why in unsupported.items():
+        if getattr(d, key):
+            p.append(r.problem(f"data.{key}", why, "remove it"))
+    return p
+
+
+def _pair_layout_problems(r: Recipe, d, at: str) -> list[Problem]:
+    """The columns of preference and reward data (ftcli/data/pairs.py reads the layout)."""
+    p = []
+    for key in ("instruction_column", "input_column", "output_column"):
+        if getattr(d, key, None):
+            p.append(
+                r.problem(
+                    f"{at}.{key}",
+                    "only applies to task causal_lm",
+                    "preference data names prompt, chosen and rejected columns (or a "
+                    "messages_column)",
+                )
+            )
+    chosen, rejected = getattr(d, "chosen_column", None), getattr(d, "rejected_column", None)
+    if chosen is not None and chosen == rejected:
+        p.append(r.problem(f"{at}.rejected_column", f"is the chosen column too ({chosen!r})"))
+    if d.messages_column and d.prompt_column:
+        p.append(
+            r.problem(
+                f"{at}.prompt_column",
+                f"conflicts with {at}.messages_column: the conversation is the prompt; set one",
+            )
+        )
     return p
 
 

@@ -241,6 +241,15 @@ class DataSpec(_Section):
     input_column: str | None = None
     output_column: str | None = None
     messages_column: str | None = None
+    chosen_column: str = Field(
+        "chosen",
+        description="preference | reward: the preferred answer (text, an assistant message, or "
+        "the whole conversation ending in it)",
+    )
+    rejected_column: str = Field(
+        "rejected",
+        description="preference | reward: the dispreferred answer, in the chosen column's layout",
+    )
     system_prompt: str | None = None
     split: SplitSpec = SplitSpec()
     validation_path: str | None = None
@@ -276,6 +285,8 @@ class DataSpec(_Section):
             v = int(v)
         if isinstance(v, float) and v.is_integer():
             v = int(v)
+        if isinstance(v, float) and (v != v or abs(v) == float("inf")):  # nan, inf
+            raise ValueError("must be auto or a finite number of tokens")
         if not isinstance(v, int):
             raise ValueError("must be auto or a whole number of tokens")
         if v < 1:
@@ -608,7 +619,7 @@ class Recipe(_Section):
     name: str = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run folder: <output_dir>/<name>"
     )
-    task: Literal["classification", "causal_lm"]
+    task: Literal["classification", "causal_lm", "preference", "reward"]
     description: str | None = None
     model: ModelSpec
     data: DataSpec

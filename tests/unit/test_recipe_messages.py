@@ -88,7 +88,10 @@ def test_did_you_mean_for_names_and_values_case_insensitively(tmp_path, capsys):
     recipe.write_text(yaml.safe_dump(doc))
     with pytest.raises(RecipeError) as exc:
         load_recipe(recipe)
-    assert "task: required key is missing (one of: classification, causal_lm)" in str(exc.value)
+    assert (
+        "task: required key is missing (one of: classification, causal_lm, preference, reward)"
+        in str(exc.value)
+    )
 
 
 def test_set_a_section_to_a_value_points_at_its_key(tmp_path):

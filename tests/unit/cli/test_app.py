@@ -46,6 +46,7 @@ def test_help_lists_the_commands_in_their_order(cli, monkeypatch):
         "predict",
         "chat",
         "serve",
+        "feedback",
     ]
 
 

@@ -26,6 +26,8 @@ LAYOUTS = {
         "data": {"instruction_column": "i", "output_column": "o"},
     },
     "completion": {"task": "causal_lm", "data": {"prompt_column": "p", "completion_column": "c"}},
+    "preference": {"task": "preference", "data": {}},
+    "reward": {"task": "reward", "data": {}},
 }
 METHODS = [
     {"kind": "full"},
