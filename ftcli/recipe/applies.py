@@ -36,6 +36,17 @@ METHOD_KEYS = {
     "freeze": ("full",),
     "num_virtual_tokens": PROMPT_KINDS,
 }
+# Which preference losses read each key of the preference section; the checks refuse the others.
+PREFERENCE_KEYS = {
+    "beta": ("dpo", "ipo", "simpo", "kto"),
+    "label_smoothing": ("dpo",),
+    "gamma": ("simpo",),
+    "lambda_": ("orpo",),
+    "reference": ("dpo", "ipo", "kto"),
+    "precompute_reference": ("dpo", "ipo", "kto"),
+    "desirable_weight": ("kto",),
+    "undesirable_weight": ("kto",),
+}
 
 
 # --------------------------------------------------------------------------- when each key applies
@@ -264,6 +275,21 @@ APPLIES: dict[str, Applies | None] = {
     "train.early_stopping": ALWAYS,
     "train.early_stopping.patience": ALWAYS,
     "train.early_stopping.min_delta": ALWAYS,
+    # preference (task preference): a key its loss does not read is a recipe error of its own
+    # that names the loss (_preference_problems); here the same rule for the to_yaml drop
+    "preference": Applies(lambda r: r.task == "preference", "task preference"),
+    "preference.loss": ALWAYS,
+    **{
+        f"preference.{k}": Applies(
+            lambda r, kinds=kinds: r.task == "preference" and r.preference.loss in kinds,
+            f"preference.loss {' and '.join(kinds)}",
+        )
+        for k, kinds in PREFERENCE_KEYS.items()
+        if k != "lambda_"
+    },
+    # the field is lambda_ (a Python keyword otherwise); recipes write `lambda`, which
+    # _preference_problems checks under that name; to_yaml writes it for orpo only
+    "preference.lambda_": ALWAYS,
     # eval
     "eval": ALWAYS,
     "eval.batch_size": ALWAYS,

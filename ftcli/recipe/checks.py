@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from ftcli.errors import Problem
-from ftcli.recipe.applies import LORA_KINDS, METHOD_KEYS, PAIR_TASKS, PROMPT_KINDS
+from ftcli.recipe.applies import LORA_KINDS, METHOD_KEYS, PAIR_TASKS, PREFERENCE_KEYS, PROMPT_KINDS
 from ftcli.recipe.schema import SOURCE_KEYS, SPACE_KINDS, Recipe
 
 
@@ -29,7 +29,64 @@ def _semantic_problems(r: Recipe) -> list[Problem]:
         + _eval_problems(r)
         + _augment_problems(r)
         + _streaming_problems(r)
+        + _preference_problems(r)
     )
+
+
+def _preference_problems(r: Recipe) -> list[Problem]:
+    """The preference section: keys its loss does not read, a reference for a loss without one,
+    and what pair training cannot do (docs/preference.md)."""
+    p = []
+    pairs = r.task in ("preference", "reward")
+    if "preference" in r.model_fields_set and r.task != "preference":
+        hint = (
+            "task reward trains a Bradley-Terry reward model: it reads no preference section"
+            if r.task == "reward"
+            else "remove it, or set task to preference"
+        )
+        p.append(r.problem("preference", "only applies to task preference", hint))
+    if r.task == "preference":
+        pref = r.preference
+        for key, losses in PREFERENCE_KEYS.items():
+            if key not in pref.model_fields_set or pref.loss in losses:
+                continue
+            name = key.rstrip("_")
+            if key in ("reference", "precompute_reference"):
+                message = (
+                    f"only applies to preference.loss {' and '.join(losses)}: {pref.loss} uses "
+                    "no reference model"
+                )
+            else:
+                message = (
+                    f"only applies to preference.loss {' and '.join(losses)}, not to {pref.loss}"
+                )
+            p.append(r.problem(f"preference.{name}", message, "remove it"))
+        if pref.loss == "kto" and r.train.batch_size < 2:
+            p.append(
+                r.problem(
+                    "train.batch_size",
+                    "kto estimates its KL term from mismatched pairs within a micro-batch, which "
+                    "needs at least 2 examples",
+                    "set train.batch_size to 2 or more",
+                )
+            )
+    if pairs and r.data.streaming:
+        p.append(
+            r.problem(
+                "data.streaming",
+                f"task {r.task} reads its pairs from the prepared splits, not from a stream",
+                "remove it",
+            )
+        )
+    if pairs and r.data.augment is not None:
+        p.append(
+            r.problem(
+                "data.augment",
+                f"augmentation rewrites single examples; task {r.task} trains on pairs",
+                "remove it",
+            )
+        )
+    return p
 
 
 def _streaming_problems(r: Recipe) -> list[Problem]:

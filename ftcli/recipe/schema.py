@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from ftcli.errors import Problem
-from ftcli.recipe.applies import METHOD_KEYS, PROMPT_KINDS, drop_unapplied
+from ftcli.recipe.applies import METHOD_KEYS, PREFERENCE_KEYS, PROMPT_KINDS, drop_unapplied
 from ftcli.recipe.origin import RecipeOrigin
 
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -560,6 +560,63 @@ class TrainSpec(_Section):
     early_stopping: EarlyStoppingSpec | None = None
 
 
+PreferenceLoss = Literal["dpo", "ipo", "simpo", "orpo", "kto"]
+
+
+class PreferenceSpec(_Section):
+    """task preference: the loss that turns chosen/rejected log-probs into a gradient, its keys,
+    and the reference model the log-ratios are taken against (docs/preference.md)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    loss: PreferenceLoss = Field(
+        "dpo", description="dpo | ipo | simpo | orpo | kto (docs/preference.md#losses)"
+    )
+    beta: float | None = Field(
+        None,
+        gt=0,
+        description="dpo, ipo, kto: the KL strength (default 0.1); simpo: the reward scale "
+        "(default 2.0, SimPO's)",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="dpo: the share of pairs assumed flipped (conservative DPO)",
+    )
+    gamma: float = Field(
+        1.0, ge=0, description="simpo: the target reward margin (gamma/beta = 0.5 by default)"
+    )
+    lambda_: float = Field(
+        0.1, gt=0, alias="lambda", description="orpo: the weight of the odds-ratio term"
+    )
+    reference: str = Field(
+        "start",
+        min_length=1,
+        description="dpo, ipo, kto: start (the model the run starts from; with an adapter, the "
+        "same weights with the adapter off) | a run folder | a model name",
+    )
+    precompute_reference: bool = Field(
+        False,
+        description="dpo, ipo, kto: score the reference once before training (cached with the "
+        "data); each step then runs the policy only",
+    )
+    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of desirable examples")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of undesirable examples")
+
+    @property
+    def beta_value(self) -> float:
+        """beta as the loss reads it: the recipe's, else the loss's default."""
+        if self.beta is not None:
+            return self.beta
+        return 2.0 if self.loss == "simpo" else 0.1
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the loss compares with a reference model (SimPO and ORPO do not)."""
+        return self.loss in PREFERENCE_KEYS["reference"]
+
+
 class EvalSpec(_Section):
     batch_size: int = Field(32, gt=0)
     max_new_tokens: int = Field(
@@ -625,6 +682,7 @@ class Recipe(_Section):
     data: DataSpec
     method: MethodSpec
     train: TrainSpec = TrainSpec()
+    preference: PreferenceSpec = PreferenceSpec()
     eval: EvalSpec = EvalSpec()
     merge: MergeSpec = MergeSpec()
     tune: TuneSpec | None = None
@@ -669,6 +727,12 @@ class Recipe(_Section):
         if self.method.kind == "qlora":
             d["method"]["quantization"] = self.method.quant.model_dump(mode="json")
         drop_unapplied(d, self)  # a key that does nothing here is not written
+        if "preference" in d:  # the alias is the key a recipe writes
+            lam = d["preference"].pop("lambda_")
+            if self.preference.loss == "orpo":
+                d["preference"]["lambda"] = lam
+            if "beta" in d["preference"]:  # the loss's own default, written out
+                d["preference"]["beta"] = self.preference.beta_value
         if self.data.augment is None:
             d["data"].pop("augment")
         if self.data.sources is None:

@@ -27,6 +27,11 @@ LAYOUTS = {
     },
     "completion": {"task": "causal_lm", "data": {"prompt_column": "p", "completion_column": "c"}},
     "preference": {"task": "preference", "data": {}},
+    # preference pairs, one layout per group of preference keys (issue 23)
+    **{
+        f"preference-{loss}": {"task": "preference", "preference": {"loss": loss}}
+        for loss in ("dpo", "simpo", "orpo", "kto")
+    },
     "reward": {"task": "reward", "data": {}},
 }
 METHODS = [
@@ -65,6 +70,7 @@ SAMPLES = {
     "method.quantization": {},
     "train.scheduler.warmup_steps": 1,
     "train.eval_every": 5,
+    "preference.beta": 0.2,
 }
 
 
