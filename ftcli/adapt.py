@@ -255,7 +255,9 @@ class Adapted:
 
 
 def peft_task_type(task: str) -> str:
-    return "SEQ_CLS" if task == "classification" else "CAUSAL_LM"
+    """peft's task type: a sequence classifier (a reward model too: its score head is trained in
+    full and saved with the adapter) or a causal LM (a preference policy too)."""
+    return "SEQ_CLS" if task in ("classification", "reward") else "CAUSAL_LM"
 
 
 def _layers(recipe: Recipe) -> dict:
@@ -332,7 +334,7 @@ def check_supported(recipe: Recipe, model_dir: str) -> None:
     (BERT, MiniLM) take none. Said before the weights load."""
     if recipe.method.kind != "prefix":
         return
-    if recipe.task == "classification":
+    if recipe.task in ("classification", "reward"):
         # peft's classifier path looks for a parameter named past_key_values and raises at the
         # first forward otherwise; transformers 5 decoders name theirs ``cache``
         name, ok = forward_takes(

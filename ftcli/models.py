@@ -18,7 +18,7 @@ from ftcli.errors import FtcliError
 from ftcli.precision import cpu_has_native_bf16 as cpu_has_native_bf16
 from ftcli.recipe import QuantSpec
 from ftcli.rundir import ModelRecord, read_model_record
-from ftcli.sources import local_model_dir, remote_code, resolve_model
+from ftcli.sources import ModelSource, local_model_dir, remote_code, resolve_model
 
 HEAD_NAMES = ("classifier", "score")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -156,7 +156,9 @@ def torch_dtype(name: str):
 
 
 def model_class_name(task: str) -> str:
-    if task == "classification":
+    """The transformers class a task trains: a sequence classifier (a reward model is one with a
+    single logit), else a causal LM (task causal_lm, and the policy of task preference)."""
+    if task in ("classification", "reward"):
         return "AutoModelForSequenceClassification"
     return "AutoModelForCausalLM"
 
@@ -226,8 +228,35 @@ def tokenizer_from(folder, what: str | None = None, **kwargs):
     return tok
 
 
+def run_folder_start(name: str) -> Path | None:
+    """``model.name`` naming an earlier ftcli run folder (``runs/sft``): the trained weights to
+    start from, its merged/ or model/ folder (checked against their recorded hashes); None when
+    ``name`` is not a run folder. An adapter-only run is refused with the fix: its merged folder
+    is the start (base and adapter folded once, so the reference is that model, too)."""
+    import os
+
+    path = Path(os.path.expanduser(name))
+    if not path.is_dir() or (path / "config.json").exists():
+        return None
+    if not any((path / sub).is_dir() for sub in ("merged", "model", "adapter")):
+        return None
+    kind, folder = trained_folder(path)
+    if kind == "adapter":
+        raise FtcliError(
+            f"{name} holds an adapter only: a run started from it needs the weights merged",
+            hint=f"ftcli merge {name} (then model.name: {name} starts from its merged/ folder)",
+        )
+    verify_trained(folder)
+    return folder
+
+
 def load_tokenizer(model_spec):
-    """(tokenizer, source, local folder) of a recipe's ``model`` section."""
+    """(tokenizer, source, local folder) of a recipe's ``model`` section; an earlier run folder
+    stands for its trained weights (``run_folder_start``)."""
+    start = run_folder_start(model_spec.name)
+    if start is not None:
+        tok = tokenizer_from(start, what=repr(model_spec.name))
+        return tok, ModelSource(model_spec.name, "folder", str(start)), str(start)
     source = resolve_model(model_spec.name, model_spec.revision)
     model_dir = local_model_dir(source)
     tok = tokenizer_from(
@@ -391,6 +420,8 @@ def load_base_model(
     else:
         kwargs["dtype"] = torch.float32 if dtype == "auto" else torch_dtype(dtype)
     kwargs.update(label_kwargs(labels if task == "classification" else None, tokenizer))
+    if task == "reward":  # one logit: the score the pairwise loss compares
+        kwargs.update(num_labels=1, pad_token_id=tokenizer.pad_token_id)
     cls = model_class(task)
     try:
         model = cls.from_pretrained(model_dir, **kwargs)
@@ -431,6 +462,35 @@ def load_recipe_base(recipe, model_dir: str, labels, tokenizer, device: str, dev
         what=m.name,
         head=m.head,
     )
+
+
+def load_reference(recipe, model_dir: str, tokenizer, device: str, device_index: int = 0):
+    """The frozen reference model of a preference run that is not the policy with its adapter
+    disabled: ``preference.reference`` start (the weights the run starts from, loaded again:
+    full fine-tuning), a run folder (its trained model) or a model name; in eval mode, no
+    gradients, in the dtype the recipe loads its base in."""
+    ref = recipe.preference.reference
+    if ref == "start":
+        target = model_dir
+    else:
+        start = run_folder_start(ref)
+        target = str(start) if start is not None else local_model_dir(resolve_model(ref))
+    quant = recipe.method.quant if recipe.method.kind == "qlora" else None
+    model = load_base_model(
+        target,
+        "causal_lm",
+        None,
+        tokenizer,
+        quant=quant,
+        dtype=weight_dtype_of(recipe, device),
+        device=device,
+        device_index=device_index,
+        trust_remote_code=recipe.model.trust_remote_code,
+        attn_implementation=recipe.model.attn_implementation,
+        what=f"preference.reference {ref}",
+    )
+    model.requires_grad_(False)
+    return to_device(model, device).eval()
 
 
 def base_dir(rec: ModelRecord, base: str | None = None) -> str:

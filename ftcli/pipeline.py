@@ -12,6 +12,7 @@ import socket
 import sys
 import time
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ from ftcli.memory import preflight
 from ftcli.memory.arch import layer_dims
 from ftcli.merge import merge
 from ftcli.models import (
+    load_reference,
     load_tokenizer,
     load_trained,
     resolve_device,
@@ -58,6 +60,7 @@ from ftcli.tracking import finish as finish_tracking
 from ftcli.tracking import start as start_tracking
 from ftcli.tracking import trackers
 from ftcli.train import train
+from ftcli.train.objectives import PAIR_TASKS, evaluate_pairs
 from ftcli.ui import UI, is_main_process, keep_library_log
 from ftcli.util import atomic_write_text, remove_leftovers, versions
 
@@ -295,6 +298,8 @@ def _train_run(
             )
         elif sealed and recipe.merge.enabled and recipe.method.kind != "full":
             test_feats = tokenized["test"].features[:16]
+            if recipe.task in PAIR_TASKS:  # the merge is verified on the chosen sequences
+                test_feats = [{"input_ids": f["chosen_input_ids"]} for f in test_feats]
             del adapted
             gc.collect()
             acc.free_memory()
@@ -428,6 +433,16 @@ def _train_stage(recipe, acc, device, adapted, tokenized, resume, pruning, log, 
         f"  effective batch size {log.data['effective_batch_size']} = {t.batch_size} per process x "
         f"{t.gradient_accumulation} accumulation x {acc.num_processes} process(es)"
     )
+    reference = None
+    if recipe.task == "preference":  # a frozen reference model, loaded only if the run needs one
+        reference = partial(
+            load_reference,
+            recipe,
+            adapted.model_dir,
+            adapted.tokenizer,
+            acc.device.type,
+            acc.local_process_index,
+        )
     with log.stage("train"):
         trained = train(
             recipe,
@@ -438,6 +453,7 @@ def _train_stage(recipe, acc, device, adapted, tokenized, resume, pruning, log, 
             resume=resume,
             progress=ui.progress(),
             pruning=pruning,
+            load_reference=reference,
         )
     log.update(train=trained.as_dict())
     return trained
@@ -454,6 +470,8 @@ def _evaluate_stage(recipe, acc, adapted, tokenizer, prepared, tokenized, split,
             model = acc.unwrap_model(adapted.model, keep_fp32_wrapper=False)
             if is_sharded(acc):  # the sharded model runs only with every rank: reload it whole
                 model = to_device(load_trained(recipe.run_dir, recipe.task)[0], acc.device)
+            if recipe.task in PAIR_TASKS:  # held-out pair accuracy (train/objectives.py)
+                return _evaluate_pairs(recipe, acc, model, tokenizer, tokenized, split, log, ui)
             with acc.autocast() if acc.device.type == "cuda" else nullcontext():
                 report = evaluate(
                     recipe.task,
@@ -472,6 +490,24 @@ def _evaluate_stage(recipe, acc, adapted, tokenizer, prepared, tokenized, split,
             )
             log.update(eval=report.as_dict())
             metrics = report.metrics
+    return metrics
+
+
+def _evaluate_pairs(recipe, acc, model, tokenizer, tokenized, split, log, ui) -> dict:
+    """A preference or reward run's held-out pairs: how often the trained model ranks the chosen
+    answer first (a reward model by its score, a policy by its own log-probs), and the mean
+    margin. The paired comparison with the start model is ``ftcli eval --baseline``'s part."""
+    feats = tokenized[split].features if split in tokenized else []
+    with acc.autocast() if acc.device.type == "cuda" else nullcontext():
+        metrics = evaluate_pairs(
+            recipe.task, model, feats, tokenizer.pad_token_id, recipe.eval.batch_size, acc.device
+        )
+    if not metrics:
+        ui.info(f"  no {split} pairs to score (KTO rows are unpaired): evaluation skipped")
+        return {}
+    n = metrics.pop("pairs")
+    ui.table(split, [(k, f"{v:.4f}") for k, v in metrics.items()] + [("pairs", n)])
+    log.update(eval={"split": split, "n": n, "metrics": metrics})
     return metrics
 
 
@@ -519,6 +555,11 @@ def evaluate_run(run_dir: Path, ui: UI, split: str = "test") -> dict:
     """Re-score a finished run on a split, from the run folder alone."""
     rd = open_run(run_dir)
     recipe, prepared = rd.recipe, rd.prepared
+    if recipe.task in PAIR_TASKS:
+        raise FtcliError(
+            f"{run_dir} is a task {recipe.task} run: `ftcli eval` does not score pairs yet",
+            hint="its held-out pair accuracy is in run.json (eval), written when it trained",
+        )
     if not prepared.splits.get(split):
         raise FtcliError(
             f"{run_dir} has no {split!r} split",

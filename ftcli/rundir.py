@@ -42,7 +42,9 @@ class ModelRecord(BaseModel):
     model: ModelSpec | None = (
         None  # how the base was loaded (revision, dtype); absent in old records
     )
-    task: Literal["classification", "causal_lm"]
+    # a preference run's model is a causal LM (predict, chat, serve and merge read it as one);
+    # a reward model is a one-logit sequence classifier
+    task: Literal["classification", "causal_lm", "reward"]
     method: MethodSpec
     steps: int | None = None
     labels: list[str] | None = None
@@ -76,7 +78,7 @@ def model_record_for(
         base_model=recipe.model.name,
         base_model_dir=model_dir,
         model=recipe.model,
-        task=recipe.task,
+        task="causal_lm" if recipe.task == "preference" else recipe.task,
         method=recipe.method,
         steps=steps,
         labels=labels if recipe.task == "classification" else None,

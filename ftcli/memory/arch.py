@@ -65,6 +65,10 @@ def load_config(
     """The model's config without its weights: local folder or GGUF first, then a bundled card, then the hub."""
     from transformers import AutoConfig
 
+    from ftcli.models import run_folder_start
+
+    start = run_folder_start(name)  # an earlier run folder: its trained model's config
+    name = str(start) if start is not None else name
     local = name.startswith(PKG) or Path(os.path.expanduser(name)).exists()
     if not local:
         card = find_card(name)
@@ -224,7 +228,7 @@ def build_meta(config, task: str, num_labels: int = 2, attn_implementation: str 
         kwargs["attn_implementation"] = attn_implementation
     try:
         with torch.device("meta"):
-            if task == "classification":
+            if task in ("classification", "reward"):
                 cfg.num_labels = num_labels
                 if getattr(cfg, "pad_token_id", None) is None:
                     cfg.pad_token_id = 0

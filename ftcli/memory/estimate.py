@@ -308,6 +308,15 @@ def estimate(inv, s: Setup) -> Estimate:
     mapped = 0
     n = s.num_devices
     shard = n if s.strategy == "fsdp" and n > 1 else 1
+    if s.reference_copy:  # a frozen copy of the base weights: no gradients, no states
+        ref = sum(p.numel for p in inv.params if not p.lora) * DTYPE_BYTES[s.dtype]
+        weights = {
+            **weights,
+            "by_precision": {**weights["by_precision"], "reference model": ref},
+            "total": W + ref,
+        }
+        W = weights["total"]
+        notes.append(f"the reference model is a second, frozen copy of the weights ({human(ref)})")
     Ws, Gs, Os = W // shard, G // shard, OPT // shard
     gather = 0
     ddp_buckets = 0

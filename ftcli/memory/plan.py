@@ -69,10 +69,15 @@ def setup_from_recipe(recipe, device: str | None = None) -> Setup:
         mp = resolve_mixed_precision(mp, dev, recipe, layer_dims(recipe), dtype) if here else "bf16"
     q = m.quant
     targets = m.target_modules
+    # pair tasks: a micro-batch of B pairs runs 2B sequences (chosen and rejected stacked); KTO's
+    # B rows run with gradients, its mismatched KL rows without (one block's activations)
+    pairs = recipe.task == "reward" or (
+        recipe.task == "preference" and recipe.preference.loss != "kto"
+    )
     return Setup(
-        task=recipe.task,
+        task=MEMORY_TASK.get(recipe.task, recipe.task),
         method=m.kind,
-        batch_size=t.batch_size,
+        batch_size=t.batch_size * (2 if pairs else 1),
         seq_len=padded_width(recipe.data.max_length),  # the loop pads to PAD_MULTIPLE
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_accumulation=t.gradient_accumulation,
@@ -91,10 +96,29 @@ def setup_from_recipe(recipe, device: str | None = None) -> Setup:
         dropout=m.dropout,
         target_modules=tuple(targets) if isinstance(targets, list) else targets,
         modules_to_save=tuple(m.modules_to_save) if m.modules_to_save else None,
-        num_labels=len(recipe.data.labels) if recipe.data.labels else 2,
+        num_labels=1
+        if recipe.task == "reward"
+        else len(recipe.data.labels)
+        if recipe.data.labels
+        else 2,
         device=dev,
-        loss_path=loop_loss_path(recipe.task, m.kind),
+        loss_path=loop_loss_path(MEMORY_TASK.get(recipe.task, recipe.task), m.kind),
+        reference_copy=reference_copy(recipe),
     )
+
+
+# the model each task trains, as the estimate builds it: a preference policy is a causal LM, a
+# reward model a classifier with one logit
+MEMORY_TASK = {"preference": "causal_lm", "reward": "classification"}
+
+
+def reference_copy(recipe) -> bool:
+    """Whether training holds a second, frozen model as the reference: a loss that has one, not
+    scored before training, and not the policy's own weights with its adapter disabled."""
+    p = recipe.preference
+    if recipe.task != "preference" or not p.uses_reference or p.precompute_reference:
+        return False
+    return recipe.method.kind == "full" or p.reference != "start"
 
 
 def loop_loss_path(task: str, kind: str, config=None) -> str:
@@ -228,7 +252,7 @@ def plan_recipe(recipe, device: str | None = None, **changes) -> Plan:
         strategy_on_meta(recipe),
     )
     if "loss_path" not in changes and setup.loss_path == "ftcli":
-        path = loop_loss_path(recipe.task, recipe.method.kind, plan.loaded.config)
+        path = loop_loss_path(setup.task, recipe.method.kind, plan.loaded.config)
         if path != setup.loss_path:
             plan = replace(plan, setup=replace(setup, loss_path=path))
     return plan

@@ -108,6 +108,11 @@ class Setup:
     # published peaks measure); "ftcli" = the LM head on supervised positions only, LOSS_CHUNK at
     # a time, recomputed in backward (what ftcli's loop runs: ftcli.forward)
     loss_path: str = "transformers"
+    # preference tuning (issue 23): a frozen second copy of the weights as the reference model
+    # (full fine-tuning, or a reference named apart from the start; none when it is the policy
+    # with its adapter disabled or was scored before training). The doubled sequences of a pair
+    # batch are in batch_size already.
+    reference_copy: bool = False
 
     def check(self) -> None:
         problems = []

@@ -42,6 +42,15 @@ from ftcli.train.batching import (
     targets_in,
 )
 from ftcli.train.checkpoints import Checkpointer, save_trained
+from ftcli.train.objectives import (
+    PAIR_TASKS,
+    STATS,
+    pair_collator,
+    pair_lengths,
+    pair_objective,
+    pairs_in,
+    stats_row,
+)
 from ftcli.train.optim import build_optimizer, build_scheduler
 from ftcli.train.validation import Pruning, after_validation, evaluate_loss
 from ftcli.util import append_jsonl, read_jsonl, write_jsonl
@@ -128,6 +137,7 @@ class Tally:
         self.spike = spike
         z = partial(torch.zeros, dtype=torch.float64, device=device)
         self.loss, self.counts, self.trouble = z(()), z(2), z(4)
+        self.pairs = z(len(STATS))  # preference/reward: the pair statistics (objectives.STATS)
         self.lowest = torch.tensor(
             math.inf if lowest is None else lowest, dtype=torch.float64, device=device
         )
@@ -145,17 +155,20 @@ class Tally:
     def settle(self, accelerator, state: LoopState, window: LogWindow):
         """One host sync: the tallies into ``state`` and ``window``; returns (why, step, rows) of
         the first trouble since the last settle, else None."""
-        sums = torch.cat([self.loss.reshape(1), self.counts])
+        sums = torch.cat([self.loss.reshape(1), self.counts, self.pairs])
         if accelerator.num_processes > 1:
             sums = accelerator.reduce(sums, "sum") / torch.tensor(
-                [accelerator.num_processes, 1, 1], dtype=sums.dtype, device=sums.device
+                [accelerator.num_processes] + [1] * (2 + len(STATS)),
+                dtype=sums.dtype,
+                device=sums.device,
             )
         norm = (
             self.grad_norm if self.grad_norm is not None else torch.full_like(self.loss, math.nan)
         )
-        loss, real, seen, lowest, code, at, value, before, grad_norm = torch.cat(
+        loss, real, seen, *pairs, lowest, code, at, value, before, grad_norm = torch.cat(
             [sums, self.lowest.reshape(1), self.trouble, norm.reshape(1).to(sums)]
         ).tolist()
+        state.log_pairs = [a + b for a, b in zip(state.log_pairs, pairs, strict=True)]
         state.log_window = [state.log_window[0] + loss, state.log_window[1]]
         state.tokens += int(real)
         state.processed_tokens += int(seen)
@@ -164,6 +177,7 @@ class Tally:
         window.grad_norm = None if self.grad_norm is None else grad_norm
         micro, self.micro = self.micro, []
         self.loss, self.counts = torch.zeros_like(self.loss), torch.zeros_like(self.counts)
+        self.pairs = torch.zeros_like(self.pairs)
         if not code:
             return None
         step, rows = micro[int(at)]
@@ -246,6 +260,8 @@ class LoopState:
     log_window: list = field(
         default_factory=lambda: [0.0, 0]
     )  # loss sum, optimizer steps since the last log
+    # preference/reward: the pair statistics since the last log (objectives.STATS sums)
+    log_pairs: list = field(default_factory=lambda: [0.0] * len(STATS))
 
     def snapshot(self, seconds: float) -> dict:
         return {**asdict(self), "seconds": seconds}
@@ -268,6 +284,7 @@ def log_row(
     grad_norm: float | None,
     steps_per_epoch: int,
     t_start: float,
+    task: str = "causal_lm",
 ) -> dict:
     """One metrics.jsonl row: the loss averaged over the window's steps (each already the mean over
     its real targets on all processes, as ``Tally.settle`` summed them; a float32 value, as it has
@@ -286,6 +303,8 @@ def log_row(
     }
     if grad_norm is not None:
         row["grad_norm"] = grad_norm
+    if task in PAIR_TASKS:  # reward accuracy and margin, chosen/rejected log-probs, KL on chosen
+        row.update(stats_row(state.log_pairs, task))
     return row
 
 
@@ -362,6 +381,7 @@ def train_step(
     tally: Tally,
     recipe: Recipe,
     rows: list[list[int]],
+    objective=None,
 ) -> None:
     """One optimizer step over the micro-batches of ``group`` (``rows``: their examples): forward
     and backward each, clip, step, and count the step in ``state`` and its loss, tokens and
@@ -370,20 +390,26 @@ def train_step(
     Under DeepSpeed the engine steps at the group's last backward (told by ``sync_gradients``;
     its config carries the accumulation and the clipping: ftcli.distributed.configure_deepspeed),
     and its backward divides by the configured accumulation, which the loss is multiplied back by.
+    ``objective`` (task preference/reward): the pair loss, averaged over the step's pairs.
     """
     t = recipe.train
     world = accelerator.num_processes
     deepspeed = uses_deepspeed(accelerator)
     # The step's loss is the mean over its real targets on all processes, whatever the
     # micro-batch sizes: equal with and without grouping, and for k x b vs 1 x kb.
-    local = torch.stack([targets_in(b, recipe.task) for b in group]).sum()
+    count = pairs_in if objective is not None else partial(targets_in, task=recipe.task)
+    local = torch.stack([count(b) for b in group]).sum()
     denom = accelerator.reduce(local.double(), "sum").clamp(min=1)
     for j, batch in enumerate(group):
         last = j == len(group) - 1
         tally.micro.append((state.global_step + 1, rows[j] if j < len(rows) else []))
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             with accelerator.autocast():  # the LM head too runs outside forward
-                s, n = loss_sums(model, batch, recipe.task)
+                if objective is not None:  # preference / reward: chosen and rejected, one forward
+                    s, n, pair_stats = objective.sums(model, batch)
+                    tally.pairs += pair_stats
+                else:
+                    s, n = loss_sums(model, batch, recipe.task)
             value, bad = loss_trouble(
                 accelerator, s / n.clamp(min=1), tally.lowest, t.max_loss_spike
             )
@@ -423,6 +449,7 @@ def log_step(
     t_start: float,
     metrics_path: Path,
     progress,
+    task: str = "causal_lm",
 ) -> tuple[float, LogWindow]:
     """The log row of the steps since the last one, to metrics.jsonl, the trackers and the progress
     bar; returns its loss and the window the next row counts from."""
@@ -437,12 +464,14 @@ def log_step(
         grad_norm,
         steps_per_epoch,
         t_start,
+        task,
     )
     row["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if accelerator.is_main_process:
         append_jsonl(metrics_path, row)
     accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
     state.log_window = [0.0, 0]
+    state.log_pairs = [0.0] * len(STATS)
     window = LogWindow(step=step)
     if progress:
         progress.update(step, loss=row["loss"], lr=row["lr"], tps=row["tokens_per_s"])
@@ -554,24 +583,42 @@ def train(
     resume: bool = False,
     progress=None,
     pruning: Pruning | None = None,
+    load_reference=None,
 ) -> Trained:
     """Train ``adapted.model`` on ``tokenized['train']``; validate on ``tokenized['validation']``.
 
     With ``pruning``, each validation is reported to the study's trial, and the run stops early
-    (saved as it stands) when the pruner says the trial is weak."""
+    (saved as it stands) when the pruner says the trial is weak. Task preference/reward trains
+    on pairs (train/objectives.py); ``load_reference()`` loads a frozen reference model when the
+    recipe's needs one."""
     t = recipe.train
     model, pad = adapted.model, adapted.tokenizer.pad_token_id
     train_feats, val_feats = splits(tokenized, recipe=recipe)
     model = place(speed_up(recipe, model), accelerator)  # on its device before the optimizer
+    objective = None
+    if recipe.task in PAIR_TASKS:  # pairs; the reference, scored once if precompute_reference
+        with accelerator.main_process_first():  # the main process fills the cache, then the rest
+            objective, found = pair_objective(
+                recipe,
+                model,
+                load_reference,
+                {"train": train_feats, "validation": val_feats},
+                model_dir=adapted.model_dir,
+                pad_id=pad,
+                device=accelerator.device,
+                autocast=accelerator.autocast,
+                note=progress.note if progress and accelerator.is_main_process else None,
+            )
+        train_feats, val_feats = found["train"], found["validation"]
     optimizer = build_optimizer(recipe, model, device=accelerator.device)
     schedule = unfreezing(recipe, model)  # gradual unfreezing: a pure function of the step
     world = accelerator.num_processes
-    packed = recipe.data.packs(recipe.task, recipe.method.kind)
+    packed = recipe.data.packs(recipe.task, recipe.method.kind)  # never for pair tasks
     stream = getattr(tokenized["train"], "stream", None)  # data.streaming (data/stream.py)
     if stream is not None:
         steps_per_epoch, total_steps = streamed_steps(t)
     else:
-        lengths = lengths_of(train_feats)
+        lengths = pair_lengths(train_feats) if objective else lengths_of(train_feats)
         steps_per_epoch, total_steps = step_counts(
             t,
             micro_batches=len(epoch_batches(t, lengths=lengths, epoch=0, packed=packed)),
@@ -584,13 +631,11 @@ def train(
     model, optimizer = accelerator.prepare(model, optimizer)
     val_loader = None
     if val_feats:
+        val_collate = collator(pad_id=pad, left=left)
+        if objective is not None:
+            val_collate = pair_collator(pad, recipe.preference.loss == "kto")
         val_loader = accelerator.prepare(
-            make_loader(
-                val_feats,
-                recipe.eval.batch_size,
-                pad,
-                collate_fn=collator(pad_id=pad, left=left),
-            )
+            make_loader(val_feats, recipe.eval.batch_size, pad, collate_fn=val_collate)
         )
     checkpointer = Checkpointer(
         run_dir / "checkpoints", accelerator, model, optimizer, scheduler, keep=t.keep_checkpoints
@@ -615,6 +660,10 @@ def train(
         inner.config.use_cache = False
     dtype = compute_dtype(inner, accelerator.mixed_precision)
     collate_fn = collator(pad_id=pad, left=left, packed=packed, path=packing, dtype=dtype)
+    if objective is not None:
+        collate_fn = pair_collator(
+            pad, recipe.task == "preference" and recipe.preference.loss == "kto"
+        )
 
     model.train()
     if progress:
@@ -648,6 +697,7 @@ def train(
                     tally=tally,
                     recipe=recipe,
                     rows=batches[at : at + len(group)],
+                    objective=objective,
                 )
                 step = state.global_step
                 log_due = step % t.log_every == 0 or step == total_steps
@@ -665,6 +715,7 @@ def train(
                         t_start=t_start,
                         metrics_path=metrics_path,
                         progress=progress,
+                        task=recipe.task,
                     )
                     if PAUSE:
                         pause(f"step:{step}")
@@ -672,7 +723,7 @@ def train(
                     progress.update(step)
                 if val_due:
                     t_eval = time.perf_counter()
-                    v = evaluate_loss(accelerator, model, val_loader, recipe.task)
+                    v = evaluate_loss(accelerator, model, val_loader, recipe.task, objective)
                     window.t0 += time.perf_counter() - t_eval  # tokens/s counts training time only
                     pruned_at = after_validation(
                         v,

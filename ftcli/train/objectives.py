@@ -409,3 +409,197 @@ def stats_row(stats: list[float], task: str) -> dict:
     if s["kl_n"]:
         row["kl_chosen"] = s["kl"] / s["kl_n"]
     return row
+
+
+# --------------------------------------------------------------------------- the reference
+
+
+def reference_mode(recipe) -> str | None:
+    """Where a run's reference log-probs come from while it trains: "adapter" (the policy with
+    its adapter disabled: reference start with an adapter-based method), "model" (a second,
+    frozen model: full fine-tuning, or a reference named apart from the start), or None (SimPO,
+    ORPO and reward models use none). precompute_reference scores that same source once."""
+    p = recipe.preference
+    if recipe.task != "preference" or not p.uses_reference:
+        return None
+    return "adapter" if p.reference == "start" and recipe.method.kind != "full" else "model"
+
+
+def _rows_digest(features: Sequence) -> str:
+    """sha256 of the token ids and labels the reference scores, row by row."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    keys = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
+    keys += ("input_ids", "labels", "kl_input_ids", "kl_labels")
+    for f in features:
+        h.update(json.dumps([list(f[k]) for k in keys if k in f]).encode())
+    return h.hexdigest()
+
+
+def _weights_identity(folder: str) -> list:
+    """What identifies a model folder's weights cheaply: each weights file's name, size, mtime."""
+    from pathlib import Path
+
+    path = Path(folder)
+    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+    return [str(path.resolve())] + [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
+def reference_cache_path(recipe, model_dir: str, features: Sequence, split: str):
+    """The file that keeps a split's precomputed reference log-probs in the data cache: keyed by
+    the rows, the reference's weights, how it is loaded and the precision it is scored in."""
+    import hashlib
+    import json
+
+    from ftcli.data.store import data_cache_dir
+
+    p = recipe.preference
+    ref = model_dir if p.reference == "start" else p.reference
+    from ftcli.models import run_folder_start
+
+    start = run_folder_start(ref) if ref != model_dir else None
+    folder = str(start) if start is not None else ref
+    ident = {
+        "rows": _rows_digest(features),
+        "weights": _weights_identity(folder),
+        "reference": ref,
+        "quantized": recipe.method.kind == "qlora",
+        "dtype": recipe.model.dtype,
+        "mixed_precision": recipe.train.mixed_precision,
+        "split": split,
+    }
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+    return data_cache_dir() / "reference" / f"{key}.pt"
+
+
+def score_reference(
+    objective: PairObjective, model, features: Sequence, pad_id: int, device, autocast
+):
+    """The reference's summed log-probs of every row of ``features``, in row order: pairs give
+    ref_chosen and ref_rejected, KTO rows ref_logps and ref_kl_logps."""
+    unpaired = is_unpaired(features)
+    lengths = pair_lengths(features)
+    order = sorted(range(len(features)), key=lambda i: lengths[i])
+    cols = ("ref_logps", "ref_kl_logps") if unpaired else ("ref_chosen", "ref_rejected")
+    out = {c: torch.zeros(len(features), dtype=torch.float32) for c in cols}
+    collate_fn = pair_collator(pad_id, unpaired)
+    for s in range(0, len(order), 16):
+        idx = order[s : s + 16]
+        b = {k: v.to(device) for k, v in collate_fn([features[i] for i in idx]).items()}
+        with autocast():
+            if unpaired:
+                a = objective.reference_logps(
+                    model, b["input_ids"], b["attention_mask"], b["labels"]
+                )
+                kl = (b["kl_input_ids"], b["kl_attention_mask"], b["kl_labels"])
+                z = objective.reference_logps(model, *kl)
+            else:
+                both = objective.reference_logps(
+                    model, b["input_ids"], b["attention_mask"], b["labels"]
+                )
+                a, z = both[: len(idx)], both[len(idx) :]
+        out[cols[0]][idx] = a.float().cpu()
+        out[cols[1]][idx] = z.float().cpu()
+    return out
+
+
+def pair_objective(
+    recipe,
+    model,
+    load_reference,
+    splits: dict[str, Sequence],
+    *,
+    model_dir: str,
+    pad_id: int,
+    device,
+    autocast,
+    note=None,
+):
+    """The objective of a pair task, and its splits as the loop reads them: KTO rows with their
+    mismatched sequences; with precompute_reference, every row with the reference's log-probs
+    (scored once, kept in the data cache, reused by the next run on the same rows and weights).
+    ``load_reference()`` loads the frozen reference model, called only when one is needed."""
+    mode = reference_mode(recipe)
+    unpaired = recipe.task == "preference" and recipe.preference.loss == "kto"
+    splits = {k: (KtoRows(v) if unpaired and len(v) else v) for k, v in splits.items()}
+    if mode is None or not recipe.preference.precompute_reference:
+        ref_model = load_reference() if mode == "model" else None
+        return PairObjective.of(recipe, mode, ref_model), splits
+    scorer = PairObjective.of(recipe, mode)
+    out = {}
+    for name, feats in splits.items():
+        if not len(feats):
+            out[name] = feats
+            continue
+        path = reference_cache_path(recipe, model_dir, feats, name)
+        ref = None
+        if path.exists():
+            try:
+                ref = torch.load(path, weights_only=True)
+            except (OSError, RuntimeError, EOFError):
+                ref = None  # damaged: scored again
+        if ref is None or any(len(v) != len(feats) for v in ref.values()):
+            if mode == "model" and scorer.ref_model is None:
+                scorer.ref_model = load_reference()
+            ref = score_reference(scorer, model, feats, pad_id, device, autocast)
+            _save_atomic(ref, path)
+            if note:
+                note(f"  reference scored on {len(feats)} {name} rows, kept in {path}")
+        elif note:
+            note(f"  reference log-probs of {name} read from {path}")
+        out[name] = WithReference(feats, ref)
+    return PairObjective.of(recipe, "precomputed"), out
+
+
+def _save_atomic(obj, path) -> None:
+    import os
+    import uuid
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate_pairs(
+    task: str, model, features: Sequence, pad_id: int, batch_size: int, device
+) -> dict:
+    """Held-out pair metrics of a trained model: a reward model's accuracy (chosen scored above
+    rejected) and mean margin; a preference policy's accuracy by its own log-probs (chosen more
+    likely than rejected, summed and per token) and the mean summed-log-prob margin."""
+    was = model.training
+    model.eval()
+    unpaired = is_unpaired(features)
+    if unpaired:
+        return {}
+    right = right_avg = margin = 0.0
+    n = 0
+    with torch.no_grad():
+        for s in range(0, len(features), batch_size):
+            rows = [features[i] for i in range(s, min(len(features), s + batch_size))]
+            b = {k: v.to(device) for k, v in collate_pairs(rows, pad_id).items()}
+            if task == "reward":
+                c, r = pair_rewards(model, b)
+                cn = rn = torch.ones_like(c)
+            else:
+                c, r, cn, rn = pair_logps(model, b)
+            right += (c > r).sum().item()
+            right_avg += (c / cn.clamp(min=1) > r / rn.clamp(min=1)).sum().item()
+            margin += (c - r).sum().item()
+            n += len(rows)
+    model.train(was)
+    if not n:
+        return {}
+    if task == "reward":
+        return {"accuracy": right / n, "mean_margin": margin / n, "pairs": n}
+    return {
+        "logp_accuracy": right / n,
+        "logp_per_token_accuracy": right_avg / n,
+        "mean_logp_margin": margin / n,
+        "pairs": n,
+    }

@@ -15,8 +15,9 @@ from ftcli.testpoints import PAUSE, pause
 from ftcli.util import append_jsonl
 
 
-def evaluate_loss(accelerator, model, loader, task: str) -> float:
-    """Mean validation loss over all processes (token-weighted for causal LMs)."""
+def evaluate_loss(accelerator, model, loader, task: str, objective=None) -> float:
+    """Mean validation loss over all processes (token-weighted for causal LMs; per pair for
+    ``objective``, a preference/reward run's)."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
@@ -24,7 +25,10 @@ def evaluate_loss(accelerator, model, loader, task: str) -> float:
     with torch.no_grad():
         for batch in loader:
             with accelerator.autocast():
-                s, c = loss_sums(model, batch, task)
+                if objective is not None:
+                    s, c, _ = objective.sums(model, batch)
+                else:
+                    s, c = loss_sums(model, batch, task)
             total += s.double()
             count += c.double()
             if PAUSE:
