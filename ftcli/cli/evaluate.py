@@ -95,6 +95,36 @@ def eval_(
             "--output-dir", help="Where to look for the latest run when no RUN_DIR is given."
         ),
     ] = Path("runs"),
+    judge: Annotated[
+        Path | None,
+        typer.Option(
+            "--judge",
+            help="Preference runs, with --baseline: start and tuned answer the test prompts, this "
+            "run scores both (a task reward run, or a classifier with --judge-label).",
+        ),
+    ] = None,
+    judge_label: Annotated[
+        str | None,
+        typer.Option(
+            "--judge-label", help="--judge with a classifier: the label whose probability scores."
+        ),
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--max-new-tokens",
+            min=1,
+            help="--judge: answer length bound (default eval.max_new_tokens).",
+        ),
+    ] = None,
+    prompts: Annotated[
+        int | None,
+        typer.Option(
+            "--prompts",
+            min=1,
+            help="--judge: how many held-out prompts to answer (default eval.generate_examples).",
+        ),
+    ] = None,
     json_: JsonOpt = False,
     trust_remote_code: TrustOpt = False,
 ):
@@ -120,6 +150,8 @@ def eval_(
       ftcli eval runs/quickstart-r32 --baseline runs/quickstart   [dim]# r=32 vs r=8[/]
 
       ftcli eval runs/q-seed1 runs/q-seed2 runs/q-seed3 --ensemble
+
+      ftcli eval runs/dpo --baseline --judge runs/sentiment --judge-label positive
 
       ftcli eval --baseline --json
     """
@@ -151,6 +183,12 @@ def eval_(
         resamples,
         seed,
         robustness,
+        generation={
+            "judge": judge,
+            "judge_label": judge_label,
+            "max_new_tokens": max_new_tokens,
+            "prompts": prompts,
+        },
     )
 
 

@@ -75,12 +75,22 @@ def compare_run(
     resamples: int,
     seed: int,
     robustness: bool,
+    generation: dict | None = None,
 ) -> dict:
     """``--baseline`` and/or ``--benchmark`` on one run: the baseline report's record, with the
-    benchmarks' under ``benchmarks`` (or the benchmarks' alone)."""
+    benchmarks' under ``benchmarks`` (or the benchmarks' alone). ``generation``: a preference
+    run's --judge options (evaluation/preference.py), which need --baseline."""
     result: dict = {}
+    stray = [k for k, v in (generation or {}).items() if v is not None]
+    if stray and not baseline:
+        raise FtcliError(
+            f"--{stray[0].replace('_', '-')} applies with --baseline (start vs tuned answers, judged)",
+            hint="ftcli eval RUN --baseline --judge JUDGE_RUN",
+        )
     if baseline:
-        result = eval_baseline(run_dir, baseline, ui, out, resamples, seed, robustness)
+        result = eval_baseline(
+            run_dir, baseline, ui, out, resamples, seed, robustness, generation=generation
+        )
     if benchmark:
         from ftcli.evaluation.benchmark import benchmark_run  # lm-eval: only when asked for
 
