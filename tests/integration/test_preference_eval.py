@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,6 +128,16 @@ def reward_run(tmp_path_factory, tiny_models, tiny_data):
     return _pair_run(tmp_path_factory, tiny_models, tiny_data, "reward")
 
 
+@pytest.fixture(scope="module")
+def cls_run(tmp_path_factory, tiny_models, tiny_data):
+    return trained_run(tmp_path_factory, tiny_models, tiny_data, "classification", "lora")
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory, tiny_models, tiny_data):
+    return trained_run(tmp_path_factory, tiny_models, tiny_data, "causal_lm", "lora")
+
+
 def test_preference_run_vs_its_start_with_a_reward_judge(capsys, dpo_run, reward_run, tmp_path):
     code, rep = run_cli(
         capsys, "eval", str(dpo_run), "--baseline", "--judge", str(reward_run),
@@ -145,17 +156,15 @@ def test_preference_run_vs_its_start_with_a_reward_judge(capsys, dpo_run, reward
     metrics = [s["metric"] for s in rep["significance"]]
     assert metrics == ["preference_accuracy", "win_rate", "judge_score"]
     files = rep["files"]
-    md = open(files["markdown"]).read()
+    md = Path(files["markdown"]).read_text()
     assert "Generated answers, judged" in md and "Win rate" in md
-    assert "Generated answers, judged" in open(files["html"]).read()
-    first = json.loads(open(files["predictions"]).readline())
+    assert "Generated answers, judged" in Path(files["html"]).read_text()
+    first = json.loads(Path(files["predictions"]).read_text().splitlines()[0])
     assert {"chosen", "rejected", "baseline", "tuned", "generated"} <= set(first)
 
 
-def test_preference_run_with_a_classifier_judge(
-    capsys, dpo_run, tmp_path_factory, tiny_models, tiny_data, tmp_path
-):
-    cls = trained_run(tmp_path_factory, tiny_models, tiny_data, "classification", "lora")
+def test_preference_run_with_a_classifier_judge(capsys, dpo_run, cls_run, tmp_path):
+    cls = cls_run
     code, rep = run_cli(
         capsys, "eval", str(dpo_run), "--baseline", "--judge", str(cls), "--judge-label", "pos",
         "--prompts", "4", "--max-new-tokens", "3", "--out", str(tmp_path / "e"), *FAST,
@@ -181,13 +190,10 @@ def test_reward_run_vs_its_untrained_head(capsys, reward_run, tmp_path):
     assert rep["metrics"]["tuned"]["preference_accuracy"] > 0.8
 
 
-def test_bad_judges_are_one_clear_error(
-    capsys, dpo_run, reward_run, tmp_path_factory, tiny_models, tiny_data
-):
-    lm = trained_run(tmp_path_factory, tiny_models, tiny_data, "causal_lm", "lora")
+def test_bad_judges_are_one_clear_error(capsys, dpo_run, reward_run, cls_run, lm_run):
+    lm, cls = lm_run, cls_run
     code, out = run_cli(capsys, "eval", str(dpo_run), "--baseline", "--judge", str(lm))
     assert code == 1 and "a judge is a task reward run or a classification run" in out["error"]
-    cls = trained_run(tmp_path_factory, tiny_models, tiny_data, "classification", "lora")
     code, out = run_cli(capsys, "eval", str(dpo_run), "--baseline", "--judge", str(cls))
     assert code == 1 and "--judge-label names none" in out["error"]
     code, out = run_cli(
