@@ -155,13 +155,25 @@ def eval_(
 
       ftcli eval --baseline --json
     """
-    from ftcli.evaluation.modes import check_run_to_score, compare_run, eval_mode
+    from ftcli.evaluation.modes import (
+        check_generation,
+        check_run_to_score,
+        compare_run,
+        eval_mode,
+    )
     from ftcli.pipeline import evaluate_run
     from ftcli.rundir import latest_run
     from ftcli.ui import UI
 
     ui = UI(json_)
     check_run_to_score(baseline, given=bool(run_dirs))
+    generation = {
+        "judge": judge,
+        "judge_label": judge_label,
+        "max_new_tokens": max_new_tokens,
+        "prompts": prompts,
+    }
+    check_generation(generation, baseline)
     dirs = [_run_folder(d) for d in run_dirs or []] or [latest_run(output_dir)]
     bench_only = {"--tasks-path": tasks_path, "--limit": limit, "--num-fewshot": num_fewshot}
     mode = eval_mode(len(dirs), baseline, benchmark, ensemble, split, bench_only)
@@ -183,12 +195,7 @@ def eval_(
         resamples,
         seed,
         robustness,
-        generation={
-            "judge": judge,
-            "judge_label": judge_label,
-            "max_new_tokens": max_new_tokens,
-            "prompts": prompts,
-        },
+        generation=generation,
     )
 
 

@@ -22,6 +22,17 @@ def check_run_to_score(baseline: list[str] | None, given: bool) -> None:
         )
 
 
+def check_generation(generation: dict, baseline: list[str] | None) -> None:
+    """--judge and its options compare a preference run's answers with its start's: they need
+    --baseline."""
+    stray = [k for k, v in generation.items() if v is not None]
+    if stray and not baseline:
+        raise FtcliError(
+            f"--{stray[0].replace('_', '-')} applies with --baseline (start vs tuned answers, judged)",
+            hint="ftcli eval RUN --baseline --judge JUDGE_RUN",
+        )
+
+
 def eval_mode(
     runs: int,
     baseline: list[str] | None,
@@ -81,12 +92,6 @@ def compare_run(
     benchmarks' under ``benchmarks`` (or the benchmarks' alone). ``generation``: a preference
     run's --judge options (evaluation/preference.py), which need --baseline."""
     result: dict = {}
-    stray = [k for k, v in (generation or {}).items() if v is not None]
-    if stray and not baseline:
-        raise FtcliError(
-            f"--{stray[0].replace('_', '-')} applies with --baseline (start vs tuned answers, judged)",
-            hint="ftcli eval RUN --baseline --judge JUDGE_RUN",
-        )
     if baseline:
         result = eval_baseline(
             run_dir, baseline, ui, out, resamples, seed, robustness, generation=generation

@@ -183,7 +183,7 @@ def test_reward_run_vs_its_untrained_head(capsys, reward_run, tmp_path):
         capsys, "eval", str(reward_run), "--baseline", "--out", str(tmp_path), *FAST
     )
     assert code == 0, rep
-    assert rep["task"] == "reward" and "untrained" in rep["baseline"]["description"]
+    assert rep["task"] == "reward" and "init/head.safetensors" in rep["baseline"]["description"]
     top = rep["significance"][0]
     assert top["metric"] == "preference_accuracy" and top["test"] == "McNemar exact"
     # the pairs are separable by the sentiment word: the trained head ranks most of them right
