@@ -122,7 +122,7 @@ def logits_on(model, batches: list[dict], task: str) -> list:
     with torch.no_grad():
         for b in batches:
             lg = model(**b).logits.float()
-            if task != "classification":
+            if task not in ("classification", "reward"):  # classifiers: one row of logits each
                 lg = lg[b["attention_mask"].bool()]
             out.append(lg)
     return out

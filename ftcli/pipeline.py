@@ -299,7 +299,14 @@ def _train_run(
         elif sealed and recipe.merge.enabled and recipe.method.kind != "full":
             test_feats = tokenized["test"].features[:16]
             if recipe.task in PAIR_TASKS:  # the merge is verified on the chosen sequences
-                test_feats = [{"input_ids": f["chosen_input_ids"]} for f in test_feats]
+                test_feats = [
+                    {
+                        "input_ids": f["chosen_input_ids"]
+                        if "chosen_input_ids" in f
+                        else f["input_ids"]
+                    }
+                    for f in test_feats
+                ]
             del adapted
             gc.collect()
             acc.free_memory()

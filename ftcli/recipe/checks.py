@@ -12,7 +12,13 @@ from __future__ import annotations
 import re
 
 from ftcli.errors import Problem
-from ftcli.recipe.applies import LORA_KINDS, METHOD_KEYS, PAIR_TASKS, PREFERENCE_KEYS, PROMPT_KINDS
+from ftcli.recipe.applies import (
+    LORA_KINDS,
+    METHOD_KEYS,
+    PAIR_TASKS,
+    PREFERENCE_KEYS,
+    PROMPT_KINDS,
+)
 from ftcli.recipe.schema import SOURCE_KEYS, SPACE_KINDS, Recipe
 
 
@@ -35,9 +41,9 @@ def _semantic_problems(r: Recipe) -> list[Problem]:
 
 def _preference_problems(r: Recipe) -> list[Problem]:
     """The preference section: keys its loss does not read, a reference for a loss without one,
-    and what pair training cannot do (docs/preference.md)."""
+    and what pair training cannot do (docs/preference.md); what pair data cannot do is
+    ``_pair_data_problems``'."""
     p = []
-    pairs = r.task in ("preference", "reward")
     if "preference" in r.model_fields_set and r.task != "preference":
         hint = (
             "task reward trains a Bradley-Terry reward model: it reads no preference section"
@@ -61,31 +67,26 @@ def _preference_problems(r: Recipe) -> list[Problem]:
                     f"only applies to preference.loss {' and '.join(losses)}, not to {pref.loss}"
                 )
             p.append(r.problem(f"preference.{name}", message, "remove it"))
+        uses = pref.uses_reference and pref.reference == "start" and r.method.kind != "full"
+        if uses and r.method.kind in LORA_KINDS and r.method.init in ("pissa", "olora"):
+            p.append(
+                r.problem(
+                    "method.init",
+                    f"{r.method.init} rewrites the base weights, so the model with its adapter "
+                    "disabled is no longer the start: the reference would be wrong",
+                    "use init gaussian, or name the reference (preference.reference: the start "
+                    "model's name)",
+                )
+            )
         if pref.loss == "kto" and r.train.batch_size < 2:
             p.append(
                 r.problem(
                     "train.batch_size",
-                    "kto estimates its KL term from mismatched pairs within a micro-batch, which "
-                    "needs at least 2 examples",
+                    "kto estimates its KL term as a mean over a micro-batch's mismatched "
+                    "pairs: one row is too few",
                     "set train.batch_size to 2 or more",
                 )
             )
-    if pairs and r.data.streaming:
-        p.append(
-            r.problem(
-                "data.streaming",
-                f"task {r.task} reads its pairs from the prepared splits, not from a stream",
-                "remove it",
-            )
-        )
-    if pairs and r.data.augment is not None:
-        p.append(
-            r.problem(
-                "data.augment",
-                f"augmentation rewrites single examples; task {r.task} trains on pairs",
-                "remove it",
-            )
-        )
     return p
 
 

@@ -588,7 +588,10 @@ class PreferenceSpec(_Section):
         1.0, ge=0, description="simpo: the target reward margin (gamma/beta = 0.5 by default)"
     )
     lambda_: float = Field(
-        0.1, gt=0, alias="lambda", description="orpo: the weight of the odds-ratio term"
+        0.1,
+        gt=0,
+        alias="lambda",
+        description="orpo: the weight of the odds-ratio term (a recipe writes it as lambda)",
     )
     reference: str = Field(
         "start",

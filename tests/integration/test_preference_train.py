@@ -151,15 +151,23 @@ def tok(tiny_models):
     return tokenizer_from(tiny_models["llama"])
 
 
+@pytest.mark.parametrize("kind", ["lora", "ia3", "vera", "prefix", "prompt", "ptuning"])
 def test_disabled_adapter_reference_equals_the_start_model_loaded_apart(
-    tmp_path, tiny_models, tiny_data, tok
+    tmp_path, tiny_models, tiny_data, tok, kind
 ):
-    recipe = recipe_from_mapping(_recipe(tmp_path, tiny_models, tiny_data))
+    m = _recipe(tmp_path, tiny_models, tiny_data)
+    if kind != "lora":
+        targets = {"ia3": ["q_proj", "v_proj", "down_proj"], "vera": ["q_proj", "v_proj"]}
+        m["method"] = {
+            "kind": kind,
+            **({"target_modules": targets[kind]} if kind in targets else {}),
+        }
+    recipe = recipe_from_mapping(m)
     adapted = adapt(recipe, tok, recipe.model.name, None, "cpu")
     model = adapted.model
-    with torch.no_grad():  # move the adapter away from zero: the policy is no longer the start
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
+    with torch.no_grad():  # move the adapter away from its start: the policy is no longer it
+        for p in model.parameters():
+            if p.requires_grad:
                 p.add_(0.05)
     batch = collate_pairs(arithmetic_pairs(tok, 6), tok.pad_token_id)
     args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
@@ -352,3 +360,82 @@ def test_kto_collate_builds_mismatched_sequences(tok):
         True,
         False,
     ]
+
+
+# --------------------------------------------------------------------------- the whole pipeline
+
+
+def _pairs_file(path, n: int = 48, seed: int = 0):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randrange(10), rng.randrange(10)
+        wrong = (a + b + rng.randrange(1, 5)) % 19
+        rows.append(
+            {
+                "prompt": f"what is {a} plus {b} ?",
+                "chosen": f" {a} plus {b} is {a + b} .",
+                "rejected": f" {a} plus {b} is {wrong} .",
+            }
+        )
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize(
+    "task, kind, pref",
+    [
+        ("preference", "lora", {"loss": "dpo", "precompute_reference": True}),
+        ("preference", "full", {"loss": "dpo"}),
+        ("preference", "lora", {"loss": "kto"}),
+        ("reward", "lora", None),
+    ],
+)
+def test_train_run_from_a_pairs_file(tmp_path, tiny_models, tiny_data, task, kind, pref):
+    """prepare -> adapt -> train -> evaluate -> merge on a pairs file, as `ftcli train` runs it."""
+    from ftcli.pipeline import train_run
+
+    m = _recipe(tmp_path, tiny_models, tiny_data, task=task, kind=kind, **(pref or {}))
+    m["data"] = {"path": str(_pairs_file(tmp_path / "pairs.jsonl")), "max_length": 64}
+    m["data"]["split"] = {"validation": 0.1, "test": 0.2, "seed": 0}
+    m["train"].update(epochs=1, batch_size=4)
+    m["merge"] = {"enabled": kind != "full"}
+    out = train_run(recipe_from_mapping(m), UI())
+    assert out["status"] == "completed"
+    rows = _metrics(recipe_from_mapping(m).run_dir)
+    assert rows and "reward_margin" in rows[-1] or pref and pref["loss"] == "kto"
+    metrics = out.get("eval", {}).get("metrics", {})
+    assert (
+        ("accuracy" in metrics)
+        if task == "reward"
+        else ("logp_accuracy" in metrics or pref["loss"] == "kto")
+    )
+    if kind != "full":
+        assert out["merge"]["prediction_agreement"] > 0.9
+
+
+def test_a_run_folder_as_the_start_and_its_adapter_disabled_reference(
+    tmp_path_factory, tmp_path, tiny_models, tiny_data, tok
+):
+    """model.name: an earlier (full) run folder starts from its trained weights; the LoRA
+    policy's disabled adapter then scores exactly as that trained model, loaded apart."""
+    from ftcli.models import load_trained, run_folder_start
+    from tests.conftest import trained_run
+
+    sft = trained_run(tmp_path_factory, tiny_models, tiny_data, "causal_lm", "full")
+    m = _recipe(tmp_path, tiny_models, tiny_data)
+    m["model"] = {"name": str(sft)}
+    recipe = recipe_from_mapping(m)
+    start = run_folder_start(str(sft))
+    assert start == sft / "model"
+    from ftcli.models import load_tokenizer
+
+    t, _, model_dir = load_tokenizer(recipe.model)
+    adapted = adapt(recipe, t, model_dir, None, "cpu")
+    batch = collate_pairs(arithmetic_pairs(t, 6), t.pad_token_id)
+    args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+    ref = PairObjective.of(recipe, "adapter").reference_logps(adapted.model, *args)
+    trained, _ = load_trained(sft, "causal_lm")
+    with torch.no_grad():
+        apart, _ = sequence_logps(trained, *args)
+    assert torch.allclose(ref, apart, atol=1e-5, rtol=0)

@@ -26,7 +26,6 @@ LAYOUTS = {
         "data": {"instruction_column": "i", "output_column": "o"},
     },
     "completion": {"task": "causal_lm", "data": {"prompt_column": "p", "completion_column": "c"}},
-    "preference": {"task": "preference", "data": {}},
     # preference pairs, one layout per group of preference keys (issue 23)
     **{
         f"preference-{loss}": {"task": "preference", "preference": {"loss": loss}}

@@ -22,7 +22,8 @@ def test_all_problems_are_reported_at_once_in_line_order(tmp_path):
     msgs = messages(tmp_path, text)
     assert msgs == [
         f"{tmp_path}/recipe.yaml:2: task: 'clasification' is not one of: classification, causal_lm, "
-        "preference, reward (did you mean 'classification'?)",
+        "preference, reward "
+        "(did you mean 'classification'?)",
         f"{tmp_path}/recipe.yaml:11: method.r: input should be greater than 0 (got 0)",
         f"{tmp_path}/recipe.yaml:16: train.batch_size: input should be a valid integer, unable to parse string "
         "as an integer (got 'many')",
