@@ -318,7 +318,8 @@ def child_trl(result: str, a: argparse.Namespace) -> None:
     from ftcli.data.examples import load_prepared
     from ftcli.models import load_folder, tokenizer_from, trained_folder
 
-    _, folder = trained_folder(Path(a.sft_dir))
+    sft = Path(a.sft_dir)  # a run folder (its merged/ or model/), or a model folder
+    folder = sft if (sft / "config.json").is_file() else trained_folder(sft)[1]
     tok = tokenizer_from(folder)
     model = load_folder(folder, "causal_lm")
     if a.pairs_run:
