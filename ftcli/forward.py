@@ -208,9 +208,11 @@ def generate_answers(
     device,
     max_prompt_tokens: int,
     temperature: float = 0.0,
+    keep_ids: bool = False,
 ) -> list[dict]:
     """One answer per prompt: {"answer", "stopped" (ended with EOS), "tokens" (answer length)};
-    greedy unless a temperature is given, batched with left padding.
+    greedy unless a temperature is given, batched with left padding. ``keep_ids`` adds the token
+    ids read and written ("prompt_ids", "ids"), for scoring the answers as they were generated.
 
     Prompts longer than ``max_prompt_tokens`` keep their end (where the answer starts); an empty
     prompt starts from the BOS (or EOS) token, so the model always has something to continue.
@@ -251,4 +253,6 @@ def generate_answers(
                     "stopped": stopped,
                     "tokens": len(answer),
                 }
+                if keep_ids:
+                    out[i].update(prompt_ids=list(encoded[i]), ids=answer)
     return out

@@ -403,7 +403,7 @@ def _write_start(recipe: Recipe, resume: bool, prepared, adapted):
     keep_library_log(run_dir / "libraries.log")  # the libraries' warnings, off the screen
     atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
     prepared = save_prepared(prepared, run_dir / "data")
-    if recipe.task == "classification" and not resume:
+    if recipe.task in ("classification", "reward") and not resume:
         # the fresh head as training found it: `ftcli eval --baseline` compares against this start
         save_initial_head(adapted.model, run_dir)
     save_initial_adapter(adapted.model, recipe, run_dir)  # PiSSA/OLoRA: converted at save

@@ -95,6 +95,36 @@ def eval_(
             "--output-dir", help="Where to look for the latest run when no RUN_DIR is given."
         ),
     ] = Path("runs"),
+    judge: Annotated[
+        Path | None,
+        typer.Option(
+            "--judge",
+            help="Preference runs, with --baseline: start and tuned answer the test prompts, this "
+            "run scores both (a task reward run, or a classifier with --judge-label).",
+        ),
+    ] = None,
+    judge_label: Annotated[
+        str | None,
+        typer.Option(
+            "--judge-label", help="--judge with a classifier: the label whose probability scores."
+        ),
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--max-new-tokens",
+            min=1,
+            help="--judge: answer length bound (default eval.max_new_tokens).",
+        ),
+    ] = None,
+    prompts: Annotated[
+        int | None,
+        typer.Option(
+            "--prompts",
+            min=1,
+            help="--judge: how many held-out prompts to answer (default eval.generate_examples).",
+        ),
+    ] = None,
     json_: JsonOpt = False,
     trust_remote_code: TrustOpt = False,
 ):
@@ -121,15 +151,29 @@ def eval_(
 
       ftcli eval runs/q-seed1 runs/q-seed2 runs/q-seed3 --ensemble
 
+      ftcli eval runs/dpo --baseline --judge runs/sentiment --judge-label positive
+
       ftcli eval --baseline --json
     """
-    from ftcli.evaluation.modes import check_run_to_score, compare_run, eval_mode
+    from ftcli.evaluation.modes import (
+        check_generation,
+        check_run_to_score,
+        compare_run,
+        eval_mode,
+    )
     from ftcli.pipeline import evaluate_run
     from ftcli.rundir import latest_run
     from ftcli.ui import UI
 
     ui = UI(json_)
     check_run_to_score(baseline, given=bool(run_dirs))
+    generation = {
+        "judge": judge,
+        "judge_label": judge_label,
+        "max_new_tokens": max_new_tokens,
+        "prompts": prompts,
+    }
+    check_generation(generation, baseline)
     dirs = [_run_folder(d) for d in run_dirs or []] or [latest_run(output_dir)]
     bench_only = {"--tasks-path": tasks_path, "--limit": limit, "--num-fewshot": num_fewshot}
     mode = eval_mode(len(dirs), baseline, benchmark, ensemble, split, bench_only)
@@ -151,6 +195,7 @@ def eval_(
         resamples,
         seed,
         robustness,
+        generation=generation,
     )
 
 

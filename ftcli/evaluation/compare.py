@@ -350,13 +350,29 @@ def eval_baseline(
     n_resamples: int = RESAMPLES,
     seed: int = 0,
     robust: bool = True,
+    generation: dict | None = None,
 ) -> dict:
     """``ftcli eval RUN --baseline B [--baseline B2 ...]``: each comparison and its report in its own
     folder of ``out_dir`` (default RUN_DIR/eval: base/, probe/, tfidf/, majority/, vs-<run>/), and
-    the index of every report there. Returns the report (one baseline) or the index (several)."""
+    the index of every report there. Returns the report (one baseline) or the index (several).
+    A preference or reward run is compared with its start (evaluation/preference.py);
+    ``generation`` holds its --judge, --judge-label, --max-new-tokens and --prompts."""
     from ftcli.evaluation.summary import write_index
 
     rd = open_run(run_dir)
+    given = {k: v for k, v in (generation or {}).items() if v is not None}
+    if rd.recipe.task in ("preference", "reward"):
+        from ftcli.evaluation.preference import eval_pairs_baseline
+
+        names = [baselines] if isinstance(baselines, str) else baselines
+        return eval_pairs_baseline(run_dir, names, ui, out_dir, n_resamples, seed, **given)
+    if given:
+        flag = "--" + next(iter(given)).replace("_", "-")
+        raise FtcliError(
+            f"{flag} applies to task preference runs (answers of the start and the tuned model, "
+            f"judged); {rd.run_dir} is a task {rd.recipe.task} run",
+            hint="drop it",
+        )
     names = resolve_baselines(
         rd.recipe.task, [baselines] if isinstance(baselines, str) else baselines
     )

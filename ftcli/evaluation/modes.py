@@ -22,6 +22,17 @@ def check_run_to_score(baseline: list[str] | None, given: bool) -> None:
         )
 
 
+def check_generation(generation: dict, baseline: list[str] | None) -> None:
+    """--judge and its options compare a preference run's answers with its start's: they need
+    --baseline."""
+    stray = [k for k, v in generation.items() if v is not None]
+    if stray and not baseline:
+        raise FtcliError(
+            f"--{stray[0].replace('_', '-')} applies with --baseline (start vs tuned answers, judged)",
+            hint="ftcli eval RUN --baseline --judge JUDGE_RUN",
+        )
+
+
 def eval_mode(
     runs: int,
     baseline: list[str] | None,
@@ -75,12 +86,16 @@ def compare_run(
     resamples: int,
     seed: int,
     robustness: bool,
+    generation: dict | None = None,
 ) -> dict:
     """``--baseline`` and/or ``--benchmark`` on one run: the baseline report's record, with the
-    benchmarks' under ``benchmarks`` (or the benchmarks' alone)."""
+    benchmarks' under ``benchmarks`` (or the benchmarks' alone). ``generation``: a preference
+    run's --judge options (evaluation/preference.py), which need --baseline."""
     result: dict = {}
     if baseline:
-        result = eval_baseline(run_dir, baseline, ui, out, resamples, seed, robustness)
+        result = eval_baseline(
+            run_dir, baseline, ui, out, resamples, seed, robustness, generation=generation
+        )
     if benchmark:
         from ftcli.evaluation.benchmark import benchmark_run  # lm-eval: only when asked for
 

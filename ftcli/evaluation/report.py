@@ -136,6 +136,8 @@ def print_report(report: dict, ui: UI) -> None:
         ui.info(majority_text(report))
     style = VERDICT_STYLE.get(report["verdict"], "bold")
     ui.info(f"[bold {style}]verdict[/] {report['verdict_text']}")
+    for line in generation_lines(report):
+        ui.info(line)
     ov = report["overfitting"]
     ui.info(("[bold red]warning[/] " if ov["overfitting"] else "") + ov["message"])
     f = report["failures"]["counts"]
@@ -340,7 +342,23 @@ def _failure_tables(report: dict) -> list[tuple[str, list[str], list[list]]]:
     """(title, headers, rows) of every failure table."""
     f = report["failures"]
     out = []
-    if report["task"] == "classification":
+    if report["task"] in ("preference", "reward"):
+        cols = ["index", "margin_baseline", "margin_tuned", "prompt", "chosen", "rejected"]
+        out.append(
+            (
+                "Regressions (the start ranked the pair right, the tuned model wrong), worst first",
+                cols,
+                [[r[c] for c in cols] for r in f["regressions"]],
+            )
+        )
+        out.append(
+            (
+                "Persistent failures (both ranked the rejected answer first), worst first",
+                cols,
+                [[r[c] for c in cols] for r in f["persistent"]],
+            )
+        )
+    elif report["task"] == "classification":
         cols = ["index", "label", "baseline", "tuned", "tuned_confidence", "text"]
         out.append(
             (
@@ -407,6 +425,26 @@ def _failure_tables(report: dict) -> list[tuple[str, list[str], list[list]]]:
             )
         )
     return out
+
+
+def generation_lines(report: dict) -> list[str]:
+    """A preference run's judged answers in sentences: the judge, the win rate with its sign
+    test, the KL from the reference (evaluation/preference.py)."""
+    g = report.get("generation")
+    if not g:
+        return []
+    w, kl = g["win_rate"], g["kl"]
+    return [
+        f"Judge: {g['judge_description']}; {g['prompts']} held-out prompts, {g['decoding']} answers "
+        f"of at most {g['max_new_tokens']} new tokens.",
+        f"Win rate of the tuned answer over the start's: {fmt(w['tuned'])} ({w['wins']} wins, "
+        f"{w['losses']} losses, {w['ties']} ties; ties count half), 95% CI of the difference from "
+        f"0.5 [{fmt(w.get('ci_low'))}, {fmt(w.get('ci_high'))}], sign test p = "
+        f"{fmt_p(w.get('p_value'))}: {w['verdict']}.",
+        f"KL of the tuned model from {kl['from']} on its own answers: {fmt(kl['kl_per_token'])} "
+        f"per token ({kl['tokens']} tokens of {kl['answers']} answers; mean of the per-answer "
+        f"means {fmt(kl['kl_per_answer_mean'])}).",
+    ]
 
 
 def _metric_rows(report: dict) -> tuple[list[str], list[list]]:
@@ -481,6 +519,12 @@ def markdown(report: dict) -> str:
             "",
             _md_table(per_class_headers(report), _per_class_rows(report)),
             "",
+        ]
+    if report.get("generation"):
+        parts += [
+            "## Generated answers, judged",
+            "",
+            *sum(([x, ""] for x in generation_lines(report)), []),
         ]
     ov = report["overfitting"]
     parts += [
@@ -594,6 +638,12 @@ def render_html(report: dict, pngs: dict[str, str]) -> str:
         sec.append('<section id="members"><h2>Members</h2>' + _html_table(h, rows) + "</section>")
     h, rows = _metric_rows(report)
     sec.append('<section id="metrics"><h2>Metrics</h2>' + _html_table(h, rows) + "</section>")
+    if report.get("generation"):
+        sec.append(
+            '<section id="generation"><h2>Generated answers, judged</h2>'
+            + "".join(f"<p>{esc(x)}</p>" for x in generation_lines(report))
+            + "</section>"
+        )
     ov = report["overfitting"]
     extra = ""
     if ov.get("gap_end") is not None:

@@ -304,8 +304,13 @@ APPLIES: dict[str, Applies | None] = {
     # eval
     "eval": ALWAYS,
     "eval.batch_size": ALWAYS,
-    "eval.max_new_tokens": Applies(lambda r: r.task == "causal_lm", "task causal_lm", warn=True),
-    "eval.generate_examples": Applies(lambda r: r.task == "causal_lm", "task causal_lm", warn=True),
+    # a preference run's answers: ftcli eval --baseline --judge (evaluation/preference.py)
+    "eval.max_new_tokens": Applies(
+        lambda r: r.task in ("causal_lm", "preference"), "task causal_lm or preference", warn=True
+    ),
+    "eval.generate_examples": Applies(
+        lambda r: r.task in ("causal_lm", "preference"), "task causal_lm or preference", warn=True
+    ),
     # wrong task or missing benchmarks: recipe errors of their own (_semantic_problems)
     "eval.benchmarks": ALWAYS,
     "eval.benchmarks_path": ALWAYS,

@@ -223,4 +223,7 @@ def test_warnings_are_printed_by_validate(tmp_path, capsys):
             main(["validate", str(path), "--no-data", *strict])
         assert exc.value.code == code
         err = capsys.readouterr().err
-        assert "eval.max_new_tokens: only applies to task causal_lm; ignored in this run" in err
+        assert (
+            "eval.max_new_tokens: only applies to task causal_lm or preference; ignored in this run"
+            in err
+        )
