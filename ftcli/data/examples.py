@@ -189,14 +189,20 @@ class CleanCounts:
     first_bad: str | None = None  # the first of them: "<file>: record N: why"
 
 
-def clean(examples: list[dict], spec: DataSpec, counts: CleanCounts) -> list[dict]:
-    counts.read += len(examples)
+def _strip_and_drop(examples: list[dict], spec: DataSpec, counts: CleanCounts) -> list[dict]:
+    """clean.strip and clean.drop_empty on a list (or a chunk) of examples, empties counted."""
     if spec.clean.strip:
         examples = [_strip(e) for e in examples]
     if spec.clean.drop_empty:
         kept = [e for e in examples if not _is_empty(e)]
         counts.empty += len(examples) - len(kept)
         examples = kept
+    return examples
+
+
+def clean(examples: list[dict], spec: DataSpec, counts: CleanCounts) -> list[dict]:
+    counts.read += len(examples)
+    examples = _strip_and_drop(examples, spec, counts)
     if spec.clean.dedupe:
         seen, kept = set(), []
         for e in examples:
@@ -402,12 +408,7 @@ def _read_into(
             n += len(records)
         else:
             n += len(examples)
-            if d.clean.strip:
-                examples = [_strip(e) for e in examples]
-            if d.clean.drop_empty:
-                kept = [e for e in examples if not _is_empty(e)]
-                counts.empty += len(examples) - len(kept)
-                examples = kept
+            examples = _strip_and_drop(examples, d, counts)
         hashes.append(_hashes(examples))
         if classify:
             codes.append(
