@@ -15,17 +15,26 @@ The check (``Segments.problem``): every prefix rendering must be a prefix of the
 assistant span must hold exactly that turn's content (after whitespace) and then only the
 template's end-of-turn text. A template that fails it (one that drops earlier turns' reasoning,
 say) would train on the wrong tokens without a word.
+
+Reasoning and tools: an assistant message may carry ``reasoning_content`` and ``tool_calls``,
+and ``tool`` turns hold what a call returned. Where each part of an assistant turn sits is found
+by rendering the turn again without it: the characters that change are that part's. The check
+then also asks that the template write every part it was given (a template that leaves out the
+reasoning would train on answers the user believes come with it), and ``data.train_on`` picks
+which parts are targets (``part_targets``).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftcli.data.messages import for_template
 from ftcli.errors import FtcliError
-from ftcli.recipe.schema import CHAT_TEMPLATES
+from ftcli.recipe.schema import CHAT_TEMPLATES, TRAIN_ON
 
 FALLBACK_ROLE = {"system": "System", "user": "User", "assistant": "Assistant"}
 
@@ -45,7 +54,10 @@ def render_chat(
     if getattr(tokenizer, "chat_template", None):
         extra = {"tools": tools} if tools else {}
         return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
+            for_template(messages),
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            **extra,
         )
     text = "".join(
         f"### {FALLBACK_ROLE.get(m['role'], m['role'].title())}:\n{m['content']}\n\n"
@@ -134,11 +146,17 @@ def renders_tools(tokenizer) -> bool:
 @dataclass(frozen=True)
 class Segments:
     """A rendered conversation, its assistant spans (character offsets), and the check's verdict:
-    None, or what is wrong with the first turn that fails it."""
+    None, or what is wrong with the first turn that fails it. ``targets``: the character spans
+    the loss is taken on (None: the assistant spans; ``data.train_on`` may leave parts out)."""
 
     text: str
     spans: list[tuple[int, int]]
     problem: str | None = None
+    targets: list[tuple[int, int]] | None = None
+
+    @property
+    def target_spans(self) -> list[tuple[int, int]]:
+        return self.spans if self.targets is None else self.targets
 
 
 # --------------------------------------------------------------------------- exact (per example)
@@ -183,10 +201,11 @@ def _span_problem(turn: int, messages: list[dict], full: str, s: int, e: int) ->
     )
 
 
-def exact_segments(tokenizer, messages: list[dict]) -> Segments:
-    """The spans from rendering each prefix for real (the way they were always found), checked."""
+def exact_segments(tokenizer, messages: list[dict], train_on=TRAIN_ON) -> Segments:
+    """The spans from rendering each prefix for real (the way they were always found), checked;
+    an assistant turn with reasoning or tool calls has its parts found too (``part_targets``)."""
     full = render_chat(tokenizer, messages, add_generation_prompt=False)
-    spans, problem = [], None
+    spans, targets, problem = [], [], None
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
@@ -201,16 +220,125 @@ def exact_segments(tokenizer, messages: list[dict]) -> Segments:
                     full,
                 )
         if i == len(messages) - 1:  # the same call as ``full``: no need to render it again
-            end = len(full)
+            upto = full
         else:
             upto = render_chat(tokenizer, messages[: i + 1], add_generation_prompt=False)
-            end = len(upto)
             if problem is None and not full.startswith(upto):
                 problem = _not_prefix(f"the rendering up to assistant message {i + 1}", upto, full)
-        if problem is None:
-            problem = _span_problem(i, messages, full, start, end)
+        end = len(upto)
         spans.append((start, end))
-    return Segments(full, spans, problem)
+        if "reasoning_content" in m or "tool_calls" in m:
+            found, why = part_targets(tokenizer, messages, i, upto, start, train_on)
+            targets.extend(found)
+            problem = problem or why
+        else:  # its content is all there is to it: an answer
+            if "answers" in train_on:
+                targets.append((start, end))
+            if problem is None:
+                problem = _span_problem(i, messages, full, start, end)
+    return Segments(full, spans, problem, None if targets == spans else targets)
+
+
+PART_OF = {"reasoning_content": "reasoning", "tool_calls": "tool_calls"}
+
+
+def _changed(a: str, b: str, floor: int) -> tuple[int, int]:
+    """The characters of ``a`` that ``b`` lacks: (start, end) in ``a`` between their common
+    prefix and common suffix (the suffix never reaching into the prefix). Where the text around
+    them repeats, such a region can slide; it is taken as far left as it goes, not before
+    ``floor`` (``<think>...</think>\n\n`` before ``<tool_call>``, not ``hink>...\n\n<t``)."""
+    p = _first_difference(a, b)
+    q = 0
+    limit = min(len(a), len(b)) - p
+    while q < limit and a[len(a) - 1 - q] == b[len(b) - 1 - q]:
+        q += 1
+    s, e = p, len(a) - q
+    while s > floor and s < e and a[s - 1] == a[e - 1]:
+        s, e = s - 1, e - 1
+    return s, e
+
+
+def part_targets(
+    tokenizer, messages: list[dict], i: int, upto: str, start: int, train_on=TRAIN_ON
+) -> tuple[list[tuple[int, int]], str | None]:
+    """(target spans, problem) of assistant turn ``i``, which carries reasoning or tool calls;
+    ``upto``: the rendering up to and including it, ``start``: where its span starts.
+
+    Each part's characters are those that change when the turn is rendered without it. The
+    check: the template writes each part (inside the turn's span, with its text in it), and the
+    rest of the span, after whitespace, starts with the turn's content. Targets: each part that
+    ``train_on`` names, the content when it names ``answers``, and the rest of the span (the
+    template's markers, the end of the turn) when any part of the turn present is a target."""
+    m = messages[i]
+    end = len(upto)
+    regions: dict[str, tuple[int, int]] = {}
+    for key in ("reasoning_content", "tool_calls"):
+        if key not in m:
+            continue
+        without = [*messages[:i], {k: v for k, v in m.items() if k != key}]
+        a, b = _changed(upto, render_chat(tokenizer, without, add_generation_prompt=False), start)
+        what = f"assistant message {i + 1}'s {key}"
+        if a >= b:
+            return [(start, end)], (
+                f"the chat template does not write {what}: training would not see it (pick a "
+                "template that does, such as qwen, or leave the field out of the data)"
+            )
+        if a < start:
+            return [(start, end)], f"the chat template writes {what} before the turn's own span"
+        text = upto[a:b]
+        if key == "reasoning_content":
+            missing = m[key].strip() not in text
+        else:
+            names = [c["function"]["name"] for c in json.loads(m[key])]
+            missing = not all(n in text for n in names)
+        if missing:
+            return [(start, end)], (
+                f"rendering assistant message {i + 1} without its {key} changes characters "
+                f"{a}-{b} ({_excerpt(upto, a)}), which do not hold it: its place cannot be told"
+            )
+        regions[PART_OF[key]] = (a, b)
+    # the rest of the span: the content (where the parts are not) and the template's markers
+    taken = sorted(regions.values())
+    rest, kept = [], []  # characters outside the parts, and their offsets
+    at = start
+    for a, b in [*taken, (end, end)]:
+        rest.append(upto[at:a])
+        kept.extend(range(at, a))
+        at = max(at, b)
+    body = "".join(rest)
+    content = m["content"]
+    c0 = c1 = None
+    if content.strip():
+        lead = len(body) - len(body.lstrip())
+        for c in (content, content.strip()):
+            # a conversation that opens with the assistant: its span starts at 0, header and all
+            at = body.find(c) if i == 0 else (lead if body.startswith(c, lead) else -1)
+            if at >= 0:
+                c0, c1 = kept[at], kept[at + len(c) - 1] + 1
+                break
+        else:
+            k = _first_difference(body.lstrip(), content)
+            return [(start, end)], (
+                f"the span of assistant message {i + 1} (characters {start}-{end}), its "
+                f"reasoning and tool calls set aside, does not start with that turn's content: "
+                f"after {lead + k} matching characters it reads {_excerpt(body.lstrip(), k)} where "
+                f"the content reads {_excerpt(content, k)}"
+            )
+    present = set(regions) | ({"answers"} if c0 is not None else set())
+    if present <= set(train_on):
+        return [(start, end)], None
+    out: list[tuple[int, int]] = []
+    if present & set(train_on):  # the markers and the end of the turn
+        cut = sorted([*taken, *([(c0, c1)] if c0 is not None else [])])
+        at = start
+        for a, b in [*cut, (end, end)]:
+            if a > at:
+                out.append((at, a))
+            at = max(at, b)
+    if c0 is not None and "answers" in train_on:
+        out.append((c0, c1))
+    out.extend(regions[p] for p in regions if p in train_on)
+    return sorted(out), None
 
 
 # --------------------------------------------------------------------------- skeletons
@@ -347,24 +475,25 @@ def _skeletons(tokenizer) -> dict:
     return per.setdefault(key, {})
 
 
-def segments(tokenizer, messages: list[dict]) -> Segments:
+def segments(tokenizer, messages: list[dict], train_on=TRAIN_ON) -> Segments:
     """The rendered conversation, its assistant spans and the check's verdict: one render when
     the conversation's role sequence has a sound skeleton that it matches, else the prefixes
-    rendered for real."""
+    rendered for real (always for reasoning and tool calls: ``train_on`` picks their targets)."""
     if not all(m.keys() == {"role", "content"} and isinstance(m["content"], str) for m in messages):
-        return exact_segments(tokenizer, messages)
+        return exact_segments(tokenizer, messages, train_on)
     roles = tuple(m["role"] for m in messages)
     cache = _skeletons(tokenizer)
     if roles not in cache:
         cache[roles] = _skeleton_of(tokenizer, roles)
     sk = cache[roles]
     if sk is None or not sk.sound:
-        return exact_segments(tokenizer, messages)
+        return exact_segments(tokenizer, messages, train_on)
     full = render_chat(tokenizer, messages, add_generation_prompt=False)
     contents = [m["content"] for m in messages]
     if full != sk.text(contents):  # this template's output depends on the contents
-        return exact_segments(tokenizer, messages)
-    return Segments(full, [(s.of(contents), e.of(contents)) for s, e in sk.spans])
+        return exact_segments(tokenizer, messages, train_on)
+    spans = [(s.of(contents), e.of(contents)) for s, e in sk.spans]
+    return Segments(full, spans, None, None if "answers" in train_on else [])
 
 
 # --------------------------------------------------------------------------- checking a data set
@@ -424,6 +553,42 @@ def check_conversations(
                 if len(failures) < keep:
                     failures.append((s, i, example["messages"], problem))
     return ChatCheck(checked, total, failed, failures)
+
+
+FIELD_OF = {"answers": "content", "reasoning": "reasoning_content", "tool_calls": "tool_calls"}
+
+
+def train_on_problem(train_on, rows) -> str | None:
+    """None when ``data.train_on`` changes what trains on ``rows`` (the training split: a list
+    or an Arrow-backed ``Rows``): some assistant turn carries a part it leaves out; else why not
+    (the key would do nothing)."""
+    left = [p for p in TRAIN_ON if p not in (train_on or TRAIN_ON)]
+    if not left:
+        return None
+    table = getattr(rows, "table", None)
+    if table is not None and "messages" in table.column_names:
+        import pyarrow.compute as pc
+
+        msgs = pc.list_flatten(table.column("messages"))
+        names = {f.name for f in msgs.type}
+        assistant = pc.equal(pc.struct_field(msgs, "role"), "assistant")
+        for part in left:
+            if FIELD_OF[part] not in names:
+                continue
+            values = pc.struct_field(msgs, FIELD_OF[part])
+            has = pc.and_(assistant, pc.greater(pc.utf8_length(values), 0))
+            if pc.any(pc.fill_null(has, False)).as_py():
+                return None
+    else:
+        for r in rows:
+            for m in r.get("messages", ()):
+                if m["role"] == "assistant" and any(m.get(FIELD_OF[p]) for p in left):
+                    return None
+    fields = " or ".join(FIELD_OF[p] for p in left)
+    return (
+        f"data.train_on leaves out {' and '.join(left)}, but no assistant turn of the training "
+        f"split has {fields}: the key would change nothing"
+    )
 
 
 def first_user(messages: list[dict]) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ftcli.data import pairs
+from ftcli.data.messages import EXTRA_FIELDS, chat_message
 from ftcli.data.read import read_source
 from ftcli.data.rows import Rows, Scratch, TableWriter, jsonl_digest, take_rows
 from ftcli.errors import DataError, RecipeError, SourceError
@@ -140,12 +141,8 @@ def to_examples(recipe: Recipe, records: list[dict], start: int = 0) -> list[dic
                 f"record {start + i + 1}: {d.messages_column!r} must be a list of {{role, content}} messages",
                 hint='for example [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]',
             )
-        out.append(
-            {
-                "messages": system
-                + [{"role": str(m["role"]), "content": _text(m["content"])} for m in msgs]
-            }
-        )
+        where = f"record {start + i + 1}"
+        out.append({"messages": system + [chat_message(m, where, _text) for m in msgs]})
     return out
 
 
@@ -158,18 +155,29 @@ def _strip(ex: dict) -> dict:
         if isinstance(v, str):
             out[k] = v.strip()
         elif k == "messages":
-            out[k] = [{"role": m["role"], "content": m["content"].strip()} for m in v]
+            out[k] = [_strip_message(m) for m in v]
         else:
             out[k] = v
     return out
 
 
+def _strip_message(m: dict) -> dict:
+    if len(m) == 2:  # role and content: the common case, kept fast
+        return {"role": m["role"], "content": m["content"].strip()}
+    out = {**m, "content": m["content"].strip()}
+    if "reasoning_content" in out:
+        out["reasoning_content"] = out["reasoning_content"].strip()
+    return out
+
+
 def _is_empty(ex: dict) -> bool:
+    """No assistant turn with something to learn, or a message with nothing in it (an assistant
+    turn of tool calls alone has no content)."""
     if "messages" in ex:
         msgs = ex["messages"]
-        return not any(m["role"] == "assistant" and m["content"] for m in msgs) or any(
-            not m["content"] for m in msgs
-        )
+        return not any(
+            m["role"] == "assistant" and (m["content"] or "tool_calls" in m) for m in msgs
+        ) or any(not (m["content"] or "tool_calls" in m) for m in msgs)
     return any(not v for v in ex.values() if isinstance(v, str))
 
 
@@ -358,7 +366,8 @@ def schema_of(recipe: Recipe):
         return pa.schema([("text", s)])
     if recipe.data.style == "completion":
         return pa.schema([("prompt", s), ("completion", s)])
-    return pa.schema([("messages", pa.list_(pa.struct([("role", s), ("content", s)])))])
+    fields = [("role", s), ("content", s), *((k, s) for k in EXTRA_FIELDS)]
+    return pa.schema([("messages", pa.list_(pa.struct(fields)))])
 
 
 @dataclass

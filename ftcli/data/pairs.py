@@ -60,6 +60,12 @@ def _present(v) -> bool:
     return v is not None and not (isinstance(v, float) and v != v)
 
 
+def _filled(v) -> bool:
+    """Present and not empty (an empty string or list reads as absent)."""
+    v = _listish(v)
+    return _present(v) and not (isinstance(v, str | list | dict) and not v)
+
+
 def _is_conversation(v) -> bool:
     v = _listish(v)
     return isinstance(v, list) and len(v) > 1
@@ -109,6 +115,15 @@ def _messages(value, what: str, recno: int) -> list[dict]:
             f"record {recno}: {what} must be a list of {{role, content}} messages",
             hint='for example [{"role": "user", "content": "Hi"}]',
         )
+    for m in value:
+        carried = [k for k in ("reasoning_content", "tool_calls") if _filled(m.get(k))]
+        if carried:
+            raise DataError(
+                f"record {recno}: {what} has a message with {' and '.join(carried)}: preference "
+                "pairs are read as role and content only",
+                hint="leave reasoning and tool calls out of preference data (supervised chat "
+                "data, task causal_lm, trains on them)",
+            )
     return [{"role": str(m["role"]), "content": _text(m["content"])} for m in value]
 
 

@@ -41,6 +41,14 @@ def write_data(recipe, tokenizer, folder: Path, ui=None, *, load_predictor=None)
         if load_predictor is None:
             raise FtcliError("data.augment.paraphrase needs a model loader: pass load_predictor")
         prepared = add_paraphrases(prepared, recipe, load_predictor, ui)
+    if recipe.task == "causal_lm" and recipe.data.train_on is not None:
+        from ftcli.data.chat import train_on_problem
+
+        problem = train_on_problem(recipe.data.train_on, prepared.splits["train"])
+        if problem:
+            raise DataError(
+                problem, hint="remove data.train_on, or give the messages the parts it names"
+            )
     recipe, length = resolve_length(recipe, prepared.splits["train"], tokenizer, prepared.label2id)
     prepared.stats["max_length"] = length.as_dict()  # run.json's data section records it
     tokenized = {}

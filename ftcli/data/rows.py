@@ -99,6 +99,15 @@ class TableWriter:
         self.close()
 
 
+def _rich_messages(schema: pa.Schema) -> bool:
+    """A ``messages`` column whose messages have fields beyond role and content (which a row's
+    message may lack: null there)."""
+    if "messages" not in schema.names:
+        return False
+    t = schema.field("messages").type
+    return pa.types.is_list(t) and pa.types.is_struct(t.value_type) and t.value_type.num_fields > 2
+
+
 class Rows(Sequence):
     """Read-only list of row dicts over an Arrow table; ``path``: the file it is mapped from."""
 
@@ -120,6 +129,11 @@ class Rows(Sequence):
         if meta and SPARSE in meta:
             names = json.loads(meta[SPARSE])
             rows = [{names.get(k, k): v for k, v in r.items() if v is not None} for r in rows]
+        if _rich_messages(table.schema):  # each message without the fields it does not have
+            for r in rows:
+                r["messages"] = [
+                    {k: v for k, v in m.items() if v is not None} for m in r["messages"]
+                ]
         return rows
 
     def __getitem__(self, i):

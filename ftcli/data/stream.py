@@ -40,7 +40,14 @@ from ftcli.data.examples import (
 )
 from ftcli.data.read import CHUNK, _format_of, _stream_parquet
 from ftcli.data.read import jsonl_chunks as _jsonl
-from ftcli.data.tokenize import BATCH, Tokenized, features_batch, padded_width, tokenize
+from ftcli.data.tokenize import (
+    BATCH,
+    Tokenized,
+    causal_params,
+    features_batch,
+    padded_width,
+    tokenize,
+)
 from ftcli.errors import DataError, RecipeError
 
 DEFAULT_MAX_TEST = 1_000  # test examples collected when data.max_test_examples is not set
@@ -395,7 +402,7 @@ def _params(recipe, label2id) -> dict:
     d = recipe.data
     if recipe.task == "classification":
         return {"L": d.max_length, "label2id": label2id}
-    return {"L": d.max_length, "loss_on": d.loss_on, "add_eos": d.add_eos}
+    return causal_params(d)
 
 
 class StreamedBatches:

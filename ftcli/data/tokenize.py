@@ -15,6 +15,7 @@ from ftcli.data.chat import render_chat as render_chat
 from ftcli.data.rows import Features, Scratch, TableWriter
 from ftcli.errors import DataError
 from ftcli.recipe import Recipe
+from ftcli.recipe.schema import TRAIN_ON
 
 IGNORE_INDEX = -100
 
@@ -149,6 +150,14 @@ def _classification_batch(
     }
 
 
+def causal_params(d) -> dict:
+    """The data keys a causal-LM batch is tokenized by (``_causal_batch``'s keywords)."""
+    params = {"L": d.max_length, "loss_on": d.loss_on, "add_eos": d.add_eos}
+    if d.train_on is not None:
+        params["train_on"] = tuple(d.train_on)
+    return params
+
+
 def _causal_batch(
     examples: list[dict],
     *,
@@ -156,23 +165,26 @@ def _causal_batch(
     L: int,
     loss_on: str,
     add_eos: bool,
+    train_on: tuple[str, ...] = TRAIN_ON,
     offset: int = 0,
     split: str | None = None,
     check: bool = True,
 ) -> dict:
-    """Causal-LM features of a batch: labels mask everything but the completion (``loss_on``),
-    EOS appended (``add_eos``), truncated to ``L``; ``keep`` False when no target token is left.
-    A conversation whose assistant spans fail the chat check (data/chat.py) stops it: DataError
-    naming the example (``offset``: the batch's first example's index in ``split``)."""
+    """Causal-LM features of a batch: labels mask everything but the completion (``loss_on``;
+    of an assistant turn, the parts ``train_on`` names), EOS appended (``add_eos``), truncated to
+    ``L``; ``keep`` False when no target token is left. A conversation whose assistant spans fail
+    the chat check (data/chat.py) stops it: DataError naming the example (``offset``: the batch's
+    first example's index in ``split``)."""
     eos_id, eos = tokenizer.eos_token_id, tokenizer.eos_token
     marked = loss_on != "all" and marks_generation(tokenizer)  # checked against the spans
-    texts, spans, special = [], [], []
+    texts, spans, special, turns = [], [], [], []
     for k, e in enumerate(examples):
         if "messages" in e:
-            seg = segments(tokenizer, e["messages"])
+            seg = segments(tokenizer, e["messages"], train_on)
             if check and seg.problem is not None:
                 raise chat_refusal(offset + k, e["messages"], seg.problem, split)
-            text, sp = seg.text, seg.spans
+            text, sp = seg.text, seg.target_spans
+            turns.append(seg.spans)
             special.append(False)
         elif "prompt" in e:
             text = e["prompt"] + e["completion"]
@@ -181,6 +193,8 @@ def _causal_batch(
         else:
             text, sp = e["text"], [(0, len(e["text"]))]
             special.append(True)
+        if special[-1]:
+            turns.append(sp)
         texts.append(text)
         spans.append(sp)
     encoded: list = [None] * len(texts)
@@ -198,23 +212,18 @@ def _causal_batch(
     out: dict = {"input_ids": [], "labels": [], "length": [], "truncated": [], "keep": []}
     for k, (text, sp, (ids, offsets)) in enumerate(zip(texts, spans, encoded, strict=True)):
         ids = np.asarray(ids, dtype=np.int64)
-        if loss_on == "all":
-            mask = np.ones(len(ids), dtype=bool)
-        else:  # a token is a target when its characters overlap a target span (none: not one)
-            off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-            a, b = off[:, 0], off[:, 1]
-            mask = np.zeros(len(ids), dtype=bool)
-            for s, t in sp:
-                mask |= (s < b) & (a < t)
-            mask &= b > a
-        if marked and check and not special[k]:
+        mask = np.ones(len(ids), dtype=bool) if loss_on == "all" else _overlapping(offsets, sp)
+        if marked and check and not special[k]:  # the blocks mark whole assistant turns
             messages = examples[k]["messages"]
-            problem = generation_problem(tokenizer, messages, ids, mask)
+            whole = mask if turns[k] is sp else _overlapping(offsets, turns[k])
+            problem = generation_problem(tokenizer, messages, ids, whole)
             if problem is not None:
                 raise chat_refusal(offset + k, messages, problem, split)
         if add_eos and eos_id is not None and not (eos and text.rstrip().endswith(eos)):
             ids = np.append(ids, eos_id)
-            mask = np.append(mask, True)
+            # a target, except after a turn end train_on leaves out (a conversation whose last
+            # turn is context: learning to stop there would be learning from context)
+            mask = np.append(mask, sp is turns[k] or bool(mask[-1:].any()))
         truncated = len(ids) > L
         if truncated:
             ids, mask = ids[:L], mask[:L]
@@ -225,6 +234,18 @@ def _causal_batch(
         out["labels"].append(np.where(mask, ids, IGNORE_INDEX).tolist() if keep else [])
         out["length"].append(len(ids) if keep else 0)
     return out
+
+
+def _overlapping(offsets, spans):
+    """Per token: whether its characters overlap one of ``spans`` (a token of no character: no)."""
+    import numpy as np
+
+    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    a, b = off[:, 0], off[:, 1]
+    mask = np.zeros(len(off), dtype=bool)
+    for s, t in spans:
+        mask |= (s < b) & (a < t)
+    return mask & (b > a)
 
 
 def features_batch(
@@ -238,6 +259,9 @@ def features_batch(
         return pairs_batch(batch, tokenizer=tokenizer, render=render_chat, **params)
     cols = list(batch)
     examples = [dict(zip(cols, vals, strict=True)) for vals in zip(*batch.values(), strict=True)]
+    for e in examples:  # through Arrow every message has every field: null where it has none
+        if "messages" in e and any(len(m) > 2 for m in e["messages"]):
+            e["messages"] = [{k: v for k, v in m.items() if v is not None} for m in e["messages"]]
     if indices:  # datasets.map(with_indices=True): the batch's place in the split
         offset = indices[0]
     if task == "classification":
@@ -285,7 +309,7 @@ def tokenize(
         if windows:
             params["windows"] = True
     else:
-        params = {"L": d.max_length, "loss_on": d.loss_on, "add_eos": d.add_eos}
+        params = causal_params(d)
         if not check_chat:
             params["check"] = False
         if name.endswith(".features"):  # write_data's "<split>.features": errors name the split

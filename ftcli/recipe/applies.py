@@ -184,6 +184,10 @@ APPLIES: dict[str, Applies | None] = {
         "task causal_lm, preference or reward",
         warn=True,
     ),
+    "data.train_on": Applies(
+        lambda r: r.task == "causal_lm" and r.data.style == "chat" and r.data.loss_on != "all",
+        "chat data (causal_lm, data.messages_column) with data.loss_on: completion",
+    ),
     "data.chat_template": Applies(
         lambda r: (
             (r.task == "causal_lm" and r.data.style in ("chat", "instruction"))
@@ -342,11 +346,14 @@ APPLIES: dict[str, Applies | None] = {
 
 
 def _set_keys(model: BaseModel, prefix: tuple[str, ...] = ()) -> list[str]:
-    """The dotted keys the recipe set explicitly (defaults are never 'set')."""
+    """The dotted keys the recipe set explicitly (defaults are never 'set', nor a null written
+    where null is the default: a recipe.yaml ftcli wrote back has those)."""
     out = []
     for name in sorted(model.model_fields_set):
-        out.append(".".join((*prefix, name)))
         value = getattr(model, name)
+        if value is None and type(model).model_fields[name].default is None:
+            continue
+        out.append(".".join((*prefix, name)))
         if isinstance(value, BaseModel):
             out.extend(_set_keys(value, (*prefix, name)))
     return out

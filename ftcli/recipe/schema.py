@@ -255,6 +255,8 @@ SOURCE_KEYS = tuple(
 
 # The chat templates ftcli ships (ftcli/bundled/templates/NAME.jinja), for data.chat_template.
 CHAT_TEMPLATES = ("chatml", "llama-3", "mistral", "gemma", "qwen", "plain")
+# The parts of an assistant turn data.train_on can make targets (all of them by default).
+TRAIN_ON = ("answers", "reasoning", "tool_calls")
 
 
 class DataSpec(_Section):
@@ -351,6 +353,23 @@ class DataSpec(_Section):
     add_eos: bool = Field(
         True, description="causal_lm: end every example with EOS so the model learns to stop"
     )
+    train_on: list[Literal["answers", "reasoning", "tool_calls"]] | None = Field(
+        None,
+        description="chat data: which parts of the assistant turns are targets: answers (the "
+        "content), reasoning (reasoning_content), tool_calls; null: all of them. A part left "
+        "out stays in the conversation as context. The template's markers and the end of a turn "
+        "are targets when any part of that turn is",
+    )
+
+    @field_validator("train_on")
+    @classmethod
+    def _some_parts_once(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not v:
+            raise ValueError("names no part: list answers, reasoning and/or tool_calls")
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("names a part twice")
+        return v
+
     chat_template: str | None = Field(
         None,
         description="chat or instruction data: the template conversations are rendered with: "

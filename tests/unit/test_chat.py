@@ -101,7 +101,9 @@ def test_one_render_gives_the_spans_every_prefix_render_gave(bpe, name, monkeypa
     convs = conversations(300, seed=len(name))
     slow = []
     real_exact = chat.exact_segments
-    monkeypatch.setattr(chat, "exact_segments", lambda t, m: slow.append(1) or real_exact(t, m))
+    monkeypatch.setattr(
+        chat, "exact_segments", lambda t, m, *a: slow.append(1) or real_exact(t, m, *a)
+    )
     for msgs in convs:
         seg = chat.segments(tok, msgs)
         assert (seg.text, seg.spans) == old._chat_segments(tok, msgs), (name, msgs)
@@ -211,7 +213,9 @@ def test_the_shipped_templates_pass_the_check_with_todays_spans(bpe, name, monke
     tok = _with_template(bpe, chat.template_text(name))
     slow = []
     real_exact = chat.exact_segments
-    monkeypatch.setattr(chat, "exact_segments", lambda t, m: slow.append(1) or real_exact(t, m))
+    monkeypatch.setattr(
+        chat, "exact_segments", lambda t, m, *a: slow.append(1) or real_exact(t, m, *a)
+    )
     for msgs in conversations(200, seed=3):
         seg = chat.segments(tok, msgs)
         assert seg.problem is None, (name, msgs, seg.problem)

@@ -64,6 +64,7 @@ SAMPLES = {
     "data.messages_column": "messages",
     "data.system_prompt": "be brief",
     "data.chat_template": "chatml",
+    "data.train_on": ["answers"],
     "data.max_validation_examples": 10,
     "method.target_modules": ["q_proj"],
     "method.modules_to_save": ["score"],
