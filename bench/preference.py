@@ -192,16 +192,22 @@ def run_all(a: argparse.Namespace) -> dict:
     out = Path(a.out).resolve()
     data = out / "data"
     runs = out / "runs"
-    sizes = write_data(data, a)
-    print(f"data: {sizes}", file=sys.stderr)
-    # the judge: the quickstart classifier on the judge's snippets
-    judge = ftcli(
-        "train", "quickstart", "--force",
-        "--set", "name=pref-judge", "--set", f"output_dir={runs}",
-        "--set", f"data.path={data / 'judge.csv'}",
-        "--set", f"data.max_train_examples={a.judge_examples}",
-    )  # fmt: skip
     judge_dir = runs / "pref-judge"
+    sft_dir = runs / "pref-sft"
+    reuse = a.reuse and all((d / "run.json").is_file() for d in (judge_dir, sft_dir))
+    if reuse:  # the data, the judge and the SFT start of an earlier run of the same settings
+        sizes = json.loads((out / "results.json").read_text())["sizes"]
+        judge = {"eval": json.loads((judge_dir / "run.json").read_text()).get("eval")}
+    else:
+        sizes = write_data(data, a)
+        # the judge: the quickstart classifier on the judge's snippets
+        judge = ftcli(
+            "train", "quickstart", "--force",
+            "--set", "name=pref-judge", "--set", f"output_dir={runs}",
+            "--set", f"data.path={data / 'judge.csv'}",
+            "--set", f"data.max_train_examples={a.judge_examples}",
+        )  # fmt: skip
+    print(f"data: {sizes}", file=sys.stderr)
     print(f"judge: {judge.get('eval', {}).get('metrics')}", file=sys.stderr)
     # SFT on fresh snippets, merged: the start of every preference run
     sft = recipe(
@@ -222,8 +228,10 @@ def run_all(a: argparse.Namespace) -> dict:
         merge={"enabled": True},
         output_dir=str(runs),
     )
-    sft_run = train_measured(sft, runs / "pref-sft")
-    sft_dir = runs / "pref-sft"
+    if reuse:
+        sft_run = json.loads((sft_dir / "peak.json").read_text())
+    else:
+        sft_run = train_measured(sft, sft_dir)
     rows = []
     for loss in a.methods:
         pref = {"loss": loss}
@@ -242,7 +250,9 @@ def run_all(a: argparse.Namespace) -> dict:
             method={"kind": "lora", **LORA},
             train=common_train(a, a.steps, a.lr),
             preference=pref,
-            eval={"batch_size": 16},
+            # the test split is scored after training in the same process: at the training
+            # batch, so the peak memory measured is training's (TRL's child only trains)
+            eval={"batch_size": a.batch},
             merge={"enabled": False},
             output_dir=str(runs),
         )
@@ -426,6 +436,11 @@ def main() -> None:
     ap.add_argument("--test-share", type=float, default=0.1, help="the pairs' sealed test share")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep the data, judge and SFT runs an earlier run with the same --out left",
+    )
     for k in SIZES:
         ap.add_argument("--" + k.replace("_", "-"), type=int, default=None)
     ap.add_argument("--child-trl", default=None, help=argparse.SUPPRESS)
