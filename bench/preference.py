@@ -135,9 +135,14 @@ def recipe(path: Path, **sections) -> Path:
     return path
 
 
+def peak_file(run_dir: Path) -> Path:
+    return run_dir.with_name(run_dir.name + ".peak.json")
+
+
 def train_measured(recipe_path: Path, out: Path) -> dict:
-    """``ftcli train`` in a child process that also records its peak memory."""
-    peak = out / "peak.json"
+    """``ftcli train`` in a child process that also records its peak memory (beside the run
+    folder: ftcli refuses to train again into a folder holding files it did not write)."""
+    peak = peak_file(out)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     cmd = [
         sys.executable,
@@ -228,10 +233,7 @@ def run_all(a: argparse.Namespace) -> dict:
         merge={"enabled": True},
         output_dir=str(runs),
     )
-    if reuse:
-        sft_run = json.loads((sft_dir / "peak.json").read_text())
-    else:
-        sft_run = train_measured(sft, sft_dir)
+    sft_run = json.loads(peak_file(sft_dir).read_text()) if reuse else train_measured(sft, sft_dir)
     rows = []
     for loss in a.methods:
         pref = {"loss": loss}
