@@ -9,8 +9,10 @@ into three disjoint parts:
 - the pairs part: prompt = a snippet's first words, chosen = a fresh snippet's continuation,
   rejected = a rotten one's (the prompt's own continuation on its side).
 
-Runs (each ``ftcli train`` in a fresh process; peak memory = that process's high-water mark,
-torch.cuda.max_memory_allocated on a GPU, else peak RSS): SFT (LoRA, merged) from the base
+Runs (each ``ftcli train`` in a fresh process; peak memory = the training stage's high-water
+mark, reset where it starts on both sides: torch.cuda.max_memory_allocated on a GPU, else the
+peak resident memory after a /proc/self/clear_refs reset, so the model loaded before is counted
+and the libraries' and the data stage's memory before it is not): SFT (LoRA, merged) from the base
 SmolLM2, then DPO, IPO, SimPO, ORPO and KTO from the SFT run (LoRA: the reference is the SFT
 model with the adapter disabled), and TRL's DPOTrainer on the same training pairs from the same
 SFT weights with the same LoRA set-up, batch, steps and learning rate.
@@ -32,7 +34,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import time
@@ -163,22 +164,49 @@ def child_ftcli(peak_file: str, args: list[str]) -> None:
     """Run ftcli in this process, then write its peak memory (MiB) beside the run."""
     import torch
 
+    import ftcli.pipeline as pipeline
     from ftcli.cli import main
 
+    train, during = pipeline.train, {}
+
+    def measured(*args, **kwargs):  # the training stage alone, as TRL's side measures it
+        during["train_start_mib"] = _reset_peak(torch)
+        try:
+            return train(*args, **kwargs)
+        finally:
+            during["train_peak_mib"] = _peak_mib(torch)
+
+    pipeline.train = measured
     code = 0
     try:
         main([*args, "--json"])
     except SystemExit as exc:
         code = exc.code or 0
     Path(peak_file).parent.mkdir(parents=True, exist_ok=True)
-    Path(peak_file).write_text(json.dumps({"peak_mib": _peak_mib(torch)}))
+    Path(peak_file).write_text(json.dumps({"peak_mib": _peak_mib(torch), **during}))
     sys.exit(code)
 
 
+def _reset_peak(torch) -> float:
+    """Start the peak over (CUDA's allocator statistics, or the kernel's VmHWM: clear_refs);
+    returns the memory in use then (MiB): the model and what was loaded before it."""
+    from ftcli.memory.measure import current_rss_bytes, reset_peak_rss
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    if not reset_peak_rss():
+        sys.exit("cannot reset the peak resident memory (/proc/self/clear_refs): no training peak")
+    return current_rss_bytes() / 2**20
+
+
 def _peak_mib(torch) -> float:
+    """The peak since the process started or since ``_reset_peak``."""
+    from ftcli.memory.measure import peak_rss_bytes
+
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_bytes() / 2**20
 
 
 def common_train(a: argparse.Namespace, steps: int, lr: float) -> dict:
@@ -275,7 +303,7 @@ def run_all(a: argparse.Namespace) -> dict:
         "sizes": sizes,
         "settings": {k: getattr(a, k) for k in SIZES} | {"lr": a.lr, "seed": a.seed},
         "judge": judge.get("eval"),
-        "sft": {"peak_mib": sft_run["peak_mib"]},
+        "sft": {"peak_mib": sft_run.get("train_peak_mib", sft_run["peak_mib"])},
         "methods": rows,
         "trl_dpo": trl,
     }
@@ -300,7 +328,8 @@ def method_row(loss: str, rep: dict, record: dict, peak: dict) -> dict:
         "kl_per_token": rep["generation"]["kl"]["kl_per_token"],
         "tokens_per_s": record["train"]["tokens_per_s"],
         "train_seconds": record["train"]["seconds"],
-        "peak_mib": peak["peak_mib"],
+        "peak_mib": peak["train_peak_mib"],
+        "start_mib": peak.get("train_start_mib"),
         "prompts": rep["generation"]["prompts"],
     }
 
@@ -362,8 +391,7 @@ def child_trl(result: str, a: argparse.Namespace) -> None:
     trainer = DPOTrainer(
         model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=lora
     )
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    start_mib = _reset_peak(torch)
     t0 = time.perf_counter()
     trainer.train()
     if torch.cuda.is_available():
@@ -382,7 +410,8 @@ def child_trl(result: str, a: argparse.Namespace) -> None:
             {
                 "tokens_per_s": tokens / seconds,
                 "train_seconds": seconds,
-                "peak_mib": _peak_mib(torch),
+                "train_peak_mib": _peak_mib(torch),
+                "train_start_mib": start_mib,
                 "steps": a.steps,
             }
         )
@@ -396,11 +425,18 @@ def _f(x, d: int = 3) -> str:
     return "-" if x is None else f"{x:.{d}f}"
 
 
+def _mib(r: dict) -> str:
+    """The training stage's peak, and its growth over the memory in use when it started."""
+    if r.get("start_mib") is None:
+        return _f(r["peak_mib"], 0)
+    return f"{_f(r['peak_mib'], 0)} (+{_f(r['peak_mib'] - r['start_mib'], 0)})"
+
+
 def table(res: dict) -> str:
     trl = res.get("trl_dpo")
     lines = [
         "| method | positive rate (SFT start -> tuned) | difference [95% CI] | McNemar p | win rate (sign p) "
-        "| pref. accuracy (SFT -> tuned) | KL/token | tokens/s | peak MiB |",
+        "| pref. accuracy (SFT -> tuned) | KL/token | tokens/s | training peak MiB (+growth) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["methods"]:
@@ -408,18 +444,19 @@ def table(res: dict) -> str:
             f"| {r['method']} | {_f(r['positive_rate_sft'])} -> {_f(r['positive_rate'])} | "
             f"{_f(r['diff'], 3)} [{_f(r['ci'][0])}, {_f(r['ci'][1])}] | {_f(r['p'], 4)} | "
             f"{_f(r['win_rate'])} ({_f(r['win_p'], 4)}) | {_f(r['pref_acc_sft'])} -> {_f(r['pref_acc'])} | "
-            f"{_f(r['kl_per_token'], 4)} | {_f(r['tokens_per_s'], 0)} | {_f(r['peak_mib'], 0)} |"
+            f"{_f(r['kl_per_token'], 4)} | {_f(r['tokens_per_s'], 0)} | {_mib(r)} |"
         )
     if trl:
         lines.append(
-            f"| TRL DPOTrainer (dpo) | | | | | | | {_f(trl['tokens_per_s'], 0)} | {_f(trl['peak_mib'], 0)} |"
+            f"| TRL DPOTrainer (dpo) | | | | | | | {_f(trl['tokens_per_s'], 0)} | "
+            f"{_mib({'peak_mib': trl['train_peak_mib'], 'start_mib': trl.get('train_start_mib')})} |"
         )
         dpo = next((r for r in res["methods"] if r["method"] == "dpo"), None)
         if dpo:
             lines += [
                 "",
                 f"ftcli DPO / TRL DPO: tokens/s x{dpo['tokens_per_s'] / trl['tokens_per_s']:.2f}, "
-                f"peak memory x{dpo['peak_mib'] / trl['peak_mib']:.2f}",
+                f"training's peak memory x{dpo['peak_mib'] / trl['train_peak_mib']:.2f}",
             ]
     return "\n".join(lines)
 
