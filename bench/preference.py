@@ -211,6 +211,7 @@ def _peak_mib(torch) -> float:
 
 def common_train(a: argparse.Namespace, steps: int, lr: float) -> dict:
     return {
+        "gradient_checkpointing": a.gradient_checkpointing,
         "epochs": 100,
         "max_steps": steps,
         "batch_size": a.batch,
@@ -301,7 +302,8 @@ def run_all(a: argparse.Namespace) -> dict:
         trl = run_trl(a, out, sft_dir, runs / "pref-dpo" if "dpo" in a.methods else None)
     return {
         "sizes": sizes,
-        "settings": {k: getattr(a, k) for k in SIZES} | {"lr": a.lr, "seed": a.seed},
+        "settings": {k: getattr(a, k) for k in SIZES}
+        | {"lr": a.lr, "seed": a.seed, "gradient_checkpointing": a.gradient_checkpointing},
         "judge": judge.get("eval"),
         "sft": {"peak_mib": sft_run.get("train_peak_mib", sft_run["peak_mib"])},
         "methods": rows,
@@ -344,6 +346,7 @@ def run_trl(a: argparse.Namespace, out: Path, sft_dir: Path, dpo_dir: Path | Non
     args = [sys.executable, __file__, "--child-trl", str(result), "--out", str(out)]
     args += ["--steps", str(a.steps), "--batch", str(a.batch), "--lr", str(a.lr)]
     args += ["--seed", str(a.seed), "--sft-dir", str(sft_dir), "--pairs-run", str(dpo_dir or "")]
+    args += ["--gradient-checkpointing"] if a.gradient_checkpointing else []
     p = subprocess.run(args, env=env, capture_output=True, text=True)
     if p.returncode != 0:
         sys.exit(f"TRL DPO failed:\n{p.stderr[-3000:]}")
@@ -381,6 +384,9 @@ def child_trl(result: str, a: argparse.Namespace) -> None:
         save_strategy="no",
         report_to=[],
         seed=a.seed,
+        # TRL's configs default to gradient checkpointing (less memory, more compute); ftcli's
+        # recipes do not: both sides take the bench's --gradient-checkpointing
+        gradient_checkpointing=a.gradient_checkpointing,
         use_cpu=not torch.cuda.is_available(),
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
     )
@@ -475,6 +481,11 @@ def main() -> None:
     ap.add_argument("--test-share", type=float, default=0.1, help="the pairs' sealed test share")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    ap.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute activations in the backward, on both sides (TRL's own default)",
+    )
     ap.add_argument(
         "--reuse",
         action="store_true",
