@@ -134,8 +134,9 @@ def to_examples(recipe: Recipe, records: list[dict], start: int = 0) -> list[dic
         msgs = r.get(d.messages_column)
         if hasattr(msgs, "tolist"):  # numpy arrays from parquet
             msgs = msgs.tolist()
-        if not isinstance(msgs, list) or not all(
-            isinstance(m, dict) and "role" in m and "content" in m for m in msgs
+        if not isinstance(msgs, list) or not all(  # a turn of tool calls may have no content
+            isinstance(m, dict) and "role" in m and ("content" in m or "tool_calls" in m)
+            for m in msgs
         ):
             raise DataError(
                 f"record {start + i + 1}: {d.messages_column!r} must be a list of {{role, content}} messages",

@@ -35,9 +35,8 @@ def conversation(answer: str = "it is sunny .") -> list[dict]:
     answer, and an assistant turn that reasons and answers."""
     return [
         {"role": "user", "content": "what is the weather in paris ?"},
-        {
+        {  # no content key at all: a turn of tool calls
             "role": "assistant",
-            "content": None,
             "reasoning_content": "i should call the tool",
             "tool_calls": WEATHER,
         },
