@@ -239,7 +239,9 @@ def exact_segments(tokenizer, messages: list[dict], train_on=TRAIN_ON) -> Segmen
     return Segments(full, spans, problem, None if targets == spans else targets)
 
 
-PART_OF = {"reasoning_content": "reasoning", "tool_calls": "tool_calls"}
+# each part data.train_on names, and the message field it is made of
+FIELD_OF = {"answers": "content", "reasoning": "reasoning_content", "tool_calls": "tool_calls"}
+PART_OF = {field: part for part, field in FIELD_OF.items() if part != "answers"}
 
 
 def _changed(a: str, b: str, floor: int) -> tuple[int, int]:
@@ -553,9 +555,6 @@ def check_conversations(
                 if len(failures) < keep:
                     failures.append((s, i, example["messages"], problem))
     return ChatCheck(checked, total, failed, failures)
-
-
-FIELD_OF = {"answers": "content", "reasoning": "reasoning_content", "tool_calls": "tool_calls"}
 
 
 def train_on_problem(train_on, rows) -> str | None:

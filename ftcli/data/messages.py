@@ -81,6 +81,12 @@ def chat_message(m: dict, where: str, text) -> dict:
     return out
 
 
+def without_nulls(messages: list[dict]) -> list[dict]:
+    """The messages as read back from Arrow, where every message has every field (null where it
+    has none): each without its nulls, so it compares and renders as written."""
+    return [{k: v for k, v in m.items() if v is not None} for m in messages]
+
+
 def for_template(messages: list[dict]) -> list[dict]:
     """The messages as a chat template reads them: ``tool_calls`` decoded from its JSON text."""
     if not any(isinstance(m.get("tool_calls"), str) for m in messages):

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from ftcli.data.messages import without_nulls
+
 BATCH = 1024  # rows decoded at a time when iterating
 
 # Schema metadata of a table whose rows come in several shapes (preference pairs beside KTO rows,
@@ -131,9 +133,7 @@ class Rows(Sequence):
             rows = [{names.get(k, k): v for k, v in r.items() if v is not None} for r in rows]
         if _rich_messages(table.schema):  # each message without the fields it does not have
             for r in rows:
-                r["messages"] = [
-                    {k: v for k, v in m.items() if v is not None} for m in r["messages"]
-                ]
+                r["messages"] = without_nulls(r["messages"])
         return rows
 
     def __getitem__(self, i):

@@ -12,6 +12,7 @@ from pathlib import Path
 from ftcli.data.chat import FALLBACK_ROLE as FALLBACK_ROLE
 from ftcli.data.chat import first_user, generation_problem, marks_generation, segments
 from ftcli.data.chat import render_chat as render_chat
+from ftcli.data.messages import without_nulls
 from ftcli.data.rows import Features, Scratch, TableWriter
 from ftcli.errors import DataError
 from ftcli.recipe import Recipe
@@ -261,7 +262,7 @@ def features_batch(
     examples = [dict(zip(cols, vals, strict=True)) for vals in zip(*batch.values(), strict=True)]
     for e in examples:  # through Arrow every message has every field: null where it has none
         if "messages" in e and any(len(m) > 2 for m in e["messages"]):
-            e["messages"] = [{k: v for k, v in m.items() if v is not None} for m in e["messages"]]
+            e["messages"] = without_nulls(e["messages"])
     if indices:  # datasets.map(with_indices=True): the batch's place in the split
         offset = indices[0]
     if task == "classification":
