@@ -144,6 +144,23 @@ def test_prepare_gives_exactly_the_list_based_splits_on_every_layout(tmp_path):
         assert json.dumps(got.stats) == json.dumps(want.stats), name
 
 
+def test_unstratified_split_is_train_test_splits_own_draw_without_sklearn():
+    """The unstratified split skips importing sklearn (seconds) but draws exactly as it does."""
+    import numpy as np
+    from sklearn.model_selection import train_test_split
+
+    for n, seed, frac in [(2, 0, 0.5), (10, 1, 0.1), (97, 42, 0.3), (20_011, 7, 0.01)]:
+        idx = np.arange(n) * 3 + 1
+        got = ex._split_off(idx, None, frac, seed, True, "test", frac)
+        want = train_test_split(idx, test_size=max(1, round(n * frac)), random_state=seed)
+        assert [a.tolist() for a in got] == [b.tolist() for b in want], (n, seed, frac)
+    code = "import sys, numpy as np; from ftcli.data import examples as ex; "
+    code += "ex._split_off(np.arange(50), None, 0.2, 0, True, 't', 0.2); "
+    code += "print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_prepare_streams_big_jsonl_in_chunks_with_the_same_splits(tmp_path, monkeypatch):
     from ftcli.data import read
 
