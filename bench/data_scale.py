@@ -222,6 +222,7 @@ def two_ranks(work: Path, recipe: Path, env: dict) -> list[dict]:
             "note": r["note"][:60],
             "tokenizer_calls": r["counts"]["tokenizer_calls"],
             "added_mib": round((r["rss_after"] - r["rss_before"]) / 2**20, 1),
+            "added_anon_mib": round(r["anon_growth"] / 2**20, 1),
         }
         for r in ranks
     ]
@@ -253,7 +254,8 @@ def table(results: list[dict]) -> str:
         for k in r.get("ranks", []):
             lines.append(
                 f"| {r['conversations']:,} | 2 processes: rank {k.get('rank')} "
-                f"({k.get('tokenizer_calls')} tokenizer calls) | | | +{k.get('added_mib')} MiB | |"
+                f"({k.get('tokenizer_calls')} tokenizer calls) | | | +{k.get('added_mib')} MiB "
+                f"| +{k.get('added_anon_mib')} MiB |"
             )
     return "\n".join(lines)
 

@@ -91,6 +91,10 @@ class Tokenized:
 # cost more than it saves (tests, the quickstart).
 PARALLEL_FROM = 1_000
 BATCH = 1_000  # examples per tokenizer call
+# features are written in record batches of about this many bytes: each batch's header is a
+# page the reader touches, and the kernel maps the pages around it too (64 KiB a fault), so
+# 784 batches of 250 rows (200k conversations) made opening the file 48 MiB of resident memory
+WRITE_BYTES = 64 << 20
 # per call in the worker processes: a batch of long conversations with character offsets is
 # hundreds of MiB in Python objects, held once per worker
 MAP_BATCH = 250
@@ -353,9 +357,16 @@ def _collect(parts, schema, path: Path | None, keep) -> Tokenized:
     import pyarrow.compute as pc
 
     truncated = dropped = tokens = 0
-    tables = []
+    tables, held = [], 0
     full = work_schema(schema)
     writer = TableWriter(path, schema) if path is not None else None
+
+    def flush() -> None:  # the held parts as one record batch
+        nonlocal tables, held
+        if writer is not None and tables:
+            writer.table(pa.concat_tables(tables).combine_chunks())
+            tables, held = [], 0
+
     try:
         for part in parts:
             t = part if isinstance(part, pa.Table) else pa.Table.from_pydict(part, schema=full)
@@ -368,10 +379,11 @@ def _collect(parts, schema, path: Path | None, keep) -> Tokenized:
             if not t.num_rows:
                 continue
             tokens += int(pc.sum(t["length"]).as_py() or 0)
-            if writer is not None:
-                writer.table(t)
-            else:
-                tables.append(t)
+            tables.append(t)
+            held += t.nbytes
+            if held >= WRITE_BYTES:
+                flush()
+        flush()
     finally:
         if writer is not None:
             writer.close()

@@ -13,12 +13,15 @@ import json
 import sys
 
 
-def rss_bytes() -> int:
+def rss_bytes(field: str = "VmRSS") -> int:
+    """Resident memory: all of it (VmRSS), or its anonymous part (RssAnon: what the process
+    allocated) or its file-backed part (RssFile: pages of mapped files, shared with every
+    process mapping them)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def main(recipe_path: str, out: str) -> None:
@@ -62,24 +65,27 @@ def main(recipe_path: str, out: str) -> None:
     import torch.distributed as dist
 
     import ftcli.data.lengths  # noqa: F401
+    import ftcli.data.prepared  # noqa: F401
     import ftcli.data.rows  # noqa: F401
 
     if dist.is_initialized():
         dist.all_gather_object([None] * acc.num_processes, {"warm": True})
     gc.collect()
-    before = rss_bytes()
+    before, anon_before, file_before = rss_bytes(), rss_bytes("RssAnon"), rss_bytes("RssFile")
     prepared, tokenized, note = store.load_data(recipe, tok, model_dir, acc, UI())
     n = {s: len(t.features) for s, t in tokenized.items()}
     first = list(tokenized["train"].features[0]["input_ids"])
     last = list(tokenized["train"].features[n["train"] - 1]["input_ids"])
     gc.collect()
-    after = rss_bytes()
+    after, anon_after, file_after = rss_bytes(), rss_bytes("RssAnon"), rss_bytes("RssFile")
     result = {
         "rank": acc.process_index,
         "note": note,
         "counts": counts,
         "rss_before": before,
         "rss_after": after,
+        "anon_growth": anon_after - anon_before,
+        "file_growth": file_after - file_before,
         "examples": n,
         "first": first,
         "last": last,
