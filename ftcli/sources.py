@@ -231,6 +231,15 @@ def resolve_model(spec: str, revision: str | None = None) -> ModelSource:
     return ModelSource(spec, "hub", spec)
 
 
+def gguf_folder(source: ModelSource) -> Path:
+    """Where ``materialize_gguf`` keeps a .gguf file's conversion: named by the file's path,
+    size and modification time, so a changed file converts again."""
+    gguf = Path(source.path) / source.gguf_file
+    stat = gguf.stat()
+    ident = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return cache_dir() / "gguf" / f"{gguf.stem}-{hashlib.sha1(ident.encode()).hexdigest()[:12]}"
+
+
 def materialize_gguf(source: ModelSource) -> Path:
     """Convert a .gguf file once into a safetensors folder in ftcli's cache; return that folder.
 
@@ -238,12 +247,7 @@ def materialize_gguf(source: ModelSource) -> Path:
     folder reloads in about half a second. Written to a temporary folder and renamed, so an
     interrupted conversion leaves nothing behind.
     """
-    gguf = Path(source.path) / source.gguf_file
-    stat = gguf.stat()
-    key = hashlib.sha1(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[
-        :12
-    ]
-    target = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    gguf, target = Path(source.path) / source.gguf_file, gguf_folder(source)
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

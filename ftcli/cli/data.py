@@ -28,7 +28,7 @@ def prepare(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False):
     from ftcli.data.examples import SPLITS
     from ftcli.data.lengths import with_data_length
     from ftcli.data.prepared import data_table
-    from ftcli.data.store import load_data
+    from ftcli.data.store import load_cached, load_data
     from ftcli.sources import trusting
     from ftcli.ui import UI
 
@@ -44,9 +44,13 @@ def prepare(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False):
         )
         augment = r.data.augment.model_copy(update={"paraphrase": None})
         r = r.model_copy(update={"data": r.data.model_copy(update={"augment": augment})})
-    with trusting(r.model.trust_remote_code):
-        tokenizer, _, model_dir = recipe_tokenizer(r)
-        prepared, tokenized, note = load_data(r, tokenizer, model_dir, None, ui)
+    found = load_cached(r, ui)  # a hit needs no tokenizer (loading one is most of the time)
+    if found is not None:
+        prepared, tokenized, note = found
+    else:
+        with trusting(r.model.trust_remote_code):
+            tokenizer, _, model_dir = recipe_tokenizer(r)
+            prepared, tokenized, note = load_data(r, tokenizer, model_dir, None, ui)
     ui.info(f"  {note}")
     r = with_data_length(r, prepared, ui)
     ui.table("data", data_table(prepared, tokenized, r.data.max_length))

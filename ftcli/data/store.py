@@ -219,16 +219,19 @@ def tokenizer_folder(tokenizer_dir, revision: str | None = None) -> Path | None:
     return None
 
 
+def tokenizer_files(folder: Path, index: HashIndex) -> dict[str, str]:
+    """{relative path: content hash} of the tokenizer's files in ``folder``."""
+    paths = {folder / n for n in TOKENIZER_FILES if (folder / n).is_file()}
+    for pattern in TOKENIZER_GLOBS:
+        paths |= {p for p in folder.glob(pattern) if p.is_file()}
+    return {p.relative_to(folder).as_posix(): index.hash(p) for p in sorted(paths)}
+
+
 def tokenizer_part(tokenizer, tokenizer_dir, index: HashIndex, revision: str | None = None):
     """The tokenizer's files' hashes, and what ftcli changed on the loaded one (pad token,
     padding side) with its chat template; its full serialization where no files are found."""
     folder = tokenizer_folder(tokenizer_dir, revision)
-    files: dict[str, str] = {}
-    if folder is not None:
-        paths = {folder / n for n in TOKENIZER_FILES if (folder / n).is_file()}
-        for pattern in TOKENIZER_GLOBS:
-            paths |= {p for p in folder.glob(pattern) if p.is_file()}
-        files = {p.relative_to(folder).as_posix(): index.hash(p) for p in sorted(paths)}
+    files = tokenizer_files(folder, index) if folder is not None else {}
     loaded = {
         "class": type(tokenizer).__name__,
         "chat_template": getattr(tokenizer, "chat_template", None),
@@ -291,6 +294,24 @@ def key_parts(
     """Each part of the key as a digest: format, libraries, task, data (the section without its
     paths), tokenizer, and one ``source data.<key>`` per source. A hub dataset whose revision
     cannot be told gets a key never seen again (said in ``unreusable``)."""
+    parts, section = _base_parts(recipe, index, unreusable)
+    if recipe.data.max_length == "auto":  # what else the chosen length depends on (lengths.py)
+        from ftcli.data.lengths import model_position_limit
+
+        section["auto_length_bounds"] = [
+            model_position_limit(recipe, tokenizer),
+            recipe.train.batch_tokens,
+        ]
+    parts["data"] = _digest(section)
+    parts["tokenizer"] = _digest(
+        tokenizer_part(tokenizer, tokenizer_dir, index, getattr(recipe.model, "revision", None))
+    )
+    return parts
+
+
+def _base_parts(recipe, index: HashIndex, unreusable: list | None) -> tuple[dict, dict]:
+    """The key's parts that need no tokenizer (format, libraries, task, sources) and the data
+    section as the key reads it (sources replaced by their content)."""
     d = recipe.data
     section = d.model_dump(mode="json")
     for k in NOT_IN_KEY:
@@ -317,18 +338,53 @@ def key_parts(
                 if unreusable is not None:
                     unreusable.append(f"the revision of hub dataset {spec!r} cannot be told")
             parts[f"source {key}"] = _digest(part)
-    if d.max_length == "auto":  # what else the chosen length depends on (data/lengths.py)
-        from ftcli.data.lengths import model_position_limit
+    return parts, section
 
-        section["auto_length_bounds"] = [
-            model_position_limit(recipe, tokenizer),
-            recipe.train.batch_tokens,
-        ]
-    parts["data"] = _digest(section)
-    parts["tokenizer"] = _digest(
-        tokenizer_part(tokenizer, tokenizer_dir, index, getattr(recipe.model, "revision", None))
+
+def _model_folder(model) -> Path | None:
+    """The local folder a recipe's tokenizer loads from, told without loading anything; None
+    where telling takes more (an earlier run folder is verified, a GGUF file not yet converted
+    is converted, a hub model outside the local cache is looked up)."""
+    from ftcli.sources import PKG, gguf_folder, resolve_model
+
+    spec = model.name
+    path = Path(os.path.expanduser(spec))
+    ran = any((path / sub).is_dir() for sub in ("merged", "model", "adapter"))
+    if ran and not (path / "config.json").exists():
+        return None  # a run folder: models.run_folder_start checks its weights' hashes
+    if not spec.startswith(PKG) and not path.exists():
+        return tokenizer_folder(spec, model.revision)  # the hub cache's snapshot, if any
+    try:
+        source = resolve_model(spec, model.revision)
+    except FtcliError:
+        return None
+    folder = gguf_folder(source) if source.kind == "gguf" else Path(source.path)
+    return folder if (folder / "config.json").is_file() else None
+
+
+def light_key(recipe, index: HashIndex) -> str | None:
+    """A digest of everything the key is made of, read without loading the tokenizer: the
+    tokenizer-free parts, the recipe's model section and batch budget, and the model folder's
+    tokenizer files and config.json (what the loaded tokenizer and the position limit are
+    made from, with the library versions). Equal light keys mean equal keys; None where the
+    folder cannot be told cheaply or a source can never be reused."""
+    folder = _model_folder(recipe.model)
+    if folder is None:
+        return None
+    never: list[str] = []
+    parts, section = _base_parts(recipe, index, never)
+    if never:
+        return None
+    return _digest(
+        {
+            **parts,
+            "data": section,
+            "model": recipe.model.model_dump(mode="json"),
+            "batch_tokens": recipe.train.batch_tokens,
+            "tokenizer files": tokenizer_files(folder, index),
+            "config": index.hash(folder / "config.json"),
+        }
     )
-    return parts
 
 
 def key_of(parts: dict[str, str]) -> str:
@@ -361,9 +417,10 @@ def miss_reason(root: Path, name: str, key: str, parts: dict[str, str]) -> str:
     return ", ".join(changed) if changed else f"no entry for key {short(key)}"
 
 
-def _remember(root: Path, name: str, key: str, parts: dict) -> None:
+def _remember(root: Path, name: str, key: str, parts: dict, light: str | None) -> None:
+    record = {"key": key, "parts": parts, "light": light}
     with contextlib.suppress(OSError, FtcliError):
-        atomic_write_text(_last_path(root, name), json.dumps({"key": key, "parts": parts}) + "\n")
+        atomic_write_text(_last_path(root, name), json.dumps(record) + "\n")
 
 
 # --------------------------------------------------------------------------- entries
@@ -516,6 +573,7 @@ def ensure(recipe, tokenizer, tokenizer_dir, ui=None):
     never: list[str] = []
     try:
         parts = key_parts(recipe, tokenizer, tokenizer_dir, index, never)
+        light = light_key(recipe, index)
     finally:
         index.save()
     key = key_of(parts)
@@ -525,7 +583,7 @@ def ensure(recipe, tokenizer, tokenizer_dir, ui=None):
         if entry.exists():
             opened, damaged = _openable(entry)
             if opened is not None:
-                _remember(root, recipe.name, key, parts)
+                _remember(root, recipe.name, key, parts, light)
                 return entry, *opened, f"cached {short(key)}"
             shutil.rmtree(entry, ignore_errors=True)  # ftcli's own folder, under its key
             why = f"entry {short(key)} was damaged ({damaged}): removed, prepared again"
@@ -535,8 +593,40 @@ def ensure(recipe, tokenizer, tokenizer_dir, ui=None):
                 why += f"; not reusable: {never[0]}"
         _build(recipe, tokenizer, root, key, ui)
         prepared, tokenized = _open(entry)
-    _remember(root, recipe.name, key, parts)
+    _remember(root, recipe.name, key, parts, light)
     return entry, prepared, tokenized, f"prepared {short(key)}: {why}"
+
+
+def load_cached(recipe, ui=None):
+    """(PreparedData, {split: Tokenized}, "cached KEY") when this recipe's last entry is still
+    what it asks for, told by its light key without loading the tokenizer (the seconds of a
+    cached ``ftcli prepare`` went to importing and loading it); None otherwise: then
+    ``load_data``, which loads the tokenizer and says why it missed."""
+    root = data_cache_dir()
+    if recipe.data.streaming or not root.is_dir():
+        return None
+    try:
+        last = json.loads(_last_path(root, recipe.name).read_text(encoding="utf-8"))
+        key, known = last["key"], last["light"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not (isinstance(key, str) and KEY_RE.match(key) and isinstance(known, str)):
+        return None
+    index = HashIndex(root)
+    try:
+        light = light_key(recipe, index)
+    finally:
+        index.save()
+    if light != known:
+        return None
+    with key_lock(root, key, ui):  # not while another process builds or removes it
+        if not (root / key).is_dir():
+            return None
+        opened, _ = _openable(root / key)
+    if opened is None:
+        return None
+    prepared, tokenized = opened
+    return _with_source(recipe, prepared), tokenized, f"cached {short(key)}"
 
 
 def _with_source(recipe, prepared):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -166,6 +167,43 @@ def test_a_changed_tokenizer_file_misses(tmp_path, tok_dir, cache, builds):
     note = _load(r, tok)[2]
     assert note.endswith(": tokenizer changed"), note
     assert len(builds) == 2
+
+
+def test_a_hit_is_told_without_the_tokenizer_and_any_change_falls_back(
+    tmp_path, tok_dir, cache, builds, monkeypatch
+):
+    """``load_cached`` (a cached ``ftcli prepare``) answers from the light key alone; a changed
+    source, tokenizer file, data key or model key is not a hit there (``load_data`` says why)."""
+    import ftcli.models
+
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    for f in tok_dir.iterdir():
+        (tok / f.name).write_bytes(f.read_bytes())
+    (tok / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    data = _data(tmp_path / "d.jsonl")
+    r = _recipe(data, tok)
+    assert store.load_cached(r) is None  # nothing cached yet
+    _, t1, note = _load(r, tok)
+    loads: list = []
+    monkeypatch.setattr(ftcli.models, "tokenizer_from", lambda *a, **k: loads.append(a))
+    prepared, t2, hit = store.load_cached(r)
+    assert hit == "cached " + note.split()[1].rstrip(":") and _features(t2) == _features(t1)
+    assert prepared.stats["source"] == str(data) and not loads and len(builds) == 1
+    assert store.load_cached(_recipe(data, tok, max_length=32)) is None
+    other = r.model_copy(update={"model": r.model.model_copy(update={"revision": "v2"})})
+    assert store.load_cached(other) is None
+    raw = (tok / "tokenizer_config.json").read_bytes()
+    cfg = json.loads(raw)
+    (tok / "tokenizer_config.json").write_text(json.dumps({**cfg, "model_max_length": 77}))
+    assert store.load_cached(r) is None
+    (tok / "tokenizer_config.json").write_bytes(raw)
+    assert store.load_cached(r) is not None  # the same bytes again: the same light key
+    data.write_text(data.read_text().replace("plus", "PLUS", 1))
+    assert store.load_cached(r) is None
+    shutil.rmtree(_entries(cache)[0])
+    data.write_text(data.read_text().replace("PLUS", "plus", 1))
+    assert store.load_cached(r) is None  # its entry is gone
 
 
 def test_a_changed_data_key_misses_and_a_batching_key_does_not(tmp_path, tok_dir, cache, builds):
