@@ -77,8 +77,10 @@ def _cli(capsys, *args):
 
 
 def test_prepare_fills_the_cache_prints_the_table_and_key_and_a_rerun_is_cached(
-    tmp_path, weightless_model, cache, capsys
+    tmp_path, weightless_model, cache, capsys, monkeypatch
 ):
+    import ftcli.data.chat
+
     recipe = _recipe_file(tmp_path, weightless_model)
     code, out, err = _cli(capsys, "prepare", str(recipe))
     assert code == 0, err
@@ -87,7 +89,11 @@ def test_prepare_fills_the_cache_prints_the_table_and_key_and_a_rerun_is_cached(
     assert re.search(rf"^\s+prepared {key}: no entry for key {key}$", out, re.M), out
     assert "data" in out and re.search(r"train\s.*\d+ examples, [\d,]+ tokens", out), out
     assert not (tmp_path / "runs").exists()  # the data stage only: no run folder
+    loads: list = []  # a hit is told without loading the tokenizer
+    real = ftcli.data.chat.recipe_tokenizer
+    monkeypatch.setattr(ftcli.data.chat, "recipe_tokenizer", lambda r: loads.append(r) or real(r))
     code, out, err = _cli(capsys, "prepare", str(recipe), "--json")
+    assert not loads
     assert code == 0, err
     result = json.loads(out)
     assert result["ok"] and result["cached"] and result["key"] == key
