@@ -174,10 +174,13 @@ def _causal_batch(
     offset: int = 0,
     split: str | None = None,
     check: bool = True,
-) -> dict:
+    as_table: bool = False,
+):
     """Causal-LM features of a batch: labels mask everything but the completion (``loss_on``;
     of an assistant turn, the parts ``train_on`` names), EOS appended (``add_eos``), truncated to
-    ``L``; ``keep`` False when no target token is left. A conversation whose assistant spans fail
+    ``L``; ``keep`` False when no target token is left. Columns of lists, or (``as_table``) an
+    Arrow table of ``work_schema``, built from the arrays without a Python int per token (what
+    tokenize writes). A conversation whose assistant spans fail
     the chat check (data/chat.py) stops it: DataError naming the example (``offset``: the batch's
     first example's index in ``split``)."""
     eos_id, eos = tokenizer.eos_token_id, tokenizer.eos_token
@@ -205,18 +208,12 @@ def _causal_batch(
     encoded: list = [None] * len(texts)
     for flag in (True, False):
         at = [i for i, s in enumerate(special) if s is flag]
-        if not at:
-            continue
-        enc = tokenizer(
-            [texts[i] for i in at], add_special_tokens=flag, return_offsets_mapping=True
-        )
-        for k, i in enumerate(at):
-            encoded[i] = (enc["input_ids"][k], enc["offset_mapping"][k])
+        for i, got in zip(at, _encode(tokenizer, [texts[i] for i in at], flag), strict=True):
+            encoded[i] = got
     import numpy as np
 
     out: dict = {"input_ids": [], "labels": [], "length": [], "truncated": [], "keep": []}
     for k, (text, sp, (ids, offsets)) in enumerate(zip(texts, spans, encoded, strict=True)):
-        ids = np.asarray(ids, dtype=np.int64)
         mask = np.ones(len(ids), dtype=bool) if loss_on == "all" else _overlapping(offsets, sp)
         if marked and check and not special[k]:  # the blocks mark whole assistant turns
             messages = examples[k]["messages"]
@@ -233,12 +230,62 @@ def _causal_batch(
         if truncated:
             ids, mask = ids[:L], mask[:L]
         keep = bool(mask.any())
+        if not keep:
+            ids = mask = ids[:0]
         out["truncated"].append(truncated)
         out["keep"].append(keep)
-        out["input_ids"].append(ids.tolist() if keep else [])
-        out["labels"].append(np.where(mask, ids, IGNORE_INDEX).tolist() if keep else [])
-        out["length"].append(len(ids) if keep else 0)
+        out["input_ids"].append(ids)
+        out["labels"].append(np.where(mask, ids, IGNORE_INDEX))
+        out["length"].append(len(ids))
+    if as_table:
+        return _feature_table(out)
+    for c in ("input_ids", "labels"):
+        out[c] = [a.tolist() for a in out[c]]
     return out
+
+
+def _feature_table(columns: dict):
+    """``_causal_batch``'s columns (token columns as numpy arrays) as one Arrow table."""
+    import numpy as np
+    import pyarrow as pa
+
+    offsets = np.zeros(len(columns["length"]) + 1, dtype=np.int32)
+    np.cumsum(columns["length"], out=offsets[1:])
+    full = work_schema(feature_schema("causal_lm"))
+
+    def tokens(arrays):
+        flat = np.concatenate(arrays).astype(np.int32) if arrays else np.zeros(0, np.int32)
+        return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))
+
+    cols = [tokens(columns["input_ids"]), tokens(columns["labels"])]
+    cols += [pa.array(columns[c], full.field(c).type) for c in ("length", "truncated", "keep")]
+    return pa.Table.from_arrays(cols, schema=full)
+
+
+def _encode(tokenizer, texts: list[str], special: bool) -> list:
+    """(ids, character offsets) of each text as numpy arrays (int64; offsets n x 2). A fast
+    tokenizer with no truncation or padding set on it is asked directly (``encode_batch``, what
+    transformers' call runs then), its offsets read without a Python tuple per token; any
+    other through transformers' call."""
+    import itertools
+
+    import numpy as np
+
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        out = []
+        for e in backend.encode_batch(texts, add_special_tokens=special):
+            ids = np.array(e.ids, dtype=np.int64)
+            flat = itertools.chain.from_iterable(e.offsets)
+            out.append((ids, np.fromiter(flat, np.int64, 2 * len(ids)).reshape(-1, 2)))
+        return out
+    enc = tokenizer(texts, add_special_tokens=special, return_offsets_mapping=True)
+    return [
+        (np.asarray(ids, dtype=np.int64), np.asarray(off, dtype=np.int64).reshape(-1, 2))
+        for ids, off in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+    ]
 
 
 def _overlapping(offsets, spans):
@@ -254,10 +301,18 @@ def _overlapping(offsets, spans):
 
 
 def features_batch(
-    batch: dict, indices=None, *, task: str, tokenizer, params: dict, offset: int = 0
-) -> dict:
+    batch: dict,
+    indices=None,
+    *,
+    task: str,
+    tokenizer,
+    params: dict,
+    offset: int = 0,
+    as_table: bool = False,
+):
     """One batch of examples (columns, as ``datasets.map(batched=True)`` passes them) -> feature
-    columns plus ``truncated`` and ``keep``. Module-level, so worker processes can unpickle it."""
+    columns plus ``truncated`` and ``keep`` (a causal LM's ``as_table``: as one Arrow table).
+    Module-level, so worker processes can unpickle it."""
     if task in ("preference", "reward"):  # chosen/rejected pairs, KTO rows: data/pairs.py
         from ftcli.data.pairs import pairs_batch
 
@@ -271,7 +326,7 @@ def features_batch(
         offset = indices[0]
     if task == "classification":
         return _classification_batch(examples, tokenizer=tokenizer, offset=offset, **params)
-    return _causal_batch(examples, tokenizer=tokenizer, offset=offset, **params)
+    return _causal_batch(examples, tokenizer=tokenizer, offset=offset, as_table=as_table, **params)
 
 
 def _columns(rows: list[dict]) -> dict:
@@ -319,7 +374,7 @@ def tokenize(
             params["check"] = False
         if name.endswith(".features"):  # write_data's "<split>.features": errors name the split
             params["split"] = name.removesuffix(".features")
-    fn = partial(features_batch, task=task, tokenizer=tokenizer, params=params)
+    fn = partial(features_batch, task=task, tokenizer=tokenizer, params=params, as_table=True)
     schema = feature_schema(task, windows)
     if task in ("preference", "reward"):  # data/pairs.py: its params, schema and column view
         from ftcli.data.pairs import setup
