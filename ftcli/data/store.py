@@ -289,12 +289,19 @@ def task_part(recipe) -> str:
 
 
 def key_parts(
-    recipe, tokenizer, tokenizer_dir, index: HashIndex, unreusable: list | None = None
+    recipe,
+    tokenizer,
+    tokenizer_dir,
+    index: HashIndex,
+    unreusable: list | None = None,
+    base: tuple[dict, dict] | None = None,
 ) -> dict[str, str]:
     """Each part of the key as a digest: format, libraries, task, data (the section without its
     paths), tokenizer, and one ``source data.<key>`` per source. A hub dataset whose revision
-    cannot be told gets a key never seen again (said in ``unreusable``)."""
-    parts, section = _base_parts(recipe, index, unreusable)
+    cannot be told gets a key never seen again (said in ``unreusable``). ``base``:
+    ``_base_parts`` already worked out (the sources read once for the key and the light key)."""
+    parts, section = base if base is not None else _base_parts(recipe, index, unreusable)
+    parts, section = dict(parts), dict(section)
     if recipe.data.max_length == "auto":  # what else the chosen length depends on (lengths.py)
         from ftcli.data.lengths import model_position_limit
 
@@ -362,19 +369,22 @@ def _model_folder(model) -> Path | None:
     return folder if (folder / "config.json").is_file() else None
 
 
-def light_key(recipe, index: HashIndex) -> str | None:
+def light_key(recipe, index: HashIndex, base: tuple[dict, dict] | None = None) -> str | None:
     """A digest of everything the key is made of, read without loading the tokenizer: the
     tokenizer-free parts, the recipe's model section and batch budget, and the model folder's
     tokenizer files and config.json (what the loaded tokenizer and the position limit are
     made from, with the library versions). Equal light keys mean equal keys; None where the
-    folder cannot be told cheaply or a source can never be reused."""
+    folder cannot be told cheaply or a source can never be reused (``base``: ``_base_parts``
+    already worked out, of a source that can be)."""
     folder = _model_folder(recipe.model)
     if folder is None:
         return None
-    never: list[str] = []
-    parts, section = _base_parts(recipe, index, never)
-    if never:
-        return None
+    if base is None:
+        never: list[str] = []
+        base = _base_parts(recipe, index, never)
+        if never:
+            return None
+    parts, section = base
     return _digest(
         {
             **parts,
@@ -572,8 +582,9 @@ def ensure(recipe, tokenizer, tokenizer_dir, ui=None):
     index = HashIndex(root)
     never: list[str] = []
     try:
-        parts = key_parts(recipe, tokenizer, tokenizer_dir, index, never)
-        light = light_key(recipe, index)
+        base = _base_parts(recipe, index, never)
+        parts = key_parts(recipe, tokenizer, tokenizer_dir, index, base=base)
+        light = None if never else light_key(recipe, index, base)
     finally:
         index.save()
     key = key_of(parts)
