@@ -310,9 +310,8 @@ def features_batch(
     offset: int = 0,
     as_table: bool = False,
 ):
-    """One batch of examples (columns, as ``datasets.map(batched=True)`` passes them) -> feature
-    columns plus ``truncated`` and ``keep`` (a causal LM's ``as_table``: as one Arrow table).
-    Module-level, so worker processes can unpickle it."""
+    """One batch of examples (columns: an Arrow slice's ``to_pydict()``) -> feature columns plus
+    ``truncated`` and ``keep`` (a causal LM's ``as_table``: as one Arrow table)."""
     if task in ("preference", "reward"):  # chosen/rejected pairs, KTO rows: data/pairs.py
         from ftcli.data.pairs import pairs_batch
 
@@ -322,7 +321,7 @@ def features_batch(
     for e in examples:  # through Arrow every message has every field: null where it has none
         if "messages" in e and any(len(m) > 2 for m in e["messages"]):
             e["messages"] = without_nulls(e["messages"])
-    if indices:  # datasets.map(with_indices=True): the batch's place in the split
+    if indices:  # the batch's rows' indices in the split
         offset = indices[0]
     if task == "classification":
         return _classification_batch(examples, tokenizer=tokenizer, offset=offset, **params)
@@ -356,7 +355,8 @@ def tokenize(
     """Tokenize canonical examples (a list or ``rows.Rows``) in batches; labels mask everything
     but the completion for causal LMs. The features go to ``folder/<name>.arrow`` (else a
     temporary file, or memory for small splits) and come back as a memory-mapped ``Features``.
-    From PARALLEL_FROM examples on, ``data.num_proc`` processes tokenize (``datasets.map``).
+    From PARALLEL_FROM examples on, ``data.num_proc`` forked processes tokenize
+    (``_map_parallel``).
     ``check_chat``: a conversation that fails the chat check (data/chat.py) is a DataError;
     False for passes that only measure (the length choice) or re-read a trained run's data."""
     d = recipe.data
@@ -449,64 +449,88 @@ def _collect(parts, schema, path: Path | None, keep) -> Tokenized:
     return Tokenized(feats, truncated, dropped, tokens)
 
 
+# the batch function the forked workers run: set before the pool forks, so the tokenizer it
+# holds is inherited, never pickled
+_TASK_FN = None
+TASKS_PER_PROC = 8  # row ranges per worker: the last ones finish close together
+
+
+def _map_task(task: tuple):
+    """One worker's row range: its examples read from the memory-mapped Arrow file (unmapped
+    again when done, so a worker holds at most its range's pages), tokenized MAP_BATCH at a
+    time, written to ``out``. A DataError comes back as (message, hint): the main process
+    raises it (an FtcliError does not survive pickling whole)."""
+    import pyarrow as pa
+
+    src, start, stop, out, schema = task
+    with pa.memory_map(src) as mm:
+        table = pa.ipc.open_stream(mm).read_all().slice(start, stop - start)
+        try:
+            with TableWriter(out, schema) as writer:
+                for s in range(0, table.num_rows, MAP_BATCH):
+                    part = table.slice(s, MAP_BATCH)
+                    rows = list(range(start + s, start + s + part.num_rows))
+                    got = _TASK_FN(part.to_pydict(), rows)
+                    if not isinstance(got, pa.Table):
+                        got = pa.Table.from_pydict(got, schema=schema)
+                    writer.table(got)
+        except DataError as exc:
+            return None, (exc.message, exc.hint)
+        finally:
+            del table
+    return out, None
+
+
 def _map_parallel(examples, fn, procs: int, folder: Path, name: str, schema):
-    """``datasets.map(batched=True, num_proc=procs)`` over the examples, from an Arrow file the
-    workers map (not pickle); yields the result's batches, then removes its files."""
+    """``fn`` over the examples' batches in ``procs`` forked worker processes, each reading its
+    row ranges from an Arrow file (the examples' own, or one written for a list); yields the
+    results' tables in order, read back without memory-mapping them, then removes the files."""
+    import gc
+    import multiprocessing
     import shutil
 
-    import datasets
-    from datasets.utils.logging import disable_progress_bar, enable_progress_bar
-    from datasets.utils.logging import is_progress_bar_enabled as bars
+    import pyarrow as pa
 
+    global _TASK_FN
     work = folder / f".{name}.map"
     work.mkdir(parents=True, exist_ok=True)
+    full = work_schema(schema)
     try:
         src = getattr(examples, "path", None)
         if src is None:  # a list: written once for the workers to map
             src = work / "examples.arrow"
-            import pyarrow as pa
-
             table = pa.Table.from_pylist(list(examples))
             with TableWriter(src, table.schema) as out:
                 out.table(table)
-        ds = datasets.Dataset.from_file(str(src))
-        was_on = bars()
-        disable_progress_bar()
+        n = len(examples)
+        step = max(MAP_BATCH, -(-n // (procs * TASKS_PER_PROC)))
+        tasks = [
+            (str(src), a, min(n, a + step), str(work / f"part-{i:05d}.arrow"), full)
+            for i, a in enumerate(range(0, n, step))
+        ]
         # the workers tokenize one batch at a time each: the tokenizer's own threads would fight
         # them for the cores (and warn after the fork)
         before = os.environ.get("TOKENIZERS_PARALLELISM")
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        import gc
-
+        _TASK_FN = fn
         gc.collect()
-        gc.freeze()
+        gc.freeze()  # the parent's objects out of the collector's reach: the children share them
         try:
-            out = ds.map(
-                fn,
-                batched=True,
-                with_indices=True,
-                batch_size=MAP_BATCH,
-                writer_batch_size=MAP_BATCH,
-                num_proc=procs,
-                remove_columns=ds.column_names,
-                features=datasets.Features.from_arrow_schema(work_schema(schema)),
-                cache_file_name=str(work / "features.arrow"),
-                load_from_cache_file=False,
-                new_fingerprint=f"ftcli-{name}-{os.getpid()}",
-            )
+            with multiprocessing.get_context("fork").Pool(procs) as pool:
+                for out, failed in pool.imap(_map_task, tasks):
+                    if failed is not None:
+                        raise DataError(failed[0], hint=failed[1])
+                    with pa.OSFile(out) as f:  # read, not mapped: not this process's pages
+                        for batch in pa.ipc.open_stream(f):
+                            yield pa.Table.from_batches([batch])
+                    os.unlink(out)
         finally:
+            _TASK_FN = None
             gc.unfreeze()
             if before is None:
                 os.environ.pop("TOKENIZERS_PARALLELISM", None)
             else:
                 os.environ["TOKENIZERS_PARALLELISM"] = before
-            if was_on:
-                enable_progress_bar()
-        import pyarrow as pa
-
-        for batch in out.data.table.to_batches(max_chunksize=10 * BATCH):
-            yield pa.Table.from_batches([batch])
-        del out, ds
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

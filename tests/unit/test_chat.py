@@ -193,7 +193,7 @@ def test_the_skeleton_cache_follows_a_template_set_later(bpe):
 
 
 def test_the_refusal_names_the_example_from_a_worker_process(bpe, tmp_path):
-    """From PARALLEL_FROM examples on, datasets.map workers tokenize: the error still comes back
+    """From PARALLEL_FROM examples on, worker processes tokenize: the error still comes back
     as the DataError, numbered in the whole split."""
     tok = _with_template(bpe, DROPS_REASONING)
     good = [
