@@ -4,6 +4,7 @@ LMs), chat rendering, and the collate that pads a micro-batch."""
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -449,10 +450,18 @@ def _collect(parts, schema, path: Path | None, keep) -> Tokenized:
     return Tokenized(feats, truncated, dropped, tokens)
 
 
-# the batch function the forked workers run: set before the pool forks, so the tokenizer it
-# holds is inherited, never pickled
+# the batch function the workers run, set in each by the pool's initializer: a forked worker
+# inherits it (the tokenizer is not pickled), a spawned one unpickles it
 _TASK_FN = None
 TASKS_PER_PROC = 8  # row ranges per worker: the last ones finish close together
+# fork on Linux (fast, and the workers share the parent's pages); elsewhere the platform's own
+# default (macOS spawns: forking a process holding torch and Rust threads is not safe there)
+START_METHOD = "fork" if sys.platform == "linux" else None
+
+
+def _set_task_fn(fn) -> None:
+    global _TASK_FN
+    _TASK_FN = fn
 
 
 def _map_task(task: tuple):
@@ -491,7 +500,6 @@ def _map_parallel(examples, fn, procs: int, folder: Path, name: str, schema):
 
     import pyarrow as pa
 
-    global _TASK_FN
     work = folder / f".{name}.map"
     work.mkdir(parents=True, exist_ok=True)
     full = work_schema(schema)
@@ -512,11 +520,11 @@ def _map_parallel(examples, fn, procs: int, folder: Path, name: str, schema):
         # them for the cores (and warn after the fork)
         before = os.environ.get("TOKENIZERS_PARALLELISM")
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        _TASK_FN = fn
         gc.collect()
         gc.freeze()  # the parent's objects out of the collector's reach: the children share them
         try:
-            with multiprocessing.get_context("fork").Pool(procs) as pool:
+            ctx = multiprocessing.get_context(START_METHOD)
+            with ctx.Pool(procs, initializer=_set_task_fn, initargs=(fn,)) as pool:
                 for out, failed in pool.imap(_map_task, tasks):
                     if failed is not None:
                         raise DataError(failed[0], hint=failed[1])
@@ -525,7 +533,6 @@ def _map_parallel(examples, fn, procs: int, folder: Path, name: str, schema):
                             yield pa.Table.from_batches([batch])
                     os.unlink(out)
         finally:
-            _TASK_FN = None
             gc.unfreeze()
             if before is None:
                 os.environ.pop("TOKENIZERS_PARALLELISM", None)

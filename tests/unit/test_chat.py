@@ -204,8 +204,9 @@ def test_the_refusal_names_the_example_from_a_worker_process(bpe, tmp_path):
     examples = [{"messages": good}] * 1_500
     examples[1_234] = {"messages": bad}
     recipe = _recipe(tmp_path / "x.jsonl", max_length=64, num_proc=2)
-    with pytest.raises(DataError, match=r"^train example 1235 \(user: 'hi'\)"):
+    with pytest.raises(DataError, match=r"^train example 1235 \(user: 'hi'\)") as exc:
         tk.tokenize(examples, recipe, tok, None, folder=tmp_path, name="train.features")
+    assert "data.chat_template" in exc.value.hint  # the hint survives the trip, apart
 
 
 @pytest.mark.parametrize("name", list(CHAT_TEMPLATES))

@@ -284,8 +284,11 @@ def test_tokenize_cuts_and_drops_are_counted_like_today(tmp_path, toks):
     )
 
 
-def test_parallel_tokenization_matches_and_writes_arrow(tmp_path, toks):
-    """From 1,000 examples on, datasets.map with num_proc workers (the tokenizer is pickled)."""
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_parallel_tokenization_matches_and_writes_arrow(tmp_path, toks, start, monkeypatch):
+    """From 1,000 examples on, num_proc worker processes: forked on Linux (the tokenizer
+    inherited), spawned elsewhere (the tokenizer pickled)."""
+    monkeypatch.setattr(tk, "START_METHOD", start)
     rows = _chat(1_100, seed=4)
     for i, r in enumerate(rows):  # all distinct, so none is dropped as shared between splits
         r["messages"][0]["content"] += f" ({i})"
