@@ -312,7 +312,8 @@ def features_batch(
     as_table: bool = False,
 ):
     """One batch of examples (columns: an Arrow slice's ``to_pydict()``) -> feature columns plus
-    ``truncated`` and ``keep`` (a causal LM's ``as_table``: as one Arrow table)."""
+    ``truncated`` and ``keep`` (a causal LM's ``as_table``: as one Arrow table). Module-level,
+    so a spawned worker process can unpickle it."""
     if task in ("preference", "reward"):  # chosen/rejected pairs, KTO rows: data/pairs.py
         from ftcli.data.pairs import pairs_batch
 
@@ -356,7 +357,7 @@ def tokenize(
     """Tokenize canonical examples (a list or ``rows.Rows``) in batches; labels mask everything
     but the completion for causal LMs. The features go to ``folder/<name>.arrow`` (else a
     temporary file, or memory for small splits) and come back as a memory-mapped ``Features``.
-    From PARALLEL_FROM examples on, ``data.num_proc`` forked processes tokenize
+    From PARALLEL_FROM examples on, ``data.num_proc`` worker processes tokenize
     (``_map_parallel``).
     ``check_chat``: a conversation that fails the chat check (data/chat.py) is a DataError;
     False for passes that only measure (the length choice) or re-read a trained run's data."""
@@ -491,7 +492,7 @@ def _map_task(task: tuple):
 
 
 def _map_parallel(examples, fn, procs: int, folder: Path, name: str, schema):
-    """``fn`` over the examples' batches in ``procs`` forked worker processes, each reading its
+    """``fn`` over the examples' batches in ``procs`` worker processes, each reading its
     row ranges from an Arrow file (the examples' own, or one written for a list); yields the
     results' tables in order, read back without memory-mapping them, then removes the files."""
     import gc
