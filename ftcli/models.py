@@ -18,7 +18,13 @@ from ftcli.errors import FtcliError
 from ftcli.precision import cpu_has_native_bf16 as cpu_has_native_bf16
 from ftcli.recipe import QuantSpec
 from ftcli.rundir import ModelRecord, read_model_record
-from ftcli.sources import ModelSource, local_model_dir, remote_code, resolve_model
+from ftcli.sources import (
+    ModelSource,
+    is_run_folder,
+    local_model_dir,
+    remote_code,
+    resolve_model,
+)
 
 HEAD_NAMES = ("classifier", "score")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -236,9 +242,7 @@ def run_folder_start(name: str) -> Path | None:
     import os
 
     path = Path(os.path.expanduser(name))
-    if not path.is_dir() or (path / "config.json").exists():
-        return None
-    if not any((path / sub).is_dir() for sub in ("merged", "model", "adapter")):
+    if not is_run_folder(path):
         return None
     kind, folder = trained_folder(path)
     if kind == "adapter":

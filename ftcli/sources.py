@@ -231,6 +231,14 @@ def resolve_model(spec: str, revision: str | None = None) -> ModelSource:
     return ModelSource(spec, "hub", spec)
 
 
+def is_run_folder(path: Path) -> bool:
+    """Whether ``path`` is an earlier ftcli run folder (trained weights under merged/, model/ or
+    adapter/; no config.json of its own), not a model folder."""
+    if not path.is_dir() or (path / "config.json").exists():
+        return False
+    return any((path / sub).is_dir() for sub in ("merged", "model", "adapter"))
+
+
 def gguf_folder(source: ModelSource) -> Path:
     """Where ``materialize_gguf`` keeps a .gguf file's conversion: named by the file's path,
     size and modification time, so a changed file converts again."""

@@ -352,13 +352,12 @@ def _model_folder(model) -> Path | None:
     """The local folder a recipe's tokenizer loads from, told without loading anything; None
     where telling takes more (an earlier run folder is verified, a GGUF file not yet converted
     is converted, a hub model outside the local cache is looked up)."""
-    from ftcli.sources import PKG, gguf_folder, resolve_model
+    from ftcli.sources import PKG, gguf_folder, is_run_folder, resolve_model
 
     spec = model.name
     path = Path(os.path.expanduser(spec))
-    ran = any((path / sub).is_dir() for sub in ("merged", "model", "adapter"))
-    if ran and not (path / "config.json").exists():
-        return None  # a run folder: models.run_folder_start checks its weights' hashes
+    if is_run_folder(path):
+        return None  # models.run_folder_start checks its weights' hashes
     if not spec.startswith(PKG) and not path.exists():
         return tokenizer_folder(spec, model.revision)  # the hub cache's snapshot, if any
     try:

@@ -467,7 +467,7 @@ def _set_task_fn(fn) -> None:
 
 def _map_task(task: tuple):
     """One worker's row range: its examples read from the memory-mapped Arrow file (unmapped
-    again when done, so a worker holds at most its range's pages), tokenized MAP_BATCH at a
+    when the call returns and its views go, so a worker holds at most its range's pages), tokenized MAP_BATCH at a
     time, written to ``out``. A DataError comes back as (message, hint): the main process
     raises it (an FtcliError does not survive pickling whole)."""
     import pyarrow as pa
@@ -486,8 +486,6 @@ def _map_task(task: tuple):
                     writer.table(got)
         except DataError as exc:
             return None, (exc.message, exc.hint)
-        finally:
-            del table
     return out, None
 
 

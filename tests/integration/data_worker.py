@@ -15,8 +15,7 @@ import sys
 
 def rss_bytes(field: str = "VmRSS") -> int:
     """Resident memory: all of it (VmRSS), or its anonymous part (RssAnon: what the process
-    allocated) or its file-backed part (RssFile: pages of mapped files, shared with every
-    process mapping them)."""
+    allocated, not pages of mapped files, which every process mapping them shares)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(f"{field}:"):
@@ -71,13 +70,13 @@ def main(recipe_path: str, out: str) -> None:
     if dist.is_initialized():
         dist.all_gather_object([None] * acc.num_processes, {"warm": True})
     gc.collect()
-    before, anon_before, file_before = rss_bytes(), rss_bytes("RssAnon"), rss_bytes("RssFile")
+    before, anon_before = rss_bytes(), rss_bytes("RssAnon")
     prepared, tokenized, note = store.load_data(recipe, tok, model_dir, acc, UI())
     n = {s: len(t.features) for s, t in tokenized.items()}
     first = list(tokenized["train"].features[0]["input_ids"])
     last = list(tokenized["train"].features[n["train"] - 1]["input_ids"])
     gc.collect()
-    after, anon_after, file_after = rss_bytes(), rss_bytes("RssAnon"), rss_bytes("RssFile")
+    after, anon_after = rss_bytes(), rss_bytes("RssAnon")
     result = {
         "rank": acc.process_index,
         "note": note,
@@ -85,7 +84,6 @@ def main(recipe_path: str, out: str) -> None:
         "rss_before": before,
         "rss_after": after,
         "anon_growth": anon_after - anon_before,
-        "file_growth": file_after - file_before,
         "examples": n,
         "first": first,
         "last": last,
