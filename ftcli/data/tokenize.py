@@ -4,12 +4,13 @@ LMs), chat rendering, and the collate that pads a micro-batch."""
 from __future__ import annotations
 
 import os
-import sys
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
+from ftcli.data import pool
 from ftcli.data.chat import FALLBACK_ROLE as FALLBACK_ROLE
 from ftcli.data.chat import first_user, generation_problem, marks_generation, segments
 from ftcli.data.chat import render_chat as render_chat
@@ -209,13 +210,20 @@ def _causal_batch(
     encoded: list = [None] * len(texts)
     for flag in (True, False):
         at = [i for i, s in enumerate(special) if s is flag]
-        for i, got in zip(at, _encode(tokenizer, [texts[i] for i in at], flag), strict=True):
-            encoded[i] = got
+        # a conversation's mask found from its spans' ends (its offsets not read), unless the
+        # generation check needs the offsets or every token is a target
+        ends = None if flag or marked or loss_on == "all" else [spans[i] for i in at]
+        got = _encode(tokenizer, [texts[i] for i in at], flag, ends, loss_on != "all")
+        for i, e in zip(at, got, strict=True):
+            encoded[i] = e
     import numpy as np
 
     out: dict = {"input_ids": [], "labels": [], "length": [], "truncated": [], "keep": []}
-    for k, (text, sp, (ids, offsets)) in enumerate(zip(texts, spans, encoded, strict=True)):
-        mask = np.ones(len(ids), dtype=bool) if loss_on == "all" else _overlapping(offsets, sp)
+    for k, (text, sp, (ids, offsets, found)) in enumerate(zip(texts, spans, encoded, strict=True)):
+        if loss_on == "all":
+            mask = np.ones(len(ids), dtype=bool)
+        else:
+            mask = found if found is not None else _overlapping(offsets, sp)
         if marked and check and not special[k]:  # the blocks mark whole assistant turns
             messages = examples[k]["messages"]
             whole = mask if turns[k] is sp else _overlapping(offsets, turns[k])
@@ -263,11 +271,15 @@ def _feature_table(columns: dict):
     return pa.Table.from_arrays(cols, schema=full)
 
 
-def _encode(tokenizer, texts: list[str], special: bool) -> list:
-    """(ids, character offsets) of each text as numpy arrays (int64; offsets n x 2). A fast
+def _encode(tokenizer, texts: list[str], special: bool, spans=None, offsets: bool = True) -> list:
+    """(ids, character offsets, target mask) of each text as numpy arrays (ids int64; offsets
+    n x 2, None when not asked for or not needed; mask None unless found from ``spans``). A fast
     tokenizer with no truncation or padding set on it is asked directly (``encode_batch``, what
     transformers' call runs then), its offsets read without a Python tuple per token; any
-    other through transformers' call."""
+    other through transformers' call. ``spans``: each text's target spans; where the
+    tokenizer's offsets are known to run in order over every character (``ordered_offsets``),
+    the mask comes from the tokens at the spans' ends (``_mask_at``) and the offsets, a Python
+    tuple per token and about a tenth of the CPU time here, are not read."""
     import itertools
 
     import numpy as np
@@ -276,17 +288,91 @@ def _encode(tokenizer, texts: list[str], special: bool) -> list:
         return []
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and backend.truncation is None and backend.padding is None:
+        ordered = spans is not None and ordered_offsets(tokenizer)
         out = []
-        for e in backend.encode_batch(texts, add_special_tokens=special):
+        for k, e in enumerate(backend.encode_batch(texts, add_special_tokens=special)):
             ids = np.array(e.ids, dtype=np.int64)
-            flat = itertools.chain.from_iterable(e.offsets)
-            out.append((ids, np.fromiter(flat, np.int64, 2 * len(ids)).reshape(-1, 2)))
+            mask = _mask_at(e, spans[k], len(ids)) if ordered else None
+            off = None
+            if mask is None and offsets:
+                flat = itertools.chain.from_iterable(e.offsets)
+                off = np.fromiter(flat, np.int64, 2 * len(ids)).reshape(-1, 2)
+            out.append((ids, off, mask))
         return out
     enc = tokenizer(texts, add_special_tokens=special, return_offsets_mapping=True)
     return [
-        (np.asarray(ids, dtype=np.int64), np.asarray(off, dtype=np.int64).reshape(-1, 2))
+        (np.asarray(ids, dtype=np.int64), np.asarray(off, dtype=np.int64).reshape(-1, 2), None)
         for ids, off in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
     ]
+
+
+def _mask_at(encoding, spans, n: int):
+    """The tokens overlapping ``spans`` (``_overlapping``'s mask), found from each span's first
+    and last character: the first token holding the first, through the last token starting
+    before the span's end. Exact when offsets never go back and no token is empty
+    (``ordered_offsets``); None (read the offsets) for an empty span or a character no token
+    holds."""
+    import numpy as np
+
+    mask = np.zeros(n, dtype=bool)
+    for s, t in spans:
+        if t <= s:  # an empty span marks a token around its position: the offsets tell
+            return None
+        lo, hi = encoding.char_to_token(s), encoding.char_to_token(t - 1)
+        if lo is None or hi is None:
+            return None
+        while hi + 1 < n:  # a character split over several tokens (bytes): all of them
+            nxt = encoding.token_to_chars(hi + 1)
+            if nxt is None or nxt[0] >= t:
+                break
+            hi += 1
+        mask[lo : hi + 1] = True
+    return mask
+
+
+# Pipeline parts whose offsets run in order over every character with no empty token, for a text
+# encoded without special tokens: byte-level BPE (each token is at least one byte of the text, in
+# the text's order) with no normalizer (one could move characters) and no prefix space (added
+# before the first character).
+_ORDERED_PRE = {"ByteLevel", "Split", "Digits"}
+_ORDERED_POST = {"TemplateProcessing", "ByteLevel"}
+_ORDERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def ordered_offsets(tokenizer) -> bool:
+    """Whether ``_mask_at`` gives exactly the offsets' mask for this fast tokenizer (texts
+    without special tokens): its pipeline is one ``_ORDERED_PRE``/``_ORDERED_POST`` allow, read
+    once per tokenizer from its own description."""
+    try:
+        return _ORDERED[tokenizer]
+    except KeyError:
+        pass
+    except TypeError:  # takes no weak reference: not worth reading its description per batch
+        return False
+    import json
+
+    try:
+        spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    except Exception:  # noqa: BLE001 (no description: read the offsets)
+        return False
+
+    def parts(node) -> list[dict]:
+        if node is None:
+            return []
+        inner = node.get("pretokenizers") or node.get("processors")
+        return [p for n in inner for p in parts(n)] if node.get("type") == "Sequence" else [node]
+
+    pre, post = parts(spec.get("pre_tokenizer")), parts(spec.get("post_processor"))
+    ok = (
+        spec.get("normalizer") is None
+        and (spec.get("model") or {}).get("type") == "BPE"
+        and any(p.get("type") == "ByteLevel" for p in pre)
+        and all(p.get("type") in _ORDERED_PRE and not p.get("add_prefix_space") for p in pre)
+        and all(p.get("type") in _ORDERED_POST for p in post)
+        and not any(p.get("type") == "ByteLevel" and p.get("trim_offsets") for p in post)
+    )
+    _ORDERED[tokenizer] = ok
+    return ok
 
 
 def _overlapping(offsets, spans):
@@ -335,16 +421,6 @@ def _columns(rows: list[dict]) -> dict:
     return {c: [r[c] for r in rows] for c in cols}
 
 
-def num_procs(recipe: Recipe) -> int:
-    """data.num_proc, or the cores this process may run on."""
-    if recipe.data.num_proc:
-        return recipe.data.num_proc
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
-
-
 def tokenize(
     examples: Sequence[dict],
     recipe: Recipe,
@@ -388,7 +464,7 @@ def tokenize(
     if folder is None and n >= PARALLEL_FROM:
         keep = Scratch()
         folder = keep.path
-    procs = min(num_procs(recipe), -(-n // BATCH)) if n >= PARALLEL_FROM else 1
+    procs = min(pool.num_procs(recipe), -(-n // BATCH)) if n >= PARALLEL_FROM else 1
     if windows:  # a window's document index counts from its batch's offset: one process
         procs = 1
     if folder is None:  # small: in memory
@@ -451,21 +527,10 @@ def _collect(parts, schema, path: Path | None, keep) -> Tokenized:
     return Tokenized(feats, truncated, dropped, tokens)
 
 
-# the batch function the workers run, set in each by the pool's initializer: a forked worker
-# inherits it (the tokenizer is not pickled), a spawned one unpickles it
-_TASK_FN = None
 TASKS_PER_PROC = 8  # row ranges per worker: the last ones finish close together
-# fork on Linux (fast, and the workers share the parent's pages); elsewhere the platform's own
-# default (macOS spawns: forking a process holding torch and Rust threads is not safe there)
-START_METHOD = "fork" if sys.platform == "linux" else None
 
 
-def _set_task_fn(fn) -> None:
-    global _TASK_FN
-    _TASK_FN = fn
-
-
-def _map_task(task: tuple):
+def _map_task(task: tuple, fn):
     """One worker's row range: its examples read from the memory-mapped Arrow file (unmapped
     when the call returns and its views go, so a worker holds at most its range's pages), tokenized MAP_BATCH at a
     time, written to ``out``. A DataError comes back as (message, hint): the main process
@@ -480,7 +545,7 @@ def _map_task(task: tuple):
                 for s in range(0, table.num_rows, MAP_BATCH):
                     part = table.slice(s, MAP_BATCH)
                     rows = list(range(start + s, start + s + part.num_rows))
-                    got = _TASK_FN(part.to_pydict(), rows)
+                    got = fn(part.to_pydict(), rows)
                     if not isinstance(got, pa.Table):
                         got = pa.Table.from_pydict(got, schema=schema)
                     writer.table(got)
@@ -493,8 +558,6 @@ def _map_parallel(examples, fn, procs: int, folder: Path, name: str, schema):
     """``fn`` over the examples' batches in ``procs`` worker processes, each reading its
     row ranges from an Arrow file (the examples' own, or one written for a list); yields the
     results' tables in order, read back without memory-mapping them, then removes the files."""
-    import gc
-    import multiprocessing
     import shutil
 
     import pyarrow as pa
@@ -515,28 +578,14 @@ def _map_parallel(examples, fn, procs: int, folder: Path, name: str, schema):
             (str(src), a, min(n, a + step), str(work / f"part-{i:05d}.arrow"), full)
             for i, a in enumerate(range(0, n, step))
         ]
-        # the workers tokenize one batch at a time each: the tokenizer's own threads would fight
-        # them for the cores (and warn after the fork)
-        before = os.environ.get("TOKENIZERS_PARALLELISM")
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        gc.collect()
-        gc.freeze()  # the parent's objects out of the collector's reach: the children share them
-        try:
-            ctx = multiprocessing.get_context(START_METHOD)
-            with ctx.Pool(procs, initializer=_set_task_fn, initargs=(fn,)) as pool:
-                for out, failed in pool.imap(_map_task, tasks):
-                    if failed is not None:
-                        raise DataError(failed[0], hint=failed[1])
-                    with pa.OSFile(out) as f:  # read, not mapped: not this process's pages
-                        for batch in pa.ipc.open_stream(f):
-                            yield pa.Table.from_batches([batch])
-                    os.unlink(out)
-        finally:
-            gc.unfreeze()
-            if before is None:
-                os.environ.pop("TOKENIZERS_PARALLELISM", None)
-            else:
-                os.environ["TOKENIZERS_PARALLELISM"] = before
+        with pool.workers(partial(_map_task, fn=fn), procs) as imap:
+            for out, failed in imap(tasks):
+                if failed is not None:
+                    raise DataError(failed[0], hint=failed[1])
+                with pa.OSFile(out) as f:  # read, not mapped: not this process's pages
+                    for batch in pa.ipc.open_stream(f):
+                        yield pa.Table.from_batches([batch])
+                os.unlink(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
