@@ -17,7 +17,7 @@ import numpy as np
 
 from ftcli.data import pairs
 from ftcli.data.messages import EXTRA_FIELDS, chat_message
-from ftcli.data.read import read_source
+from ftcli.data.read import CHUNK, read_source
 from ftcli.data.rows import Rows, Scratch, TableWriter, jsonl_digest, take_rows
 from ftcli.errors import DataError, RecipeError, SourceError
 from ftcli.recipe import DataSpec, Recipe
@@ -350,8 +350,35 @@ def _clean_pairs(recipe: Recipe, records: list[dict], spec: str, counts: CleanCo
 HASH = np.dtype([("a", "<u8"), ("b", "<u8")])
 
 
+def _key_bytes(ex: dict) -> bytes:
+    """The bytes an example is hashed by: equal exactly when the examples are (as ``_key``'s
+    JSON is), written without JSON for the common shapes (strings; role/content messages),
+    length-prefixed so no two examples share them; any other shape: ``_key``, whose leading
+    brace no length-prefixed form has."""
+    out = ["\x00"]
+    for k in sorted(ex):
+        v = ex[k]
+        if type(v) is str:
+            out.append(f"{len(k)}:{k}s{len(v)}:{v}")
+        elif k == "messages" and type(v) is list and all(_plain_message(m) for m in v):
+            out.append(f"{len(k)}:{k}m{len(v)}:")
+            out += [f"{len(m['role'])}:{m['role']}{len(m['content'])}:{m['content']}" for m in v]
+        else:
+            return _key(ex).encode("utf-8", "surrogatepass")
+    return "".join(out).encode("utf-8", "surrogatepass")
+
+
+def _plain_message(m) -> bool:
+    return (
+        type(m) is dict
+        and len(m) == 2
+        and type(m.get("role")) is str
+        and type(m.get("content")) is str
+    )
+
+
 def _hashes(examples: list[dict]) -> np.ndarray:
-    digests = b"".join(hashlib.blake2b(_key(e).encode(), digest_size=16).digest() for e in examples)
+    digests = b"".join(hashlib.blake2b(_key_bytes(e), digest_size=16).digest() for e in examples)
     return np.frombuffer(digests, dtype=HASH).copy()
 
 
@@ -401,6 +428,11 @@ def _read_into(
 
     d = recipe.data
     source = source_of(located or recipe, spec)
+    files = _parallel_files(recipe, source)
+    if files is not None:
+        got = _read_parallel(out, recipe, files, spec, counts, names, at, tag)
+        if got is not None:
+            return got
     hashes, codes, n = [], [], 0
     classify = recipe.task == "classification"
     for records in iter_source(source, d, counts.notes):
@@ -434,6 +466,141 @@ def _read_into(
         check_columns(recipe, [], spec, at)
     counts.read += n
     return n, hashes, codes
+
+
+# A local, uncompressed utf-8 jsonl source from this size on is read, mapped, cleaned and hashed
+# by data.num_proc worker processes (READ_BYTES of it, cut at a line end, per task); anything
+# else, and smaller files, in this process. The result is the same either way.
+PARALLEL_READ_FROM = 16 << 20
+READ_BYTES = 8 << 20
+
+
+def _line_ranges(path: str, step: int) -> list[tuple[int, int]]:
+    """(start, stop) byte ranges covering the file, about ``step`` bytes each, each ending just
+    after a newline (or at the end of the file)."""
+    import os
+
+    size = os.path.getsize(path)
+    cuts = [0]
+    with open(path, "rb") as f:
+        while cuts[-1] + step < size:
+            f.seek(cuts[-1] + step)
+            at = None
+            while at is None:
+                buf = f.read(1 << 16)
+                if not buf:
+                    break
+                i = buf.find(b"\n")
+                if i >= 0:
+                    at = f.tell() - len(buf) + i + 1
+            if at is None or at >= size:
+                break
+            cuts.append(at)
+    return list(zip(cuts, [*cuts[1:], size], strict=True))
+
+
+def _parallel_files(recipe: Recipe, source) -> list[str] | None:
+    """The source's files when the parallel reader may take them (``PARALLEL_READ_FROM``),
+    else None. Preference data stays in this process: its bad rows are counted and the first one
+    named by its record number as they stream."""
+    from ftcli.data.pool import num_procs
+    from ftcli.data.read import _format_of
+
+    d = recipe.data
+    if recipe.task in pairs.PAIR_TASKS or source.kind != "files" or num_procs(recipe) < 2:
+        return None
+    if d.encoding.lower().replace("_", "-") not in ("utf-8", "utf8"):
+        return None
+    files = list(source.paths)
+    try:
+        if any(_format_of(f, d.format) != "jsonl" or f.endswith((".gz", ".bz2")) for f in files):
+            return None
+        size = sum(Path(f).stat().st_size for f in files)
+    except (DataError, OSError):  # the serial reader says what is wrong
+        return None
+    return files if size >= PARALLEL_READ_FROM else None
+
+
+def _read_task(task: tuple, recipe: Recipe, tag: str | None, schema):
+    """One byte range of a jsonl file, as ``_read_into`` does a chunk: records decoded, mapped,
+    stripped and dropped, hashed, and written to their own Arrow file. Returns (the file, records
+    read, empties, hashes, labels or None, the first record or None), or None when anything in
+    the range fails: the caller then reads the whole source in its own process, whose error
+    names the file and the record."""
+    path, start, stop, out = task
+    with open(path, "rb") as f:
+        f.seek(start)
+        raw = f.read(stop - start)
+    try:
+        text = raw.decode("utf-8-sig" if start == 0 else "utf-8")
+        if "\r" in text:  # universal newlines, as the serial reader's text stream reads them
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+        records = []
+        for line in text.split("\n"):
+            if line.strip():
+                r = json.loads(line)
+                records.append(r if isinstance(r, dict) else {"text": r})
+        counts = CleanCounts()
+        examples = _strip_and_drop(to_examples(recipe, records), recipe.data, counts)
+    except Exception:  # noqa: BLE001 (the serial reader raises it again, located)
+        return None
+    hashes = _hashes(examples)
+    labels = [e["label"] for e in examples] if recipe.task == "classification" else None
+    if tag is not None:
+        examples = [{**e, "source": tag} for e in examples]
+    with TableWriter(Path(out), schema) as w:
+        for s in range(0, len(examples), CHUNK):
+            w.rows(examples[s : s + CHUNK])
+    return out, len(records), counts.empty, hashes, labels, records[0] if records else None
+
+
+def _read_parallel(
+    out: TableWriter,
+    recipe: Recipe,
+    files: list[str],
+    spec: str,
+    counts: CleanCounts,
+    names: dict[str, int],
+    at: str,
+    tag: str | None,
+) -> tuple[int, list, list] | None:
+    """``_read_into`` over byte ranges of the files in worker processes; None (nothing written)
+    when a range fails, for the serial reader to say why."""
+    import shutil
+    from functools import partial
+
+    import pyarrow as pa
+
+    from ftcli.data.pool import num_procs, workers
+
+    work = out.path.parent / f".{out.path.name}.read"
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        ranges = [(f, a, b) for f in files for a, b in _line_ranges(f, READ_BYTES)]
+        tasks = [(f, a, b, str(work / f"part-{i:05d}.arrow")) for i, (f, a, b) in enumerate(ranges)]
+        fn = partial(_read_task, recipe=recipe, tag=tag, schema=out.schema)
+        results = []
+        with workers(fn, min(num_procs(recipe), len(tasks))) as imap:
+            for got in imap(tasks):
+                if got is None:
+                    return None
+                results.append(got)
+        first = next((r[5] for r in results if r[5] is not None), None)
+        check_columns(recipe, [first] if first is not None else [], spec, at)
+        hashes, codes = [], []
+        for part, _, empty, h, labels, _ in results:
+            counts.empty += empty
+            hashes.append(h)
+            if labels is not None:
+                codes.append(np.array([names.setdefault(x, len(names)) for x in labels], np.int32))
+            with pa.OSFile(part) as f:  # read, not mapped: not this process's pages
+                for batch in pa.ipc.open_stream(f):
+                    out.table(batch)
+        n = sum(r[1] for r in results)
+        counts.read += n
+        return n, hashes, codes
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _load_source(

@@ -15,10 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from ftcli.data import examples as ex
+from ftcli.data import pool
 from ftcli.data import tokenize as tk
 from ftcli.data.prepared import read_data, write_data
 from ftcli.data.rows import Features, Rows
-from ftcli.errors import DataError
+from ftcli.errors import DataError, FtcliError
 from ftcli.recipe import recipe_from_mapping
 from tests.conftest import _train_tokenizer, chat_rows, sentiment_rows
 from tests.unit import legacy_data as old
@@ -206,6 +207,175 @@ def test_a_bad_chat_record_is_numbered_across_chunks(tmp_path, monkeypatch):
         ex.prepare(recipe)
 
 
+def _parallel_reads(monkeypatch, read_bytes: int) -> list:
+    """Every source read by worker processes, ``read_bytes`` a task (tiny: many ranges, cut
+    inside long records' neighbours); returns the list the successful parallel reads append to,
+    so a test knows the workers did the reading rather than the serial fallback."""
+    monkeypatch.setattr(ex, "PARALLEL_READ_FROM", 0)
+    monkeypatch.setattr(ex, "READ_BYTES", read_bytes)
+    monkeypatch.setattr(pool, "num_procs", lambda recipe: 2)
+    done: list = []
+    real = ex._read_parallel
+
+    def spy(*a, **k):
+        try:
+            got = real(*a, **k)
+        except Exception:
+            done.append("raised")
+            raise
+        done.append(got is not None)
+        return got
+
+    monkeypatch.setattr(ex, "_read_parallel", spy)
+    return done
+
+
+def test_parallel_reading_gives_exactly_the_list_based_splits(tmp_path, monkeypatch):
+    """Worker processes read byte ranges of a big jsonl file; the splits, labels and stats are
+    word for word those of the one-process reader, on every jsonl layout."""
+    done = _parallel_reads(monkeypatch, 700)
+    cases = [(n, r) for n, r in _layouts(tmp_path) if str(r.data.path).endswith(".jsonl")]
+    assert len(cases) >= 10
+    for name, recipe in cases:
+        done.clear()
+        try:
+            want = old.prepare(recipe)
+        except FtcliError as exc:  # then the same error, word for word
+            with pytest.raises(type(exc)) as new:
+                ex.prepare(recipe)
+            assert str(new.value) == str(exc), name
+            assert done and all(x is True for x in done), name
+            continue
+        got = ex.prepare(recipe)
+        assert done and all(x is True for x in done), name  # the workers read it: no fallback
+        for s in ex.SPLITS:
+            assert list(got.splits[s]) == want.splits[s], f"{name}: {s} differs"
+        assert got.labels == want.labels, name
+        assert json.dumps(got.stats) == json.dumps(want.stats), name
+
+
+def test_parallel_reading_reads_lines_as_the_text_stream_does(tmp_path, monkeypatch):
+    """A BOM, CRLF and lone CR line ends, blank lines, a bare string as a record, multi-byte
+    characters and U+2028 inside strings, across many range cuts: the same examples."""
+    rows = [
+        json.dumps({"text": f"línea {i} ✓ \u2028 {'x' * (i % 50)}", "label": "ab"[i % 2]})
+        for i in range(300)
+    ]
+    body = "".join(
+        r + ("\r\n" if i % 3 == 0 else "\r" if i % 7 == 0 else "\n") + ("\n  \n" * (i % 11 == 0))
+        for i, r in enumerate(rows)
+    )
+    body += json.dumps("a bare string") + "\n"
+    path = tmp_path / "odd.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))
+    recipe = _recipe(path, "causal_lm")
+    serial = ex.prepare(recipe)
+    done = _parallel_reads(monkeypatch, 301)
+    got = ex.prepare(recipe)
+    assert done == [True]
+    assert got.stats == serial.stats and got.stats["read"] == 301
+    for s in ex.SPLITS:
+        assert list(got.splits[s]) == list(serial.splits[s])
+
+
+def test_parallel_reading_fails_as_the_serial_reader_does(tmp_path, monkeypatch):
+    """A bad record, a line that is not JSON, bytes that are not utf-8, a missing column, an
+    empty file: the workers give up and the one-process reader says what and where, word for
+    word as without workers."""
+    rows = chat_rows(300)
+    bad_record = [dict(r) for r in rows]
+    bad_record[250] = {"messages": "not a list"}
+    cases = {
+        "record": _jsonl(tmp_path / "record.jsonl", bad_record),
+        "json": tmp_path / "json.jsonl",
+        "columns": _jsonl(tmp_path / "columns.jsonl", [{"chat": r["messages"]} for r in rows]),
+        "empty": tmp_path / "empty.jsonl",
+        "latin": tmp_path / "latin.jsonl",
+    }
+    lines = [json.dumps(r) for r in rows]
+    cases["json"].write_text("\n".join(lines[:200] + ["{oops"] + lines[200:]) + "\n")
+    cases["empty"].write_text("\n\n")
+    latin = [json.dumps(r, ensure_ascii=False) for r in chat_rows(300, seed=3)]
+    latin[280] = json.dumps(
+        {
+            "messages": [
+                {"role": "user", "content": "café"},
+                {"role": "assistant", "content": "oui"},
+            ]
+        },
+        ensure_ascii=False,
+    )
+    cases["latin"].write_bytes("\n".join(latin).encode("latin-1"))
+
+    def outcome(recipe):
+        try:
+            p = ex.prepare(recipe)
+        except Exception as exc:  # noqa: BLE001 (compared, type and words)
+            return type(exc).__name__, str(exc)
+        return "ok", p.stats
+
+    for name, path in cases.items():
+        recipe = _recipe(path, "causal_lm", messages_column="messages")
+        with monkeypatch.context() as m:
+            want = outcome(recipe)
+            done = _parallel_reads(m, 1000)
+            got = outcome(recipe)
+        assert got == want, name
+        # the workers gave up and the serial reader spoke, or (no records at all) the parallel
+        # reader raised the serial reader's own error
+        assert done == (["raised"] if name == "empty" else [False]), name
+        assert name == "latin" or want[0] != "ok", name
+    assert (
+        "record 251"
+        in outcome(_recipe(cases["record"], "causal_lm", messages_column="messages"))[1]
+    )
+
+
+def test_example_hash_bytes_are_equal_exactly_when_the_examples_are():
+    """The length-prefixed form dedupe hashes stands for the example's canonical JSON: equal
+    bytes for equal examples (whatever the key order), different for different ones, including
+    contents built to run into the separators."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    # contents made of the separators, the lengths and the key names: where collisions live
+    bits = ["a", ":", "1", "4", "5:", "s", "m", "text", "label", "role", "user", "\x00", "{"]
+    text = st.lists(st.sampled_from(bits), max_size=5).map("".join)
+    message = st.fixed_dictionaries({"role": text, "content": text})
+    rich = st.fixed_dictionaries({"role": text, "content": text, "name": text})
+    example = st.one_of(
+        st.dictionaries(st.sampled_from(["text", "label", "prompt", "completion"]), text),
+        st.fixed_dictionaries({"messages": st.lists(st.one_of(message, rich), max_size=3)}),
+    )
+
+    @settings(max_examples=3000, deadline=None)
+    @given(example, example)
+    def check(a, b):
+        same = ex._key(a) == ex._key(b)
+        assert (ex._key_bytes(a) == ex._key_bytes(b)) == same
+        shuffled = dict(reversed(list(a.items())))
+        assert ex._key_bytes(shuffled) == ex._key_bytes(a)
+
+    check()
+
+    # pairs that plain concatenation would make equal: the lengths keep them apart
+    def chat(*turns):
+        return {"messages": [{"role": r, "content": c} for r, c in turns]}
+
+    tricky = [
+        {"label": "a", "text": "b"},
+        {"label": "atextsb"},
+        chat(("user", "ab"), ("user", "c")),
+        chat(("user", "a"), ("buser", "c")),
+        chat(("user", "")),
+        chat(("use", "r")),
+        {"messages": []},
+        {},
+        {"text": ""},
+    ]
+    assert len({ex._key_bytes(t) for t in tricky}) == len(tricky)
+
+
 @pytest.fixture(scope="module")
 def toks(tmp_path_factory):
     root = tmp_path_factory.mktemp("toks")
@@ -288,7 +458,7 @@ def test_tokenize_cuts_and_drops_are_counted_like_today(tmp_path, toks):
 def test_parallel_tokenization_matches_and_writes_arrow(tmp_path, toks, start, monkeypatch):
     """From 1,000 examples on, num_proc worker processes: forked on Linux (the tokenizer
     inherited), spawned elsewhere (the tokenizer pickled)."""
-    monkeypatch.setattr(tk, "START_METHOD", start)
+    monkeypatch.setattr(pool, "START_METHOD", start)
     rows = _chat(1_100, seed=4)
     for i, r in enumerate(rows):  # all distinct, so none is dropped as shared between splits
         r["messages"][0]["content"] += f" ({i})"
@@ -416,3 +586,62 @@ def test_take_rows_reads_only_the_batches_it_needs_and_keeps_the_order():
     assert ours < 2**20
     with pytest.raises(IndexError):
         take_rows(table, [100])
+
+
+def test_the_mask_from_span_ends_is_the_offsets_mask(toks):
+    """For a byte-level BPE tokenizer the target mask is found from the tokens at each span's
+    ends, without reading every token's offsets: the same mask as the offsets give, for any
+    text (multi-byte characters split over byte tokens, special tokens inside) and any spans."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    tok = toks["bpe"]
+    assert tk.ordered_offsets(tok)
+    backend = tok.backend_tokenizer
+    pieces = st.sampled_from(
+        ["hello", " there", "é", "👋🏽", "日本", "<|im_end|>", "\n", "  ", "?"]
+    )
+
+    @st.composite
+    def case(draw):
+        text = "".join(draw(st.lists(pieces, min_size=1, max_size=12)))
+        cuts = sorted(draw(st.lists(st.integers(0, len(text)), min_size=2, max_size=6)))
+        return text, [(a, b) for a, b in zip(cuts[::2], cuts[1::2], strict=False) if b > a]
+
+    @settings(max_examples=400, deadline=None)
+    @given(case())
+    def check(c):
+        text, spans = c
+        e = backend.encode(text, add_special_tokens=False)
+        got = tk._mask_at(e, spans, len(e.ids))
+        assert got is not None
+        assert got.tolist() == tk._overlapping(e.offsets, spans).tolist()
+
+    check()
+    e = backend.encode("hi there", add_special_tokens=False)
+    assert tk._mask_at(e, [(3, 3)], len(e.ids)) is None  # an empty span: the offsets decide
+
+
+def test_only_byte_level_tokenizers_skip_reading_offsets(toks):
+    """A normalizer, a prefix space, a word-piece model or offsets trimmed after tokenizing
+    can move or empty a token's characters: those tokenizers' offsets are read."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+
+    assert tk.ordered_offsets(toks["bpe"]) and not tk.ordered_offsets(toks["bert"])
+
+    def variant(change):
+        copy = type(toks["bpe"])(
+            tokenizer_object=Tokenizer.from_str(toks["bpe"].backend_tokenizer.to_str())
+        )
+        change(copy.backend_tokenizer)
+        return tk.ordered_offsets(copy)
+
+    assert variant(lambda b: None)
+    assert not variant(lambda b: setattr(b, "normalizer", normalizers.NFC()))
+    assert not variant(
+        lambda b: setattr(b, "pre_tokenizer", pre_tokenizers.ByteLevel(add_prefix_space=True))
+    )
+    assert not variant(
+        lambda b: setattr(b, "post_processor", processors.ByteLevel(trim_offsets=True))
+    )
+    assert variant(lambda b: setattr(b, "post_processor", processors.ByteLevel(trim_offsets=False)))

@@ -318,3 +318,31 @@ def test_the_cache_key_covers_every_source_file(tmp_path, tok_dir, monkeypatch):
     )
     p3, _, note = store.load_data(named, tok, str(tok_dir))
     assert note.startswith("prepared ") and set(p3.stats["sources"]) == {"x", "b"}
+
+
+def test_worker_processes_read_the_sources_to_the_same_splits(tmp_path, monkeypatch):
+    """Sources read by worker processes (byte ranges of each jsonl file; the csv in this one):
+    the same splits, source names, labels and counts as read in one process."""
+    from tests.unit.test_data_arrow import _parallel_reads
+
+    a = _csv(tmp_path / "a.csv", 100, "a")
+    b = _jsonl(
+        tmp_path / "b.jsonl",
+        [{"t": f"a review {i}", "y": "pos" if i % 2 else "neg"} for i in range(10)]
+        + [{"t": f"tweet {i}", "y": "pos" if i % 2 else "neg"} for i in range(300)]
+        + [{"t": f"odd {i}", "y": "meh"} for i in range(40)],
+    )
+    c = _jsonl(tmp_path / "c.jsonl", [{"t": f"tweet {i}", "y": "neg"} for i in range(150, 260)])
+    src = [
+        {"path": str(a), "text_column": "review", "label_column": "sentiment", "max_examples": 30},
+        {"path": str(b), "text_column": "t", "label_column": "y"},
+        {"path": str(c), "text_column": "t", "label_column": "y"},
+    ]
+    r = _cls(tmp_path, src)
+    want = prepare(r)
+    done = _parallel_reads(monkeypatch, 500)
+    got = prepare(r)
+    assert done.count(True) == 2  # both jsonl sources by the workers; the csv in this process
+    assert json.dumps(got.stats) == json.dumps(want.stats) and got.labels == want.labels
+    for s in ("train", "validation", "test"):
+        assert list(got.splits[s]) == list(want.splits[s])
