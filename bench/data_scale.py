@@ -145,11 +145,34 @@ def measure(cmd: list[str], env: dict) -> dict:
     }
 
 
+def run_side(
+    side: str, n: int, corpus: Path, work: Path, cache: Path, model_dir, env: dict
+) -> tuple[dict, dict]:
+    """One side's first run (from an empty cache) and cached run on ``corpus``."""
+    if side == "ftcli":
+        recipe = work / f"recipe-{n}.yaml"
+        recipe.write_text(RECIPE.format(model=MODEL, path=corpus, max_length=MAX_LENGTH))
+        shutil.rmtree(cache / "data", ignore_errors=True)
+        cmd = [sys.executable, "-m", "ftcli", "prepare", str(recipe)]
+    else:
+        hf = work / f"cache-datasets-{n}"
+        shutil.rmtree(hf, ignore_errors=True)
+        cmd = [sys.executable, "-c", REFERENCE, str(corpus), model_dir, str(hf), str(MAX_LENGTH)]
+    return measure(cmd, env), measure(cmd, env)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[20_000, 100_000, 200_000])
     ap.add_argument("--out", type=Path, default=None, help="work folder (default: a temp folder)")
     ap.add_argument("--sides", nargs="+", default=["ftcli", "datasets", "ranks"])
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds per size, the sides taking turns going first; the table gives each side's "
+        "median run and the first-run ratio of the medians (data_scale.json: every run)",
+    )
     args = ap.parse_args()
     work = args.out or Path(tempfile.mkdtemp(prefix="ftcli-data-scale-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -174,28 +197,25 @@ def main() -> None:
         corpus = work / f"chat-{n}.jsonl"
         if not corpus.exists():
             make_corpus(corpus, n)
-        row = {"conversations": n, "corpus_mib": round(corpus.stat().st_size / 2**20)}
-        if "ftcli" in args.sides:
-            recipe = work / f"recipe-{n}.yaml"
-            recipe.write_text(RECIPE.format(model=MODEL, path=corpus, max_length=MAX_LENGTH))
-            shutil.rmtree(cache / "data", ignore_errors=True)
-            cmd = [sys.executable, "-m", "ftcli", "prepare", str(recipe)]
-            row["ftcli_first"] = measure(cmd, env)
-            row["ftcli_cached"] = measure(cmd, env)
-        if "datasets" in args.sides:
-            hf = work / f"cache-datasets-{n}"
-            shutil.rmtree(hf, ignore_errors=True)
-            cmd = [
-                sys.executable,
-                "-c",
-                REFERENCE,
-                str(corpus),
-                model_dir,
-                str(hf),
-                str(MAX_LENGTH),
+        row: dict = {"conversations": n, "corpus_mib": round(corpus.stat().st_size / 2**20)}
+        runs: dict[str, list] = {}
+        sides = [s for s in ("ftcli", "datasets") if s in args.sides]
+        for i in range(args.repeat):
+            # the sides take turns going first: a machine that slows down or speeds up over the
+            # rounds weighs on both alike
+            for side in sides if i % 2 == 0 else sides[::-1]:
+                first, cached = run_side(side, n, corpus, work, cache, model_dir, env)
+                runs.setdefault(f"{side}_first", []).append(first)
+                runs.setdefault(f"{side}_cached", []).append(cached)
+        for k, got in runs.items():
+            row[k] = sorted(got, key=lambda m: m["seconds"])[len(got) // 2]  # the median run
+            if len(got) > 1:
+                row[k]["all_seconds"] = [m["seconds"] for m in got]
+        if "ftcli_first" in runs and "datasets_first" in runs:
+            row["paired_ratios"] = [
+                round(a["seconds"] / max(0.1, b["seconds"]), 3)
+                for a, b in zip(runs["ftcli_first"], runs["datasets_first"], strict=True)
             ]
-            row["datasets_first"] = measure(cmd, env)
-            row["datasets_cached"] = measure(cmd, env)
         if "ranks" in args.sides and n == min(args.sizes):
             row["ranks"] = two_ranks(work, work / f"recipe-{n}.yaml", env)
         results.append(row)
@@ -241,15 +261,21 @@ def table(results: list[dict]) -> str:
                 continue
             a, b = r[f"{side}_first"], r[f"{side}_cached"]
             failed = " (FAILED)" if a["rc"] or b["rc"] else ""
+            span = (
+                f" ({min(a['all_seconds'])}-{max(a['all_seconds'])})" if "all_seconds" in a else ""
+            )
             lines.append(
-                f"| {r['conversations']:,} | {side}{failed} | {a['seconds']} | {b['seconds']} | "
+                f"| {r['conversations']:,} | {side}{failed} | {a['seconds']}{span} | {b['seconds']} | "
                 f"{a['peak_mib']} / {b['peak_mib']} | "
                 f"{a.get('peak_anon_mib', '?')} / {b.get('peak_anon_mib', '?')} |"
             )
         if "ftcli_first" in r and "datasets_first" in r:
             ratio = r["ftcli_first"]["seconds"] / max(0.1, r["datasets_first"]["seconds"])
+            paired = r.get("paired_ratios", [])
+            each = f" (rounds: {', '.join(f'{x:.2f}x' for x in paired)})" if len(paired) > 1 else ""
             lines.append(
-                f"| {r['conversations']:,} | first-run time ftcli / datasets | {ratio:.2f}x | | |"
+                f"| {r['conversations']:,} | first-run time ftcli / datasets | {ratio:.2f}x{each} "
+                "| | |"
             )
         for k in r.get("ranks", []):
             lines.append(
