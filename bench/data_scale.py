@@ -10,6 +10,7 @@ Arrow files every worker maps are not counted once per worker).
 
     python bench/data_scale.py                         # 20k, 100k, 200k (~25 min on 2 cores)
     python bench/data_scale.py --sizes 2000 --out /tmp/ds   # a quick look
+    python bench/data_scale.py --sizes 20000 --sides ftcli datasets --repeat 3   # medians
 """
 
 from __future__ import annotations
@@ -116,9 +117,12 @@ def _tree_pss(proc) -> tuple[int, int]:
 
 def measure(cmd: list[str], env: dict) -> dict:
     """Run ``cmd``; its wall time, exit code, peak tree PSS (MiB) and the tail of its output."""
+    import resource
+
     import psutil
 
     t0 = time.perf_counter()
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     proc = psutil.Process(p.pid)
     peak = peak_anon = 0
@@ -136,8 +140,12 @@ def measure(cmd: list[str], env: dict) -> dict:
         time.sleep(0.2)
     p.wait()
     reader.join(5)
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     return {
         "seconds": round(time.perf_counter() - t0, 1),
+        # user + system CPU of the process and every descendant it waited for (its workers):
+        # the work done, which a busy machine stretches less than the wall time
+        "cpu_seconds": round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 1),
         "rc": p.returncode,
         "peak_mib": round(peak / 2**20),
         "peak_anon_mib": round(peak_anon / 2**20),
@@ -209,8 +217,10 @@ def main() -> None:
                 runs.setdefault(f"{side}_cached", []).append(cached)
         for k, got in runs.items():
             row[k] = sorted(got, key=lambda m: m["seconds"])[len(got) // 2]  # the median run
+            row[k]["median_cpu_seconds"] = sorted(m["cpu_seconds"] for m in got)[len(got) // 2]
             if len(got) > 1:
                 row[k]["all_seconds"] = [m["seconds"] for m in got]
+                row[k]["all_cpu_seconds"] = [m["cpu_seconds"] for m in got]
         if "ftcli_first" in runs and "datasets_first" in runs:
             row["paired_ratios"] = [
                 round(a["seconds"] / max(0.1, b["seconds"]), 3)
@@ -252,8 +262,8 @@ def table(results: list[dict]) -> str:
     """The markdown table of the measured rows, with the ratios."""
     lines = [
         "| conversations | side | first run s | cached run s | peak PSS first / cached MiB "
-        "| of it anonymous, first / cached MiB |",
-        "|---:|---|---:|---:|---:|---:|",
+        "| of it anonymous, first / cached MiB | first run CPU s |",
+        "|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         for side in ("ftcli", "datasets"):
@@ -267,21 +277,24 @@ def table(results: list[dict]) -> str:
             lines.append(
                 f"| {r['conversations']:,} | {side}{failed} | {a['seconds']}{span} | {b['seconds']} | "
                 f"{a['peak_mib']} / {b['peak_mib']} | "
-                f"{a.get('peak_anon_mib', '?')} / {b.get('peak_anon_mib', '?')} |"
+                f"{a.get('peak_anon_mib', '?')} / {b.get('peak_anon_mib', '?')} | "
+                f"{a.get('median_cpu_seconds', '?')} |"
             )
         if "ftcli_first" in r and "datasets_first" in r:
             ratio = r["ftcli_first"]["seconds"] / max(0.1, r["datasets_first"]["seconds"])
             paired = r.get("paired_ratios", [])
             each = f" (rounds: {', '.join(f'{x:.2f}x' for x in paired)})" if len(paired) > 1 else ""
+            cpu = [r[f"{side}_first"].get("median_cpu_seconds") for side in ("ftcli", "datasets")]
+            cpu_ratio = f"{cpu[0] / max(0.1, cpu[1]):.2f}x" if None not in cpu else ""
             lines.append(
-                f"| {r['conversations']:,} | first-run time ftcli / datasets | {ratio:.2f}x{each} "
-                "| | |"
+                f"| {r['conversations']:,} | first run ftcli / datasets | {ratio:.2f}x{each} "
+                f"| | | | {cpu_ratio} |"
             )
         for k in r.get("ranks", []):
             lines.append(
                 f"| {r['conversations']:,} | 2 processes: rank {k.get('rank')} "
                 f"({k.get('tokenizer_calls')} tokenizer calls) | | | +{k.get('added_mib')} MiB "
-                f"| +{k.get('added_anon_mib')} MiB |"
+                f"| +{k.get('added_anon_mib')} MiB | |"
             )
     return "\n".join(lines)
 

@@ -311,9 +311,10 @@ class DataSpec(_Section):
     num_proc: int | None = Field(
         None,
         ge=1,
-        description="processes that tokenize the data (batched, in parallel); null: the cores "
-        "available to this process (os.sched_getaffinity); splits under 1,000 examples are "
-        "tokenized in the main process",
+        description="processes that read and tokenize the data (batched, in parallel); null: "
+        "the cores available to this process (os.sched_getaffinity); splits under 1,000 "
+        "examples are tokenized, and sources other than local utf-8 jsonl files of 16 MiB or "
+        "more are read, in the main process",
     )
     long_documents: Literal["truncate", "windows"] = Field(
         "truncate",
