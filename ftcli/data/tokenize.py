@@ -341,8 +341,8 @@ _ORDERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def ordered_offsets(tokenizer) -> bool:
     """Whether ``_mask_at`` gives exactly the offsets' mask for this fast tokenizer (texts
-    without special tokens): its pipeline is one ``_ORDERED_PRE``/``_ORDERED_POST`` allow, read
-    once per tokenizer from its own description."""
+    without special tokens): every part of its pipeline is on the lists above, as its own
+    description says (read once per tokenizer)."""
     try:
         return _ORDERED[tokenizer]
     except KeyError:
@@ -359,8 +359,10 @@ def ordered_offsets(tokenizer) -> bool:
     def parts(node) -> list[dict]:
         if node is None:
             return []
-        inner = node.get("pretokenizers") or node.get("processors")
-        return [p for n in inner for p in parts(n)] if node.get("type") == "Sequence" else [node]
+        if node.get("type") != "Sequence":
+            return [node]
+        inner = node.get("pretokenizers") or node.get("processors") or []
+        return [p for n in inner for p in parts(n)]
 
     pre, post = parts(spec.get("pre_tokenizer")), parts(spec.get("post_processor"))
     ok = (

@@ -208,9 +208,9 @@ def test_a_bad_chat_record_is_numbered_across_chunks(tmp_path, monkeypatch):
 
 
 def _parallel_reads(monkeypatch, read_bytes: int) -> list:
-    """Every source read by worker processes, ``read_bytes`` a task (tiny: many ranges, cut
-    inside long records' neighbours); returns the list the successful parallel reads append to,
-    so a test knows the workers did the reading rather than the serial fallback."""
+    """Every jsonl source read by worker processes, ``read_bytes`` a task (tiny: many ranges);
+    returns the list each parallel read appends its outcome to (True: the workers read it;
+    False: they gave up to the serial reader; "raised"), so a test knows which reader read."""
     monkeypatch.setattr(ex, "PARALLEL_READ_FROM", 0)
     monkeypatch.setattr(ex, "READ_BYTES", read_bytes)
     monkeypatch.setattr(pool, "num_procs", lambda recipe: 2)
@@ -254,11 +254,17 @@ def test_parallel_reading_gives_exactly_the_list_based_splits(tmp_path, monkeypa
         assert json.dumps(got.stats) == json.dumps(want.stats), name
 
 
-def test_parallel_reading_reads_lines_as_the_text_stream_does(tmp_path, monkeypatch):
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_parallel_reading_reads_lines_as_the_text_stream_does(tmp_path, monkeypatch, start):
     """A BOM, CRLF and lone CR line ends, blank lines, a bare string as a record, multi-byte
-    characters and U+2028 inside strings, across many range cuts: the same examples."""
+    characters and U+2028 inside strings, across many range cuts: the same examples, from
+    forked workers (Linux) and spawned ones (elsewhere: the recipe and schema pickled)."""
+    monkeypatch.setattr(pool, "START_METHOD", start)
     rows = [
-        json.dumps({"text": f"línea {i} ✓ \u2028 {'x' * (i % 50)}", "label": "ab"[i % 2]})
+        json.dumps(
+            {"text": f"línea {i} ✓ \u2028 {'x' * (i % 50)}", "label": "ab"[i % 2]},
+            ensure_ascii=False,  # the characters themselves in the file, not escapes
+        )
         for i in range(300)
     ]
     body = "".join(
@@ -645,3 +651,22 @@ def test_only_byte_level_tokenizers_skip_reading_offsets(toks):
         lambda b: setattr(b, "post_processor", processors.ByteLevel(trim_offsets=True))
     )
     assert variant(lambda b: setattr(b, "post_processor", processors.ByteLevel(trim_offsets=False)))
+    # Llama 3's shape: a regex split, then byte-level without its own regex; a sequence after
+    llama3_pre = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(" ", behavior="merged_with_next"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    llama3_post = processors.Sequence(
+        [processors.ByteLevel(trim_offsets=False), processors.TemplateProcessing(single="$A")]
+    )
+    assert variant(lambda b: setattr(b, "pre_tokenizer", llama3_pre))
+    assert variant(lambda b: setattr(b, "post_processor", llama3_post))
+    assert not variant(
+        lambda b: setattr(
+            b,
+            "pre_tokenizer",
+            pre_tokenizers.Sequence([pre_tokenizers.Metaspace(), pre_tokenizers.ByteLevel()]),
+        )
+    )
