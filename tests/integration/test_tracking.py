@@ -62,9 +62,10 @@ def test_tensorboard_scalars_match_metrics_jsonl(tmp_path, tiny_models, tiny_dat
     assert [s for s, _ in got] == [s for s, _ in want]
     assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(got, want, strict=True))
     val = [(x["step"], x["val_loss"]) for x in rows if "val_loss" in x]
-    assert [(e.step, round(e.value, 5)) for e in acc.Scalars("val_loss")] == [
-        (s, round(v, 5)) for s, v in val
-    ]
+    got_val = [(e.step, e.value) for e in acc.Scalars("val_loss")]
+    assert [s for s, _ in got_val] == [s for s, _ in val]
+    # TensorBoard keeps float32: rounding both to 5 places can land either side of a boundary
+    assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(got_val, val, strict=True))
     assert acc.Scalars("trainable_params")[0].value == out["params"]["trainable"]
     assert acc.Scalars("test_accuracy")[0].value == pytest.approx(
         out["eval"]["metrics"]["accuracy"], abs=1e-6
