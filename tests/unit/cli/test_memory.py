@@ -215,6 +215,9 @@ def test_the_loss_path_follows_the_loop_and_can_be_named():
     """A causal LM is planned with ftcli's chunked loss by default; --loss-path transformers
     describes the plain full-logits path; a classifier has no such choice."""
     args = ["--model", "smollm2-135m", "--batch-size", "8", "--seq-len", "1024", "--device", "cpu"]
+    # float32 states: without the flag a CPU's own measurement decides (bf16 where it is faster,
+    # as on a Zen 4 EPYC), and the gathered states below would be 2 bytes, not 4
+    args += ["--mixed-precision", "no"]
     code, auto = run_json(*args)
     code2, plain = run_json(*args, "--loss-path", "transformers")
     code3, own = run_json(*args, "--loss-path", "ftcli")
