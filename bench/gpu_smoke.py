@@ -281,6 +281,11 @@ def nf4_codes(st: Stage) -> None:
         name = next(k for k in f.keys() if k.endswith("q_proj.weight"))  # noqa: SIM118
         w = f.get_tensor(name).float()
     st.fig(nf4_weight=f"{name} {list(w.shape)}")
+    # In rows of one 64-value block: the same blocks and codes as the weight's own shape (blocks
+    # run over the flattened weight), and clear of bitsandbytes 0.50's AVX-512 CPU dequantize,
+    # which reads rows shorter than a block (the rehearsal model's 32) wrongly
+    # (docs/traps.md#nf4-rows-shorter-than-a-block); a real model's rows are whole blocks
+    w = w.reshape(-1, 64) if w.numel() % 64 == 0 else w.reshape(-1)
 
     def quantize(device: str):
         q, state = bf.quantize_4bit(w.to(device), quant_type="nf4", blocksize=64)
