@@ -474,9 +474,9 @@ def tokenize(
         return _windows_counted(_collect(parts, schema, None, None), n, windows)
     path = Path(folder) / f"{name}.arrow"
     if procs > 1:
-        parts = _map_parallel(examples, fn, procs, Path(folder), name, schema)
-    else:
-        parts = (fn(_columns(list(examples[s : s + BATCH])), offset=s) for s in range(0, n, BATCH))
+        counts = _map_parallel(examples, fn, procs, path, schema)
+        return _windows_counted(Tokenized(Features.open(path, keep), *counts), n, windows)
+    parts = (fn(_columns(list(examples[s : s + BATCH])), offset=s) for s in range(0, n, BATCH))
     return _windows_counted(_collect(parts, schema, path, keep), n, windows)
 
 
@@ -485,48 +485,66 @@ def _windows_counted(t: Tokenized, documents: int, windows: bool) -> Tokenized:
     return replace(t, extra_windows=len(t.features) - documents) if windows else t
 
 
+def _kept(part, schema, counts: list[int]):
+    """A feature batch (a dict of columns or an Arrow table of ``work_schema``) as a table of
+    ``schema`` holding the examples kept; adds its truncated, dropped and token counts to
+    ``counts``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    t = (
+        part
+        if isinstance(part, pa.Table)
+        else pa.Table.from_pydict(part, schema=work_schema(schema))
+    )
+    if not t.num_rows:
+        return t.select(schema.names).cast(schema)
+    kept = t["keep"]
+    counts[0] += int(pc.sum(t["truncated"]).as_py() or 0)
+    counts[1] += t.num_rows - int(pc.sum(kept).as_py() or 0)
+    t = t.filter(kept).select(schema.names).cast(schema)
+    counts[2] += int(pc.sum(t["length"]).as_py() or 0) if t.num_rows else 0
+    return t
+
+
+def _write_kept(parts, schema, path: Path | None, counts: list[int]) -> list:
+    """``_kept`` of each part, written to ``path`` in record batches of about WRITE_BYTES, or
+    (no path) returned as a list of tables."""
+    import pyarrow as pa
+
+    tables, held = [], 0
+    writer = TableWriter(path, schema) if path is not None else None
+    try:
+        for part in parts:
+            t = _kept(part, schema, counts)
+            if not t.num_rows:
+                continue
+            tables.append(t)
+            held += t.nbytes
+            if writer is not None and held >= WRITE_BYTES:  # the held parts as one batch
+                writer.table(pa.concat_tables(tables).combine_chunks())
+                tables, held = [], 0
+        if writer is not None and tables:
+            writer.table(pa.concat_tables(tables).combine_chunks())
+            tables = []
+    finally:
+        if writer is not None:
+            writer.close()
+    return tables
+
+
 def _collect(parts, schema, path: Path | None, keep) -> Tokenized:
     """Feature batches (dicts of columns, or Arrow tables) -> a Tokenized, counting what was cut;
     written to ``path`` (memory-mapped back) or held in memory."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
-    truncated = dropped = tokens = 0
-    tables, held = [], 0
-    full = work_schema(schema)
-    writer = TableWriter(path, schema) if path is not None else None
-
-    def flush() -> None:  # the held parts as one record batch
-        nonlocal tables, held
-        if writer is not None and tables:
-            writer.table(pa.concat_tables(tables).combine_chunks())
-            tables, held = [], 0
-
-    try:
-        for part in parts:
-            t = part if isinstance(part, pa.Table) else pa.Table.from_pydict(part, schema=full)
-            if not t.num_rows:
-                continue
-            truncated += int(pc.sum(t["truncated"]).as_py() or 0)
-            kept = t["keep"]
-            dropped += t.num_rows - int(pc.sum(kept).as_py() or 0)
-            t = t.filter(kept).select(schema.names).cast(schema)
-            if not t.num_rows:
-                continue
-            tokens += int(pc.sum(t["length"]).as_py() or 0)
-            tables.append(t)
-            held += t.nbytes
-            if held >= WRITE_BYTES:
-                flush()
-        flush()
-    finally:
-        if writer is not None:
-            writer.close()
+    counts = [0, 0, 0]  # truncated, dropped, tokens
+    tables = _write_kept(parts, schema, path, counts)
     if path is not None:
         feats = Features.open(path, keep)
     else:
         feats = Features(pa.concat_tables(tables) if tables else schema.empty_table())
-    return Tokenized(feats, truncated, dropped, tokens)
+    return Tokenized(feats, *counts)
 
 
 TASKS_PER_PROC = 8  # row ranges per worker: the last ones finish close together
@@ -534,39 +552,70 @@ TASKS_PER_PROC = 8  # row ranges per worker: the last ones finish close together
 
 def _map_task(task: tuple, fn):
     """One worker's row range: its examples read from the memory-mapped Arrow file (unmapped
-    when the call returns and its views go, so a worker holds at most its range's pages), tokenized MAP_BATCH at a
-    time, written to ``out``. A DataError comes back as (message, hint): the main process
-    raises it (an FtcliError does not survive pickling whole)."""
+    when the call returns and its views go, so a worker holds at most its range's pages),
+    tokenized MAP_BATCH at a time, the examples kept written to ``out`` as the final file's
+    record batches (``_write_kept``). Returns (out, the counts, None); a DataError comes back
+    as (None, None, (message, hint)): the main process raises it (an FtcliError does not
+    survive pickling whole)."""
     import pyarrow as pa
 
     src, start, stop, out, schema = task
+    counts = [0, 0, 0]
     with pa.memory_map(src) as mm:
         table = pa.ipc.open_stream(mm).read_all().slice(start, stop - start)
+
+        def parts():
+            for s in range(0, table.num_rows, MAP_BATCH):
+                part = table.slice(s, MAP_BATCH)
+                yield fn(part.to_pydict(), list(range(start + s, start + s + part.num_rows)))
+
         try:
-            with TableWriter(out, schema) as writer:
-                for s in range(0, table.num_rows, MAP_BATCH):
-                    part = table.slice(s, MAP_BATCH)
-                    rows = list(range(start + s, start + s + part.num_rows))
-                    got = fn(part.to_pydict(), rows)
-                    if not isinstance(got, pa.Table):
-                        got = pa.Table.from_pydict(got, schema=schema)
-                    writer.table(got)
+            _write_kept(parts(), schema, Path(out), counts)
         except DataError as exc:
-            return None, (exc.message, exc.hint)
-    return out, None
+            return None, None, (exc.message, exc.hint)
+    return out, counts, None
 
 
-def _map_parallel(examples, fn, procs: int, folder: Path, name: str, schema):
-    """``fn`` over the examples' batches in ``procs`` worker processes, each reading its
-    row ranges from an Arrow file (the examples' own, or one written for a list); yields the
-    results' tables in order, read back without memory-mapping them, then removes the files."""
+_STREAM_END = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # an Arrow IPC stream's end marker
+
+
+def _join_streams(parts: list, path: Path) -> None:
+    """Arrow IPC stream files of one schema joined into ``path``: the first one's schema
+    message, then every file's record-batch messages, copied as bytes (each message is
+    self-contained and 8-byte aligned, and feature schemas have no dictionaries), then the
+    end marker."""
+    import pyarrow as pa
+
+    with open(path, "wb") as dst:
+        for k, part in enumerate(parts):
+            with pa.OSFile(str(part)) as f:
+                pa.ipc.read_message(f)  # the schema
+                body = f.tell()
+            with open(part, "rb") as src:
+                end = src.seek(-len(_STREAM_END), os.SEEK_END)
+                if end < body or src.read() != _STREAM_END:
+                    raise ValueError(f"{part}: not a whole Arrow IPC stream")
+                left = end - src.seek(0 if k == 0 else body)
+                while left:
+                    chunk = src.read(min(left, 8 << 20))
+                    dst.write(chunk)
+                    left -= len(chunk)
+        dst.write(_STREAM_END)
+
+
+def _map_parallel(examples, fn, procs: int, path: Path, schema) -> list[int]:
+    """``fn`` over the examples' batches in ``procs`` worker processes, each reading its row
+    ranges from an Arrow file (the examples' own, or one written for a list) and writing the
+    examples kept; their files are joined into ``path`` in order (``_join_streams``: the main
+    process copies bytes, decoding nothing) and removed. Returns the truncated, dropped and
+    token counts."""
     import shutil
 
     import pyarrow as pa
 
-    work = folder / f".{name}.map"
+    work = path.parent / f".{path.stem}.map"
     work.mkdir(parents=True, exist_ok=True)
-    full = work_schema(schema)
+    counts = [0, 0, 0]
     try:
         src = getattr(examples, "path", None)
         if src is None:  # a list: written once for the workers to map
@@ -577,19 +626,20 @@ def _map_parallel(examples, fn, procs: int, folder: Path, name: str, schema):
         n = len(examples)
         step = max(MAP_BATCH, -(-n // (procs * TASKS_PER_PROC)))
         tasks = [
-            (str(src), a, min(n, a + step), str(work / f"part-{i:05d}.arrow"), full)
+            (str(src), a, min(n, a + step), str(work / f"part-{i:05d}.arrow"), schema)
             for i, a in enumerate(range(0, n, step))
         ]
+        done = []
         with pool.workers(partial(_map_task, fn=fn), procs) as imap:
-            for out, failed in imap(tasks):
+            for out, got, failed in imap(tasks):
                 if failed is not None:
                     raise DataError(failed[0], hint=failed[1])
-                with pa.OSFile(out) as f:  # read, not mapped: not this process's pages
-                    for batch in pa.ipc.open_stream(f):
-                        yield pa.Table.from_batches([batch])
-                os.unlink(out)
+                counts = [a + b for a, b in zip(counts, got, strict=True)]
+                done.append(out)
+        _join_streams(done, path)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return counts
 
 
 # Micro-batch widths are rounded up to a multiple of this many positions. Fewer distinct tensor

@@ -474,7 +474,46 @@ def test_parallel_tokenization_matches_and_writes_arrow(tmp_path, toks, start, m
     assert (tmp_path / "train.features.arrow").is_file()
     assert not list(tmp_path.glob(".train.features.map"))  # the map's own files are gone
     assert list(got.features) == want.features
-    assert (got.truncated, got.tokens) == (want.truncated, want.tokens)
+    assert want.dropped_no_target > 0 and want.truncated > 0  # counted in the workers
+    assert (got.truncated, got.dropped_no_target, got.tokens) == (
+        want.truncated,
+        want.dropped_no_target,
+        want.tokens,
+    )
+
+
+def test_worker_streams_are_joined_batch_for_batch(tmp_path):
+    """The workers' feature files (none, one or several record batches each) joined by copying
+    their messages: the same rows and batches, readable by datasets; a cut-off file refused."""
+    from datasets import Dataset
+
+    schema = tk.feature_schema("causal_lm")
+    rng = random.Random(0)
+
+    def batch(n):
+        ids = [[rng.randrange(50) for _ in range(rng.randrange(1, 6))] for _ in range(n)]
+        return pa.RecordBatch.from_pydict(
+            {"input_ids": ids, "labels": ids, "length": [len(x) for x in ids]}, schema=schema
+        )
+
+    parts, batches = [], []
+    for k, sizes in enumerate([[3], [], [2, 5, 1], [4]]):
+        parts.append(tmp_path / f"part-{k}.arrow")
+        with tk.TableWriter(parts[-1], schema) as w:
+            for n in sizes:
+                batches.append(batch(n))
+                w.table(batches[-1])
+    tk._join_streams(parts, tmp_path / "all.arrow")
+    with pa.OSFile(str(tmp_path / "all.arrow")) as f:
+        got = list(pa.ipc.open_stream(f))
+    assert got == batches
+    assert Dataset.from_file(str(tmp_path / "all.arrow"))["input_ids"] == sum(
+        (b.column("input_ids").to_pylist() for b in batches), []
+    )
+    cut = tmp_path / "cut.arrow"
+    cut.write_bytes(parts[2].read_bytes()[:-3])
+    with pytest.raises(ValueError, match="not a whole Arrow IPC stream"):
+        tk._join_streams([parts[0], cut], tmp_path / "bad.arrow")
 
 
 def test_feature_view_is_a_read_only_list_with_lengths(tmp_path, toks):
