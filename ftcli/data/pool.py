@@ -50,8 +50,7 @@ def workers(fn: Callable, procs: int) -> Iterator[Callable[[Iterable], Iterator]
 
     before = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    gc.collect()
-    gc.freeze()
+    gc.freeze()  # no collection first: 0.17 s with torch loaded, and garbage frozen is harmless
     try:
         ctx = multiprocessing.get_context(START_METHOD)
         with ctx.Pool(procs, initializer=_set_task_fn, initargs=(fn,)) as pool:
