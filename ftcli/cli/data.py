@@ -28,7 +28,7 @@ def prepare(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False):
     from ftcli.data.examples import SPLITS
     from ftcli.data.lengths import with_data_length
     from ftcli.data.prepared import data_table
-    from ftcli.data.store import load_cached, load_data
+    from ftcli.data.store import load_cached, load_data, reading_ahead
     from ftcli.sources import trusting
     from ftcli.ui import UI
 
@@ -48,7 +48,7 @@ def prepare(recipe: RecipeArg, set_: SetOpt = None, json_: JsonOpt = False):
     if found is not None:
         prepared, tokenized, note = found
     else:
-        with trusting(r.model.trust_remote_code):
+        with trusting(r.model.trust_remote_code), reading_ahead(r):
             tokenizer, _, model_dir = recipe_tokenizer(r)
             prepared, tokenized, note = load_data(r, tokenizer, model_dir, None, ui)
     ui.info(f"  {note}")

@@ -4,6 +4,7 @@ sealed test, and written to (and read back from) the run's data/ folder."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import difflib
 import hashlib
 import json
@@ -19,7 +20,7 @@ from ftcli.data import pairs
 from ftcli.data.messages import EXTRA_FIELDS, chat_message
 from ftcli.data.read import CHUNK, read_source
 from ftcli.data.rows import Rows, Scratch, TableWriter, jsonl_digest, take_rows
-from ftcli.errors import DataError, RecipeError, SourceError
+from ftcli.errors import DataError, FtcliError, RecipeError, SourceError
 from ftcli.recipe import DataSpec, Recipe
 from ftcli.sources import resolve_data
 from ftcli.util import atomic_file, atomic_write_text, read_json, read_jsonl
@@ -554,6 +555,68 @@ def _read_task(task: tuple, recipe: Recipe, tag: str | None, schema):
     return out, len(records), counts.empty, hashes, labels, records[0] if records else None
 
 
+def _start_read(
+    recipe: Recipe, files: list[str], tag: str | None, schema, work: Path, stack
+) -> tuple:
+    """The worker processes started on the files' byte ranges, writing into the new folder
+    ``work`` (both gone when ``stack`` closes); returns (``work``, the results' iterator, in
+    range order). The workers start at once; the results wait in the pool until read."""
+    import shutil
+    from functools import partial
+
+    from ftcli.data.pool import num_procs, workers
+
+    work.mkdir(parents=True)
+    stack.callback(shutil.rmtree, work, True)
+    ranges = [(f, a, b) for f in files for a, b in _line_ranges(f, READ_BYTES)]
+    tasks = [(f, a, b, str(work / f"part-{i:05d}.arrow")) for i, (f, a, b) in enumerate(ranges)]
+    fn = partial(_read_task, recipe=recipe, tag=tag, schema=schema)
+    imap = stack.enter_context(workers(fn, min(num_procs(recipe), len(tasks))))
+    return work, imap(tasks)
+
+
+# reads started ahead (``read_ahead``), by what decides their output: the files, the task and
+# the data section
+_AHEAD: dict[tuple, tuple] = {}
+
+
+def _ahead_key(recipe: Recipe, files: list[str], tag: str | None) -> tuple:
+    return (tuple(files), tag, recipe.task, recipe.data.model_dump_json())
+
+
+@contextlib.contextmanager
+def read_ahead(recipe: Recipe, folder: Path):
+    """Start reading the recipe's data source in the worker processes now, so that what the
+    caller does next in this process (loading the tokenizer: seconds, on one core) runs while
+    they read; ``prepare`` inside the block takes their results. Only for the one big jsonl
+    source ``_read_parallel`` reads (no mixture). The workers write into a new folder in
+    ``folder`` (an existing one, on the disk the prepared data goes to); whatever is not taken
+    is stopped and removed when the block ends."""
+    import shutil
+    import tempfile
+
+    stack = contextlib.ExitStack()
+    key = None
+    try:
+        d = recipe.data
+        if d.path and not d.sources and not d.streaming:
+            try:
+                files = _parallel_files(recipe, source_of(recipe, d.path))
+            except FtcliError:  # prepare says what is wrong, in its turn
+                files = None
+            if files is not None:
+                key = _ahead_key(recipe, files, None)
+                work = Path(tempfile.mkdtemp(prefix=".ftcli-read-", dir=folder)) / "parts"
+                stack.callback(shutil.rmtree, work.parent, True)
+                started = _start_read(recipe, files, None, schema_of(recipe), work, stack)
+                _AHEAD[key] = (stack, *started)
+        yield
+    finally:
+        if key is not None:
+            _AHEAD.pop(key, None)
+        stack.close()
+
+
 def _read_parallel(
     out: TableWriter,
     recipe: Recipe,
@@ -564,27 +627,26 @@ def _read_parallel(
     at: str,
     tag: str | None,
 ) -> tuple[int, list, list] | None:
-    """``_read_into`` over byte ranges of the files in worker processes; None (nothing written)
-    when a range fails, for the serial reader to say why."""
-    import shutil
-    from functools import partial
-
+    """``_read_into`` over byte ranges of the files in worker processes (started here, or by
+    ``read_ahead``); None (nothing written) when a range fails, for the serial reader to say
+    why."""
     import pyarrow as pa
 
-    from ftcli.data.pool import num_procs, workers
-
-    work = out.path.parent / f".{out.path.name}.read"
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        ranges = [(f, a, b) for f in files for a, b in _line_ranges(f, READ_BYTES)]
-        tasks = [(f, a, b, str(work / f"part-{i:05d}.arrow")) for i, (f, a, b) in enumerate(ranges)]
-        fn = partial(_read_task, recipe=recipe, tag=tag, schema=out.schema)
+    ahead = _AHEAD.pop(_ahead_key(recipe, files, tag), None)
+    with contextlib.ExitStack() as stack:
+        if ahead is not None and out.schema.equals(schema_of(recipe)):
+            stack.push(ahead[0])  # its pool and folder go when this read ends
+            _, results_of = ahead[1:]
+        else:
+            if ahead is not None:
+                stack.push(ahead[0])
+            work = out.path.parent / f".{out.path.name}.read"
+            _, results_of = _start_read(recipe, files, tag, out.schema, work, stack)
         results = []
-        with workers(fn, min(num_procs(recipe), len(tasks))) as imap:
-            for got in imap(tasks):
-                if got is None:
-                    return None
-                results.append(got)
+        for got in results_of:
+            if got is None:
+                return None
+            results.append(got)
         first = next((r[5] for r in results if r[5] is not None), None)
         check_columns(recipe, [first] if first is not None else [], spec, at)
         hashes, codes = [], []
@@ -599,8 +661,6 @@ def _read_parallel(
         n = sum(r[1] for r in results)
         counts.read += n
         return n, hashes, codes
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _load_source(

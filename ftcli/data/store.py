@@ -607,6 +607,22 @@ def ensure(recipe, tokenizer, tokenizer_dir, ui=None):
     return entry, prepared, tokenized, f"prepared {short(key)}: {why}"
 
 
+@contextlib.contextmanager
+def reading_ahead(recipe) -> Iterator[None]:
+    """``examples.read_ahead`` into the data cache's folder: a big source is read by the worker
+    processes while this process loads the tokenizer (a cache miss only: call it after
+    ``load_cached``). Without a usable cache folder, nothing starts early: ``ensure`` says why."""
+    from ftcli.data.examples import read_ahead
+
+    root = data_cache_dir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        root = None
+    with read_ahead(recipe, root) if root is not None else contextlib.nullcontext():
+        yield
+
+
 def load_cached(recipe, ui=None):
     """(PreparedData, {split: Tokenized}, "cached KEY") when this recipe's last entry is still
     what it asks for, told by its light key without loading the tokenizer (the seconds of a

@@ -4,9 +4,11 @@ rank 0 only, rank 1 never tokenizes and opens the same entry."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -102,6 +104,54 @@ def test_prepare_fills_the_cache_prints_the_table_and_key_and_a_rerun_is_cached(
     assert f"cached {key}" in err  # human lines go to stderr with --json
     code, out, err = _cli(capsys, "prepare", str(recipe), "--set", "data.max_length=32", "--json")
     assert code == 0 and json.loads(out)["note"].endswith(": recipe data section changed")
+
+
+def test_a_big_source_is_read_while_the_tokenizer_loads_and_gives_the_same_entry(
+    tmp_path, weightless_model, cache, capsys, monkeypatch
+):
+    """On a miss, ``ftcli prepare`` starts the workers on a big jsonl source before it loads the
+    tokenizer, and prepare takes what they read: the same entry, byte for byte, as reading it
+    after; nothing of the early read is left behind."""
+    import ftcli.data.chat
+    import ftcli.data.examples as ex
+    from ftcli.data import pool
+
+    monkeypatch.setattr(ex, "PARALLEL_READ_FROM", 0)
+    monkeypatch.setattr(ex, "READ_BYTES", 2_000)
+    monkeypatch.setattr(pool, "num_procs", lambda recipe: 2)
+    recipe = _recipe_file(tmp_path, weightless_model, n=300)
+    order: list = []
+    real_tok, real_start, real_par = (
+        ftcli.data.chat.recipe_tokenizer,
+        ex._start_read,
+        ex._read_parallel,
+    )
+    monkeypatch.setattr(
+        ftcli.data.chat, "recipe_tokenizer", lambda r: order.append("tokenizer") or real_tok(r)
+    )
+    monkeypatch.setattr(ex, "_start_read", lambda *a: order.append("read") or real_start(*a))
+    monkeypatch.setattr(
+        ex, "_read_parallel", lambda *a: order.append(bool(ex._AHEAD)) or real_par(*a)
+    )
+
+    def files():
+        (entry,) = [p for p in cache.iterdir() if store.KEY_RE.match(p.name)]
+        return {p.relative_to(entry): p.read_bytes() for p in entry.rglob("*") if p.is_file()}
+
+    code, out, err = _cli(capsys, "prepare", str(recipe))
+    assert code == 0, err
+    assert order == ["read", "tokenizer", True]  # started first; found by prepare
+    early = files()
+    assert sorted(p.name for p in cache.iterdir() if p.name.startswith(".ftcli-read")) == []
+    for p in list(cache.iterdir()):  # the same build with the read after the tokenizer
+        if store.KEY_RE.match(p.name):
+            shutil.rmtree(p)
+    order.clear()
+    monkeypatch.setattr(store, "reading_ahead", lambda r: contextlib.nullcontext())
+    code, out, err = _cli(capsys, "prepare", str(recipe))
+    assert code == 0, err
+    assert order == ["tokenizer", False, "read"]
+    assert files() == early
 
 
 def test_prepare_of_missing_data_is_one_error(tmp_path, weightless_model, cache, capsys):

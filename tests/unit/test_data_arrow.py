@@ -245,6 +245,19 @@ def test_parallel_reading_gives_exactly_the_list_based_splits(tmp_path, monkeypa
         assert done and all(x is True for x in done), name  # the workers read it: no fallback
 
 
+def test_a_read_started_ahead_that_nobody_takes_is_stopped_and_removed(tmp_path, monkeypatch):
+    import multiprocessing
+
+    _parallel_reads(monkeypatch, 700)
+    rows = chat_rows(200)
+    recipe = _recipe(_jsonl(tmp_path / "c.jsonl", rows), "causal_lm", messages_column="messages")
+    with ex.read_ahead(recipe, tmp_path):
+        assert len(ex._AHEAD) == 1 and multiprocessing.active_children()
+        assert [p.name[:11] for p in tmp_path.iterdir() if p.is_dir()] == [".ftcli-read"]
+    assert not ex._AHEAD and not multiprocessing.active_children()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]
+
+
 @pytest.mark.parametrize("start", ["fork", "spawn"])
 def test_parallel_reading_reads_lines_as_the_text_stream_does(tmp_path, monkeypatch, start):
     """A BOM, CRLF and lone CR line ends, blank lines, a bare string as a record, multi-byte
