@@ -19,7 +19,7 @@ import numpy as np
 from ftcli.data import pairs
 from ftcli.data.messages import EXTRA_FIELDS, chat_message
 from ftcli.data.read import CHUNK, read_source
-from ftcli.data.rows import Rows, Scratch, TableWriter, jsonl_digest, take_rows
+from ftcli.data.rows import Rows, Scratch, TableWriter, jsonl_digest, sparse_map, take_rows
 from ftcli.errors import DataError, FtcliError, RecipeError, SourceError
 from ftcli.recipe import DataSpec, Recipe
 from ftcli.sources import resolve_data
@@ -734,12 +734,20 @@ def _without(src: _Source, idx: np.ndarray, held: np.ndarray) -> np.ndarray:
     return idx[~np.isin(src.hashes[idx], held)]
 
 
+SPLIT_CHUNK = 10_000  # rows taken at a time from the source into a split's file
+
+
 def _write_split(src: _Source, idx, path: Path, keep) -> Rows:
-    """The rows ``idx`` of ``src``, in that order, into their own Arrow file, a chunk at a time."""
+    """The rows ``idx`` of ``src``, in that order, into their own Arrow file, a chunk at a time;
+    a source file is read through ``sparse_map``, its pages let go after each record batch."""
     idx = np.asarray(idx, dtype=np.int64)
-    with TableWriter(path, src.rows.table.schema) as out:
-        for s in range(0, len(idx), 10_000):
-            out.table(take_rows(src.rows.table, idx[s : s + 10_000]))
+    with contextlib.ExitStack() as stack:
+        table, drop = src.rows.table, None
+        if src.rows.path is not None:
+            table, drop = stack.enter_context(sparse_map(src.rows.path))
+        with TableWriter(path, table.schema) as out:
+            for s in range(0, len(idx), SPLIT_CHUNK):
+                out.table(take_rows(table, idx[s : s + SPLIT_CHUNK], drop))
     return Rows.open(path, keep)
 
 

@@ -8,13 +8,14 @@ Arrow files, memory-mapped, and are decoded into Python only a row (or a batch) 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import operator
 import shutil
 import tempfile
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -39,8 +40,10 @@ class Scratch:
         self._done = weakref.finalize(self, shutil.rmtree, str(self.path), True)
 
 
-def take_rows(table: pa.Table, indices) -> pa.Table:
-    """``table.take(indices)`` that reads only the record batches holding those rows.
+def take_rows(table: pa.Table, indices, after_batch: Callable[[], None] | None = None) -> pa.Table:
+    """``table.take(indices)`` that reads only the record batches holding those rows;
+    ``after_batch`` is called after the rows of each batch are copied out (``sparse_map``'s
+    ``drop``: a memory-mapped file's pages are let go batch by batch).
 
     Arrow's own ``take`` on a table of many chunks with list or struct columns first joins the
     chunks: on a memory-mapped file that copies (and pages in) the whole column for every batch
@@ -62,6 +65,8 @@ def take_rows(table: pa.Table, indices) -> pa.Table:
     for c in np.unique(of):
         rows = grouped[of == c] - starts[c]
         pieces.append(batches[c].take(pa.array(rows, type=pa.int64())))
+        if after_batch is not None:
+            after_batch()
     joined = pa.Table.from_batches(pieces, schema=table.schema).combine_chunks()
     back = np.empty(len(idx), dtype=np.int64)
     back[order] = np.arange(len(idx))  # joined holds the rows grouped by chunk: put them back
@@ -71,6 +76,24 @@ def take_rows(table: pa.Table, indices) -> pa.Table:
 def open_table(path: Path) -> pa.Table:
     """An Arrow IPC stream file, memory-mapped (no copy into memory)."""
     return pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+
+
+@contextlib.contextmanager
+def sparse_map(path: Path) -> Iterator[tuple[pa.Table, Callable[[], None]]]:
+    """(table, drop) of an Arrow IPC stream file memory-mapped for scattered reads: ``drop()``
+    lets go of the pages this process has touched in it so far (they stay in the page cache, and
+    come back when read again). Rows taken at random touch every page of a file (the kernel maps
+    64 KiB around each page read), so a split of 200k conversations taken from its 650 MiB
+    source held all of it; dropped after each record batch's rows, about one batch."""
+    import mmap
+
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    table = pa.ipc.open_stream(pa.BufferReader(pa.py_buffer(mm))).read_all()
+    if hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        yield table, lambda: mm.madvise(mmap.MADV_DONTNEED)
+    else:
+        yield table, lambda: None
 
 
 def _column(values: list, typ: pa.DataType) -> pa.Array:

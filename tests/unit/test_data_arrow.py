@@ -495,6 +495,43 @@ def test_parallel_tokenization_matches_and_writes_arrow(tmp_path, toks, start, m
     )
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/smaps")
+def test_rows_taken_at_random_hold_about_one_batch_of_the_source(tmp_path):
+    """``sparse_map``'s drop after each record batch: the same rows as Arrow's take, and the
+    file's pages this process holds afterwards are at most about one batch, where taking the
+    same rows without it holds most of the file."""
+    import numpy as np
+
+    from ftcli.data.rows import open_table, sparse_map, take_rows
+
+    path = tmp_path / "src.arrow"
+    schema = pa.schema([("text", pa.string())])
+    with tk.TableWriter(path, schema) as w:
+        for b in range(16):  # 16 batches of ~2 MiB
+            w.table(pa.table({"text": [f"{b}-{i} " + "x" * 2000 for i in range(1000)]}, schema))
+
+    def resident_mib() -> float:
+        kib, here = 0, False
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split()
+                if "-" in head[0] and len(head) >= 5:
+                    here = head[-1] == str(path)
+                elif here and head[0] == "Rss:":
+                    kib += int(head[1])
+        return kib / 1024
+
+    idx = np.random.RandomState(0).permutation(16_000)[:4_000]
+    want = open_table(path).take(pa.array(idx)).column("text").to_pylist()
+    with sparse_map(path) as (table, drop):
+        got = take_rows(table, idx, drop)
+        assert resident_mib() <= 2.5  # one ~2 MiB batch and the pages around it
+    assert got.column("text").to_pylist() == want
+    with sparse_map(path) as (table, drop):
+        take_rows(table, idx)
+        assert resident_mib() > 16  # of ~32 MiB: without the drop, most of the file
+
+
 def test_worker_streams_are_joined_batch_for_batch(tmp_path):
     """The workers' feature files (none, one or several record batches each) joined by copying
     their messages: the same rows and batches, readable by datasets; a cut-off file refused."""
