@@ -97,6 +97,9 @@ BATCH = 1_000  # examples per tokenizer call
 # page the reader touches, and the kernel maps the pages around it too (64 KiB a fault), so
 # 784 batches of 250 rows (200k conversations) made opening the file 48 MiB of resident memory
 WRITE_BYTES = 64 << 20
+# a worker's batches: held until written, twice over while joined, in each worker at once; a
+# 200k-conversation split is then ~64 batches, whose headers are still few pages to open
+WORKER_WRITE_BYTES = 16 << 20
 # per call in the worker processes: a batch of long conversations with character offsets is
 # hundreds of MiB in Python objects, held once per worker
 MAP_BATCH = 250
@@ -507,8 +510,10 @@ def _kept(part, schema, counts: list[int]):
     return t
 
 
-def _write_kept(parts, schema, path: Path | None, counts: list[int]) -> list:
-    """``_kept`` of each part, written to ``path`` in record batches of about WRITE_BYTES, or
+def _write_kept(
+    parts, schema, path: Path | None, counts: list[int], flush: int = WRITE_BYTES
+) -> list:
+    """``_kept`` of each part, written to ``path`` in record batches of about ``flush`` bytes, or
     (no path) returned as a list of tables."""
     import pyarrow as pa
 
@@ -521,7 +526,7 @@ def _write_kept(parts, schema, path: Path | None, counts: list[int]) -> list:
                 continue
             tables.append(t)
             held += t.nbytes
-            if writer is not None and held >= WRITE_BYTES:  # the held parts as one batch
+            if writer is not None and held >= flush:  # the held parts as one batch
                 writer.table(pa.concat_tables(tables).combine_chunks())
                 tables, held = [], 0
         if writer is not None and tables:
@@ -570,7 +575,7 @@ def _map_task(task: tuple, fn):
                 yield fn(part.to_pydict(), list(range(start + s, start + s + part.num_rows)))
 
         try:
-            _write_kept(parts(), schema, Path(out), counts)
+            _write_kept(parts(), schema, Path(out), counts, WORKER_WRITE_BYTES)
         except DataError as exc:
             return None, None, (exc.message, exc.hint)
     return out, counts, None
