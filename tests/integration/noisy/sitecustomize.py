@@ -3,7 +3,9 @@
 On CPUs with that instruction, importing bitsandbytes asks the ``kernels`` package for a hub
 kernel; offline, ``kernels`` and bitsandbytes each log a warning through Python logging, which
 reached the user's terminal before ftcli's own first line (transformers 5.25 brought ``kernels``
-in). Development and CI machines differ in that instruction, so the test forces the real path.
+in). Under ftcli, ``kernels`` is not importable there (ftcli/_imports.py), and bitsandbytes still
+logs its own warning. Development and CI machines differ in that instruction, so the test forces
+the real path.
 """
 
 import importlib.abc
