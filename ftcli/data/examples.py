@@ -22,7 +22,7 @@ from ftcli.data.read import CHUNK, read_source
 from ftcli.data.rows import Rows, Scratch, TableWriter, jsonl_digest, sparse_map, take_rows
 from ftcli.errors import DataError, FtcliError, RecipeError, SourceError
 from ftcli.recipe import DataSpec, Recipe
-from ftcli.sources import resolve_data
+from ftcli.sources import is_hub_spec, resolve_data
 from ftcli.util import atomic_file, atomic_write_text, read_json, read_jsonl
 
 SPLITS = ("train", "validation", "test")
@@ -566,7 +566,7 @@ def _start_read(
 
     from ftcli.data.pool import num_procs, workers
 
-    work.mkdir(parents=True)
+    work.mkdir(parents=True, exist_ok=True)
     stack.callback(shutil.rmtree, work, True)
     ranges = [(f, a, b) for f in files for a, b in _line_ranges(f, READ_BYTES)]
     tasks = [(f, a, b, str(work / f"part-{i:05d}.arrow")) for i, (f, a, b) in enumerate(ranges)]
@@ -589,9 +589,9 @@ def read_ahead(recipe: Recipe, folder: Path):
     """Start reading the recipe's data source in the worker processes now, so that what the
     caller does next in this process (loading the tokenizer: seconds, on one core) runs while
     they read; ``prepare`` inside the block takes their results. Only for the one big jsonl
-    source ``_read_parallel`` reads (no mixture). The workers write into a new folder in
-    ``folder`` (an existing one, on the disk the prepared data goes to); whatever is not taken
-    is stopped and removed when the block ends."""
+    source ``_read_parallel`` reads (no mixture, no hub id: nothing is asked of the hub twice).
+    The workers write into a new folder in ``folder`` (an existing one, on the disk the prepared
+    data goes to); whatever is not taken is stopped and removed when the block ends."""
     import shutil
     import tempfile
 
@@ -599,7 +599,7 @@ def read_ahead(recipe: Recipe, folder: Path):
     key = None
     try:
         d = recipe.data
-        if d.path and not d.sources and not d.streaming:
+        if d.path and not d.sources and not d.streaming and not is_hub_spec(d.path):
             try:
                 files = _parallel_files(recipe, source_of(recipe, d.path))
             except FtcliError:  # prepare says what is wrong, in its turn
