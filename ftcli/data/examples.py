@@ -558,9 +558,9 @@ def _read_task(task: tuple, recipe: Recipe, tag: str | None, schema):
 def _start_read(
     recipe: Recipe, files: list[str], tag: str | None, schema, work: Path, stack
 ) -> tuple:
-    """The worker processes started on the files' byte ranges, writing into the new folder
-    ``work`` (both gone when ``stack`` closes); returns (``work``, the results' iterator, in
-    range order). The workers start at once; the results wait in the pool until read."""
+    """The worker processes started on the files' byte ranges, writing into the folder ``work``
+    (both gone when ``stack`` closes); returns the results' iterator, in range order. The
+    workers start at once; the results wait in the pool until read."""
     import shutil
     from functools import partial
 
@@ -572,12 +572,12 @@ def _start_read(
     tasks = [(f, a, b, str(work / f"part-{i:05d}.arrow")) for i, (f, a, b) in enumerate(ranges)]
     fn = partial(_read_task, recipe=recipe, tag=tag, schema=schema)
     imap = stack.enter_context(workers(fn, min(num_procs(recipe), len(tasks))))
-    return work, imap(tasks)
+    return imap(tasks)
 
 
 # reads started ahead (``read_ahead``), by what decides their output: the files, the task and
 # the data section
-_AHEAD: dict[tuple, tuple] = {}
+_AHEAD: dict[tuple, tuple] = {}  # key -> (its ExitStack, the results' iterator)
 
 
 def _ahead_key(recipe: Recipe, files: list[str], tag: str | None) -> tuple:
@@ -608,8 +608,10 @@ def read_ahead(recipe: Recipe, folder: Path):
                 key = _ahead_key(recipe, files, None)
                 work = Path(tempfile.mkdtemp(prefix=".ftcli-read-", dir=folder)) / "parts"
                 stack.callback(shutil.rmtree, work.parent, True)
-                started = _start_read(recipe, files, None, schema_of(recipe), work, stack)
-                _AHEAD[key] = (stack, *started)
+                _AHEAD[key] = (
+                    stack,
+                    _start_read(recipe, files, None, schema_of(recipe), work, stack),
+                )
         yield
     finally:
         if key is not None:
@@ -634,14 +636,13 @@ def _read_parallel(
 
     ahead = _AHEAD.pop(_ahead_key(recipe, files, tag), None)
     with contextlib.ExitStack() as stack:
-        if ahead is not None and out.schema.equals(schema_of(recipe)):
+        if ahead is not None:
             stack.push(ahead[0])  # its pool and folder go when this read ends
-            _, results_of = ahead[1:]
+        if ahead is not None and out.schema.equals(schema_of(recipe)):
+            results_of = ahead[1]
         else:
-            if ahead is not None:
-                stack.push(ahead[0])
             work = out.path.parent / f".{out.path.name}.read"
-            _, results_of = _start_read(recipe, files, tag, out.schema, work, stack)
+            results_of = _start_read(recipe, files, tag, out.schema, work, stack)
         results = []
         for got in results_of:
             if got is None:

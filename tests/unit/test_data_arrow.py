@@ -523,9 +523,11 @@ def test_rows_taken_at_random_hold_about_one_batch_of_the_source(tmp_path):
 
     idx = np.random.RandomState(0).permutation(16_000)[:4_000]
     want = open_table(path).take(pa.array(idx)).column("text").to_pylist()
+    held: list = []  # resident just before each drop: one batch's rows, never the file
+
     with sparse_map(path) as (table, drop):
-        got = take_rows(table, idx, drop)
-        assert resident_mib() <= 2.5  # one ~2 MiB batch and the pages around it
+        got = take_rows(table, idx, lambda: held.append(resident_mib()) or drop())
+    assert len(held) == 16 and max(held) <= 3  # one ~2 MiB batch and the pages around it
     assert got.column("text").to_pylist() == want
     with sparse_map(path) as (table, drop):
         take_rows(table, idx)
