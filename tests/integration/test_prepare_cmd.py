@@ -110,8 +110,8 @@ def test_a_big_source_is_read_while_the_tokenizer_loads_and_gives_the_same_entry
     tmp_path, weightless_model, cache, capsys, monkeypatch
 ):
     """On a miss, ``ftcli prepare`` starts the workers on a big jsonl source before it loads the
-    tokenizer, and prepare takes what they read: the same entry, byte for byte, as reading it
-    after; nothing of the early read is left behind."""
+    tokenizer, and prepare takes what they read: the same entry, byte for byte (the manifest's
+    build time aside), as reading it after; nothing of the early read is left behind."""
     import ftcli.data.chat
     import ftcli.data.examples as ex
     from ftcli.data import pool
@@ -135,8 +135,13 @@ def test_a_big_source_is_read_while_the_tokenizer_loads_and_gives_the_same_entry
     )
 
     def files():
+        """The entry's files' bytes; the manifest's without its build time (to the second, so two
+        builds differ there whenever they straddle a second)."""
         (entry,) = [p for p in cache.iterdir() if store.KEY_RE.match(p.name)]
-        return {p.relative_to(entry): p.read_bytes() for p in entry.rglob("*") if p.is_file()}
+        got = {p.relative_to(entry): p.read_bytes() for p in entry.rglob("*") if p.is_file()}
+        manifest = json.loads(got.pop(Path(store.MANIFEST)))
+        assert manifest.pop("created")
+        return got, manifest
 
     code, out, err = _cli(capsys, "prepare", str(recipe))
     assert code == 0, err
