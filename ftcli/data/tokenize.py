@@ -234,7 +234,7 @@ def _causal_batch(
             problem = generation_problem(tokenizer, messages, ids, whole)
             if problem is not None:
                 raise chat_refusal(offset + k, messages, problem, split)
-        if add_eos and eos_id is not None and not (eos and text.rstrip().endswith(eos)):
+        if add_eos and eos_id is not None and not (eos and ends_with(text, eos)):
             ids = np.append(ids, eos_id)
             # a target, except after a turn end train_on leaves out (a conversation whose last
             # turn is context: learning to stop there would be learning from context)
@@ -255,6 +255,14 @@ def _causal_batch(
     for c in ("input_ids", "labels"):
         out[c] = [a.tolist() for a in out[c]]
     return out
+
+
+def ends_with(text: str, tail: str) -> bool:
+    """``text.rstrip().endswith(tail)`` without copying the text (1-2% of a worker's time)."""
+    end = len(text)
+    while end and text[end - 1].isspace():
+        end -= 1
+    return text.endswith(tail, 0, end)
 
 
 def _feature_table(columns: dict):

@@ -13,6 +13,8 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ftcli.data import examples as ex
 from ftcli.data import pool
@@ -337,6 +339,17 @@ def test_parallel_reading_fails_as_the_serial_reader_does(tmp_path, monkeypatch)
         assert name == "latin" or want[0] != "ok", name
         if name == "record":
             assert "record 251" in got[1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    text=st.text(alphabet=st.sampled_from("a<e> \n\t\x1c\u2003\u00a0"), max_size=12),
+    tail=st.sampled_from(["<e>", "e>", "e", "", " "]),
+)
+def test_ends_with_is_rstrip_endswith(text, tail):
+    """The EOS check's copy-free form answers as ``text.rstrip().endswith(tail)`` on every
+    whitespace Python strips (including the ones outside ASCII)."""
+    assert tk.ends_with(text, tail) == text.rstrip().endswith(tail)
 
 
 def test_example_hash_bytes_are_equal_exactly_when_the_examples_are():
