@@ -57,6 +57,8 @@ def chat_message(m: dict, where: str, text) -> dict:
     """A source message as an example holds it: role and content (``text``: how a value becomes
     text), and the extra fields it has (None and empty ones left out), ``tool_calls`` as JSON
     text. Reasoning and tool calls belong to assistant turns: elsewhere they are a DataError."""
+    if len(m) == 2 and type(m.get("role")) is str and type(m.get("content")) is str:
+        return {"role": m["role"], "content": m["content"]}  # the common case, kept fast
     out = {"role": str(m["role"]), "content": text(m.get("content"))}
     reasoning = m.get("reasoning_content")
     if reasoning is not None and text(reasoning):

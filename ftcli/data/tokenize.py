@@ -593,38 +593,53 @@ def _map_task(task: tuple, fn):
 _STREAM_END = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # an Arrow IPC stream's end marker
 
 
-def _join_streams(parts: list, path: Path) -> None:
-    """Arrow IPC stream files of one schema joined into ``path``: the first one's schema
-    message, then every file's record-batch messages, copied as bytes (each message is
-    self-contained and 8-byte aligned, and feature schemas have no dictionaries), then the
-    end marker."""
+def _copy_range(src, dst, left: int) -> None:
+    """``left`` bytes from ``src``'s position to ``dst``'s (raw files): in the kernel where it
+    can (``copy_file_range``: no pass through this process), else read and written."""
+    while left:
+        try:
+            got = os.copy_file_range(src.fileno(), dst.fileno(), min(left, 1 << 30))
+        except (AttributeError, OSError):  # not Linux, or a file system that cannot: copy here
+            got = None
+        if got is None:
+            chunk = src.read(min(left, 8 << 20))
+            got = len(chunk)
+            if got:
+                dst.write(chunk)
+        if not got:  # shorter than it was a moment ago
+            raise ValueError(f"{src.name}: not a whole Arrow IPC stream")
+        left -= got
+
+
+def _join_streams(parts, path: Path, remove: bool = False) -> None:
+    """Arrow IPC stream files of one schema joined into ``path``, in the order ``parts`` (any
+    iterable: the workers' files as each is done) gives them: the first one's schema message,
+    then every file's record-batch messages, copied as bytes (each message is self-contained
+    and 8-byte aligned, and feature schemas have no dictionaries), then the end marker.
+    ``remove``: each part is deleted once copied (the disk holds the features about once)."""
     import pyarrow as pa
 
-    with open(path, "wb") as dst:
+    with open(path, "wb", buffering=0) as dst:
         for k, part in enumerate(parts):
             with pa.OSFile(str(part)) as f:
                 pa.ipc.read_message(f)  # the schema
                 body = f.tell()
-            with open(part, "rb") as src:
+            with open(part, "rb", buffering=0) as src:
                 end = src.seek(-len(_STREAM_END), os.SEEK_END)
-                if end < body or src.read() != _STREAM_END:
+                if end < body or src.read(len(_STREAM_END)) != _STREAM_END:
                     raise ValueError(f"{part}: not a whole Arrow IPC stream")
-                left = end - src.seek(0 if k == 0 else body)
-                while left:
-                    chunk = src.read(min(left, 8 << 20))
-                    if not chunk:  # shorter than it was a moment ago
-                        raise ValueError(f"{part}: not a whole Arrow IPC stream")
-                    dst.write(chunk)
-                    left -= len(chunk)
+                _copy_range(src, dst, end - src.seek(0 if k == 0 else body))
+            if remove:
+                os.unlink(part)
         dst.write(_STREAM_END)
 
 
 def _map_parallel(examples, fn, procs: int, path: Path, schema) -> list[int]:
     """``fn`` over the examples' batches in ``procs`` worker processes, each reading its row
     ranges from an Arrow file (the examples' own, or one written for a list) and writing the
-    examples kept; their files are joined into ``path`` in order (``_join_streams``: the main
-    process copies bytes, decoding nothing) and removed. Returns the truncated, dropped and
-    token counts."""
+    examples kept; their files are joined into ``path`` in order as each is done, while the
+    workers go on (``_join_streams``: the main process decodes nothing), and removed. Returns
+    the truncated, dropped and token counts."""
     import shutil
 
     import pyarrow as pa
@@ -645,14 +660,19 @@ def _map_parallel(examples, fn, procs: int, path: Path, schema) -> list[int]:
             (str(src), a, min(n, a + step), str(work / f"part-{i:05d}.arrow"), schema)
             for i, a in enumerate(range(0, n, step))
         ]
-        done = []
-        with pool.workers(partial(_map_task, fn=fn), procs) as imap:
-            for out, got, failed in imap(tasks):
+
+        def done(results):
+            for out, got, failed in results:
                 if failed is not None:
                     raise DataError(failed[0], hint=failed[1])
-                counts = [a + b for a, b in zip(counts, got, strict=True)]
-                done.append(out)
-        _join_streams(done, path)
+                counts[:] = [a + b for a, b in zip(counts, got, strict=True)]
+                yield out
+
+        with pool.workers(partial(_map_task, fn=fn), procs) as imap:
+            _join_streams(done(imap(tasks)), path, remove=True)
+    except BaseException:
+        path.unlink(missing_ok=True)  # joined in part
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return counts

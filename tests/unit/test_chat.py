@@ -194,7 +194,7 @@ def test_the_skeleton_cache_follows_a_template_set_later(bpe):
 
 def test_the_refusal_names_the_example_from_a_worker_process(bpe, tmp_path):
     """From PARALLEL_FROM examples on, worker processes tokenize: the error still comes back
-    as the DataError, numbered in the whole split."""
+    as the DataError, numbered in the whole split, and leaves no features file behind."""
     tok = _with_template(bpe, DROPS_REASONING)
     good = [
         {"role": "user", "content": "hi"},
@@ -207,6 +207,9 @@ def test_the_refusal_names_the_example_from_a_worker_process(bpe, tmp_path):
     with pytest.raises(DataError, match=r"^train example 1235 \(user: 'hi'\)") as exc:
         tk.tokenize(examples, recipe, tok, None, folder=tmp_path, name="train.features")
     assert "data.chat_template" in exc.value.hint  # the hint survives the trip, apart
+    # the parts done before it were already joined: that file and the workers' are gone
+    assert not (tmp_path / "train.features.arrow").exists()
+    assert not (tmp_path / ".train.features.map").exists()
 
 
 @pytest.mark.parametrize("name", list(CHAT_TEMPLATES))

@@ -547,10 +547,23 @@ def test_rows_taken_at_random_hold_about_one_batch_of_the_source(tmp_path):
         assert resident_mib() > 16  # of ~32 MiB: without the drop, most of the file
 
 
-def test_worker_streams_are_joined_batch_for_batch(tmp_path):
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_worker_streams_are_joined_batch_for_batch(tmp_path, monkeypatch, kernel_copy):
     """The workers' feature files (none, one or several record batches each) joined by copying
-    their messages: the same rows and batches, readable by datasets; a cut-off file refused."""
+    their messages, in the kernel or (a file system that cannot) through this process: the same
+    rows and batches, readable by datasets, each part removed once copied; a cut-off file
+    refused."""
+    import errno
+    import os
+
     from datasets import Dataset
+
+    if not kernel_copy:
+
+        def cannot(*a, **k):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "copy_file_range", cannot, raising=False)
 
     schema = tk.feature_schema("causal_lm")
     rng = random.Random(0)
@@ -568,17 +581,20 @@ def test_worker_streams_are_joined_batch_for_batch(tmp_path):
             for n in sizes:
                 batches.append(batch(n))
                 w.table(batches[-1])
-    tk._join_streams(parts, tmp_path / "all.arrow")
+    cut = tmp_path / "cut.arrow"
+    cut.write_bytes(parts[2].read_bytes()[:-3])
+    whole = tmp_path / "whole.arrow"
+    whole.write_bytes(parts[0].read_bytes())
+    tk._join_streams(iter(parts), tmp_path / "all.arrow", remove=True)
     with pa.OSFile(str(tmp_path / "all.arrow")) as f:
         got = list(pa.ipc.open_stream(f))
     assert got == batches
     assert Dataset.from_file(str(tmp_path / "all.arrow"))["input_ids"] == sum(
         (b.column("input_ids").to_pylist() for b in batches), []
     )
-    cut = tmp_path / "cut.arrow"
-    cut.write_bytes(parts[2].read_bytes()[:-3])
+    assert not any(p.exists() for p in parts)
     with pytest.raises(ValueError, match="not a whole Arrow IPC stream"):
-        tk._join_streams([parts[0], cut], tmp_path / "bad.arrow")
+        tk._join_streams([whole, cut], tmp_path / "bad.arrow")
 
 
 def test_feature_view_is_a_read_only_list_with_lengths(tmp_path, toks):
