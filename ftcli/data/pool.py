@@ -16,6 +16,8 @@ START_METHOD = "fork" if sys.platform == "linux" else None
 # the function the workers run, set in each by the pool's initializer: a forked worker inherits
 # it (a tokenizer in it is not pickled), a spawned one unpickles it
 _TASK_FN: Callable | None = None
+# set by the parent when it stops reading results early: the tasks not yet started are skipped
+_STOP = None
 
 
 def num_procs(recipe) -> int:
@@ -28,12 +30,14 @@ def num_procs(recipe) -> int:
         return os.cpu_count() or 1
 
 
-def _set_task_fn(fn: Callable) -> None:
-    global _TASK_FN
-    _TASK_FN = fn
+def _set_task_fn(fn: Callable, stop) -> None:
+    global _TASK_FN, _STOP
+    _TASK_FN, _STOP = fn, stop
 
 
 def _run(task):
+    if _STOP is not None and _STOP.is_set():
+        return None  # nobody reads it
     return _TASK_FN(task)
 
 
@@ -41,6 +45,12 @@ def _run(task):
 def workers(fn: Callable, procs: int) -> Iterator[Callable[[Iterable], Iterator]]:
     """``procs`` worker processes that run ``fn``; yields ``imap(tasks)``: ``fn(task)`` for each
     task, the results in task order. The pool is gone when the block ends, however it ends.
+
+    A block that ends before reading every result (a range the reader gives up on, an error)
+    lets the workers finish the tasks they are running, skips the others and waits for the
+    workers to exit by themselves. Killing them (``Pool.terminate``) can kill one while it
+    holds the results queue's lock, and the pool's own thread then waits for that lock forever
+    (CPython issue 96995); only an interrupt (Ctrl-C) kills them.
 
     The workers run with TOKENIZERS_PARALLELISM off (the tokenizer's own threads would fight
     them for the cores, and warn after a fork), and the parent's objects are frozen out of the
@@ -53,8 +63,22 @@ def workers(fn: Callable, procs: int) -> Iterator[Callable[[Iterable], Iterator]
     gc.freeze()  # no collection first: 0.17 s with torch loaded, and garbage frozen is harmless
     try:
         ctx = multiprocessing.get_context(START_METHOD)
-        with ctx.Pool(procs, initializer=_set_task_fn, initargs=(fn,)) as pool:
+        stop = ctx.Event()
+        pool = ctx.Pool(procs, initializer=_set_task_fn, initargs=(fn, stop))
+        interrupted = True
+        try:
             yield lambda tasks: pool.imap(_run, tasks)
+            interrupted = False
+        except Exception:
+            interrupted = False
+            raise
+        finally:
+            stop.set()  # whatever was not read is not wanted
+            if interrupted:  # Ctrl-C: stop now
+                pool.terminate()
+            else:
+                pool.close()
+                pool.join()
     finally:
         gc.unfreeze()
         if before is None:
