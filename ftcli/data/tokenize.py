@@ -98,7 +98,7 @@ BATCH = 1_000  # examples per tokenizer call
 # 784 batches of 250 rows (200k conversations) made opening the file 48 MiB of resident memory
 WRITE_BYTES = 64 << 20
 # a worker's batches: held until written, twice over while joined, in each worker at once. More
-# batches cost a reader pages on opening (about 0.6 MiB each measured: 16 batches at 20k
+# batches cost a reader pages on opening (0.25-0.6 MiB each, by machine: 16 batches at 20k
 # conversations, ~64 at 200k), fewer cost the workers memory
 WORKER_WRITE_BYTES = 16 << 20
 # per call in the worker processes: a batch of long conversations with character offsets is
@@ -258,7 +258,8 @@ def _causal_batch(
 
 
 def ends_with(text: str, tail: str) -> bool:
-    """``text.rstrip().endswith(tail)`` without copying the text (1-2% of a worker's time)."""
+    """``text.rstrip().endswith(tail)`` without copying the text (that copy of every rendered
+    conversation was 1-2% of a tokenizing worker's time)."""
     end = len(text)
     while end and text[end - 1].isspace():
         end -= 1
