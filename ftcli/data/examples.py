@@ -532,6 +532,14 @@ def _read_task(task: tuple, recipe: Recipe, tag: str | None, schema):
     with open(path, "rb") as f:
         f.seek(start)
         raw = f.read(stop - start)
+    from ftcli.data.plain_chat import read_range
+
+    plain = read_range(raw, start, recipe, schema, tag)  # plain chat, read by Arrow
+    if plain is not None:
+        table, n, empty, hashes, first = plain
+        with TableWriter(Path(out), schema) as w:
+            w.table(table)
+        return out, n, empty, hashes, None, first
     try:
         text = raw.decode("utf-8-sig" if start == 0 else "utf-8")
         if "\r" in text:  # universal newlines, as the serial reader's text stream reads them

@@ -1,0 +1,116 @@
+"""A worker's byte range of a chat jsonl file, read by Arrow's JSON parser when every message in it
+is a plain {role, content} pair of strings: parsed, stripped, screened for empties and hashed as
+columns (C++), where ``examples._read_task``'s loop builds a Python dict per message and converts
+them back to Arrow. The result is exactly that loop's; a range this reader cannot vouch for
+(anything but plain messages, a line that is not one JSON object, a system prompt to add) gives
+None and goes through the loop, which also says what is wrong with it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+# the characters str.strip() removes (those str.isspace() holds; a test checks the list), which
+# Arrow's trim is given by name: its own whitespace trim keeps U+001C-U+001F, which Python strips
+WHITESPACE = (
+    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005"
+    "\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
+# a blank line, found from the line end before it (the text stream skips it; the parser would
+# too, and the row count must not be fooled by one): a pattern led by a literal is fast to search
+_BLANK = re.compile(rb"\n[ \t\r]*(?:\n|\Z)")
+_BOM = b"\xef\xbb\xbf"
+
+
+def _lines(raw: bytes) -> tuple[bytes, int] | None:
+    """The range without its last line end, and its line count; None where the text stream
+    would cut or skip lines where the parser does not (a lone CR, a blank line)."""
+    body = raw[:-1] if raw.endswith(b"\n") else raw
+    if not body or _BLANK.search(b"\n" + body):
+        return None
+    if b"\r" in body and body.count(b"\r") != body.count(b"\r\n") + body.endswith(b"\r"):
+        return None  # a CR that is not a CRLF's: the text stream ends a line there
+    return body, body.count(b"\n") + 1
+
+
+def read_range(raw: bytes, start: int, recipe, schema, tag: str | None):
+    """(table in ``schema``, records read, empties dropped, hashes, the first record) of one
+    range of plain chat records, as ``examples._read_task`` makes them; None when the range is
+    not one this reader gives exactly that for."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.json as pj
+
+    from ftcli.data.examples import HASH
+
+    d = recipe.data
+    if recipe.task != "causal_lm" or d.style != "chat" or d.system_prompt:
+        return None
+    if schema.names != ["messages"] + (["source"] if tag is not None else []):
+        return None
+    if start == 0 and raw.startswith(_BOM):  # the text stream reads the file as utf-8-sig
+        raw = raw[len(_BOM) :]
+    lines = _lines(raw)
+    if lines is None:
+        return None
+    body, n = lines
+    try:
+        raw.decode("utf-8")  # the parser lets some bytes that are not utf-8 through
+        options = pj.ReadOptions(use_threads=False, block_size=len(raw) + 1)
+        table = pj.read_json(pa.BufferReader(raw), read_options=options)
+    except (pa.ArrowException, ValueError):  # not utf-8, not JSON objects, two types in a column
+        return None
+    if table.num_rows != n or d.messages_column not in table.column_names:
+        return None  # two objects on a line (json.loads refuses those), or no such column
+    msgs = table.column(d.messages_column).combine_chunks()
+    typ = msgs.type
+    if not (
+        pa.types.is_list(typ)
+        and pa.types.is_struct(typ.value_type)
+        and sorted(f.name for f in typ.value_type) == ["content", "role"]
+        and all(f.type == pa.string() for f in typ.value_type)
+        and msgs.null_count == 0
+    ):
+        return None  # other fields, other types, or a missing list: not plain messages
+    flat = msgs.flatten()
+    role, content = pc.struct_field(flat, "role"), pc.struct_field(flat, "content")
+    if flat.null_count or role.null_count or content.null_count:
+        return None
+    if d.clean.strip:
+        content = pc.utf8_trim(content, WHITESPACE)
+    sizes = pc.list_value_length(msgs).to_numpy(zero_copy_only=False)
+    offsets = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(sizes, out=offsets[1:])
+    keep = np.ones(n, dtype=bool)
+    if d.clean.drop_empty:  # examples._is_empty: no assistant text, or an empty message
+        owner = np.repeat(np.arange(n), sizes)
+        empty = pc.equal(pc.utf8_length(content), 0).to_numpy(zero_copy_only=False)
+        answer = pc.equal(role, "assistant").to_numpy(zero_copy_only=False) & ~empty
+        keep = (np.bincount(owner[answer], minlength=n) > 0) & ~(
+            np.bincount(owner[empty], minlength=n) > 0
+        )
+    inner = schema.field("messages").type.value_type
+    fields = [role, content] + [pa.nulls(len(flat), f.type) for f in list(inner)[2:]]
+    struct = pa.StructArray.from_arrays(fields, fields=list(inner))
+    messages = pa.ListArray.from_arrays(pa.array(offsets), struct, type=schema.field(0).type)
+    mask = pa.array(keep)
+    messages = messages.filter(mask)
+    # examples._key_bytes of a plain chat example: "\0" "8:messages" "m<turns>:" then
+    # "<len>:<role><len>:<content>" per message, lengths in characters
+    length = lambda s: pc.cast(pc.utf8_length(s), pa.string())  # noqa: E731
+    turn = pc.binary_join_element_wise(length(role), ":", role, length(content), ":", content, "")
+    turns = pa.ListArray.from_arrays(pa.array(offsets), turn).filter(mask)
+    count = pc.cast(pc.list_value_length(turns), pa.string())
+    key = pc.binary_join_element_wise("\x008:messagesm", count, ":", pc.binary_join(turns, ""), "")
+    digests = b"".join(
+        hashlib.blake2b(k, digest_size=16).digest() for k in pc.cast(key, pa.binary()).to_pylist()
+    )
+    cols = [messages]
+    if tag is not None:
+        cols.append(pa.array([tag] * len(messages), schema.field(1).type))
+    out = pa.Table.from_arrays(cols, schema=schema)
+    first = json.loads(body.split(b"\n", 1)[0])
+    hashes = np.frombuffer(digests, dtype=HASH).copy()
+    return out, n, int(n - keep.sum()), hashes, first
