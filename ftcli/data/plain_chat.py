@@ -34,6 +34,37 @@ def _lines(raw: bytes) -> tuple[bytes, int] | None:
     return body, body.count(b"\n") + 1
 
 
+# Values cross between Python, numpy and Arrow through buffers: ``to_numpy``, ``pa.array`` and
+# ``pa.scalar`` (which compute functions call on a Python string) import pandas, half a second
+# in each worker
+
+
+def _numbers(array, dtype):
+    """A null-free Arrow array of fixed-width numbers as numpy, a view of its data buffer."""
+    import numpy as np
+
+    return np.frombuffer(array.buffers()[1], dtype=dtype)[array.offset : array.offset + len(array)]
+
+
+def _arrow(values, typ):
+    """A numpy array of int32 (``typ`` int32) or bool (``typ`` bool) as an Arrow array."""
+    import numpy as np
+    import pyarrow as pa
+
+    data = np.packbits(values, bitorder="little") if values.dtype == bool else values
+    return pa.Array.from_buffers(typ, len(values), [None, pa.py_buffer(data)])
+
+
+def _text(value: str):
+    """``value`` as an Arrow string scalar."""
+    import numpy as np
+    import pyarrow as pa
+
+    data = value.encode("utf-8")
+    offsets = pa.py_buffer(np.array([0, len(data)], dtype=np.int32))
+    return pa.Array.from_buffers(pa.string(), 1, [None, offsets, pa.py_buffer(data)])[0]
+
+
 def read_range(raw: bytes, start: int, recipe, schema, tag: str | None):
     """(table in ``schema``, records read, empties dropped, hashes, the first record) of one
     range of plain chat records, as ``examples._read_task`` makes them; None when the range is
@@ -80,36 +111,41 @@ def read_range(raw: bytes, start: int, recipe, schema, tag: str | None):
         return None
     if d.clean.strip:
         content = pc.utf8_trim(content, WHITESPACE)
-    sizes = pc.list_value_length(msgs).to_numpy(zero_copy_only=False)
-    offsets = np.zeros(n + 1, dtype=np.int32)
-    np.cumsum(sizes, out=offsets[1:])
+    offsets = _numbers(msgs.offsets, np.int32)
+    offsets = offsets - offsets[0]
     keep = np.ones(n, dtype=bool)
     if d.clean.drop_empty:  # examples._is_empty: no assistant text, or an empty message
-        owner = np.repeat(np.arange(n), sizes)
-        empty = pc.equal(pc.utf8_length(content), 0).to_numpy(zero_copy_only=False)
-        answer = pc.equal(role, "assistant").to_numpy(zero_copy_only=False) & ~empty
+        owner = np.repeat(np.arange(n), np.diff(offsets))
+        empty = _numbers(pc.utf8_length(content), np.int32) == 0
+        answer = _numbers(pc.cast(pc.equal(role, _text("assistant")), pa.int8()), np.int8) == 1
+        answer &= ~empty
         keep = (np.bincount(owner[answer], minlength=n) > 0) & ~(
             np.bincount(owner[empty], minlength=n) > 0
         )
     inner = schema.field("messages").type.value_type
     fields = [role, content] + [pa.nulls(len(flat), f.type) for f in list(inner)[2:]]
     struct = pa.StructArray.from_arrays(fields, fields=list(inner))
-    messages = pa.ListArray.from_arrays(pa.array(offsets), struct, type=schema.field(0).type)
-    mask = pa.array(keep)
+    offsets = _arrow(offsets.astype(np.int32), pa.int32())
+    messages = pa.ListArray.from_arrays(offsets, struct, type=schema.field(0).type)
+    mask = _arrow(keep, pa.bool_())
     messages = messages.filter(mask)
     # examples._key_bytes of a plain chat example: "\0" "8:messages" "m<turns>:" then
     # "<len>:<role><len>:<content>" per message, lengths in characters
     length = lambda s: pc.cast(pc.utf8_length(s), pa.string())  # noqa: E731
-    turn = pc.binary_join_element_wise(length(role), ":", role, length(content), ":", content, "")
-    turns = pa.ListArray.from_arrays(pa.array(offsets), turn).filter(mask)
+    colon, nothing = _text(":"), _text("")
+    turn = pc.binary_join_element_wise(
+        length(role), colon, role, length(content), colon, content, nothing
+    )
+    turns = pa.ListArray.from_arrays(offsets, turn).filter(mask)
     count = pc.cast(pc.list_value_length(turns), pa.string())
-    key = pc.binary_join_element_wise("\x008:messagesm", count, ":", pc.binary_join(turns, ""), "")
+    head = _text("\x008:messagesm")
+    key = pc.binary_join_element_wise(head, count, colon, pc.binary_join(turns, nothing), nothing)
     digests = b"".join(
         hashlib.blake2b(k, digest_size=16).digest() for k in pc.cast(key, pa.binary()).to_pylist()
     )
     cols = [messages]
     if tag is not None:
-        cols.append(pa.array([tag] * len(messages), schema.field(1).type))
+        cols.append(pa.repeat(_text(tag), len(messages)))
     out = pa.Table.from_arrays(cols, schema=schema)
     first = json.loads(body.split(b"\n", 1)[0])
     hashes = np.frombuffer(digests, dtype=HASH).copy()

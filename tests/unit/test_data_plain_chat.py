@@ -199,3 +199,24 @@ def test_other_layouts_are_left_to_the_loop(tmp_path, data):
     path.write_text((GOOD[:-1] + ', "text": "t"}\n') * 3)
     recipe = _recipe(path, **data)
     assert plain_chat.read_range(path.read_bytes(), 0, recipe, ex.schema_of(recipe), None) is None
+
+
+def test_reading_a_range_does_not_import_pandas(tmp_path):
+    """Arrow's conversions from Python and numpy import pandas (half a second in each read
+    worker); the reader moves its values through buffers instead."""
+    import subprocess
+
+    path = tmp_path / "c.jsonl"
+    path.write_text((GOOD + "\n") * 20)
+    code = (
+        "import sys, pyarrow as pa\n"
+        "from ftcli.data import examples as ex, plain_chat\n"
+        "from tests.unit.test_data_plain_chat import _recipe\n"
+        f"r = _recipe({str(path)!r})\n"
+        "schema = ex.schema_of(r).append(pa.field('source', pa.string()))\n"
+        f"got = plain_chat.read_range(open({str(path)!r}, 'rb').read(), 0, r, schema, 'web')\n"
+        "assert got is not None and got[1] == 20\n"
+        "print('pandas' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
