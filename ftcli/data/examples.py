@@ -441,6 +441,7 @@ def _read_into(
             continue
         if not n:
             check_columns(recipe, records, spec, at)
+        start = n
         try:
             if recipe.task in pairs.PAIR_TASKS:  # mapped, screened and cleaned by pairs.py
                 examples = pairs.clean_chunk(recipe, records, n, counts, spec)
@@ -462,11 +463,33 @@ def _read_into(
             examples = [{**e, "source": tag} for e in examples]
         if recipe.task in pairs.PAIR_TASKS:  # a message prompt has a column of its own
             examples = [pairs.to_arrow_row(e) for e in examples]
-        out.rows(examples)
+        try:
+            out.rows(examples)
+        except UnicodeEncodeError:  # Arrow holds utf-8 only
+            raise _lone_surrogate(spec, records, start) from None
     if not n:
         check_columns(recipe, [], spec, at)
     counts.read += n
     return n, hashes, codes
+
+
+def _lone_surrogate(spec: str, records: list, start: int) -> DataError:
+    """The error for the chunk's first record holding a lone surrogate (a JSON escape such as
+    ``\\ud800`` with no pair): no utf-8 text, so no Arrow file, can hold it. ``start``: the
+    records of the source before the chunk."""
+    at = ""
+    for i, r in enumerate(records):
+        try:
+            json.dumps(r, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            at = f"record {start + i + 1}: "
+            break
+    return DataError(
+        f"{spec}: {at}a lone surrogate escape (such as \\ud800 with no low half after it) is "
+        "not text",
+        hint="fix the record where the file was written (a string cut inside an emoji's "
+        "escape pair), or remove it",
+    )
 
 
 # A local, uncompressed utf-8 jsonl source from this size on is read, mapped, cleaned and hashed
@@ -536,10 +559,10 @@ def _read_task(task: tuple, recipe: Recipe, tag: str | None, schema):
 
     plain = read_range(raw, start, recipe, schema, tag)  # plain chat, read by Arrow
     if plain is not None:
-        table, n, empty, hashes, first = plain
+        table, n, empty, digests, first = plain
         with TableWriter(Path(out), schema) as w:
             w.table(table)
-        return out, n, empty, hashes, None, first
+        return out, n, empty, np.frombuffer(digests, dtype=HASH).copy(), None, first
     try:
         text = raw.decode("utf-8-sig" if start == 0 else "utf-8")
         if "\r" in text:  # universal newlines, as the serial reader's text stream reads them
@@ -559,7 +582,10 @@ def _read_task(task: tuple, recipe: Recipe, tag: str | None, schema):
         examples = [{**e, "source": tag} for e in examples]
     with TableWriter(Path(out), schema) as w:
         for s in range(0, len(examples), CHUNK):
-            w.rows(examples[s : s + CHUNK])
+            try:
+                w.rows(examples[s : s + CHUNK])
+            except UnicodeEncodeError:  # a lone surrogate: the serial reader names the record
+                return None
     return out, len(records), counts.empty, hashes, labels, records[0] if records else None
 
 

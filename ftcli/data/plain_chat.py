@@ -66,21 +66,21 @@ def _text(value: str):
 
 
 def read_range(raw: bytes, start: int, recipe, schema, tag: str | None):
-    """(table in ``schema``, records read, empties dropped, hashes, the first record) of one
-    range of plain chat records, as ``examples._read_task`` makes them; None when the range is
-    not one this reader gives exactly that for."""
+    """(table in ``schema``, records read, empties dropped, the hashes' bytes (16 an example),
+    the first record) of one range of plain chat records, as ``examples._read_task`` makes them;
+    None when the range is not one this reader gives exactly that for."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.json as pj
-
-    from ftcli.data.examples import HASH
 
     d = recipe.data
     if recipe.task != "causal_lm" or d.style != "chat" or d.system_prompt:
         return None
     if schema.names != ["messages"] + (["source"] if tag is not None else []):
         return None
+    if [f.name for f in schema.field("messages").type.value_type][:2] != ["role", "content"]:
+        return None  # the examples' message fields, in the order the table is built in
     if start == 0 and raw.startswith(_BOM):  # the text stream reads the file as utf-8-sig
         raw = raw[len(_BOM) :]
     lines = _lines(raw)
@@ -148,5 +148,4 @@ def read_range(raw: bytes, start: int, recipe, schema, tag: str | None):
         cols.append(pa.repeat(_text(tag), len(messages)))
     out = pa.Table.from_arrays(cols, schema=schema)
     first = json.loads(body.split(b"\n", 1)[0])
-    hashes = np.frombuffer(digests, dtype=HASH).copy()
-    return out, n, int(n - keep.sum()), hashes, first
+    return out, n, int(n - keep.sum()), digests, first

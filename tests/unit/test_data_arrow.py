@@ -291,14 +291,18 @@ def test_parallel_reading_reads_lines_as_the_text_stream_does(tmp_path, monkeypa
 
 
 def test_parallel_reading_fails_as_the_serial_reader_does(tmp_path, monkeypatch):
-    """A bad record, a line that is not JSON, bytes that are not utf-8, a missing column, an
+    """A bad record, a line that is not JSON, bytes that are not utf-8, a lone surrogate escape
+    (a DataError naming the record, not an encoding error from Arrow), a missing column, an
     empty file: the workers give up and the one-process reader says what and where, word for
     word as without workers."""
     rows = chat_rows(300)
     bad_record = [dict(r) for r in rows]
     bad_record[250] = {"messages": "not a list"}
+    lone = [dict(r) for r in rows]
+    lone[250] = {"messages": [{"role": "user", "content": "a\ud800"}, *rows[250]["messages"][1:]]}
     cases = {
         "record": _jsonl(tmp_path / "record.jsonl", bad_record),
+        "surrogate": _jsonl(tmp_path / "surrogate.jsonl", lone),
         "json": tmp_path / "json.jsonl",
         "columns": _jsonl(tmp_path / "columns.jsonl", [{"chat": r["messages"]} for r in rows]),
         "empty": tmp_path / "empty.jsonl",
@@ -337,8 +341,8 @@ def test_parallel_reading_fails_as_the_serial_reader_does(tmp_path, monkeypatch)
         # reader raised the serial reader's own error
         assert done == (["raised"] if name == "empty" else [False]), name
         assert name == "latin" or want[0] != "ok", name
-        if name == "record":
-            assert "record 251" in got[1]
+        if name in ("record", "surrogate"):
+            assert got[0] == "DataError" and "record 251" in got[1], got
 
 
 @settings(max_examples=300, deadline=None)
