@@ -65,6 +65,22 @@ def sentiment_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def chat_recipe(path, **data):
+    """A causal-LM recipe over the chat jsonl at ``path`` (its ``messages`` column); ``data``
+    adds or replaces data keys."""
+    from ftcli.recipe import recipe_from_mapping
+
+    return recipe_from_mapping(
+        {
+            "name": "t",
+            "task": "causal_lm",
+            "model": {"name": "m"},
+            "data": {"path": str(path), "messages_column": "messages", **data},
+            "method": {"kind": "full"},
+        }
+    )
+
+
 def chat_rows(n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     rows = []

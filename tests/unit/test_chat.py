@@ -13,9 +13,8 @@ import pytest
 from ftcli.data import chat
 from ftcli.data import tokenize as tk
 from ftcli.errors import DataError
-from ftcli.recipe import recipe_from_mapping
 from ftcli.recipe.schema import CHAT_TEMPLATES
-from tests.conftest import CHATML, _train_tokenizer
+from tests.conftest import CHATML, _train_tokenizer, chat_recipe
 from tests.unit import legacy_data as old
 
 # Llama-3 style: the contents trimmed, a BOS first, headers per turn
@@ -115,24 +114,12 @@ def test_one_render_gives_the_spans_every_prefix_render_gave(bpe, name, monkeypa
         assert not slow
 
 
-def _recipe(path, **data):
-    return recipe_from_mapping(
-        {
-            "name": "t",
-            "task": "causal_lm",
-            "model": {"name": "m"},
-            "data": {"path": str(path), "messages_column": "messages", **data},
-            "method": {"kind": "full"},
-        }
-    )
-
-
 @pytest.mark.parametrize("name", list(TEMPLATES))
 @pytest.mark.parametrize("opts", [{"max_length": 24}, {"max_length": 128, "add_eos": False}])
 def test_features_are_token_for_token_todays(bpe, tmp_path, name, opts):
     tok = _with_template(bpe, TEMPLATES[name])
     examples = [{"messages": m} for m in conversations(120, seed=7)]
-    recipe = _recipe(tmp_path / "x.jsonl", **opts)
+    recipe = chat_recipe(tmp_path / "x.jsonl", **opts)
     want = old.tokenize(examples, recipe, tok, None)
     got = tk.tokenize(examples, recipe, tok, None)
     assert list(got.features) == want.features
@@ -162,9 +149,9 @@ def test_a_template_that_drops_earlier_reasoning_is_caught(bpe, tmp_path):
     assert chat.segments(tok, msgs[:2]).problem is None
     examples = [{"messages": msgs[:2]}] * 3 + [{"messages": msgs}]
     with pytest.raises(DataError, match=r"example 4 \(user: 'what is 2 plus 2 \?'\).*not a prefix"):
-        tk.tokenize(examples, _recipe(tmp_path / "x.jsonl", max_length=64), tok, None)
+        tk.tokenize(examples, chat_recipe(tmp_path / "x.jsonl", max_length=64), tok, None)
     # the same conversations under a template that keeps every turn whole pass
-    ok = tk.tokenize(examples, _recipe(tmp_path / "x.jsonl", max_length=64), bpe, None)
+    ok = tk.tokenize(examples, chat_recipe(tmp_path / "x.jsonl", max_length=64), bpe, None)
     assert len(ok.features) == 4
 
 
@@ -203,7 +190,7 @@ def test_the_refusal_names_the_example_from_a_worker_process(bpe, tmp_path):
     bad = good + [{"role": "user", "content": "again"}, {"role": "assistant", "content": "ok"}]
     examples = [{"messages": good}] * 1_500
     examples[1_234] = {"messages": bad}
-    recipe = _recipe(tmp_path / "x.jsonl", max_length=64, num_proc=2)
+    recipe = chat_recipe(tmp_path / "x.jsonl", max_length=64, num_proc=2)
     with pytest.raises(DataError, match=r"^train example 1235 \(user: 'hi'\)") as exc:
         tk.tokenize(examples, recipe, tok, None, folder=tmp_path, name="train.features")
     assert "data.chat_template" in exc.value.hint  # the hint survives the trip, apart
@@ -276,7 +263,7 @@ def test_generation_blocks_that_agree_with_the_spans_give_todays_features(bpe, t
     tok = _with_template(bpe, GENERATION)
     assert chat.marks_generation(tok) and not chat.marks_generation(bpe)
     examples = [{"messages": m} for m in conversations(60, seed=11)]
-    recipe = _recipe(tmp_path / "x.jsonl", max_length=256)
+    recipe = chat_recipe(tmp_path / "x.jsonl", max_length=256)
     calls = []
     real = chat.generation_problem
     import ftcli.data.tokenize as tkm
@@ -304,4 +291,6 @@ def test_generation_blocks_that_leave_out_the_end_of_turn_are_refused(bpe, tmp_p
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]
     assert chat.segments(tok, msgs).problem is None  # the spans alone cannot tell
     with pytest.raises(DataError, match=r"generation %\} blocks and the assistant spans disagree"):
-        tk.tokenize([{"messages": msgs}], _recipe(tmp_path / "x.jsonl", max_length=64), tok, None)
+        tk.tokenize(
+            [{"messages": msgs}], chat_recipe(tmp_path / "x.jsonl", max_length=64), tok, None
+        )

@@ -16,19 +16,7 @@ from hypothesis import strategies as st
 from ftcli.data import examples as ex
 from ftcli.data import plain_chat
 from ftcli.data.rows import open_table
-from ftcli.recipe import recipe_from_mapping
-
-
-def _recipe(path, **data):
-    return recipe_from_mapping(
-        {
-            "name": "t",
-            "task": "causal_lm",
-            "model": {"name": "m"},
-            "data": {"path": str(path), "messages_column": "messages", **data},
-            "method": {"kind": "full"},
-        }
-    )
+from tests.conftest import chat_recipe
 
 
 def _both(path, recipe, tag=None, monkeypatch=None):
@@ -103,7 +91,7 @@ def test_arrow_reads_plain_chat_as_the_loop_does(
     path = tmp_path / "c.jsonl"
     text = "".join(json.dumps(r, ensure_ascii=ascii_only) + end for r in records)
     path.write_bytes(text.encode("utf-8"))
-    recipe = _recipe(path, clean={"strip": strip, "drop_empty": drop_empty})
+    recipe = chat_recipe(path, clean={"strip": strip, "drop_empty": drop_empty})
     fast, want, got = _both(path, recipe, monkeypatch=monkeypatch)
     if not any(rows):  # every list empty: Arrow finds no type for the messages
         assert fast is None
@@ -124,7 +112,7 @@ def test_a_source_tag_is_added_after_hashing(tmp_path, monkeypatch):
     ]
     path = tmp_path / "c.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    fast, want, got = _both(path, _recipe(path), tag="web", monkeypatch=monkeypatch)
+    fast, want, got = _both(path, chat_recipe(path), tag="web", monkeypatch=monkeypatch)
     assert fast is not None and got[0].column("source").to_pylist() == ["web"] * 5
     _same(want, got)
 
@@ -133,7 +121,7 @@ def test_a_bom_at_the_start_is_read_as_the_text_stream_reads_it(tmp_path, monkey
     path = tmp_path / "c.jsonl"
     row = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
     path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(row) + "\n").encode() * 3)
-    fast, want, got = _both(path, _recipe(path), monkeypatch=monkeypatch)
+    fast, want, got = _both(path, chat_recipe(path), monkeypatch=monkeypatch)
     assert fast is not None
     _same(want, got)
 
@@ -164,7 +152,7 @@ def test_what_arrow_cannot_vouch_for_is_left_to_the_loop(tmp_path, monkeypatch, 
     name the record)."""
     path = tmp_path / "c.jsonl"
     path.write_text(GOOD + "\n" + LEFT_TO_THE_LOOP[case] + "\n" + GOOD + "\n")
-    fast, want, got = _both(path, _recipe(path), monkeypatch=monkeypatch)
+    fast, want, got = _both(path, chat_recipe(path), monkeypatch=monkeypatch)
     assert fast is None
     _same(want, got)
 
@@ -176,7 +164,7 @@ def test_bytes_that_are_not_utf8_are_left_to_the_loop(tmp_path):
     bad = GOOD.replace('"q"', '"caf\u00e9"').encode("latin-1")
     assert b"caf\xe9" in bad
     path.write_bytes(GOOD.encode() + b"\n" + bad + b"\n")
-    recipe = _recipe(path)
+    recipe = chat_recipe(path)
     assert plain_chat.read_range(path.read_bytes(), 0, recipe, ex.schema_of(recipe), None) is None
 
 
@@ -185,7 +173,7 @@ def test_a_lone_surrogate_is_left_to_the_loop(tmp_path):
     path = tmp_path / "c.jsonl"
     bad = '{"messages": [{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": "a"}]}'
     path.write_text(GOOD + "\n" + bad + "\n")
-    recipe = _recipe(path)
+    recipe = chat_recipe(path)
     assert plain_chat.read_range(path.read_bytes(), 0, recipe, ex.schema_of(recipe), None) is None
 
 
@@ -197,7 +185,7 @@ def test_a_lone_surrogate_is_left_to_the_loop(tmp_path):
 def test_other_layouts_are_left_to_the_loop(tmp_path, data):
     path = tmp_path / "c.jsonl"
     path.write_text((GOOD[:-1] + ', "text": "t"}\n') * 3)
-    recipe = _recipe(path, **data)
+    recipe = chat_recipe(path, **data)
     assert plain_chat.read_range(path.read_bytes(), 0, recipe, ex.schema_of(recipe), None) is None
 
 
@@ -211,8 +199,8 @@ def test_reading_a_range_does_not_import_pandas(tmp_path):
     code = (
         "import sys, pyarrow as pa\n"
         "from ftcli.data import examples as ex, plain_chat\n"
-        "from tests.unit.test_data_plain_chat import _recipe\n"
-        f"r = _recipe({str(path)!r})\n"
+        "from tests.conftest import chat_recipe\n"
+        f"r = chat_recipe({str(path)!r})\n"
         "schema = ex.schema_of(r).append(pa.field('source', pa.string()))\n"
         f"got = plain_chat.read_range(open({str(path)!r}, 'rb').read(), 0, r, schema, 'web')\n"
         "assert got is not None and got[1] == 20\n"
